@@ -1,0 +1,274 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with sleep control and reset registers),
+//! MADT (one local APIC per vCPU and the IO APIC) and a DSDT with `\_S5_` (so `poweroff`
+//! reaches the VMM), COM1 and the CMOS RTC. Built with the `acpi_tables` crate.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::*;
+use crate::{Error, Result};
+
+const OEM_ID: [u8; 6] = *b"KEEL  ";
+const OEM_TABLE_ID: [u8; 8] = *b"KEELVMM ";
+const OEM_REVISION: u32 = 1;
+/// FADT `IAPC_BOOT_ARCH`: an 8042 is present, no VGA.
+const BOOT_ARCH_8042: u16 = 1 << 1;
+const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+
+/// A table and where it goes.
+struct Placed {
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+fn align16(addr: u64) -> u64 {
+    (addr + 15) & !15
+}
+
+fn dsdt() -> Vec<u8> {
+    let s5_package = aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]);
+    let s5 = aml::Name::new("_S5_".into(), &s5_package);
+
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
+    let com1_resources = aml::ResourceTemplate::new(vec![&com1_irq, &com1_io]);
+    let com1_hid_name = aml::Name::new("_HID".into(), &com1_hid);
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_resources);
+    let com1 = aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![&com1_hid_name, &com1_uid, &com1_crs],
+    );
+
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_io = aml::IO::new(0x70, 0x70, 0, 2);
+    let rtc_resources = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_hid_name = aml::Name::new("_HID".into(), &rtc_hid);
+    let rtc_crs = aml::Name::new("_CRS".into(), &rtc_resources);
+    let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid_name, &rtc_crs]);
+
+    let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for object in [&s5 as &dyn Aml, &com1, &rtc] {
+        object.to_aml_bytes(&mut table);
+    }
+    table.update_checksum();
+    table.as_slice().to_vec()
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        port.into(),
+    )
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton);
+    fadt.sleep_control_reg = io_register(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_register(ACPI_SLEEP_STATUS_PORT);
+    fadt.reset_reg = io_register(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.iapc_boot_arch = (BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA).into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"KEELVMM\0").into();
+    let mut bytes = Vec::new();
+    fadt.finalize().to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_START as u32),
+    );
+    for id in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    let mut bytes = Vec::new();
+    madt.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Builds every table for a VM with `cpus` vCPUs, placed from [`ACPI_START`].
+fn build(cpus: u8) -> Vec<Placed> {
+    let mut next = align16(ACPI_START + Rsdp::len() as u64);
+    let mut place = |bytes: Vec<u8>| {
+        let addr = next;
+        next = align16(addr + bytes.len() as u64);
+        Placed { addr, bytes }
+    };
+    let dsdt = place(dsdt());
+    let fadt = place(fadt(dsdt.addr));
+    let madt = place(madt(cpus));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt.addr);
+    xsdt.add_entry(madt.addr);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let xsdt = place(xsdt_bytes);
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt.addr).to_aml_bytes(&mut rsdp);
+    vec![
+        Placed {
+            addr: ACPI_START,
+            bytes: rsdp,
+        },
+        xsdt,
+        fadt,
+        madt,
+        dsdt,
+    ]
+}
+
+/// Writes the ACPI tables for `cpus` vCPUs into guest memory.
+pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
+    let tables = build(cpus);
+    let end = tables
+        .iter()
+        .map(|t| t.addr + t.bytes.len() as u64)
+        .max()
+        .unwrap_or(ACPI_START);
+    if end > ACPI_END {
+        return Err(Error::AcpiTooLarge {
+            needed: (end - ACPI_START) as usize,
+            room: (ACPI_END - ACPI_START) as usize,
+        });
+    }
+    for t in tables {
+        mem.write_slice(&t.bytes, GuestAddress(t.addr))
+            .map_err(|source| Error::GuestMemory {
+                what: "ACPI tables",
+                addr: t.addr,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn by_sig<'a>(tables: &'a [Placed], sig: &[u8]) -> &'a Placed {
+        tables
+            .iter()
+            .find(|t| &t.bytes[..sig.len()] == sig)
+            .unwrap()
+    }
+
+    #[test]
+    fn every_table_checksums_to_zero_and_has_its_length() {
+        let tables = build(4);
+        let rsdp = &tables[0];
+        assert_eq!(&rsdp.bytes[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp.bytes[..20]), 0);
+        assert_eq!(sum(&rsdp.bytes), 0);
+        for t in &tables[1..] {
+            assert_eq!(sum(&t.bytes), 0, "{:?}", std::str::from_utf8(&t.bytes[..4]));
+            assert_eq!(u32_at(&t.bytes, 4) as usize, t.bytes.len());
+        }
+    }
+
+    #[test]
+    fn rsdp_xsdt_and_fadt_point_at_each_other() {
+        let tables = build(2);
+        let xsdt = by_sig(&tables, b"XSDT");
+        assert_eq!(u64_at(&tables[0].bytes, 24), xsdt.addr);
+        let entries: Vec<u64> = (36..xsdt.bytes.len())
+            .step_by(8)
+            .map(|o| u64_at(&xsdt.bytes, o))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![by_sig(&tables, b"FACP").addr, by_sig(&tables, b"APIC").addr]
+        );
+        let fadt = &by_sig(&tables, b"FACP").bytes;
+        assert_eq!(u64_at(fadt, 140), by_sig(&tables, b"DSDT").addr, "X_DSDT");
+        assert_ne!(u32_at(fadt, 112) & Flags::HwReducedAcpi as u32, 0);
+        // SLEEP_CONTROL_REG at 244: I/O space, 8 bits, at our port.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64_at(fadt, 248), ACPI_SLEEP_CONTROL_PORT as u64);
+        // RESET_REG at 116 and RESET_VALUE at 128.
+        assert_eq!(u64_at(fadt, 120), ACPI_RESET_PORT as u64);
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_and_the_ioapic() {
+        for cpus in [1u8, 4, 32] {
+            let tables = build(cpus);
+            let madt = &by_sig(&tables, b"APIC").bytes;
+            let mut ids = Vec::new();
+            let mut ioapics = 0;
+            let mut off = 44;
+            while off < madt.len() {
+                let (kind, len) = (madt[off], madt[off + 1] as usize);
+                match kind {
+                    0 => ids.push(madt[off + 3]),
+                    1 => {
+                        ioapics += 1;
+                        assert_eq!(u32_at(madt, off + 4) as u64, IOAPIC_START);
+                    }
+                    _ => panic!("unexpected MADT entry {kind}"),
+                }
+                off += len;
+            }
+            assert_eq!(ids, (0..cpus).collect::<Vec<_>>());
+            assert_eq!(ioapics, 1);
+        }
+    }
+
+    #[test]
+    fn dsdt_announces_s5() {
+        let tables = build(1);
+        let dsdt = &by_sig(&tables, b"DSDT").bytes;
+        let at = dsdt.windows(4).position(|w| w == b"_S5_").unwrap();
+        // PackageOp, length, one element, BytePrefix, the sleep type.
+        assert_eq!(
+            &dsdt[at + 4..at + 9],
+            &[0x12, 0x04, 0x01, 0x0a, ACPI_S5_SLEEP_TYPE]
+        );
+    }
+
+    #[test]
+    fn tables_fit_in_the_acpi_area_for_32_cpus() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        write_tables(&mem, 32).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(ACPI_START)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+    }
+}

@@ -1,1 +1,84 @@
-fn main() {}
+//! `keel`: the one binary. `keel run` boots a VM in the foreground with its serial console on
+//! the terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmm::{VmConfig, VmExit};
+
+/// Exit status when the VM could not be started.
+const EXIT_START_FAILED: u8 = 1;
+/// Exit status when the guest crashed or the VM failed while running.
+const EXIT_GUEST_CRASHED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a server-virtualization host on Linux KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM in the foreground, its serial console on this terminal (Ctrl-A x quits).
+    ///
+    /// Exits 0 when the guest powers off or reboots (or on Ctrl-A x), 1 when the VM could not
+    /// be started, 3 when the guest crashed.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+    };
+    if vmm::host::is_pvm_host() {
+        eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
+    }
+    match vmm::run(&config) {
+        Ok(exit) => {
+            eprintln!("keel: {exit}");
+            match exit {
+                VmExit::PowerOff | VmExit::Reboot | VmExit::ConsoleQuit => ExitCode::SUCCESS,
+                VmExit::Crash(_) | VmExit::Failed(_) => ExitCode::from(EXIT_GUEST_CRASHED),
+            }
+        }
+        Err(e) => {
+            eprintln!("keel: error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run(args) => run(args),
+    }
+}

@@ -1,1 +1,52 @@
+//! Keel's VMM: one VM in one process. Builds the KVM VM (memory, irqchip, vCPUs, legacy
+//! devices), loads the kernel, runs one thread per vCPU and one event-loop thread for the
+//! console, and returns why the VM ended.
 
+pub mod config;
+pub mod console;
+mod exit;
+pub mod host;
+mod legacy_bus;
+mod loader;
+mod memory;
+mod vcpu;
+mod vm;
+
+pub use config::VmConfig;
+pub use exit::{CrashReport, VmExit};
+pub use vm::run;
+
+/// Why a VM could not be started or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Host(#[from] host::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    #[error(transparent)]
+    Boot(#[from] arch::Error),
+    #[error(transparent)]
+    Console(#[from] console::Error),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what} failed: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {reason}")]
+    EventLoop { what: &'static str, reason: String },
+    #[error("setting up vCPU {vcpu} failed: {message}")]
+    VcpuSetup { vcpu: u32, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

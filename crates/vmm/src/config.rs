@@ -1,0 +1,191 @@
+//! What `keel run` asks for, and the checks that can be made before touching KVM.
+
+use std::path::PathBuf;
+
+/// Most vCPUs a Keel VM has (the MADT lists xAPIC ids, which stay below 255 anyway).
+pub const MAX_VCPUS: u32 = 32;
+/// Least guest memory: room for boot data below 1 MiB and a small kernel above it.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// A request that cannot be met, said so that the user knows what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--cpus {0}: a VM needs at least 1 vCPU")]
+    NoCpus(u32),
+    #[error("--cpus {asked}: at most {max} vCPUs are supported{why}")]
+    TooManyCpus {
+        asked: u32,
+        max: u32,
+        why: &'static str,
+    },
+    #[error("--memory {asked} MiB is too small: a VM needs at least {min} MiB")]
+    MemoryTooSmall { asked: u64, min: u64 },
+    #[error("--memory {asked} MiB is more than this host's RAM ({host} MiB); ask for less")]
+    MemoryBeyondHost { asked: u64, host: u64 },
+    #[error("kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
+    #[error("initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+}
+
+fn check_file(path: &PathBuf) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err("is a directory, not a file".into()),
+        Ok(m) if m.len() == 0 => Err("is empty".into()),
+        Ok(_) => std::fs::File::open(path)
+            .map(|_| ())
+            .map_err(|e| describe_io(&e)),
+        Err(e) => Err(describe_io(&e)),
+    }
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied (cannot read it)".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Host RAM in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+impl VmConfig {
+    /// Checks what can be checked without KVM: vCPU count, memory size, files.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.cpus == 0 {
+            return Err(Error::NoCpus(self.cpus));
+        }
+        if self.cpus > MAX_VCPUS {
+            return Err(Error::TooManyCpus {
+                asked: self.cpus,
+                max: MAX_VCPUS,
+                why: "",
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(Error::MemoryTooSmall {
+                asked: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        if let Some(host) = host_memory_mib() {
+            if self.memory_mib > host {
+                return Err(Error::MemoryBeyondHost {
+                    asked: self.memory_mib,
+                    host,
+                });
+            }
+        }
+        check_file(&self.kernel).map_err(|reason| Error::Kernel {
+            path: self.kernel.clone(),
+            reason,
+        })?;
+        if let Some(initrd) = &self.initrd {
+            check_file(initrd).map_err(|reason| Error::Initrd {
+                path: initrd.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory_mib: 64,
+        }
+    }
+
+    #[test]
+    fn sane_config_passes() {
+        config().validate().unwrap();
+    }
+
+    #[test]
+    fn cpu_count_is_bounded() {
+        let e = VmConfig {
+            cpus: 0,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("at least 1 vCPU"));
+        let e = VmConfig {
+            cpus: 33,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 32"));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_floor_and_the_host() {
+        let e = VmConfig {
+            memory_mib: 4,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+        let e = VmConfig {
+            memory_mib: 1 << 30,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("more than this host's RAM"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_directory_kernels_are_named() {
+        let e = VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "kernel /nonexistent/vmlinux: no such file");
+        let e = VmConfig {
+            kernel: "/".into(),
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("is a directory"));
+        let e = VmConfig {
+            initrd: Some("/nonexistent/rd".into()),
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "initrd /nonexistent/rd: no such file");
+    }
+}

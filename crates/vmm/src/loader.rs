@@ -1,0 +1,203 @@
+//! Loading the kernel (an ELF with or without a PVH note, or a bzImage) and the initrd into
+//! guest memory, with `linux-loader`, and choosing the boot entry.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use arch::boot::{initrd_ceiling, InitrdPlacement};
+use arch::layout::HIGH_MEMORY_START;
+use arch::regs::BootEntry;
+use linux_loader::bootparam::setup_header;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// "HdrS" at 0x202 marks a Linux boot-protocol image.
+const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+/// The 64-bit entry is 0x200 past the start of the protected-mode kernel.
+const BZIMAGE_ENTRY64_OFFSET: u64 = 0x200;
+/// `xloadflags`: the kernel has a 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1 << 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kernel {path}: reading it failed: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {path} is not a kernel Keel can boot: it is neither an ELF (vmlinux, PVH) nor a bzImage")]
+    UnknownFormat { path: String },
+    #[error("kernel {path} is an invalid {format}: {reason}")]
+    Invalid {
+        path: String,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("kernel {path} is a bzImage without a 64-bit entry point (xloadflags); Keel boots 64-bit kernels only")]
+    No64BitEntry { path: String },
+    #[error("kernel {path} does not fit in {mib} MiB of guest memory: it needs memory up to {needed:#x}; use a larger --memory")]
+    KernelTooLarge { path: String, mib: u64, needed: u64 },
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory between the kernel (ends at {kernel_end:#x}) and {ceiling:#x}; use a larger --memory")]
+    InitrdTooLarge {
+        path: String,
+        size: u64,
+        kernel_end: u64,
+        ceiling: u64,
+    },
+    #[error("initrd {path}: loading it failed: {reason}")]
+    Initrd { path: String, reason: String },
+}
+
+/// A kernel in guest memory and how to enter it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    pub entry: BootEntry,
+    pub setup_header: Option<setup_header>,
+    pub end: u64,
+}
+
+enum Format {
+    Elf,
+    BzImage,
+}
+
+fn sniff(file: &mut File) -> std::io::Result<Option<Format>> {
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(0))?;
+    if file.read_exact(&mut magic).is_ok() && &magic == ELF_MAGIC {
+        return Ok(Some(Format::Elf));
+    }
+    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))?;
+    if file.read_exact(&mut magic).is_ok() && &magic == BZIMAGE_MAGIC {
+        return Ok(Some(Format::BzImage));
+    }
+    Ok(None)
+}
+
+/// True when the loader failed writing into guest memory, i.e. the image runs past RAM.
+fn ran_out_of_memory(e: &linux_loader::loader::Error) -> bool {
+    use linux_loader::loader::{bzimage, elf, Error as L};
+    matches!(
+        e,
+        L::Elf(elf::Error::ReadKernelImage)
+            | L::Bzimage(bzimage::Error::ReadBzImageCompressedKernel)
+            | L::MemoryOverflow
+    )
+}
+
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_size: u64,
+) -> Result<LoadedKernel, Error> {
+    let name = path.display().to_string();
+    let read_err = |source| Error::Read {
+        path: name.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let format = sniff(&mut file).map_err(read_err)?;
+    let (format, format_name) = match format {
+        Some(Format::Elf) => (Format::Elf, "ELF kernel"),
+        Some(Format::BzImage) => (Format::BzImage, "bzImage"),
+        None => return Err(Error::UnknownFormat { path: name }),
+    };
+    let high = Some(GuestAddress(HIGH_MEMORY_START));
+    let result = match format {
+        Format::Elf => Elf::load(mem, None, &mut file, high),
+        Format::BzImage => BzImage::load(mem, None, &mut file, high),
+    };
+    let loaded = result.map_err(|e| {
+        if ran_out_of_memory(&e) {
+            let needed = file.metadata().map(|m| m.len()).unwrap_or(0) + HIGH_MEMORY_START;
+            Error::KernelTooLarge {
+                path: name.clone(),
+                mib: mem_size >> 20,
+                needed,
+            }
+        } else {
+            Error::Invalid {
+                path: name.clone(),
+                format: format_name,
+                reason: e.to_string(),
+            }
+        }
+    })?;
+    let entry = match (format, loaded.pvh_boot_cap) {
+        (Format::Elf, PvhBootCapability::PvhEntryPresent(addr)) => BootEntry::Pvh { entry: addr.0 },
+        (Format::Elf, _) => BootEntry::Linux64 {
+            entry: loaded.kernel_load.0,
+        },
+        (Format::BzImage, _) => {
+            let hdr = loaded.setup_header.unwrap_or_default();
+            let xloadflags = hdr.xloadflags;
+            if xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(Error::No64BitEntry { path: name });
+            }
+            // The kernel decompresses itself in place and needs `init_size` bytes there.
+            let needed = loaded.kernel_load.0 + u64::from(hdr.init_size);
+            if needed > mem_size.min(arch::layout::MMIO_GAP_START) {
+                return Err(Error::KernelTooLarge {
+                    path: name,
+                    mib: mem_size >> 20,
+                    needed,
+                });
+            }
+            BootEntry::Linux64 {
+                entry: loaded.kernel_load.0 + BZIMAGE_ENTRY64_OFFSET,
+            }
+        }
+    };
+    Ok(LoadedKernel {
+        entry,
+        setup_header: loaded.setup_header,
+        end: loaded.kernel_end,
+    })
+}
+
+/// Puts the initrd at the top of RAM below the 32-bit gap, page-aligned.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_size: u64,
+    kernel_end: u64,
+) -> Result<InitrdPlacement, Error> {
+    let name = path.display().to_string();
+    let mut file = File::open(path).map_err(|e| Error::Initrd {
+        path: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::Initrd {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?
+        .len();
+    let ceiling = initrd_ceiling(mem_size);
+    let addr = ceiling.checked_sub(size).map(|a| a & !0xfff);
+    let addr = match addr {
+        Some(a) if a >= kernel_end => a,
+        _ => {
+            return Err(Error::InitrdTooLarge {
+                path: name,
+                size,
+                kernel_end,
+                ceiling,
+            })
+        }
+    };
+    use vm_memory::Bytes;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| Error::Initrd {
+            path: name,
+            reason: e.to_string(),
+        })?;
+    Ok(InitrdPlacement { addr, size })
+}

@@ -1,0 +1,180 @@
+//! One thread per vCPU: create and configure it, then run it and handle its exits. Every way
+//! a vCPU can stop ends in one report to the [`ExitSignal`]; none leaves the VM hanging.
+
+use std::sync::{Arc, Barrier};
+
+use arch::regs::BootEntry;
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::exit::{CrashReport, ExitSignal, VmExit};
+use crate::legacy_bus::LegacyBus;
+
+/// KVM's `kvm_run.internal.suberror` for an instruction it could not emulate.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+/// Longest x86 instruction.
+const MAX_INSTRUCTION_BYTES: usize = 15;
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub vm: Arc<VmFd>,
+    pub memory: GuestMemoryMmap,
+    pub cpuid: CpuId,
+    pub cpu_count: u32,
+    pub boot: BootEntry,
+    pub bus: Arc<LegacyBus>,
+    pub exit: Arc<ExitSignal>,
+    /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
+    /// still being set up.
+    pub ready: Barrier,
+}
+
+fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
+    let vcpu = shared
+        .vm
+        .create_vcpu(u64::from(id))
+        .map_err(|e| format!("creating it: {e}"))?;
+    let mut cpuid = shared.cpuid.clone();
+    arch::cpuid::filter_entries(cpuid.as_mut_slice(), id, shared.cpu_count);
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| format!("setting CPUID: {e}"))?;
+    arch::regs::setup_msrs(&vcpu, id).map_err(|e| e.to_string())?;
+    arch::regs::setup_fpu(&vcpu, id).map_err(|e| e.to_string())?;
+    arch::regs::setup_lapic(&vcpu, id).map_err(|e| e.to_string())?;
+    if id == 0 {
+        arch::regs::setup_boot_registers(&vcpu, id, shared.boot).map_err(|e| e.to_string())?;
+    }
+    Ok(vcpu)
+}
+
+/// The thread body of vCPU `id`.
+pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
+    let configured = configure(id, &shared);
+    shared.ready.wait();
+    let mut vcpu = match configured {
+        Ok(v) => v,
+        Err(why) => {
+            shared
+                .exit
+                .report(VmExit::Failed(format!("setting up vCPU {id}: {why}")));
+            return;
+        }
+    };
+    let exit = run_loop(id, &mut vcpu, &shared);
+    shared.exit.report(exit);
+}
+
+fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => shared.bus.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let Err(e) = shared.bus.write(port, data) {
+                    return VmExit::Failed(format!("vCPU {id}: {e}"));
+                }
+            }
+            // No MMIO devices yet: reads see all ones, writes go nowhere.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            // With the in-kernel irqchip KVM handles HLT; should one reach us, run on.
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Shutdown) => return crash(id, vcpu, shared, "triple fault", None),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                let detail = format!("hardware entry failure reason {reason:#x} on host CPU {cpu}");
+                return crash(
+                    id,
+                    vcpu,
+                    shared,
+                    "KVM could not enter the guest",
+                    Some(detail),
+                );
+            }
+            Ok(VcpuExit::InternalError) => {
+                let (kind, detail) = internal_error(vcpu);
+                return crash(id, vcpu, shared, kind, Some(detail));
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => return VmExit::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => return VmExit::Reboot,
+                KVM_SYSTEM_EVENT_CRASH => {
+                    return crash(id, vcpu, shared, "guest-reported crash", None)
+                }
+                other => {
+                    let detail = format!("KVM system event {other}");
+                    return crash(id, vcpu, shared, "unexpected system event", Some(detail));
+                }
+            },
+            Ok(other) => {
+                let detail = format!("{other:?}");
+                return crash(id, vcpu, shared, "unexpected VM exit", Some(detail));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return VmExit::Failed(format!("KVM_RUN on vCPU {id} failed: {e}")),
+        }
+    }
+}
+
+/// Reads KVM's internal-error suberror after a `KVM_EXIT_INTERNAL_ERROR`.
+fn internal_error(vcpu: &mut VcpuFd) -> (&'static str, String) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM filled the `internal` member of the exit union: the exit reason was
+    // KVM_EXIT_INTERNAL_ERROR, which is why this is called.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let suberror = internal.suberror;
+    let kind = if suberror == KVM_INTERNAL_ERROR_EMULATION {
+        "KVM emulation failure (an instruction KVM cannot emulate)"
+    } else {
+        "KVM internal error"
+    };
+    (kind, format!("KVM internal error suberror {suberror}"))
+}
+
+fn crash(
+    id: u32,
+    vcpu: &VcpuFd,
+    shared: &VcpuShared,
+    kind: &str,
+    detail: Option<String>,
+) -> VmExit {
+    let rip = vcpu.get_regs().ok().map(|r| r.rip);
+    let instruction = rip
+        .map(|rip| instruction_bytes(vcpu, shared, rip))
+        .unwrap_or_default();
+    VmExit::Crash(CrashReport {
+        vcpu: id,
+        kind: kind.to_string(),
+        rip,
+        instruction,
+        detail,
+    })
+}
+
+/// The bytes at the guest's RIP, through the guest's own page tables.
+fn instruction_bytes(vcpu: &VcpuFd, shared: &VcpuShared, rip: u64) -> Vec<u8> {
+    let Ok(sregs) = vcpu.get_sregs() else {
+        return Vec::new();
+    };
+    let linear = sregs.cs.base.wrapping_add(rip);
+    let Ok(t) = vcpu.translate_gva(linear) else {
+        return Vec::new();
+    };
+    if t.valid == 0 {
+        return Vec::new();
+    }
+    let mut bytes = Vec::with_capacity(MAX_INSTRUCTION_BYTES);
+    for i in 0..MAX_INSTRUCTION_BYTES as u64 {
+        // Byte by byte: the instruction may straddle the end of RAM.
+        match shared
+            .memory
+            .read_obj::<u8>(GuestAddress(t.physical_address + i))
+        {
+            Ok(b) => bytes.push(b),
+            Err(_) => break,
+        }
+    }
+    bytes
+}

@@ -1,0 +1,236 @@
+//! Building and running one VM: the only place that knows the order of things.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+
+use arch::layout::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, KVM_TSS_ADDRESS, MMIO_GAP_START};
+use arch::regs::BootEntry;
+use devices::legacy::{AcpiPmDevice, CmosRtc, ResetTrigger, SerialDevice, I8042};
+use devices::{GuestRequest, RequestSink};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{self, VmConfig, MAX_VCPUS};
+use crate::console::{EscapeParser, RawTerminal, StdoutWriter};
+use crate::exit::{ExitSignal, VmExit};
+use crate::legacy_bus::LegacyBus;
+use crate::vcpu::{run_vcpu, VcpuShared};
+use crate::{host, loader, memory, Error, Result};
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Boots the VM described by `config` and runs it until it ends; returns why it ended.
+/// Errors are failures to start it.
+pub fn run(config: &VmConfig) -> Result<VmExit> {
+    config.validate()?;
+    let kvm = host::open_kvm()?;
+    let host_max = host::max_vcpus(&kvm);
+    if config.cpus > host_max {
+        return Err(config::Error::TooManyCpus {
+            asked: config.cpus,
+            max: host_max.min(MAX_VCPUS),
+            why: " by this host's KVM",
+        }
+        .into());
+    }
+    let mem_size = config.memory_bytes();
+
+    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("creating the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("creating the in-kernel PIT"))?;
+
+    let guest_memory = memory::create(mem_size)?;
+    memory::register(&vm, &guest_memory)?;
+
+    let kernel = loader::load_kernel(&guest_memory, &config.kernel, mem_size)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(
+            &guest_memory,
+            path,
+            mem_size,
+            kernel.end,
+        )?),
+        None => None,
+    };
+    arch::boot::write_cmdline(&guest_memory, &config.cmdline)?;
+    match kernel.entry {
+        BootEntry::Pvh { .. } => arch::boot::write_pvh_start_info(&guest_memory, mem_size, initrd)?,
+        BootEntry::Linux64 { .. } => arch::boot::write_boot_params(
+            &guest_memory,
+            mem_size,
+            kernel.setup_header,
+            config.cmdline.len(),
+            initrd,
+        )?,
+    }
+    arch::regs::write_boot_tables(&guest_memory, kernel.entry)?;
+    arch::acpi::write_tables(&guest_memory, config.cpus as u8)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("reading the supported CPUID"))?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit event"))?);
+    let requests: RequestSink = {
+        let exit = exit.clone();
+        Arc::new(move |request| {
+            exit.report(match request {
+                GuestRequest::PowerOff => VmExit::PowerOff,
+                GuestRequest::Reboot => VmExit::Reboot,
+            })
+        })
+    };
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating the serial interrupt"))?;
+    vm.register_irqfd(&serial_irq, arch::acpi::COM1_IRQ)
+        .map_err(kvm_err("wiring the serial interrupt"))?;
+    let (low_mem, high_mem) = (
+        mem_size.min(MMIO_GAP_START),
+        mem_size.saturating_sub(MMIO_GAP_START),
+    );
+    let bus = Arc::new(LegacyBus {
+        serial: Mutex::new(SerialDevice::new(serial_irq, Box::new(StdoutWriter))),
+        i8042: Mutex::new(I8042::new(ResetTrigger(requests.clone()))),
+        rtc: Mutex::new(CmosRtc::new(low_mem, high_mem)),
+        acpi_pm: AcpiPmDevice::new(ACPI_S5_SLEEP_TYPE, ACPI_RESET_VALUE, requests),
+    });
+
+    let _terminal = RawTerminal::enter()?;
+    let shared = Arc::new(VcpuShared {
+        vm: Arc::new(vm),
+        memory: guest_memory,
+        cpuid,
+        cpu_count: config.cpus,
+        boot: kernel.entry,
+        bus: bus.clone(),
+        exit: exit.clone(),
+        ready: Barrier::new(config.cpus as usize),
+    });
+    for id in 0..config.cpus {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_vcpu(id, shared))
+            .map_err(io_err("starting a vCPU thread"))?;
+    }
+
+    run_event_loop(&bus, &exit)?;
+    Ok(exit
+        .take()
+        .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
+}
+
+/// Serves console input until a reason to end the VM is reported.
+fn run_event_loop(bus: &Arc<LegacyBus>, exit: &Arc<ExitSignal>) -> Result<()> {
+    let ended = Arc::new(AtomicBool::new(false));
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|e| Error::EventLoop {
+            what: "creating the event loop",
+            reason: e.to_string(),
+        })?;
+    events.add_subscriber(Box::new(ExitWatcher {
+        exit: exit.clone(),
+        ended: ended.clone(),
+    }));
+    events.add_subscriber(Box::new(ConsoleInput {
+        bus: bus.clone(),
+        exit: exit.clone(),
+        escape: EscapeParser::default(),
+    }));
+    while !ended.load(Ordering::Acquire) {
+        events.run().map_err(|e| Error::EventLoop {
+            what: "waiting for events",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+    ended: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Without this event nothing could end the VM: failing here must not go unnoticed.
+        if ops
+            .add(Events::new(&self.exit.event, EventSet::IN))
+            .is_err()
+        {
+            self.ended.store(true, Ordering::Release);
+            self.exit
+                .report(VmExit::Failed("watching the exit event failed".into()));
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.event.read();
+        self.ended.store(true, Ordering::Release);
+    }
+}
+
+/// Host stdin to the serial port.
+struct ConsoleInput {
+    bus: Arc<LegacyBus>,
+    exit: Arc<ExitSignal>,
+    escape: EscapeParser,
+}
+
+struct Stdin;
+
+impl AsRawFd for Stdin {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        0
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Stdin may be a file or /dev/null, which epoll refuses: then there is no input.
+        let _ = ops.add(Events::new(&Stdin, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a valid buffer of the given length from fd 0.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            let err = std::io::Error::last_os_error();
+            if n == 0
+                || err.kind() != std::io::ErrorKind::Interrupted
+                    && err.kind() != std::io::ErrorKind::WouldBlock
+            {
+                // End of input: the VM runs on without a console.
+                let _ = ops.remove(events);
+            }
+            return;
+        }
+        let input = self.escape.feed(&buf[..n as usize]);
+        if !input.for_guest.is_empty() {
+            let mut serial = self.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = serial.queue_input(&input.for_guest) {
+                self.exit.report(VmExit::Failed(e.to_string()));
+            }
+        }
+        if input.quit {
+            self.exit.report(VmExit::ConsoleQuit);
+        }
+    }
+}

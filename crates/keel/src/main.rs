@@ -58,6 +58,7 @@ fn run(args: RunArgs) -> ExitCode {
         cmdline: args.cmdline,
         cpus: args.cpus,
         memory_mib: args.memory,
+        trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };
     if vmm::host::is_pvm_host() {
         eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);

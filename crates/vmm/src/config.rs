@@ -14,6 +14,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
+    pub trace_startup: bool,
 }
 
 /// A request that cannot be met, said so that the user knows what to change.
@@ -120,6 +122,7 @@ mod tests {
             cmdline: String::new(),
             cpus: 1,
             memory_mib: 64,
+            trace_startup: false,
         }
     }
 

@@ -26,6 +26,7 @@ pub struct VcpuShared {
     pub cpuid: CpuId,
     pub cpu_count: u32,
     pub boot: BootEntry,
+    pub trace_startup: bool,
     pub bus: Arc<LegacyBus>,
     pub exit: Arc<ExitSignal>,
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
@@ -64,6 +65,12 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
             return;
         }
     };
+    if id == 0 && shared.trace_startup {
+        eprintln!(
+            "keel: startup: {} us of CPU time before the first vCPU entry",
+            process_cpu_micros()
+        );
+    }
     let exit = run_loop(id, &mut vcpu, &shared);
     shared.exit.report(exit);
 }
@@ -116,6 +123,16 @@ fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
             Err(e) => return VmExit::Failed(format!("KVM_RUN on vCPU {id} failed: {e}")),
         }
     }
+}
+
+/// User and system CPU time of the whole process so far, in microseconds.
+fn process_cpu_micros() -> u64 {
+    // SAFETY: rusage is plain data that getrusage fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
 /// Reads KVM's internal-error suberror after a `KVM_EXIT_INTERNAL_ERROR`.

@@ -118,6 +118,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         cpuid,
         cpu_count: config.cpus,
         boot: kernel.entry,
+        trace_startup: config.trace_startup,
         bus: bus.clone(),
         exit: exit.clone(),
         ready: Barrier::new(config.cpus as usize),

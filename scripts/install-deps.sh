@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Keel's build, probe guest and tests need, if any is missing.
+# Needs root (or sudo) only when something has to be installed.
+set -euo pipefail
+
+# make and binutils build the probe guest; the rest are used by guest/linux/build.sh
+# (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd)
+missing=()
+for pkg in "${needed[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "keel: installing missing packages: ${missing[*]}"
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "keel: need root to install ${missing[*]}; run as root or install them" >&2; exit 1; }
+  sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -166,8 +166,8 @@ fn is_root() -> bool {
 }
 
 /// A copy of the probe anyone can read, for runs as another user.
-fn world_readable_probe() -> std::path::PathBuf {
-    let copy = scratch("probe.elf", &std::fs::read(probe_elf()).unwrap());
+fn world_readable_probe(name: &str) -> std::path::PathBuf {
+    let copy = scratch(name, &std::fs::read(probe_elf()).unwrap());
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(
@@ -186,7 +186,7 @@ fn no_dev_kvm() {
         );
         return;
     }
-    let kernel = world_readable_probe();
+    let kernel = world_readable_probe("no-kvm-probe.elf");
     // In a private mount namespace, an empty /dev: the host's /dev/kvm stays untouched.
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -227,4 +227,34 @@ fn no_permission_on_dev_kvm() {
     let (code, line) = check_clean_failure(&run);
     assert_eq!(code, 1);
     assert!(line.contains("permission denied on /dev/kvm"), "{line}");
+}
+
+#[test]
+fn unreadable_kernel() {
+    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!(
+            "SKIPPED unreadable_kernel: needs root and setpriv to run keel as an unprivileged user"
+        );
+        return;
+    }
+    let kernel = world_readable_probe("unreadable-probe.elf");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        KEEL,
+        "run",
+        "--kernel",
+    ])
+    .arg(&kernel);
+    let run = run_with(cmd, None, Duration::from_secs(30), None);
+    let (code, line) = check_clean_failure(&run);
+    assert_eq!(code, 1);
+    assert!(
+        line.ends_with("permission denied (cannot read it)"),
+        "{line}"
+    );
 }

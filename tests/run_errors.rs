@@ -206,7 +206,7 @@ fn no_permission_on_dev_kvm() {
         eprintln!("SKIPPED no_permission_on_dev_kvm: needs root and setpriv to run keel as an unprivileged user");
         return;
     }
-    let kernel = world_readable_probe();
+    let kernel = world_readable_probe("no-permission-probe.elf");
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=65534",

@@ -45,6 +45,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
     let mem_size = config.memory_bytes();
 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    // Memory goes in before the irqchip and PIT: registered after them, the first memory
+    // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
+    let guest_memory = memory::create(mem_size)?;
+    memory::register(&vm, &guest_memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("setting the TSS address"))?;
     vm.create_irq_chip()
@@ -55,9 +59,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
     };
     vm.create_pit2(pit)
         .map_err(kvm_err("creating the in-kernel PIT"))?;
-
-    let guest_memory = memory::create(mem_size)?;
-    memory::register(&vm, &guest_memory)?;
 
     let kernel = loader::load_kernel(&guest_memory, &config.kernel, mem_size)?;
     let initrd = match &config.initrd {

@@ -1,0 +1,363 @@
+//! `startup`: Keel's start-up time and idle memory against QEMU, on the probe guest, in the
+//! same run and interleaved, so that a noisy host affects both alike.
+//!
+//! cargo run --release -p keel-benches --bin startup -- [--runs 20] [--probe-dir DIR]
+//!     [--keel PATH] [--qemu PATH] [--json]
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use keel_benches::procfs::MemoryStatus;
+use keel_benches::report::{self, Host, Metric, Results};
+use keel_benches::runner::{self, BootTiming, Setup, Vmm};
+use keel_benches::stats::summarize;
+
+const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+#[derive(Parser)]
+#[command(
+    name = "startup",
+    about = "Keel's start-up time and idle memory against QEMU, on the probe guest"
+)]
+struct Args {
+    /// Timed boots per VMM (interleaved keel, qemu, keel, qemu, ...).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// Idle-memory boots per VMM.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rss_samples: u32,
+    /// Directory holding probe.elf. Default: target/probe, built (or rebuilt) with make.
+    #[arg(long)]
+    probe_dir: Option<PathBuf>,
+    /// The keel binary. Default: target/release/keel, built first with cargo.
+    #[arg(long)]
+    keel: Option<PathBuf>,
+    /// The QEMU binary. Default: qemu-system-x86_64 from PATH.
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Print the results as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.join("..").canonicalize().with_context(|| {
+        format!(
+            "finding the workspace root above {} (the benchmark runs from its source tree)",
+            manifest_dir.display()
+        )
+    })
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// probe.elf: the given directory's if it has one, else built with make.
+fn probe_elf(root: &Path, probe_dir: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = &probe_dir {
+        let elf = dir.join("probe.elf");
+        if elf.is_file() {
+            return Ok(elf);
+        }
+    }
+    let out = probe_dir.unwrap_or_else(|| target_dir(root).join("probe"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // The whole-system tests build into the same directory: take their lock.
+    let lock_path = out.join(".build-lock");
+    let lock = File::create(&lock_path)
+        .with_context(|| format!("creating the probe build lock {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let status = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root.join("guest/probe"))
+        .arg(format!("OUT={}", out.display()))
+        .stdout(Stdio::null())
+        .status()
+        .context("running make to build the probe guest; is make installed?")?;
+    if !status.success() {
+        bail!(
+            "building the probe guest failed ({status}): see make's messages above, or pass \
+             --probe-dir with a directory holding a built probe.elf"
+        );
+    }
+    Ok(out.join("probe.elf"))
+}
+
+/// The keel binary: the given one, or target/release/keel built now so that it is current.
+fn keel_binary(root: &Path, keel: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = keel {
+        if !path.is_file() {
+            bail!(
+                "--keel {}: no such file; build it with: cargo build --release -p keel",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("startup: cargo build --release -p keel");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "keel"])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .status()
+        .context("running cargo to build keel")?;
+    let path = target_dir(root).join("release/keel");
+    if !status.success() {
+        bail!(
+            "building keel failed ({status}): fix the build (cargo build --release -p keel), \
+             or pass --keel PATH to measure an existing binary"
+        );
+    }
+    if !path.is_file() {
+        bail!(
+            "{} is missing after building it; run: cargo build --release -p keel",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The QEMU binary and its version line.
+fn qemu_binary(qemu: Option<PathBuf>) -> Result<(PathBuf, String)> {
+    let path = match qemu {
+        Some(path) => path,
+        None => std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join(QEMU_BINARY))
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!(
+                    "{QEMU_BINARY} is not in PATH: install it (apt-get install -y \
+                     qemu-system-x86) or pass --qemu PATH"
+                )
+            })?,
+    };
+    let output = Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} --version; install QEMU (apt-get install -y qemu-system-x86) or \
+                 pass --qemu PATH",
+                path.display()
+            )
+        })?;
+    let version = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or("QEMU, version unknown")
+        .to_string();
+    Ok((path, version))
+}
+
+fn check_kvm() -> Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .context(
+            "opening /dev/kvm (both VMMs need it): load the KVM module, and run as root or \
+             as a member of the group that owns /dev/kvm",
+        )
+}
+
+fn host(qemu_version: String) -> Host {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    Host {
+        date_utc: report::utc_date(now.as_secs()),
+        cpu_model,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel,
+        pvm: Path::new("/sys/module/kvm_pvm").exists(),
+        qemu_version,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Samples of every metric, per VMM.
+#[derive(Default)]
+struct Samples {
+    boots: Vec<BootTiming>,
+    memory: Vec<MemoryStatus>,
+}
+
+impl Samples {
+    fn boot(&self, value: impl Fn(&BootTiming) -> Option<f64>) -> Vec<f64> {
+        self.boots.iter().filter_map(value).collect()
+    }
+
+    fn memory(&self, kib: impl Fn(&MemoryStatus) -> u64) -> Vec<f64> {
+        self.memory.iter().map(|m| mib(kib(m))).collect()
+    }
+}
+
+/// Every metric, summarised for both VMMs.
+fn metrics(keel: &Samples, qemu: &Samples) -> Vec<Metric> {
+    let metric = |key, label, unit, samples: &dyn Fn(&Samples) -> Vec<f64>| Metric {
+        key,
+        label,
+        unit,
+        keel: summarize(&samples(keel)),
+        qemu: summarize(&samples(qemu)),
+    };
+    vec![
+        metric("first_line_ms", "Time to `PROBE start`", "ms", &|s| {
+            s.boot(|b| Some(ms(b.first_line)))
+        }),
+        metric("ready_ms", "Time to `PROBE ready`", "ms", &|s| {
+            s.boot(|b| Some(ms(b.ready)))
+        }),
+        metric("exit_ms", "Time to exit after poweroff", "ms", &|s| {
+            s.boot(|b| Some(ms(b.exit)))
+        }),
+        metric(
+            "startup_cpu_ms",
+            "Keel CPU time before first vCPU entry",
+            "ms",
+            &|s| s.boot(|b| b.startup_cpu_us.map(|us| us as f64 / 1000.0)),
+        ),
+        metric("idle_vm_rss_mib", "Idle VmRSS", "MiB", &|s| {
+            s.memory(|m| m.vm_rss_kib)
+        }),
+        metric("idle_rss_anon_mib", "Idle RssAnon", "MiB", &|s| {
+            s.memory(|m| m.rss_anon_kib)
+        }),
+        metric("idle_rss_file_mib", "Idle RssFile", "MiB", &|s| {
+            s.memory(|m| m.rss_file_kib)
+        }),
+        metric("idle_vm_hwm_mib", "Peak RSS (VmHWM) at idle", "MiB", &|s| {
+            s.memory(|m| m.vm_hwm_kib)
+        }),
+    ]
+}
+
+fn run(args: Args) -> Result<bool> {
+    check_kvm()?;
+    let root = workspace_root()?;
+    let (qemu, qemu_version) = qemu_binary(args.qemu)?;
+    let probe_elf = probe_elf(&root, args.probe_dir)?;
+    let keel = keel_binary(&root, args.keel)?;
+    let setup = Setup {
+        keel,
+        qemu,
+        probe_elf,
+    };
+    let host = host(qemu_version);
+    let order = [Vmm::Keel, Vmm::Qemu];
+
+    // One discarded boot each: loads the binaries and libraries into the page cache, and
+    // shows at once when a VMM cannot boot the probe at all.
+    for vmm in order {
+        runner::timed_boot(&setup, vmm)
+            .with_context(|| format!("warm-up boot of the probe under {}", vmm.name()))?;
+    }
+
+    let (mut keel_samples, mut qemu_samples) = (Samples::default(), Samples::default());
+    let mut failures = Vec::new();
+    for i in 1..=args.runs {
+        let mut line = format!("startup: boot {i}/{}:", args.runs);
+        for vmm in order {
+            let samples = match vmm {
+                Vmm::Keel => &mut keel_samples,
+                Vmm::Qemu => &mut qemu_samples,
+            };
+            match runner::timed_boot(&setup, vmm) {
+                Ok(t) => {
+                    line += &format!(
+                        " {} first line {:.2} ms, ready {:.2} ms;",
+                        vmm.name(),
+                        ms(t.first_line),
+                        ms(t.ready)
+                    );
+                    samples.boots.push(t);
+                }
+                Err(e) => {
+                    line += &format!(" {} failed;", vmm.name());
+                    failures.push(format!("boot {i}: {e:#}"));
+                }
+            }
+        }
+        eprintln!("{line}");
+    }
+    for i in 1..=args.rss_samples {
+        let mut line = format!("startup: idle memory {i}/{}:", args.rss_samples);
+        for vmm in order {
+            let samples = match vmm {
+                Vmm::Keel => &mut keel_samples,
+                Vmm::Qemu => &mut qemu_samples,
+            };
+            match runner::idle_memory(&setup, vmm) {
+                Ok(m) => {
+                    line += &format!(" {} VmRSS {:.2} MiB;", vmm.name(), mib(m.vm_rss_kib));
+                    samples.memory.push(m);
+                }
+                Err(e) => {
+                    line += &format!(" {} failed;", vmm.name());
+                    failures.push(format!("idle memory {i}: {e:#}"));
+                }
+            }
+        }
+        eprintln!("{line}");
+    }
+
+    let results = Results {
+        host,
+        runs: args.runs as usize,
+        rss_samples: args.rss_samples as usize,
+        metrics: metrics(&keel_samples, &qemu_samples),
+        failures,
+    };
+    if args.json {
+        print!("{}", report::render_json(&results));
+    } else {
+        print!("{}", report::render_table(&results));
+    }
+    Ok(results.failures.is_empty())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("startup: some runs failed (listed with the results); see why above");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("startup: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Keel's benchmarks. `startup` boots the probe guest under Keel and QEMU, interleaved, and
+//! compares time to the first serial line, time to `PROBE ready`, idle memory and Keel's own
+//! CPU time before the first vCPU entry. See docs/benchmarks.md.
+//!
+//! The modules hold the parts: [`stats`], [`serial`] and [`procfs`] are pure logic with unit
+//! tests; [`runner`] starts and times the VMMs; [`report`] prints the results.
+
+pub mod procfs;
+pub mod report;
+pub mod runner;
+pub mod serial;
+pub mod stats;

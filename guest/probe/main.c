@@ -1,0 +1,151 @@
+/* Boot-information reporting and command-line actions of the probe. */
+#include "probe.h"
+
+struct e820_entry e820[E820_MAX];
+u32 e820_count;
+static char cmdline[CMDLINE_MAX];
+
+struct hvm_start_info {
+	u32 magic, version, flags, nr_modules;
+	u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+	u32 memmap_entries, reserved;
+};
+
+struct hvm_memmap_entry {
+	u64 addr, size;
+	u32 type, reserved;
+};
+
+/* Offsets in the Linux boot_params ("zero page"). */
+#define BP_ACPI_RSDP     0x070
+#define BP_EXT_CMDLINE   0x0c8
+#define BP_E820_ENTRIES  0x1e8
+#define BP_CMDLINE       0x228
+#define BP_E820_TABLE    0x2d0
+
+static void copy_cmdline(u64 addr)
+{
+	const char *s = (const char *)PHYS(addr);
+	u32 n = 0;
+
+	if (addr && addr < MAPPED_LIMIT)
+		for (; n < CMDLINE_MAX - 1 && s[n]; n++)
+			cmdline[n] = s[n];
+	cmdline[n] = 0;
+}
+
+static void add_e820(u64 addr, u64 size, u32 type)
+{
+	if (e820_count < E820_MAX)
+		e820[e820_count++] = (struct e820_entry){ addr, size, type };
+}
+
+/* Copies what the probe needs from start_info; returns the RSDP address. */
+static u64 read_start_info(const struct hvm_start_info *si)
+{
+	copy_cmdline(si->cmdline_paddr);
+	if (si->version >= 1 && si->memmap_paddr && si->memmap_paddr < MAPPED_LIMIT) {
+		const struct hvm_memmap_entry *m = (const void *)PHYS(si->memmap_paddr);
+
+		for (u32 i = 0; i < si->memmap_entries; i++)
+			add_e820(m[i].addr, m[i].size, m[i].type);
+	}
+	return si->rsdp_paddr;
+}
+
+static u64 read_boot_params(const u8 *bp)
+{
+	const u8 *e = bp + BP_E820_TABLE;
+
+	copy_cmdline((u64)rd32(bp + BP_EXT_CMDLINE) << 32 | rd32(bp + BP_CMDLINE));
+	for (u32 i = 0; i < bp[BP_E820_ENTRIES]; i++, e += 20)
+		add_e820(rd64(e), rd64(e + 8), rd32(e + 16));
+	return rd64(bp + BP_ACPI_RSDP);
+}
+
+bool e820_is_ram(u64 addr, u64 size)
+{
+	for (u32 i = 0; i < e820_count; i++)
+		if (e820[i].type == 1 && e820[i].addr <= addr &&
+		    addr + size <= e820[i].addr + e820[i].size)
+			return true;
+	return false;
+}
+
+/* True if the space-separated command line holds the word. */
+static bool has_word(const char *word)
+{
+	for (const char *p = cmdline; *p;) {
+		const char *w = word;
+
+		while (*p == ' ')
+			p++;
+		while (*w && *p == *w)
+			p++, w++;
+		if (!*w && (*p == ' ' || !*p))
+			return true;
+		while (*p && *p != ' ')
+			p++;
+	}
+	return false;
+}
+
+static void __attribute__((noreturn)) idle(void)
+{
+	for (;;)
+		asm volatile("cli; hlt");
+}
+
+void probe_main(u32 kind, u64 info)
+{
+	static const char *const kinds[] = { "", "pvh", "linux64", "linux32" };
+	struct sleep_reg s5;
+	bool poweroff, s5_ok = false;
+	u64 ram = 0, rsdp;
+
+	pr("PROBE boot %s\n", kinds[kind]);
+	/* Copy the boot data first: the AP start-up page may overwrite it. */
+	e820_count = 0;
+	if (kind == BOOT_PVH)
+		rsdp = read_start_info((const void *)PHYS(info));
+	else
+		rsdp = read_boot_params(PHYS(info));
+
+	pr("PROBE cmdline%s%s\n", cmdline[0] ? " " : "", cmdline);
+	for (u32 i = 0; i < e820_count; i++) {
+		pr("PROBE e820 %lx %lx %u\n", e820[i].addr, e820[i].size, e820[i].type);
+		if (e820[i].type == 1)
+			ram += e820[i].size;
+	}
+	pr("PROBE e820_entries %u\n", e820_count);
+	pr("PROBE ram_bytes %lu\n", ram);
+
+	acpi_report(rsdp, kind == BOOT_PVH ? "start_info" : "boot_params");
+	madt_report();
+	/* Read everything poweroff needs before the APs' page is written. */
+	poweroff = has_word("probe.poweroff");
+	if (poweroff)
+		s5_ok = acpi_find_s5(&s5);
+	smp_start();
+	pr("PROBE ready\n");
+
+	if (poweroff) {
+		pr("PROBE poweroff\n");
+		if (s5_ok)
+			acpi_sleep(&s5);
+		else
+			pr("PROBE error no_s5\n");
+	} else if (has_word("probe.reboot")) {
+		pr("PROBE reboot\n");
+		outb(0x64, 0xfe);	/* i8042: pulse the reset line */
+	} else if (has_word("probe.triplefault")) {
+		pr("PROBE triplefault\n");
+		crash_triplefault();
+	} else if (has_word("probe.badinsn")) {
+		pr("PROBE badinsn\n");
+		crash_badinsn();
+	} else {
+		pr("PROBE idle\n");
+	}
+	idle();
+}

@@ -1,0 +1,91 @@
+/* Shared definitions of the Keel probe guest (C and assembly). */
+#ifndef PROBE_H
+#define PROBE_H
+
+/* How the probe was entered; passed from the entry code in %edi. */
+#define BOOT_AP      0
+#define BOOT_PVH     1
+#define BOOT_LINUX64 2
+#define BOOT_LINUX32 3
+
+#define PVH_MAGIC    0x336ec578
+
+/* GDT selectors (see entry.S). */
+#define SEL_CODE64   0x08
+#define SEL_DATA     0x10
+#define SEL_CODE32   0x18
+
+/* Low page the AP real-mode start-up code is copied to (SIPI vector 0x08). */
+#define TRAMP_PAGE   0x8000
+#define MAX_CPUS     32
+#define STACK_SHIFT  12          /* 4 KiB per AP stack */
+#define BSP_STACK    0x4000
+
+#define CMDLINE_MAX  4096
+#define E820_MAX     128
+
+#ifndef __ASSEMBLER__
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef _Bool bool;
+#define true 1
+#define false 0
+
+static inline void outb(u16 port, u8 v) { asm volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { asm volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	asm volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)hi << 32 | lo;
+}
+
+/* Unaligned little-endian reads of firmware tables; each is a single mov. */
+static inline u16 rd16(const void *p) { u16 v; __builtin_memcpy(&v, p, 2); return v; }
+static inline u32 rd32(const void *p) { u32 v; __builtin_memcpy(&v, p, 4); return v; }
+static inline u64 rd64(const void *p) { u64 v; __builtin_memcpy(&v, p, 8); return v; }
+
+/* Physical memory is identity mapped up to 4 GiB. */
+#define PHYS(a) ((const u8 *)(u64)(a))
+#define MAPPED_LIMIT 0x100000000UL
+
+struct e820_entry { u64 addr, size; u32 type; };
+extern struct e820_entry e820[E820_MAX];
+extern u32 e820_count;
+bool e820_is_ram(u64 addr, u64 size);
+
+/* print.c: one complete line per call, atomically w.r.t. other CPUs.
+ * %x/%lx print with a 0x prefix; %u/%lu decimal; %s; %c. */
+void pr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* acpi.c */
+struct acpi_info {
+	const u8 *fadt, *madt, *dsdt;
+	u32 lapic_base;
+	u32 cpu_count;
+	u32 apic_ids[MAX_CPUS];
+};
+extern struct acpi_info acpi;
+void acpi_report(u64 rsdp_hint, const char *hint_source);
+void madt_report(void);
+struct sleep_reg { u64 addr; u8 space, typ; bool pm1a; };
+bool acpi_find_s5(struct sleep_reg *r);
+void acpi_sleep(const struct sleep_reg *r);
+
+/* smp.c */
+void smp_start(void);
+
+/* entry.S */
+void crash_triplefault(void) __attribute__((noreturn));
+void crash_badinsn(void) __attribute__((noreturn));
+extern const u8 tramp_start[], tramp_end[];
+
+void *memcpy(void *d, const void *s, unsigned long n);
+void *memset(void *d, int c, unsigned long n);
+
+#endif
+#endif

@@ -1,0 +1,336 @@
+//! Parsing a virtio-blk request from a descriptor chain (virtio 1.2 section 5.2.6). This is a
+//! guest-facing parser: every length, address and direction comes from a hostile guest and
+//! is checked; bad requests become an error value, never a panic.
+//!
+//! Layout (any framing): 16 device-readable header bytes {type, reserved, sector}, then the
+//! data (device-readable for writes, device-writable for reads), then one device-writable
+//! status byte, which is the last writable byte of the chain.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SHIFT: u32 = 9;
+/// Longest serial the GET_ID request returns.
+pub const ID_BYTES: usize = 20;
+/// Bytes of one discard / write-zeroes segment.
+pub const SEGMENT_BYTES: usize = 16;
+const HEADER_BYTES: usize = 16;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+/// One guest buffer: where, how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A descriptor as the chain gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub device_writable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Write,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    /// A type this device does not implement: answered with UNSUPP.
+    Unsupported(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestKind,
+    pub sector: u64,
+    /// For reads: where the data goes. For writes, discard, write-zeroes: where it comes from.
+    pub data: Vec<Segment>,
+    pub data_len: u64,
+    pub status: GuestAddress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("the chain has no device-writable byte for the status")]
+    NoStatus,
+    #[error("the header needs {HEADER_BYTES} device-readable bytes, the chain has {0}")]
+    ShortHeader(usize),
+    #[error("reading the header from guest memory failed")]
+    HeaderUnreadable,
+    #[error("a descriptor's address range overflows")]
+    Overflow,
+    #[error("{0} request carries data in the wrong direction")]
+    WrongDirection(&'static str),
+    #[error("data length {0} is not a whole number of sectors")]
+    PartialSector(u64),
+}
+
+impl ParseError {
+    /// Whether the status byte can still be written to tell the guest.
+    pub fn has_status(&self) -> bool {
+        !matches!(self, ParseError::NoStatus | ParseError::Overflow)
+    }
+}
+
+/// Splits device-readable bytes after the first `skip` into segments.
+fn readable_after(descs: &[Descriptor], skip: u64) -> Result<Vec<Segment>, ParseError> {
+    let mut out = Vec::new();
+    let mut skip = skip;
+    for d in descs.iter().filter(|d| !d.device_writable) {
+        let len = u64::from(d.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let addr = d.addr.checked_add(skip).ok_or(ParseError::Overflow)?;
+        out.push(Segment {
+            addr: GuestAddress(addr),
+            len: (len - skip) as u32,
+        });
+        skip = 0;
+    }
+    Ok(out)
+}
+
+/// Splits the device-writable bytes into everything but the last byte, and the last byte.
+fn writable_and_status(descs: &[Descriptor]) -> Result<(Vec<Segment>, GuestAddress), ParseError> {
+    let writable: Vec<&Descriptor> = descs
+        .iter()
+        .filter(|d| d.device_writable && d.len > 0)
+        .collect();
+    let last = writable.last().ok_or(ParseError::NoStatus)?;
+    let status = last
+        .addr
+        .checked_add(u64::from(last.len) - 1)
+        .ok_or(ParseError::Overflow)?;
+    let mut data: Vec<Segment> = Vec::new();
+    for (i, d) in writable.iter().enumerate() {
+        let len = if i + 1 == writable.len() {
+            d.len - 1
+        } else {
+            d.len
+        };
+        if len > 0 {
+            d.addr
+                .checked_add(u64::from(len))
+                .ok_or(ParseError::Overflow)?;
+            data.push(Segment {
+                addr: GuestAddress(d.addr),
+                len,
+            });
+        }
+    }
+    Ok((data, GuestAddress(status)))
+}
+
+fn total(segments: &[Segment]) -> u64 {
+    segments.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Parses the descriptors of one chain, reading the header from guest memory.
+pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
+    let (writable, status) = writable_and_status(descs)?;
+    let readable_bytes: u64 = descs
+        .iter()
+        .filter(|d| !d.device_writable)
+        .map(|d| u64::from(d.len))
+        .sum();
+    if readable_bytes < HEADER_BYTES as u64 {
+        return Err(ParseError::ShortHeader(readable_bytes as usize));
+    }
+    // The header may span descriptors: gather its 16 bytes.
+    let mut header = [0u8; HEADER_BYTES];
+    let mut filled = 0;
+    for seg in readable_after(descs, 0)? {
+        if filled == HEADER_BYTES {
+            break;
+        }
+        let take = (HEADER_BYTES - filled).min(seg.len as usize);
+        mem.read_slice(&mut header[filled..filled + take], seg.addr)
+            .map_err(|_| ParseError::HeaderUnreadable)?;
+        filled += take;
+    }
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&header[8..16]);
+    let sector = u64::from_le_bytes(sector_bytes);
+    let after_header = readable_after(descs, HEADER_BYTES as u64)?;
+
+    let (kind, data) = match kind {
+        VIRTIO_BLK_T_IN => {
+            if !after_header.is_empty() {
+                return Err(ParseError::WrongDirection("read"));
+            }
+            (RequestKind::Read, writable)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if !writable.is_empty() {
+                return Err(ParseError::WrongDirection("write"));
+            }
+            (RequestKind::Write, after_header)
+        }
+        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new()),
+        VIRTIO_BLK_T_GET_ID => (RequestKind::GetId, writable),
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            if !writable.is_empty() {
+                return Err(ParseError::WrongDirection("discard or write-zeroes"));
+            }
+            let k = if kind == VIRTIO_BLK_T_DISCARD {
+                RequestKind::Discard
+            } else {
+                RequestKind::WriteZeroes
+            };
+            (k, after_header)
+        }
+        other => (RequestKind::Unsupported(other), Vec::new()),
+    };
+    let data_len = total(&data);
+    if matches!(kind, RequestKind::Read | RequestKind::Write)
+        && !data_len.is_multiple_of(SECTOR_SIZE)
+    {
+        return Err(ParseError::PartialSector(data_len));
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        data_len,
+        status,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn r(addr: u64, len: u32) -> Descriptor {
+        Descriptor {
+            addr,
+            len,
+            device_writable: false,
+        }
+    }
+
+    fn w(addr: u64, len: u32) -> Descriptor {
+        Descriptor {
+            addr,
+            len,
+            device_writable: true,
+        }
+    }
+
+    #[test]
+    fn read_request_in_three_descriptors() {
+        let m = mem();
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 7);
+        let req = parse(&[r(0x1000, 16), w(0x2000, 1024), w(0x3000, 1)], &m).unwrap();
+        assert_eq!(req.kind, RequestKind::Read);
+        assert_eq!(req.sector, 7);
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x2000),
+                len: 1024
+            }]
+        );
+        assert_eq!(req.status, GuestAddress(0x3000));
+    }
+
+    #[test]
+    fn write_with_header_and_data_in_one_descriptor_and_status_sharing_the_last() {
+        let m = mem();
+        header(&m, 0x1000, VIRTIO_BLK_T_OUT, 1);
+        let req = parse(&[r(0x1000, 16 + 512), w(0x3000, 1)], &m).unwrap();
+        assert_eq!(req.kind, RequestKind::Write);
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x1010),
+                len: 512
+            }]
+        );
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 1);
+        let req = parse(&[r(0x1000, 16), w(0x2000, 513)], &m).unwrap();
+        assert_eq!(
+            req.data,
+            vec![Segment {
+                addr: GuestAddress(0x2000),
+                len: 512
+            }]
+        );
+        assert_eq!(req.status, GuestAddress(0x2200));
+    }
+
+    #[test]
+    fn header_spanning_descriptors_is_read_whole() {
+        let m = mem();
+        header(&m, 0x1000, VIRTIO_BLK_T_FLUSH, 0x1122_3344);
+        // 10 bytes in one descriptor, 6 in the next, placed right after.
+        let req = parse(&[r(0x1000, 10), r(0x100a, 6), w(0x3000, 1)], &m).unwrap();
+        assert_eq!((req.kind, req.sector), (RequestKind::Flush, 0x1122_3344));
+    }
+
+    #[test]
+    fn malformed_chains_are_errors() {
+        let m = mem();
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(parse(&[r(0x1000, 16)], &m), Err(ParseError::NoStatus));
+        assert_eq!(
+            parse(&[r(0x1000, 8), w(0x3000, 1)], &m),
+            Err(ParseError::ShortHeader(8))
+        );
+        assert_eq!(
+            parse(&[r(0x1000, 16), r(0x1800, 512), w(0x3000, 1)], &m),
+            Err(ParseError::WrongDirection("read"))
+        );
+        assert_eq!(
+            parse(&[r(0x1000, 16), w(0x2000, 100), w(0x3000, 1)], &m),
+            Err(ParseError::PartialSector(100))
+        );
+        header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            parse(&[r(0x1000, 16), w(0x2000, 512), w(0x3000, 1)], &m),
+            Err(ParseError::WrongDirection("write"))
+        );
+        // Header outside guest memory.
+        assert_eq!(
+            parse(&[r(0x10_0000_0000, 16), w(0x3000, 1)], &m),
+            Err(ParseError::HeaderUnreadable)
+        );
+        // Address arithmetic that would wrap.
+        assert_eq!(
+            parse(&[r(0x1000, 16), w(u64::MAX, 2)], &m),
+            Err(ParseError::Overflow)
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_unsupported_not_errors() {
+        let m = mem();
+        header(&m, 0x1000, 0xdead, 0);
+        let req = parse(&[r(0x1000, 16), w(0x3000, 1)], &m).unwrap();
+        assert_eq!(req.kind, RequestKind::Unsupported(0xdead));
+    }
+}

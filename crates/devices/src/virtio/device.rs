@@ -1,0 +1,78 @@
+//! What every virtio device implements; the transport owns the queues and the status
+//! state machine, the device owns what it does with requests.
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// `VIRTIO_F_VERSION_1`: Keel's devices are modern (virtio 1.x) only.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device types (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// A device-level failure: the transport answers it with DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("queue {queue}: {reason}")]
+    Queue { queue: usize, reason: String },
+    #[error("activating the device failed: {0}")]
+    Activate(String),
+}
+
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; their count is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (including [`VIRTIO_F_VERSION_1`]).
+    fn device_features(&self) -> u64;
+    /// Reads device configuration space; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; most devices ignore this.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with these features.
+    fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError>;
+    /// Serves what the driver made available on queue `index`; returns true when it put
+    /// something in the used ring (the driver may need an interrupt).
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError>;
+    /// Back to the state before activation (the driver wrote 0 to status).
+    fn reset(&mut self);
+}
+
+/// Copies `len` bytes of a little-endian config structure at `offset` into `data`; what lies
+/// outside reads as zero, so a driver's out-of-range read is harmless.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let end = config.len().min(start.saturating_add(data.len()));
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_clamped() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

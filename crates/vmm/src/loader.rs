@@ -154,10 +154,14 @@ pub fn load_kernel(
             }
         }
     };
+    // A bzImage needs `init_size` bytes from its load address, beyond the file itself.
+    let init_end = loaded
+        .setup_header
+        .map_or(0, |h| loaded.kernel_load.0 + u64::from(h.init_size));
     Ok(LoadedKernel {
         entry,
         setup_header: loaded.setup_header,
-        end: loaded.kernel_end,
+        end: loaded.kernel_end.max(init_end),
     })
 }
 

@@ -36,7 +36,7 @@ fn align16(addr: u64) -> u64 {
     (addr + 15) & !15
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let s5_package = aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]);
     let s5 = aml::Name::new("_S5_".into(), &s5_package);
 
@@ -63,8 +63,35 @@ fn dsdt() -> Vec<u8> {
     for object in [&s5 as &dyn Aml, &com1, &rtc] {
         object.to_aml_bytes(&mut table);
     }
+    for (index, slot) in virtio.iter().enumerate() {
+        table.append_slice(&virtio_device(index, slot));
+    }
     table.update_checksum();
     table.as_slice().to_vec()
+}
+
+/// A virtio-mmio device for the guest: its register window and interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// `Device (\_SB.VRnn)` with the virtio-mmio `_HID` Linux binds to, its window and IRQ.
+fn virtio_device(index: usize, slot: &VirtioSlot) -> Vec<u8> {
+    let name = format!("_SB_.VR{index:02}");
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid_value = index as u32;
+    let uid = aml::Name::new("_UID".into(), &uid_value);
+    let window = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, slot.irq);
+    let resources = aml::ResourceTemplate::new(vec![&window, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+    let mut bytes = Vec::new();
+    device.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 fn io_register(port: u16) -> GAS {
@@ -111,14 +138,14 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 /// Builds every table for a VM with `cpus` vCPUs, placed from [`ACPI_START`].
-fn build(cpus: u8) -> Vec<Placed> {
+fn build(cpus: u8, virtio: &[VirtioSlot]) -> Vec<Placed> {
     let mut next = align16(ACPI_START + Rsdp::len() as u64);
     let mut place = |bytes: Vec<u8>| {
         let addr = next;
         next = align16(addr + bytes.len() as u64);
         Placed { addr, bytes }
     };
-    let dsdt = place(dsdt());
+    let dsdt = place(dsdt(virtio));
     let fadt = place(fadt(dsdt.addr));
     let madt = place(madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -141,9 +168,9 @@ fn build(cpus: u8) -> Vec<Placed> {
     ]
 }
 
-/// Writes the ACPI tables for `cpus` vCPUs into guest memory.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
-    let tables = build(cpus);
+/// Writes the ACPI tables for `cpus` vCPUs and the virtio devices into guest memory.
+pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, virtio: &[VirtioSlot]) -> Result<()> {
+    let tables = build(cpus, virtio);
     let end = tables
         .iter()
         .map(|t| t.addr + t.bytes.len() as u64)
@@ -191,7 +218,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_has_its_length() {
-        let tables = build(4);
+        let tables = build(4, &[]);
         let rsdp = &tables[0];
         assert_eq!(&rsdp.bytes[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp.bytes[..20]), 0);
@@ -204,7 +231,7 @@ mod tests {
 
     #[test]
     fn rsdp_xsdt_and_fadt_point_at_each_other() {
-        let tables = build(2);
+        let tables = build(2, &[]);
         let xsdt = by_sig(&tables, b"XSDT");
         assert_eq!(u64_at(&tables[0].bytes, 24), xsdt.addr);
         let entries: Vec<u64> = (36..xsdt.bytes.len())
@@ -229,7 +256,7 @@ mod tests {
     #[test]
     fn madt_lists_every_cpu_and_the_ioapic() {
         for cpus in [1u8, 4, 32] {
-            let tables = build(cpus);
+            let tables = build(cpus, &[]);
             let madt = &by_sig(&tables, b"APIC").bytes;
             let mut ids = Vec::new();
             let mut ioapics = 0;
@@ -253,7 +280,7 @@ mod tests {
 
     #[test]
     fn dsdt_announces_s5() {
-        let tables = build(1);
+        let tables = build(1, &[]);
         let dsdt = &by_sig(&tables, b"DSDT").bytes;
         let at = dsdt.windows(4).position(|w| w == b"_S5_").unwrap();
         // PackageOp, length, one element, BytePrefix, the sleep type.
@@ -264,9 +291,45 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_each_virtio_device() {
+        let slots: Vec<VirtioSlot> = (0..MAX_VIRTIO_DEVICES)
+            .map(|i| {
+                let (base, irq) = virtio_mmio_slot(i);
+                VirtioSlot {
+                    base,
+                    size: VIRTIO_MMIO_SIZE,
+                    irq,
+                }
+            })
+            .collect();
+        let tables = build(32, &slots);
+        let dsdt = &by_sig(&tables, b"DSDT").bytes;
+        assert_eq!(sum(dsdt), 0);
+        let hids = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(hids, slots.len());
+        assert_eq!(u32_at(dsdt, 4) as usize, dsdt.len());
+        for slot in &slots {
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, size.
+            let mut want = vec![0x86, 0x09, 0x00, 0x01];
+            want.extend_from_slice(&(slot.base as u32).to_le_bytes());
+            want.extend_from_slice(&(slot.size as u32).to_le_bytes());
+            let at = dsdt
+                .windows(want.len())
+                .position(|w| w == want.as_slice())
+                .unwrap();
+            // Followed by the extended interrupt descriptor with the device's IRQ.
+            let irq = &dsdt[at + want.len()..at + want.len() + 9];
+            assert_eq!(irq[0], 0x89);
+            assert_eq!(u32::from_le_bytes(irq[5..9].try_into().unwrap()), slot.irq);
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        write_tables(&mem, 32, &slots).unwrap();
+    }
+
+    #[test]
     fn tables_fit_in_the_acpi_area_for_32_cpus() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        write_tables(&mem, 32).unwrap();
+        write_tables(&mem, 32, &[]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(ACPI_START)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");

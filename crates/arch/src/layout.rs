@@ -36,6 +36,13 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The 32-bit hole for devices, IO APIC and LAPIC: RAM beyond 3 GiB moves above 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices: one 4 KiB window each from here, in the 32-bit gap.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Device i interrupts on IO APIC pin VIRTIO_IRQ_BASE + i.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Pins 5..=22 of the IO APIC's 24 serve virtio devices.
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 /// The in-kernel IO APIC and the local APICs.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
@@ -50,6 +57,14 @@ pub const ACPI_RESET_PORT: u16 = 0x3c2;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// SLP_TYP the DSDT's `\_S5_` package announces for soft-off.
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+
+/// Where virtio-mmio device `index` lives and which interrupt it raises.
+pub fn virtio_mmio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
 
 /// Guest memory regions (start, size) for `mem_size` bytes of RAM: one below the 32-bit gap
 /// and, past 3 GiB, the rest above 4 GiB.

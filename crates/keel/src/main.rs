@@ -49,6 +49,9 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
+    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID]. Repeatable.
+    #[arg(long = "disk", value_name = "path=PATH[,readonly=on][,serial=ID]")]
+    disks: Vec<vmm::config::DiskConfig>,
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -58,6 +61,7 @@ fn run(args: RunArgs) -> ExitCode {
         cmdline: args.cmdline,
         cpus: args.cpus,
         memory_mib: args.memory,
+        disks: args.disks,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };
     if vmm::host::is_pvm_host() {

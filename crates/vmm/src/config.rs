@@ -14,8 +14,67 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
     /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
     pub trace_startup: bool,
+}
+
+/// `--disk path=PATH[,readonly=on][,serial=ID]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+}
+
+/// Longest serial a virtio-blk device reports.
+pub const MAX_SERIAL_BYTES: usize = 20;
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("{key}={other}: expected on or off")),
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut path = None;
+        let mut read_only = false;
+        let mut serial = None;
+        for part in spec.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}': expected key=value (path=, readonly=, serial=)")
+            })?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err("path= is empty".into()),
+                "readonly" => read_only = on_off(key, value)?,
+                "serial" if value.len() <= MAX_SERIAL_BYTES && value.is_ascii() => {
+                    serial = Some(value.to_string())
+                }
+                "serial" => {
+                    return Err(format!(
+                        "serial={value}: at most {MAX_SERIAL_BYTES} ASCII characters"
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "unknown disk option '{other}' (known: path, readonly, serial)"
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or("path= is missing")?;
+        Ok(DiskConfig {
+            path,
+            read_only,
+            serial,
+        })
+    }
 }
 
 /// A request that cannot be met, said so that the user knows what to change.
@@ -35,6 +94,10 @@ pub enum Error {
     MemoryBeyondHost { asked: u64, host: u64 },
     #[error("kernel {path}: {reason}")]
     Kernel { path: PathBuf, reason: String },
+    #[error("--disk {path}: {reason}")]
+    Disk { path: PathBuf, reason: String },
+    #[error("{asked} virtio devices asked for; at most {max} fit")]
+    TooManyDevices { asked: usize, max: usize },
     #[error("initrd {path}: {reason}")]
     Initrd { path: PathBuf, reason: String },
 }
@@ -103,6 +166,18 @@ impl VmConfig {
                 reason,
             })?;
         }
+        for disk in &self.disks {
+            check_file(&disk.path).map_err(|reason| Error::Disk {
+                path: disk.path.clone(),
+                reason,
+            })?;
+        }
+        if self.disks.len() > arch::layout::MAX_VIRTIO_DEVICES {
+            return Err(Error::TooManyDevices {
+                asked: self.disks.len(),
+                max: arch::layout::MAX_VIRTIO_DEVICES,
+            });
+        }
         Ok(())
     }
 
@@ -122,6 +197,7 @@ mod tests {
             cmdline: String::new(),
             cpus: 1,
             memory_mib: 64,
+            disks: Vec::new(),
             trace_startup: false,
         }
     }
@@ -165,6 +241,41 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.to_string().contains("more than this host's RAM"), "{e}");
+    }
+
+    #[test]
+    fn disk_options_parse_and_bad_ones_say_why() {
+        let d: DiskConfig = "path=/tmp/a.img,readonly=on,serial=disk-0".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/tmp/a.img".into(),
+                read_only: true,
+                serial: Some("disk-0".into())
+            }
+        );
+        let d: DiskConfig = "path=/x".parse().unwrap();
+        assert!(!d.read_only && d.serial.is_none());
+        assert_eq!(
+            "readonly=on".parse::<DiskConfig>().unwrap_err(),
+            "path= is missing"
+        );
+        assert!("path=/x,cache=none"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown disk option 'cache'"));
+        assert!("path=/x,readonly=maybe"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("expected on or off"));
+        assert!("path=/x,serial=123456789012345678901"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("at most 20"));
+        assert!("/x"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("expected key=value"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod legacy_bus;
 mod loader;
 mod memory;
 mod vcpu;
+mod virtio_devices;
 mod vm;
 
 pub use config::VmConfig;
@@ -31,6 +32,8 @@ pub enum Error {
     Boot(#[from] arch::Error),
     #[error(transparent)]
     Console(#[from] console::Error),
+    #[error(transparent)]
+    Devices(#[from] virtio_devices::Error),
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::exit::{CrashReport, ExitSignal, VmExit};
 use crate::legacy_bus::LegacyBus;
+use crate::virtio_devices::VirtioDevices;
 
 /// KVM's `kvm_run.internal.suberror` for an instruction it could not emulate.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -28,6 +29,7 @@ pub struct VcpuShared {
     pub boot: BootEntry,
     pub trace_startup: bool,
     pub bus: Arc<LegacyBus>,
+    pub virtio: Arc<VirtioDevices>,
     pub exit: Arc<ExitSignal>,
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
     /// still being set up.
@@ -84,9 +86,15 @@ fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
                     return VmExit::Failed(format!("vCPU {id}: {e}"));
                 }
             }
-            // No MMIO devices yet: reads see all ones, writes go nowhere.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            // MMIO nobody owns reads as all ones; writes to it go nowhere.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.virtio.mmio_read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.virtio.mmio_write(addr, data);
+            }
             // With the in-kernel irqchip KVM handles HLT; should one reach us, run on.
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Shutdown) => return crash(id, vcpu, shared, "triple fault", None),

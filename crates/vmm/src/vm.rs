@@ -18,6 +18,7 @@ use crate::console::{EscapeParser, RawTerminal, StdoutWriter};
 use crate::exit::{ExitSignal, VmExit};
 use crate::legacy_bus::LegacyBus;
 use crate::vcpu::{run_vcpu, VcpuShared};
+use crate::virtio_devices::VirtioDevices;
 use crate::{host, loader, memory, Error, Result};
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -70,19 +71,25 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         )?),
         None => None,
     };
-    arch::boot::write_cmdline(&guest_memory, &config.cmdline)?;
+    let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, &config.disks)?);
+    // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
+    let mut cmdline = config.cmdline.clone();
+    if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {
+        cmdline = format!("{cmdline} {}", virtio.cmdline_entries());
+    }
+    arch::boot::write_cmdline(&guest_memory, &cmdline)?;
     match kernel.entry {
         BootEntry::Pvh { .. } => arch::boot::write_pvh_start_info(&guest_memory, mem_size, initrd)?,
         BootEntry::Linux64 { .. } => arch::boot::write_boot_params(
             &guest_memory,
             mem_size,
             kernel.setup_header,
-            config.cmdline.len(),
+            cmdline.len(),
             initrd,
         )?,
     }
     arch::regs::write_boot_tables(&guest_memory, kernel.entry)?;
-    arch::acpi::write_tables(&guest_memory, config.cpus as u8)?;
+    arch::acpi::write_tables(&guest_memory, config.cpus as u8, &virtio.acpi_slots())?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("reading the supported CPUID"))?;
@@ -121,6 +128,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         boot: kernel.entry,
         trace_startup: config.trace_startup,
         bus: bus.clone(),
+        virtio: virtio.clone(),
         exit: exit.clone(),
         ready: Barrier::new(config.cpus as usize),
     });
@@ -132,14 +140,18 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
             .map_err(io_err("starting a vCPU thread"))?;
     }
 
-    run_event_loop(&bus, &exit)?;
+    run_event_loop(&bus, &virtio, &exit)?;
     Ok(exit
         .take()
         .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
 }
 
 /// Serves console input until a reason to end the VM is reported.
-fn run_event_loop(bus: &Arc<LegacyBus>, exit: &Arc<ExitSignal>) -> Result<()> {
+fn run_event_loop(
+    bus: &Arc<LegacyBus>,
+    virtio: &VirtioDevices,
+    exit: &Arc<ExitSignal>,
+) -> Result<()> {
     let ended = Arc::new(AtomicBool::new(false));
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| Error::EventLoop {
@@ -155,6 +167,9 @@ fn run_event_loop(bus: &Arc<LegacyBus>, exit: &Arc<ExitSignal>) -> Result<()> {
         exit: exit.clone(),
         escape: EscapeParser::default(),
     }));
+    for handler in virtio.queue_handlers() {
+        events.add_subscriber(Box::new(handler));
+    }
     while !ended.load(Ordering::Acquire) {
         events.run().map_err(|e| Error::EventLoop {
             what: "waiting for events",

@@ -1,0 +1,176 @@
+//! The VM's virtio-mmio devices: each gets a 4 KiB window and an IO APIC pin, an irqfd for its
+//! interrupt and an ioeventfd per queue; guest MMIO accesses reach its transport from the
+//! vCPU threads, queue work runs on the event-loop thread.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arch::acpi::VirtioSlot;
+use arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::DiskConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
+    #[error("setting up virtio device {index}: {what} failed: {reason}")]
+    Setup {
+        index: usize,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+struct Slot {
+    base: u64,
+    irq: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+fn lock(t: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
+    // A transport left by a panicking thread is still a valid state machine.
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct VirtioDevices {
+    slots: Vec<Slot>,
+}
+
+impl VirtioDevices {
+    pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, disks: &[DiskConfig]) -> Result<Self, Error> {
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let raw = disk::RawDisk::open(&d.path, d.read_only)?;
+            let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
+            devices.push(Box::new(Block::new(raw, &serial)));
+        }
+        let mut slots = Vec::new();
+        for (index, device) in devices.into_iter().enumerate() {
+            let (base, irq) = virtio_mmio_slot(index);
+            let setup = |what: &'static str| {
+                move |e: &dyn std::fmt::Display| Error::Setup {
+                    index,
+                    what,
+                    reason: e.to_string(),
+                }
+            };
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| setup("creating its interrupt")(&e))?;
+            vm.register_irqfd(&irqfd, irq)
+                .map_err(|e| setup("wiring its interrupt")(&e))?;
+            let interrupt = Arc::new(Interrupt::new(irqfd));
+            let transport = MmioTransport::new(device, mem.clone(), interrupt)
+                .map_err(|e| setup("building its transport")(&e))?;
+            for (queue, evt) in transport.queue_events().iter().enumerate() {
+                let addr = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+                vm.register_ioevent(evt, &addr, queue as u32)
+                    .map_err(|e| setup("wiring its queue notification")(&e))?;
+            }
+            slots.push(Slot {
+                base,
+                irq,
+                transport: Arc::new(Mutex::new(transport)),
+            });
+        }
+        Ok(Self { slots })
+    }
+
+    /// The devices as the DSDT describes them.
+    pub fn acpi_slots(&self) -> Vec<VirtioSlot> {
+        self.slots
+            .iter()
+            .map(|s| VirtioSlot {
+                base: s.base,
+                size: VIRTIO_MMIO_SIZE,
+                irq: s.irq,
+            })
+            .collect()
+    }
+
+    /// `virtio_mmio.device=` entries, for kernels booted without ACPI.
+    pub fn cmdline_entries(&self) -> String {
+        self.slots
+            .iter()
+            .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn find(&self, addr: u64) -> Option<(&Slot, u64)> {
+        self.slots
+            .iter()
+            .find(|s| addr >= s.base && addr - s.base < VIRTIO_MMIO_SIZE)
+            .map(|s| (s, addr - s.base))
+    }
+
+    /// A guest MMIO read; false when no device owns the address.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((slot, offset)) => {
+                lock(&slot.transport).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((slot, offset)) => {
+                lock(&slot.transport).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One event-loop subscriber per device, serving its queues.
+    pub fn queue_handlers(&self) -> Vec<QueueHandler> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let events: Option<Vec<EventFd>> = lock(&s.transport)
+                    .queue_events()
+                    .iter()
+                    .map(|e| e.try_clone().ok())
+                    .collect();
+                Some(QueueHandler {
+                    transport: s.transport.clone(),
+                    events: events?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Serves a device's queues when their notifications fire.
+pub struct QueueHandler {
+    transport: Arc<Mutex<MmioTransport>>,
+    events: Vec<EventFd>,
+}
+
+impl MutEventSubscriber for QueueHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.events.iter().enumerate() {
+            // If this fails the device never hears from its driver: the guest sees a dead
+            // device, not a dead VMM. Nothing else can be done from here.
+            let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let index = events.data() as usize;
+        if let Some(evt) = self.events.get(index) {
+            let _ = evt.read();
+        }
+        lock(&self.transport).process_queue(index);
+    }
+}

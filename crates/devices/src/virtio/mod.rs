@@ -2,7 +2,10 @@
 
 pub mod block;
 pub mod device;
+pub mod driver;
 pub mod mmio;
+#[cfg(test)]
+mod tests;
 
 pub use device::{DeviceError, VirtioDevice};
 pub use mmio::{Interrupt, MmioTransport};

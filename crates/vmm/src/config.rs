@@ -15,6 +15,8 @@ pub struct VmConfig {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device.
+    pub rng: bool,
     /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
     pub trace_startup: bool,
 }
@@ -181,6 +183,10 @@ impl VmConfig {
         Ok(())
     }
 
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.rng)
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
@@ -198,6 +204,7 @@ mod tests {
             cpus: 1,
             memory_mib: 64,
             disks: Vec::new(),
+            rng: false,
             trace_startup: false,
         }
     }

@@ -8,6 +8,7 @@ use arch::acpi::VirtioSlot;
 use arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -15,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::DiskConfig;
+use crate::config::VmConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,12 +46,16 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, disks: &[DiskConfig]) -> Result<Self, Error> {
+    /// The devices `config` asks for, in a fixed order: disks, then the rng.
+    pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
+        for (i, d) in config.disks.iter().enumerate() {
             let raw = disk::RawDisk::open(&d.path, d.read_only)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
             devices.push(Box::new(Block::new(raw, &serial)));
+        }
+        if config.rng {
+            devices.push(Box::new(Rng));
         }
         let mut slots = Vec::new();
         for (index, device) in devices.into_iter().enumerate() {

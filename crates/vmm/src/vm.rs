@@ -71,7 +71,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         )?),
         None => None,
     };
-    let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, &config.disks)?);
+    let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, config)?);
     // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
     let mut cmdline = config.cmdline.clone();
     if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {

@@ -4,6 +4,7 @@ pub mod block;
 pub mod device;
 pub mod driver;
 pub mod mmio;
+pub mod rng;
 #[cfg(test)]
 mod tests;
 

@@ -25,18 +25,19 @@ pub enum Error {
 }
 
 /// A raw disk image.
+/// An iovec over `len` bytes at `ptr`.
+pub fn iov(ptr: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    }
+}
+
 #[derive(Debug)]
 pub struct RawDisk {
     file: File,
     size: u64,
     read_only: bool,
-}
-
-/// One guest buffer for vectored I/O. The caller guarantees it stays valid for the call.
-#[derive(Debug, Clone, Copy)]
-pub struct IoBuffer {
-    pub ptr: *mut u8,
-    pub len: usize,
 }
 
 impl RawDisk {
@@ -77,28 +78,19 @@ impl RawDisk {
         self.read_only
     }
 
-    fn iovecs(buffers: &[IoBuffer]) -> Vec<libc::iovec> {
-        buffers
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.ptr.cast(),
-                iov_len: b.len,
-            })
-            .collect()
-    }
-
-    /// Reads `buffers` in full from `offset`, or fails; a short read past the end is an error.
-    pub fn read_at(&self, buffers: &[IoBuffer], offset: u64) -> io::Result<()> {
+    /// Reads into `buffers` in full from `offset`, or fails; a short read past the end is an
+    /// error. The iovecs must point at live memory of their lengths for the call.
+    pub fn read_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
         self.vectored(buffers, offset, false)
     }
 
     /// Writes `buffers` in full at `offset`: when this returns Ok the data is in the file.
-    pub fn write_at(&self, buffers: &[IoBuffer], offset: u64) -> io::Result<()> {
+    pub fn write_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
         self.vectored(buffers, offset, true)
     }
 
-    fn vectored(&self, buffers: &[IoBuffer], offset: u64, write: bool) -> io::Result<()> {
-        let mut iov = Self::iovecs(buffers);
+    fn vectored(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
+        let mut iov = buffers.to_vec();
         let mut start = 0;
         let mut offset = offset;
         while start < iov.len() {
@@ -182,10 +174,7 @@ impl RawDisk {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64) as usize;
-            let buf = IoBuffer {
-                ptr: zeroes.as_ptr() as *mut u8,
-                len: n,
-            };
+            let buf = iov(zeroes.as_ptr() as *mut u8, n);
             self.write_at(&[buf], offset + done)?;
             done += n as u64;
         }
@@ -227,27 +216,11 @@ mod tests {
         let (path, disk) = image(8192);
         let mut a = vec![1u8; 512];
         let mut b = vec![2u8; 1024];
-        let bufs = [
-            IoBuffer {
-                ptr: a.as_mut_ptr(),
-                len: 512,
-            },
-            IoBuffer {
-                ptr: b.as_mut_ptr(),
-                len: 1024,
-            },
-        ];
+        let bufs = [iov(a.as_mut_ptr(), 512), iov(b.as_mut_ptr(), 1024)];
         disk.write_at(&bufs, 1024).unwrap();
         disk.flush().unwrap();
         let mut back = vec![0u8; 1536];
-        disk.read_at(
-            &[IoBuffer {
-                ptr: back.as_mut_ptr(),
-                len: 1536,
-            }],
-            1024,
-        )
-        .unwrap();
+        disk.read_at(&[iov(back.as_mut_ptr(), 1536)], 1024).unwrap();
         assert!(back[..512].iter().all(|&x| x == 1) && back[512..].iter().all(|&x| x == 2));
         let _ = std::fs::remove_file(path);
     }
@@ -257,13 +230,7 @@ mod tests {
         let (path, disk) = image(1024);
         let mut buf = vec![0u8; 1024];
         let err = disk
-            .read_at(
-                &[IoBuffer {
-                    ptr: buf.as_mut_ptr(),
-                    len: 1024,
-                }],
-                512,
-            )
+            .read_at(&[iov(buf.as_mut_ptr(), 1024)], 512)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let _ = std::fs::remove_file(path);

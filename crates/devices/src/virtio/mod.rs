@@ -1,6 +1,7 @@
 //! Virtio devices on the virtio-mmio transport.
 
 pub mod block;
+pub mod chain;
 pub mod device;
 pub mod driver;
 pub mod mmio;

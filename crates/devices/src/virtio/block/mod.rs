@@ -5,13 +5,12 @@ pub mod request;
 
 use std::sync::Arc;
 
-use disk::{IoBuffer, RawDisk};
+use disk::RawDisk;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
-use self::request::{
-    parse, Descriptor, Request, RequestKind, Segment, ID_BYTES, SECTOR_SHIFT, SEGMENT_BYTES,
-};
+use self::request::{parse, Request, RequestKind, ID_BYTES, SECTOR_SHIFT, SEGMENT_BYTES};
+use super::chain;
 use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -80,20 +79,6 @@ impl Block {
         self.disk.size() >> SECTOR_SHIFT
     }
 
-    /// Guest buffers as pointers for vectored I/O; None if any lies outside guest RAM.
-    fn buffers(mem: &GuestMemoryMmap, segments: &[Segment]) -> Option<Vec<IoBuffer>> {
-        segments
-            .iter()
-            .map(|s| {
-                let slice = mem.get_slice(s.addr, s.len as usize).ok()?;
-                Some(IoBuffer {
-                    ptr: slice.ptr_guard_mut().as_ptr(),
-                    len: s.len as usize,
-                })
-            })
-            .collect()
-    }
-
     /// Checks that `len` bytes from `sector` lie on the disk.
     fn in_range(&self, sector: u64, len: u64) -> bool {
         let sectors = len.div_ceil(1 << SECTOR_SHIFT);
@@ -114,7 +99,7 @@ impl Block {
                 if !self.in_range(req.sector, req.data_len) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                let Some(bufs) = Self::buffers(mem, &req.data) else {
+                let Some(bufs) = chain::iovecs(mem, &req.data) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 let result = if is_write {
@@ -243,13 +228,7 @@ impl VirtioDevice for Block {
                 }
             };
             let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain
-                .map(|d| Descriptor {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    device_writable: d.is_write_only(),
-                })
-                .collect();
+            let descs = chain::descriptors(chain);
             let (status, written, status_addr) = match parse(&descs, mem) {
                 Ok(req) => {
                     let (status, written) = self.execute(&req, mem);

@@ -8,6 +8,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::virtio::chain::total_len;
+pub use crate::virtio::chain::{Descriptor, Segment};
+
 pub const SECTOR_SIZE: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 /// Longest serial the GET_ID request returns.
@@ -22,21 +25,6 @@ pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
 pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
 pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-
-/// One guest buffer: where, how long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
-}
-
-/// A descriptor as the chain gave it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Descriptor {
-    pub addr: u64,
-    pub len: u32,
-    pub device_writable: bool,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestKind {
@@ -134,10 +122,6 @@ fn writable_and_status(descs: &[Descriptor]) -> Result<(Vec<Segment>, GuestAddre
     Ok((data, GuestAddress(status)))
 }
 
-fn total(segments: &[Segment]) -> u64 {
-    segments.iter().map(|s| u64::from(s.len)).sum()
-}
-
 /// Parses the descriptors of one chain, reading the header from guest memory.
 pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
     let (writable, status) = writable_and_status(descs)?;
@@ -195,7 +179,7 @@ pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Par
         }
         other => (RequestKind::Unsupported(other), Vec::new()),
     };
-    let data_len = total(&data);
+    let data_len = total_len(&data);
     if matches!(kind, RequestKind::Read | RequestKind::Write)
         && !data_len.is_multiple_of(SECTOR_SIZE)
     {

@@ -52,6 +52,9 @@ struct RunArgs {
     /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID]. Repeatable.
     #[arg(long = "disk", value_name = "path=PATH[,readonly=on][,serial=ID]")]
     disks: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<vmm::config::NetConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -65,6 +68,7 @@ fn run(args: RunArgs) -> ExitCode {
         cpus: args.cpus,
         memory_mib: args.memory,
         disks: args.disks,
+        nets: args.nets,
         rng: args.rng,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };

@@ -15,6 +15,7 @@ pub struct VmConfig {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
     /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
@@ -75,6 +76,58 @@ impl std::str::FromStr for DiskConfig {
             path,
             read_only,
             serial,
+        })
+    }
+}
+
+/// `--net tap=NAME[,mac=MAC]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+fn parse_mac(value: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("mac={value}: expected six hex bytes like 52:54:00:12:34:56");
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "mac={value} is a multicast address; the lowest bit of the first byte must be 0"
+        ));
+    }
+    Ok(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in spec.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}': expected key=value (tap=, mac=)"))?;
+            match key {
+                "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
+                "tap" => return Err(format!("tap={value}: a tap name is 1 to 15 bytes")),
+                "mac" => mac = Some(parse_mac(value)?),
+                other => return Err(format!("unknown net option '{other}' (known: tap, mac)")),
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("tap= is missing")?,
+            mac,
         })
     }
 }
@@ -184,7 +237,7 @@ impl VmConfig {
     }
 
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.rng)
+        self.disks.len() + self.nets.len() + usize::from(self.rng)
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -204,6 +257,7 @@ mod tests {
             cpus: 1,
             memory_mib: 64,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
             trace_startup: false,
         }
@@ -283,6 +337,34 @@ mod tests {
             .parse::<DiskConfig>()
             .unwrap_err()
             .contains("expected key=value"));
+    }
+
+    #[test]
+    fn net_options_parse_and_bad_ones_say_why() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(
+            n,
+            NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            }
+        );
+        assert_eq!(
+            "mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap_err(),
+            "tap= is missing"
+        );
+        assert!("tap=t,mac=52:54:00:12:34"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("six hex bytes"));
+        assert!("tap=t,mac=01:00:5e:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("multicast"));
+        assert!("tap=a-name-far-too-long"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("1 to 15 bytes"));
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! interrupt and an ioeventfd per queue; guest MMIO accesses reach its transport from the
 //! vCPU threads, queue work runs on the event-loop thread.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arch::acpi::VirtioSlot;
 use arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::{mac_for, Net, TAP_VNET_HDR_LEN};
 use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -22,6 +25,8 @@ use crate::config::VmConfig;
 pub enum Error {
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    #[error("--net: {0}")]
+    Tap(#[from] devices::virtio::net::tap::Error),
     #[error("setting up virtio device {index}: {what} failed: {reason}")]
     Setup {
         index: usize,
@@ -46,13 +51,20 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// The devices `config` asks for, in a fixed order: disks, then the rng.
+    /// The devices `config` asks for, in a fixed order: disks, NICs, then the rng.
     pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
             let raw = disk::RawDisk::open(&d.path, d.read_only)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
             devices.push(Box::new(Block::new(raw, &serial)));
+        }
+        for n in &config.nets {
+            let tap = Tap::open(&n.tap, TAP_VNET_HDR_LEN)?;
+            devices.push(Box::new(Net::new(
+                tap,
+                n.mac.unwrap_or_else(|| mac_for(&n.tap)),
+            )));
         }
         if config.rng {
             devices.push(Box::new(Rng));
@@ -147,9 +159,11 @@ impl VirtioDevices {
                     .iter()
                     .map(|e| e.try_clone().ok())
                     .collect();
+                let sources = lock(&s.transport).event_sources();
                 Some(QueueHandler {
                     transport: s.transport.clone(),
                     events: events?,
+                    sources,
                 })
             })
             .collect()
@@ -160,7 +174,12 @@ impl VirtioDevices {
 pub struct QueueHandler {
     transport: Arc<Mutex<MmioTransport>>,
     events: Vec<EventFd>,
+    /// The device's own file descriptors (tap, sockets) and their tokens.
+    sources: Vec<(RawFd, u32)>,
 }
+
+/// Event data of a device's own sources: above every queue index.
+const SOURCE_TOKEN_BASE: u32 = 1 << 16;
 
 impl MutEventSubscriber for QueueHandler {
     fn init(&mut self, ops: &mut EventOps) {
@@ -169,9 +188,22 @@ impl MutEventSubscriber for QueueHandler {
             // device, not a dead VMM. Nothing else can be done from here.
             let _ = ops.add(Events::with_data(evt, i as u32, EventSet::IN));
         }
+        for (fd, token) in &self.sources {
+            // Edge-triggered: a device that cannot take more now (no guest buffers) must not
+            // make the loop spin; it catches up when the guest gives it room.
+            let _ = ops.add(Events::with_data_raw(
+                *fd,
+                SOURCE_TOKEN_BASE + token,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ));
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() >= SOURCE_TOKEN_BASE {
+            lock(&self.transport).process_event(events.data() - SOURCE_TOKEN_BASE);
+            return;
+        }
         let index = events.data() as usize;
         if let Some(evt) = self.events.get(index) {
             let _ = evt.read();

@@ -1,6 +1,8 @@
 //! What every virtio device implements; the transport owns the queues and the status
 //! state machine, the device owns what it does with requests.
 
+use std::os::fd::RawFd;
+
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -44,6 +46,22 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Back to the state before activation (the driver wrote 0 to status).
     fn reset(&mut self);
+
+    /// File descriptors to watch besides the queue notifications (a tap, a socket), each
+    /// with a token; the event loop watches them edge-triggered.
+    fn event_sources(&self) -> Vec<(RawFd, u32)> {
+        Vec::new()
+    }
+
+    /// Event source `token` fired. Returns a bit mask of the queues that got used entries.
+    fn process_event(
+        &mut self,
+        _token: u32,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError> {
+        Ok(0)
+    }
 }
 
 /// Copies `len` bytes of a little-endian config structure at `offset` into `data`; what lies

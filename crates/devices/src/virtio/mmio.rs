@@ -335,6 +335,31 @@ impl MmioTransport {
         self.driver_features = 0;
     }
 
+    /// The device's own event sources (see [`VirtioDevice::event_sources`]).
+    pub fn event_sources(&self) -> Vec<(std::os::fd::RawFd, u32)> {
+        self.device.event_sources()
+    }
+
+    /// Serves event source `token` of the device (on the device event loop).
+    pub fn process_event(&mut self, token: u32) {
+        if !self.activated() {
+            return;
+        }
+        match self
+            .device
+            .process_event(token, &mut self.queues, &self.mem)
+        {
+            Ok(used) => {
+                for (i, queue) in self.queues.iter_mut().enumerate() {
+                    if used & (1 << i) != 0 && queue.needs_notification(&self.mem).unwrap_or(true) {
+                        self.interrupt.raise(INTERRUPT_USED_BUFFER);
+                    }
+                }
+            }
+            Err(_) => self.needs_reset(),
+        }
+    }
+
     /// Serves queue `index` after its notification fired (on the device event loop).
     pub fn process_queue(&mut self, index: usize) {
         if !self.activated() {

@@ -5,6 +5,7 @@ pub mod chain;
 pub mod device;
 pub mod driver;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,267 @@
+//! virtio-net on a tap device: one receive and one transmit queue, the virtio-net header
+//! passed through to the tap (IFF_VNET_HDR) so checksum and segmentation offloads work where
+//! the tap supports them. Frames move between guest buffers and the tap without a copy.
+
+pub mod frame;
+pub mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use self::frame::VNET_HDR_LEN;
+use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use super::chain;
+use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const LINK_UP: u16 = 1;
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+/// Event token of the tap.
+const TAP_READABLE: u32 = 0;
+
+/// Frames the device had to drop, by reason (for the operator; the guest sees lost frames).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+}
+
+pub struct Net {
+    tap: Tap,
+    features: u64,
+    config: Vec<u8>,
+    acked: u64,
+    /// The tap may hold frames that found no receive buffer; deliver when buffers arrive.
+    rx_pending: bool,
+    pub counters: NetCounters,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        let mut features =
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+        // Offer offloads only if this tap accepts them; until the guest acks, none are on.
+        if tap
+            .set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            .is_ok()
+        {
+            features |= VIRTIO_NET_F_CSUM
+                | VIRTIO_NET_F_GUEST_CSUM
+                | VIRTIO_NET_F_GUEST_TSO4
+                | VIRTIO_NET_F_GUEST_TSO6
+                | VIRTIO_NET_F_HOST_TSO4
+                | VIRTIO_NET_F_HOST_TSO6;
+        }
+        let _ = tap.set_offload(0);
+        let mut config = vec![0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        Self {
+            tap,
+            features,
+            config,
+            acked: 0,
+            rx_pending: true,
+            counters: NetCounters::default(),
+        }
+    }
+
+    fn tap_offloads(acked: u64) -> u32 {
+        let mut flags = 0;
+        if acked & VIRTIO_NET_F_GUEST_CSUM != 0 {
+            flags |= TUN_F_CSUM;
+            if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+                flags |= TUN_F_TSO4;
+            }
+            if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+                flags |= TUN_F_TSO6;
+            }
+        }
+        flags
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
+            queue: RX_QUEUE,
+            reason: e.to_string(),
+        };
+        let mut used_any = false;
+        loop {
+            let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() else {
+                // No buffer: the frame waits in the tap until the guest adds one.
+                self.rx_pending = true;
+                if queue.enable_notification(mem).map_err(queue_err)? {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let descs = chain::descriptors(chain);
+            let iov = frame::receive(&descs)
+                .ok()
+                .and_then(|segs| chain::iovecs(mem, &segs));
+            let Some(iov) = iov else {
+                // A bad buffer is returned empty; the frame stays for the next one.
+                queue.add_used(mem, head, 0).map_err(queue_err)?;
+                used_any = true;
+                continue;
+            };
+            match self.tap.read_frame(&iov) {
+                Ok(Some(len)) => {
+                    queue.add_used(mem, head, len as u32).map_err(queue_err)?;
+                    self.counters.rx_frames += 1;
+                    used_any = true;
+                }
+                Ok(None) => {
+                    queue.go_to_previous_position();
+                    self.rx_pending = false;
+                    break;
+                }
+                Err(_) => {
+                    queue.go_to_previous_position();
+                    self.counters.rx_dropped += 1;
+                    break;
+                }
+            }
+        }
+        Ok(used_any)
+    }
+
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
+            queue: TX_QUEUE,
+            reason: e.to_string(),
+        };
+        let mut used_any = false;
+        loop {
+            let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() else {
+                if queue.enable_notification(mem).map_err(queue_err)? {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let descs = chain::descriptors(chain);
+            let sent = frame::transmit(&descs)
+                .ok()
+                .and_then(|segs| chain::iovecs(mem, &segs))
+                .is_some_and(|iov| self.tap.write_frame(&iov).is_ok());
+            if sent {
+                self.counters.tx_frames += 1;
+            } else {
+                self.counters.tx_dropped += 1;
+            }
+            queue.add_used(mem, head, 0).map_err(queue_err)?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError> {
+        self.acked = acked_features;
+        self.tap
+            .set_offload(Self::tap_offloads(acked_features))
+            .map_err(|e| {
+                DeviceError::Activate(format!("tap {}: setting offloads: {e}", self.tap.name()))
+            })?;
+        // Frames may have queued before the driver was ready.
+        self.rx_pending = true;
+        Ok(())
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        match index {
+            RX_QUEUE if self.rx_pending => self.receive(queue, mem),
+            RX_QUEUE => Ok(false),
+            TX_QUEUE => self.transmit(queue, mem),
+            _ => Ok(false),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.acked = 0;
+        let _ = self.tap.set_offload(0);
+        self.rx_pending = true;
+    }
+
+    fn event_sources(&self) -> Vec<(RawFd, u32)> {
+        vec![(self.tap.as_raw_fd(), TAP_READABLE)]
+    }
+
+    fn process_event(
+        &mut self,
+        token: u32,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError> {
+        if token != TAP_READABLE {
+            return Ok(0);
+        }
+        self.rx_pending = true;
+        let Some(rx) = queues.get_mut(RX_QUEUE) else {
+            return Ok(0);
+        };
+        if !rx.ready() {
+            return Ok(0);
+        }
+        Ok(if self.receive(rx, mem)? {
+            1 << RX_QUEUE
+        } else {
+            0
+        })
+    }
+}
+
+/// A stable MAC for a tap name: locally administered, unicast.
+pub fn mac_for(name: &str) -> [u8; 6] {
+    // FNV-1a over the name: the same tap gets the same MAC across restarts.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = hash.to_le_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+/// Header length of every frame on the tap.
+pub const TAP_VNET_HDR_LEN: usize = VNET_HDR_LEN;

@@ -4,6 +4,7 @@
 //! for through triggers.
 
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 use std::sync::Arc;

@@ -8,6 +8,11 @@ scripts/install-deps.sh
 echo "keel: building (cargo build --release)"
 cargo build --release -p keel
 make -s -C guest/probe OUT="$PWD/target/probe"
-echo "keel: booting the probe guest with 2 vCPUs: it reports what it was given, then idles."
-echo "keel: Ctrl-A x quits. Try also: --cmdline probe.poweroff"
-exec target/release/keel run --kernel target/probe/probe.elf --cpus 2 --memory 256 "$@"
+# Two vCPUs unless the arguments say otherwise.
+defaults=(--cpus 2)
+for arg in "$@"; do
+  case "$arg" in --cpus|--cpus=*) defaults=() ;; esac
+done
+echo "keel: booting the probe guest: it reports what it was given, then idles (Ctrl-A x quits)."
+echo "keel: try also: scripts/quickstart.sh --cpus 4 --cmdline probe.poweroff"
+exec target/release/keel run --kernel target/probe/probe.elf "${defaults[@]}" "$@"

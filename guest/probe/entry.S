@@ -179,12 +179,13 @@ gdt_desc:	/* 64-bit base; lgdt in 32-bit mode reads the low half */
 ap_slots:
 	.long 0
 
-/* Identity map of 0-4 GiB with 2 MiB pages. The top 32 MiB (IOAPIC, LAPIC,
- * MMIO devices, firmware) is uncached (PCD|PWT). */
+/* Identity map of 0-4 GiB with 2 MiB pages. 3-4 GiB, the usual 32-bit
+ * MMIO hole (virtio-mmio devices, IOAPIC, LAPIC, firmware), is uncached
+ * (PCD|PWT); the probe uses no RAM there. */
 #define PTE_RW      0x003
 #define PDE_2M      0x083
 #define PDE_UC      0x018
-#define UC_START    0xfe000000
+#define UC_START    0xc0000000
 	.section .data.pagetables, "aw"
 	.p2align 12
 pml4:

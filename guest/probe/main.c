@@ -73,7 +73,7 @@ bool e820_is_ram(u64 addr, u64 size)
 }
 
 /* True if the space-separated command line holds the word. */
-static bool has_word(const char *word)
+bool has_word(const char *word)
 {
 	for (const char *p = cmdline; *p;) {
 		const char *w = word;
@@ -88,6 +88,61 @@ static bool has_word(const char *word)
 			p++;
 	}
 	return false;
+}
+
+const char *cmdline_arg(const char *prefix, const char *from)
+{
+	const char *p = from ? from : cmdline;
+
+	/* A value handed back is inside its word: skip the rest of it. */
+	if (from)
+		while (*p && *p != ' ')
+			p++;
+	while (*p) {
+		const char *w = prefix;
+
+		while (*p == ' ')
+			p++;
+		while (*w && *p == *w)
+			p++, w++;
+		if (!*w)
+			return p;
+		while (*p && *p != ' ')
+			p++;
+	}
+	return 0;
+}
+
+bool parse_num(const char **p, u64 *v, bool suffix)
+{
+	const char *s = *p;
+	u32 base = 10, digits = 0;
+	u64 n = 0;
+
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		s += 2;
+	}
+	for (;; s++, digits++) {
+		u32 c = *s, d;
+
+		if (c >= '0' && c <= '9')
+			d = c - '0';
+		else if (base == 16 && (c | 0x20) >= 'a' && (c | 0x20) <= 'f')
+			d = (c | 0x20) - 'a' + 10;
+		else
+			break;
+		n = n * base + d;
+	}
+	if (suffix && (*s == 'K' || *s == 'k'))
+		n <<= 10, s++;
+	else if (suffix && (*s == 'M' || *s == 'm'))
+		n <<= 20, s++;
+	else if (suffix && (*s == 'G' || *s == 'g'))
+		n <<= 30, s++;
+	*p = s;
+	*v = n;
+	return digits != 0;
 }
 
 static void __attribute__((noreturn)) idle(void)
@@ -126,7 +181,10 @@ void probe_main(u32 kind, u64 info)
 	poweroff = has_word("probe.poweroff");
 	if (poweroff)
 		s5_ok = acpi_find_s5(&s5);
+	virtio_find();
 	smp_start();
+	virtio_report();
+	blk_run();
 	pr("PROBE ready\n");
 
 	if (poweroff) {

@@ -79,6 +79,56 @@ void acpi_sleep(const struct sleep_reg *r);
 /* smp.c */
 void smp_start(void);
 
+/* main.c: the copied command line. cmdline_arg returns the value of the
+ * first word at or after `from` (0: the start) that begins with `prefix`,
+ * or 0; pass the value back as `from` to find the next such word. */
+bool has_word(const char *word);
+const char *cmdline_arg(const char *prefix, const char *from);
+/* Number at *p: 0x... hex or decimal, with an optional K/M/G suffix if
+ * `suffix`; advances *p; false if there are no digits. */
+bool parse_num(const char **p, u64 *v, bool suffix);
+
+/* virtio.c: virtio-mmio transports (version 2) and split virtqueues. */
+#define VIRTIO_MAX   16
+#define VIRTIO_ID_BLOCK 2
+struct virtio_dev {
+	u64 base;
+	u32 irq, id;
+	const char *bad;		/* set while found: no usable _CRS */
+	bool ok;			/* magic, version 2 and a device id */
+};
+extern struct virtio_dev virtio_devs[VIRTIO_MAX];
+extern u32 virtio_found;
+void virtio_find(void);			/* before the APs' page is written */
+void virtio_report(void);
+
+/* Split virtqueue, virtio 1.2 section 2.7. */
+struct vq_desc { u64 addr; u32 len; u16 flags, next; };
+#define VQ_DESC_NEXT  1
+#define VQ_DESC_WRITE 2			/* device writes this buffer */
+struct vq_avail { u16 flags, idx, ring[]; };
+struct vq_used { u16 flags, idx; struct { u32 id, len; } ring[]; };
+#define VQ_MAX_SIZE 16
+#define VQ_MEM_SIZE 0x400		/* desc at 0, avail at 0x100, used at 0x200 */
+struct vq {
+	u64 base;			/* transport */
+	u32 index;
+	u16 size, next_avail, next_used;
+	volatile struct vq_desc *desc;
+	volatile struct vq_avail *avail;
+	volatile struct vq_used *used;
+};
+bool virtio_negotiate(u64 base, u64 wanted, u64 *accepted);
+bool vq_setup(struct vq *q, u64 base, u32 index, u8 *mem);
+void virtio_driver_ok(u64 base);
+void virtio_failed(u64 base);
+u32 virtio_config32(u64 base, u32 off);
+u64 virtio_config64(u64 base, u32 off);
+bool vq_run(struct vq *q);		/* chain at descriptor 0; false: timeout */
+
+/* blk.c */
+void blk_run(void);
+
 /* entry.S */
 void crash_triplefault(void) __attribute__((noreturn));
 void crash_badinsn(void) __attribute__((noreturn));

@@ -45,4 +45,49 @@ o=$(qemu -smp 2 -m 512 -kernel "$out/shim.elf" $load -append "shim.scan probe.po
 expect "linux64, RSDP by scan" "$o" $? 0 "PROBE acpi_ok yes" "PROBE cpus_up 2"
 o=$(qemu -smp 2 -m 512 -kernel "$out/shim.elf" $load -append "shim.linux32 probe.poweroff")
 expect linux32 "$o" $? 0 "PROBE boot linux32" "PROBE cpus_up 2" "PROBE poweroff"
+
+# virtio-blk (QEMU 7.2's virtio-mmio is legacy unless told otherwise).
+img=$(mktemp -d)
+trap 'rm -rf "$img"' EXIT
+blk() {	# blk IMAGE DRIVE_OPTIONS DEVICE_OPTIONS CMDLINE [QEMU ARGS...]
+	local file=$1 dopt=$2 devopt=$3 cmd=$4; shift 4
+	qemu -smp 1 -m 256 -global virtio-mmio.force-legacy=false "$@" \
+		-kernel "$out/probe.elf" -append "$cmd" \
+		-drive id=d0,file=$file,format=raw,if=none$dopt \
+		-device virtio-blk-device,drive=d0$devopt
+}
+check() {	# check NAME IMAGE N [FIRST]: the records on the host side
+	local name=$1; shift
+	python3 "$(dirname "$0")/check-records.py" "$@" >/dev/null ||
+		{ echo "FAIL $name: $(python3 "$(dirname "$0")/check-records.py" "$@")"; fail=1; return; }
+	echo "ok   $name (image)"
+}
+truncate -s 1M "$img/a.img"
+o=$(blk "$img/a.img" ,cache=none,discard=unmap ,serial=probe-disk-0 \
+	"probe.blk_records=20 probe.poweroff")
+expect "blk records=20" "$o" $? 0 "PROBE virtio 0 0xfeb02e00 irq 47 id 2" \
+	"PROBE virtio_devices 1" "PROBE blk0 capacity 2048 features 0x100006200" \
+	"PROBE blk0 serial probe-disk-0" "PROBE acked 19" "PROBE blk_verify ok 20" \
+	"PROBE blk_discard ok" "PROBE blk_write_zeroes ok" "PROBE blk_done" \
+	"PROBE ready" "PROBE poweroff"
+check "blk records=20, records 9-19" "$img/a.img" 20 9
+truncate -s 1M "$img/b.img"
+o=$(blk "$img/b.img" ,cache=none "" "probe.blk_records=100 probe.blk_nodiscard probe.poweroff")
+expect "blk records=100 nodiscard" "$o" $? 0 "PROBE blk0 serial" "PROBE acked 99" \
+	"PROBE blk_verify ok 100" "PROBE blk_done" "PROBE poweroff"
+grep -q "blk_discard\|blk_write_zeroes" <<<"$o" && { echo "FAIL nodiscard: discarded"; fail=1; }
+check "blk records=100 nodiscard" "$img/b.img" 100
+o=$(blk "$img/b.img" ,readonly=on "" "probe.blk_readonly_check probe.poweroff")
+expect "blk read-only" "$o" $? 0 "PROBE blk_write_status 1" "PROBE blk_done" "PROBE poweroff"
+check "blk read-only, image unchanged" "$img/b.img" 100
+# Without ACPI, QEMU announces the transport on the command line (and
+# there is no S5: stop by triple fault).
+o=$(blk "$img/b.img" "" ,discard=off,write-zeroes=off "probe.blk_records=3 probe.triplefault" \
+	-M microvm,acpi=off)
+expect "blk from the command line" "$o" $? 0 "PROBE virtio 0 0xfeb00e00 irq 12 id 2" \
+	"PROBE blk0 capacity 2048 features 0x100000200" "PROBE blk_verify ok 3" "PROBE blk_done"
+o=$(qemu -smp 1 -m 256 -kernel "$out/probe.elf" -append probe.poweroff \
+	-drive id=d0,file="$img/b.img",format=raw,if=none -device virtio-blk-device,drive=d0)
+expect "legacy virtio-mmio refused" "$o" $? 0 "PROBE virtio 0 0xfeb02e00 bad version 1" \
+	"PROBE virtio_devices 0" "PROBE ready"
 exit $fail

@@ -49,11 +49,17 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
-    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID]. Repeatable.
-    #[arg(long = "disk", value_name = "path=PATH[,readonly=on][,serial=ID]")]
+    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID] with optional
+    /// limits bw=BYTES/s, bw_burst=, iops=OPS/s, iops_burst= (K/M/G decimal, Ki/Mi/Gi binary).
+    /// Repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]"
+    )]
     disks: Vec<vmm::config::DiskConfig>,
-    /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC]. Repeatable.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC] with optional limits bw=, iops=
+    /// (as for --disk). Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=..][,iops=..]")]
     nets: Vec<vmm::config::NetConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]

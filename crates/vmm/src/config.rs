@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use devices::rate_limiter::RateLimitConfig;
+
 /// Most vCPUs a Keel VM has (the MADT lists xAPIC ids, which stay below 255 anyway).
 pub const MAX_VCPUS: u32 = 32;
 /// Least guest memory: room for boot data below 1 MiB and a small kernel above it.
@@ -22,12 +24,13 @@ pub struct VmConfig {
     pub trace_startup: bool,
 }
 
-/// `--disk path=PATH[,readonly=on][,serial=ID]`
+/// `--disk path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Longest serial a virtio-blk device reports.
@@ -48,10 +51,17 @@ impl std::str::FromStr for DiskConfig {
         let mut path = None;
         let mut read_only = false;
         let mut serial = None;
+        let mut rate_limit = RateLimitConfig::default();
         for part in spec.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| {
-                format!("'{part}': expected key=value (path=, readonly=, serial=)")
+                format!("'{part}': expected key=value (path=, readonly=, serial=, bw=, iops=)")
             })?;
+            if rate_limit
+                .parse_option(key, value)
+                .map_err(|e| e.to_string())?
+            {
+                continue;
+            }
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "path" => return Err("path= is empty".into()),
@@ -66,25 +76,29 @@ impl std::str::FromStr for DiskConfig {
                 }
                 other => {
                     return Err(format!(
-                        "unknown disk option '{other}' (known: path, readonly, serial)"
+                        "unknown disk option '{other}' (known: path, readonly, serial, {})",
+                        RateLimitConfig::KEYS.join(", ")
                     ))
                 }
             }
         }
         let path = path.ok_or("path= is missing")?;
+        rate_limit.validate().map_err(|e| e.to_string())?;
         Ok(DiskConfig {
             path,
             read_only,
             serial,
+            rate_limit,
         })
     }
 }
 
-/// `--net tap=NAME[,mac=MAC]`
+/// `--net tap=NAME[,mac=MAC][,bw=..][,iops=..]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    pub rate_limit: RateLimitConfig,
 }
 
 fn parse_mac(value: &str) -> Result<[u8; 6], String> {
@@ -114,20 +128,34 @@ impl std::str::FromStr for NetConfig {
     fn from_str(spec: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
+        let mut rate_limit = RateLimitConfig::default();
         for part in spec.split(',') {
             let (key, value) = part
                 .split_once('=')
-                .ok_or_else(|| format!("'{part}': expected key=value (tap=, mac=)"))?;
+                .ok_or_else(|| format!("'{part}': expected key=value (tap=, mac=, bw=, iops=)"))?;
+            if rate_limit
+                .parse_option(key, value)
+                .map_err(|e| e.to_string())?
+            {
+                continue;
+            }
             match key {
                 "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
                 "tap" => return Err(format!("tap={value}: a tap name is 1 to 15 bytes")),
                 "mac" => mac = Some(parse_mac(value)?),
-                other => return Err(format!("unknown net option '{other}' (known: tap, mac)")),
+                other => {
+                    return Err(format!(
+                        "unknown net option '{other}' (known: tap, mac, {})",
+                        RateLimitConfig::KEYS.join(", ")
+                    ))
+                }
             }
         }
+        rate_limit.validate().map_err(|e| e.to_string())?;
         Ok(NetConfig {
             tap: tap.ok_or("tap= is missing")?,
             mac,
+            rate_limit,
         })
     }
 }
@@ -312,9 +340,14 @@ mod tests {
             DiskConfig {
                 path: "/tmp/a.img".into(),
                 read_only: true,
-                serial: Some("disk-0".into())
+                serial: Some("disk-0".into()),
+                rate_limit: RateLimitConfig::default(),
             }
         );
+        let limited: DiskConfig = "path=/x,bw=50M,iops=1000".parse().unwrap();
+        assert!(!limited.rate_limit.is_unlimited());
+        let e = "path=/x,bw=abc".parse::<DiskConfig>().unwrap_err();
+        assert!(e.contains("bw=abc"), "{e}");
         let d: DiskConfig = "path=/x".parse().unwrap();
         assert!(!d.read_only && d.serial.is_none());
         assert_eq!(
@@ -346,9 +379,12 @@ mod tests {
             n,
             NetConfig {
                 tap: "tap0".into(),
-                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                rate_limit: RateLimitConfig::default(),
             }
         );
+        let limited: NetConfig = "tap=t,bw=1Gi,iops_burst=10,iops=100".parse().unwrap();
+        assert!(!limited.rate_limit.is_unlimited());
         assert_eq!(
             "mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap_err(),
             "tap= is missing"

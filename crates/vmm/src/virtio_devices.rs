@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arch::acpi::VirtioSlot;
 use arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
+use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::net::tap::Tap;
@@ -25,6 +26,8 @@ use crate::config::VmConfig;
 pub enum Error {
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    #[error("rate limiter: {0}")]
+    RateLimiter(String),
     #[error("--net: {0}")]
     Tap(#[from] devices::virtio::net::tap::Error),
     #[error("setting up virtio device {index}: {what} failed: {reason}")]
@@ -46,6 +49,10 @@ fn lock(t: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn limiter(config: &RateLimitConfig) -> Result<RateLimiter, Error> {
+    RateLimiter::new(config).map_err(|e| Error::RateLimiter(e.to_string()))
+}
+
 pub struct VirtioDevices {
     slots: Vec<Slot>,
 }
@@ -57,13 +64,14 @@ impl VirtioDevices {
         for (i, d) in config.disks.iter().enumerate() {
             let raw = disk::RawDisk::open(&d.path, d.read_only)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
-            devices.push(Box::new(Block::new(raw, &serial)));
+            devices.push(Box::new(Block::new(raw, &serial, limiter(&d.rate_limit)?)));
         }
         for n in &config.nets {
             let tap = Tap::open(&n.tap, TAP_VNET_HDR_LEN)?;
             devices.push(Box::new(Net::new(
                 tap,
                 n.mac.unwrap_or_else(|| mac_for(&n.tap)),
+                limiter(&n.rate_limit)?,
             )));
         }
         if config.rng {

@@ -5,6 +5,8 @@ pub mod request;
 
 use std::sync::Arc;
 
+use std::os::fd::{AsRawFd, RawFd};
+
 use disk::RawDisk;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -12,6 +14,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use self::request::{parse, Request, RequestKind, ID_BYTES, SECTOR_SHIFT, SEGMENT_BYTES};
 use super::chain;
 use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::RateLimiter;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -32,8 +35,12 @@ const MAX_DISCARD_SEGMENTS: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> SECTOR_SHIFT;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
+/// Event token of the rate limiter's timer.
+const RATE_LIMIT_TIMER: u32 = 0;
+
 pub struct Block {
     disk: Arc<RawDisk>,
+    limiter: RateLimiter,
     serial: [u8; ID_BYTES],
     features: u64,
     config: Vec<u8>,
@@ -53,7 +60,7 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
 }
 
 impl Block {
-    pub fn new(disk: RawDisk, serial: &str) -> Self {
+    pub fn new(disk: RawDisk, serial: &str, limiter: RateLimiter) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -69,6 +76,7 @@ impl Block {
         let config = build_config(disk.size() >> SECTOR_SHIFT);
         Self {
             disk: Arc::new(disk),
+            limiter,
             serial: id,
             features,
             config,
@@ -230,6 +238,11 @@ impl VirtioDevice for Block {
             let head = chain.head_index();
             let descs = chain::descriptors(chain);
             let (status, written, status_addr) = match parse(&descs, mem) {
+                Ok(req) if !self.limiter.consume(req.data_len, 1) => {
+                    // Over the limit: the request waits in the ring until the timer fires.
+                    queue.go_to_previous_position();
+                    break;
+                }
                 Ok(req) => {
                     let (status, written) = self.execute(&req, mem);
                     (status, written, Some(req.status))
@@ -261,4 +274,27 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {}
+
+    fn event_sources(&self) -> Vec<(RawFd, u32)> {
+        if self.limiter.is_unlimited() {
+            Vec::new()
+        } else {
+            vec![(self.limiter.as_raw_fd(), RATE_LIMIT_TIMER)]
+        }
+    }
+
+    fn process_event(
+        &mut self,
+        token: u32,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError> {
+        if token != RATE_LIMIT_TIMER || self.limiter.event_handler().is_err() {
+            return Ok(0);
+        }
+        let Some(queue) = queues.get_mut(0) else {
+            return Ok(0);
+        };
+        Ok(u64::from(self.process_queue(0, queue, mem)?))
+    }
 }

@@ -16,6 +16,7 @@ use self::frame::VNET_HDR_LEN;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::chain;
 use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::RateLimiter;
 
 const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
@@ -31,8 +32,9 @@ const LINK_UP: u16 = 1;
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
-/// Event token of the tap.
+/// Event tokens: the tap, the rate limiter's timer.
 const TAP_READABLE: u32 = 0;
+const RATE_LIMIT_TIMER: u32 = 1;
 
 /// Frames the device had to drop, by reason (for the operator; the guest sees lost frames).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,9 @@ pub struct NetCounters {
 
 pub struct Net {
     tap: Tap,
+    /// Limits transmitted frames before they go and received frames after they arrive (their
+    /// size is known only then), blocking further receives while in debt.
+    limiter: RateLimiter,
     features: u64,
     config: Vec<u8>,
     acked: u64,
@@ -54,7 +59,7 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+    pub fn new(tap: Tap, mac: [u8; 6], limiter: RateLimiter) -> Self {
         let mut features =
             VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
         // Offer offloads only if this tap accepts them; until the guest acks, none are on.
@@ -75,6 +80,7 @@ impl Net {
         config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         Self {
             tap,
+            limiter,
             features,
             config,
             acked: 0,
@@ -105,6 +111,11 @@ impl Net {
         };
         let mut used_any = false;
         loop {
+            if self.limiter.is_blocked() {
+                // Over the limit: frames wait in the tap until the timer fires.
+                self.rx_pending = true;
+                break;
+            }
             let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() else {
                 // No buffer: the frame waits in the tap until the guest adds one.
                 self.rx_pending = true;
@@ -126,6 +137,7 @@ impl Net {
             };
             match self.tap.read_frame(&iov) {
                 Ok(Some(len)) => {
+                    self.limiter.charge(len as u64, 1);
                     queue.add_used(mem, head, len as u32).map_err(queue_err)?;
                     self.counters.rx_frames += 1;
                     used_any = true;
@@ -160,7 +172,14 @@ impl Net {
             };
             let head = chain.head_index();
             let descs = chain::descriptors(chain);
-            let sent = frame::transmit(&descs)
+            let segments = frame::transmit(&descs);
+            let len = segments.as_ref().map_or(0, |segs| chain::total_len(segs));
+            if !self.limiter.consume(len, 1) {
+                // Over the limit: the frame waits in the ring until the timer fires.
+                queue.go_to_previous_position();
+                break;
+            }
+            let sent = segments
                 .ok()
                 .and_then(|segs| chain::iovecs(mem, &segs))
                 .is_some_and(|iov| self.tap.write_frame(&iov).is_ok());
@@ -226,7 +245,11 @@ impl VirtioDevice for Net {
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {
-        vec![(self.tap.as_raw_fd(), TAP_READABLE)]
+        let mut sources = vec![(self.tap.as_raw_fd(), TAP_READABLE)];
+        if !self.limiter.is_unlimited() {
+            sources.push((self.limiter.as_raw_fd(), RATE_LIMIT_TIMER));
+        }
+        sources
     }
 
     fn process_event(
@@ -235,21 +258,31 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, DeviceError> {
-        if token != TAP_READABLE {
-            return Ok(0);
+        let mut used = 0;
+        match token {
+            TAP_READABLE => self.rx_pending = true,
+            RATE_LIMIT_TIMER => {
+                if self.limiter.event_handler().is_err() {
+                    return Ok(0);
+                }
+                if let Some(tx) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) {
+                    if self.transmit(tx, mem)? {
+                        used |= 1 << TX_QUEUE;
+                    }
+                }
+            }
+            _ => return Ok(0),
         }
-        self.rx_pending = true;
-        let Some(rx) = queues.get_mut(RX_QUEUE) else {
-            return Ok(0);
+        if !self.rx_pending {
+            return Ok(used);
+        }
+        let Some(rx) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) else {
+            return Ok(used);
         };
-        if !rx.ready() {
-            return Ok(0);
+        if self.receive(rx, mem)? {
+            used |= 1 << RX_QUEUE;
         }
-        Ok(if self.receive(rx, mem)? {
-            1 << RX_QUEUE
-        } else {
-            0
-        })
+        Ok(used)
     }
 }
 

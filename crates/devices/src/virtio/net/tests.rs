@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::Tap;
 use super::{mac_for, Net, RX_QUEUE, TX_QUEUE};
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::driver::{Buffer, Driver, DATA_START};
 use crate::virtio::mmio::STATUS_DRIVER_OK;
 
@@ -108,7 +109,14 @@ fn frames_flow_both_ways_through_a_real_tap() {
         let tap = Tap::open(TAP, super::TAP_VNET_HDR_LEN).map_err(|e| e.to_string())?;
         let sock = packet_socket(TAP);
         let mac = mac_for(TAP);
-        let mut d = Driver::new(Box::new(Net::new(tap, mac)), 4 << 20);
+        let mut d = Driver::new(
+            Box::new(Net::new(
+                tap,
+                mac,
+                RateLimiter::new(&Default::default()).unwrap(),
+            )),
+            4 << 20,
+        );
         assert_ne!(d.init(0, 64) & STATUS_DRIVER_OK, 0);
         let mut cfg = [0u8; 6];
         d.transport.read(0x100, &mut cfg);

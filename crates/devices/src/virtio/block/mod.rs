@@ -248,13 +248,15 @@ impl VirtioDevice for Block {
                     (status, written, Some(req.status))
                 }
                 Err(e) => {
-                    // The status address is the last writable byte, when there is one.
+                    // The status address is the last writable byte, when there is one
+                    // (it may be u64::MAX: add len - 1, never len first).
                     let addr = if e.has_status() {
                         descs
                             .iter()
                             .rev()
                             .find(|d| d.device_writable && d.len > 0)
-                            .map(|d| vm_memory::GuestAddress(d.addr + u64::from(d.len) - 1))
+                            .and_then(|d| d.addr.checked_add(u64::from(d.len) - 1))
+                            .map(vm_memory::GuestAddress)
                     } else {
                         None
                     };

@@ -30,9 +30,14 @@ pub fn bad_records(image: &[u8], range: std::ops::Range<u64>) -> Vec<u64> {
         .collect()
 }
 
-/// Indices of `PROBE acked N` lines, in order.
+/// Indices of `PROBE acked N` lines, in order. A last line without its newline was cut by
+/// the kill mid-print ("PROBE acked 1" of "PROBE acked 100"): it does not count.
 pub fn acked(stdout: &str) -> Vec<u64> {
-    stdout
+    let complete = match stdout.rfind('\n') {
+        Some(end) => &stdout[..=end],
+        None => "",
+    };
+    complete
         .lines()
         .filter_map(|l| l.strip_prefix("PROBE acked "))
         .filter_map(|n| n.trim().parse().ok())

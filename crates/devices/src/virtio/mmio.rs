@@ -281,8 +281,9 @@ impl MmioTransport {
                 && self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !acceptable {
-                // Not setting FEATURES_OK tells the driver its subset was refused.
-                self.status = value & !STATUS_FEATURES_OK;
+                // Not setting FEATURES_OK tells the driver its subset was refused; a
+                // DRIVER_OK in the same write cannot stand without it.
+                self.status = value & !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
                 return;
             }
         }

@@ -115,6 +115,20 @@ fn features_without_version_1_or_beyond_the_offer_are_refused() {
 }
 
 #[test]
+fn refused_features_with_driver_ok_in_the_same_write_leave_driver_ok_clear() {
+    // Found by the mmio_registers fuzz target: FEATURES_OK | DRIVER_OK written at once with a
+    // refused feature set kept DRIVER_OK, so the device counted as running unactivated.
+    let (mut d, _) = block("features-driver-ok", false);
+    d.write_reg(REG_STATUS, STATUS_ACKNOWLEDGE);
+    d.write_reg(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    d.write_reg(
+        REG_STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+    assert_eq!(d.status(), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+}
+
+#[test]
 fn queue_registers_outside_negotiation_are_ignored() {
     let (mut d, _) = block("queue-state", false);
     // Before FEATURES_OK, a queue cannot be set up or made ready.

@@ -76,6 +76,7 @@ fn run(args: RunArgs) -> ExitCode {
         disks: args.disks,
         nets: args.nets,
         rng: args.rng,
+        vsock: None,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };
     if vmm::host::is_pvm_host() {

@@ -20,6 +20,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
+    pub vsock: Option<VsockConfig>,
     /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
     pub trace_startup: bool,
 }
@@ -160,6 +161,55 @@ impl std::str::FromStr for NetConfig {
     }
 }
 
+/// `--vsock cid=N,socket=PATH`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+/// CIDs 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+const FIRST_GUEST_CID: u64 = 3;
+const LAST_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut cid = None;
+        let mut socket = None;
+        for part in spec.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}': expected key=value (cid=, socket=)"))?;
+            match key {
+                "cid" => {
+                    let n: u64 = value
+                        .parse()
+                        .map_err(|_| format!("cid={value}: expected a number"))?;
+                    if !(FIRST_GUEST_CID..=LAST_GUEST_CID).contains(&n) {
+                        return Err(format!(
+                            "cid={value}: guest CIDs run from {FIRST_GUEST_CID} to {LAST_GUEST_CID} (0-2 are reserved)"
+                        ));
+                    }
+                    cid = Some(n);
+                }
+                "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                "socket" => return Err("socket= is empty".into()),
+                other => {
+                    return Err(format!(
+                        "unknown vsock option '{other}' (known: cid, socket)"
+                    ))
+                }
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or("cid= is missing")?,
+            socket: socket.ok_or("socket= is missing")?,
+        })
+    }
+}
+
 /// A request that cannot be met, said so that the user knows what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -265,7 +315,10 @@ impl VmConfig {
     }
 
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + self.nets.len() + usize::from(self.rng)
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -287,6 +340,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            vsock: None,
             trace_startup: false,
         }
     }
@@ -401,6 +455,34 @@ mod tests {
             .parse::<NetConfig>()
             .unwrap_err()
             .contains("1 to 15 bytes"));
+    }
+
+    #[test]
+    fn vsock_options_parse_and_bad_ones_say_why() {
+        let v: VsockConfig = "cid=3,socket=/tmp/v.sock".parse().unwrap();
+        assert_eq!(
+            v,
+            VsockConfig {
+                cid: 3,
+                socket: "/tmp/v.sock".into()
+            }
+        );
+        assert!("cid=2,socket=/x"
+            .parse::<VsockConfig>()
+            .unwrap_err()
+            .contains("reserved"));
+        assert!("cid=x,socket=/x"
+            .parse::<VsockConfig>()
+            .unwrap_err()
+            .contains("expected a number"));
+        assert_eq!(
+            "cid=3".parse::<VsockConfig>().unwrap_err(),
+            "socket= is missing"
+        );
+        assert!("cid=3,socket=/x,port=1"
+            .parse::<VsockConfig>()
+            .unwrap_err()
+            .contains("unknown vsock option"));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Descriptor chains as flat lists, and guest buffers as host iovecs: what every device's
 //! request parser starts from.
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::device::DeviceError;
 
 /// A descriptor as the chain gave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,33 @@ where
             device_writable: d.is_write_only(),
         })
         .collect()
+}
+
+/// The next chain the driver made available on queue `index`: its head and descriptors.
+/// With none left, notifications are re-enabled and the ring checked once more, so a chain
+/// made available meanwhile is not missed (the EVENT_IDX race). A broken ring (an avail index
+/// far ahead of the queue) is an error: the device then needs a reset.
+pub fn pop(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<(u16, Vec<Descriptor>)>, DeviceError> {
+    loop {
+        if let Some(chain) = queue
+            .iter(mem)
+            .map_err(|e| DeviceError::queue(index, e))?
+            .next()
+        {
+            let head = chain.head_index();
+            return Ok(Some((head, descriptors(chain))));
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|e| DeviceError::queue(index, e))?
+        {
+            return Ok(None);
+        }
+    }
 }
 
 /// Host iovecs for guest buffers; None if any part lies outside guest RAM.

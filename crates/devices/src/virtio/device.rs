@@ -24,6 +24,16 @@ pub enum DeviceError {
     Activate(String),
 }
 
+impl DeviceError {
+    /// A virtio-queue failure on queue `queue`.
+    pub fn queue(queue: usize, e: virtio_queue::Error) -> Self {
+        DeviceError::Queue {
+            queue,
+            reason: e.to_string(),
+        }
+    }
+}
+
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Largest size of each queue; their count is the number of queues.

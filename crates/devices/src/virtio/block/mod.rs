@@ -219,24 +219,8 @@ impl VirtioDevice for Block {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
-            queue: index,
-            reason: e.to_string(),
-        };
         let mut used_any = false;
-        loop {
-            // With EVENT_IDX, re-check after enabling notifications so nothing is missed.
-            let chain = match queue.iter(mem).map_err(queue_err)?.next() {
-                Some(c) => c,
-                None => {
-                    if queue.enable_notification(mem).map_err(queue_err)? {
-                        continue;
-                    }
-                    break;
-                }
-            };
-            let head = chain.head_index();
-            let descs = chain::descriptors(chain);
+        while let Some((head, descs)) = chain::pop(queue, mem, index)? {
             let (status, written, status_addr) = match parse(&descs, mem) {
                 Ok(req) if !self.limiter.consume(req.data_len, 1) => {
                     // Over the limit: the request waits in the ring until the timer fires.
@@ -269,7 +253,9 @@ impl VirtioDevice for Block {
                     used_len += 1;
                 }
             }
-            queue.add_used(mem, head, used_len).map_err(queue_err)?;
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(|e| DeviceError::queue(index, e))?;
             used_any = true;
         }
         Ok(used_any)

@@ -105,10 +105,7 @@ impl Net {
 
     /// Moves frames from the tap into receive buffers until either runs out.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
-            queue: RX_QUEUE,
-            reason: e.to_string(),
-        };
+        let queue_err = |e| DeviceError::queue(RX_QUEUE, e);
         let mut used_any = false;
         loop {
             if self.limiter.is_blocked() {
@@ -116,16 +113,11 @@ impl Net {
                 self.rx_pending = true;
                 break;
             }
-            let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() else {
+            let Some((head, descs)) = chain::pop(queue, mem, RX_QUEUE)? else {
                 // No buffer: the frame waits in the tap until the guest adds one.
                 self.rx_pending = true;
-                if queue.enable_notification(mem).map_err(queue_err)? {
-                    continue;
-                }
                 break;
             };
-            let head = chain.head_index();
-            let descs = chain::descriptors(chain);
             let iov = frame::receive(&descs)
                 .ok()
                 .and_then(|segs| chain::iovecs(mem, &segs));
@@ -158,20 +150,9 @@ impl Net {
     }
 
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
-            queue: TX_QUEUE,
-            reason: e.to_string(),
-        };
+        let queue_err = |e| DeviceError::queue(TX_QUEUE, e);
         let mut used_any = false;
-        loop {
-            let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() else {
-                if queue.enable_notification(mem).map_err(queue_err)? {
-                    continue;
-                }
-                break;
-            };
-            let head = chain.head_index();
-            let descs = chain::descriptors(chain);
+        while let Some((head, descs)) = chain::pop(queue, mem, TX_QUEUE)? {
             let segments = frame::transmit(&descs);
             let len = segments.as_ref().map_or(0, |segs| chain::total_len(segs));
             if !self.limiter.consume(len, 1) {

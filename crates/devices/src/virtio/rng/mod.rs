@@ -1,9 +1,10 @@
 //! virtio-rng: fills every device-writable buffer the guest offers with bytes from the host
 //! kernel's random number generator (getrandom).
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::chain;
 use super::device::{DeviceError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -58,18 +59,13 @@ impl VirtioDevice for Rng {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let queue_err = |e: virtio_queue::Error| DeviceError::Queue {
-            queue: index,
-            reason: e.to_string(),
-        };
         let mut used_any = false;
         let mut random = vec![0u8; MAX_BYTES_PER_REQUEST];
-        while let Some(chain) = queue.iter(mem).map_err(queue_err)?.next() {
-            let head = chain.head_index();
+        while let Some((head, descs)) = chain::pop(queue, mem, index)? {
             let mut budget = MAX_BYTES_PER_REQUEST;
             let mut written = 0u32;
-            for desc in chain.filter(|d| d.is_write_only()) {
-                let len = (desc.len() as usize).min(budget);
+            for desc in descs.iter().filter(|d| d.device_writable) {
+                let len = (desc.len as usize).min(budget);
                 if len == 0 {
                     break;
                 }
@@ -78,7 +74,7 @@ impl VirtioDevice for Rng {
                 }
                 // A buffer outside guest memory ends the request with what was written.
                 if mem
-                    .write_slice(&random[..len], GuestAddress(desc.addr().0))
+                    .write_slice(&random[..len], GuestAddress(desc.addr))
                     .is_err()
                 {
                     break;
@@ -86,7 +82,9 @@ impl VirtioDevice for Rng {
                 written += len as u32;
                 budget -= len;
             }
-            queue.add_used(mem, head, written).map_err(queue_err)?;
+            queue
+                .add_used(mem, head, written)
+                .map_err(|e| DeviceError::queue(index, e))?;
             used_any = true;
         }
         Ok(used_any)

@@ -9,6 +9,7 @@ pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod tests;
+pub mod vsock;
 
 pub use device::{DeviceError, VirtioDevice};
 pub use mmio::{Interrupt, MmioTransport};

@@ -64,6 +64,11 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device with guest CID N. Host programs reach guest port P by connecting
+    /// to the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at
+    /// the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<vmm::config::VsockConfig>,
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -76,7 +81,7 @@ fn run(args: RunArgs) -> ExitCode {
         disks: args.disks,
         nets: args.nets,
         rng: args.rng,
-        vsock: None,
+        vsock: args.vsock,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };
     if vmm::host::is_pvm_host() {

@@ -13,6 +13,7 @@ use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::net::tap::Tap;
 use devices::virtio::net::{mac_for, Net, TAP_VNET_HDR_LEN};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -28,6 +29,8 @@ pub enum Error {
     Disk(#[from] disk::Error),
     #[error("rate limiter: {0}")]
     RateLimiter(String),
+    #[error("--vsock: {0}")]
+    Vsock(#[from] devices::virtio::vsock::Error),
     #[error("--net: {0}")]
     Tap(#[from] devices::virtio::net::tap::Error),
     #[error("setting up virtio device {index}: {what} failed: {reason}")]
@@ -58,7 +61,7 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// The devices `config` asks for, in a fixed order: disks, NICs, then the rng.
+    /// The devices `config` asks for, in a fixed order: disks, NICs, the rng, vsock.
     pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
@@ -76,6 +79,9 @@ impl VirtioDevices {
         }
         if config.rng {
             devices.push(Box::new(Rng));
+        }
+        if let Some(v) = &config.vsock {
+            devices.push(Box::new(Vsock::new(v.cid, &v.socket)?));
         }
         let mut slots = Vec::new();
         for (index, device) in devices.into_iter().enumerate() {
@@ -154,6 +160,13 @@ impl VirtioDevices {
                 true
             }
             None => false,
+        }
+    }
+
+    /// The VMM is exiting: devices release what would outlive it.
+    pub fn shutdown(&self) {
+        for slot in &self.slots {
+            lock(&slot.transport).shutdown();
         }
     }
 

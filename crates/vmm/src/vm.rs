@@ -140,7 +140,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
             .map_err(io_err("starting a vCPU thread"))?;
     }
 
-    run_event_loop(&bus, &virtio, &exit)?;
+    let looped = run_event_loop(&bus, &virtio, &exit);
+    virtio.shutdown();
+    looped?;
     Ok(exit
         .take()
         .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))

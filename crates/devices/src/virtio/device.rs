@@ -57,6 +57,10 @@ pub trait VirtioDevice: Send {
     /// Back to the state before activation (the driver wrote 0 to status).
     fn reset(&mut self);
 
+    /// The VMM is exiting: release what outlives the process (socket files). The process
+    /// exits without dropping devices that vCPU threads still reference.
+    fn shutdown(&mut self) {}
+
     /// File descriptors to watch besides the queue notifications (a tap, a socket), each
     /// with a token; the event loop watches them edge-triggered.
     fn event_sources(&self) -> Vec<(RawFd, u32)> {

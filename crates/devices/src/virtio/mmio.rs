@@ -336,6 +336,11 @@ impl MmioTransport {
         self.driver_features = 0;
     }
 
+    /// The VMM is exiting (see [`VirtioDevice::shutdown`]).
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+
     /// The device's own event sources (see [`VirtioDevice::event_sources`]).
     pub fn event_sources(&self) -> Vec<(std::os::fd::RawFd, u32)> {
         self.device.event_sources()

@@ -117,6 +117,10 @@ fn queue_error(queue: usize) -> impl Fn(virtio_queue::Error) -> DeviceError {
 }
 
 impl VirtioDevice for Vsock {
+    fn shutdown(&mut self) {
+        self.muxer.remove_socket_file();
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }

@@ -648,13 +648,20 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
+impl Muxer {
+    /// Removes the listening socket's file if it is still the one this device created.
+    pub fn remove_socket_file(&self) {
         let still_ours = std::fs::symlink_metadata(&self.path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
         if still_ours.is_some() && still_ours == self.socket_file {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        self.remove_socket_file();
     }
 }

@@ -45,14 +45,6 @@ static struct {
 static struct vq q;
 static u64 features;
 
-static void set_desc(u32 i, const void *addr, u32 len, u16 flags)
-{
-	q.desc[i].addr = (u64)addr;
-	q.desc[i].len = len;
-	q.desc[i].flags = flags;
-	q.desc[i].next = i + 1;
-}
-
 /* One request: header, data (if len), status. Returns the status byte, or
  * -1 after a timeout (reported here). */
 static int request(u32 type, u64 sector, void *data, u32 len, bool device_writes)
@@ -61,10 +53,10 @@ static int request(u32 type, u64 sector, void *data, u32 len, bool device_writes
 
 	dma.hdr = (struct blk_hdr){ type, 0, sector };
 	dma.status = 0xff;
-	set_desc(0, &dma.hdr, sizeof dma.hdr, VQ_DESC_NEXT);
+	vq_set(&q, 0, &dma.hdr, sizeof dma.hdr, VQ_DESC_NEXT);
 	if (len)
-		set_desc(n++, data, len, VQ_DESC_NEXT | (device_writes ? VQ_DESC_WRITE : 0));
-	set_desc(n, &dma.status, 1, VQ_DESC_WRITE);
+		vq_set(&q, n++, data, len, VQ_DESC_NEXT | (device_writes ? VQ_DESC_WRITE : 0));
+	vq_set(&q, n, &dma.status, 1, VQ_DESC_WRITE);
 	if (!vq_run(&q)) {
 		pr("PROBE blk0 error timeout\n");
 		return -1;
@@ -230,15 +222,12 @@ void blk_run(void)
 {
 	const char *v = cmdline_arg("probe.blk_records=", 0);
 	bool ro_check = has_word("probe.blk_readonly_check");
-	struct virtio_dev *d = 0;
+	struct virtio_dev *d = virtio_first(VIRTIO_ID_BLOCK);
 	u64 n = 0, base;
 	bool ok = true;
 
 	if (v && (!parse_num(&v, &n, false) || n > 0xffffffff))
 		n = 0;
-	for (u32 i = 0; i < virtio_found && !d; i++)
-		if (virtio_devs[i].ok && virtio_devs[i].id == VIRTIO_ID_BLOCK)
-			d = &virtio_devs[i];
 	if (!d) {
 		if (n || ro_check)
 			pr("PROBE blk0 none\n");

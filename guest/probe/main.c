@@ -184,7 +184,11 @@ void probe_main(u32 kind, u64 info)
 	virtio_find();
 	smp_start();
 	virtio_report();
+	garbage_run();
 	blk_run();
+	rng_run();
+	net_run();
+	vsock_run();
 	pr("PROBE ready\n");
 
 	if (poweroff) {

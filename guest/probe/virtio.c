@@ -1,53 +1,19 @@
 /*
  * virtio-mmio transports (virtio 1.2 section 4.2, register layout version 2):
  * discovery from the DSDT and the command line, device identification,
- * feature negotiation, and split virtqueues driven synchronously (one chain
- * in flight, completion found by polling the used ring, interrupts off).
+ * feature negotiation, and split virtqueues driven by polling the used ring
+ * with interrupts off.
  */
 #include "probe.h"
 
 #define VIRTIO_MAGIC     0x74726976	/* "virt" */
-
-/* Register offsets. */
-#define MMIO_MAGIC       0x000
-#define MMIO_VERSION     0x004
-#define MMIO_DEVICE_ID   0x008
-#define MMIO_DEV_FEAT    0x010
-#define MMIO_DEV_FEAT_SEL 0x014
-#define MMIO_DRV_FEAT    0x020
-#define MMIO_DRV_FEAT_SEL 0x024
-#define MMIO_QUEUE_SEL   0x030
-#define MMIO_QUEUE_NUM_MAX 0x034
-#define MMIO_QUEUE_NUM   0x038
-#define MMIO_QUEUE_READY 0x044
-#define MMIO_QUEUE_NOTIFY 0x050
-#define MMIO_INT_STATUS  0x060
-#define MMIO_INT_ACK     0x064
-#define MMIO_STATUS      0x070
-#define MMIO_QUEUE_DESC  0x080		/* low, high at +4 */
-#define MMIO_QUEUE_DRIVER 0x090
-#define MMIO_QUEUE_DEVICE 0x0a0
-#define MMIO_CONFIG_GEN  0x0fc
-#define MMIO_CONFIG      0x100
 #define MMIO_MIN_SIZE    0x100		/* registers, without the config space */
-
-/* Device status bits. */
-#define ST_ACKNOWLEDGE   1
-#define ST_DRIVER        2
-#define ST_DRIVER_OK     4
-#define ST_FEATURES_OK   8
-#define ST_FAILED        128
-
-#define VIRTIO_F_VERSION_1 (1UL << 32)
 
 /* Give up on a request after this many TSC ticks (10-30 s at 1-3 GHz). */
 #define TSC_REQUEST_TIMEOUT 30000000000UL
 
 struct virtio_dev virtio_devs[VIRTIO_MAX];
 u32 virtio_found;
-
-static u32 rd(u64 base, u32 off) { return *(volatile u32 *)(base + off); }
-static void wr(u64 base, u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
 
 static void add_dev(u64 base, u32 irq, const char *bad)
 {
@@ -184,11 +150,11 @@ void virtio_report(void)
 			pr("PROBE virtio %u %lx bad %s\n", n, d->base, d->bad);
 		} else if (d->base + MMIO_MIN_SIZE > MAPPED_LIMIT || (d->base & 3)) {
 			pr("PROBE virtio %u %lx bad unmapped\n", n, d->base);
-		} else if ((v = rd(d->base, MMIO_MAGIC)) != VIRTIO_MAGIC) {
+		} else if ((v = vrd(d->base, MMIO_MAGIC)) != VIRTIO_MAGIC) {
 			pr("PROBE virtio %u %lx bad magic %x\n", n, d->base, v);
-		} else if ((v = rd(d->base, MMIO_VERSION)) != 2) {
+		} else if ((v = vrd(d->base, MMIO_VERSION)) != 2) {
 			pr("PROBE virtio %u %lx bad version %u\n", n, d->base, v);
-		} else if (!(d->id = rd(d->base, MMIO_DEVICE_ID))) {
+		} else if (!(d->id = vrd(d->base, MMIO_DEVICE_ID))) {
 			pr("PROBE virtio %u %lx bad no_device\n", n, d->base);
 		} else {
 			pr("PROBE virtio %u %lx irq %u id %u\n", n, d->base, d->irq, d->id);
@@ -197,6 +163,40 @@ void virtio_report(void)
 		}
 	}
 	pr("PROBE virtio_devices %u\n", good);
+}
+
+struct virtio_dev *virtio_first(u32 id)
+{
+	for (u32 i = 0; i < virtio_found; i++)
+		if (virtio_devs[i].ok && virtio_devs[i].id == id)
+			return &virtio_devs[i];
+	return 0;
+}
+
+const char *virtio_name(u32 n)
+{
+	static const char *const names[] = {
+		[VIRTIO_ID_NET] = "net", [VIRTIO_ID_BLOCK] = "blk",
+		[VIRTIO_ID_RNG] = "rng", [VIRTIO_ID_VSOCK] = "vsock",
+	};
+	static char buf[16];
+	u32 id = virtio_devs[n].id, k = 0, i = 0;
+	const char *s = id < sizeof names / sizeof names[0] && names[id] ? names[id] : 0;
+
+	if (s) {			/* the how-manieth of its kind */
+		for (u32 j = 0; j < n; j++)
+			k += virtio_devs[j].ok && virtio_devs[j].id == id;
+	} else {
+		s = "virtio";
+		k = n;
+	}
+	while (*s)
+		buf[i++] = *s++;
+	if (k >= 10)
+		buf[i++] = '0' + k / 10;
+	buf[i++] = '0' + k % 10;
+	buf[i] = 0;
+	return buf;
 }
 
 /* ---- initialisation (virtio 1.2 section 3.1.1) -------------------------- */
@@ -208,41 +208,41 @@ bool virtio_negotiate(u64 base, u64 wanted, u64 *accepted)
 	u64 offered;
 	u32 st = ST_ACKNOWLEDGE | ST_DRIVER;
 
-	wr(base, MMIO_STATUS, 0);
-	for (u32 n = 0; rd(base, MMIO_STATUS) && n < 100; n++)
+	vwr(base, MMIO_STATUS, 0);
+	for (u32 n = 0; vrd(base, MMIO_STATUS) && n < 100; n++)
 		asm volatile("pause");
-	wr(base, MMIO_STATUS, ST_ACKNOWLEDGE);
-	wr(base, MMIO_STATUS, st);
-	wr(base, MMIO_DEV_FEAT_SEL, 0);
-	offered = rd(base, MMIO_DEV_FEAT);
-	wr(base, MMIO_DEV_FEAT_SEL, 1);
-	offered |= (u64)rd(base, MMIO_DEV_FEAT) << 32;
+	vwr(base, MMIO_STATUS, ST_ACKNOWLEDGE);
+	vwr(base, MMIO_STATUS, st);
+	vwr(base, MMIO_DEV_FEAT_SEL, 0);
+	offered = vrd(base, MMIO_DEV_FEAT);
+	vwr(base, MMIO_DEV_FEAT_SEL, 1);
+	offered |= (u64)vrd(base, MMIO_DEV_FEAT) << 32;
 	*accepted = offered & (wanted | VIRTIO_F_VERSION_1);
 	if (!(offered & VIRTIO_F_VERSION_1))
 		return false;
-	wr(base, MMIO_DRV_FEAT_SEL, 0);
-	wr(base, MMIO_DRV_FEAT, *accepted);
-	wr(base, MMIO_DRV_FEAT_SEL, 1);
-	wr(base, MMIO_DRV_FEAT, *accepted >> 32);
-	wr(base, MMIO_STATUS, st | ST_FEATURES_OK);
-	return rd(base, MMIO_STATUS) & ST_FEATURES_OK;
+	vwr(base, MMIO_DRV_FEAT_SEL, 0);
+	vwr(base, MMIO_DRV_FEAT, *accepted);
+	vwr(base, MMIO_DRV_FEAT_SEL, 1);
+	vwr(base, MMIO_DRV_FEAT, *accepted >> 32);
+	vwr(base, MMIO_STATUS, st | ST_FEATURES_OK);
+	return vrd(base, MMIO_STATUS) & ST_FEATURES_OK;
 }
 
 void virtio_driver_ok(u64 base)
 {
-	wr(base, MMIO_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+	vwr(base, MMIO_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
 }
 
 void virtio_failed(u64 base)
 {
-	wr(base, MMIO_STATUS, rd(base, MMIO_STATUS) | ST_FAILED);
+	vwr(base, MMIO_STATUS, vrd(base, MMIO_STATUS) | ST_FAILED);
 }
 
 /* Config space fields, 32 bits at a time, retried while the generation
  * changes underneath. */
 u32 virtio_config32(u64 base, u32 off)
 {
-	return rd(base, MMIO_CONFIG + off);
+	return vrd(base, MMIO_CONFIG + off);
 }
 
 u64 virtio_config64(u64 base, u32 off)
@@ -250,17 +250,17 @@ u64 virtio_config64(u64 base, u32 off)
 	u32 gen, lo, hi, n = 0;
 
 	do {
-		gen = rd(base, MMIO_CONFIG_GEN);
-		lo = rd(base, MMIO_CONFIG + off);
-		hi = rd(base, MMIO_CONFIG + off + 4);
-	} while (rd(base, MMIO_CONFIG_GEN) != gen && ++n < 16);
+		gen = vrd(base, MMIO_CONFIG_GEN);
+		lo = vrd(base, MMIO_CONFIG + off);
+		hi = vrd(base, MMIO_CONFIG + off + 4);
+	} while (vrd(base, MMIO_CONFIG_GEN) != gen && ++n < 16);
 	return (u64)hi << 32 | lo;
 }
 
 static void wr64(u64 base, u32 off, u64 v)
 {
-	wr(base, off, v);
-	wr(base, off + 4, v >> 32);
+	vwr(base, off, v);
+	vwr(base, off + 4, v >> 32);
 }
 
 /* Queue `index` with up to VQ_MAX_SIZE entries (a power of 2) in `mem`
@@ -269,57 +269,90 @@ bool vq_setup(struct vq *q, u64 base, u32 index, u8 *mem)
 {
 	u32 max, size = VQ_MAX_SIZE;
 
-	wr(base, MMIO_QUEUE_SEL, index);
-	if (rd(base, MMIO_QUEUE_READY))
+	vwr(base, MMIO_QUEUE_SEL, index);
+	if (vrd(base, MMIO_QUEUE_READY))
 		return false;
-	max = rd(base, MMIO_QUEUE_NUM_MAX);
+	max = vrd(base, MMIO_QUEUE_NUM_MAX);
 	while (size > max)
 		size >>= 1;
 	if (size < 4)			/* a request takes three descriptors */
 		return false;
-	memset(mem, 0, VQ_MEM_SIZE);
 	*q = (struct vq){
 		.base = base, .index = index, .size = size,
 		.desc = (void *)mem, .avail = (void *)(mem + 0x100), .used = (void *)(mem + 0x200),
 	};
-	wr(base, MMIO_QUEUE_NUM, size);
+	/* Descriptors and ring entries are written before they are published. */
+	q->avail->flags = q->avail->idx = 0;
+	q->used->flags = q->used->idx = 0;
+	vwr(base, MMIO_QUEUE_NUM, size);
 	wr64(base, MMIO_QUEUE_DESC, (u64)q->desc);
 	wr64(base, MMIO_QUEUE_DRIVER, (u64)q->avail);
 	wr64(base, MMIO_QUEUE_DEVICE, (u64)q->used);
-	wr(base, MMIO_QUEUE_READY, 1);
+	vwr(base, MMIO_QUEUE_READY, 1);
 	return true;
 }
 
-/* Publish the chain at descriptor 0, notify, and poll for its completion.
- * x86 keeps stores in order, so publishing needs only compiler barriers;
- * a locked add (which the PVM host emulates) fences the index update
- * against the notification all the same. */
-bool vq_run(struct vq *q)
+void vq_set(struct vq *q, u32 i, const volatile void *addr, u32 len, u16 flags)
 {
-	u32 isr, id;
-	u64 t0;
+	q->desc[i].addr = (u64)addr;
+	q->desc[i].len = len;
+	q->desc[i].flags = flags;
+	q->desc[i].next = i + 1;
+}
 
-	asm volatile("" : : : "memory");	/* descriptors and buffers first */
-	q->avail->ring[q->next_avail & (q->size - 1)] = 0;
+/* x86 keeps stores in order, so publishing needs only compiler barriers:
+ * descriptors and buffers, then the ring entry, then the index. */
+void vq_add(struct vq *q, u16 head)
+{
+	asm volatile("" : : : "memory");
+	q->avail->ring[q->next_avail & (q->size - 1)] = head;
 	asm volatile("" : : : "memory");
 	q->avail->idx = ++q->next_avail;
-	asm volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc");
-	wr(q->base, MMIO_QUEUE_NOTIFY, q->index);
+}
 
-	t0 = rdtsc();
-	while (q->used->idx == q->next_used) {
-		if (rdtsc() - t0 > TSC_REQUEST_TIMEOUT)
-			return false;
-		asm volatile("pause");
-	}
-	asm volatile("" : : : "memory");	/* the buffers after the index */
+/* A locked add (which the PVM host emulates) fences the index update
+ * against the notification. */
+void vq_notify(struct vq *q)
+{
+	asm volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc");
+	vwr(q->base, MMIO_QUEUE_NOTIFY, q->index);
+}
+
+int vq_used(struct vq *q)
+{
+	u32 isr, id;
+
+	if (q->used->idx == q->next_used)
+		return -1;
+	asm volatile("" : : : "memory");	/* the entry and buffers after the index */
 	id = q->used->ring[q->next_used & (q->size - 1)].id;
+	q->used_len = q->used->ring[q->next_used & (q->size - 1)].len;
 	q->next_used++;
-	if (id != 0)
-		pr("PROBE virtio error used_id %u\n", id);
 	/* Interrupts stay off; acknowledge so the line does not stay raised. */
-	isr = rd(q->base, MMIO_INT_STATUS);
+	isr = vrd(q->base, MMIO_INT_STATUS);
 	if (isr)
-		wr(q->base, MMIO_INT_ACK, isr);
-	return true;
+		vwr(q->base, MMIO_INT_ACK, isr);
+	return id < 0x10000 ? (int)id : 0xffff;	/* a bad id stays a bad id */
+}
+
+int vq_wait(struct vq *q, u64 until)
+{
+	int id;
+
+	while ((id = vq_used(q)) < 0 && !passed(until))
+		asm volatile("pause");
+	return id;
+}
+
+/* Publish the chain at descriptor 0, notify, and poll for its completion. */
+bool vq_run(struct vq *q)
+{
+	int id;
+
+	vq_add(q, 0);
+	vq_notify(q);
+	id = vq_wait(q, rdtsc() + TSC_REQUEST_TIMEOUT);
+	if (id > 0)
+		pr("PROBE virtio error used_id %u\n", id);
+	return id >= 0;
 }

@@ -12,5 +12,6 @@ echo "keel: cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "keel: building the probe guest"
 make -s -C guest/probe OUT="$PWD/target/probe"
+fuzz/run.sh "${KEEL_FUZZ_SECONDS:-20}" # every fuzz target, bounded (docs/fuzzing.md)
 echo "keel: cargo test"
 cargo test --workspace --locked

@@ -1,10 +1,13 @@
 //! Keel's benchmarks. `startup` boots the probe guest under Keel and QEMU, interleaved, and
 //! compares time to the first serial line, time to `PROBE ready`, idle memory and Keel's own
-//! CPU time before the first vCPU entry. See docs/benchmarks.md.
+//! CPU time before the first vCPU entry. `devices` drives Keel's virtio-blk device in-process
+//! through guest memory and compares it with fio on the same file. See docs/benchmarks.md.
 //!
 //! The modules hold the parts: [`stats`], [`serial`] and [`procfs`] are pure logic with unit
-//! tests; [`runner`] starts and times the VMMs; [`report`] prints the results.
+//! tests; [`runner`] starts and times the VMMs; [`report`] prints the results. [`blk`] holds
+//! the parts of `devices`.
 
+pub mod blk;
 pub mod procfs;
 pub mod report;
 pub mod runner;

@@ -189,6 +189,7 @@ void probe_main(u32 kind, u64 info)
 	rng_run();
 	net_run();
 	vsock_run();
+	bench_run();
 	pr("PROBE ready\n");
 
 	if (poweroff) {

@@ -14,6 +14,12 @@
 #define SEL_CODE64   0x08
 #define SEL_DATA     0x10
 #define SEL_CODE32   0x18
+/* The benchmarks' GDT (ring3.S) adds user mode segments and a TSS. */
+#define SEL_UDATA    0x23		/* index 4, RPL 3 */
+#define SEL_UCODE    0x2b		/* index 5, RPL 3 */
+#define SEL_TSS      0x30
+/* What user_run returns when ring 3 faulted. */
+#define USER_FAULT   (-1)
 
 /* Low page the AP real-mode start-up code is copied to (SIPI vector 0x08). */
 #define TRAMP_PAGE   0x8000
@@ -187,6 +193,21 @@ void rng_run(void);
 void net_run(void);
 void vsock_run(void);
 void garbage_run(void);
+
+/* bench.c: the probe.bench_* switches (README.md), after the exercises */
+void bench_run(void);
+
+/* user.c, ring3.S: ring 3. user_init once (new GDT, TSS, IDT for vectors
+ * 0-31), user_map for every range ring 3 touches (sets the U bit on its
+ * 2 MiB pages), user_run to call fn(arg) in ring 3 on the given stack: it
+ * returns fn's result, or USER_FAULT with user_fault filled in. user_fini
+ * puts back the IDT the probe had. */
+struct user_fault { u64 vector, error, rip, cr2; };
+extern struct user_fault user_fault;
+void user_init(void);
+void user_map(u64 addr, u64 size);
+u64 user_run(u64 (*fn)(void *), void *arg, void *stack_top);
+void user_fini(void);
 
 /* entry.S */
 void crash_triplefault(void) __attribute__((noreturn));

@@ -104,6 +104,17 @@ expect garbage "$o" $? 0 "PROBE garbage blk0 recovered" "PROBE garbage rng0 reco
 	"PROBE garbage_done" "PROBE blk_verify ok 5" "PROBE blk_done" "PROBE ready"
 grep -q "rng ok 128 " <<<"$o" || { echo "FAIL garbage: no rng after it"; fail=1; }
 
+# The ring-3 benchmarks on a disk (counts, not speed), and without RAM for them.
+truncate -s 32M "$img/d.img"
+o=$(blk "$img/d.img" ,cache=none "" "probe.bench_blk_read=300 probe.bench_blk_read_qd=300 \
+	probe.bench_blk_qd=16 probe.bench_blk_write=5 probe.poweroff")
+expect "bench blk" "$o" $? 0 "PROBE bench_blk_read start" "PROBE bench_blk_read done 300 1228800" \
+	"PROBE bench_blk_read_qd start" "PROBE bench_blk_read_qd done 300 1228800" \
+	"PROBE bench_blk_write start" "PROBE bench_blk_write done 5 5242880" "PROBE ready" \
+	"PROBE poweroff"
+o=$(qemu -smp 1 -m 16 -kernel "$out/probe.elf" -append "probe.bench_blk_read=1 probe.poweroff")
+expect "bench without its memory" "$o" $? 0 "PROBE bench error memory" "PROBE poweroff"
+
 # virtio-net, on a tap in a private network namespace (root only): frames
 # echoed by test/net-echo.py; without it, a timeout; then probe.garbage.
 ns=probe-smoke-$$
@@ -125,6 +136,29 @@ if ip netns add $ns 2>/dev/null; then
 		-global virtio-mmio.force-legacy=false -kernel '$out/probe.elf' \
 		-append 'probe.garbage probe.poweroff' $net")
 	expect "net garbage" "$o" $? 0 "PROBE garbage net0 recovered" "PROBE garbage_done"
+	# A sender for bench_net_rx: frames of EtherType 0x88b5 on the tap (brought
+	# up once QEMU made it), 1 ms apart.
+	ip netns exec $ns timeout 60 python3 -c '
+import socket, subprocess, time
+f = b"\xff" * 6 + b"\x02\0\0\0\0\x02\x88\xb5" + bytes(1500)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+while True:
+    try:
+        s.bind(("ptap0", 0))
+        s.send(f)
+    except OSError:
+        subprocess.run(["ip", "link", "set", "ptap0", "up"], stderr=subprocess.DEVNULL)
+        time.sleep(0.05)
+    time.sleep(0.001)' >/dev/null 2>&1 &
+	sender=$!
+	o=$(ip netns exec $ns bash -c "$(declare -f qemu); qemu -smp 1 -m 256 \
+		-global virtio-mmio.force-legacy=false -kernel '$out/probe.elf' \
+		-append 'probe.bench_net_tx=2000 probe.bench_net_rx=100 probe.poweroff' $net")
+	rc=$?
+	kill $sender 2>/dev/null
+	wait $sender 2>/dev/null
+	expect "bench net" "$o" $rc 0 "PROBE bench_net_tx done 2000 3028000" \
+		"PROBE bench_net_rx done 100 151400" "PROBE ready"
 else
 	echo "skip net (no network namespace)"
 fi

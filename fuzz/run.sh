@@ -62,39 +62,38 @@ RUSTFLAGS="${flags[*]} ${RUSTFLAGS:-}" cargo build --quiet --release --target "$
 echo "keel: fuzz: checked and built in $((SECONDS - start)) s"
 bin="target/$sanitizer/$triple/release"
 
-for t in "${targets[@]}"; do
-  if $write_seeds; then
-    KEEL_FUZZ_WRITE_SEEDS=corpus "$bin/$t" 2>&1 | grep -v '^WARNING: Failed to find function'
-    continue
-  fi
+# One target: seeds checked, then fuzzed; prints one summary line, fails on a crash.
+fuzz_one() {
+  local t=$1
   # The seeds must still give what they claim, and be the ones committed.
+  local seeds
   seeds=$(mktemp -d)
   if ! KEEL_FUZZ_WRITE_SEEDS="$seeds" "$bin/$t" >"$seeds/log" 2>&1; then
     grep -v '^WARNING: Failed to find function' "$seeds/log" >&2
     echo "keel: fuzz: $t: a seed no longer gives what it claims (see its seeds())" >&2
-    exit 1
+    return 1
   fi
+  local s
   for s in "$seeds/$t"/*; do
     if ! cmp -s "$s" "corpus/$t/$(basename "$s")"; then
       echo "keel: fuzz: corpus/$t/$(basename "$s") is stale: run fuzz/run.sh --seeds $t" >&2
-      exit 1
+      return 1
     fi
   done
   rm -rf "$seeds"
 
   mkdir -p "work/$t" "artifacts/$t"
-  log="work/$t.log"
+  local log="work/$t.log" run=(-max_total_time="$seconds")
   if [ "$seconds" -eq 0 ]; then
     run=(-runs=0)
-  else
-    run=(-max_total_time="$seconds")
   fi
   if ! "$bin/$t" "${run[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="artifacts/$t/" "work/$t" "corpus/$t" >"$log" 2>&1; then
     grep -v '^ *at \|^WARNING: Failed to find function' "$log" | tail -n 40 >&2
     echo "keel: fuzz: $t FAILED; input in fuzz/artifacts/$t/ (and as Base64 above); log fuzz/$log" >&2
-    exit 1
+    return 1
   fi
+  local runs secs cov corpus
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
   secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 || true)
@@ -104,5 +103,31 @@ for t in "${targets[@]}"; do
   else
     echo "keel: fuzz: $t ok: $runs runs in ${secs:-?} s ($((runs / ${secs:-1})) exec/s), ${cov:-cov: ?}, corpus $corpus"
   fi
+}
+
+if $write_seeds; then
+  for t in "${targets[@]}"; do
+    KEEL_FUZZ_WRITE_SEEDS=corpus "$bin/$t" 2>&1 | grep -v '^WARNING: Failed to find function'
+  done
+  exit 0
+fi
+
+# As many targets at once as there are cores (KEEL_FUZZ_JOBS to change it).
+jobs=${KEEL_FUZZ_JOBS:-$(nproc)}
+echo "keel: fuzz: ${#targets[@]} targets, ${seconds} s each, $jobs at a time"
+failed=0
+running=0
+for t in "${targets[@]}"; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || failed=1
+    running=$((running - 1))
+  fi
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+while [ "$running" -gt 0 ]; do
+  wait -n || failed=1
+  running=$((running - 1))
 done
 echo "keel: fuzz: done in $((SECONDS - start)) s"
+exit "$failed"

@@ -59,7 +59,9 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let rtc_crs = aml::Name::new("_CRS".into(), &rtc_resources);
     let rtc = aml::Device::new("_SB_.RTC_".into(), vec![&rtc_hid_name, &rtc_crs]);
 
+    let power_button = power_button_devices();
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    table.append_slice(&power_button);
     for object in [&s5 as &dyn Aml, &com1, &rtc] {
         object.to_aml_bytes(&mut table);
     }
@@ -68,6 +70,62 @@ fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     }
     table.update_checksum();
     table.as_slice().to_vec()
+}
+
+/// The power button (PNP0C0C) and the generic event device (ACPI0013) that signals it: on
+/// the GED's interrupt the OS runs `_EVT`, which reads the pending events from the GED's
+/// register (reading clears them) and notifies the button for a press.
+fn power_button_devices() -> Vec<u8> {
+    let button_hid = aml::EISAName::new("PNP0C0C");
+    let button_hid_name = aml::Name::new("_HID".into(), &button_hid);
+    let button_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let button = aml::Device::new("_SB_.PWRB".into(), vec![&button_hid_name, &button_uid]);
+
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let ged_resources = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_crs = aml::Name::new("_CRS".into(), &ged_resources);
+    let region_start = GED_MMIO_START as u32;
+    let region_len = 1u8;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &region_start,
+        &region_len,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let events = aml::Local(0);
+    let pressed = aml::Local(1);
+    let register = aml::Path::new("GDAT");
+    let read_events = aml::Store::new(&events, &register);
+    let button_bit = GED_EVENT_POWER_BUTTON;
+    let mask = aml::And::new(&pressed, &events, &button_bit);
+    let was_pressed = aml::Equal::new(&pressed, &button_bit);
+    let button_path = aml::Path::new("\\_SB_.PWRB");
+    let notify_value = 0x80u8;
+    let notify = aml::Notify::new(&button_path, &notify_value);
+    let if_pressed = aml::If::new(&was_pressed, vec![&notify]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_events, &mask, &if_pressed],
+    );
+    let ged = aml::Device::new(
+        "_SB_.GED0".into(),
+        vec![&ged_hid, &ged_uid, &ged_crs, &region, &field, &evt],
+    );
+    let mut bytes = Vec::new();
+    button.to_aml_bytes(&mut bytes);
+    ged.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 /// A virtio-mmio device for the guest: its register window and interrupt.
@@ -324,6 +382,78 @@ mod tests {
         }
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_tables(&mem, 32, &slots).unwrap();
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_its_event_device() {
+        let tables = build(1, &[]);
+        let dsdt = &by_sig(&tables, b"DSDT").bytes;
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).position(|w| w == needle);
+        assert!(find(b"ACPI0013").is_some(), "GED _HID");
+        assert!(find(b"PWRB").is_some() && find(b"GED0").is_some() && find(b"_EVT").is_some());
+        // PNP0C0C as an EISA id: 0x0C0CD041 little-endian after DWordPrefix.
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]).is_some(), "PWRB _HID");
+        // The GED's register: OperationRegion GDST in SystemMemory at GED_MMIO_START.
+        let mut region = b"GDST".to_vec();
+        region.extend_from_slice(&[0x00, 0x0c]);
+        region.extend_from_slice(&(GED_MMIO_START as u32).to_le_bytes());
+        assert!(
+            find(&region).is_some(),
+            "OperationRegion at the GED register"
+        );
+        // The interrupt: Extended IRQ descriptor with GED_IRQ.
+        let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+        irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        assert!(find(&irq).is_some(), "GED interrupt");
+    }
+
+    /// The ACPI reference disassembler reads our DSDT back: the AML is well-formed, and
+    /// the power-button method says what we meant.
+    #[test]
+    fn dsdt_decompiles_cleanly_with_iasl() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED dsdt_decompiles_cleanly_with_iasl: iasl (Debian acpica-tools) is not installed");
+            return;
+        }
+        let slot = VirtioSlot {
+            base: VIRTIO_MMIO_START,
+            size: VIRTIO_MMIO_SIZE,
+            irq: VIRTIO_IRQ_BASE,
+        };
+        let tables = build(2, &[slot]);
+        let dir = std::env::temp_dir().join(format!("keel-iasl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, &by_sig(&tables, b"DSDT").bytes).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iasl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for expected in [
+            "Notify (\\_SB.PWRB, 0x80)",
+            "Name (_HID, \"ACPI0013\"",
+            "Name (_HID, \"LNRO0005\")",
+            "Local1 = (Local0 & One)",
+            "Name (_S5, Package",
+            "OperationRegion (GDST, SystemMemory, 0xCFFFF000, One)",
+        ] {
+            assert!(
+                dsl.contains(expected),
+                "{expected:?} not in the decompiled DSDT:\n{dsl}"
+            );
+        }
     }
 
     #[test]

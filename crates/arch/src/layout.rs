@@ -36,6 +36,13 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The 32-bit hole for devices, IO APIC and LAPIC: RAM beyond 3 GiB moves above 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The ACPI generic event device (GED): one byte of pending events, read-to-clear, and the
+/// IO APIC pin it interrupts on (the last; virtio devices use 5..=22).
+pub const GED_MMIO_START: u64 = 0xcfff_f000;
+pub const GED_MMIO_SIZE: u64 = 0x1000;
+pub const GED_IRQ: u32 = 23;
+/// GED event bit: the power button was pressed.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1;
 /// virtio-mmio devices: one 4 KiB window each from here, in the 32-bit gap.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;

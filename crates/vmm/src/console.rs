@@ -1,6 +1,6 @@
 //! The serial console on the terminal: raw mode while the VM runs (restored on every exit
-//! path: return, signal, panic), unbuffered output, and input with one escape: Ctrl-A x
-//! quits, Ctrl-A Ctrl-A sends a Ctrl-A.
+//! path: return, signal, panic), unbuffered output, and input with Ctrl-A escapes: Ctrl-A x
+//! quits, Ctrl-A p presses the ACPI power button, Ctrl-A Ctrl-A sends a Ctrl-A.
 
 use std::io::{self, Write};
 use std::sync::OnceLock;
@@ -13,12 +13,15 @@ pub enum Error {
 
 const CTRL_A: u8 = 0x01;
 const QUIT_KEY: u8 = b'x';
+const POWER_BUTTON_KEY: u8 = b'p';
 
 /// What the user typed, with the escape taken out.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ConsoleInput {
     pub for_guest: Vec<u8>,
     pub quit: bool,
+    /// Ctrl-A p: press the guest's ACPI power button.
+    pub power_button: bool,
 }
 
 /// Recognises Ctrl-A sequences across reads.
@@ -38,6 +41,7 @@ impl EscapeParser {
                         out.quit = true;
                         return out;
                     }
+                    POWER_BUTTON_KEY | b'P' => out.power_button = true,
                     CTRL_A => out.for_guest.push(CTRL_A),
                     other => out.for_guest.extend_from_slice(&[CTRL_A, other]),
                 }
@@ -146,7 +150,8 @@ mod tests {
             p.feed(b"ls -l\r"),
             ConsoleInput {
                 for_guest: b"ls -l\r".to_vec(),
-                quit: false
+                quit: false,
+                power_button: false,
             }
         );
     }
@@ -158,6 +163,14 @@ mod tests {
         assert_eq!(first.for_guest, b"ab");
         assert!(!first.quit);
         assert!(p.feed(b"x").quit);
+    }
+
+    #[test]
+    fn ctrl_a_p_presses_the_power_button() {
+        let mut p = EscapeParser::default();
+        let input = p.feed(b"a\x01pb");
+        assert!(input.power_button && !input.quit);
+        assert_eq!(input.for_guest, b"ab");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Barrier};
 
+use arch::layout::{GED_MMIO_SIZE, GED_MMIO_START};
 use arch::regs::BootEntry;
+use devices::legacy::Ged;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -30,6 +32,7 @@ pub struct VcpuShared {
     pub trace_startup: bool,
     pub bus: Arc<LegacyBus>,
     pub virtio: Arc<VirtioDevices>,
+    pub ged: Arc<Ged>,
     pub exit: Arc<ExitSignal>,
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
     /// still being set up.
@@ -88,7 +91,12 @@ fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
             }
             // MMIO nobody owns reads as all ones; writes to it go nowhere.
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !shared.virtio.mmio_read(addr, data) {
+                if (GED_MMIO_START..GED_MMIO_START + GED_MMIO_SIZE).contains(&addr) {
+                    data.fill(0);
+                    if let Some(first) = data.first_mut() {
+                        *first = shared.ged.read(addr - GED_MMIO_START);
+                    }
+                } else if !shared.virtio.mmio_read(addr, data) {
                     data.fill(0xff);
                 }
             }

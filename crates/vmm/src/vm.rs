@@ -4,9 +4,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
-use arch::layout::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, KVM_TSS_ADDRESS, MMIO_GAP_START};
+use arch::layout::{
+    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, GED_EVENT_POWER_BUTTON, GED_IRQ, KVM_TSS_ADDRESS,
+    MMIO_GAP_START,
+};
 use arch::regs::BootEntry;
-use devices::legacy::{AcpiPmDevice, CmosRtc, ResetTrigger, SerialDevice, I8042};
+use devices::legacy::{AcpiPmDevice, CmosRtc, Ged, ResetTrigger, SerialDevice, I8042};
 use devices::{GuestRequest, RequestSink};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -119,6 +122,12 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         acpi_pm: AcpiPmDevice::new(ACPI_S5_SLEEP_TYPE, ACPI_RESET_VALUE, requests),
     });
 
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(io_err("creating the power button's interrupt"))?;
+    vm.register_irqfd(&ged_irq, GED_IRQ)
+        .map_err(kvm_err("wiring the power button's interrupt"))?;
+    let ged = Arc::new(Ged::new(ged_irq));
+
     let _terminal = RawTerminal::enter()?;
     let shared = Arc::new(VcpuShared {
         vm: Arc::new(vm),
@@ -129,6 +138,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         trace_startup: config.trace_startup,
         bus: bus.clone(),
         virtio: virtio.clone(),
+        ged: ged.clone(),
         exit: exit.clone(),
         ready: Barrier::new(config.cpus as usize),
     });
@@ -140,7 +150,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
             .map_err(io_err("starting a vCPU thread"))?;
     }
 
-    let looped = run_event_loop(&bus, &virtio, &exit);
+    let looped = run_event_loop(&bus, &virtio, &ged, &exit);
     virtio.shutdown();
     looped?;
     Ok(exit
@@ -152,6 +162,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
 fn run_event_loop(
     bus: &Arc<LegacyBus>,
     virtio: &VirtioDevices,
+    ged: &Arc<Ged>,
     exit: &Arc<ExitSignal>,
 ) -> Result<()> {
     let ended = Arc::new(AtomicBool::new(false));
@@ -166,6 +177,7 @@ fn run_event_loop(
     }));
     events.add_subscriber(Box::new(ConsoleInput {
         bus: bus.clone(),
+        ged: ged.clone(),
         exit: exit.clone(),
         escape: EscapeParser::default(),
     }));
@@ -205,9 +217,10 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Host stdin to the serial port.
+/// Host stdin to the serial port; Ctrl-A p to the power button.
 struct ConsoleInput {
     bus: Arc<LegacyBus>,
+    ged: Arc<Ged>,
     exit: Arc<ExitSignal>,
     escape: EscapeParser,
 }
@@ -246,6 +259,12 @@ impl MutEventSubscriber for ConsoleInput {
             let mut serial = self.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = serial.queue_input(&input.for_guest) {
                 self.exit.report(VmExit::Failed(e.to_string()));
+            }
+        }
+        if input.power_button {
+            match self.ged.notify(GED_EVENT_POWER_BUTTON) {
+                Ok(()) => eprintln!("keel: power button pressed (Ctrl-A p)"),
+                Err(e) => eprintln!("keel: pressing the power button failed: {e}"),
             }
         }
         if input.quit {

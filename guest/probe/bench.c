@@ -24,6 +24,7 @@
 #define BQ_MAX       256		/* entries per queue, at most */
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY     1
+#define RING_F_EVENT_IDX     (1UL << 29)
 #define STALL_MS     10000		/* no progress for this long: timeout */
 
 extern const u8 _start[], _end[];
@@ -34,15 +35,23 @@ struct bq {
 	u64 base;
 	u32 index;
 	u16 size, next_avail, next_used;
+	u16 published;			/* avail index at the last bq_kick */
+	bool event_idx;			/* VIRTIO_F_EVENT_IDX negotiated */
 	u64 kicks;			/* QueueNotify writes */
 	volatile struct vq_desc *desc;
 	volatile struct vq_avail *avail;
 	volatile struct vq_used *used;
 };
 
+/* probe.bench_event_idx asks for VIRTIO_F_EVENT_IDX; set by open_dev if the
+ * device took it, for the queues set up next. */
+static bool want_event_idx, event_idx;
+
 /* Ring 0: queue `index` with min(want, QueueNumMax) entries, rounded down
  * to a power of 2, in 16 KiB at mem: descriptors at 0, avail ring after
- * them, used ring at 0x2000. */
+ * them, used ring at 0x2000. No interrupts wanted: the NO_INTERRUPT flag,
+ * or with EVENT_IDX a used_event that the used index reaches only after
+ * 65535 completions (it is never moved). */
 static bool bq_setup(struct bq *q, u64 base, u32 index, u64 mem, u32 want)
 {
 	u32 max, size = BQ_MAX;
@@ -58,8 +67,11 @@ static bool bq_setup(struct bq *q, u64 base, u32 index, u64 mem, u32 want)
 	*q = (struct bq){
 		.base = base, .index = index, .size = size, .desc = (void *)mem,
 		.avail = (void *)(mem + 16 * size), .used = (void *)(mem + 0x2000),
+		.event_idx = event_idx,
 	};
-	q->avail->flags = AVAIL_F_NO_INTERRUPT;
+	q->avail->flags = event_idx ? 0 : AVAIL_F_NO_INTERRUPT;
+	q->avail->ring[size] = 0xffff;		/* used_event */
+	*(volatile u16 *)((u64)q->used + 4 + 8 * size) = 0;	/* avail_event */
 	q->avail->idx = 0;
 	q->used->flags = q->used->idx = 0;
 	vwr(base, MMIO_QUEUE_NUM, size);
@@ -88,13 +100,24 @@ static inline void bq_put(struct bq *q, u16 head)
 }
 
 /* Publishes the new avail index and notifies, unless the device said it
- * needs no notification now (it then looks at the ring again itself). */
+ * needs no notification now (it then looks at the ring again itself): the
+ * used ring's NO_NOTIFY flag, or with EVENT_IDX an avail_event (after the
+ * used ring's entries) that the new entries did not pass. */
 static void bq_kick(struct bq *q)
 {
+	u16 old = q->published, new = q->next_avail;
+	bool notify;
+
 	asm volatile("" : : : "memory");
-	q->avail->idx = q->next_avail;
+	q->avail->idx = new;
+	q->published = new;
 	asm volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc");
-	if (!(q->used->flags & USED_F_NO_NOTIFY)) {
+	if (q->event_idx)
+		notify = (u16)(new - *(volatile u16 *)((u64)q->used + 4 + 8 * q->size) - 1) <
+			 (u16)(new - old);
+	else
+		notify = !(q->used->flags & USED_F_NO_NOTIFY);
+	if (notify) {
 		vwr(q->base, MMIO_QUEUE_NOTIFY, q->index);
 		q->kicks++;
 	}
@@ -170,11 +193,13 @@ static u64 open_dev(const char *name, u32 id, u64 wanted, u64 *features)
 		pr("PROBE bench_%s error none\n", name);
 		return 0;
 	}
-	if (!virtio_negotiate(d->base, wanted, features)) {
+	if (!virtio_negotiate(d->base, wanted | (want_event_idx ? RING_F_EVENT_IDX : 0),
+			      features)) {
 		pr("PROBE bench_%s error features\n", name);
 		virtio_failed(d->base);
 		return 0;
 	}
+	event_idx = *features & RING_F_EVENT_IDX;
 	user_map(d->base, 0x1000);
 	return d->base;
 }
@@ -793,6 +818,7 @@ void bench_run(void)
 	if (!r && !q && !w && !t && !x && !v)
 		return;
 	arg("probe.bench_blk_qd=", &qd);
+	want_event_idx = has_word("probe.bench_event_idx");
 	arg("probe.bench_vsock_port=", &port);
 	if (!e820_is_ram(BENCH_MEM, BENCH_SIZE)) {
 		pr("PROBE bench error memory\n");

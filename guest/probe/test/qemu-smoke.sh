@@ -106,11 +106,15 @@ grep -q "rng ok 128 " <<<"$o" || { echo "FAIL garbage: no rng after it"; fail=1;
 
 # The ring-3 benchmarks on a disk (counts, not speed), and without RAM for them.
 truncate -s 32M "$img/d.img"
-o=$(blk "$img/d.img" ,cache=none "" "probe.bench_blk_read=300 probe.bench_blk_read_qd=300 \
-	probe.bench_blk_qd=16 probe.bench_blk_write=5 probe.poweroff")
+bench="probe.bench_blk_read=300 probe.bench_blk_read_qd=300 probe.bench_blk_write=5"
+o=$(blk "$img/d.img" ,cache=none "" "$bench probe.bench_blk_qd=16 probe.poweroff")
 expect "bench blk" "$o" $? 0 "PROBE bench_blk_read start" "PROBE bench_blk_read done 300 1228800" \
 	"PROBE bench_blk_read_qd start" "PROBE bench_blk_read_qd done 300 1228800" \
 	"PROBE bench_blk_write start" "PROBE bench_blk_write done 5 5242880" "PROBE ready" \
+	"PROBE poweroff"
+o=$(blk "$img/d.img" ,cache=none "" "$bench probe.bench_blk_qd=8 probe.bench_event_idx probe.poweroff")
+expect "bench blk, EVENT_IDX" "$o" $? 0 "PROBE bench_blk_read done 300 1228800" \
+	"PROBE bench_blk_read_qd done 300 1228800" "PROBE bench_blk_write done 5 5242880" \
 	"PROBE poweroff"
 o=$(qemu -smp 1 -m 16 -kernel "$out/probe.elf" -append "probe.bench_blk_read=1 probe.poweroff")
 expect "bench without its memory" "$o" $? 0 "PROBE bench error memory" "PROBE poweroff"

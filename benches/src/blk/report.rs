@@ -42,7 +42,7 @@ pub struct Row {
     pub unit: Unit,
     /// Share of the file in the page cache before the first run and after the last, 0 to 1.
     pub resident: Option<(f64, f64)>,
-    /// Keel's `Block`: preadv/pwritev.
+    /// Keel's `Block`, with the engine of [`Results::keel_engine`].
     pub keel: Vec<Run>,
     pub fio_psync: Vec<Run>,
     /// The io_uring prototype behind the same transport and parser.
@@ -120,6 +120,8 @@ pub struct Results {
     pub fio: Result<String, String>,
     /// Why there is no io_uring, when there is none.
     pub uring_error: Option<String>,
+    /// The I/O engine of Keel's device (`Block::engine()`).
+    pub keel_engine: Option<String>,
     pub rows: Vec<Row>,
     pub costs: Vec<Cost>,
 }
@@ -200,8 +202,11 @@ pub fn render_table(results: &Results) -> String {
     if let Some(why) = &results.uring_error {
         let _ = writeln!(out, "io_uring prototype: NOT MEASURED: {why}");
     }
+    if let Some(engine) = &results.keel_engine {
+        let _ = writeln!(out, "Keel's I/O engine: {engine}");
+    }
     out.push_str(
-        "\n| Workload | Page cache | Keel (preadv/pwritev) | fio psync | Keel/fio | Goal >= 0.9 \
+        "\n| Workload | Page cache | Keel | fio psync | Keel/fio | Goal >= 0.9 \
          | io_uring prototype | fio io_uring | io_uring/Keel | hybrid prototype \
          | hybrid/Keel |\n\
          |---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n",
@@ -328,6 +333,7 @@ pub fn render_json(results: &Results) -> String {
         "fio_version": results.fio.as_ref().ok(),
         "fio_missing": results.fio.as_ref().err(),
         "uring_error": results.uring_error,
+        "keel_engine": results.keel_engine,
         "workloads": rows,
         "device_path_ns": costs,
     });
@@ -422,6 +428,7 @@ mod tests {
             load: (0.5, 0.7),
             fio: Err("fio is not installed".to_string()),
             uring_error: None,
+            keel_engine: Some("hybrid".to_string()),
             rows: vec![row()],
             costs: vec![Cost {
                 key: "get_id_qd1",
@@ -439,6 +446,7 @@ mod tests {
             "| 4 KiB random read, QD1 (IOPS) | 100% | 450,000 | 500,000 | 0.90x | met |"
         ));
         assert!(table.contains("| GET_ID | 300 |"));
+        assert!(table.contains("Keel's I/O engine: hybrid"));
     }
 
     #[test]
@@ -451,5 +459,6 @@ mod tests {
         assert_eq!(v["workloads"][0]["goal_met"], true);
         assert_eq!(v["workloads"][0]["uring_prototype"], Value::Null);
         assert_eq!(v["device_path_ns"][0]["ns"], 300.0);
+        assert_eq!(v["keel_engine"], "hybrid");
     }
 }

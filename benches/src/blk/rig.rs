@@ -17,7 +17,7 @@ use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::request::{
     SECTOR_SHIFT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use devices::virtio::block::{Block, QUEUE_SIZE};
+use devices::virtio::block::{Block, EngineChoice, QUEUE_SIZE};
 use devices::virtio::driver::{Buffer, Driver, DATA_START};
 use devices::virtio::mmio::STATUS_DRIVER_OK;
 use devices::virtio::VirtioDevice;
@@ -30,7 +30,8 @@ use super::Run;
 /// Which I/O engine serves the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    /// Keel's `Block`: one `preadv`/`pwritev` per request on the calling thread.
+    /// Keel's `Block`, with the engine it picks (the hybrid, where io_uring works) or the
+    /// synchronous one (`--keel-engine synchronous`).
     Preadv,
     /// The io_uring prototype of [`super::uring`].
     Uring,
@@ -152,17 +153,33 @@ impl Meter {
 pub struct Rig {
     driver: Driver,
     size: u64,
+    /// Keel's `Block::engine()`, for the Keel rig.
+    engine: Option<&'static str>,
 }
 
 impl Rig {
     /// The device on `path`, brought up by the driver with FLUSH and a 256-entry queue.
     pub fn new(path: &Path, engine: Engine) -> Result<Self> {
+        Self::with_keel_engine(path, engine, EngineChoice::Hybrid)
+    }
+
+    /// As [`Rig::new`]; Keel's rig asks for `choice`.
+    pub fn with_keel_engine(path: &Path, engine: Engine, choice: EngineChoice) -> Result<Self> {
+        let mut keel_engine = None;
         let device: Box<dyn VirtioDevice> = match engine {
             Engine::Preadv => {
                 let disk = disk::RawDisk::open(path, false)
                     .with_context(|| format!("opening {} as a disk", path.display()))?;
                 let limiter = RateLimiter::new(&RateLimitConfig::default())?;
-                Box::new(Block::new(disk, "keel-bench", limiter))
+                let block = Block::with_engine(disk, "keel-bench", limiter, choice);
+                if let Some(why) = block.fallback_reason() {
+                    eprintln!(
+                        "devices: Keel's device fell back to {}: {why}",
+                        block.engine()
+                    );
+                }
+                keel_engine = Some(block.engine());
+                Box::new(block)
             }
             Engine::Uring => Box::new(UringBlock::open(path, false)?),
             Engine::Hybrid => Box::new(UringBlock::open(path, true)?),
@@ -176,7 +193,51 @@ impl Rig {
         let mut data = vec![0u8; WRITE_SIZE as usize];
         Rng::new(0x5eed).fill(&mut data);
         driver.mem.write_slice(&data, GuestAddress(WRITE_BUFFER))?;
-        Ok(Self { driver, size })
+        Ok(Self {
+            driver,
+            size,
+            engine: keel_engine,
+        })
+    }
+
+    /// The I/O engine of Keel's device (None for the prototypes).
+    pub fn keel_engine(&self) -> Option<&'static str> {
+        self.engine
+    }
+
+    /// The used entries of queue 0 until there are `count`: requests the device put on its
+    /// io_uring complete when it serves the ring's eventfd, as the event loop would on the
+    /// eventfd's wake-up. Gives up after 10 s without progress.
+    fn wait_used(&mut self, count: usize) -> Vec<(u32, u32)> {
+        let mut used = self.driver.used(0);
+        let mut last_progress = Instant::now();
+        while used.len() < count {
+            let sources = self.driver.transport.event_sources();
+            let mut fds: Vec<libc::pollfd> = sources
+                .iter()
+                .map(|&(fd, _)| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            if fds.is_empty() || last_progress.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            // SAFETY: polls live pollfds, as many as the vector holds, for at most 100 ms.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            for (pfd, &(_, token)) in fds.iter().zip(&sources) {
+                if pfd.revents != 0 {
+                    self.driver.transport.process_event(token);
+                }
+            }
+            let more = self.driver.used(0);
+            if !more.is_empty() {
+                last_progress = Instant::now();
+            }
+            used.extend(more);
+        }
+        used
     }
 
     fn write_header(&mut self, slot: usize, kind: u32, offset: u64) -> Result<()> {
@@ -193,13 +254,14 @@ impl Rig {
         Ok(())
     }
 
-    /// One notification: the device serves everything submitted; its time goes to `meter`.
-    /// Then checks that slots `0..count` completed with status OK.
+    /// One notification: the device serves everything submitted, and completes what it put
+    /// on its io_uring as the events come; its time goes to `meter`. Then checks that slots
+    /// `0..count` completed with status OK.
     fn process(&mut self, meter: &mut Meter, count: usize) -> Result<()> {
         let start = Instant::now();
         self.driver.process(0);
+        let used = self.wait_used(count);
         meter.time(start.elapsed());
-        let used = self.driver.used(0);
         if used.len() != count {
             bail!("{} requests submitted, {} completed", count, used.len());
         }

@@ -1,9 +1,12 @@
-//! Disk images and the I/O on them. Today: raw files, with synchronous vectored I/O straight
-//! between the file and guest buffers (no copy through the VMM).
+//! Disk images and the I/O on them. Today: raw files, with vectored I/O straight between the
+//! file and guest buffers (no copy through the VMM): synchronous here, asynchronous through
+//! an io_uring in [`uring`].
+
+pub mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +27,9 @@ pub enum Error {
     },
 }
 
-/// A raw disk image.
+/// Most iovecs one vectored system call or io_uring operation takes (`UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
 /// An iovec over `len` bytes at `ptr`.
 pub fn iov(ptr: *mut u8, len: usize) -> libc::iovec {
     libc::iovec {
@@ -33,6 +38,27 @@ pub fn iov(ptr: *mut u8, len: usize) -> libc::iovec {
     }
 }
 
+/// Moves past `done` transferred bytes of `iov[*start..]`: whole iovecs are skipped by
+/// raising `start`, a partly transferred one is trimmed in place. Bytes beyond the iovecs are
+/// ignored.
+pub fn advance(iov: &mut [libc::iovec], start: &mut usize, done: usize) {
+    let mut done = done;
+    while *start < iov.len() {
+        let first = &mut iov[*start];
+        if done < first.iov_len {
+            if done > 0 {
+                // SAFETY: stays inside the same buffer: `done` < its length.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(done) }.cast();
+                first.iov_len -= done;
+            }
+            return;
+        }
+        done -= first.iov_len;
+        *start += 1;
+    }
+}
+
+/// A raw disk image.
 #[derive(Debug)]
 pub struct RawDisk {
     file: File,
@@ -89,61 +115,98 @@ impl RawDisk {
         self.vectored(buffers, offset, true)
     }
 
+    /// Reads what the page cache holds of `buffers` from `offset` without blocking
+    /// (`preadv2` with `RWF_NOWAIT`), at most [`IOV_MAX`] iovecs: the bytes read, which may
+    /// be fewer than asked (the rest is not cached, or lies past the end of the file).
+    /// `WouldBlock` when the first page is not cached; other errors when the file system
+    /// cannot read without blocking at all. The iovecs must point at live memory of their
+    /// lengths for the call.
+    pub fn read_nowait(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<usize> {
+        let batch = &buffers[..buffers.len().min(IOV_MAX)];
+        // SAFETY: every iovec points at a live buffer of its length (the caller's guarantee);
+        // the kernel writes only inside them, and `batch.len()` is at most IOV_MAX.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                batch.as_ptr(),
+                batch.len() as i32,
+                offset as i64,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     fn vectored(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
+        // The common case, every byte in one call, needs no copy of the iovecs; a partial
+        // transfer goes on with a copy it can trim.
+        let first = &buffers[..buffers.len().min(IOV_MAX)];
+        let total: usize = buffers.iter().map(|b| b.iov_len).sum();
+        let n = loop {
+            match self.transfer(first, offset, write) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                result => break result?,
+            }
+        };
+        if n == total {
+            return Ok(());
+        }
         let mut iov = buffers.to_vec();
         let mut start = 0;
+        let mut done = n;
         let mut offset = offset;
-        while start < iov.len() {
-            let batch = &iov[start..iov.len().min(start + 1024)];
-            // SAFETY: every iovec points at a live guest buffer of its length (the caller's
-            // guarantee); the kernel reads or writes only inside them.
-            let n = unsafe {
-                if write {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        offset as i64,
-                    )
-                } else {
-                    libc::preadv(
-                        self.file.as_raw_fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        offset as i64,
-                    )
-                }
+        loop {
+            offset += done as u64;
+            advance(&mut iov, &mut start, done);
+            if start == iov.len() {
+                return Ok(());
+            }
+            let batch = &iov[start..iov.len().min(start + IOV_MAX)];
+            done = match self.transfer(batch, offset, write) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                result => result?,
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "past the end of the disk",
-                ));
-            }
-            offset += n as u64;
-            // Advance past what was transferred, trimming a partly done buffer.
-            let mut done = n as usize;
-            while done > 0 && start < iov.len() {
-                if done >= iov[start].iov_len {
-                    done -= iov[start].iov_len;
-                    start += 1;
-                } else {
-                    // SAFETY: stays inside the same buffer: `done` < its length.
-                    iov[start].iov_base =
-                        unsafe { iov[start].iov_base.cast::<u8>().add(done) }.cast();
-                    iov[start].iov_len -= done;
-                    done = 0;
-                }
-            }
         }
-        Ok(())
+    }
+
+    /// One `preadv` or `pwritev` of at most IOV_MAX iovecs; no progress at all (the end of
+    /// the file) is an error.
+    fn transfer(&self, batch: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
+        if batch.iter().all(|b| b.iov_len == 0) {
+            return Ok(0);
+        }
+        // SAFETY: every iovec points at a live guest buffer of its length (the caller's
+        // guarantee); the kernel reads or writes only inside them. `batch` has at most
+        // IOV_MAX entries.
+        let n = unsafe {
+            if write {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset as i64,
+                )
+            } else {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset as i64,
+                )
+            }
+        };
+        match n {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "past the end of the disk",
+            )),
+            n => Ok(n as usize),
+        }
     }
 
     /// Makes written data durable.
@@ -189,6 +252,12 @@ impl RawDisk {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+}
+
+impl AsRawFd for RawDisk {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 
@@ -246,6 +315,59 @@ mod tests {
         assert!(data[8192..8704].iter().all(|&x| x == 0));
         assert!(data[..4096].iter().all(|&x| x == 0xaa));
         assert_eq!(data.len(), 16384);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn advance_skips_whole_iovecs_and_trims_a_partial_one() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        let mut v = vec![
+            iov(a.as_mut_ptr(), 8),
+            iov(std::ptr::null_mut(), 0),
+            iov(b.as_mut_ptr(), 8),
+        ];
+        let mut start = 0;
+        advance(&mut v, &mut start, 3);
+        assert_eq!((start, v[0].iov_len), (0, 5));
+        assert_eq!(v[0].iov_base, a[3..].as_mut_ptr().cast());
+        advance(&mut v, &mut start, 5);
+        assert_eq!(start, 2, "the empty iovec is skipped too");
+        advance(&mut v, &mut start, 100);
+        assert_eq!(start, 3);
+    }
+
+    #[test]
+    fn more_iovecs_than_one_call_takes_are_transferred_in_batches() {
+        let (path, disk) = image(4096 * 2);
+        let mut data: Vec<u8> = (0..3000).map(|i| i as u8).collect();
+        // 3000 one-byte iovecs: three system calls.
+        let bufs: Vec<libc::iovec> = (0..3000).map(|i| iov(data[i..].as_mut_ptr(), 1)).collect();
+        disk.write_at(&bufs, 512).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[512..3512], &data[..]);
+        data.fill(0);
+        disk.read_at(&bufs, 512).unwrap();
+        assert_eq!(&file[512..3512], &data[..]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn nowait_reads_what_the_page_cache_holds() {
+        let (path, disk) = image(64 * 1024);
+        let mut buf = vec![0u8; 8192];
+        let bufs = [iov(buf.as_mut_ptr(), 8192)];
+        // Just written: cached.
+        assert_eq!(disk.read_nowait(&bufs, 4096).unwrap(), 8192);
+        assert!(buf.iter().all(|&b| b == 0xaa));
+        disk.flush().unwrap();
+        // SAFETY: fadvise on an open fd with plain integer arguments.
+        unsafe { libc::posix_fadvise(disk.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        match disk.read_nowait(&bufs, 4096) {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+            // A file system that keeps no page cache of its own (tmpfs) never misses.
+            Ok(n) => assert_eq!(n, 8192),
+        }
         let _ = std::fs::remove_file(path);
     }
 

@@ -46,6 +46,19 @@ pub fn pop(
     mem: &GuestMemoryMmap,
     index: usize,
 ) -> Result<Option<(u16, Vec<Descriptor>)>, DeviceError> {
+    let mut descs = Vec::new();
+    Ok(pop_into(queue, mem, index, &mut descs)?.map(|head| (head, descs)))
+}
+
+/// [`pop`], with the descriptors put in `descs` (cleared first), so that a device reusing
+/// the buffer pops without allocating. Returns the head.
+pub fn pop_into(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: usize,
+    descs: &mut Vec<Descriptor>,
+) -> Result<Option<u16>, DeviceError> {
+    descs.clear();
     loop {
         if let Some(chain) = queue
             .iter(mem)
@@ -53,7 +66,12 @@ pub fn pop(
             .next()
         {
             let head = chain.head_index();
-            return Ok(Some((head, descriptors(chain))));
+            descs.extend(chain.map(|d| Descriptor {
+                addr: d.addr().0,
+                len: d.len(),
+                device_writable: d.is_write_only(),
+            }));
+            return Ok(Some(head));
         }
         if !queue
             .enable_notification(mem)

@@ -1,18 +1,50 @@
 //! virtio-blk on a raw file: read, write, flush, get-id, discard, write-zeroes. A write is
-//! completed to the guest only after it is in the file; a flush only after `fdatasync`.
+//! completed to the guest only after all of it is in the file; a flush only after
+//! `fdatasync` has returned.
+//!
+//! Two I/O engines, chosen when the device is made:
+//!
+//! - **hybrid** (the default): a read first tries `preadv2(RWF_NOWAIT)` on the event-loop
+//!   thread, which the kernel serves from the page cache only and never blocks; when every
+//!   byte was cached the request completes at once. Otherwise the rest of it (the bytes not
+//!   yet read) goes on an io_uring, as do every write (`IORING_OP_WRITEV`) and flush
+//!   (`IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`). The ring's eventfd is an event source
+//!   of the device; [`VirtioDevice::process_event`] reaps the completions and finishes the
+//!   requests. A short transfer is submitted again for the rest; no progress (the end of the
+//!   file) or an error is IOERR. Nothing is acknowledged short. See [`inflight`] for the
+//!   per-request state and how a flush is ordered behind the writes before it.
+//! - **synchronous**: `preadv`/`pwritev`/`fdatasync` on the event-loop thread, each request
+//!   completed before the next is looked at. The fallback where no io_uring can be made (an
+//!   old kernel, `kernel.io_uring_disabled`, a seccomp filter, RLIMIT_MEMLOCK).
+//!
+//! Discard and write-zeroes are `fallocate` calls made synchronously with either engine: they
+//! are rare, change only metadata, and write-zeroes falls back to writing zeroes where the
+//! file system cannot zero a range. A flush that arrives later covers them.
+//!
+//! A reset with requests in flight waits for them, at most [`RESET_WAIT`], dropping their
+//! completions (no status byte, no used entry: the driver has given the rings up). Requests
+//! still in the kernel after that are orphaned: their slots stay taken until their
+//! completions arrive, which are then dropped. Until then a read among them may still put
+//! data in its guest buffers, as a real disk's DMA might; nothing touches the rings.
 
+mod engine;
+pub mod inflight;
 pub mod request;
-
-use std::sync::Arc;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use disk::uring::Uring;
 use disk::RawDisk;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 
-use self::request::{parse, Request, RequestKind, ID_BYTES, SECTOR_SHIFT, SEGMENT_BYTES};
-use super::chain;
+use self::inflight::{Inflight, IoVecs};
+use self::request::{Descriptor, Segment, ID_BYTES, SECTOR_SHIFT};
 use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::RateLimiter;
 
@@ -36,10 +68,78 @@ const MAX_DISCARD_SECTORS: u32 = u32::MAX >> SECTOR_SHIFT;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// Event token of the rate limiter's timer.
-const RATE_LIMIT_TIMER: u32 = 0;
+pub const RATE_LIMIT_TIMER: u32 = 0;
+/// Event token of the io_uring's completion eventfd.
+pub const COMPLETIONS: u32 = 1;
+
+/// Longest a reset waits for requests in flight before orphaning them.
+pub const RESET_WAIT: Duration = Duration::from_secs(5);
+
+/// Which engine to try; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// The hybrid engine, or the synchronous one where no io_uring can be made.
+    Hybrid,
+    /// The synchronous engine, always.
+    Synchronous,
+}
+
+/// Name of the hybrid engine, as [`Block::engine`] gives it.
+pub const ENGINE_HYBRID: &str = "hybrid (preadv2 RWF_NOWAIT, io_uring)";
+/// Name of the synchronous engine.
+pub const ENGINE_SYNCHRONOUS: &str = "synchronous (preadv/pwritev/fdatasync)";
+
+/// Counts of what the engine did, readable while the device runs.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Reads served in full from the page cache by `preadv2(RWF_NOWAIT)`.
+    pub reads_inline: AtomicU64,
+    /// Reads that went on the io_uring (in part or whole).
+    pub reads_ring: AtomicU64,
+    /// Of those, reads whose first part the page cache held: only the rest went on the ring.
+    pub reads_partly_inline: AtomicU64,
+    pub writes_ring: AtomicU64,
+    pub flushes_ring: AtomicU64,
+    /// Flushes that waited for writes before them to complete.
+    pub flushes_waited: AtomicU64,
+    /// Operations submitted again: the rest of a short transfer, or a retry after EAGAIN.
+    pub resubmits: AtomicU64,
+    /// Requests a reset stopped waiting for.
+    pub orphaned: AtomicU64,
+}
+
+impl BlockStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Buffers reused from request to request, so that serving one allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    descs: Vec<Descriptor>,
+    segments: Vec<Segment>,
+    /// Iovecs of requests served synchronously.
+    iov: IoVecs,
+    reaped: Vec<(u64, i32)>,
+    /// Flushes the ring refused: (head, status address), answered IOERR.
+    failed: Vec<(u16, vm_memory::GuestAddress)>,
+}
 
 pub struct Block {
     disk: Arc<RawDisk>,
+    /// None: the synchronous engine.
+    ring: Option<Uring>,
+    /// Why the hybrid engine was asked for and not given.
+    fallback: Option<String>,
+    /// Reads try the page cache first; cleared if the file system refuses `RWF_NOWAIT`.
+    nowait: bool,
+    inflight: Inflight,
+    /// Chains were left in the ring for want of a free slot.
+    held_back: bool,
+    reset_wait: Duration,
+    scratch: Scratch,
+    stats: Arc<BlockStats>,
     limiter: RateLimiter,
     serial: [u8; ID_BYTES],
     features: u64,
@@ -60,7 +160,18 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
 }
 
 impl Block {
+    /// A device on `disk` with the hybrid engine, or the synchronous one where no io_uring
+    /// can be made ([`Block::engine`] says which).
     pub fn new(disk: RawDisk, serial: &str, limiter: RateLimiter) -> Self {
+        Self::with_engine(disk, serial, limiter, EngineChoice::Hybrid)
+    }
+
+    pub fn with_engine(
+        disk: RawDisk,
+        serial: &str,
+        limiter: RateLimiter,
+        choice: EngineChoice,
+    ) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -74,8 +185,24 @@ impl Block {
             features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let config = build_config(disk.size() >> SECTOR_SHIFT);
+        let disk = Arc::new(disk);
+        let (ring, fallback) = match choice {
+            EngineChoice::Synchronous => (None, None),
+            EngineChoice::Hybrid => match Uring::new(disk.clone(), u32::from(QUEUE_SIZE)) {
+                Ok(ring) => (Some(ring), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
         Self {
-            disk: Arc::new(disk),
+            disk,
+            ring,
+            fallback,
+            nowait: true,
+            inflight: Inflight::new(QUEUE_SIZE),
+            held_back: false,
+            reset_wait: RESET_WAIT,
+            scratch: Scratch::default(),
+            stats: Arc::new(BlockStats::default()),
             limiter,
             serial: id,
             features,
@@ -83,112 +210,34 @@ impl Block {
         }
     }
 
-    fn capacity(&self) -> u64 {
-        self.disk.size() >> SECTOR_SHIFT
-    }
-
-    /// Checks that `len` bytes from `sector` lie on the disk.
-    fn in_range(&self, sector: u64, len: u64) -> bool {
-        let sectors = len.div_ceil(1 << SECTOR_SHIFT);
-        sector
-            .checked_add(sectors)
-            .is_some_and(|end| end <= self.capacity())
-    }
-
-    /// Runs one request; returns (status, bytes written into guest buffers).
-    fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
-        let offset = req.sector << SECTOR_SHIFT;
-        match &req.kind {
-            RequestKind::Read | RequestKind::Write => {
-                let is_write = req.kind == RequestKind::Write;
-                if is_write && self.disk.read_only() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                if !self.in_range(req.sector, req.data_len) {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                let Some(bufs) = chain::iovecs(mem, &req.data) else {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                };
-                let result = if is_write {
-                    self.disk.write_at(&bufs, offset)
-                } else {
-                    self.disk.read_at(&bufs, offset)
-                };
-                match result {
-                    Ok(()) if is_write => (VIRTIO_BLK_S_OK, 0),
-                    Ok(()) => (VIRTIO_BLK_S_OK, req.data_len as u32),
-                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
-                }
-            }
-            RequestKind::Flush => match self.disk.flush() {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
-            },
-            RequestKind::GetId => {
-                let mut written = 0u32;
-                let mut id = &self.serial[..];
-                for seg in &req.data {
-                    let n = id.len().min(seg.len as usize);
-                    if mem.write_slice(&id[..n], seg.addr).is_err() {
-                        return (VIRTIO_BLK_S_IOERR, written);
-                    }
-                    written += n as u32;
-                    id = &id[n..];
-                }
-                (VIRTIO_BLK_S_OK, written)
-            }
-            RequestKind::Discard | RequestKind::WriteZeroes => {
-                if self.disk.read_only() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                self.discard_or_zero(req, mem)
-            }
-            RequestKind::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
-        }
-    }
-
-    fn discard_or_zero(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
-        if req.data_len != SEGMENT_BYTES as u64 * u64::from(MAX_DISCARD_SEGMENTS) {
-            return (VIRTIO_BLK_S_UNSUPP, 0);
-        }
-        let mut seg = [0u8; SEGMENT_BYTES];
-        let mut filled = 0;
-        for s in &req.data {
-            let take = (SEGMENT_BYTES - filled).min(s.len as usize);
-            if mem
-                .read_slice(&mut seg[filled..filled + take], s.addr)
-                .is_err()
-            {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            filled += take;
-        }
-        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-        let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-        let len = u64::from(sectors) << SECTOR_SHIFT;
-        if sectors > MAX_DISCARD_SECTORS || !self.in_range(sector, len) {
-            return (VIRTIO_BLK_S_IOERR, 0);
-        }
-        let offset = sector << SECTOR_SHIFT;
-        let result = if req.kind == RequestKind::Discard {
-            // Unknown flags in a discard segment are an error per the spec.
-            if flags != 0 {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
-            }
-            self.disk.discard(offset, len)
+    /// The engine serving requests: [`ENGINE_HYBRID`] or [`ENGINE_SYNCHRONOUS`].
+    pub fn engine(&self) -> &'static str {
+        if self.ring.is_some() {
+            ENGINE_HYBRID
         } else {
-            if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
-            }
-            self.disk
-                .write_zeroes(offset, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
-        };
-        match result {
-            Ok(()) => (VIRTIO_BLK_S_OK, 0),
-            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            ENGINE_SYNCHRONOUS
         }
+    }
+
+    /// Why the hybrid engine was asked for and the synchronous one is serving, if it is.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// The engine's counters, shared: they stay readable after the device is handed over.
+    pub fn stats(&self) -> Arc<BlockStats> {
+        self.stats.clone()
+    }
+
+    /// Sets how long a reset waits for requests in flight (tests shorten it).
+    pub fn set_reset_wait(&mut self, wait: Duration) {
+        self.reset_wait = wait;
+    }
+
+    /// Fewer slots than the queue has entries, so that a test can fill them.
+    #[cfg(test)]
+    fn limit_in_flight(&mut self, slots: u16) {
+        self.inflight = Inflight::new(slots);
     }
 }
 
@@ -219,56 +268,30 @@ impl VirtioDevice for Block {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let mut used_any = false;
-        while let Some((head, descs)) = chain::pop(queue, mem, index)? {
-            let (status, written, status_addr) = match parse(&descs, mem) {
-                Ok(req) if !self.limiter.consume(req.data_len, 1) => {
-                    // Over the limit: the request waits in the ring until the timer fires.
-                    queue.go_to_previous_position();
-                    break;
-                }
-                Ok(req) => {
-                    let (status, written) = self.execute(&req, mem);
-                    (status, written, Some(req.status))
-                }
-                Err(e) => {
-                    // The status address is the last writable byte, when there is one
-                    // (it may be u64::MAX: add len - 1, never len first).
-                    let addr = if e.has_status() {
-                        descs
-                            .iter()
-                            .rev()
-                            .find(|d| d.device_writable && d.len > 0)
-                            .and_then(|d| d.addr.checked_add(u64::from(d.len) - 1))
-                            .map(vm_memory::GuestAddress)
-                    } else {
-                        None
-                    };
-                    (VIRTIO_BLK_S_IOERR, 0, addr)
-                }
-            };
-            let mut used_len = written;
-            if let Some(addr) = status_addr {
-                if mem.write_obj(status, addr).is_ok() {
-                    used_len += 1;
-                }
-            }
-            queue
-                .add_used(mem, head, used_len)
-                .map_err(|e| DeviceError::queue(index, e))?;
-            used_any = true;
-        }
-        Ok(used_any)
+        // Completions that arrived since the last event free slots first.
+        let mut used = self.complete(index, queue, mem)?;
+        used |= self.serve(index, queue, mem)?;
+        self.submit();
+        // What the kernel finished while submitting (writes into the page cache often do)
+        // completes now rather than on the next event.
+        used |= self.complete(index, queue, mem)?;
+        Ok(used)
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        self.held_back = false;
+        self.quiesce(self.reset_wait);
+    }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {
-        if self.limiter.is_unlimited() {
-            Vec::new()
-        } else {
-            vec![(self.limiter.as_raw_fd(), RATE_LIMIT_TIMER)]
+        let mut sources = Vec::new();
+        if !self.limiter.is_unlimited() {
+            sources.push((self.limiter.as_raw_fd(), RATE_LIMIT_TIMER));
         }
+        if let Some(ring) = &self.ring {
+            sources.push((ring.eventfd(), COMPLETIONS));
+        }
+        sources
     }
 
     fn process_event(
@@ -277,12 +300,35 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, DeviceError> {
-        if token != RATE_LIMIT_TIMER || self.limiter.event_handler().is_err() {
-            return Ok(0);
-        }
         let Some(queue) = queues.get_mut(0) else {
             return Ok(0);
         };
-        Ok(u64::from(self.process_queue(0, queue, mem)?))
+        let used = match token {
+            RATE_LIMIT_TIMER => {
+                if self.limiter.event_handler().is_err() {
+                    return Ok(0);
+                }
+                self.process_queue(0, queue, mem)?
+            }
+            COMPLETIONS => {
+                if let Some(ring) = &self.ring {
+                    ring.clear_eventfd();
+                }
+                let mut used = self.complete(0, queue, mem)?;
+                if std::mem::take(&mut self.held_back) {
+                    used |= self.process_queue(0, queue, mem)?;
+                }
+                used
+            }
+            _ => false,
+        };
+        Ok(u64::from(used))
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // The kernel must not write into guest memory after whoever owns it unmaps it.
+        self.quiesce(RESET_WAIT);
     }
 }

@@ -71,9 +71,31 @@ impl ParseError {
     }
 }
 
-/// Splits device-readable bytes after the first `skip` into segments.
-fn readable_after(descs: &[Descriptor], skip: u64) -> Result<Vec<Segment>, ParseError> {
-    let mut out = Vec::new();
+/// A parsed request without its data segments, which [`parse_into`] leaves in the caller's
+/// buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub kind: RequestKind,
+    pub sector: u64,
+    pub data_len: u64,
+    pub status: GuestAddress,
+}
+
+/// The last device-writable descriptor that has bytes: it holds the status byte.
+fn status_descriptor(descs: &[Descriptor]) -> Option<(usize, &Descriptor)> {
+    descs
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, d)| d.device_writable && d.len > 0)
+}
+
+/// Appends the device-readable bytes after the first `skip` to `out` as segments.
+fn readable_after(
+    descs: &[Descriptor],
+    skip: u64,
+    out: &mut Vec<Segment>,
+) -> Result<(), ParseError> {
     let mut skip = skip;
     for d in descs.iter().filter(|d| !d.device_writable) {
         let len = u64::from(d.len);
@@ -88,43 +110,84 @@ fn readable_after(descs: &[Descriptor], skip: u64) -> Result<Vec<Segment>, Parse
         });
         skip = 0;
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Splits the device-writable bytes into everything but the last byte, and the last byte.
-fn writable_and_status(descs: &[Descriptor]) -> Result<(Vec<Segment>, GuestAddress), ParseError> {
-    let writable: Vec<&Descriptor> = descs
-        .iter()
-        .filter(|d| d.device_writable && d.len > 0)
-        .collect();
-    let last = writable.last().ok_or(ParseError::NoStatus)?;
-    let status = last
-        .addr
-        .checked_add(u64::from(last.len) - 1)
-        .ok_or(ParseError::Overflow)?;
-    let mut data: Vec<Segment> = Vec::new();
-    for (i, d) in writable.iter().enumerate() {
-        let len = if i + 1 == writable.len() {
-            d.len - 1
-        } else {
-            d.len
-        };
-        if len > 0 {
-            d.addr
-                .checked_add(u64::from(len))
-                .ok_or(ParseError::Overflow)?;
-            data.push(Segment {
+/// Checks the device-readable bytes after the first `skip` as [`readable_after`] would
+/// take them; true if there are any.
+fn check_readable_after(descs: &[Descriptor], skip: u64) -> Result<bool, ParseError> {
+    let mut skip = skip;
+    let mut any = false;
+    for d in descs.iter().filter(|d| !d.device_writable) {
+        let len = u64::from(d.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        d.addr.checked_add(skip).ok_or(ParseError::Overflow)?;
+        skip = 0;
+        any = true;
+    }
+    Ok(any)
+}
+
+/// The device-writable bytes but the status byte, as segments; `status` is the index of the
+/// status descriptor. With `out` None, only checks them; true if there are any.
+fn writable_data(
+    descs: &[Descriptor],
+    status: usize,
+    mut out: Option<&mut Vec<Segment>>,
+) -> Result<bool, ParseError> {
+    let mut any = false;
+    for (i, d) in descs.iter().enumerate() {
+        if !d.device_writable || d.len == 0 || i > status {
+            continue;
+        }
+        let len = if i == status { d.len - 1 } else { d.len };
+        if len == 0 {
+            continue;
+        }
+        d.addr
+            .checked_add(u64::from(len))
+            .ok_or(ParseError::Overflow)?;
+        any = true;
+        if let Some(out) = out.as_deref_mut() {
+            out.push(Segment {
                 addr: GuestAddress(d.addr),
                 len,
             });
         }
     }
-    Ok((data, GuestAddress(status)))
+    Ok(any)
 }
 
 /// Parses the descriptors of one chain, reading the header from guest memory.
 pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
-    let (writable, status) = writable_and_status(descs)?;
+    let mut data = Vec::new();
+    let p = parse_into(descs, mem, &mut data)?;
+    Ok(Request {
+        kind: p.kind,
+        sector: p.sector,
+        data,
+        data_len: p.data_len,
+        status: p.status,
+    })
+}
+
+/// [`parse`], with the data segments put in `data` (cleared first), so that a caller
+/// reusing the buffer parses without allocating.
+pub fn parse_into(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    data: &mut Vec<Segment>,
+) -> Result<Parsed, ParseError> {
+    data.clear();
+    let (status_index, last) = status_descriptor(descs).ok_or(ParseError::NoStatus)?;
+    let status = last
+        .addr
+        .checked_add(u64::from(last.len) - 1)
+        .ok_or(ParseError::Overflow)?;
+    let has_writable = writable_data(descs, status_index, None)?;
     let readable_bytes: u64 = descs
         .iter()
         .filter(|d| !d.device_writable)
@@ -136,12 +199,12 @@ pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Par
     // The header may span descriptors: gather its 16 bytes.
     let mut header = [0u8; HEADER_BYTES];
     let mut filled = 0;
-    for seg in readable_after(descs, 0)? {
+    for d in descs.iter().filter(|d| !d.device_writable && d.len > 0) {
         if filled == HEADER_BYTES {
             break;
         }
-        let take = (HEADER_BYTES - filled).min(seg.len as usize);
-        mem.read_slice(&mut header[filled..filled + take], seg.addr)
+        let take = (HEADER_BYTES - filled).min(d.len as usize);
+        mem.read_slice(&mut header[filled..filled + take], GuestAddress(d.addr))
             .map_err(|_| ParseError::HeaderUnreadable)?;
         filled += take;
     }
@@ -149,48 +212,52 @@ pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Par
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
-    let after_header = readable_after(descs, HEADER_BYTES as u64)?;
+    let has_readable_data = check_readable_after(descs, HEADER_BYTES as u64)?;
 
-    let (kind, data) = match kind {
+    let kind = match kind {
         VIRTIO_BLK_T_IN => {
-            if !after_header.is_empty() {
+            if has_readable_data {
                 return Err(ParseError::WrongDirection("read"));
             }
-            (RequestKind::Read, writable)
+            writable_data(descs, status_index, Some(data))?;
+            RequestKind::Read
         }
         VIRTIO_BLK_T_OUT => {
-            if !writable.is_empty() {
+            if has_writable {
                 return Err(ParseError::WrongDirection("write"));
             }
-            (RequestKind::Write, after_header)
+            readable_after(descs, HEADER_BYTES as u64, data)?;
+            RequestKind::Write
         }
-        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new()),
-        VIRTIO_BLK_T_GET_ID => (RequestKind::GetId, writable),
+        VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
+        VIRTIO_BLK_T_GET_ID => {
+            writable_data(descs, status_index, Some(data))?;
+            RequestKind::GetId
+        }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            if !writable.is_empty() {
+            if has_writable {
                 return Err(ParseError::WrongDirection("discard or write-zeroes"));
             }
-            let k = if kind == VIRTIO_BLK_T_DISCARD {
+            readable_after(descs, HEADER_BYTES as u64, data)?;
+            if kind == VIRTIO_BLK_T_DISCARD {
                 RequestKind::Discard
             } else {
                 RequestKind::WriteZeroes
-            };
-            (k, after_header)
+            }
         }
-        other => (RequestKind::Unsupported(other), Vec::new()),
+        other => RequestKind::Unsupported(other),
     };
-    let data_len = total_len(&data);
+    let data_len = total_len(data);
     if matches!(kind, RequestKind::Read | RequestKind::Write)
         && !data_len.is_multiple_of(SECTOR_SIZE)
     {
         return Err(ParseError::PartialSector(data_len));
     }
-    Ok(Request {
+    Ok(Parsed {
         kind,
         sector,
-        data,
         data_len,
-        status,
+        status: GuestAddress(status),
     })
 }
 

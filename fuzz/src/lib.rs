@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use devices::rate_limiter::{RateLimitConfig, RateLimiter};
-use devices::virtio::block::Block;
+use devices::virtio::block::{Block, EngineChoice};
 use devices::virtio::chain::{Descriptor, Segment};
 pub use devices::virtio::driver::{Buffer, Driver, DATA_START};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -224,7 +224,9 @@ pub fn block(read_only: bool, rate_limited: bool) -> Block {
         limits.bytes_per_sec = NonZeroU64::new(8192);
     }
     let limiter = RateLimiter::new(&limits).expect("the fuzz rate limiter");
-    Block::new(disk, "keel-fuzz", limiter)
+    // The synchronous engine: every request completes inside process(), so each input has
+    // one outcome (the hybrid engine's parsing and checks are the same code).
+    Block::with_engine(disk, "keel-fuzz", limiter, EngineChoice::Synchronous)
 }
 
 /// The host-side driver harness with a block device behind it.

@@ -67,7 +67,17 @@ impl VirtioDevices {
         for (i, d) in config.disks.iter().enumerate() {
             let raw = disk::RawDisk::open(&d.path, d.read_only)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
-            devices.push(Box::new(Block::new(raw, &serial, limiter(&d.rate_limit)?)));
+            let block = Block::new(raw, &serial, limiter(&d.rate_limit)?);
+            if let Some(why) = block.fallback_reason() {
+                eprintln!(
+                    "keel: disk {}: {why}; serving it with the {} engine",
+                    d.path.display(),
+                    block.engine()
+                );
+            } else if config.trace_startup {
+                eprintln!("keel: disk {}: {} engine", d.path.display(), block.engine());
+            }
+            devices.push(Box::new(block));
         }
         for n in &config.nets {
             let tap = Tap::open(&n.tap, TAP_VNET_HDR_LEN)?;

@@ -172,6 +172,13 @@ impl Driver {
         self.set_avail_idx(q, self.next_avail[q]);
     }
 
+    /// Sets the avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT = 1).
+    pub fn set_avail_flags(&mut self, q: usize, flags: u16) {
+        self.mem
+            .write_obj(flags, GuestAddress(avail_ring(q)))
+            .expect("avail flags");
+    }
+
     /// Publishes an avail index (a test may make it run ahead of the queue).
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
         self.mem

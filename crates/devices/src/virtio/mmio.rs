@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{VirtioDevice, VIRTIO_F_VERSION_1};
@@ -82,6 +82,21 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
     }
+}
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the avail ring's flags.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for new used entries on `queue`: with EVENT_IDX, as
+/// its used_event says; without, unless it set NO_INTERRUPT in the avail ring (virtio-queue
+/// 0.18 does not look at that flag). When the check itself fails (rings outside memory),
+/// interrupting is the safe answer.
+fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
+        .map_or(true, |flags| flags & AVAIL_F_NO_INTERRUPT == 0)
 }
 
 pub struct MmioTransport {
@@ -357,7 +372,7 @@ impl MmioTransport {
         {
             Ok(used) => {
                 for (i, queue) in self.queues.iter_mut().enumerate() {
-                    if used & (1 << i) != 0 && queue.needs_notification(&self.mem).unwrap_or(true) {
+                    if used & (1 << i) != 0 && wants_interrupt(queue, &self.mem) {
                         self.interrupt.raise(INTERRUPT_USED_BUFFER);
                     }
                 }
@@ -382,7 +397,7 @@ impl MmioTransport {
             Ok(true) => {
                 // With EVENT_IDX the driver may not want this interrupt; if the check itself
                 // fails (rings out of memory), interrupting is the safe answer.
-                if queue.needs_notification(&self.mem).unwrap_or(true) {
+                if wants_interrupt(queue, &self.mem) {
                     self.interrupt.raise(INTERRUPT_USED_BUFFER);
                 }
             }

@@ -137,6 +137,41 @@ mod tests {
     }
 
     #[test]
+    fn no_interrupt_flag_in_the_avail_ring_is_honoured() {
+        let mut d = Driver::new(Box::new(Rng), 4 << 20);
+        d.init(0, 16);
+        let _ = d.irq.read();
+        d.set_avail_flags(0, 1);
+        d.submit(
+            0,
+            &[Buffer {
+                addr: DATA_START,
+                len: 8,
+                writable: true,
+            }],
+        );
+        d.process(0);
+        assert_eq!(d.used(0).len(), 1);
+        assert!(d.irq.read().is_err(), "the driver asked for no interrupt");
+        d.set_avail_flags(0, 0);
+        d.submit(
+            0,
+            &[Buffer {
+                addr: DATA_START,
+                len: 8,
+                writable: true,
+            }],
+        );
+        d.process(0);
+        assert_eq!(d.used(0).len(), 1);
+        assert_eq!(
+            d.irq.read().unwrap(),
+            1,
+            "interrupts are back once the flag is clear"
+        );
+    }
+
+    #[test]
     fn buffers_outside_memory_end_the_request_not_the_device() {
         let mut d = Driver::new(Box::new(Rng), 4 << 20);
         d.init(0, 16);

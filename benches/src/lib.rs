@@ -5,7 +5,8 @@
 //!
 //! The modules hold the parts: [`stats`], [`serial`] and [`procfs`] are pure logic with unit
 //! tests; [`runner`] starts and times the VMMs; [`report`] prints the results. [`blk`] holds
-//! the parts of `devices`.
+//! the parts of `devices`; [`tools`] finds or builds what every benchmark runs (probe, keel,
+//! QEMU).
 
 pub mod blk;
 pub mod procfs;
@@ -13,3 +14,4 @@ pub mod report;
 pub mod runner;
 pub mod serial;
 pub mod stats;
+pub mod tools;

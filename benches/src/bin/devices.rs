@@ -17,6 +17,7 @@ use keel_benches::blk::image;
 use keel_benches::blk::report::{self, Cost, Results, Row, Unit};
 use keel_benches::blk::rig::{syscall_alone, Engine, Rig};
 use keel_benches::blk::Run;
+use keel_benches::tools::{target_dir, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -136,20 +137,6 @@ impl Workload {
             }
         }
     }
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.join("..").canonicalize().with_context(|| {
-        format!(
-            "finding the workspace root above {}",
-            manifest_dir.display()
-        )
-    })
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn filesystem(path: &Path) -> String {

@@ -4,19 +4,17 @@
 //! cargo run --release -p keel-benches --bin startup -- [--runs 20] [--probe-dir DIR]
 //!     [--keel PATH] [--qemu PATH] [--json]
 
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use keel_benches::procfs::MemoryStatus;
 use keel_benches::report::{self, Host, Metric, Results};
 use keel_benches::runner::{self, BootTiming, Setup, Vmm};
 use keel_benches::stats::summarize;
-
-const QEMU_BINARY: &str = "qemu-system-x86_64";
+use keel_benches::tools::{check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -42,135 +40,6 @@ struct Args {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.join("..").canonicalize().with_context(|| {
-        format!(
-            "finding the workspace root above {} (the benchmark runs from its source tree)",
-            manifest_dir.display()
-        )
-    })
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
-}
-
-/// probe.elf: the given directory's if it has one, else built with make.
-fn probe_elf(root: &Path, probe_dir: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(dir) = &probe_dir {
-        let elf = dir.join("probe.elf");
-        if elf.is_file() {
-            return Ok(elf);
-        }
-    }
-    let out = probe_dir.unwrap_or_else(|| target_dir(root).join("probe"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    // The whole-system tests build into the same directory: take their lock.
-    let lock_path = out.join(".build-lock");
-    let lock = File::create(&lock_path)
-        .with_context(|| format!("creating the probe build lock {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("locking {}", lock_path.display()))?;
-    let status = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(root.join("guest/probe"))
-        .arg(format!("OUT={}", out.display()))
-        .stdout(Stdio::null())
-        .status()
-        .context("running make to build the probe guest; is make installed?")?;
-    if !status.success() {
-        bail!(
-            "building the probe guest failed ({status}): see make's messages above, or pass \
-             --probe-dir with a directory holding a built probe.elf"
-        );
-    }
-    Ok(out.join("probe.elf"))
-}
-
-/// The keel binary: the given one, or target/release/keel built now so that it is current.
-fn keel_binary(root: &Path, keel: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(path) = keel {
-        if !path.is_file() {
-            bail!(
-                "--keel {}: no such file; build it with: cargo build --release -p keel",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("startup: cargo build --release -p keel");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "keel"])
-        .current_dir(root)
-        .stdout(Stdio::null())
-        .status()
-        .context("running cargo to build keel")?;
-    let path = target_dir(root).join("release/keel");
-    if !status.success() {
-        bail!(
-            "building keel failed ({status}): fix the build (cargo build --release -p keel), \
-             or pass --keel PATH to measure an existing binary"
-        );
-    }
-    if !path.is_file() {
-        bail!(
-            "{} is missing after building it; run: cargo build --release -p keel",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// The QEMU binary and its version line.
-fn qemu_binary(qemu: Option<PathBuf>) -> Result<(PathBuf, String)> {
-    let path = match qemu {
-        Some(path) => path,
-        None => std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join(QEMU_BINARY))
-            .find(|p| p.is_file())
-            .with_context(|| {
-                format!(
-                    "{QEMU_BINARY} is not in PATH: install it (apt-get install -y \
-                     qemu-system-x86) or pass --qemu PATH"
-                )
-            })?,
-    };
-    let output = Command::new(&path)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| {
-            format!(
-                "running {} --version; install QEMU (apt-get install -y qemu-system-x86) or \
-                 pass --qemu PATH",
-                path.display()
-            )
-        })?;
-    let version = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or("QEMU, version unknown")
-        .to_string();
-    Ok((path, version))
-}
-
-fn check_kvm() -> Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .context(
-            "opening /dev/kvm (both VMMs need it): load the KVM module, and run as root or \
-             as a member of the group that owns /dev/kvm",
-        )
 }
 
 fn host(qemu_version: String) -> Host {

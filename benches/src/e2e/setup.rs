@@ -1,7 +1,7 @@
 //! What the runs need: the probe (built with make), Keel (built with cargo), QEMU, /dev/kvm,
 //! a disk image on a real file system, and a description of the machine.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,126 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-const QEMU_BINARY: &str = "qemu-system-x86_64";
+pub use keel_benches::tools::{
+    check_kvm, keel_binary, probe_elf, qemu_binary, target_dir, workspace_root,
+};
+
 /// statfs f_type of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-
-pub fn workspace_root() -> Result<PathBuf> {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.join("..").canonicalize().with_context(|| {
-        format!(
-            "finding the workspace root above {} (the benchmark runs from its source tree)",
-            manifest_dir.display()
-        )
-    })
-}
-
-pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
-}
-
-pub fn check_kvm() -> Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .context(
-            "opening /dev/kvm (both VMMs need it): load the KVM module, and run as root or \
-             as a member of the group that owns /dev/kvm",
-        )
-}
-
-/// probe.elf: the given directory's if it has one, else built with make into it (default
-/// target/probe, under the lock the whole-system tests take).
-pub fn probe_elf(root: &Path, probe_dir: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(dir) = &probe_dir {
-        let elf = dir.join("probe.elf");
-        if elf.is_file() {
-            return Ok(elf);
-        }
-    }
-    let out = probe_dir.unwrap_or_else(|| target_dir(root).join("probe"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let lock_path = out.join(".build-lock");
-    let lock = File::create(&lock_path)
-        .with_context(|| format!("creating the probe build lock {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("locking {}", lock_path.display()))?;
-    let status = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(root.join("guest/probe"))
-        .arg(format!("OUT={}", out.display()))
-        .stdout(Stdio::null())
-        .status()
-        .context("running make to build the probe guest; is make installed?")?;
-    if !status.success() {
-        bail!(
-            "building the probe guest failed ({status}): see make's messages above, or pass \
-             --probe-dir with a directory holding a built probe.elf"
-        );
-    }
-    Ok(out.join("probe.elf"))
-}
-
-/// The keel binary: the given one, or target/release/keel built now so that it is current.
-pub fn keel_binary(root: &Path, keel: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(path) = keel {
-        if !path.is_file() {
-            bail!(
-                "--keel {}: no such file; build it with: cargo build --release -p keel",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("e2e: cargo build --release -p keel");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "keel"])
-        .current_dir(root)
-        .stdout(Stdio::null())
-        .status()
-        .context("running cargo to build keel")?;
-    let path = target_dir(root).join("release/keel");
-    if !status.success() || !path.is_file() {
-        bail!(
-            "building keel failed ({status}): fix the build (cargo build --release -p keel), \
-             or pass --keel PATH to measure an existing binary"
-        );
-    }
-    Ok(path)
-}
-
-/// The QEMU binary and its version line.
-pub fn qemu_binary(qemu: Option<PathBuf>) -> Result<(PathBuf, String)> {
-    let path = match qemu {
-        Some(path) => path,
-        None => std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join(QEMU_BINARY))
-            .find(|p| p.is_file())
-            .with_context(|| {
-                format!(
-                    "{QEMU_BINARY} is not in PATH: install it (apt-get install -y \
-                     qemu-system-x86) or pass --qemu PATH"
-                )
-            })?,
-    };
-    let output = Command::new(&path)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {} --version", path.display()))?;
-    let version = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or("QEMU, version unknown")
-        .to_string();
-    Ok((path, version))
-}
 
 fn is_tmpfs(dir: &Path) -> Result<bool> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())

@@ -153,3 +153,37 @@ fn bad_disk_options_are_one_clear_error() {
     assert_eq!(run.code(), Some(2), "{}", run.context());
     assert!(run.stderr.contains("bw=fast"), "{}", run.context());
 }
+
+#[test]
+fn ring3_benchmark_loops_run_to_completion() {
+    if !kvm_available("ring3_benchmark_loops_run_to_completion") {
+        return;
+    }
+    // The probe's benchmark switches (used by the e2e benchmark) must keep working: small
+    // counts, with and without EVENT_IDX, each loop's done line exact.
+    for event_idx in ["", " probe.bench_event_idx"] {
+        let disk = image("bench.img", 16 << 20);
+        let cmdline = format!(
+            "probe.bench_blk_read=200 probe.bench_blk_read_qd=200 probe.bench_blk_write=3{event_idx} probe.poweroff"
+        );
+        let run = run_with_disks(&[format!("path={}", disk.display())], &cmdline);
+        let ctx = run.context();
+        let p = run.probe();
+        assert_eq!(
+            p["bench_blk_read"][..2],
+            ["start", "done 200 819200"],
+            "{ctx}"
+        );
+        assert_eq!(
+            p["bench_blk_read_qd"][..2],
+            ["start", "done 200 819200"],
+            "{ctx}"
+        );
+        assert_eq!(
+            p["bench_blk_write"][..2],
+            ["start", "done 3 3145728"],
+            "{ctx}"
+        );
+        assert_eq!(run.code(), Some(0), "{ctx}");
+    }
+}

@@ -283,3 +283,31 @@ fn emulation_failure_is_reported_on_a_pvm_host() {
         run.context()
     );
 }
+
+#[test]
+fn power_button_powers_off_a_guest_that_honours_it() {
+    if !kvm_available("power_button_powers_off_a_guest_that_honours_it") {
+        return;
+    }
+    for kernel in [probe_elf(), probe_bzimage()] {
+        let cmd = keel_run(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "probe.power_button",
+        ]);
+        // Ctrl-A p on the console presses the ACPI power button (the GED's event).
+        let run = common::run_with(cmd, Some(b"\x01p".to_vec()), Duration::from_secs(30), None);
+        let ctx = run.context();
+        assert!(!run.killed, "the guest did not power off\n{ctx}");
+        let lines = &run.probe()["power_button"];
+        assert!(lines[0].starts_with("waiting irq 23"), "{ctx}");
+        assert_eq!(lines.last().map(String::as_str), Some("pressed"), "{ctx}");
+        assert!(
+            run.stderr.contains("keel: power button pressed (Ctrl-A p)"),
+            "{ctx}"
+        );
+        assert!(run.stderr.contains("keel: guest powered off"), "{ctx}");
+        assert_eq!(run.code(), Some(0), "{ctx}");
+    }
+}

@@ -179,7 +179,7 @@ void probe_main(u32 kind, u64 info)
 	madt_report();
 	/* Read everything poweroff needs before the APs' page is written. */
 	poweroff = has_word("probe.poweroff");
-	if (poweroff)
+	if (poweroff || has_word("probe.power_button"))
 		s5_ok = acpi_find_s5(&s5);
 	virtio_find();
 	smp_start();
@@ -198,6 +198,8 @@ void probe_main(u32 kind, u64 info)
 			acpi_sleep(&s5);
 		else
 			pr("PROBE error no_s5\n");
+	} else if (has_word("probe.power_button")) {
+		power_button_wait(s5_ok ? &s5 : 0);
 	} else if (has_word("probe.reboot")) {
 		pr("PROBE reboot\n");
 		outb(0x64, 0xfe);	/* i8042: pulse the reset line */

@@ -81,6 +81,8 @@ void madt_report(void);
 struct sleep_reg { u64 addr; u8 space, typ; bool pm1a; };
 bool acpi_find_s5(struct sleep_reg *r);
 void acpi_sleep(const struct sleep_reg *r);
+/* power.c: probe.power_button */
+void power_button_wait(const struct sleep_reg *s5);
 
 /* smp.c */
 void smp_start(void);

@@ -120,36 +120,9 @@ impl Running {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} ({:?})", vmm.name(), cmd.get_program()))?;
-        let mut out = child.stdout.take().context("the child's stdout pipe")?;
-        let mut err = child.stderr.take().context("the child's stderr pipe")?;
-        let (tx, rx) = mpsc::channel();
-        // Raw reads, timestamped as soon as they return: no buffering between the pipe and
-        // the clock.
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match out.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send((Instant::now(), Vec::new()));
-                        break;
-                    }
-                    Ok(n) => {
-                        if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        let (err_tx, err_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = err.read(&mut buf) {
-                if err_tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
+        let out = child.stdout.take().context("the child's stdout pipe")?;
+        let err = child.stderr.take().context("the child's stderr pipe")?;
+        let (rx, err_rx) = read_pipes(out, err);
         Ok(Running {
             vmm,
             child,
@@ -334,4 +307,45 @@ pub fn idle_memory(setup: &Setup, vmm: Vmm) -> Result<MemoryStatus> {
     }
     run.kill();
     status.with_context(|| format!("reading {}'s memory use", vmm.name()))
+}
+
+/// Stdout chunks with the time each read returned; an empty chunk marks the end.
+pub type StdoutChunks = mpsc::Receiver<(Instant, Vec<u8>)>;
+/// Stderr chunks.
+pub type StderrChunks = mpsc::Receiver<Vec<u8>>;
+
+/// A VMM's stdout chunks, each timestamped as soon as its read returns (an empty chunk marks
+/// the end), and its stderr chunks: raw reads on threads of their own, with no buffering
+/// between the pipe and the clock.
+pub fn read_pipes(
+    mut out: impl Read + Send + 'static,
+    mut err: impl Read + Send + 'static,
+) -> (StdoutChunks, StderrChunks) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send((Instant::now(), Vec::new()));
+                    break;
+                }
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = err.read(&mut buf) {
+            if err_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, err_rx)
 }

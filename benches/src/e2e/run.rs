@@ -2,12 +2,12 @@
 //! as it arrives, time the benchmark's `start` and `done` lines, sample the VMM's CPU time,
 //! end the VMM once the probe idles. Every run is bounded by a deadline and killed at it.
 
-use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
+use keel_benches::runner::read_pipes;
 use keel_benches::serial::LineScanner;
 
 use super::cpu::{self, Usage};
@@ -72,40 +72,15 @@ impl Vmm {
         let mut child = cmd
             .spawn()
             .map_err(|e| anyhow!("starting {:?}: {e}", cmd.get_program()))?;
-        let mut out = child
+        let out = child
             .stdout
             .take()
             .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let mut err = child
+        let err = child
             .stderr
             .take()
             .ok_or_else(|| anyhow!("no stderr pipe"))?;
-        let (tx, stdout) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match out.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send((Instant::now(), Vec::new()));
-                        break;
-                    }
-                    Ok(n) => {
-                        if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        let (err_tx, stderr) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = err.read(&mut buf) {
-                if err_tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
+        let (stdout, stderr) = read_pipes(out, err);
         Ok(Vmm {
             child,
             stdout,

@@ -17,7 +17,7 @@ use keel_benches::blk::image;
 use keel_benches::blk::report::{self, Cost, Results, Row, Unit};
 use keel_benches::blk::rig::{syscall_alone, Engine, Rig};
 use keel_benches::blk::Run;
-use keel_benches::tools::{target_dir, workspace_root};
+use keel_benches::tools::{self, target_dir, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -160,18 +160,8 @@ fn filesystem(path: &Path) -> String {
 }
 
 fn host(file: &Path) -> String {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string());
+    let cpu_model = tools::cpu_model();
+    let kernel = tools::kernel_release();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "{cpu_model} ({cpus} CPUs), Linux {kernel}, image on {}",

@@ -14,7 +14,7 @@ use keel_benches::procfs::MemoryStatus;
 use keel_benches::report::{self, Host, Metric, Results};
 use keel_benches::runner::{self, BootTiming, Setup, Vmm};
 use keel_benches::stats::summarize;
-use keel_benches::tools::{check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
+use keel_benches::tools::{self, check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -43,18 +43,8 @@ struct Args {
 }
 
 fn host(qemu_version: String) -> Host {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string());
+    let cpu_model = tools::cpu_model();
+    let kernel = tools::kernel_release();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);

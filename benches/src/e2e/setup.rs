@@ -88,15 +88,7 @@ pub struct Host {
 }
 
 pub fn host(root: &Path, qemu_version: String) -> Host {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
+    let cpu_model = keel_benches::tools::cpu_model();
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
@@ -125,7 +117,7 @@ pub fn host(root: &Path, qemu_version: String) -> Host {
         date_utc: keel_benches::report::utc_date(now.as_secs()),
         cpu_model,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel: read("/proc/sys/kernel/osrelease"),
+        kernel: keel_benches::tools::kernel_release(),
         pvm: Path::new("/sys/module/kvm_pvm").exists(),
         load: read("/proc/loadavg")
             .split_whitespace()

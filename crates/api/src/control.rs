@@ -1,0 +1,94 @@
+//! The control socket of one `keel vmm`: newline-delimited JSON, one request and one response
+//! per line, several per connection. The daemon uses it to ask how the VM is, to press the
+//! power button and to stop the VM; it finds everything in the VM's run directory.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Files in a VM's run directory (`<state dir>/vms/<name>/`).
+pub mod files {
+    /// The VM's definition as `keel vmm` reads it (JSON of `VmSpec`).
+    pub const SPEC: &str = "vm.json";
+    /// Control socket (this protocol).
+    pub const CONTROL_SOCKET: &str = "control.sock";
+    /// Serial console: bytes both ways; several clients may attach.
+    pub const CONSOLE_SOCKET: &str = "console.sock";
+    /// Everything the guest wrote to its serial console (appended across boots).
+    pub const CONSOLE_LOG: &str = "console.log";
+    /// Why the VMM ended (JSON of `ExitRecord`), written atomically just before it exits.
+    pub const EXIT_RECORD: &str = "exit.json";
+    /// The VMM's own stderr.
+    pub const VMM_LOG: &str = "vmm.log";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    /// Who are you and how is the VM.
+    Status,
+    /// Press the ACPI power button (graceful shutdown; the guest decides).
+    PowerButton,
+    /// Power the VM off now (the VMM exits).
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "kebab-case")]
+pub enum Response {
+    Status(VmmStatus),
+    Done,
+    Error { message: String },
+}
+
+/// What a VMM says about itself. The daemon checks `name` and `pid` before it adopts one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmStatus {
+    pub name: String,
+    pub pid: u32,
+    /// Whether the guest runs (false only before the vCPUs start).
+    pub running: bool,
+    /// Power button presses so far.
+    pub power_button_presses: u64,
+}
+
+/// Why a VMM ended, as it recorded it in `exit.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExitReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted (the daemon starts it again).
+    Reboot,
+    /// Stopped through the control socket.
+    Stopped,
+    /// The guest crashed (triple fault, emulation failure).
+    GuestCrash,
+    /// The VM could not start or KVM failed under it.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub reason: ExitReason,
+    pub detail: String,
+    /// Wall-clock time of the exit in ms since the epoch: a record for the ledger only.
+    pub time_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line_each() {
+        assert_eq!(
+            serde_json::to_string(&Request::PowerButton).unwrap(),
+            r#"{"request":"power-button"}"#
+        );
+        let r: Response = serde_json::from_str(
+            r#"{"response":"status","name":"a","pid":7,"running":true,"power_button_presses":0}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, Response::Status(VmmStatus { pid: 7, .. })));
+    }
+}

@@ -1,0 +1,53 @@
+//! The API root: host health and open incidents first.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::events::Cause;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostHealth {
+    /// Every check passes and no incident is open.
+    Ok,
+    /// Something needs attention (an open incident, a warning) but VMs can run.
+    Degraded,
+    /// VMs cannot be started here (no /dev/kvm, store unwritable).
+    Failing,
+}
+
+/// One health check and its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthCheck {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Something went wrong and nobody has acknowledged it yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Incident {
+    pub id: i64,
+    /// RFC 3339, UTC.
+    pub opened: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    pub cause: Cause,
+    pub summary: String,
+    /// The ledger row that recorded it.
+    pub event_seq: i64,
+}
+
+/// What `GET /` answers: problems first, then the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostStatus {
+    pub health: HostHealth,
+    pub incidents: Vec<Incident>,
+    /// Things that will need attention (a token about to expire, ...).
+    pub warnings: Vec<String>,
+    pub checks: Vec<HealthCheck>,
+    pub hostname: String,
+    pub version: String,
+    pub vms_total: u64,
+    pub vms_running: u64,
+}

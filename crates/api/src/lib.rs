@@ -1,0 +1,18 @@
+//! The types Keel's processes speak: the REST API of `keel serve` (and so the CLI), and the
+//! control socket of each `keel vmm`. Serde types only; no I/O. The OpenAPI document is
+//! generated from them (utoipa).
+
+pub mod control;
+pub mod events;
+pub mod host;
+pub mod vm;
+
+pub use events::{Cause, Event, EventKind, LedgerEntry, SlaReport};
+pub use host::{HostHealth, HostStatus, Incident};
+pub use vm::{DiskSpec, NetSpec, VmInfo, VmSpec, VmState};
+
+/// The body of every 4xx and 5xx answer: one sentence that says what failed and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}

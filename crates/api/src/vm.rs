@@ -1,0 +1,265 @@
+//! VM definitions and the states a VM is in.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Longest VM name: it names a directory and, inside it, Unix sockets (108-byte paths).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A VM as an operator defines it. Paths are on the host running `keel serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique on the host: lowercase letters, digits, '-', '_' and '.', starting with a letter
+    /// or digit, at most 63 characters.
+    pub name: String,
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nets: Vec<NetSpec>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Start this VM when the daemon starts.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+/// A virtio-blk disk on a raw file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: String,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// A virtio-net NIC on a tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    pub tap: String,
+    /// Like 52:54:00:12:34:56; chosen by the VMM when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Most vCPUs a VM has.
+pub const MAX_CPUS: u32 = 32;
+/// Least guest memory in MiB.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+/// Why a VM definition is refused, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("VM name '{0}' is not allowed: use 1 to 63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    BadName(String),
+    #[error("cpus {0}: a VM has 1 to {MAX_CPUS} vCPUs")]
+    BadCpus(u32),
+    #[error("memory_mib {0}: a VM needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    #[error("{what} path is empty")]
+    EmptyPath { what: &'static str },
+    #[error("{what} path '{path}' is relative; give an absolute path (the daemon's working directory is not yours)")]
+    RelativePath { what: &'static str, path: String },
+}
+
+/// Checks a VM name against the rule in [`VmSpec::name`].
+pub fn check_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadName(name.to_string()))
+    }
+}
+
+fn check_path(what: &'static str, path: &str) -> Result<(), SpecError> {
+    if path.is_empty() {
+        return Err(SpecError::EmptyPath { what });
+    }
+    if !path.starts_with('/') {
+        return Err(SpecError::RelativePath {
+            what,
+            path: path.to_string(),
+        });
+    }
+    Ok(())
+}
+
+impl VmSpec {
+    /// What can be checked without the host: name, sizes, absolute paths. The VMM checks
+    /// the files themselves when the VM starts.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_name(&self.name)?;
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(SpecError::BadCpus(self.cpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(SpecError::MemoryTooSmall(self.memory_mib));
+        }
+        check_path("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_path("initrd", initrd)?;
+        }
+        for disk in &self.disks {
+            check_path("disk", &disk.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM is in its life. Only `running` counts as up in the availability ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Defined, no VMM process.
+    Stopped,
+    /// The VMM process is being started.
+    Starting,
+    /// The VMM runs the guest.
+    Running,
+    /// The power button was pressed; waiting for the guest to power off.
+    ShuttingDown,
+    /// The VMM or the guest died without being asked to: an incident is open.
+    Crashed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::ShuttingDown => "shutting-down",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a VMM process exists in this state.
+    pub fn has_vmm(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::ShuttingDown
+        )
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            VmState::Stopped,
+            VmState::Starting,
+            VmState::Running,
+            VmState::ShuttingDown,
+            VmState::Crashed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| format!("unknown VM state '{s}'"))
+    }
+}
+
+/// A VM as the API shows it: its definition and what it is doing now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// The VMM's process id while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// When the VM entered this state (RFC 3339, UTC).
+    pub since: String,
+    /// Why it is in this state (the last ledger entry's detail).
+    #[serde(default)]
+    pub reason: String,
+    /// The serial console's scrollback file.
+    pub console_log: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in ["web1", "a", "db-2.prod_x", &"x".repeat(63)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "A", "a/b", "a b", "..", &"x".repeat(64), "ü"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let spec: VmSpec = serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).unwrap();
+        assert_eq!(
+            (spec.cpus, spec.memory_mib, spec.autostart),
+            (1, 256, false)
+        );
+        assert!(spec.validate().is_ok());
+        assert!(serde_json::from_str::<VmSpec>(r#"{"name":"a","kernel":"/k","cpu":2}"#).is_err());
+    }
+
+    #[test]
+    fn validation_says_what_is_wrong() {
+        let mut spec: VmSpec = serde_json::from_str(r#"{"name":"a","kernel":"k"}"#).unwrap();
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("relative"));
+        spec.kernel = "/k".into();
+        spec.cpus = 33;
+        assert_eq!(spec.validate(), Err(SpecError::BadCpus(33)));
+        spec.cpus = 1;
+        spec.memory_mib = 4;
+        assert_eq!(spec.validate(), Err(SpecError::MemoryTooSmall(4)));
+    }
+
+    #[test]
+    fn states_round_trip_as_text_and_json() {
+        for s in ["stopped", "starting", "running", "shutting-down", "crashed"] {
+            let state: VmState = s.parse().unwrap();
+            assert_eq!(state.as_str(), s);
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{s}\""));
+        }
+    }
+}

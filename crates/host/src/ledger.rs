@@ -1,0 +1,1049 @@
+//! The availability ledger (promise 5): every VM state change, every mutating API call and
+//! every host record is one row of an append-only, hash-chained SQLite table.
+//!
+//! # The chain
+//!
+//! Rows are numbered from 1 without gaps (`seq`). Row `n` stores `prev_hash`, the `hash` of
+//! row `n - 1` ([`GENESIS`], 64 `0`s, for row 1), and its own `hash`: the lowercase hex
+//! SHA-256 of this byte string, so that anyone with the file can recompute it:
+//!
+//! ```text
+//! text("keel-ledger-v1") text(prev_hash) int(seq) int(time_ms) text(kind)
+//! opt(vm) opt(from_state) opt(to_state) text(cause) text(actor) text(detail)
+//!
+//! int(x)  = x as 8 bytes, big-endian two's complement
+//! text(s) = int(byte length of s) followed by the UTF-8 bytes of s
+//! opt(s)  = one byte 0 when absent, or one byte 1 followed by text(s)
+//! ```
+//!
+//! Every field is length-prefixed, so moving text from one field into another changes the
+//! hash. `kind`, states and `cause` are hashed as stored (`state`, `running`, `vmm-crash`).
+//!
+//! # What is enforced and what is detected
+//!
+//! Triggers in [`SCHEMA`] refuse `UPDATE` and `DELETE`, and an `INSERT` whose `seq` or
+//! `prev_hash` does not continue the chain. Someone with write access to the file can drop
+//! the triggers; [`verify`] then finds every edited row (its content no longer matches its
+//! hash), every deleted or inserted row (a `seq` gap, or a `prev_hash` that is not the
+//! previous row's hash) and every row whose fields do not parse. Removing rows from the end,
+//! or rewriting the whole chain, leaves a chain that is consistent in itself: write down
+//! [`LedgerVerification::head_hash`] (in a report, a ticket, another machine) and check it
+//! later with [`verify_against`].
+//!
+//! Times are records, never decisions (promise 1): any `time_ms` is accepted and stored;
+//! `Event::time` is RFC 3339 UTC with milliseconds for years 1970 to 9999 and `@<ms>ms`
+//! outside them.
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use api::events::{LedgerProblem, LedgerVerification};
+use api::{Cause, Event, EventKind, VmState};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of row 1, and the head of an empty ledger.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Creates the ledger table, its index and the triggers that keep it append-only.
+/// Executed once by the store's migration (schema version 1).
+pub const SCHEMA: &str = "
+CREATE TABLE ledger (
+    seq INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    vm TEXT NULL,
+    from_state TEXT NULL,
+    to_state TEXT NULL,
+    cause TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+) STRICT;
+CREATE INDEX ledger_by_vm ON ledger (vm, seq);
+CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only: its rows cannot be changed');
+END;
+CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only: its rows cannot be deleted');
+END;
+CREATE TRIGGER ledger_append_only BEFORE INSERT ON ledger
+WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger)
+  OR NEW.prev_hash IS NOT COALESCE(
+        (SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1),
+        '0000000000000000000000000000000000000000000000000000000000000000')
+BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only: a new row must follow the last one (seq and prev_hash)');
+END;
+";
+
+const HASH_VERSION: &str = "keel-ledger-v1";
+const COLUMNS: &str =
+    "seq, time_ms, kind, vm, from_state, to_state, cause, actor, detail, prev_hash, hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ledger: {doing} failed: {source}")]
+    Sqlite {
+        doing: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("ledger row {seq} cannot be read ({problem}): the ledger file was changed outside keel; verifying the ledger lists every such row")]
+    BadRow { seq: i64, problem: String },
+    #[error("ledger: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn sql(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |source| Error::Sqlite { doing, source }
+}
+
+/// A row to append; `seq`, the time and the hashes are filled in by [`append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub vm: Option<String>,
+    pub from: Option<VmState>,
+    pub to: Option<VmState>,
+    pub cause: Cause,
+    pub actor: String,
+    pub detail: String,
+}
+
+/// Which rows [`list`] returns. All fields `None`: every row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub vm: Option<String>,
+    pub kind: Option<EventKind>,
+    /// Only rows with `seq` greater than this.
+    pub since: Option<i64>,
+    /// At most this many rows: the oldest ones after `since` when it is given (so that a
+    /// reader paging forward misses nothing), otherwise the newest ones.
+    pub limit: Option<usize>,
+}
+
+/// A row as stored: text, not yet parsed into enums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawRow {
+    seq: i64,
+    time_ms: i64,
+    kind: String,
+    vm: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    cause: String,
+    actor: String,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+fn put_int(h: &mut Sha256, x: i64) {
+    h.update(x.to_be_bytes());
+}
+
+fn put_text(h: &mut Sha256, s: &str) {
+    // A usize always fits in 8 bytes on the targets Keel builds for.
+    h.update((s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+fn put_opt(h: &mut Sha256, s: Option<&str>) {
+    match s {
+        None => h.update([0u8]),
+        Some(s) => {
+            h.update([1u8]);
+            put_text(h, s);
+        }
+    }
+}
+
+/// The hash of a row (see the module documentation for the encoding).
+fn row_hash(r: &RawRow) -> String {
+    let mut h = Sha256::new();
+    put_text(&mut h, HASH_VERSION);
+    put_text(&mut h, &r.prev_hash);
+    put_int(&mut h, r.seq);
+    put_int(&mut h, r.time_ms);
+    put_text(&mut h, &r.kind);
+    put_opt(&mut h, r.vm.as_deref());
+    put_opt(&mut h, r.from.as_deref());
+    put_opt(&mut h, r.to.as_deref());
+    put_text(&mut h, &r.cause);
+    put_text(&mut h, &r.actor);
+    put_text(&mut h, &r.detail);
+    let mut hex = String::with_capacity(64);
+    for b in h.finalize() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
+/// `time_ms` as RFC 3339 UTC with milliseconds ("2100-01-01T00:00:00.000Z"); `@<ms>ms` for a
+/// time before 1970 or after 9999, which RFC 3339 (or humantime) cannot write.
+pub fn rfc3339_ms(time_ms: i64) -> String {
+    /// 10000-01-01T00:00:00Z.
+    const END_MS: i64 = 253_402_300_800_000;
+    if let Ok(ms) = u64::try_from(time_ms) {
+        if time_ms < END_MS {
+            let mut out = String::new();
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_ok() {
+                return out;
+            }
+        }
+    }
+    format!("@{time_ms}ms")
+}
+
+/// Appends one row and returns it. Run it inside the caller's transaction (a
+/// `&rusqlite::Transaction` derefs to `&Connection`) so that a state change and its ledger row
+/// commit together; the transaction also keeps two writers from racing for the same `seq`.
+pub fn append(conn: &Connection, event: &NewEvent, time_ms: i64) -> Result<Event> {
+    if event.kind == EventKind::State && (event.vm.is_none() || event.to.is_none()) {
+        return Err(Error::Invalid(format!(
+            "a state row needs a VM and the state it moved to (detail: '{}')",
+            event.detail
+        )));
+    }
+    let last = conn
+        .query_row(
+            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| {
+                let seq: i64 = row.get(0)?;
+                Ok((seq, text_column(row, 1, "hash")?))
+            },
+        )
+        .optional()
+        .map_err(sql("reading the last ledger row"))?;
+    let (seq, prev_hash) = match last {
+        None => (1, GENESIS.to_string()),
+        Some((seq, Ok(hash))) => (
+            seq.checked_add(1).ok_or_else(|| Error::BadRow {
+                seq,
+                problem: "seq is the largest integer".into(),
+            })?,
+            hash,
+        ),
+        Some((seq, Err(problem))) => return Err(Error::BadRow { seq, problem }),
+    };
+    let mut raw = RawRow {
+        seq,
+        time_ms,
+        kind: event.kind.as_str().to_string(),
+        vm: event.vm.clone(),
+        from: event.from.map(|s| s.as_str().to_string()),
+        to: event.to.map(|s| s.as_str().to_string()),
+        cause: event.cause.as_str().to_string(),
+        actor: event.actor.clone(),
+        detail: event.detail.clone(),
+        prev_hash,
+        hash: String::new(),
+    };
+    raw.hash = row_hash(&raw);
+    conn.execute(
+        "INSERT INTO ledger (seq, time_ms, kind, vm, from_state, to_state, cause, actor, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            raw.seq,
+            raw.time_ms,
+            raw.kind,
+            raw.vm,
+            raw.from,
+            raw.to,
+            raw.cause,
+            raw.actor,
+            raw.detail,
+            raw.prev_hash,
+            raw.hash
+        ],
+    )
+    .map_err(sql("appending a ledger row"))?;
+    Ok(Event {
+        seq: raw.seq,
+        time_ms,
+        time: rfc3339_ms(time_ms),
+        kind: event.kind,
+        vm: raw.vm,
+        from: event.from,
+        to: event.to,
+        cause: event.cause,
+        actor: raw.actor,
+        detail: raw.detail,
+        prev_hash: raw.prev_hash,
+        hash: raw.hash,
+    })
+}
+
+/// Rows matching `filter`, oldest first. A row that does not parse is an [`Error::BadRow`].
+pub fn list(conn: &Connection, filter: &EventFilter) -> Result<Vec<Event>> {
+    let mut sql_text = format!("SELECT {COLUMNS} FROM ledger WHERE 1 = 1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(vm) = &filter.vm {
+        args.push(vm.clone().into());
+        let _ = write!(sql_text, " AND vm = ?{}", args.len());
+    }
+    if let Some(kind) = filter.kind {
+        args.push(kind.as_str().to_string().into());
+        let _ = write!(sql_text, " AND kind = ?{}", args.len());
+    }
+    if let Some(since) = filter.since {
+        args.push(since.into());
+        let _ = write!(sql_text, " AND seq > ?{}", args.len());
+    }
+    let newest_first = filter.limit.is_some() && filter.since.is_none();
+    sql_text.push_str(if newest_first {
+        " ORDER BY seq DESC"
+    } else {
+        " ORDER BY seq ASC"
+    });
+    if let Some(limit) = filter.limit {
+        args.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+        let _ = write!(sql_text, " LIMIT ?{}", args.len());
+    }
+    let mut stmt = conn
+        .prepare(&sql_text)
+        .map_err(sql("preparing to list the ledger"))?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args))
+        .map_err(sql("listing the ledger"))?;
+    let mut events = Vec::new();
+    while let Some(row) = rows.next().map_err(sql("listing the ledger"))? {
+        let (seq, raw) = read_raw(row).map_err(sql("reading a ledger row"))?;
+        let raw = raw.map_err(|problem| Error::BadRow { seq, problem })?;
+        let event = parse(&raw).map_err(|problem| Error::BadRow { seq, problem })?;
+        events.push(event);
+    }
+    if newest_first {
+        events.reverse();
+    }
+    Ok(events)
+}
+
+/// Every `state` row, oldest first: what [`crate::sla::report`] needs.
+pub fn state_events(conn: &Connection) -> Result<Vec<Event>> {
+    list(
+        conn,
+        &EventFilter {
+            kind: Some(EventKind::State),
+            ..EventFilter::default()
+        },
+    )
+}
+
+/// Text in column `i`: `Ok(Err(problem))` when it holds something else.
+fn text_column(
+    row: &Row,
+    i: usize,
+    name: &str,
+) -> rusqlite::Result<std::result::Result<String, String>> {
+    Ok(match row.get_ref(i)? {
+        ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => Err(format!("{name} is not UTF-8 text")),
+        },
+        other => Err(format!("{name} holds {} instead of text", type_name(other))),
+    })
+}
+
+fn opt_text_column(
+    row: &Row,
+    i: usize,
+    name: &str,
+) -> rusqlite::Result<std::result::Result<Option<String>, String>> {
+    if let ValueRef::Null = row.get_ref(i)? {
+        return Ok(Ok(None));
+    }
+    Ok(text_column(row, i, name)?.map(Some))
+}
+
+fn type_name(v: ValueRef) -> &'static str {
+    match v {
+        ValueRef::Null => "NULL",
+        ValueRef::Integer(_) => "an integer",
+        ValueRef::Real(_) => "a real number",
+        ValueRef::Text(_) => "text",
+        ValueRef::Blob(_) => "a blob",
+    }
+}
+
+/// Reads a row selected with [`COLUMNS`]: its `seq`, and the row or what is wrong with its
+/// column types. SQLite errors (I/O, a broken statement) are the outer error.
+fn read_raw(row: &Row) -> rusqlite::Result<(i64, std::result::Result<RawRow, String>)> {
+    // seq is the rowid: SQLite guarantees an integer.
+    let seq: i64 = row.get(0)?;
+    let time_ms = match row.get_ref(1)? {
+        ValueRef::Integer(t) => Ok(t),
+        other => Err(format!(
+            "time_ms holds {} instead of an integer",
+            type_name(other)
+        )),
+    };
+    let kind = text_column(row, 2, "kind")?;
+    let vm = opt_text_column(row, 3, "vm")?;
+    let from = opt_text_column(row, 4, "from_state")?;
+    let to = opt_text_column(row, 5, "to_state")?;
+    let cause = text_column(row, 6, "cause")?;
+    let actor = text_column(row, 7, "actor")?;
+    let detail = text_column(row, 8, "detail")?;
+    let prev_hash = text_column(row, 9, "prev_hash")?;
+    let hash = text_column(row, 10, "hash")?;
+    let raw = (|| {
+        Ok(RawRow {
+            seq,
+            time_ms: time_ms?,
+            kind: kind?,
+            vm: vm?,
+            from: from?,
+            to: to?,
+            cause: cause?,
+            actor: actor?,
+            detail: detail?,
+            prev_hash: prev_hash?,
+            hash: hash?,
+        })
+    })();
+    Ok((seq, raw))
+}
+
+/// The typed event of a raw row, or what does not parse.
+fn parse(raw: &RawRow) -> std::result::Result<Event, String> {
+    let kind: EventKind = raw.kind.parse()?;
+    let cause: Cause = raw.cause.parse()?;
+    let from = raw.from.as_deref().map(str::parse::<VmState>).transpose()?;
+    let to = raw.to.as_deref().map(str::parse::<VmState>).transpose()?;
+    if kind == EventKind::State && (raw.vm.is_none() || to.is_none()) {
+        return Err("a state row without a VM or without the state it moved to".into());
+    }
+    Ok(Event {
+        seq: raw.seq,
+        time_ms: raw.time_ms,
+        time: rfc3339_ms(raw.time_ms),
+        kind,
+        vm: raw.vm.clone(),
+        from,
+        to,
+        cause,
+        actor: raw.actor.clone(),
+        detail: raw.detail.clone(),
+        prev_hash: raw.prev_hash.clone(),
+        hash: raw.hash.clone(),
+    })
+}
+
+/// Recomputes the whole chain and names every row that does not fit it.
+pub fn verify(conn: &Connection) -> Result<LedgerVerification> {
+    verify_inner(conn, None)
+}
+
+/// [`verify`], and also checks that `expected_head` (a `head_hash` written down earlier) is
+/// still the hash of a row of the chain, or [`GENESIS`]. Rows appended after it are fine;
+/// if it is gone, rows were removed from the end or the chain was rewritten, and a problem
+/// is reported at the `seq` after the last row.
+pub fn verify_against(conn: &Connection, expected_head: &str) -> Result<LedgerVerification> {
+    verify_inner(conn, Some(expected_head))
+}
+
+fn verify_inner(conn: &Connection, expected_head: Option<&str>) -> Result<LedgerVerification> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {COLUMNS} FROM ledger ORDER BY seq ASC"))
+        .map_err(sql("preparing to verify the ledger"))?;
+    let mut rows = stmt.query([]).map_err(sql("verifying the ledger"))?;
+    let mut problems = Vec::new();
+    let mut problem = |seq: i64, text: String| problems.push(LedgerProblem { seq, problem: text });
+    let mut count: i64 = 0;
+    let mut last_seq: i64 = 0;
+    // The previous row's stored hash, and whether it could be read at all.
+    let mut prev_hash: Option<String> = Some(GENESIS.to_string());
+    let mut head_found = expected_head == Some(GENESIS);
+    while let Some(row) = rows.next().map_err(sql("verifying the ledger"))? {
+        count += 1;
+        let (seq, raw) = read_raw(row).map_err(sql("reading a ledger row"))?;
+        let expected_seq = last_seq.saturating_add(1);
+        if seq > expected_seq {
+            if seq - expected_seq == 1 {
+                problem(
+                    seq,
+                    format!("row {expected_seq} before it is missing (deleted)"),
+                );
+            } else {
+                problem(
+                    seq,
+                    format!(
+                        "rows {expected_seq} to {} before it are missing (deleted)",
+                        seq - 1
+                    ),
+                );
+            }
+        }
+        match raw {
+            Err(what) => {
+                problem(
+                    seq,
+                    format!("unreadable, its hash cannot be checked: {what}"),
+                );
+                prev_hash = text_column(row, 10, "hash")
+                    .map_err(sql("reading a ledger row"))?
+                    .ok();
+            }
+            Ok(raw) => {
+                match &prev_hash {
+                    Some(prev) if *prev == raw.prev_hash => {}
+                    _ if last_seq == 0 => problem(
+                        seq,
+                        "prev_hash is not the genesis hash: rows before it were deleted or the chain was cut".into(),
+                    ),
+                    _ => problem(
+                        seq,
+                        format!(
+                            "prev_hash is not the hash of row {last_seq}: a row was inserted or deleted before this one, or row {last_seq} was rewritten"
+                        ),
+                    ),
+                }
+                if row_hash(&raw) != raw.hash {
+                    problem(
+                        seq,
+                        "content does not match its hash: the row was edited".into(),
+                    );
+                }
+                if let Err(what) = parse(&raw) {
+                    problem(seq, format!("does not parse: {what}"));
+                }
+                if expected_head == Some(raw.hash.as_str()) {
+                    head_found = true;
+                }
+                prev_hash = Some(raw.hash);
+            }
+        }
+        last_seq = seq;
+    }
+    if let (Some(head), false) = (expected_head, head_found) {
+        problem(
+            last_seq.saturating_add(1),
+            format!(
+                "the head hash {head} written down earlier is not in the ledger: rows were removed from its end or the chain was rewritten"
+            ),
+        );
+    }
+    let head_hash = if count == 0 {
+        GENESIS.to_string()
+    } else {
+        prev_hash.unwrap_or_default()
+    };
+    Ok(LedgerVerification {
+        ok: problems.is_empty(),
+        rows: count,
+        problems,
+        head_hash,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn
+    }
+
+    fn state(vm: &str, from: Option<VmState>, to: VmState, cause: Cause, detail: &str) -> NewEvent {
+        NewEvent {
+            kind: EventKind::State,
+            vm: Some(vm.into()),
+            from,
+            to: Some(to),
+            cause,
+            actor: "uid:1000".into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Five rows: web defined, starting, running, crashed; one audit row.
+    fn five(conn: &Connection) -> Vec<Event> {
+        use VmState::*;
+        let rows = [
+            state("web", None, Stopped, Cause::Operator, "defined"),
+            state("web", Some(Stopped), Starting, Cause::Operator, "start"),
+            state(
+                "web",
+                Some(Starting),
+                Running,
+                Cause::Operator,
+                "guest booted",
+            ),
+            NewEvent {
+                kind: EventKind::Audit,
+                vm: None,
+                from: None,
+                to: None,
+                cause: Cause::Operator,
+                actor: "token:ci".into(),
+                detail: "POST /v1/tokens from 10.0.0.2: 201".into(),
+            },
+            state(
+                "web",
+                Some(Running),
+                Crashed,
+                Cause::VmmCrash,
+                "vmm killed by SIGSEGV",
+            ),
+        ];
+        rows.iter()
+            .enumerate()
+            .map(|(i, e)| append(conn, e, 1_893_456_000_000 + i as i64 * 1000).unwrap())
+            .collect()
+    }
+
+    fn unlock(conn: &Connection) {
+        conn.execute_batch(
+            "DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete; DROP TRIGGER ledger_append_only;",
+        )
+        .unwrap();
+    }
+
+    fn problem_seqs(v: &LedgerVerification) -> Vec<i64> {
+        let mut seqs: Vec<i64> = v.problems.iter().map(|p| p.seq).collect();
+        seqs.dedup();
+        seqs
+    }
+
+    #[test]
+    fn appended_rows_chain_and_verify() {
+        let conn = db();
+        assert_eq!(
+            verify(&conn).unwrap(),
+            LedgerVerification {
+                ok: true,
+                rows: 0,
+                problems: vec![],
+                head_hash: GENESIS.into()
+            }
+        );
+        let events = five(&conn);
+        assert_eq!(events[0].seq, 1);
+        assert_eq!(events[0].prev_hash, GENESIS);
+        assert_eq!(events[0].time, "2030-01-01T00:00:00.000Z");
+        for pair in events.windows(2) {
+            assert_eq!(pair[1].seq, pair[0].seq + 1);
+            assert_eq!(pair[1].prev_hash, pair[0].hash);
+            assert_eq!(pair[0].hash.len(), 64);
+        }
+        let v = verify(&conn).unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.rows, 5);
+        assert_eq!(v.head_hash, events[4].hash);
+        assert!(verify_against(&conn, &events[4].hash).unwrap().ok);
+        assert!(verify_against(&conn, &events[2].hash).unwrap().ok);
+        assert!(verify_against(&conn, GENESIS).unwrap().ok);
+        // What is listed is what was appended.
+        assert_eq!(list(&conn, &EventFilter::default()).unwrap(), events);
+    }
+
+    #[test]
+    fn list_filters() {
+        let conn = db();
+        let events = five(&conn);
+        append(
+            &conn,
+            &state("db", None, VmState::Stopped, Cause::Operator, "defined"),
+            0,
+        )
+        .unwrap();
+        let seqs = |f: EventFilter| -> Vec<i64> {
+            list(&conn, &f).unwrap().iter().map(|e| e.seq).collect()
+        };
+        assert_eq!(
+            seqs(EventFilter {
+                vm: Some("web".into()),
+                ..Default::default()
+            }),
+            [1, 2, 3, 5]
+        );
+        assert_eq!(
+            seqs(EventFilter {
+                kind: Some(EventKind::Audit),
+                ..Default::default()
+            }),
+            [4]
+        );
+        assert_eq!(
+            seqs(EventFilter {
+                since: Some(3),
+                ..Default::default()
+            }),
+            [4, 5, 6]
+        );
+        // Newest rows, oldest first; after `since`, the first ones.
+        assert_eq!(
+            seqs(EventFilter {
+                limit: Some(2),
+                ..Default::default()
+            }),
+            [5, 6]
+        );
+        assert_eq!(
+            seqs(EventFilter {
+                since: Some(1),
+                limit: Some(2),
+                ..Default::default()
+            }),
+            [2, 3]
+        );
+        assert_eq!(
+            seqs(EventFilter {
+                vm: Some("web".into()),
+                kind: Some(EventKind::State),
+                since: Some(1),
+                limit: Some(10)
+            }),
+            [2, 3, 5]
+        );
+        assert_eq!(state_events(&conn).unwrap().len(), 5);
+        assert_eq!(events.len(), 5);
+    }
+
+    #[test]
+    fn triggers_refuse_update_delete_and_out_of_chain_inserts() {
+        let conn = db();
+        let events = five(&conn);
+        let err = conn
+            .execute(
+                "UPDATE ledger SET detail = 'nothing happened' WHERE seq = 5",
+                [],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+        let err = conn
+            .execute("DELETE FROM ledger WHERE seq = 5", [])
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+        let err = conn.execute("DELETE FROM ledger", []).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+        // A row that does not continue the chain.
+        for (seq, prev) in [
+            (3, events[1].hash.as_str()),
+            (7, events[4].hash.as_str()),
+            (6, GENESIS),
+        ] {
+            let err = conn
+                .execute(
+                    &format!("INSERT INTO ledger ({COLUMNS}) VALUES (?1, 0, 'host', NULL, NULL, NULL, 'operator', 'x', 'y', ?2, 'z')"),
+                    params![seq, prev],
+                )
+                .unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{seq}: {err}");
+        }
+        assert!(verify(&conn).unwrap().ok);
+    }
+
+    #[test]
+    fn an_edited_row_is_named() {
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute(
+            "UPDATE ledger SET detail = 'guest powered off' WHERE seq = 5",
+            [],
+        )
+        .unwrap();
+        let v = verify(&conn).unwrap();
+        assert!(!v.ok);
+        assert_eq!(problem_seqs(&v), [5]);
+        assert!(v.problems[0].problem.contains("edited"), "{v:?}");
+
+        // Moving text from one field to another changes the hash too.
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute(
+            "UPDATE ledger SET actor = 'uid:100', detail = '0' || detail WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        assert_eq!(problem_seqs(&verify(&conn).unwrap()), [2]);
+
+        // A cause rewritten from vmm-crash to guest: the SLA would exclude the outage.
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute("UPDATE ledger SET cause = 'guest' WHERE seq = 5", [])
+            .unwrap();
+        assert_eq!(problem_seqs(&verify(&conn).unwrap()), [5]);
+    }
+
+    #[test]
+    fn an_edited_row_with_a_recomputed_hash_breaks_the_next_link() {
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        let mut raw = RawRow {
+            seq: 3,
+            time_ms: 1_893_456_002_000,
+            kind: "state".into(),
+            vm: Some("web".into()),
+            from: Some("starting".into()),
+            to: Some("running".into()),
+            cause: "operator".into(),
+            actor: "uid:1000".into(),
+            detail: "guest booted quickly".into(),
+            prev_hash: list(&conn, &EventFilter::default()).unwrap()[1]
+                .hash
+                .clone(),
+            hash: String::new(),
+        };
+        raw.hash = row_hash(&raw);
+        conn.execute(
+            "UPDATE ledger SET detail = ?1, hash = ?2 WHERE seq = 3",
+            params![raw.detail, raw.hash],
+        )
+        .unwrap();
+        let v = verify(&conn).unwrap();
+        assert_eq!(problem_seqs(&v), [4]);
+        assert!(v.problems[0].problem.contains("row 3"), "{v:?}");
+    }
+
+    #[test]
+    fn a_deleted_row_is_named() {
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute("DELETE FROM ledger WHERE seq = 3", [])
+            .unwrap();
+        let v = verify(&conn).unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.rows, 4);
+        assert_eq!(problem_seqs(&v), [4]);
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.problem.contains("row 3 before it is missing")),
+            "{v:?}"
+        );
+
+        // The first rows.
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute("DELETE FROM ledger WHERE seq <= 2", [])
+            .unwrap();
+        let v = verify(&conn).unwrap();
+        assert_eq!(problem_seqs(&v), [3]);
+        assert!(
+            v.problems.iter().any(|p| p.problem.contains("rows 1 to 2")),
+            "{v:?}"
+        );
+        assert!(
+            v.problems.iter().any(|p| p.problem.contains("genesis")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_forged_row_inserted_in_the_middle_is_found() {
+        let conn = db();
+        let events = five(&conn);
+        unlock(&conn);
+        // Renumber rows 3.. up by one (from the top down, to keep seq unique) and put a
+        // well-formed row, chained to row 2, in the hole.
+        for seq in (3..=5).rev() {
+            conn.execute("UPDATE ledger SET seq = seq + 1 WHERE seq = ?1", [seq])
+                .unwrap();
+        }
+        let mut forged = RawRow {
+            seq: 3,
+            time_ms: events[1].time_ms + 500,
+            kind: "state".into(),
+            vm: Some("web".into()),
+            from: Some("starting".into()),
+            to: Some("stopped".into()),
+            cause: "operator".into(),
+            actor: "uid:0".into(),
+            detail: "operator stopped it".into(),
+            prev_hash: events[1].hash.clone(),
+            hash: String::new(),
+        };
+        forged.hash = row_hash(&forged);
+        conn.execute(
+            &format!("INSERT INTO ledger ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                forged.seq, forged.time_ms, forged.kind, forged.vm, forged.from, forged.to,
+                forged.cause, forged.actor, forged.detail, forged.prev_hash, forged.hash
+            ],
+        )
+        .unwrap();
+        let v = verify(&conn).unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.rows, 6);
+        // The row after the forgery no longer links to it, and every renumbered row's hash
+        // (which covers seq) is wrong.
+        assert_eq!(problem_seqs(&v), [4, 5, 6]);
+        assert!(v
+            .problems
+            .iter()
+            .any(|p| p.seq == 4 && p.problem.contains("prev_hash")));
+    }
+
+    #[test]
+    fn truncation_is_found_against_a_head_written_down_earlier() {
+        let conn = db();
+        let events = five(&conn);
+        let head = verify(&conn).unwrap().head_hash;
+        assert_eq!(head, events[4].hash);
+        unlock(&conn);
+        conn.execute("DELETE FROM ledger WHERE seq >= 4", [])
+            .unwrap();
+        // The chain alone looks fine...
+        let v = verify(&conn).unwrap();
+        assert!(v.ok);
+        assert_eq!(v.head_hash, events[2].hash);
+        // ...but the head written down is gone.
+        let v = verify_against(&conn, &head).unwrap();
+        assert!(!v.ok);
+        assert_eq!(problem_seqs(&v), [4]);
+        assert!(v.problems[0].problem.contains(&head));
+        // Rows appended after the head written down are fine.
+        let conn = db();
+        let events = five(&conn);
+        append(
+            &conn,
+            &state("web", None, VmState::Stopped, Cause::Operator, "x"),
+            9,
+        )
+        .unwrap();
+        assert!(verify_against(&conn, &events[4].hash).unwrap().ok);
+        assert!(!verify_against(&conn, "not a hash").unwrap().ok);
+    }
+
+    #[test]
+    fn unparsable_rows_are_problems_and_errors_not_panics() {
+        let conn = db();
+        five(&conn);
+        unlock(&conn);
+        conn.execute("UPDATE ledger SET to_state = 'paused' WHERE seq = 3", [])
+            .unwrap();
+        let v = verify(&conn).unwrap();
+        assert_eq!(problem_seqs(&v), [3]);
+        assert!(
+            v.problems.iter().any(|p| p.problem.contains("paused")),
+            "{v:?}"
+        );
+        let err = list(&conn, &EventFilter::default()).unwrap_err();
+        assert!(matches!(err, Error::BadRow { seq: 3, .. }), "{err}");
+        assert!(err.to_string().contains("row 3"), "{err}");
+    }
+
+    #[test]
+    fn wrongly_typed_columns_are_problems() {
+        // A non-STRICT copy of the table, as someone editing the file could leave it.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&SCHEMA.replace(") STRICT;", ");"))
+            .unwrap();
+        five(&conn);
+        unlock(&conn);
+        conn.execute(
+            "UPDATE ledger SET time_ms = 'yesterday', detail = X'FF00' WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        let v = verify(&conn).unwrap();
+        assert_eq!(problem_seqs(&v), [2]);
+        assert!(
+            v.problems[0].problem.contains("time_ms holds text"),
+            "{v:?}"
+        );
+        assert!(matches!(
+            list(&conn, &EventFilter::default()),
+            Err(Error::BadRow { seq: 2, .. })
+        ));
+        // The chain is checked past it.
+        assert_eq!(v.rows, 5);
+    }
+
+    #[test]
+    fn a_state_row_needs_a_vm_and_a_state() {
+        let conn = db();
+        let mut e = state("web", None, VmState::Stopped, Cause::Operator, "defined");
+        e.to = None;
+        assert!(matches!(append(&conn, &e, 0), Err(Error::Invalid(_))));
+        assert_eq!(verify(&conn).unwrap().rows, 0);
+    }
+
+    #[test]
+    fn far_future_and_out_of_range_times() {
+        let conn = db();
+        // 2100-01-01T00:00:00Z: 130 years of 365 days and 32 leap days (1972..=2096).
+        let t2100 = (130 * 365 + 32) * 86_400 * 1000;
+        let e = append(
+            &conn,
+            &state("web", None, VmState::Stopped, Cause::Operator, "x"),
+            t2100,
+        )
+        .unwrap();
+        assert_eq!(e.time, "2100-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(2_147_483_648_000), "2038-01-19T03:14:08.000Z");
+        assert_eq!(
+            rfc3339_ms(t2100 + 59 * 86_400_000 + 1),
+            "2100-03-01T00:00:00.001Z"
+        );
+        assert_eq!(rfc3339_ms(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        // Times RFC 3339 cannot write are still recorded, never refused.
+        for t in [-1, 253_402_300_800_000, i64::MAX, i64::MIN] {
+            let e = append(
+                &conn,
+                &state("web", None, VmState::Stopped, Cause::Operator, "x"),
+                t,
+            )
+            .unwrap();
+            assert_eq!(e.time, format!("@{t}ms"));
+        }
+        assert!(verify(&conn).unwrap().ok);
+        let listed = list(&conn, &EventFilter::default()).unwrap();
+        assert_eq!(listed[0].time, "2100-01-01T00:00:00.000Z");
+        assert_eq!(listed[4].time_ms, i64::MIN);
+    }
+
+    #[test]
+    fn works_inside_a_transaction_on_a_file() {
+        let dir = std::env::temp_dir().join(format!("keel-ledger-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ledger.db");
+        let _ = std::fs::remove_file(&path);
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            let tx = conn.transaction().unwrap();
+            append(
+                &tx,
+                &state("web", None, VmState::Stopped, Cause::Operator, "a"),
+                1,
+            )
+            .unwrap();
+            tx.rollback().unwrap();
+            let tx = conn.transaction().unwrap();
+            append(
+                &tx,
+                &state("web", None, VmState::Stopped, Cause::Operator, "b"),
+                2,
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        let events = list(&conn, &EventFilter::default()).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].seq, events[0].detail.as_str()), (1, "b"));
+        assert!(verify(&conn).unwrap().ok);
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,5 +1,5 @@
 //! `keel`: the one binary. `keel run` boots a VM in the foreground with its serial console on
-//! the terminal.
+//! the terminal; `keel vmm` runs one VM detached, for the host daemon.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,21 @@ enum Command {
     /// Exits 0 when the guest powers off or reboots (or on Ctrl-A x), 1 when the VM could not
     /// be started, 3 when the guest crashed.
     Run(RunArgs),
+    /// Run the VM defined in RUN_DIR/vm.json detached, as the host daemon does (one per VM).
+    ///
+    /// Serves RUN_DIR/control.sock (newline-delimited JSON requests: status, power-button,
+    /// stop) and RUN_DIR/console.sock (the serial console, raw bytes both ways), appends guest
+    /// output to RUN_DIR/console.log, and writes RUN_DIR/exit.json when the VM ends. SIGTERM
+    /// stops the VM like a stop request. Exits 0 when the guest powers off or reboots or the
+    /// VM is stopped, 1 when the VM could not be started, 3 when the guest crashed.
+    Vmm(VmmArgs),
+}
+
+#[derive(clap::Args)]
+struct VmmArgs {
+    /// The VM's run directory, holding vm.json.
+    #[arg(long, value_name = "RUN_DIR")]
+    dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -87,11 +102,17 @@ fn run(args: RunArgs) -> ExitCode {
     if vmm::host::is_pvm_host() {
         eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
     }
-    match vmm::run(&config) {
+    exit_status(vmm::run(&config).map_err(|e| e.to_string()))
+}
+
+fn exit_status(result: Result<VmExit, String>) -> ExitCode {
+    match result {
         Ok(exit) => {
             eprintln!("keel: {exit}");
             match exit {
-                VmExit::PowerOff | VmExit::Reboot | VmExit::ConsoleQuit => ExitCode::SUCCESS,
+                VmExit::PowerOff | VmExit::Reboot | VmExit::ConsoleQuit | VmExit::Stopped(_) => {
+                    ExitCode::SUCCESS
+                }
                 VmExit::Crash(_) | VmExit::Failed(_) => ExitCode::from(EXIT_GUEST_CRASHED),
             }
         }
@@ -102,8 +123,16 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+fn vmm(args: VmmArgs) -> ExitCode {
+    if vmm::host::is_pvm_host() {
+        eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
+    }
+    exit_status(vmm::service::run(&args.dir).map_err(|e| e.to_string()))
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => run(args),
+        Command::Vmm(args) => vmm(args),
     }
 }

@@ -94,6 +94,9 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// Longest network interface name (IFNAMSIZ less the NUL).
+pub const MAX_TAP_NAME_BYTES: usize = 15;
+
 /// `--net tap=NAME[,mac=MAC][,bw=..][,iops=..]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -102,7 +105,8 @@ pub struct NetConfig {
     pub rate_limit: RateLimitConfig,
 }
 
-fn parse_mac(value: &str) -> Result<[u8; 6], String> {
+/// Parses a MAC like 52:54:00:12:34:56 (unicast only).
+pub fn parse_mac(value: &str) -> Result<[u8; 6], String> {
     let bad = || format!("mac={value}: expected six hex bytes like 52:54:00:12:34:56");
     let parts: Vec<&str> = value.split(':').collect();
     if parts.len() != 6 {
@@ -141,8 +145,14 @@ impl std::str::FromStr for NetConfig {
                 continue;
             }
             match key {
-                "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
-                "tap" => return Err(format!("tap={value}: a tap name is 1 to 15 bytes")),
+                "tap" if !value.is_empty() && value.len() <= MAX_TAP_NAME_BYTES => {
+                    tap = Some(value.to_string())
+                }
+                "tap" => {
+                    return Err(format!(
+                        "tap={value}: a tap name is 1 to {MAX_TAP_NAME_BYTES} bytes"
+                    ))
+                }
                 "mac" => mac = Some(parse_mac(value)?),
                 other => {
                     return Err(format!(
@@ -233,6 +243,12 @@ pub enum Error {
     TooManyDevices { asked: usize, max: usize },
     #[error("initrd {path}: {reason}")]
     Initrd { path: PathBuf, reason: String },
+    #[error("vm.json: {0}")]
+    Spec(#[from] api::vm::SpecError),
+    #[error("vm.json: disk {path}: {reason}")]
+    SpecDisk { path: PathBuf, reason: String },
+    #[error("vm.json: net on tap '{tap}': {reason}")]
+    SpecNet { tap: String, reason: String },
 }
 
 fn check_file(path: &PathBuf) -> Result<(), String> {
@@ -263,6 +279,70 @@ pub fn host_memory_mib() -> Option<u64> {
 }
 
 impl VmConfig {
+    /// The VM an `api::VmSpec` (the daemon's `vm.json`) describes: disks and NICs without
+    /// rate limits, no vsock. Checks the spec itself; the files are checked by [`validate`]
+    /// when the VM starts.
+    ///
+    /// [`validate`]: VmConfig::validate
+    pub fn from_spec(spec: &api::VmSpec) -> Result<VmConfig, Error> {
+        spec.validate()?;
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| {
+                if let Some(serial) = &d.serial {
+                    if serial.len() > MAX_SERIAL_BYTES || !serial.is_ascii() {
+                        return Err(Error::SpecDisk {
+                            path: d.path.clone().into(),
+                            reason: format!(
+                                "serial '{serial}': at most {MAX_SERIAL_BYTES} ASCII characters"
+                            ),
+                        });
+                    }
+                }
+                Ok(DiskConfig {
+                    path: d.path.clone().into(),
+                    read_only: d.readonly,
+                    serial: d.serial.clone(),
+                    rate_limit: RateLimitConfig::default(),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let nets = spec
+            .nets
+            .iter()
+            .map(|n| {
+                let bad = |reason: String| Error::SpecNet {
+                    tap: n.tap.clone(),
+                    reason,
+                };
+                if n.tap.is_empty() || n.tap.len() > MAX_TAP_NAME_BYTES {
+                    return Err(bad(format!(
+                        "a tap name is 1 to {MAX_TAP_NAME_BYTES} bytes"
+                    )));
+                }
+                let mac = n.mac.as_deref().map(parse_mac).transpose().map_err(bad)?;
+                Ok(NetConfig {
+                    tap: n.tap.clone(),
+                    mac,
+                    rate_limit: RateLimitConfig::default(),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(VmConfig {
+            kernel: spec.kernel.clone().into(),
+            initrd: spec.initrd.clone().map(PathBuf::from),
+            cmdline: spec.cmdline.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disks,
+            nets,
+            rng: spec.rng,
+            vsock: None,
+            trace_startup: false,
+        })
+    }
+
     /// Checks what can be checked without KVM: vCPU count, memory size, files.
     pub fn validate(&self) -> Result<(), Error> {
         if self.cpus == 0 {
@@ -483,6 +563,67 @@ mod tests {
             .parse::<VsockConfig>()
             .unwrap_err()
             .contains("unknown vsock option"));
+    }
+
+    fn spec(json: &str) -> api::VmSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn specs_convert_with_defaults() {
+        let c = VmConfig::from_spec(&spec(
+            r#"{"name":"web1","kernel":"/k","initrd":"/rd","cmdline":"console=ttyS0","cpus":2,
+                "memory_mib":512,"rng":true,
+                "disks":[{"path":"/d.img","readonly":true,"serial":"s1"}],
+                "nets":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/rd")));
+        assert_eq!(
+            (c.cmdline.as_str(), c.cpus, c.memory_mib),
+            ("console=ttyS0", 2, 512)
+        );
+        assert!(c.rng && c.vsock.is_none() && !c.trace_startup);
+        assert_eq!(
+            c.disks,
+            vec![DiskConfig {
+                path: "/d.img".into(),
+                read_only: true,
+                serial: Some("s1".into()),
+                rate_limit: RateLimitConfig::default(),
+            }]
+        );
+        assert_eq!(c.nets[0].mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(c.nets[1].mac, None);
+        assert!(c.nets.iter().all(|n| n.rate_limit.is_unlimited()));
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        let e = VmConfig::from_spec(&spec(r#"{"name":"a","kernel":"k"}"#)).unwrap_err();
+        assert!(e.to_string().contains("relative"), "{e}");
+        let e = VmConfig::from_spec(&spec(
+            r#"{"name":"a","kernel":"/k","nets":[{"tap":"t","mac":"01:00:5e:00:00:01"}]}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("tap 't'") && e.to_string().contains("multicast"),
+            "{e}"
+        );
+        let e = VmConfig::from_spec(&spec(
+            r#"{"name":"a","kernel":"/k","nets":[{"tap":"a-name-far-too-long"}]}"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("1 to 15 bytes"), "{e}");
+        let e = VmConfig::from_spec(&spec(
+            r#"{"name":"a","kernel":"/k","disks":[{"path":"/d","serial":"123456789012345678901"}]}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("disk /d") && e.to_string().contains("at most 20"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -40,6 +40,24 @@ impl fmt::Display for CrashReport {
     }
 }
 
+/// Who stopped the VM from outside the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopBy {
+    /// A `stop` request on the control socket.
+    ControlSocket,
+    /// A signal asking the process to end (SIGTERM, SIGINT).
+    Signal(&'static str),
+}
+
+impl fmt::Display for StopBy {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            StopBy::ControlSocket => write!(f, "through the control socket"),
+            StopBy::Signal(name) => write!(f, "by {name}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest powered off (ACPI S5).
@@ -48,6 +66,8 @@ pub enum VmExit {
     Reboot,
     /// The user typed the console escape (Ctrl-A x).
     ConsoleQuit,
+    /// Stopped from outside: a `stop` request on the control socket, or SIGTERM.
+    Stopped(StopBy),
     /// The guest crashed: triple fault, emulation failure, failed entry.
     Crash(CrashReport),
     /// A vCPU could not be set up or KVM failed under it.
@@ -60,6 +80,7 @@ impl fmt::Display for VmExit {
             VmExit::PowerOff => write!(f, "guest powered off"),
             VmExit::Reboot => write!(f, "guest rebooted; the VM ends here"),
             VmExit::ConsoleQuit => write!(f, "quit from the console (Ctrl-A x)"),
+            VmExit::Stopped(by) => write!(f, "stopped {by}"),
             VmExit::Crash(report) => report.fmt(f),
             VmExit::Failed(why) => write!(f, "VM failed: {why}"),
         }

@@ -1,20 +1,27 @@
 //! Keel's VMM: one VM in one process. Builds the KVM VM (memory, irqchip, vCPUs, legacy
 //! devices), loads the kernel, runs one thread per vCPU and one event-loop thread for the
-//! console, and returns why the VM ended.
+//! devices, the console and the control loop, and returns why the VM ended. Two front ends:
+//! [`run`] (`keel run`, console on the terminal) and [`service::run`] (`keel vmm`, console
+//! and control sockets in a run directory, for the host daemon).
 
 pub mod config;
 pub mod console;
+mod console_socket;
+mod control;
+mod control_socket;
 mod exit;
 pub mod host;
 mod legacy_bus;
 mod loader;
 mod memory;
+pub mod service;
+mod signals;
 mod vcpu;
 mod virtio_devices;
 mod vm;
 
 pub use config::VmConfig;
-pub use exit::{CrashReport, VmExit};
+pub use exit::{CrashReport, StopBy, VmExit};
 pub use vm::run;
 
 /// Why a VM could not be started or run.

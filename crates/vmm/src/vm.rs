@@ -1,12 +1,12 @@
 //! Building and running one VM: the only place that knows the order of things.
 
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use arch::layout::{
-    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, GED_EVENT_POWER_BUTTON, GED_IRQ, KVM_TSS_ADDRESS,
-    MMIO_GAP_START,
+    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, GED_IRQ, KVM_TSS_ADDRESS, MMIO_GAP_START,
 };
 use arch::regs::BootEntry;
 use devices::legacy::{AcpiPmDevice, CmosRtc, Ged, ResetTrigger, SerialDevice, I8042};
@@ -18,8 +18,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{self, VmConfig, MAX_VCPUS};
 use crate::console::{EscapeParser, RawTerminal, StdoutWriter};
+use crate::console_socket::{ConsoleClients, ConsoleOutput, ConsoleServer};
+use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, VmCommand};
+use crate::control_socket::ControlSocket;
 use crate::exit::{ExitSignal, VmExit};
 use crate::legacy_bus::LegacyBus;
+use crate::service::Wiring;
 use crate::vcpu::{run_vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{host, loader, memory, Error, Result};
@@ -32,9 +36,23 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// Boots the VM described by `config` and runs it until it ends; returns why it ended.
-/// Errors are failures to start it.
+/// How the outside world reaches the VM: the only thing `keel run` and `keel vmm` differ in.
+pub(crate) enum Frontend {
+    /// `keel run`: the serial console on this process's stdin and stdout (raw terminal), with
+    /// the Ctrl-A escapes.
+    Terminal,
+    /// `keel vmm`: the console log and socket, the control socket, stop signals.
+    Service(Wiring),
+}
+
+/// Boots the VM described by `config` with its console on the terminal (`keel run`) and runs
+/// it until it ends; returns why it ended. Errors are failures to start it.
 pub fn run(config: &VmConfig) -> Result<VmExit> {
+    run_with(config, Frontend::Terminal)
+}
+
+/// Boots the VM described by `config`, wired to `frontend`, and runs it until it ends.
+pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> {
     config.validate()?;
     let kvm = host::open_kvm()?;
     let host_max = host::max_vcpus(&kvm);
@@ -115,8 +133,19 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         mem_size.min(MMIO_GAP_START),
         mem_size.saturating_sub(MMIO_GAP_START),
     );
+    let console_clients = Arc::new(ConsoleClients::default());
+    let serial_out: Box<dyn Write + Send> = match &frontend {
+        Frontend::Terminal => Box::new(StdoutWriter),
+        Frontend::Service(wiring) => Box::new(ConsoleOutput::new(
+            wiring
+                .console_log
+                .try_clone()
+                .map_err(io_err("sharing the console log"))?,
+            console_clients.clone(),
+        )),
+    };
     let bus = Arc::new(LegacyBus {
-        serial: Mutex::new(SerialDevice::new(serial_irq, Box::new(StdoutWriter))),
+        serial: Mutex::new(SerialDevice::new(serial_irq, serial_out)),
         i8042: Mutex::new(I8042::new(ResetTrigger(requests.clone()))),
         rtc: Mutex::new(CmosRtc::new(low_mem, high_mem)),
         acpi_pm: AcpiPmDevice::new(ACPI_S5_SLEEP_TYPE, ACPI_RESET_VALUE, requests),
@@ -128,7 +157,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         .map_err(kvm_err("wiring the power button's interrupt"))?;
     let ged = Arc::new(Ged::new(ged_irq));
 
-    let _terminal = RawTerminal::enter()?;
+    let _terminal = match frontend {
+        Frontend::Terminal => RawTerminal::enter()?,
+        Frontend::Service(_) => None,
+    };
     let shared = Arc::new(VcpuShared {
         vm: Arc::new(vm),
         memory: guest_memory,
@@ -150,7 +182,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
             .map_err(io_err("starting a vCPU thread"))?;
     }
 
-    let looped = run_event_loop(&bus, &virtio, &ged, &exit);
+    let looped = run_event_loop(&bus, &virtio, &ged, &exit, frontend, console_clients);
     virtio.shutdown();
     looped?;
     Ok(exit
@@ -158,12 +190,15 @@ pub fn run(config: &VmConfig) -> Result<VmExit> {
         .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
 }
 
-/// Serves console input until a reason to end the VM is reported.
+/// Serves the devices, the console and the control loop until a reason to end the VM is
+/// reported.
 fn run_event_loop(
     bus: &Arc<LegacyBus>,
     virtio: &VirtioDevices,
     ged: &Arc<Ged>,
     exit: &Arc<ExitSignal>,
+    frontend: Frontend,
+    console_clients: Arc<ConsoleClients>,
 ) -> Result<()> {
     let ended = Arc::new(AtomicBool::new(false));
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
@@ -175,12 +210,42 @@ fn run_event_loop(
         exit: exit.clone(),
         ended: ended.clone(),
     }));
-    events.add_subscriber(Box::new(ConsoleInput {
-        bus: bus.clone(),
-        ged: ged.clone(),
-        exit: exit.clone(),
-        escape: EscapeParser::default(),
-    }));
+    let commands = CommandQueue::new().map_err(io_err("creating the command channel"))?;
+    let control = match frontend {
+        Frontend::Terminal => {
+            events.add_subscriber(Box::new(ConsoleInput {
+                bus: bus.clone(),
+                exit: exit.clone(),
+                commands: commands.sender(),
+                escape: EscapeParser::default(),
+            }));
+            let controller = Controller::new(String::new(), ged.clone(), exit.clone());
+            ControlLoop::new(controller, commands, None, None)
+        }
+        Frontend::Service(wiring) => {
+            let serial_input = {
+                let (bus, exit) = (bus.clone(), exit.clone());
+                move |bytes: &[u8]| {
+                    let mut serial = bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = serial.queue_input(bytes) {
+                        exit.report(VmExit::Failed(e.to_string()));
+                    }
+                }
+            };
+            let console = ConsoleServer::new(
+                wiring.console_socket,
+                console_clients,
+                Box::new(serial_input),
+            )
+            .map_err(io_err("setting up the console socket"))?;
+            events.add_subscriber(Box::new(console));
+            let socket = ControlSocket::new(wiring.control_socket)
+                .map_err(io_err("setting up the control socket"))?;
+            let controller = Controller::new(wiring.name, ged.clone(), exit.clone());
+            ControlLoop::new(controller, commands, Some(socket), Some(wiring.signals))
+        }
+    };
+    events.add_subscriber(Box::new(control));
     for handler in virtio.queue_handlers() {
         events.add_subscriber(Box::new(handler));
     }
@@ -217,11 +282,11 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Host stdin to the serial port; Ctrl-A p to the power button.
+/// Host stdin to the serial port; Ctrl-A p and Ctrl-A x to the control loop.
 struct ConsoleInput {
     bus: Arc<LegacyBus>,
-    ged: Arc<Ged>,
     exit: Arc<ExitSignal>,
+    commands: CommandSender,
     escape: EscapeParser,
 }
 
@@ -262,13 +327,11 @@ impl MutEventSubscriber for ConsoleInput {
             }
         }
         if input.power_button {
-            match self.ged.notify(GED_EVENT_POWER_BUTTON) {
-                Ok(()) => eprintln!("keel: power button pressed (Ctrl-A p)"),
-                Err(e) => eprintln!("keel: pressing the power button failed: {e}"),
-            }
+            self.commands
+                .send(VmCommand::PowerButton { from: "Ctrl-A p" });
         }
         if input.quit {
-            self.exit.report(VmExit::ConsoleQuit);
+            self.commands.send(VmCommand::ConsoleQuit);
         }
     }
 }

@@ -1,0 +1,327 @@
+//! The one place that changes a running VM's state. Every request to change it (a line on the
+//! control socket, SIGTERM, the terminal's Ctrl-A escapes) becomes a [`VmCommand`] on one
+//! channel; the control loop on the event-loop thread takes them off in order and applies each
+//! with [`Controller::apply`]. Nothing else presses the power button or ends the VM from
+//! outside the guest.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use api::control::{Request, Response, VmmStatus};
+use arch::layout::GED_EVENT_POWER_BUTTON;
+use devices::legacy::Ged;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control_socket::{ControlSocket, Incoming};
+use crate::exit::{ExitSignal, StopBy, VmExit};
+use crate::signals::Signals;
+
+/// Something to do to the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmCommand {
+    /// Report who this VMM is and how the VM is.
+    Status,
+    /// Press the ACPI power button; `from` names who pressed it, for the log.
+    PowerButton { from: &'static str },
+    /// End the VM now.
+    Stop(StopBy),
+    /// End the VM now: the terminal's Ctrl-A x.
+    ConsoleQuit,
+}
+
+impl VmCommand {
+    /// The command a control-socket request asks for.
+    pub fn from_request(request: Request) -> Self {
+        match request {
+            Request::Status => VmCommand::Status,
+            Request::PowerButton => VmCommand::PowerButton {
+                from: "control socket",
+            },
+            Request::Stop => VmCommand::Stop(StopBy::ControlSocket),
+        }
+    }
+}
+
+/// Where the answer to a command goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyTo {
+    Nobody,
+    /// A control-socket connection, by its file descriptor.
+    Connection(RawFd),
+}
+
+struct Envelope {
+    command: VmCommand,
+    reply_to: ReplyTo,
+}
+
+/// The sending end of the command channel; wakes the control loop.
+#[derive(Clone)]
+pub struct CommandSender {
+    tx: mpsc::Sender<Envelope>,
+    wake: Arc<EventFd>,
+}
+
+impl CommandSender {
+    /// Queues `command` for the control loop; its answer is only logged.
+    pub fn send(&self, command: VmCommand) {
+        self.send_for(command, ReplyTo::Nobody);
+    }
+
+    fn send_for(&self, command: VmCommand, reply_to: ReplyTo) {
+        if self.tx.send(Envelope { command, reply_to }).is_ok() {
+            // A failed write leaves the counter non-zero: the loop wakes anyway.
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// The command channel: one receiver, owned by the control loop.
+pub struct CommandQueue {
+    rx: mpsc::Receiver<Envelope>,
+    sender: CommandSender,
+}
+
+impl CommandQueue {
+    pub fn new() -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            rx,
+            sender: CommandSender { tx, wake },
+        })
+    }
+
+    pub fn sender(&self) -> CommandSender {
+        self.sender.clone()
+    }
+}
+
+/// The VM state commands act on, and the function that acts.
+pub struct Controller {
+    name: String,
+    ged: Arc<Ged>,
+    exit: Arc<ExitSignal>,
+    power_button_presses: u64,
+    running: bool,
+}
+
+impl Controller {
+    pub fn new(name: String, ged: Arc<Ged>, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            name,
+            ged,
+            exit,
+            power_button_presses: 0,
+            running: false,
+        }
+    }
+
+    /// Marks the guest as running (its vCPUs have started).
+    pub fn set_running(&mut self) {
+        self.running = true;
+    }
+
+    /// Applies one command: the only code that changes the VM's state from outside the guest.
+    pub fn apply(&mut self, command: VmCommand) -> Response {
+        match command {
+            VmCommand::Status => Response::Status(VmmStatus {
+                name: self.name.clone(),
+                pid: std::process::id(),
+                running: self.running,
+                power_button_presses: self.power_button_presses,
+            }),
+            VmCommand::PowerButton { from } => match self.ged.notify(GED_EVENT_POWER_BUTTON) {
+                Ok(()) => {
+                    self.power_button_presses += 1;
+                    eprintln!("keel: power button pressed ({from})");
+                    Response::Done
+                }
+                Err(e) => {
+                    let message = format!("pressing the power button failed: {e}");
+                    eprintln!("keel: {message}");
+                    Response::Error { message }
+                }
+            },
+            VmCommand::Stop(by) => {
+                self.exit.report(VmExit::Stopped(by));
+                Response::Done
+            }
+            VmCommand::ConsoleQuit => {
+                self.exit.report(VmExit::ConsoleQuit);
+                Response::Done
+            }
+        }
+    }
+}
+
+/// The control loop: an event-loop subscriber that drains the command channel, and also
+/// serves the control socket and the termination signals, whose requests it puts on the same
+/// channel.
+pub struct ControlLoop {
+    controller: Controller,
+    queue: CommandQueue,
+    socket: Option<ControlSocket>,
+    signals: Option<Signals>,
+}
+
+impl ControlLoop {
+    pub fn new(
+        controller: Controller,
+        queue: CommandQueue,
+        socket: Option<ControlSocket>,
+        signals: Option<Signals>,
+    ) -> Self {
+        Self {
+            controller,
+            queue,
+            socket,
+            signals,
+        }
+    }
+
+    /// Applies every queued command in order and sends each answer where it is wanted.
+    fn drain(&mut self, ops: &mut EventOps) {
+        while let Ok(envelope) = self.queue.rx.try_recv() {
+            let response = self.controller.apply(envelope.command);
+            if let (ReplyTo::Connection(fd), Some(socket)) = (envelope.reply_to, &mut self.socket) {
+                socket.respond(fd, &response, ops);
+            }
+        }
+    }
+
+    fn serve_socket(&mut self, events: Events, ops: &mut EventOps) {
+        let Some(socket) = &mut self.socket else {
+            return;
+        };
+        let fd = events.fd();
+        for incoming in socket.process(events, ops) {
+            match incoming {
+                Incoming::Request(request) => {
+                    let sender = self.queue.sender();
+                    sender.send_for(VmCommand::from_request(request), ReplyTo::Connection(fd));
+                    // Drained at once so that answers leave in the order the lines came.
+                    self.drain(ops);
+                }
+                Incoming::Garbage(message) => {
+                    if let Some(socket) = &mut self.socket {
+                        socket.respond(fd, &Response::Error { message }, ops);
+                    }
+                }
+            }
+        }
+        if let Some(socket) = &mut self.socket {
+            socket.settle(fd, ops);
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        let watched = ops
+            .add(Events::new(&*self.queue.sender.wake, EventSet::IN))
+            .map_err(|e| e.to_string())
+            .and_then(|()| match &self.socket {
+                Some(socket) => socket.register(ops),
+                None => Ok(()),
+            })
+            .and_then(|()| match &self.signals {
+                Some(signals) => ops
+                    .add(Events::new(signals, EventSet::IN))
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            });
+        // Without these events the VM could not be controlled: end it rather than run deaf.
+        if let Err(e) = watched {
+            self.controller.exit.report(VmExit::Failed(format!(
+                "watching the control events failed: {e}"
+            )));
+        }
+        self.controller.set_running();
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue.sender.wake.as_raw_fd() {
+            let _ = self.queue.sender.wake.read();
+        } else if let Some(signals) = self.signals.as_ref().filter(|s| s.as_raw_fd() == fd) {
+            while let Some(name) = signals.read() {
+                eprintln!("keel: {name} received: stopping the VM");
+                self.queue
+                    .sender()
+                    .send(VmCommand::Stop(StopBy::Signal(name)));
+            }
+        } else {
+            self.serve_socket(events, ops);
+        }
+        self.drain(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> (Controller, EventFd, Arc<ExitSignal>) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ged = Arc::new(Ged::new(irq.try_clone().unwrap()));
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        (Controller::new("vm1".into(), ged, exit.clone()), irq, exit)
+    }
+
+    #[test]
+    fn status_names_the_vm_and_counts_presses() {
+        let (mut c, irq, exit) = controller();
+        let Response::Status(s) = c.apply(VmCommand::Status) else {
+            panic!("not a status")
+        };
+        assert_eq!(
+            (s.name.as_str(), s.pid, s.running),
+            ("vm1", std::process::id(), false)
+        );
+        c.set_running();
+        assert_eq!(
+            c.apply(VmCommand::PowerButton { from: "test" }),
+            Response::Done
+        );
+        assert_eq!(irq.read().unwrap(), 1, "the GED interrupt was raised");
+        let Response::Status(s) = c.apply(VmCommand::Status) else {
+            panic!("not a status")
+        };
+        assert!(s.running);
+        assert_eq!(s.power_button_presses, 1);
+        assert_eq!(exit.take(), None, "the power button does not end the VM");
+    }
+
+    #[test]
+    fn stop_and_quit_end_the_vm_first_reason_wins() {
+        let (mut c, _irq, exit) = controller();
+        assert_eq!(
+            c.apply(VmCommand::Stop(StopBy::Signal("SIGTERM"))),
+            Response::Done
+        );
+        assert_eq!(c.apply(VmCommand::ConsoleQuit), Response::Done);
+        assert_eq!(
+            exit.take(),
+            Some(VmExit::Stopped(StopBy::Signal("SIGTERM")))
+        );
+    }
+
+    #[test]
+    fn commands_queue_in_order_and_wake_the_loop() {
+        let queue = CommandQueue::new().unwrap();
+        let sender = queue.sender();
+        sender.send(VmCommand::Status);
+        sender.send(VmCommand::from_request(Request::Stop));
+        assert_eq!(queue.sender.wake.read().unwrap(), 2);
+        let got: Vec<VmCommand> = queue.rx.try_iter().map(|e| e.command).collect();
+        assert_eq!(
+            got,
+            vec![VmCommand::Status, VmCommand::Stop(StopBy::ControlSocket)]
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! `keel vmm --dir RUN_DIR`: one VM run detached, as the host daemon supervises it. Everything
+//! it needs and leaves is in the run directory (names in [`api::control::files`]):
+//!
+//! - reads `vm.json` (an [`api::VmSpec`]);
+//! - serves `control.sock` (the control protocol) and `console.sock` (raw serial bytes both
+//!   ways), appends guest output to `console.log`; both sockets exist before the guest runs;
+//! - on its end writes `exit.json` (an [`ExitRecord`]) atomically, then removes the sockets.
+//!
+//! A VMM killed outright leaves no `exit.json`: that is how the daemon tells a VMM crash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use api::control::{files, ExitReason, ExitRecord};
+
+use crate::config::{self, VmConfig};
+use crate::exit::VmExit;
+use crate::signals::Signals;
+use crate::vm::{self, Frontend};
+
+/// Longest path a Unix socket address holds (sun_path less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("run directory {dir}: {source}")]
+    RunDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the VM definition {path}: {source}")]
+    ReadSpec {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VM definition {path} is not valid JSON of a VM: {source}")]
+    ParseSpec {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(
+        "another keel vmm already answers on {0}; stop it first, or use another run directory"
+    )]
+    AlreadyRunning(PathBuf),
+    #[error("socket path {path} is {len} bytes, more than the {MAX_SOCKET_PATH} a Unix socket takes; use a shorter run directory")]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting up the VMM's signals failed: {0}")]
+    Signals(#[source] io::Error),
+    #[error(transparent)]
+    Vm(#[from] crate::Error),
+}
+
+/// What the VM front end of `keel vmm` is handed: the run directory's open files and sockets.
+pub(crate) struct Wiring {
+    pub name: String,
+    pub console_log: File,
+    pub console_socket: UnixListener,
+    pub control_socket: UnixListener,
+    pub signals: Signals,
+}
+
+/// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
+/// failure to start; `exit.json` says so too (except when another VMM owns the directory,
+/// which is left alone).
+pub fn run(dir: &Path) -> Result<VmExit, Error> {
+    // Before anything else: no thread exists yet, so all later ones inherit the mask.
+    let signals = Signals::take_over().map_err(Error::Signals)?;
+    let control_path = dir.join(files::CONTROL_SOCKET);
+    if UnixStream::connect(&control_path).is_ok() {
+        return Err(Error::AlreadyRunning(control_path));
+    }
+    remove_if_present(&dir.join(files::EXIT_RECORD)).map_err(|source| Error::RunDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let started = start(dir, signals);
+    let ended = match &started {
+        Ok(exit) => ExitRecord {
+            reason: exit_reason(exit),
+            detail: exit.to_string(),
+            time_ms: now_ms(),
+        },
+        Err(e) => ExitRecord {
+            reason: ExitReason::Failed,
+            detail: e.to_string(),
+            time_ms: now_ms(),
+        },
+    };
+    if let Err(e) = write_exit_record(dir, &ended) {
+        eprintln!(
+            "keel: writing {} failed: {e}",
+            dir.join(files::EXIT_RECORD).display()
+        );
+    }
+    for name in [files::CONTROL_SOCKET, files::CONSOLE_SOCKET] {
+        let _ = remove_if_present(&dir.join(name));
+    }
+    started
+}
+
+fn start(dir: &Path, signals: Signals) -> Result<VmExit, Error> {
+    let spec_path = dir.join(files::SPEC);
+    let text = fs::read(&spec_path).map_err(|source| Error::ReadSpec {
+        path: spec_path.clone(),
+        source,
+    })?;
+    let spec: api::VmSpec = serde_json::from_slice(&text).map_err(|source| Error::ParseSpec {
+        path: spec_path,
+        source,
+    })?;
+    let config = VmConfig::from_spec(&spec)?;
+    let log_path = dir.join(files::CONSOLE_LOG);
+    let console_log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|source| Error::File {
+            what: "opening the console log",
+            path: log_path,
+            source,
+        })?;
+    let wiring = Wiring {
+        name: spec.name.clone(),
+        console_log,
+        console_socket: bind(&dir.join(files::CONSOLE_SOCKET))?,
+        control_socket: bind(&dir.join(files::CONTROL_SOCKET))?,
+        signals,
+    };
+    Ok(vm::run_with(&config, Frontend::Service(wiring))?)
+}
+
+/// Binds a fresh socket at `path`, removing what a previous run left there.
+fn bind(path: &Path) -> Result<UnixListener, Error> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::SocketPathTooLong {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
+    let file_err = |what| {
+        move |source| Error::File {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    remove_if_present(path).map_err(file_err("removing the stale socket"))?;
+    UnixListener::bind(path).map_err(file_err("binding the socket"))
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// How an exit is recorded for the daemon.
+pub fn exit_reason(exit: &VmExit) -> ExitReason {
+    match exit {
+        VmExit::PowerOff => ExitReason::PowerOff,
+        VmExit::Reboot => ExitReason::Reboot,
+        VmExit::ConsoleQuit | VmExit::Stopped(_) => ExitReason::Stopped,
+        VmExit::Crash(_) => ExitReason::GuestCrash,
+        VmExit::Failed(_) => ExitReason::Failed,
+    }
+}
+
+/// Wall-clock milliseconds, for the record only: nothing decides from it.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Writes `dir/exit.json` atomically: a temporary file in `dir`, fsync, rename, fsync of
+/// `dir`. A reader sees the whole record or none.
+pub fn write_exit_record(dir: &Path, record: &ExitRecord) -> io::Result<()> {
+    let mut json = serde_json::to_vec(record).map_err(io::Error::other)?;
+    json.push(b'\n');
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        files::EXIT_RECORD,
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        file.write_all(&json)?;
+        file.sync_all()?;
+        fs::rename(&tmp, dir.join(files::EXIT_RECORD))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::StopBy;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keel-svc-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn exit_record_is_written_whole_and_replaced() {
+        let dir = temp_dir("record");
+        let first = ExitRecord {
+            reason: ExitReason::PowerOff,
+            detail: "guest powered off".into(),
+            time_ms: 1,
+        };
+        write_exit_record(&dir, &first).unwrap();
+        let second = ExitRecord {
+            reason: exit_reason(&VmExit::Stopped(StopBy::Signal("SIGTERM"))),
+            detail: VmExit::Stopped(StopBy::Signal("SIGTERM")).to_string(),
+            time_ms: now_ms(),
+        };
+        write_exit_record(&dir, &second).unwrap();
+        let read: ExitRecord =
+            serde_json::from_slice(&fs::read(dir.join(files::EXIT_RECORD)).unwrap()).unwrap();
+        assert_eq!(read, second);
+        assert_eq!(read.reason, ExitReason::Stopped);
+        assert_eq!(read.detail, "stopped by SIGTERM");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn over_long_socket_paths_are_refused_before_binding() {
+        let long = PathBuf::from(format!("/tmp/{}/control.sock", "d".repeat(100)));
+        let e = bind(&long).unwrap_err();
+        assert!(e.to_string().contains("shorter run directory"), "{e}");
+    }
+
+    #[test]
+    fn reasons_map_to_the_record() {
+        assert_eq!(exit_reason(&VmExit::Reboot), ExitReason::Reboot);
+        assert_eq!(exit_reason(&VmExit::ConsoleQuit), ExitReason::Stopped);
+        assert_eq!(exit_reason(&VmExit::Failed("x".into())), ExitReason::Failed);
+    }
+}

@@ -1,2 +1,3 @@
 //! x
 pub mod ledger;
+pub mod sla;

@@ -51,3 +51,35 @@ pub struct HostStatus {
     pub vms_total: u64,
     pub vms_running: u64,
 }
+
+/// `POST /tokens`: a new API token for TCP clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub name: String,
+    /// viewer, operator or admin.
+    pub role: String,
+    /// RFC 3339; none means it never expires. Expiry limits only new work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// A token as listed (its secret is never shown again after creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: String,
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// Set when `expires` has passed.
+    #[serde(default)]
+    pub expired: bool,
+}
+
+/// The answer to `POST /tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    pub token: TokenInfo,
+    pub secret: String,
+}

@@ -8,7 +8,7 @@ pub mod host;
 pub mod vm;
 
 pub use events::{Cause, Event, EventKind, LedgerEntry, SlaReport};
-pub use host::{HostHealth, HostStatus, Incident};
+pub use host::{HostHealth, HostStatus, Incident, NewToken, TokenInfo, TokenRequest};
 pub use vm::{DiskSpec, NetSpec, VmInfo, VmSpec, VmState};
 
 /// The body of every 4xx and 5xx answer: one sentence that says what failed and what to do.

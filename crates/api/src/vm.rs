@@ -137,7 +137,7 @@ impl VmSpec {
     }
 }
 
-/// Where a VM is in its life. Only `running` counts as up in the availability ledger.
+/// Where a VM is in its life. `running` and `shutting-down` count as up in SLA reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
@@ -211,6 +211,8 @@ pub struct VmInfo {
     pub reason: String,
     /// The serial console's scrollback file.
     pub console_log: String,
+    /// The serial console's Unix socket (while the VM runs; `keel vm console` attaches to it).
+    pub console_socket: String,
 }
 
 #[cfg(test)]

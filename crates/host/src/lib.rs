@@ -1,3 +1,16 @@
-//! x
+//! `keel serve`: the host daemon. VM definitions and their state in an embedded SQLite store,
+//! one supervised `keel vmm` process per running VM (re-adopted after a daemon restart), the
+//! REST API with its OpenAPI document, events, the hash-chained ledger and SLA reports.
+
+pub mod auth;
+pub mod health;
 pub mod ledger;
+pub mod rest;
+pub mod server;
 pub mod sla;
+pub mod store;
+pub mod supervisor;
+pub mod time;
+pub mod vmm_process;
+
+pub use server::{serve, ServeConfig};

@@ -1,0 +1,304 @@
+//! Who is asking, and may they. The Unix socket is guarded by its file permissions: whoever
+//! can connect is an admin, named by uid. On TCP every request carries an API token
+//! (`Authorization: Bearer ...`) with a role.
+//!
+//! Expiry limits only new work (promise 1): an expired token may still read, and start, shut
+//! down, stop and reboot existing VMs, but not define, delete or hand out anything. Tokens
+//! close to expiry are warned about on the front page and in a `Warning` header.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::store::TokenRow;
+use crate::time::rfc3339;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("this request needs an API token: send 'Authorization: Bearer <token>' (keel token create makes one)")]
+    Missing,
+    #[error("the API token is not known here; check KEEL_TOKEN or ask an admin for one")]
+    Unknown,
+    #[error("token '{name}' has role {has} but this needs {needs}")]
+    Forbidden {
+        name: String,
+        has: Role,
+        needs: Role,
+    },
+    #[error("token '{name}' expired at {at}: it can still read and start or stop existing VMs, but not define, delete or grant anything; ask an admin for a new token (keel token create)")]
+    Expired { name: String, at: String },
+    #[error("role '{0}' is not one of viewer, operator, admin")]
+    BadRole(String),
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Also define, start, stop and delete VMs; acknowledge incidents.
+    Operator,
+    /// Also manage tokens.
+    Admin,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(Error::BadRole(other.to_string())),
+        }
+    }
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Unix { uid: u32, pid: i32 },
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Peer::Unix { uid, pid } => write!(f, "unix socket (uid {uid}, pid {pid})"),
+            Peer::Tcp(addr) => write!(f, "tcp {addr}"),
+        }
+    }
+}
+
+/// What a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Read,
+    /// Act on something that exists (lifecycle of a defined VM): allowed to expired tokens.
+    Operate,
+    /// Create or destroy (new capacity, deletion): refused to expired tokens.
+    Create,
+    Admin,
+}
+
+impl Need {
+    fn role(self) -> Role {
+        match self {
+            Need::Read => Role::Viewer,
+            Need::Operate | Need::Create => Role::Operator,
+            Need::Admin => Role::Admin,
+        }
+    }
+}
+
+/// The caller, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// "uid:0" or "token:NAME": the actor in the ledger.
+    pub actor: String,
+    pub peer: Peer,
+    /// A warning to send back (the token expires soon or has expired).
+    pub warning: Option<String>,
+}
+
+/// How long ahead an expiring token is warned about.
+pub const EXPIRY_WARNING_MS: i64 = 14 * 24 * 3600 * 1000;
+
+pub fn hash_secret(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new random token secret: "keel_" and 32 random bytes in hex.
+pub fn new_secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(format!(
+        "keel_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// Decides whether `peer` with `bearer` may do what `need` says, at wall-clock `now_ms`.
+pub fn authorize(
+    peer: Peer,
+    bearer: Option<&str>,
+    tokens: &[TokenRow],
+    need: Need,
+    now_ms: i64,
+) -> Result<Caller, Error> {
+    if let Peer::Unix { uid, .. } = peer {
+        return Ok(Caller {
+            actor: format!("uid:{uid}"),
+            peer,
+            warning: None,
+        });
+    }
+    let secret = bearer.ok_or(Error::Missing)?;
+    let hashed = hash_secret(secret);
+    let token = tokens
+        .iter()
+        .find(|t| t.secret_sha256 == hashed)
+        .ok_or(Error::Unknown)?;
+    let role: Role = token.role.parse()?;
+    if role < need.role() {
+        return Err(Error::Forbidden {
+            name: token.name.clone(),
+            has: role,
+            needs: need.role(),
+        });
+    }
+    let mut warning = None;
+    if let Some(expires) = token.expires_ms {
+        if now_ms >= expires {
+            let expired = Error::Expired {
+                name: token.name.clone(),
+                at: rfc3339(expires),
+            };
+            if matches!(need, Need::Create | Need::Admin) {
+                return Err(expired);
+            }
+            warning = Some(expired.to_string());
+        } else if expires - now_ms <= EXPIRY_WARNING_MS {
+            warning = Some(format!(
+                "token '{}' expires at {}; ask an admin for a new one",
+                token.name,
+                rfc3339(expires)
+            ));
+        }
+    }
+    Ok(Caller {
+        actor: format!("token:{}", token.name),
+        peer,
+        warning,
+    })
+}
+
+/// Warnings for the front page: tokens expired or expiring within the warning window.
+pub fn expiry_warnings(tokens: &[TokenRow], now_ms: i64) -> Vec<String> {
+    tokens
+        .iter()
+        .filter_map(|t| {
+            let expires = t.expires_ms?;
+            if now_ms >= expires {
+                Some(format!(
+                    "token '{}' expired at {} (it can still operate existing VMs)",
+                    t.name,
+                    rfc3339(expires)
+                ))
+            } else if expires - now_ms <= EXPIRY_WARNING_MS {
+                Some(format!(
+                    "token '{}' expires at {}",
+                    t.name,
+                    rfc3339(expires)
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str, role: &str, secret: &str, expires_ms: Option<i64>) -> TokenRow {
+        TokenRow {
+            name: name.into(),
+            role: role.into(),
+            secret_sha256: hash_secret(secret),
+            created_ms: 0,
+            expires_ms,
+        }
+    }
+
+    fn tcp() -> Peer {
+        Peer::Tcp("127.0.0.1:1".parse().unwrap())
+    }
+
+    #[test]
+    fn roles_and_tokens() {
+        let tokens = [
+            token("view", "viewer", "s1", None),
+            token("ops", "operator", "s2", None),
+        ];
+        assert_eq!(
+            authorize(tcp(), None, &tokens, Need::Read, 0).unwrap_err(),
+            Error::Missing
+        );
+        assert_eq!(
+            authorize(tcp(), Some("nope"), &tokens, Need::Read, 0).unwrap_err(),
+            Error::Unknown
+        );
+        assert!(authorize(tcp(), Some("s1"), &tokens, Need::Read, 0).is_ok());
+        assert!(matches!(
+            authorize(tcp(), Some("s1"), &tokens, Need::Operate, 0),
+            Err(Error::Forbidden { .. })
+        ));
+        let caller = authorize(tcp(), Some("s2"), &tokens, Need::Create, 0).unwrap();
+        assert_eq!(caller.actor, "token:ops");
+        let unix = authorize(Peer::Unix { uid: 1000, pid: 5 }, None, &[], Need::Admin, 0);
+        assert_eq!(unix.unwrap().actor, "uid:1000");
+    }
+
+    #[test]
+    fn an_expired_token_still_operates_existing_vms_but_creates_nothing() {
+        let tokens = [token("old", "admin", "s", Some(1_000))];
+        let late = 4_102_444_800_000; // 2100-01-01
+        let operate = authorize(tcp(), Some("s"), &tokens, Need::Operate, late).unwrap();
+        assert!(operate.warning.unwrap().contains("expired"));
+        assert!(authorize(tcp(), Some("s"), &tokens, Need::Read, late).is_ok());
+        assert!(matches!(
+            authorize(tcp(), Some("s"), &tokens, Need::Create, late),
+            Err(Error::Expired { .. })
+        ));
+        assert_eq!(expiry_warnings(&tokens, late).len(), 1);
+    }
+
+    #[test]
+    fn expiry_is_warned_ahead() {
+        let tokens = [token("soon", "viewer", "s", Some(EXPIRY_WARNING_MS))];
+        let caller = authorize(tcp(), Some("s"), &tokens, Need::Read, 1).unwrap();
+        assert!(caller.warning.unwrap().contains("expires at"));
+        assert!(expiry_warnings(&tokens, -EXPIRY_WARNING_MS - 1).is_empty());
+    }
+
+    #[test]
+    fn secrets_are_random_and_hashed() {
+        let (a, b) = (new_secret().unwrap(), new_secret().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 5 + 64);
+        assert_eq!(hash_secret("abc").len(), 64);
+    }
+}

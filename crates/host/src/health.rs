@@ -1,0 +1,93 @@
+//! The front page: host checks, open incidents and warnings, then counts.
+
+use api::host::HealthCheck;
+use api::{HostHealth, HostStatus, VmState};
+
+use crate::auth;
+use crate::store;
+use crate::supervisor::Supervisor;
+use crate::time::now_ms;
+
+fn check(name: &str, result: Result<String, String>) -> HealthCheck {
+    match result {
+        Ok(detail) => HealthCheck {
+            name: name.into(),
+            ok: true,
+            detail,
+        },
+        Err(detail) => HealthCheck {
+            name: name.into(),
+            ok: false,
+            detail,
+        },
+    }
+}
+
+fn kvm_check() -> Result<String, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| "/dev/kvm opens read-write".to_string())
+        .map_err(|e| format!("/dev/kvm cannot be opened ({e}): no VM can start on this host"))
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
+    let (vms, incidents, tokens, schema) = sup.with_store(|s| -> Result<_, store::Error> {
+        Ok((
+            s.vms()?,
+            s.open_incidents()?,
+            s.tokens()?,
+            s.schema_version()?,
+        ))
+    })?;
+    let unwatched: Vec<&str> = vms
+        .iter()
+        .filter(|v| {
+            v.state.has_vmm() && v.state != VmState::Starting && !sup.is_watched(&v.spec.name)
+        })
+        .map(|v| v.spec.name.as_str())
+        .collect();
+    let checks = vec![
+        check("kvm", kvm_check()),
+        check(
+            "store",
+            Ok(format!("SQLite store at schema version {schema}")),
+        ),
+        check(
+            "supervision",
+            if unwatched.is_empty() {
+                Ok("every VMM with a running VM is watched".into())
+            } else {
+                Err(format!(
+                    "VMs without a watched VMM: {}",
+                    unwatched.join(", ")
+                ))
+            },
+        ),
+    ];
+    let warnings = auth::expiry_warnings(&tokens, now_ms());
+    let health = if !checks[0].ok {
+        HostHealth::Failing
+    } else if !incidents.is_empty() || !warnings.is_empty() || checks.iter().any(|c| !c.ok) {
+        HostHealth::Degraded
+    } else {
+        HostHealth::Ok
+    };
+    Ok(HostStatus {
+        health,
+        incidents,
+        warnings,
+        checks,
+        hostname: hostname(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        vms_total: vms.len() as u64,
+        vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u64,
+    })
+}

@@ -1,0 +1,616 @@
+//! The REST API: JSON over HTTP on a Unix socket (and TCP when asked). Every answer that is
+//! not 2xx has an `ErrorBody`; bad input is a 4xx, never a 5xx or a panic. The middleware
+//! authorises each request (auth.rs) and records every mutating one in the ledger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::events::{EventKind, LedgerVerification};
+use api::{
+    Cause, ErrorBody, Event, HostStatus, Incident, NewToken, SlaReport, TokenInfo, TokenRequest,
+    VmInfo, VmSpec,
+};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi};
+
+use crate::auth::{self, Caller, Need, Peer};
+use crate::ledger::{self, EventFilter, NewEvent};
+use crate::store::{self, TokenRow, VmRow};
+use crate::supervisor::{self, Supervisor};
+use crate::time::{now_ms, parse_rfc3339, rfc3339};
+use crate::{health, sla};
+
+/// An error answer: a status and one sentence.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<supervisor::Error> for ApiError {
+    fn from(e: supervisor::Error) -> Self {
+        use supervisor::Error as E;
+        let status = match &e {
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::Exists(_) | E::WrongState { .. } => StatusCode::CONFLICT,
+            E::StartFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            E::Spec(_) => StatusCode::BAD_REQUEST,
+            E::Store(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl From<ledger::Error> for ApiError {
+    fn from(e: ledger::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+/// `Json` whose rejection is an `ErrorBody` 400.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| Body(v))
+            .map_err(|e| bad_request(format!("request body: {}", e.body_text())))
+    }
+}
+
+/// `Query` whose rejection is an `ErrorBody` 400.
+pub struct Params<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Params(v))
+            .map_err(|e| bad_request(format!("query: {}", e.body_text())))
+    }
+}
+
+/// `Path` whose rejection is an `ErrorBody` 400.
+pub struct PathArg<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathArg<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| PathArg(v))
+            .map_err(|e| bad_request(format!("path: {}", e.body_text())))
+    }
+}
+
+pub type App = Arc<Supervisor>;
+
+/// The API's routes, with authorisation and auditing around them.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(host_status))
+        .route("/openapi.json", get(openapi))
+        .route("/vms", get(list_vms).post(create_vm))
+        .route("/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/vms/{name}/start", post(start_vm))
+        .route("/vms/{name}/shutdown", post(shutdown_vm))
+        .route("/vms/{name}/stop", post(stop_vm))
+        .route("/vms/{name}/reboot", post(reboot_vm))
+        .route("/events", get(list_events))
+        .route("/ledger/verify", get(verify_ledger))
+        .route("/sla", get(sla_report))
+        .route("/incidents/{id}/ack", post(ack_incident))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{name}", axum::routing::delete(delete_token))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such API path; GET /openapi.json lists them".into(),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
+        .with_state(app)
+}
+
+/// What a request needs, from its method and path.
+fn need_of(method: &Method, path: &str) -> Need {
+    if path.starts_with("/tokens") {
+        return Need::Admin;
+    }
+    match *method {
+        Method::GET | Method::HEAD => Need::Read,
+        Method::POST if path == "/vms" => Need::Create,
+        Method::DELETE => Need::Create,
+        _ => Need::Operate,
+    }
+}
+
+/// Authorises every request; records every mutating one (allowed or not) in the ledger.
+async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone())
+        .unwrap_or(Peer::Unix { uid: 0, pid: 0 });
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let mutating = !matches!(method, Method::GET | Method::HEAD);
+    let tokens = match app.with_store(|s| s.tokens()) {
+        Ok(t) => t,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let need = need_of(&method, &path);
+    let (actor, response) =
+        match auth::authorize(peer.clone(), bearer.as_deref(), &tokens, need, now_ms()) {
+            Ok(caller) => {
+                let actor = caller.actor.clone();
+                let warning = caller.warning.clone();
+                req.extensions_mut().insert(caller);
+                let mut response = next.run(req).await;
+                if let Some(w) = warning.and_then(|w| {
+                    HeaderValue::from_str(&format!("299 keel \"{}\"", w.replace('"', "'"))).ok()
+                }) {
+                    response.headers_mut().insert("warning", w);
+                }
+                (actor, response)
+            }
+            Err(e) => {
+                let status = match e {
+                    auth::Error::Missing | auth::Error::Unknown => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                (
+                    "anonymous".to_string(),
+                    ApiError(status, e.to_string()).into_response(),
+                )
+            }
+        };
+    if mutating {
+        let status = response.status();
+        let audit = NewEvent {
+            kind: EventKind::Audit,
+            vm: vm_of_path(&path),
+            from: None,
+            to: None,
+            cause: Cause::Operator,
+            actor,
+            detail: format!("{method} {path} from {peer}: {status}"),
+        };
+        if let Err(e) = app.with_store(|s| s.record(&audit)) {
+            tracing::error!("recording the audit row for {method} {path} failed: {e}");
+        }
+    }
+    response
+}
+
+fn vm_of_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/vms/")?;
+    Some(rest.split('/').next()?.to_string()).filter(|n| !n.is_empty())
+}
+
+fn vm_info(app: &Supervisor, row: VmRow) -> VmInfo {
+    let run_dir = app.run_dir(&row.spec.name);
+    VmInfo {
+        state: row.state,
+        pid: row.pid,
+        since: rfc3339(row.since_ms),
+        reason: row.reason,
+        console_log: run_dir.console_log().display().to_string(),
+        console_socket: run_dir.console_socket().display().to_string(),
+        spec: row.spec,
+    }
+}
+
+fn load_vm(app: &Supervisor, name: &str) -> Result<VmInfo, ApiError> {
+    let row = app
+        .with_store(|s| s.vm(name))?
+        .ok_or_else(|| ApiError::from(supervisor::Error::NotFound(name.to_string())))?;
+    Ok(vm_info(app, row))
+}
+
+/// Host health, open incidents and warnings first; then the rest.
+#[utoipa::path(get, path = "/", responses((status = 200, body = HostStatus)))]
+async fn host_status(State(app): State<App>) -> Result<Json<HostStatus>, ApiError> {
+    Ok(Json(health::status(&app)?))
+}
+
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This API's OpenAPI 3 document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(get, path = "/vms", responses((status = 200, body = Vec<VmInfo>)))]
+async fn list_vms(State(app): State<App>) -> Result<Json<Vec<VmInfo>>, ApiError> {
+    let rows = app.with_store(|s| s.vms())?;
+    Ok(Json(rows.into_iter().map(|r| vm_info(&app, r)).collect()))
+}
+
+#[utoipa::path(post, path = "/vms", request_body = VmSpec,
+    responses((status = 201, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Body(spec): Body<VmSpec>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
+    let row = app.create(&spec, &caller.actor)?;
+    Ok((StatusCode::CREATED, Json(vm_info(&app, row))))
+}
+
+#[utoipa::path(get, path = "/vms/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
+async fn show_vm(
+    State(app): State<App>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(load_vm(&app, &name)?))
+}
+
+#[utoipa::path(delete, path = "/vms/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> Result<StatusCode, ApiError> {
+    app.delete(&name, &caller.actor).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/vms/{name}/start", params(("name" = String, Path)),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn start_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<VmInfo>, ApiError> {
+    app.start(&name, Cause::Operator, &caller.actor).await?;
+    Ok(Json(load_vm(&app, &name)?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ShutdownParams {
+    /// Seconds the guest gets to power off before it is stopped hard (default 60).
+    timeout_s: Option<u64>,
+    /// Answer at once (202) instead of when the VM has stopped (default true).
+    wait: Option<bool>,
+}
+
+#[utoipa::path(post, path = "/vms/{name}/shutdown", params(("name" = String, Path), ShutdownParams),
+    responses((status = 200, body = VmInfo), (status = 202, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn shutdown_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+    Params(params): Params<ShutdownParams>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
+    let timeout = params
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(supervisor::DEFAULT_SHUTDOWN_TIMEOUT);
+    if params.wait.unwrap_or(true) {
+        app.shutdown(&name, &caller.actor, timeout).await?;
+        return Ok((StatusCode::OK, Json(load_vm(&app, &name)?)));
+    }
+    // Check now so that a wrong name or state is still an error answer.
+    let vm = load_vm(&app, &name)?;
+    if vm.state != api::VmState::Running {
+        return Err(supervisor::Error::WrongState {
+            name,
+            state: vm.state,
+            hint: "only a running VM can be shut down",
+        }
+        .into());
+    }
+    let task_app = app.clone();
+    let task_name = name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = task_app.shutdown(&task_name, &caller.actor, timeout).await {
+            tracing::warn!("shutdown of VM {task_name}: {e}");
+        }
+    });
+    // Give the shutdown its state change before answering, so the answer shows it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok((StatusCode::ACCEPTED, Json(load_vm(&app, &name)?)))
+}
+
+#[utoipa::path(post, path = "/vms/{name}/stop", params(("name" = String, Path)),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn stop_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<VmInfo>, ApiError> {
+    app.stop(&name, &caller.actor).await?;
+    Ok(Json(load_vm(&app, &name)?))
+}
+
+#[utoipa::path(post, path = "/vms/{name}/reboot", params(("name" = String, Path)),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reboot_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<VmInfo>, ApiError> {
+    app.reboot(&name, &caller.actor).await?;
+    Ok(Json(load_vm(&app, &name)?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct EventParams {
+    vm: Option<String>,
+    /// state, audit or host.
+    kind: Option<String>,
+    /// Only events after this sequence number.
+    since: Option<i64>,
+    /// At most this many (default 100, at most 10000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/events", params(EventParams),
+    responses((status = 200, body = Vec<Event>), (status = 400, body = ErrorBody)))]
+async fn list_events(
+    State(app): State<App>,
+    Params(params): Params<EventParams>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let kind = params
+        .kind
+        .as_deref()
+        .map(str::parse::<EventKind>)
+        .transpose()
+        .map_err(bad_request)?;
+    let filter = EventFilter {
+        vm: params.vm,
+        kind,
+        since: params.since,
+        limit: Some(params.limit.unwrap_or(100).min(10_000)),
+    };
+    Ok(Json(
+        app.with_store(|s| ledger::list(s.connection(), &filter))?,
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    /// A head hash written down earlier: also checks that no row after it was removed.
+    expect_head: Option<String>,
+}
+
+#[utoipa::path(get, path = "/ledger/verify", params(VerifyParams),
+    responses((status = 200, body = LedgerVerification)))]
+async fn verify_ledger(
+    State(app): State<App>,
+    Params(params): Params<VerifyParams>,
+) -> Result<Json<LedgerVerification>, ApiError> {
+    let checked = app.with_store(|s| match &params.expect_head {
+        Some(head) => ledger::verify_against(s.connection(), head),
+        None => ledger::verify(s.connection()),
+    })?;
+    Ok(Json(checked))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct SlaParams {
+    /// One VM; all VMs in the ledger when absent.
+    vm: Option<String>,
+    /// RFC 3339 start of the window.
+    from: String,
+    /// RFC 3339 end of the window.
+    to: String,
+    /// Credit tiers like 99.95:10,99:25 (below 99.95% availability, 10% credit; ...).
+    credits: Option<String>,
+}
+
+#[utoipa::path(get, path = "/sla", params(SlaParams),
+    responses((status = 200, body = SlaReport), (status = 400, body = ErrorBody)))]
+async fn sla_report(
+    State(app): State<App>,
+    Params(params): Params<SlaParams>,
+) -> Result<Json<SlaReport>, ApiError> {
+    let from = parse_rfc3339(&params.from).map_err(|e| bad_request(format!("from: {e}")))?;
+    let to = parse_rfc3339(&params.to).map_err(|e| bad_request(format!("to: {e}")))?;
+    if to <= from {
+        return Err(bad_request(format!(
+            "the window is empty: to ({}) is not after from ({})",
+            params.to, params.from
+        )));
+    }
+    let tiers = match &params.credits {
+        Some(text) => sla::parse_tiers(text).map_err(|e| bad_request(e.to_string()))?,
+        None => Vec::new(),
+    };
+    let vms: Vec<String> = params.vm.into_iter().collect();
+    let (events, verification) = app.with_store(|s| -> Result<_, ledger::Error> {
+        Ok((
+            ledger::state_events(s.connection())?,
+            ledger::verify(s.connection())?,
+        ))
+    })?;
+    let mut report = sla::report(&events, &vms, from, to, &tiers);
+    report.ledger_head_hash = verification.head_hash;
+    report.ledger_verified = verification.ok;
+    Ok(Json(report))
+}
+
+#[utoipa::path(post, path = "/incidents/{id}/ack", params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn ack_incident(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(id): PathArg<i64>,
+) -> Result<StatusCode, ApiError> {
+    if app.with_store(|s| s.close_incident(id, &caller.actor))? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no open incident {id}; GET / lists the open ones"),
+        ))
+    }
+}
+
+fn token_info(t: &TokenRow, now: i64) -> TokenInfo {
+    TokenInfo {
+        name: t.name.clone(),
+        role: t.role.clone(),
+        created: rfc3339(t.created_ms),
+        expires: t.expires_ms.map(rfc3339),
+        expired: t.expires_ms.is_some_and(|e| now >= e),
+    }
+}
+
+#[utoipa::path(get, path = "/tokens", responses((status = 200, body = Vec<TokenInfo>)))]
+async fn list_tokens(State(app): State<App>) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    let now = now_ms();
+    let tokens = app.with_store(|s| s.tokens())?;
+    Ok(Json(tokens.iter().map(|t| token_info(t, now)).collect()))
+}
+
+#[utoipa::path(post, path = "/tokens", request_body = TokenRequest,
+    responses((status = 201, body = NewToken), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_token(
+    State(app): State<App>,
+    Body(request): Body<TokenRequest>,
+) -> Result<(StatusCode, Json<NewToken>), ApiError> {
+    api::vm::check_name(&request.name).map_err(|_| {
+        bad_request(format!(
+            "token name '{}' is not allowed: use lowercase letters, digits, '-', '_' or '.'",
+            request.name
+        ))
+    })?;
+    request
+        .role
+        .parse::<auth::Role>()
+        .map_err(|e| bad_request(e.to_string()))?;
+    let expires_ms = request
+        .expires
+        .as_deref()
+        .map(parse_rfc3339)
+        .transpose()
+        .map_err(|e| bad_request(format!("expires: {e}")))?;
+    let secret = auth::new_secret().map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("no randomness for the token: {e}"),
+        )
+    })?;
+    let row = TokenRow {
+        name: request.name.clone(),
+        role: request.role.clone(),
+        secret_sha256: auth::hash_secret(&secret),
+        created_ms: now_ms(),
+        expires_ms,
+    };
+    app.with_store(|s| -> Result<(), ApiError> {
+        if s.tokens()?.iter().any(|t| t.name == row.name) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("a token named '{}' exists; remove it first", row.name),
+            ));
+        }
+        Ok(s.add_token(&row)?)
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewToken {
+            token: token_info(&row, now_ms()),
+            secret,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/tokens/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_token(
+    State(app): State<App>,
+    PathArg(name): PathArg<String>,
+) -> Result<StatusCode, ApiError> {
+    if app.with_store(|s| s.remove_token(&name))? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no token named '{name}'"),
+        ))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Keel host API",
+        description = "keel serve: VMs, events, ledger and SLA evidence of one host."
+    ),
+    paths(
+        host_status,
+        openapi,
+        list_vms,
+        create_vm,
+        show_vm,
+        delete_vm,
+        start_vm,
+        shutdown_vm,
+        stop_vm,
+        reboot_vm,
+        list_events,
+        verify_ledger,
+        sla_report,
+        ack_incident,
+        list_tokens,
+        create_token,
+        delete_token
+    ),
+    components(schemas(
+        HostStatus,
+        Incident,
+        VmInfo,
+        VmSpec,
+        ErrorBody,
+        Event,
+        SlaReport,
+        TokenInfo,
+        TokenRequest,
+        NewToken
+    ))
+)]
+pub struct ApiDoc;

@@ -1,0 +1,199 @@
+//! `keel serve`: opens the store, takes the state directory's lock, re-adopts the VMMs that
+//! outlived the previous daemon, then serves the API until SIGTERM or SIGINT. Stopping the
+//! daemon never stops a VM.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use api::events::EventKind;
+use api::Cause;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::auth::Peer;
+use crate::ledger::NewEvent;
+use crate::store::{self, Store};
+use crate::supervisor::{self, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another keel serve already uses the state directory {0}; stop it first or pass another --state-dir")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Supervisor(#[from] supervisor::Error),
+}
+
+pub struct ServeConfig {
+    pub state_dir: PathBuf,
+    /// The API's Unix socket (owner-only).
+    pub socket: PathBuf,
+    /// Also serve on TCP (API tokens required).
+    pub listen: Option<SocketAddr>,
+    /// The keel binary to start VMMs with.
+    pub keel_exe: PathBuf,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { what, path, source }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => Peer::Unix {
+                uid: cred.uid(),
+                pid: cred.pid().unwrap_or(0),
+            },
+            Err(_) => Peer::Unix {
+                uid: u32::MAX,
+                pid: 0,
+            },
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer::Tcp(*stream.remote_addr())
+    }
+}
+
+/// This boot of the host, so a restarted daemon can tell a host reboot from its own restart.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Holds an exclusive lock on `<state dir>/daemon.lock` for the daemon's life.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, Error> {
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("opening", &path))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Locked(state_dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+pub async fn serve(config: ServeConfig) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .map_err(io("creating the state directory", &config.state_dir))?;
+    let _lock = lock_state_dir(&config.state_dir)?;
+    let store = Store::open(&config.state_dir.join("keel.db"))?;
+    let booted_now = boot_id();
+    let host_booted = store.meta("boot_id")? != Some(booted_now.clone());
+    let sup = Supervisor::new(config.state_dir.clone(), config.keel_exe.clone(), store);
+    sup.with_store(|s| {
+        s.record(&NewEvent {
+            kind: EventKind::Host,
+            vm: None,
+            from: None,
+            to: None,
+            cause: if host_booted {
+                Cause::HostBoot
+            } else {
+                Cause::DaemonRestart
+            },
+            actor: "keel".into(),
+            detail: format!(
+                "daemon started (pid {}, keel {}){}",
+                std::process::id(),
+                env!("CARGO_PKG_VERSION"),
+                if host_booted {
+                    " on a newly booted host"
+                } else {
+                    " again on the same host boot"
+                }
+            ),
+        })
+    })?;
+    let (adopted, lost) = sup.recover(host_booted).await?;
+    sup.with_store(|s| s.set_meta("boot_id", &booted_now))?;
+    tracing::info!("recovered: {adopted} VMM(s) re-adopted, {lost} found gone");
+
+    let _ = std::fs::remove_file(&config.socket);
+    let unix = UnixListener::bind(&config.socket).map_err(io("listening on", &config.socket))?;
+    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restricting", &config.socket))?;
+    let app = crate::rest::router(sup.clone());
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(
+        axum::serve(
+            unix,
+            app.clone().into_make_service_with_connect_info::<Peer>(),
+        )
+        .with_graceful_shutdown(stop_signal())
+        .into_future(),
+    );
+    if let Some(addr) = config.listen {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(io("listening on", Path::new(&addr.to_string())))?;
+        servers.spawn(
+            axum::serve(tcp, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(stop_signal())
+                .into_future(),
+        );
+    }
+    eprintln!(
+        "keel serve: listening on {}{}; state in {}",
+        config.socket.display(),
+        config
+            .listen
+            .map(|a| format!(" and tcp {a}"))
+            .unwrap_or_default(),
+        config.state_dir.display()
+    );
+    while servers.join_next().await.is_some() {}
+    let _ = std::fs::remove_file(&config.socket);
+    sup.with_store(|s| {
+        s.record(&NewEvent {
+            kind: EventKind::Host,
+            vm: None,
+            from: None,
+            to: None,
+            cause: Cause::Operator,
+            actor: "keel".into(),
+            detail: "daemon stopped; VMs keep running".into(),
+        })
+    })?;
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

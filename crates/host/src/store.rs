@@ -1,0 +1,598 @@
+//! The daemon's embedded store: one SQLite file under the state directory. VM definitions,
+//! their current state, open incidents, API tokens, and the ledger (ledger.rs). A VM's state
+//! change, its ledger row and any incident it opens commit in one transaction.
+
+use std::path::Path;
+
+use api::events::EventKind;
+use api::{Cause, Event, Incident, VmSpec, VmState};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::ledger::{self, NewEvent};
+use crate::time::{now_ms, rfc3339};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("store {what} failed: {source}")]
+    Sqlite {
+        what: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store: {0}")]
+    Ledger(#[from] ledger::Error),
+    #[error("store: the row of VM '{name}' is damaged ({why}); restore it from a backup or delete the VM")]
+    BadRow { name: String, why: String },
+    #[error("store schema version {found} is newer than this keel understands ({known}); run a newer keel")]
+    TooNew { found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn sql(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Sqlite { what, source }
+}
+
+/// Each entry moves the schema one version up; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        since_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT ''
+     );
+     CREATE TABLE incidents (
+        id INTEGER PRIMARY KEY,
+        opened_ms INTEGER NOT NULL,
+        vm TEXT,
+        cause TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        event_seq INTEGER NOT NULL,
+        closed_ms INTEGER,
+        closed_by TEXT
+     );
+     CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER
+     );
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+];
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRow {
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub pid: Option<u32>,
+    pub since_ms: i64,
+    pub reason: String,
+}
+
+/// An API token as stored (only the SHA-256 of its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub name: String,
+    pub role: String,
+    pub secret_sha256: String,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+}
+
+/// A state change to record.
+#[derive(Debug, Clone)]
+pub struct Transition<'a> {
+    pub to: VmState,
+    pub pid: Option<u32>,
+    pub cause: Cause,
+    pub actor: &'a str,
+    pub detail: &'a str,
+    /// When it happened, if known better than "now" (a VMM's exit record).
+    pub time_ms: Option<i64>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(sql(format!("opening {}", path.display())))?;
+        // WAL with FULL sync: a committed row survives a crash of the daemon or the host.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("setting WAL mode"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql("setting synchronous=FULL"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql("setting the busy timeout"))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let known = MIGRATIONS.len() as i64;
+        let found: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("reading the schema version"))?;
+        if found > known {
+            return Err(Error::TooNew { found, known });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let version = i as i64 + 1;
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(sql("starting a migration"))?;
+            tx.execute_batch(step)
+                .map_err(sql(format!("migrating to schema {version}")))?;
+            if version == 1 {
+                tx.execute_batch(ledger::SCHEMA)
+                    .map_err(sql("creating the ledger"))?;
+            }
+            tx.pragma_update(None, "user_version", version)
+                .map_err(sql("recording the schema version"))?;
+            tx.commit().map_err(sql("committing a migration"))?;
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("reading the schema version"))
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(sql(format!("reading {key}")))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(sql(format!("writing {key}")))
+    }
+
+    fn row_to_vm(
+        name: String,
+        spec: String,
+        state: String,
+        pid: Option<i64>,
+        since_ms: i64,
+        reason: String,
+    ) -> Result<VmRow> {
+        let bad = |why: String| Error::BadRow {
+            name: name.clone(),
+            why,
+        };
+        let spec: VmSpec =
+            serde_json::from_str(&spec).map_err(|e| bad(format!("definition: {e}")))?;
+        let state: VmState = state.parse().map_err(bad)?;
+        let pid = match pid {
+            Some(p) => Some(u32::try_from(p).map_err(|_| bad(format!("pid {p}")))?),
+            None => None,
+        };
+        Ok(VmRow {
+            spec,
+            state,
+            pid,
+            since_ms,
+            reason,
+        })
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRow>> {
+        let raw = self
+            .conn
+            .query_row(
+                "SELECT name, spec, state, pid, since_ms, reason FROM vms WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql(format!("reading VM {name}")))?;
+        raw.map(|(n, s, st, p, t, r)| Self::row_to_vm(n, s, st, p, t, r))
+            .transpose()
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, spec, state, pid, since_ms, reason FROM vms ORDER BY name")
+            .map_err(sql("listing VMs"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(sql("listing VMs"))?;
+        let mut vms = Vec::new();
+        for raw in rows {
+            let (n, s, st, p, t, r) = raw.map_err(sql("listing VMs"))?;
+            vms.push(Self::row_to_vm(n, s, st, p, t, r)?);
+        }
+        Ok(vms)
+    }
+
+    /// Defines a VM (stopped) and records it. The caller has checked the name is free.
+    pub fn create_vm(&mut self, spec: &VmSpec, actor: &str) -> Result<VmRow> {
+        let now = now_ms();
+        let json = serde_json::to_string(spec).map_err(|e| Error::BadRow {
+            name: spec.name.clone(),
+            why: e.to_string(),
+        })?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        tx.execute(
+            "INSERT INTO vms (name, spec, state, pid, since_ms, reason) VALUES (?1, ?2, ?3, NULL, ?4, 'defined')",
+            params![spec.name, json, VmState::Stopped.as_str(), now],
+        )
+        .map_err(sql(format!("defining VM {}", spec.name)))?;
+        ledger::append(
+            &tx,
+            &NewEvent {
+                kind: EventKind::State,
+                vm: Some(spec.name.clone()),
+                from: None,
+                to: Some(VmState::Stopped),
+                cause: Cause::Operator,
+                actor: actor.to_string(),
+                detail: "defined".into(),
+            },
+            now,
+        )?;
+        tx.commit().map_err(sql("committing a new VM"))?;
+        Ok(VmRow {
+            spec: spec.clone(),
+            state: VmState::Stopped,
+            pid: None,
+            since_ms: now,
+            reason: "defined".into(),
+        })
+    }
+
+    pub fn delete_vm(&mut self, name: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM vms WHERE name = ?1", [name])
+            .map(|_| ())
+            .map_err(sql(format!("deleting VM {name}")))
+    }
+
+    /// Moves a VM to a new state: the row, the ledger entry and (for a crash) an incident,
+    /// in one transaction. Returns the ledger entry.
+    pub fn transition(&mut self, name: &str, change: &Transition) -> Result<Event> {
+        let time = change.time_ms.unwrap_or_else(now_ms);
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let from: Option<String> = tx
+            .query_row("SELECT state FROM vms WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(format!("reading VM {name}")))?;
+        let from = from
+            .map(|s| s.parse::<VmState>())
+            .transpose()
+            .map_err(|why| Error::BadRow {
+                name: name.to_string(),
+                why,
+            })?;
+        tx.execute(
+            "UPDATE vms SET state = ?2, pid = ?3, since_ms = ?4, reason = ?5 WHERE name = ?1",
+            params![
+                name,
+                change.to.as_str(),
+                change.pid.map(i64::from),
+                time,
+                change.detail
+            ],
+        )
+        .map_err(sql(format!("changing the state of VM {name}")))?;
+        let event = ledger::append(
+            &tx,
+            &NewEvent {
+                kind: EventKind::State,
+                vm: Some(name.to_string()),
+                from,
+                to: Some(change.to),
+                cause: change.cause,
+                actor: change.actor.to_string(),
+                detail: change.detail.to_string(),
+            },
+            time,
+        )?;
+        if change.to == VmState::Crashed {
+            open_incident(&tx, Some(name), change.cause, change.detail, &event)?;
+        }
+        tx.commit().map_err(sql("committing a state change"))?;
+        Ok(event)
+    }
+
+    /// Records an event that changes no VM state (audit, host).
+    pub fn record(&mut self, event: &NewEvent) -> Result<Event> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let recorded = ledger::append(&tx, event, now_ms())?;
+        tx.commit().map_err(sql("committing an event"))?;
+        Ok(recorded)
+    }
+
+    /// Records a host event and opens an incident for it.
+    pub fn raise_incident(&mut self, event: &NewEvent) -> Result<Event> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let recorded = ledger::append(&tx, event, now_ms())?;
+        open_incident(
+            &tx,
+            event.vm.as_deref(),
+            event.cause,
+            &event.detail,
+            &recorded,
+        )?;
+        tx.commit().map_err(sql("committing an incident"))?;
+        Ok(recorded)
+    }
+
+    pub fn open_incidents(&self) -> Result<Vec<Incident>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, opened_ms, vm, cause, summary, event_seq FROM incidents
+                 WHERE closed_ms IS NULL ORDER BY id DESC",
+            )
+            .map_err(sql("listing incidents"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(sql("listing incidents"))?;
+        let mut incidents = Vec::new();
+        for raw in rows {
+            let (id, opened, vm, cause, summary, event_seq) =
+                raw.map_err(sql("listing incidents"))?;
+            incidents.push(Incident {
+                id,
+                opened: rfc3339(opened),
+                vm,
+                cause: cause.parse().unwrap_or(Cause::VmmCrash),
+                summary,
+                event_seq,
+            });
+        }
+        Ok(incidents)
+    }
+
+    /// Closes an open incident; false when there is no open incident with that id.
+    pub fn close_incident(&mut self, id: i64, actor: &str) -> Result<bool> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let changed = tx
+            .execute(
+                "UPDATE incidents SET closed_ms = ?2, closed_by = ?3 WHERE id = ?1 AND closed_ms IS NULL",
+                params![id, now_ms(), actor],
+            )
+            .map_err(sql(format!("closing incident {id}")))?;
+        if changed == 1 {
+            ledger::append(
+                &tx,
+                &NewEvent {
+                    kind: EventKind::Host,
+                    vm: None,
+                    from: None,
+                    to: None,
+                    cause: Cause::Operator,
+                    actor: actor.to_string(),
+                    detail: format!("incident {id} acknowledged"),
+                },
+                now_ms(),
+            )?;
+        }
+        tx.commit().map_err(sql("committing an incident change"))?;
+        Ok(changed == 1)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, role, secret_sha256, created_ms, expires_ms FROM tokens ORDER BY name")
+            .map_err(sql("listing tokens"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(TokenRow {
+                    name: r.get(0)?,
+                    role: r.get(1)?,
+                    secret_sha256: r.get(2)?,
+                    created_ms: r.get(3)?,
+                    expires_ms: r.get(4)?,
+                })
+            })
+            .map_err(sql("listing tokens"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(sql("listing tokens"))
+    }
+
+    pub fn add_token(&mut self, token: &TokenRow) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO tokens (name, role, secret_sha256, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    token.name,
+                    token.role,
+                    token.secret_sha256,
+                    token.created_ms,
+                    token.expires_ms
+                ],
+            )
+            .map(|_| ())
+            .map_err(sql(format!("adding token {}", token.name)))
+    }
+
+    pub fn remove_token(&mut self, name: &str) -> Result<bool> {
+        self.conn
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])
+            .map(|n| n == 1)
+            .map_err(sql(format!("removing token {name}")))
+    }
+}
+
+fn open_incident(
+    tx: &Transaction,
+    vm: Option<&str>,
+    cause: Cause,
+    summary: &str,
+    event: &Event,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO incidents (opened_ms, vm, cause, summary, event_seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![event.time_ms, vm, cause.as_str(), summary, event.seq],
+    )
+    .map(|_| ())
+    .map_err(sql("opening an incident"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> VmSpec {
+        serde_json::from_str(&format!(r#"{{"name":"{name}","kernel":"/k"}}"#)).unwrap()
+    }
+
+    #[test]
+    fn migrates_once_and_keeps_data() {
+        let dir = tempdir();
+        let path = dir.join("keel.db");
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+            store.create_vm(&spec("a"), "uid:0").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.vms().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempdir();
+        let path = dir.join("keel.db");
+        drop(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_crash_is_a_ledger_row_and_an_incident() {
+        let dir = tempdir();
+        let mut store = Store::open(&dir.join("keel.db")).unwrap();
+        store.create_vm(&spec("a"), "uid:0").unwrap();
+        let running = store
+            .transition(
+                "a",
+                &Transition {
+                    to: VmState::Running,
+                    pid: Some(42),
+                    cause: Cause::Operator,
+                    actor: "uid:0",
+                    detail: "started",
+                    time_ms: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(running.from, Some(VmState::Stopped));
+        assert_eq!(store.vm("a").unwrap().unwrap().pid, Some(42));
+        let crash = store
+            .transition(
+                "a",
+                &Transition {
+                    to: VmState::Crashed,
+                    pid: None,
+                    cause: Cause::VmmCrash,
+                    actor: "keel",
+                    detail: "VMM killed by signal 9",
+                    time_ms: None,
+                },
+            )
+            .unwrap();
+        let incidents = store.open_incidents().unwrap();
+        assert_eq!(incidents.len(), 1);
+        assert_eq!(incidents[0].event_seq, crash.seq);
+        assert!(store.close_incident(incidents[0].id, "uid:0").unwrap());
+        assert!(!store.close_incident(incidents[0].id, "uid:0").unwrap());
+        assert!(store.open_incidents().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "keel-store-test-{}-{}",
+            std::process::id(),
+            now_ms() ^ (rand_u32() as i64)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn rand_u32() -> u32 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(0);
+        h.finish() as u32
+    }
+}

@@ -1,0 +1,735 @@
+//! VM lifecycle: start, shutdown, stop, reboot, and what happens when a VMM ends. Every
+//! operation on one VM holds that VM's lock, so concurrent requests on it run one after the
+//! other and see each other's result; the store is the one record of state.
+//!
+//! No decision here reads the wall clock (promise 1): timeouts are tokio's monotonic clock;
+//! wall-clock times only go into records.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::control::{ExitReason, ExitRecord, Request, Response};
+use api::events::EventKind;
+use api::{Cause, VmSpec, VmState};
+use tokio::sync::watch;
+
+use crate::ledger::NewEvent;
+use crate::store::{self, Store, Transition, VmRow};
+use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no VM named '{0}'; `keel vm list` shows the VMs on this host")]
+    NotFound(String),
+    #[error("a VM named '{0}' already exists; pick another name or delete it first")]
+    Exists(String),
+    #[error("VM '{name}' is {state}; {hint}")]
+    WrongState {
+        name: String,
+        state: VmState,
+        hint: &'static str,
+    },
+    #[error("VM '{name}' could not start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error(transparent)]
+    Spec(#[from] api::vm::SpecError),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Vmm(#[from] vmm_process::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How long a VMM may take from spawn to answering on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a hard stop waits for the VMM to end before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Default time a guest gets to act on the power button.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the daemon expects the next end of a VM's VMM to mean.
+#[derive(Debug, Clone)]
+struct Intent {
+    cause: Cause,
+    actor: String,
+    detail: String,
+    /// Start the VM again once it has ended (reboot).
+    restart: bool,
+}
+
+/// A VMM the daemon watches.
+struct Running {
+    handle: Arc<ProcessHandle>,
+    /// Becomes true once the VMM's end has been recorded in the store.
+    ended: watch::Receiver<bool>,
+}
+
+pub struct Supervisor {
+    pub state_dir: PathBuf,
+    keel_exe: PathBuf,
+    store: Mutex<Store>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    intents: Mutex<HashMap<String, Intent>>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Supervisor {
+    pub fn new(state_dir: PathBuf, keel_exe: PathBuf, store: Store) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            state_dir,
+            keel_exe,
+            store: Mutex::new(store),
+            locks: Mutex::new(HashMap::new()),
+            intents: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs `f` on the store (short, synchronous work only).
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        f(&mut lock(&self.store))
+    }
+
+    pub fn run_dir(&self, name: &str) -> RunDir {
+        RunDir::new(&self.state_dir, name)
+    }
+
+    fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.locks)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn get(&self, name: &str) -> Result<VmRow> {
+        self.with_store(|s| s.vm(name))?
+            .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
+    fn transition(&self, name: &str, change: Transition) -> Result<()> {
+        self.with_store(|s| s.transition(name, &change))?;
+        Ok(())
+    }
+
+    pub fn create(&self, spec: &VmSpec, actor: &str) -> Result<VmRow> {
+        spec.validate()?;
+        self.with_store(|s| {
+            if s.vm(&spec.name)?.is_some() {
+                return Err(Error::Exists(spec.name.clone()));
+            }
+            Ok(s.create_vm(spec, actor)?)
+        })
+    }
+
+    pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
+        let guard = self.vm_lock(name);
+        let _held = guard.lock().await;
+        let row = self.get(name)?;
+        if row.state.has_vmm() {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "stop it first (keel vm stop)",
+            });
+        }
+        self.with_store(|s| -> Result<()> {
+            s.delete_vm(name)?;
+            s.record(&NewEvent {
+                kind: EventKind::Host,
+                vm: Some(name.to_string()),
+                from: None,
+                to: None,
+                cause: Cause::Operator,
+                actor: actor.to_string(),
+                detail: format!("deleted (was {})", row.state),
+            })?;
+            Ok(())
+        })?;
+        let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
+        Ok(())
+    }
+
+    /// Starts a stopped or crashed VM and returns once its VMM answers (or has failed).
+    pub async fn start(self: &Arc<Self>, name: &str, cause: Cause, actor: &str) -> Result<()> {
+        let guard = self.vm_lock(name);
+        let _held = guard.lock().await;
+        self.start_locked(name, cause, actor).await
+    }
+
+    async fn start_locked(self: &Arc<Self>, name: &str, cause: Cause, actor: &str) -> Result<()> {
+        let row = self.get(name)?;
+        if row.state.has_vmm() {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "it already has a VMM; stop or shut it down first",
+            });
+        }
+        self.transition(
+            name,
+            Transition {
+                to: VmState::Starting,
+                pid: None,
+                cause,
+                actor,
+                detail: "starting",
+                time_ms: None,
+            },
+        )?;
+        let run_dir = self.run_dir(name);
+        let spawned = run_dir.prepare(&row.spec).and_then(|()| {
+            run_dir.remove_exit_record();
+            vmm_process::spawn(&self.keel_exe, &run_dir)
+        });
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                let reason = e.to_string();
+                self.transition(
+                    name,
+                    Transition {
+                        to: VmState::Stopped,
+                        pid: None,
+                        cause,
+                        actor,
+                        detail: &format!("start failed: {reason}"),
+                        time_ms: None,
+                    },
+                )?;
+                return Err(Error::StartFailed {
+                    name: name.into(),
+                    reason,
+                });
+            }
+        };
+        let handle = Arc::new(ProcessHandle::open(pid)?);
+        // Wait for the control socket; the pidfd says whether the VMM died meanwhile.
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if handle.has_ended() {
+                let end = handle.wait().await;
+                let record = run_dir.exit_record();
+                let reason = match &record {
+                    Some(r) => r.detail.clone(),
+                    None => format!(
+                        "the VMM {end} without saying why (see {})",
+                        run_dir.file(api::control::files::VMM_LOG).display()
+                    ),
+                };
+                self.transition(
+                    name,
+                    Transition {
+                        to: VmState::Stopped,
+                        pid: None,
+                        cause,
+                        actor,
+                        detail: &format!("start failed: {reason}"),
+                        time_ms: record.as_ref().map(|r| r.time_ms),
+                    },
+                )?;
+                return Err(Error::StartFailed {
+                    name: name.into(),
+                    reason,
+                });
+            }
+            if let Ok(status) = vmm_process::status(&run_dir).await {
+                if status.pid == pid {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = handle.kill(libc::SIGKILL);
+                let end = handle.wait().await;
+                let reason = format!(
+                    "the VMM did not answer on its control socket within {START_TIMEOUT:?}; it was killed ({end})"
+                );
+                self.transition(
+                    name,
+                    Transition {
+                        to: VmState::Crashed,
+                        pid: None,
+                        cause: Cause::VmmCrash,
+                        actor: "keel",
+                        detail: &reason,
+                        time_ms: None,
+                    },
+                )?;
+                return Err(Error::StartFailed {
+                    name: name.into(),
+                    reason,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.transition(
+            name,
+            Transition {
+                to: VmState::Running,
+                pid: Some(pid),
+                cause,
+                actor,
+                detail: &format!("running (VMM pid {pid})"),
+                time_ms: None,
+            },
+        )?;
+        self.watch(name, handle);
+        Ok(())
+    }
+
+    /// Watches a VMM until it ends, then records why.
+    fn watch(self: &Arc<Self>, name: &str, handle: Arc<ProcessHandle>) {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.running).insert(
+            name.to_string(),
+            Running {
+                handle: handle.clone(),
+                ended: rx,
+            },
+        );
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let end = handle.wait().await;
+            if let Err(e) = this.record_end(&name, handle.pid, end) {
+                tracing::error!("recording the end of VM {name}'s VMM failed: {e}");
+            }
+            lock(&this.running).remove(&name);
+            let _ = tx.send(true);
+        });
+    }
+
+    /// Records the end of a VM's VMM from its exit record and what the daemon intended.
+    fn record_end(self: &Arc<Self>, name: &str, pid: u32, end: ProcessEnd) -> Result<()> {
+        let run_dir = self.run_dir(name);
+        let record = run_dir.exit_record();
+        let intent = lock(&self.intents).remove(name);
+        let (to, cause, actor, detail, restart) = judge_end(pid, end, record.as_ref(), intent);
+        self.transition(
+            name,
+            Transition {
+                to,
+                pid: None,
+                cause,
+                actor: &actor,
+                detail: &detail,
+                time_ms: record.as_ref().map(|r| r.time_ms),
+            },
+        )?;
+        if restart {
+            let this = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = this.start(&name, cause, &actor).await {
+                    tracing::error!("restarting VM {name} after its reboot failed: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn handle(&self, name: &str) -> Option<(Arc<ProcessHandle>, watch::Receiver<bool>)> {
+        lock(&self.running)
+            .get(name)
+            .map(|r| (r.handle.clone(), r.ended.clone()))
+    }
+
+    /// Presses the power button and, unless `wait` is false, waits (up to `timeout`) for the
+    /// guest to power off; a guest that does not is stopped hard.
+    pub async fn shutdown(
+        self: &Arc<Self>,
+        name: &str,
+        actor: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let guard = self.vm_lock(name);
+        let held = guard.lock().await;
+        let row = self.get(name)?;
+        if row.state != VmState::Running {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "only a running VM can be shut down",
+            });
+        }
+        let Some((handle, mut ended)) = self.handle(name) else {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "its VMM is not watched by this daemon; try again in a moment",
+            });
+        };
+        lock(&self.intents).insert(
+            name.to_string(),
+            Intent {
+                cause: Cause::Operator,
+                actor: actor.to_string(),
+                detail: "shut down by the operator (power button)".into(),
+                restart: false,
+            },
+        );
+        self.transition(
+            name,
+            Transition {
+                to: VmState::ShuttingDown,
+                pid: row.pid,
+                cause: Cause::Operator,
+                actor,
+                detail: "power button pressed",
+                time_ms: None,
+            },
+        )?;
+        let run_dir = self.run_dir(name);
+        match vmm_process::control(&run_dir, &Request::PowerButton).await {
+            Ok(Response::Done) => {}
+            Ok(other) => tracing::warn!("VM {name}: power button answer {other:?}"),
+            Err(e) => tracing::warn!("VM {name}: pressing the power button failed: {e}"),
+        }
+        drop(held);
+        // The guest's answer is awaited without the lock, so a stop can overtake it.
+        if tokio::time::timeout(timeout, ended.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            lock(&self.intents).insert(
+                name.to_string(),
+                Intent {
+                    cause: Cause::Operator,
+                    actor: actor.to_string(),
+                    detail: format!(
+                        "stopped: the guest did not power off within {}s of the power button",
+                        timeout.as_secs()
+                    ),
+                    restart: false,
+                },
+            );
+            self.stop_process(name, &handle, &mut ended).await;
+        }
+        Ok(())
+    }
+
+    /// Powers the VM off now (the VMM's Stop, then SIGKILL if it does not end).
+    pub async fn stop(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
+        self.power_off(name, actor, false).await
+    }
+
+    /// Power-cycles the VM: hard stop, then start.
+    pub async fn reboot(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
+        self.power_off(name, actor, true).await
+    }
+
+    async fn power_off(self: &Arc<Self>, name: &str, actor: &str, restart: bool) -> Result<()> {
+        let guard = self.vm_lock(name);
+        let held = guard.lock().await;
+        let row = self.get(name)?;
+        let Some((handle, mut ended)) = self.handle(name) else {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: if row.state.has_vmm() {
+                    "its VMM is not watched by this daemon; try again in a moment"
+                } else {
+                    "it is not running (keel vm start)"
+                },
+            });
+        };
+        lock(&self.intents).insert(
+            name.to_string(),
+            Intent {
+                cause: Cause::Operator,
+                actor: actor.to_string(),
+                detail: if restart {
+                    "rebooted by the operator".into()
+                } else {
+                    "stopped by the operator".into()
+                },
+                restart: false,
+            },
+        );
+        self.stop_process(name, &handle, &mut ended).await;
+        if restart {
+            self.start_locked(name, Cause::Operator, actor).await?;
+        }
+        drop(held);
+        Ok(())
+    }
+
+    /// Ends a VMM: Stop over the control socket, SIGKILL if that does not end it.
+    async fn stop_process(
+        &self,
+        name: &str,
+        handle: &ProcessHandle,
+        ended: &mut watch::Receiver<bool>,
+    ) {
+        let run_dir = self.run_dir(name);
+        let asked = matches!(
+            vmm_process::control(&run_dir, &Request::Stop).await,
+            Ok(Response::Done)
+        );
+        if !asked
+            || tokio::time::timeout(STOP_GRACE, ended.wait_for(|e| *e))
+                .await
+                .is_err()
+        {
+            let _ = handle.kill(libc::SIGKILL);
+            let _ = ended.wait_for(|e| *e).await;
+        }
+    }
+
+    /// After a daemon restart: re-adopts every VMM that still runs, records every one that
+    /// ended meanwhile, and (after a host boot) starts the autostart VMs. Returns
+    /// (re-adopted, lost).
+    pub async fn recover(self: &Arc<Self>, host_booted: bool) -> Result<(usize, usize)> {
+        let vms = self.with_store(|s| s.vms())?;
+        let (mut adopted, mut lost) = (0, 0);
+        for row in &vms {
+            let name = &row.spec.name;
+            let run_dir = self.run_dir(name);
+            let live = match vmm_process::status(&run_dir).await {
+                Ok(status) if &status.name == name => ProcessHandle::open(status.pid)
+                    .ok()
+                    .map(|h| (status.pid, h)),
+                _ => None,
+            };
+            match (row.state.has_vmm(), live) {
+                (_, Some((pid, handle))) => {
+                    adopted += 1;
+                    if row.state != VmState::Running || row.pid != Some(pid) {
+                        // Started just before the daemon died, or running unknown to it.
+                        self.transition(
+                            name,
+                            Transition {
+                                to: VmState::Running,
+                                pid: Some(pid),
+                                cause: Cause::DaemonRestart,
+                                actor: "keel",
+                                detail: &format!(
+                                    "re-adopted running VMM pid {pid} after a daemon restart"
+                                ),
+                                time_ms: None,
+                            },
+                        )?;
+                    } else {
+                        self.with_store(|s| {
+                            s.record(&NewEvent {
+                                kind: EventKind::Host,
+                                vm: Some(name.clone()),
+                                from: None,
+                                to: None,
+                                cause: Cause::DaemonRestart,
+                                actor: "keel".into(),
+                                detail: format!("re-adopted running VMM pid {pid}"),
+                            })
+                        })?;
+                    }
+                    if row.state == VmState::ShuttingDown {
+                        lock(&self.intents).insert(
+                            name.clone(),
+                            Intent {
+                                cause: Cause::Operator,
+                                actor: "keel".into(),
+                                detail: "shut down by the operator (power button)".into(),
+                                restart: false,
+                            },
+                        );
+                    }
+                    self.watch(name, Arc::new(handle));
+                }
+                (true, None) => {
+                    lost += 1;
+                    let record = run_dir.exit_record();
+                    let pid = row.pid.unwrap_or(0);
+                    let (to, cause, actor, detail, _) = match (&record, host_booted) {
+                        (Some(_), _) => judge_end(pid, ProcessEnd::Unknown, record.as_ref(), None),
+                        (None, true) => (
+                            VmState::Crashed,
+                            Cause::HostBoot,
+                            "keel".into(),
+                            format!("the host rebooted under VMM pid {pid}"),
+                            false,
+                        ),
+                        (None, false) => (
+                            VmState::Crashed,
+                            Cause::VmmCrash,
+                            "keel".into(),
+                            format!("VMM pid {pid} was gone, without an exit record, when the daemon restarted"),
+                            false,
+                        ),
+                    };
+                    let to = if row.state == VmState::Starting && record.is_none() && !host_booted {
+                        VmState::Stopped
+                    } else {
+                        to
+                    };
+                    self.transition(
+                        name,
+                        Transition {
+                            to,
+                            pid: None,
+                            cause,
+                            actor: &actor,
+                            detail: &detail,
+                            time_ms: record.as_ref().map(|r| r.time_ms),
+                        },
+                    )?;
+                }
+                (false, None) => {}
+            }
+        }
+        if host_booted {
+            for row in vms.iter().filter(|r| r.spec.autostart) {
+                let name = &row.spec.name;
+                let state = self.get(name)?.state;
+                if !state.has_vmm() {
+                    if let Err(e) = self.start(name, Cause::HostBoot, "keel").await {
+                        tracing::error!("autostart of VM {name} failed: {e}");
+                    }
+                }
+            }
+        }
+        Ok((adopted, lost))
+    }
+
+    /// Whether the daemon currently watches a VMM for this VM.
+    pub fn is_watched(&self, name: &str) -> bool {
+        lock(&self.running).contains_key(name)
+    }
+}
+
+/// What a VMM's end means: (new state, cause, actor, detail, start again?).
+fn judge_end(
+    pid: u32,
+    end: ProcessEnd,
+    record: Option<&ExitRecord>,
+    intent: Option<Intent>,
+) -> (VmState, Cause, String, String, bool) {
+    let keel = || "keel".to_string();
+    // The daemon asked for this end (stop, reboot, or a shutdown that ran out of time): the
+    // VMM said it stopped or powered off, or it was killed by the daemon's SIGKILL.
+    let planned = match record.map(|r| r.reason) {
+        Some(ExitReason::Stopped | ExitReason::PowerOff) => true,
+        None => matches!(end, ProcessEnd::Signalled(libc::SIGKILL)),
+        _ => false,
+    };
+    if let (true, Some(intent)) = (planned, &intent) {
+        return (
+            VmState::Stopped,
+            intent.cause,
+            intent.actor.clone(),
+            intent.detail.clone(),
+            intent.restart,
+        );
+    }
+    match (record.map(|r| r.reason), intent) {
+        (Some(ExitReason::PowerOff), _) => (
+            VmState::Stopped,
+            Cause::Guest,
+            "guest".into(),
+            "the guest powered off".into(),
+            false,
+        ),
+        (Some(ExitReason::Stopped), _) => (
+            VmState::Stopped,
+            Cause::Operator,
+            "unknown".into(),
+            "stopped through the VMM's control socket or SIGTERM, not by this daemon".into(),
+            false,
+        ),
+        (Some(ExitReason::Reboot), _) => (
+            VmState::Stopped,
+            Cause::Guest,
+            "guest".into(),
+            "the guest rebooted; starting it again".into(),
+            true,
+        ),
+        (Some(ExitReason::GuestCrash), _) => (
+            VmState::Crashed,
+            Cause::Guest,
+            "guest".into(),
+            record.map(|r| r.detail.clone()).unwrap_or_default(),
+            false,
+        ),
+        (Some(ExitReason::Failed), _) => (
+            VmState::Crashed,
+            Cause::VmmCrash,
+            keel(),
+            record.map(|r| r.detail.clone()).unwrap_or_default(),
+            false,
+        ),
+        (None, _) => (
+            VmState::Crashed,
+            Cause::VmmCrash,
+            keel(),
+            format!("VMM pid {pid} {end} without an exit record"),
+            false,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(reason: ExitReason) -> ExitRecord {
+        ExitRecord {
+            reason,
+            detail: "d".into(),
+            time_ms: 1,
+        }
+    }
+
+    fn operator() -> Intent {
+        Intent {
+            cause: Cause::Operator,
+            actor: "uid:0".into(),
+            detail: "stopped by the operator".into(),
+            restart: false,
+        }
+    }
+
+    #[test]
+    fn ends_are_judged_by_record_and_intent() {
+        let killed = ProcessEnd::Signalled(libc::SIGKILL);
+        let ok = ProcessEnd::Exited(0);
+        let r = |reason| Some(record(reason));
+        assert_eq!(
+            judge_end(1, ok, r(ExitReason::PowerOff).as_ref(), None).1,
+            Cause::Guest
+        );
+        let (state, cause, ..) =
+            judge_end(1, ok, r(ExitReason::Stopped).as_ref(), Some(operator()));
+        assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
+        // Killed by the daemon after Stop went unanswered: still the operator's stop.
+        let (state, cause, ..) = judge_end(1, killed, None, Some(operator()));
+        assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
+        // Killed by someone else: a VMM crash, an incident.
+        let (state, cause, _, detail, _) = judge_end(7, killed, None, None);
+        assert_eq!((state, cause), (VmState::Crashed, Cause::VmmCrash));
+        assert!(detail.contains("pid 7 killed by signal 9"), "{detail}");
+        // Died on its own while a stop was pending: a crash, not a stop.
+        let (state, ..) = judge_end(
+            7,
+            ProcessEnd::Signalled(libc::SIGSEGV),
+            None,
+            Some(operator()),
+        );
+        assert_eq!(state, VmState::Crashed);
+        assert!(judge_end(1, ok, r(ExitReason::Reboot).as_ref(), None).4);
+        assert_eq!(
+            judge_end(
+                1,
+                ProcessEnd::Exited(3),
+                r(ExitReason::GuestCrash).as_ref(),
+                None
+            )
+            .0,
+            VmState::Crashed
+        );
+    }
+}

@@ -275,7 +275,7 @@ impl Supervisor {
                 pid: Some(pid),
                 cause,
                 actor,
-                detail: &format!("running (VMM pid {pid})"),
+                detail: &format!("started (VMM pid {pid})"),
                 time_ms: None,
             },
         )?;

@@ -1,5 +1,10 @@
 //! `keel`: the one binary. `keel run` boots a VM in the foreground with its serial console on
-//! the terminal; `keel vmm` runs one VM detached, for the host daemon.
+//! the terminal; `keel vmm` runs one VM detached, for the host daemon; `keel serve` is the
+//! host daemon; the other commands are thin clients of its API.
+
+mod cli;
+mod client;
+mod console_attach;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +43,80 @@ enum Command {
     /// stops the VM like a stop request. Exits 0 when the guest powers off or reboots or the
     /// VM is stopped, 1 when the VM could not be started, 3 when the guest crashed.
     Vmm(VmmArgs),
+    /// The host daemon: VM definitions, supervision of one VMM process per VM, REST API,
+    /// events, ledger. Stopping or killing it leaves the VMs running; it re-adopts them.
+    Serve(ServeArgs),
+    /// Define, start, stop and inspect VMs (through keel serve).
+    Vm {
+        #[command(subcommand)]
+        command: cli::VmCommand,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// The newest events: state changes, API calls, host events.
+    Events {
+        #[command(flatten)]
+        args: cli::EventsArgs,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// Host health, open incidents and warnings; `keel host ack ID` closes an incident.
+    Host {
+        #[command(subcommand)]
+        command: Option<cli::HostCommand>,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// The hash-chained availability ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// SLA evidence computed from the ledger.
+    Sla {
+        #[command(subcommand)]
+        command: SlaCommand,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// API tokens for TCP clients.
+    Token {
+        #[command(subcommand)]
+        command: cli::TokenCommand,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Recompute the hash chain; name every edited, inserted or deleted row.
+    Verify {
+        /// A head hash written down earlier: also detects rows removed from the end.
+        #[arg(long)]
+        expect_head: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlaCommand {
+    /// Availability, downtime by cause and credits per VM over a window.
+    Report(cli::SlaArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where the store, the VMs' run directories and the API socket live.
+    #[arg(long, default_value = "/var/lib/keel")]
+    state_dir: PathBuf,
+    /// The API's Unix socket [default: STATE_DIR/api.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve the API on TCP at ADDR:PORT (every request then needs an API token).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -134,5 +213,60 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Vmm(args) => vmm(args),
+        Command::Serve(args) => client_command(serve(args)),
+        Command::Vm { command, api } => client_command(cli::vm(command, api)),
+        Command::Events { args, api } => client_command(cli::events(args, api)),
+        Command::Host { command, api } => client_command(cli::host(command, api)),
+        Command::Ledger {
+            command: LedgerCommand::Verify { expect_head },
+            api,
+        } => client_command(cli::ledger_verify(expect_head, api)),
+        Command::Sla {
+            command: SlaCommand::Report(args),
+            api,
+        } => client_command(cli::sla_report(args, api)),
+        Command::Token { command, api } => client_command(cli::token(command, api)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let socket = args
+        .socket
+        .unwrap_or_else(|| args.state_dir.join("api.sock"));
+    let keel_exe = std::env::current_exe()
+        .map_err(|e| anyhow::anyhow!("finding the keel binary to start VMMs with: {e}"))?;
+    host::serve(host::ServeConfig {
+        state_dir: args.state_dir,
+        socket,
+        listen: args.listen,
+        keel_exe,
+    })
+    .await?;
+    Ok(())
+}
+
+/// Runs an async command on a fresh runtime; an error is one line and exit status 1.
+fn client_command(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keel: error: starting the async runtime failed: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel: error: {e:#}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
     }
 }

@@ -1,0 +1,648 @@
+//! The CLI as a thin client of `keel serve`: `keel vm ...`, `keel events`, `keel host`,
+//! `keel ledger verify`, `keel sla report`, `keel token ...`. Tables for people, `--json` for
+//! scripts; an error is one line on stderr and a non-zero exit.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use api::events::LedgerVerification;
+use api::{DiskSpec, Event, HostStatus, NetSpec, NewToken, SlaReport, TokenInfo, VmInfo, VmSpec};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::json;
+
+use crate::client::{query_value, Client, Endpoint, DEFAULT_SOCKET};
+use crate::console_attach;
+
+/// Where the API is and who the caller is; shared by every client command.
+#[derive(Args, Clone)]
+pub struct ApiArgs {
+    /// The daemon's API: a Unix socket path, or http://HOST:PORT (then a token is needed).
+    #[arg(long, global = true, env = "KEEL_API", default_value = DEFAULT_SOCKET)]
+    pub api: String,
+    /// API token for TCP (keel token create makes one).
+    #[arg(long, global = true, env = "KEEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Client {
+        Client {
+            endpoint: Endpoint::parse(&self.api),
+            token: self.token.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Define a VM (stopped; --start starts it too).
+    Create(CreateArgs),
+    /// Start a stopped or crashed VM.
+    Start { name: String },
+    /// Press the ACPI power button and wait for the guest to power off; stopped hard after
+    /// --timeout seconds.
+    Shutdown {
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Return once the button is pressed.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Power the VM off now.
+    Stop { name: String },
+    /// Power-cycle the VM (stop, then start).
+    Reboot { name: String },
+    /// Delete a stopped VM's definition (its disk files are kept).
+    Rm { name: String },
+    /// List the VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Attach to the VM's serial console (Ctrl-A x detaches). Local only: it opens the VM's
+    /// console socket on this host.
+    Console { name: String },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// path=PATH[,readonly=on][,serial=ID] (repeatable).
+    #[arg(long = "disk")]
+    disks: Vec<vmm::config::DiskConfig>,
+    /// tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long = "net")]
+    nets: Vec<vmm::config::NetConfig>,
+    /// A virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// Start the VM whenever the host boots (when keel serve first starts on a boot).
+    #[arg(long)]
+    autostart: bool,
+    /// Start it now.
+    #[arg(long)]
+    start: bool,
+}
+
+fn absolute(path: &std::path::Path) -> Result<String> {
+    let abs =
+        std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))?;
+    Ok(abs.display().to_string())
+}
+
+impl CreateArgs {
+    fn spec(&self) -> Result<VmSpec> {
+        let no_limits = devices::rate_limiter::RateLimitConfig::default();
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                if d.rate_limit != no_limits {
+                    bail!("--disk {}: bw= and iops= are not yet supported for VMs of keel serve (only keel run)", d.path.display());
+                }
+                Ok(DiskSpec {
+                    path: absolute(&d.path)?,
+                    readonly: d.read_only,
+                    serial: d.serial.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| {
+                if n.rate_limit != no_limits {
+                    bail!("--net {}: bw= and iops= are not yet supported for VMs of keel serve (only keel run)", n.tap);
+                }
+                Ok(NetSpec {
+                    tap: n.tap.clone(),
+                    mac: n.mac.map(|m| {
+                        m.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let spec = VmSpec {
+            name: self.name.clone(),
+            kernel: absolute(&self.kernel)?,
+            initrd: self.initrd.as_deref().map(absolute).transpose()?,
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            disks,
+            nets,
+            rng: self.rng,
+            autostart: self.autostart,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+fn vm_path(name: &str, action: &str) -> String {
+    format!("/vms/{}{action}", query_value(name))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows as columns padded to the widest cell; the last column is not padded.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let text: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<width$}", width = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn print_vm_line(vm: &VmInfo) {
+    println!("{}: {}: {}", vm.spec.name, vm.state, vm.reason);
+}
+
+pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
+    let client = api.client();
+    let show = |vm: VmInfo| -> Result<()> {
+        if api.json {
+            print_json(&vm)
+        } else {
+            print_vm_line(&vm);
+            Ok(())
+        }
+    };
+    match command {
+        VmCommand::Create(args) => {
+            let spec = args.spec()?;
+            let vm: VmInfo = client
+                .send(Method::POST, "/vms", Some(serde_json::to_value(&spec)?))
+                .await?;
+            if args.start {
+                let vm: VmInfo = client
+                    .send(Method::POST, &vm_path(&spec.name, "/start"), None)
+                    .await?;
+                return show(vm);
+            }
+            show(vm)
+        }
+        VmCommand::Start { name } => show(
+            client
+                .send(Method::POST, &vm_path(&name, "/start"), None)
+                .await?,
+        ),
+        VmCommand::Shutdown {
+            name,
+            timeout,
+            no_wait,
+        } => {
+            let path = format!(
+                "{}?timeout_s={timeout}&wait={}",
+                vm_path(&name, "/shutdown"),
+                !no_wait
+            );
+            show(client.send(Method::POST, &path, None).await?)
+        }
+        VmCommand::Stop { name } => show(
+            client
+                .send(Method::POST, &vm_path(&name, "/stop"), None)
+                .await?,
+        ),
+        VmCommand::Reboot { name } => show(
+            client
+                .send(Method::POST, &vm_path(&name, "/reboot"), None)
+                .await?,
+        ),
+        VmCommand::Rm { name } => {
+            client
+                .call(Method::DELETE, &vm_path(&name, ""), None)
+                .await?;
+            if !api.json {
+                println!("{name}: deleted");
+            }
+            Ok(())
+        }
+        VmCommand::Show { name } => {
+            let vm: VmInfo = client.get(&vm_path(&name, "")).await?;
+            if api.json {
+                return print_json(&vm);
+            }
+            let s = &vm.spec;
+            let mut rows = vec![
+                ("name", s.name.clone()),
+                ("state", vm.state.to_string()),
+                ("since", vm.since.clone()),
+                ("reason", vm.reason.clone()),
+                (
+                    "vmm pid",
+                    vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                ),
+                ("cpus", s.cpus.to_string()),
+                ("memory", format!("{} MiB", s.memory_mib)),
+                ("kernel", s.kernel.clone()),
+                ("initrd", s.initrd.clone().unwrap_or_else(|| "-".into())),
+                ("cmdline", s.cmdline.clone()),
+                ("autostart", s.autostart.to_string()),
+                ("console log", vm.console_log.clone()),
+            ];
+            for d in &s.disks {
+                rows.push((
+                    "disk",
+                    format!("{}{}", d.path, if d.readonly { " (read-only)" } else { "" }),
+                ));
+            }
+            for n in &s.nets {
+                rows.push(("net", format!("tap {}", n.tap)));
+            }
+            for (k, v) in rows {
+                println!("{k:<12} {v}");
+            }
+            Ok(())
+        }
+        VmCommand::List => {
+            let vms: Vec<VmInfo> = client.get("/vms").await?;
+            if api.json {
+                return print_json(&vms);
+            }
+            let rows: Vec<Vec<String>> = vms
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.spec.name.clone(),
+                        v.state.to_string(),
+                        v.spec.cpus.to_string(),
+                        format!("{} MiB", v.spec.memory_mib),
+                        v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        v.since.clone(),
+                        v.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["NAME", "STATE", "CPUS", "MEMORY", "PID", "SINCE", "REASON"],
+                &rows,
+            );
+            Ok(())
+        }
+        VmCommand::Console { name } => {
+            let vm: VmInfo = client.get(&vm_path(&name, "")).await?;
+            if !vm.state.has_vmm() {
+                bail!(
+                    "VM '{name}' is {}; start it first (its past output is in {})",
+                    vm.state,
+                    vm.console_log
+                );
+            }
+            console_attach::attach(&name, &PathBuf::from(&vm.console_socket))
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// Acknowledge (close) an open incident.
+    Ack { id: i64 },
+}
+
+pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
+    let client = api.client();
+    if let Some(HostCommand::Ack { id }) = command {
+        client
+            .call(Method::POST, &format!("/incidents/{id}/ack"), None)
+            .await?;
+        println!("incident {id} acknowledged");
+        return Ok(());
+    }
+    let status: HostStatus = client.get("/").await?;
+    if api.json {
+        return print_json(&status);
+    }
+    let health = serde_json::to_value(status.health)?;
+    println!(
+        "host {}: {}  ({} VMs, {} running; keel {})",
+        status.hostname,
+        health.as_str().unwrap_or("?"),
+        status.vms_total,
+        status.vms_running,
+        status.version
+    );
+    if status.incidents.is_empty() {
+        println!("no open incidents");
+    } else {
+        println!("open incidents (keel host ack ID closes one):");
+        let rows: Vec<Vec<String>> = status
+            .incidents
+            .iter()
+            .map(|i| {
+                vec![
+                    i.id.to_string(),
+                    i.opened.clone(),
+                    i.vm.clone().unwrap_or_else(|| "-".into()),
+                    i.cause.to_string(),
+                    i.summary.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["ID", "OPENED", "VM", "CAUSE", "SUMMARY"], &rows);
+    }
+    for w in &status.warnings {
+        println!("warning: {w}");
+    }
+    for c in &status.checks {
+        println!(
+            "check {:<12} {}  {}",
+            c.name,
+            if c.ok { "ok  " } else { "FAIL" },
+            c.detail
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Only this VM's events.
+    #[arg(long)]
+    vm: Option<String>,
+    /// state, audit or host.
+    #[arg(long)]
+    kind: Option<String>,
+    /// How many of the newest events.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
+    let mut path = format!("/events?limit={}", args.limit);
+    if let Some(vm) = &args.vm {
+        path.push_str(&format!("&vm={}", query_value(vm)));
+    }
+    if let Some(kind) = &args.kind {
+        path.push_str(&format!("&kind={}", query_value(kind)));
+    }
+    let events: Vec<Event> = api.client().get(&path).await?;
+    if api.json {
+        return print_json(&events);
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            let change = match (e.from, e.to) {
+                (Some(f), Some(t)) => format!("{f} -> {t}"),
+                (None, Some(t)) => format!("-> {t}"),
+                _ => e.kind.as_str().to_string(),
+            };
+            vec![
+                e.seq.to_string(),
+                e.time.clone(),
+                e.vm.clone().unwrap_or_else(|| "-".into()),
+                change,
+                e.cause.to_string(),
+                e.actor.clone(),
+                e.detail.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["SEQ", "TIME", "VM", "WHAT", "CAUSE", "ACTOR", "DETAIL"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Verifies the ledger; exits non-zero (an error) when it does not verify.
+pub async fn ledger_verify(expect_head: Option<String>, api: ApiArgs) -> Result<()> {
+    let path = match &expect_head {
+        Some(h) => format!("/ledger/verify?expect_head={}", query_value(h)),
+        None => "/ledger/verify".to_string(),
+    };
+    let v: LedgerVerification = api.client().get(&path).await?;
+    if api.json {
+        print_json(&v)?;
+    } else if v.ok {
+        println!("ledger verified: {} rows, head {}", v.rows, v.head_hash);
+    } else {
+        for p in &v.problems {
+            println!("row {}: {}", p.seq, p.problem);
+        }
+    }
+    if !v.ok {
+        bail!(
+            "the ledger does NOT verify: {} problem(s) in {} rows",
+            v.problems.len(),
+            v.rows
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SlaArgs {
+    /// One VM; every VM in the ledger when absent.
+    #[arg(long)]
+    vm: Option<String>,
+    /// Start of the window, RFC 3339 (2030-01-01T00:00:00Z).
+    #[arg(long)]
+    from: String,
+    /// End of the window, RFC 3339.
+    #[arg(long)]
+    to: String,
+    /// Credit tiers: BELOW_PERCENT:CREDIT_PERCENT,... e.g. 99.95:10,99:25,95:100.
+    #[arg(long)]
+    credits: Option<String>,
+    /// table, json or csv.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+pub async fn sla_report(args: SlaArgs, api: ApiArgs) -> Result<()> {
+    let format = if api.json {
+        "json"
+    } else {
+        args.format.as_str()
+    };
+    if !["table", "json", "csv"].contains(&format) {
+        bail!("--format {format}: use table, json or csv");
+    }
+    let mut path = format!(
+        "/sla?from={}&to={}",
+        query_value(&args.from),
+        query_value(&args.to)
+    );
+    if let Some(vm) = &args.vm {
+        path.push_str(&format!("&vm={}", query_value(vm)));
+    }
+    if let Some(c) = &args.credits {
+        path.push_str(&format!("&credits={}", query_value(c)));
+    }
+    let report: SlaReport = api.client().get(&path).await?;
+    match format {
+        "json" => print_json(&report)?,
+        "csv" => print!("{}", host::sla::to_csv(&report)),
+        _ => {
+            println!(
+                "SLA report {} to {} (ledger {}, head {})",
+                report.from,
+                report.to,
+                if report.ledger_verified {
+                    "verified"
+                } else {
+                    "DOES NOT VERIFY"
+                },
+                report.ledger_head_hash
+            );
+            let rows: Vec<Vec<String>> = report
+                .vms
+                .iter()
+                .map(|v| {
+                    let causes: Vec<String> = v
+                        .downtime_by_cause
+                        .iter()
+                        .filter(|(_, s)| **s > 0.0)
+                        .map(|(c, s)| format!("{c} {s:.3}s"))
+                        .collect();
+                    vec![
+                        v.vm.clone(),
+                        format!("{:.4}%", v.availability_percent),
+                        format!("{:.3}s", v.downtime_seconds),
+                        v.outages.to_string(),
+                        format!("{:.3}s", v.excluded_seconds),
+                        format!("{}%", v.credit_percent),
+                        causes.join(", "),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "VM",
+                    "AVAILABILITY",
+                    "DOWNTIME",
+                    "OUTAGES",
+                    "EXCLUDED",
+                    "CREDIT",
+                    "BY CAUSE",
+                ],
+                &rows,
+            );
+        }
+    }
+    if !report.ledger_verified {
+        bail!("the ledger does not verify (keel ledger verify says where); this report is not evidence");
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make an API token for TCP clients; its secret is printed once.
+    Create {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// RFC 3339 expiry; after it the token can still operate existing VMs but not
+        /// create anything.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Remove a token.
+    Rm { name: String },
+}
+
+pub async fn token(command: TokenCommand, api: ApiArgs) -> Result<()> {
+    let client = api.client();
+    match command {
+        TokenCommand::Create {
+            name,
+            role,
+            expires,
+        } => {
+            let mut body = json!({ "name": name, "role": role });
+            if let Some(e) = expires {
+                body["expires"] = json!(e);
+            }
+            let created: NewToken = client.send(Method::POST, "/tokens", Some(body)).await?;
+            if api.json {
+                return print_json(&created);
+            }
+            println!("{}", created.secret);
+            eprintln!(
+                "keel: token '{}' ({}) created; the secret above is shown only once",
+                created.token.name, created.token.role
+            );
+        }
+        TokenCommand::List => {
+            let tokens: Vec<TokenInfo> = client.get("/tokens").await?;
+            if api.json {
+                return print_json(&tokens);
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        t.role.clone(),
+                        t.created.clone(),
+                        match (&t.expires, t.expired) {
+                            (Some(e), true) => format!("{e} (expired)"),
+                            (Some(e), false) => e.clone(),
+                            (None, _) => "never".into(),
+                        },
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ROLE", "CREATED", "EXPIRES"], &rows);
+        }
+        TokenCommand::Rm { name } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/tokens/{}", query_value(&name)),
+                    None,
+                )
+                .await?;
+            println!("token '{name}' removed");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The CLI's side of the REST API: one HTTP/1.1 request per call, over the daemon's Unix
+//! socket (default) or TCP with an API token.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Where the daemon's API is when nothing says otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/lib/keel/api.sock";
+
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    /// host:port
+    Tcp(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "http://{a}"),
+        }
+    }
+}
+
+impl Endpoint {
+    /// "http://host:port" for TCP, anything else is a Unix socket path.
+    pub fn parse(text: &str) -> Endpoint {
+        match text.strip_prefix("http://") {
+            Some(addr) => Endpoint::Tcp(addr.trim_end_matches('/').to_string()),
+            None => Endpoint::Unix(PathBuf::from(text)),
+        }
+    }
+}
+
+pub struct Client {
+    pub endpoint: Endpoint,
+    pub token: Option<String>,
+}
+
+/// A successful answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl Client {
+    async fn exchange<S>(&self, io: S, request: Request<Full<Bytes>>) -> Result<Answer>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .context("HTTP handshake with the daemon")?;
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .with_context(|| format!("request to the daemon at {}", self.endpoint))?;
+        let status = response.status();
+        if let Some(warning) = response.headers().get("warning") {
+            eprintln!(
+                "keel: warning: {}",
+                warning.to_str().unwrap_or("(unreadable)")
+            );
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the daemon's answer")?
+            .to_bytes();
+        Ok(Answer { status, body })
+    }
+
+    /// Sends one request; a non-2xx answer is an error carrying the daemon's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Answer> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "keel")
+            .header("content-type", "application/json");
+        if let Some(token) = &self.token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = builder
+            .body(Full::new(Bytes::from(payload)))
+            .context("building the request")?;
+        let unreachable = |e: std::io::Error| {
+            anyhow!(
+                "cannot reach keel serve at {} ({e}); is the daemon running? (start it with `keel serve`, or point KEEL_API at it)",
+                self.endpoint
+            )
+        };
+        let answer = match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let io = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(unreachable)?;
+                self.exchange(io, request).await?
+            }
+            Endpoint::Tcp(addr) => {
+                let io = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(unreachable)?;
+                self.exchange(io, request).await?
+            }
+        };
+        if !answer.status.is_success() {
+            let message = serde_json::from_slice::<api::ErrorBody>(&answer.body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).into_owned());
+            return Err(anyhow!("{message} (HTTP {})", answer.status.as_u16()));
+        }
+        Ok(answer)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
+        let answer = self.call(method, path, body).await?;
+        serde_json::from_slice(&answer.body).with_context(|| {
+            format!(
+                "the daemon's answer to {path} is not what this keel expects (a different version?)"
+            )
+        })
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn query_value(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

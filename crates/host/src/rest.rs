@@ -76,7 +76,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
         Json::<T>::from_request(req, state)
             .await
             .map(|Json(v)| Body(v))
-            .map_err(|e| bad_request(format!("request body: {}", e.body_text())))
+            // 400 for bad JSON, 413 too large, 415 not JSON, 422 wrong shape: all 4xx.
+            .map_err(|e| ApiError(e.status(), format!("request body: {}", e.body_text())))
     }
 }
 

@@ -73,8 +73,12 @@ impl Connected<IncomingStream<'_, TcpListener>> for Peer {
 }
 
 /// This boot of the host, so a restarted daemon can tell a host reboot from its own restart.
+/// KEEL_BOOT_ID_FILE replaces the kernel's file, so tests can simulate a host reboot.
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    let path = std::env::var_os("KEEL_BOOT_ID_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
+    std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }

@@ -1,0 +1,403 @@
+//! `keel serve` and the CLI, whole-system: real VMMs boot the probe guest on /dev/kvm, a real
+//! SQLite store, real Unix sockets. Two VMs survive a `kill -9` of the daemon and are
+//! re-adopted; a VMM killed behind the daemon's back becomes a crash and an incident; the
+//! ledger verifies and the SLA report shows the crash; bad API input gets a 4xx.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::*;
+
+const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn two_vms_survive_a_daemon_kill_and_the_ledger_verifies() {
+    if !kvm_available("two_vms_survive_a_daemon_kill_and_the_ledger_verifies") {
+        return;
+    }
+    let mut daemon = Daemon::start("two");
+    let from = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    daemon.create_probe_vm("web", &[]);
+    daemon.create_probe_vm("db", &["--cpus", "2", "--start"]);
+    let started = daemon.ok(&["vm", "start", "web"]);
+    assert!(started.starts_with("web: running"), "{started}");
+
+    // Both run, each in its own VMM, and the table says so.
+    let list = daemon.ok(&["vm", "list"]);
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert!(rows.iter().all(|r| r.contains(" running ")), "{list}");
+    let pids_before = daemon.vmm_pids();
+    assert_eq!(pids_before.len(), 2, "two VMMs: {pids_before:?}");
+    let listed: Vec<u64> = daemon
+        .json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        sorted(listed.iter().map(|p| *p as u32).collect()),
+        pids_before
+    );
+
+    // The console: earlier output is in the scrollback log; a live attach shows what the
+    // guest prints now (its power-button report) and closes when the VM ends.
+    let web = daemon.json(&["vm", "show", "web"]);
+    let log = web["console_log"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("PROBE ready")
+    {
+        assert!(Instant::now() < deadline, "no PROBE ready in {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // kill -9 of the daemon: the VMs keep running, in the same VMMs.
+    let daemon_pid = daemon.pid().unwrap();
+    daemon.kill9();
+    assert!(!std::path::Path::new(&format!("/proc/{daemon_pid}")).exists());
+    assert_eq!(daemon.vmm_pids(), pids_before, "VMMs outlive the daemon");
+    daemon.restart();
+    assert_eq!(daemon.vmm_pids(), pids_before, "no duplicate VMMs");
+    for vm in ["web", "db"] {
+        let shown = daemon.json(&["vm", "show", vm]);
+        assert_eq!(shown["state"], "running", "{shown}");
+        assert!(pids_before.contains(&(shown["pid"].as_u64().unwrap() as u32)));
+    }
+    let events = daemon.ok(&["events", "--kind", "host"]);
+    assert_eq!(
+        events.matches("re-adopted running VMM").count(),
+        2,
+        "{events}"
+    );
+    let host = daemon.json(&["host"]);
+    assert_eq!(host["health"], "ok", "{host}");
+
+    // Attach to web's console, then shut web down: the guest's answer to the power
+    // button arrives live, and the console closes when the VM ends.
+    let mut console = Command::new(KEEL)
+        .args(["vm", "console", "web"])
+        .env("KEEL_API", daemon.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let shut = daemon.ok(&["vm", "shutdown", "web", "--timeout", "20"]);
+    assert!(shut.starts_with("web: stopped"), "{shut}");
+    drop(console.stdin.take());
+    let out = wait_output(console, Duration::from_secs(10));
+    assert!(
+        out.contains("PROBE power_button"),
+        "live console output: {out}"
+    );
+
+    // A VMM killed behind the daemon's back: crashed, cause vmm-crash, an incident.
+    let db_pid = daemon.json(&["vm", "show", "db"])["pid"].as_u64().unwrap();
+    // SAFETY: kill(2) on the VMM's pid, which the test just read and which is alive.
+    unsafe { libc::kill(db_pid as i32, libc::SIGKILL) };
+    daemon.wait_state("db", "crashed", STATE_TIMEOUT);
+    let host = daemon.json(&["host"]);
+    assert_eq!(host["health"], "degraded", "{host}");
+    let incident = &host["incidents"][0];
+    assert_eq!(incident["vm"], "db", "{host}");
+    assert_eq!(incident["cause"], "vmm-crash", "{host}");
+    // Re-adopted, the VMM is not the daemon's child: no wait status, but its pid is named.
+    let summary = incident["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&format!("VMM pid {db_pid}"))
+            && summary.contains("without an exit record"),
+        "{host}"
+    );
+    let text = daemon.ok(&["host"]);
+    assert!(text.contains("open incidents"), "{text}");
+    let id = incident["id"].as_i64().unwrap().to_string();
+    daemon.ok(&["host", "ack", &id]);
+    assert_eq!(daemon.json(&["host"])["health"], "ok");
+    // A crashed VM starts again.
+    daemon.ok(&["vm", "start", "db"]);
+    daemon.ok(&["vm", "stop", "db"]);
+    assert!(daemon.vmm_pids().is_empty());
+
+    // The ledger verifies, and the SLA report shows db's crash as vmm-crash downtime.
+    let verified = daemon.ok(&["ledger", "verify"]);
+    assert!(verified.starts_with("ledger verified: "), "{verified}");
+    let to = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = daemon.json(&["sla", "report", "--from", &from, "--to", &to]);
+    assert_eq!(report["ledger_verified"], true, "{report}");
+    let vms = report["vms"].as_array().unwrap();
+    let db = vms.iter().find(|v| v["vm"] == "db").unwrap();
+    let web = vms.iter().find(|v| v["vm"] == "web").unwrap();
+    assert_eq!(db["outages"], 1, "{report}");
+    assert!(db["downtime_by_cause"]["vmm-crash"].as_f64().unwrap() > 0.0);
+    assert!(db["availability_percent"].as_f64().unwrap() < 100.0);
+    assert_eq!(web["availability_percent"], 100.0, "{report}");
+    let table = daemon.ok(&["sla", "report", "--from", &from, "--to", &to]);
+    assert!(
+        table.contains("AVAILABILITY") && table.contains("db"),
+        "{table}"
+    );
+    let csv = daemon.ok(&[
+        "sla", "report", "--from", &from, "--to", &to, "--format", "csv",
+    ]);
+    assert!(csv.starts_with("vm,"), "{csv}");
+    assert!(daemon.stop(), "SIGTERM ends the daemon cleanly");
+}
+
+#[test]
+fn illegal_transitions_and_unknown_names_say_what_to_do() {
+    if !kvm_available("illegal_transitions_and_unknown_names_say_what_to_do") {
+        return;
+    }
+    let daemon = Daemon::start("illegal");
+    assert!(daemon
+        .fails(&["vm", "start", "ghost"])
+        .contains("no VM named 'ghost'"));
+    daemon.create_probe_vm("a", &[]);
+    assert!(daemon
+        .fails(&["vm", "create", "a", "--kernel", "/k"])
+        .contains("already exists"));
+    assert!(daemon
+        .fails(&["vm", "stop", "a"])
+        .contains("it is not running"));
+    assert!(daemon
+        .fails(&["vm", "shutdown", "a"])
+        .contains("only a running VM"));
+    daemon.ok(&["vm", "start", "a"]);
+    assert!(daemon
+        .fails(&["vm", "start", "a"])
+        .contains("stop or shut it down first"));
+    assert!(daemon.fails(&["vm", "rm", "a"]).contains("stop it first"));
+    daemon.ok(&["vm", "reboot", "a"]);
+    assert_eq!(daemon.state("a"), "running");
+    daemon.ok(&["vm", "stop", "a"]);
+    daemon.ok(&["vm", "rm", "a"]);
+    assert!(daemon.fails(&["vm", "show", "a"]).contains("no VM named"));
+
+    // A VM whose kernel is gone fails to start with the VMM's reason, and stays stopped.
+    let kernel = std::env::temp_dir().join(format!("kd-kernel-{}", std::process::id()));
+    std::fs::copy(probe_elf(), &kernel).unwrap();
+    daemon.ok(&["vm", "create", "lost", "--kernel", kernel.to_str().unwrap()]);
+    std::fs::remove_file(&kernel).unwrap();
+    let err = daemon.fails(&["vm", "start", "lost"]);
+    assert!(
+        err.contains("could not start") && err.contains(kernel.to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(daemon.state("lost"), "stopped");
+    assert!(daemon
+        .fails(&["vm", "create", "Bad/Name", "--kernel", "/k"])
+        .contains("not allowed"));
+
+    // Without a daemon the CLI says where it looked.
+    let out = Command::new(KEEL)
+        .args(["vm", "list"])
+        .env("KEEL_API", "/nonexistent/api.sock")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach keel serve at /nonexistent/api.sock"),
+        "{stderr}"
+    );
+}
+
+/// One raw HTTP/1.1 request on the daemon's socket; the status and body.
+fn raw_http(daemon: &Daemon, request: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(daemon.socket()).unwrap();
+    // The daemon may answer (413) and close before a huge body is all sent.
+    let _ = stream.write_all(request.as_bytes());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn post(path: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: keel\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: keel\r\nconnection: close\r\n\r\n")
+}
+
+#[test]
+fn malformed_requests_get_a_4xx_with_a_message() {
+    if !kvm_available("malformed_requests_get_a_4xx_with_a_message") {
+        return;
+    }
+    let daemon = Daemon::start("malformed");
+    let big = "x".repeat(3 << 20);
+    let cases: Vec<(String, u16)> =
+        vec![
+        (post("/vms", "{not json"), 400),
+        (post("/vms", r#"{"name":"a"}"#), 422),
+        (post("/vms", r#"{"name":"a","kernel":"/k","cpux":1}"#), 422),
+        (post("/vms", r#"{"name":"../etc","kernel":"/k"}"#), 400),
+        (post("/vms", r#"{"name":"a","kernel":"/k","cpus":0}"#), 400),
+        (post("/vms", r#"{"name":"a","kernel":"/k","cpus":-1}"#), 422),
+        (post("/vms", r#"{"name":"a","kernel":"/k","memory_mib":1e99}"#), 422),
+        (post("/vms", r#"[1,2,3]"#), 422),
+        (post("/vms", &big), 413),
+        (
+            "POST /vms HTTP/1.1\r\nhost: keel\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                .to_string(),
+            415,
+        ),
+        (post("/vms/nobody/start", ""), 404),
+        (post("/vms/nobody/shutdown?timeout_s=abc", ""), 400),
+        (post("/incidents/notanumber/ack", ""), 400),
+        (post("/incidents/999/ack", ""), 404),
+        (get("/events?limit=-5"), 400),
+        (get("/events?kind=bogus"), 400),
+        (get("/sla?from=yesterday&to=today"), 400),
+        (get("/sla?from=2030-01-02T00:00:00Z&to=2030-01-01T00:00:00Z"), 400),
+        (get("/sla?from=2030-01-01T00:00:00Z&to=2030-01-02T00:00:00Z&credits=x"), 400),
+        (get("/no/such/path"), 404),
+        (post("/tokens", r#"{"name":"t","role":"god"}"#), 400),
+        (post("/tokens", r#"{"name":"t","role":"viewer","expires":"soon"}"#), 400),
+    ];
+    for (request, want) in &cases {
+        let (status, body) = raw_http(&daemon, request);
+        let shown: String = request.chars().take(100).collect();
+        assert_eq!(status, *want, "{shown:?} -> {status} {body}");
+        {
+            let parsed: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{shown:?}: body is not JSON ({e}): {body}"));
+            assert!(
+                parsed["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{shown:?}: {body}"
+            );
+        }
+    }
+    // Garbage that is not HTTP at all: the connection is dropped, the daemon lives on.
+    let (status, _) = raw_http(&daemon, "\x00\x01\x02 garbage\r\n\r\n");
+    assert!(status == 400 || status == 0, "{status}");
+    let (status, body) = raw_http(&daemon, &get("/"));
+    assert_eq!(status, 200, "{body}");
+    // Every refused mutation is in the audit trail too.
+    let audit = daemon.ok(&["events", "--kind", "audit", "--limit", "100"]);
+    assert!(audit.contains("POST /vms/nobody/start"), "{audit}");
+    assert!(audit.contains("404"), "{audit}");
+
+    let (status, doc) = raw_http(&daemon, &get("/openapi.json"));
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/",
+        "/vms",
+        "/vms/{name}/shutdown",
+        "/events",
+        "/sla",
+        "/ledger/verify",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from OpenAPI"
+        );
+    }
+}
+
+#[test]
+fn a_host_reboot_is_recorded_and_autostart_vms_start() {
+    if !kvm_available("a_host_reboot_is_recorded_and_autostart_vms_start") {
+        return;
+    }
+    let boot_id = std::env::temp_dir().join(format!("kd-boot-id-{}", std::process::id()));
+    std::fs::write(&boot_id, "first-boot\n").unwrap();
+    let boot_env = [("KEEL_BOOT_ID_FILE", boot_id.to_str().unwrap())];
+    let mut daemon = Daemon::start_with("reboot", &[], &[], &boot_env);
+    daemon.create_probe_vm("auto", &["--autostart", "--start"]);
+    daemon.create_probe_vm("manual", &["--start"]);
+    // The host "reboots": every VMM dies with it, and the boot id changes.
+    daemon.kill9();
+    for pid in daemon.vmm_pids() {
+        // SAFETY: kill(2) on a VMM pid just read from /proc.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !daemon.vmm_pids().is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&boot_id, "second-boot\n").unwrap();
+    daemon.restart();
+    assert_eq!(
+        daemon.state("auto"),
+        "running",
+        "autostart after a host boot"
+    );
+    assert_eq!(daemon.state("manual"), "crashed");
+    let events = daemon.json(&["events", "--vm", "manual", "--kind", "state"]);
+    let last = events.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["cause"], "host-boot", "{events}");
+    let auto = daemon.json(&["events", "--vm", "auto", "--kind", "state"]);
+    let causes: Vec<&str> = auto
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cause"].as_str().unwrap())
+        .collect();
+    assert!(
+        causes.ends_with(&["host-boot", "host-boot", "host-boot"]),
+        "crashed, starting, running: {causes:?}"
+    );
+    // A daemon restart on the same boot does not autostart a VM an operator stopped.
+    daemon.ok(&["vm", "stop", "auto"]);
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(daemon.state("auto"), "stopped");
+    let _ = std::fs::remove_file(&boot_id);
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort();
+    v
+}
+
+/// Collects a child's stdout, killing it if it has not ended by the deadline.
+fn wait_output(mut child: std::process::Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    out
+}

@@ -221,6 +221,41 @@ mod tests {
     }
 
     #[test]
+    fn client_bytes_reach_the_serial_input_raw_and_clients_detach() {
+        use event_manager::{EventManager, SubscriberOps};
+        let path =
+            std::env::temp_dir().join(format!("keel-console-in-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let clients = Arc::new(ConsoleClients::default());
+        let server = ConsoleServer::new(
+            listener,
+            clients.clone(),
+            Box::new(move |bytes: &[u8]| sink.lock().unwrap().extend_from_slice(bytes)),
+        )
+        .unwrap();
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().unwrap();
+        events.add_subscriber(Box::new(server));
+        let mut client = UnixStream::connect(&path).unwrap();
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 1, "attached");
+        // Ctrl-A x is not an escape here: it goes to the guest like any byte.
+        client.write_all(b"ls\r\x01x").unwrap();
+        let start = Instant::now();
+        while got.lock().unwrap().len() < 5 && start.elapsed() < Duration::from_secs(5) {
+            events.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(&*got.lock().unwrap(), b"ls\r\x01x");
+        drop(client);
+        events.run_with_timeout(1000).unwrap();
+        assert_eq!(clients.lock().len(), 0, "detached on hang-up");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn a_client_that_never_reads_does_not_block_and_a_dead_one_is_dropped() {
         let (path, log) = temp_log("slow");
         let clients = Arc::new(ConsoleClients::default());

@@ -31,6 +31,8 @@ pub enum VmCommand {
     Stop(StopBy),
     /// End the VM now: the terminal's Ctrl-A x.
     ConsoleQuit,
+    /// The vCPUs have started (sent by the VM builder once).
+    Started,
 }
 
 impl VmCommand {
@@ -121,11 +123,6 @@ impl Controller {
         }
     }
 
-    /// Marks the guest as running (its vCPUs have started).
-    pub fn set_running(&mut self) {
-        self.running = true;
-    }
-
     /// Applies one command: the only code that changes the VM's state from outside the guest.
     pub fn apply(&mut self, command: VmCommand) -> Response {
         match command {
@@ -153,6 +150,10 @@ impl Controller {
             }
             VmCommand::ConsoleQuit => {
                 self.exit.report(VmExit::ConsoleQuit);
+                Response::Done
+            }
+            VmCommand::Started => {
+                self.running = true;
                 Response::Done
             }
         }
@@ -241,7 +242,6 @@ impl MutEventSubscriber for ControlLoop {
                 "watching the control events failed: {e}"
             )));
         }
-        self.controller.set_running();
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -283,7 +283,7 @@ mod tests {
             (s.name.as_str(), s.pid, s.running),
             ("vm1", std::process::id(), false)
         );
-        c.set_running();
+        assert_eq!(c.apply(VmCommand::Started), Response::Done);
         assert_eq!(
             c.apply(VmCommand::PowerButton { from: "test" }),
             Response::Done

@@ -161,6 +161,10 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         Frontend::Terminal => RawTerminal::enter()?,
         Frontend::Service(_) => None,
     };
+    let mut event_loop = EventLoop::new(&bus, &virtio, &ged, &exit, frontend, console_clients)?;
+    // One pass before the guest runs: console clients already waiting are attached and see
+    // its first byte.
+    event_loop.turn(0)?;
     let shared = Arc::new(VcpuShared {
         vm: Arc::new(vm),
         memory: guest_memory,
@@ -181,8 +185,9 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
             .spawn(move || run_vcpu(id, shared))
             .map_err(io_err("starting a vCPU thread"))?;
     }
+    event_loop.commands.send(VmCommand::Started);
 
-    let looped = run_event_loop(&bus, &virtio, &ged, &exit, frontend, console_clients);
+    let looped = event_loop.run();
     virtio.shutdown();
     looped?;
     Ok(exit
@@ -190,72 +195,97 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
 }
 
-/// Serves the devices, the console and the control loop until a reason to end the VM is
-/// reported.
-fn run_event_loop(
-    bus: &Arc<LegacyBus>,
-    virtio: &VirtioDevices,
-    ged: &Arc<Ged>,
-    exit: &Arc<ExitSignal>,
-    frontend: Frontend,
-    console_clients: Arc<ConsoleClients>,
-) -> Result<()> {
-    let ended = Arc::new(AtomicBool::new(false));
-    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
-        .map_err(|e| Error::EventLoop {
-            what: "creating the event loop",
-            reason: e.to_string(),
-        })?;
-    events.add_subscriber(Box::new(ExitWatcher {
-        exit: exit.clone(),
-        ended: ended.clone(),
-    }));
-    let commands = CommandQueue::new().map_err(io_err("creating the command channel"))?;
-    let control = match frontend {
-        Frontend::Terminal => {
-            events.add_subscriber(Box::new(ConsoleInput {
-                bus: bus.clone(),
-                exit: exit.clone(),
-                commands: commands.sender(),
-                escape: EscapeParser::default(),
-            }));
-            let controller = Controller::new(String::new(), ged.clone(), exit.clone());
-            ControlLoop::new(controller, commands, None, None)
-        }
-        Frontend::Service(wiring) => {
-            let serial_input = {
-                let (bus, exit) = (bus.clone(), exit.clone());
-                move |bytes: &[u8]| {
-                    let mut serial = bus.serial.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = serial.queue_input(bytes) {
-                        exit.report(VmExit::Failed(e.to_string()));
+/// The event-loop thread's loop: devices, the console and the control loop.
+struct EventLoop {
+    events: EventManager<Box<dyn MutEventSubscriber + Send>>,
+    ended: Arc<AtomicBool>,
+    commands: CommandSender,
+}
+
+impl EventLoop {
+    fn new(
+        bus: &Arc<LegacyBus>,
+        virtio: &VirtioDevices,
+        ged: &Arc<Ged>,
+        exit: &Arc<ExitSignal>,
+        frontend: Frontend,
+        console_clients: Arc<ConsoleClients>,
+    ) -> Result<Self> {
+        let ended = Arc::new(AtomicBool::new(false));
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+            .map_err(|e| Error::EventLoop {
+                what: "creating the event loop",
+                reason: e.to_string(),
+            })?;
+        events.add_subscriber(Box::new(ExitWatcher {
+            exit: exit.clone(),
+            ended: ended.clone(),
+        }));
+        let queue = CommandQueue::new().map_err(io_err("creating the command channel"))?;
+        let commands = queue.sender();
+        let control = match frontend {
+            Frontend::Terminal => {
+                events.add_subscriber(Box::new(ConsoleInput {
+                    bus: bus.clone(),
+                    exit: exit.clone(),
+                    commands: queue.sender(),
+                    escape: EscapeParser::default(),
+                }));
+                let controller = Controller::new(String::new(), ged.clone(), exit.clone());
+                ControlLoop::new(controller, queue, None, None)
+            }
+            Frontend::Service(wiring) => {
+                let serial_input = {
+                    let (bus, exit) = (bus.clone(), exit.clone());
+                    move |bytes: &[u8]| {
+                        let mut serial = bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = serial.queue_input(bytes) {
+                            exit.report(VmExit::Failed(e.to_string()));
+                        }
                     }
-                }
-            };
-            let console = ConsoleServer::new(
-                wiring.console_socket,
-                console_clients,
-                Box::new(serial_input),
-            )
-            .map_err(io_err("setting up the console socket"))?;
-            events.add_subscriber(Box::new(console));
-            let socket = ControlSocket::new(wiring.control_socket)
-                .map_err(io_err("setting up the control socket"))?;
-            let controller = Controller::new(wiring.name, ged.clone(), exit.clone());
-            ControlLoop::new(controller, commands, Some(socket), Some(wiring.signals))
+                };
+                let console = ConsoleServer::new(
+                    wiring.console_socket,
+                    console_clients,
+                    Box::new(serial_input),
+                )
+                .map_err(io_err("setting up the console socket"))?;
+                events.add_subscriber(Box::new(console));
+                let socket = ControlSocket::new(wiring.control_socket)
+                    .map_err(io_err("setting up the control socket"))?;
+                let controller = Controller::new(wiring.name, ged.clone(), exit.clone());
+                ControlLoop::new(controller, queue, Some(socket), Some(wiring.signals))
+            }
+        };
+        events.add_subscriber(Box::new(control));
+        for handler in virtio.queue_handlers() {
+            events.add_subscriber(Box::new(handler));
         }
-    };
-    events.add_subscriber(Box::new(control));
-    for handler in virtio.queue_handlers() {
-        events.add_subscriber(Box::new(handler));
+        Ok(Self {
+            events,
+            ended,
+            commands,
+        })
     }
-    while !ended.load(Ordering::Acquire) {
-        events.run().map_err(|e| Error::EventLoop {
-            what: "waiting for events",
-            reason: e.to_string(),
-        })?;
+
+    /// Waits up to `timeout_ms` (-1: for ever) for events and handles them.
+    fn turn(&mut self, timeout_ms: i32) -> Result<()> {
+        self.events
+            .run_with_timeout(timeout_ms)
+            .map(|_| ())
+            .map_err(|e| Error::EventLoop {
+                what: "waiting for events",
+                reason: e.to_string(),
+            })
     }
-    Ok(())
+
+    /// Serves events until a reason to end the VM is reported.
+    fn run(&mut self) -> Result<()> {
+        while !self.ended.load(Ordering::Acquire) {
+            self.turn(-1)?;
+        }
+        Ok(())
+    }
 }
 
 struct ExitWatcher {

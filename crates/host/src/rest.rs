@@ -461,15 +461,9 @@ async fn sla_report(
         None => Vec::new(),
     };
     let vms: Vec<String> = params.vm.into_iter().collect();
-    let (events, verification) = app.with_store(|s| -> Result<_, ledger::Error> {
-        Ok((
-            ledger::state_events(s.connection())?,
-            ledger::verify(s.connection())?,
-        ))
-    })?;
-    let mut report = sla::report(&events, &vms, from, to, &tiers);
-    report.ledger_head_hash = verification.head_hash;
-    report.ledger_verified = verification.ok;
+    let report = app
+        .with_store(|s| sla::report_from_ledger(s.connection(), &vms, from, to, &tiers))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(report))
 }
 

@@ -415,3 +415,26 @@ fn a_second_vmm_on_a_live_directory_is_refused() {
     assert_eq!(control.ask(br#"{"request":"stop"}"#), Response::Done);
     assert_eq!(wait_exit(&mut child, &dir).code(), Some(0));
 }
+
+#[test]
+fn reboot_and_crash_are_recorded_with_keel_runs_exit_codes() {
+    if !kvm_available("reboot_and_crash_are_recorded_with_keel_runs_exit_codes") {
+        return;
+    }
+    let dir = RunDir::new("reboot", &spec("reboot", "probe.reboot"));
+    let mut child = start(&dir);
+    assert_eq!(wait_exit(&mut child, &dir).code(), Some(0));
+    assert_eq!(dir.exit_record().reason, ExitReason::Reboot);
+    assert!(dir.sockets_gone());
+
+    let dir = RunDir::new("crash", &spec("crash", "probe.triplefault"));
+    let mut child = start(&dir);
+    assert_eq!(wait_exit(&mut child, &dir).code(), Some(3));
+    let record = dir.exit_record();
+    assert_eq!(record.reason, ExitReason::GuestCrash);
+    assert!(
+        record.detail.contains("triple fault on vCPU 0"),
+        "{record:?}"
+    );
+    assert!(dir.sockets_gone());
+}

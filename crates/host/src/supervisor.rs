@@ -491,12 +491,7 @@ impl Supervisor {
         for row in &vms {
             let name = &row.spec.name;
             let run_dir = self.run_dir(name);
-            let live = match vmm_process::status(&run_dir).await {
-                Ok(status) if &status.name == name => ProcessHandle::open(status.pid)
-                    .ok()
-                    .map(|h| (status.pid, h)),
-                _ => None,
-            };
+            let live = self.find_live_vmm(name, &run_dir).await;
             match (row.state.has_vmm(), live) {
                 (_, Some((pid, handle))) => {
                     adopted += 1;
@@ -544,29 +539,8 @@ impl Supervisor {
                 (true, None) => {
                     lost += 1;
                     let record = run_dir.exit_record();
-                    let pid = row.pid.unwrap_or(0);
-                    let (to, cause, actor, detail, _) = match (&record, host_booted) {
-                        (Some(_), _) => judge_end(pid, ProcessEnd::Unknown, record.as_ref(), None),
-                        (None, true) => (
-                            VmState::Crashed,
-                            Cause::HostBoot,
-                            "keel".into(),
-                            format!("the host rebooted under VMM pid {pid}"),
-                            false,
-                        ),
-                        (None, false) => (
-                            VmState::Crashed,
-                            Cause::VmmCrash,
-                            "keel".into(),
-                            format!("VMM pid {pid} was gone, without an exit record, when the daemon restarted"),
-                            false,
-                        ),
-                    };
-                    let to = if row.state == VmState::Starting && record.is_none() && !host_booted {
-                        VmState::Stopped
-                    } else {
-                        to
-                    };
+                    let (to, cause, actor, detail, restart) =
+                        judge_lost(row, record.as_ref(), host_booted);
                     self.transition(
                         name,
                         Transition {
@@ -578,6 +552,9 @@ impl Supervisor {
                             time_ms: record.as_ref().map(|r| r.time_ms),
                         },
                     )?;
+                    if restart {
+                        self.start(name, cause, &actor).await?;
+                    }
                 }
                 (false, None) => {}
             }
@@ -596,10 +573,86 @@ impl Supervisor {
         Ok((adopted, lost))
     }
 
+    /// The VMM running this VM, if any. A VMM process that exists but never answers on its
+    /// control socket (a daemon killed just after starting it, a hung VMM) is killed, so no
+    /// VMM is left running that the daemon does not account for.
+    async fn find_live_vmm(&self, name: &str, run_dir: &RunDir) -> Option<(u32, ProcessHandle)> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(status) = vmm_process::status(run_dir).await {
+                if status.name == name {
+                    if let Ok(handle) = ProcessHandle::open(status.pid) {
+                        return Some((status.pid, handle));
+                    }
+                }
+            }
+            let processes = vmm_process::processes_of(run_dir);
+            if processes.is_empty() {
+                return None;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for pid in processes {
+                    if let Ok(handle) = ProcessHandle::open(pid) {
+                        tracing::warn!("VM {name}: VMM pid {pid} never answered; killing it");
+                        let _ = handle.kill(libc::SIGKILL);
+                        handle.wait().await;
+                    }
+                }
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether the daemon currently watches a VMM for this VM.
     pub fn is_watched(&self, name: &str) -> bool {
         lock(&self.running).contains_key(name)
     }
+}
+
+/// What became of a VM whose VMM ended while no daemon watched it.
+fn judge_lost(
+    row: &VmRow,
+    record: Option<&ExitRecord>,
+    host_booted: bool,
+) -> (VmState, Cause, String, String, bool) {
+    let pid = row.pid.unwrap_or(0);
+    let keel = "keel".to_string();
+    if record.is_some() {
+        // A shutdown that was under way when the daemon died is still the operator's.
+        let intent = (row.state == VmState::ShuttingDown).then(|| Intent {
+            cause: Cause::Operator,
+            actor: keel.clone(),
+            detail: "shut down by the operator (power button)".into(),
+            restart: false,
+        });
+        return judge_end(pid, ProcessEnd::Unknown, record, intent);
+    }
+    if row.state == VmState::Starting && row.pid.is_none() {
+        return (
+            VmState::Stopped,
+            Cause::DaemonRestart,
+            keel,
+            "the start was cut off by a daemon restart before its VMM ran; start it again".into(),
+            false,
+        );
+    }
+    if host_booted {
+        return (
+            VmState::Crashed,
+            Cause::HostBoot,
+            keel,
+            format!("the host rebooted under VMM pid {pid}"),
+            false,
+        );
+    }
+    (
+        VmState::Crashed,
+        Cause::VmmCrash,
+        keel,
+        format!("VMM pid {pid} was gone, without an exit record, when the daemon restarted"),
+        false,
+    )
 }
 
 /// What a VMM's end means: (new state, cause, actor, detail, start again?).

@@ -160,6 +160,33 @@ pub fn spawn(keel_exe: &Path, run_dir: &RunDir) -> Result<u32> {
     Ok(child.id())
 }
 
+/// Pids of the `keel vmm --dir RUN_DIR` processes alive for this run directory, from /proc.
+/// Zombies (empty cmdline) are not counted.
+pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
+    let dir = run_dir.0.as_os_str().as_encoded_bytes();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args
+            .windows(3)
+            .any(|w| w[0] == b"vmm" && w[1] == b"--dir" && w[2] == dir)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// One request to a VMM's control socket, with a timeout.
 pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
     let path = run_dir.control_socket();

@@ -4,9 +4,9 @@
 set -euo pipefail
 
 # make and binutils build the probe guest; the rest are used by guest/linux/build.sh
-# (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv;
-# iasl from acpica-tools decompiles Keel's DSDT).
-needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools)
+# (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv,
+# faketime; iasl from acpica-tools decompiles Keel's DSDT).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime)
 missing=()
 for pkg in "${needed[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

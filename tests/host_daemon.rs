@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,11 +93,19 @@ fn two_vms_survive_a_daemon_kill_and_the_ledger_verifies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The client says it is attached once its socket is connected.
+    // (Its stderr stays open until the end: a closed pipe would fail its last message.)
+    let mut console_stderr = std::io::BufReader::new(console.stderr.take().unwrap());
+    let mut attached = String::new();
+    console_stderr.read_line(&mut attached).unwrap();
+    assert!(attached.contains("attached to web's console"), "{attached}");
     let shut = daemon.ok(&["vm", "shutdown", "web", "--timeout", "20"]);
     assert!(shut.starts_with("web: stopped"), "{shut}");
     drop(console.stdin.take());
     let out = wait_output(console, Duration::from_secs(10));
+    let mut rest = String::new();
+    let _ = console_stderr.read_to_string(&mut rest);
+    assert!(rest.contains("console closed"), "{rest}");
     assert!(
         out.contains("PROBE power_button"),
         "live console output: {out}"

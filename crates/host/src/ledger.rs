@@ -117,6 +117,21 @@ pub struct NewEvent {
     pub detail: String,
 }
 
+impl NewEvent {
+    /// A `host` row: something about the daemon or a VM that changes no state.
+    pub fn host(vm: Option<&str>, cause: Cause, actor: &str, detail: impl Into<String>) -> Self {
+        NewEvent {
+            kind: EventKind::Host,
+            vm: vm.map(str::to_string),
+            from: None,
+            to: None,
+            cause,
+            actor: actor.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
 /// Which rows [`list`] returns. All fields `None`: every row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {

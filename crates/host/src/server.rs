@@ -8,7 +8,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use api::events::EventKind;
 use api::Cause;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
@@ -112,18 +111,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let host_booted = store.meta("boot_id")? != Some(booted_now.clone());
     let sup = Supervisor::new(config.state_dir.clone(), config.keel_exe.clone(), store);
     sup.with_store(|s| {
-        s.record(&NewEvent {
-            kind: EventKind::Host,
-            vm: None,
-            from: None,
-            to: None,
-            cause: if host_booted {
+        s.record(&NewEvent::host(
+            None,
+            if host_booted {
                 Cause::HostBoot
             } else {
                 Cause::DaemonRestart
             },
-            actor: "keel".into(),
-            detail: format!(
+            "keel",
+            format!(
                 "daemon started (pid {}, keel {}){}",
                 std::process::id(),
                 env!("CARGO_PKG_VERSION"),
@@ -133,7 +129,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
                     " again on the same host boot"
                 }
             ),
-        })
+        ))
     })?;
     let (adopted, lost) = sup.recover(host_booted).await?;
     sup.with_store(|s| s.set_meta("boot_id", &booted_now))?;
@@ -175,15 +171,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     while servers.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&config.socket);
     sup.with_store(|s| {
-        s.record(&NewEvent {
-            kind: EventKind::Host,
-            vm: None,
-            from: None,
-            to: None,
-            cause: Cause::Operator,
-            actor: "keel".into(),
-            detail: "daemon stopped; VMs keep running".into(),
-        })
+        s.record(&NewEvent::host(
+            None,
+            Cause::Operator,
+            "keel",
+            "daemon stopped; VMs keep running",
+        ))
     })?;
     Ok(())
 }

@@ -358,24 +358,6 @@ impl Store {
         Ok(recorded)
     }
 
-    /// Records a host event and opens an incident for it.
-    pub fn raise_incident(&mut self, event: &NewEvent) -> Result<Event> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("starting a transaction"))?;
-        let recorded = ledger::append(&tx, event, now_ms())?;
-        open_incident(
-            &tx,
-            event.vm.as_deref(),
-            event.cause,
-            &event.detail,
-            &recorded,
-        )?;
-        tx.commit().map_err(sql("committing an incident"))?;
-        Ok(recorded)
-    }
-
     pub fn open_incidents(&self) -> Result<Vec<Incident>> {
         let mut stmt = self
             .conn
@@ -427,15 +409,12 @@ impl Store {
         if changed == 1 {
             ledger::append(
                 &tx,
-                &NewEvent {
-                    kind: EventKind::Host,
-                    vm: None,
-                    from: None,
-                    to: None,
-                    cause: Cause::Operator,
-                    actor: actor.to_string(),
-                    detail: format!("incident {id} acknowledged"),
-                },
+                &NewEvent::host(
+                    None,
+                    Cause::Operator,
+                    actor,
+                    format!("incident {id} acknowledged"),
+                ),
                 now_ms(),
             )?;
         }

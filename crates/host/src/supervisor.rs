@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api::control::{ExitReason, ExitRecord, Request, Response};
-use api::events::EventKind;
 use api::{Cause, VmSpec, VmState};
 use tokio::sync::watch;
 
@@ -141,15 +140,12 @@ impl Supervisor {
         }
         self.with_store(|s| -> Result<()> {
             s.delete_vm(name)?;
-            s.record(&NewEvent {
-                kind: EventKind::Host,
-                vm: Some(name.to_string()),
-                from: None,
-                to: None,
-                cause: Cause::Operator,
-                actor: actor.to_string(),
-                detail: format!("deleted (was {})", row.state),
-            })?;
+            s.record(&NewEvent::host(
+                Some(name),
+                Cause::Operator,
+                actor,
+                format!("deleted (was {})", row.state),
+            ))?;
             Ok(())
         })?;
         let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
@@ -310,19 +306,8 @@ impl Supervisor {
         let run_dir = self.run_dir(name);
         let record = run_dir.exit_record();
         let intent = lock(&self.intents).remove(name);
-        let (to, cause, actor, detail, restart) = judge_end(pid, end, record.as_ref(), intent);
-        self.transition(
-            name,
-            Transition {
-                to,
-                pid: None,
-                cause,
-                actor: &actor,
-                detail: &detail,
-                time_ms: record.as_ref().map(|r| r.time_ms),
-            },
-        )?;
-        if restart {
+        let judged = judge_end(pid, end, record.as_ref(), intent);
+        if let Some((cause, actor)) = self.record_judged(name, judged, record.as_ref())? {
             let this = self.clone();
             let name = name.to_string();
             tokio::spawn(async move {
@@ -332,6 +317,28 @@ impl Supervisor {
             });
         }
         Ok(())
+    }
+
+    /// Records a judged end of a VMM (at the time of its exit record, if it left one);
+    /// returns the cause and actor to start the VM again with, when it should be.
+    fn record_judged(
+        &self,
+        name: &str,
+        (to, cause, actor, detail, restart): Judged,
+        record: Option<&ExitRecord>,
+    ) -> Result<Option<(Cause, String)>> {
+        self.transition(
+            name,
+            Transition {
+                to,
+                pid: None,
+                cause,
+                actor: &actor,
+                detail: &detail,
+                time_ms: record.map(|r| r.time_ms),
+            },
+        )?;
+        Ok(restart.then_some((cause, actor)))
     }
 
     fn handle(&self, name: &str) -> Option<(Arc<ProcessHandle>, watch::Receiver<bool>)> {
@@ -512,15 +519,12 @@ impl Supervisor {
                         )?;
                     } else {
                         self.with_store(|s| {
-                            s.record(&NewEvent {
-                                kind: EventKind::Host,
-                                vm: Some(name.clone()),
-                                from: None,
-                                to: None,
-                                cause: Cause::DaemonRestart,
-                                actor: "keel".into(),
-                                detail: format!("re-adopted running VMM pid {pid}"),
-                            })
+                            s.record(&NewEvent::host(
+                                Some(name),
+                                Cause::DaemonRestart,
+                                "keel",
+                                format!("re-adopted running VMM pid {pid}"),
+                            ))
                         })?;
                     }
                     if row.state == VmState::ShuttingDown {
@@ -539,20 +543,10 @@ impl Supervisor {
                 (true, None) => {
                     lost += 1;
                     let record = run_dir.exit_record();
-                    let (to, cause, actor, detail, restart) =
-                        judge_lost(row, record.as_ref(), host_booted);
-                    self.transition(
-                        name,
-                        Transition {
-                            to,
-                            pid: None,
-                            cause,
-                            actor: &actor,
-                            detail: &detail,
-                            time_ms: record.as_ref().map(|r| r.time_ms),
-                        },
-                    )?;
-                    if restart {
+                    let judged = judge_lost(row, record.as_ref(), host_booted);
+                    if let Some((cause, actor)) =
+                        self.record_judged(name, judged, record.as_ref())?
+                    {
                         self.start(name, cause, &actor).await?;
                     }
                 }
@@ -610,12 +604,11 @@ impl Supervisor {
     }
 }
 
+/// What a VMM's end means: (new state, cause, actor, detail, start again?).
+type Judged = (VmState, Cause, String, String, bool);
+
 /// What became of a VM whose VMM ended while no daemon watched it.
-fn judge_lost(
-    row: &VmRow,
-    record: Option<&ExitRecord>,
-    host_booted: bool,
-) -> (VmState, Cause, String, String, bool) {
+fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: bool) -> Judged {
     let pid = row.pid.unwrap_or(0);
     let keel = "keel".to_string();
     if record.is_some() {
@@ -655,13 +648,13 @@ fn judge_lost(
     )
 }
 
-/// What a VMM's end means: (new state, cause, actor, detail, start again?).
+/// What a VMM's end means, from its exit record and what the daemon intended.
 fn judge_end(
     pid: u32,
     end: ProcessEnd,
     record: Option<&ExitRecord>,
     intent: Option<Intent>,
-) -> (VmState, Cause, String, String, bool) {
+) -> Judged {
     let keel = || "keel".to_string();
     // The daemon asked for this end (stop, reboot, or a shutdown that ran out of time): the
     // VMM said it stopped or powered off, or it was killed by the daemon's SIGKILL.

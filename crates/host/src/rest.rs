@@ -609,3 +609,35 @@ async fn delete_token(
     ))
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_has_every_schema_it_refers_to() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let text = doc.to_string();
+        let prefix = "#/components/schemas/";
+        for (at, _) in text.match_indices(prefix) {
+            let name: String = text[at + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(schemas.contains_key(&name), "dangling reference to {name}");
+        }
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 14);
+    }
+
+    #[test]
+    fn what_a_request_needs() {
+        assert_eq!(need_of(&Method::GET, "/vms"), Need::Read);
+        assert_eq!(need_of(&Method::POST, "/vms"), Need::Create);
+        assert_eq!(need_of(&Method::DELETE, "/vms/a"), Need::Create);
+        assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);
+        assert_eq!(need_of(&Method::GET, "/tokens"), Need::Admin);
+        assert_eq!(vm_of_path("/vms/a/start").as_deref(), Some("a"));
+        assert_eq!(vm_of_path("/vms"), None);
+    }
+}

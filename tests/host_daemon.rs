@@ -409,3 +409,43 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> String {
     }
     out
 }
+
+#[test]
+fn a_daemon_vm_gets_its_disk_limits_rng_and_vsock() {
+    if !kvm_available("a_daemon_vm_gets_its_disk_limits_rng_and_vsock") {
+        return;
+    }
+    let daemon = Daemon::start("devices");
+    let image = daemon.state_dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("path={},serial=data1,bw=10M,iops=1000", image.display());
+    daemon.create_probe_vm(
+        "dev",
+        &["--disk", &disk, "--rng", "--vsock-cid", "42", "--start"],
+    );
+    let shown = daemon.json(&["vm", "show", "dev"]);
+    assert_eq!(shown["state"], "running", "{shown}");
+    let limits = &shown["spec"]["disks"][0]["limits"];
+    assert_eq!(limits["bw"], 10_000_000, "{shown}");
+    assert_eq!(limits["iops"], 1000, "{shown}");
+    assert_eq!(shown["spec"]["vsock"]["cid"], 42, "{shown}");
+    // The VMM serves the vsock device's host side where the API says.
+    let vsock = shown["vsock_socket"].as_str().unwrap();
+    assert!(UnixStream::connect(vsock).is_ok(), "{vsock}");
+    // The guest found three virtio devices (disk, rng, vsock) in its DSDT.
+    let log = shown["console_log"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("PROBE ready") {
+            assert!(text.contains("PROBE virtio_devices 3"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no PROBE ready: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = daemon.ok(&["vm", "show", "dev"]);
+    assert!(text.contains("bw 10000000B/s, iops 1000/s"), "{text}");
+    assert!(text.contains("guest CID 42"), "{text}");
+    daemon.ok(&["vm", "stop", "dev"]);
+}

@@ -17,6 +17,8 @@ pub mod files {
     pub const CONSOLE_LOG: &str = "console.log";
     /// Why the VMM ended (JSON of `ExitRecord`), written atomically just before it exits.
     pub const EXIT_RECORD: &str = "exit.json";
+    /// The host side of the VM's virtio-vsock device, when it has one.
+    pub const VSOCK_SOCKET: &str = "vsock.sock";
     /// The VMM's own stderr.
     pub const VMM_LOG: &str = "vmm.log";
 }

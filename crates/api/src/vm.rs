@@ -30,6 +30,10 @@ pub struct VmSpec {
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-vsock device; its host side is the Unix socket `vsock.sock` in the VM's run
+    /// directory (connect and write `CONNECT <port>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
     /// Start this VM when the daemon starts.
     #[serde(default)]
     pub autostart: bool,
@@ -52,6 +56,40 @@ pub struct DiskSpec {
     pub readonly: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Rate limits; unlimited when absent.
+    #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
+    pub limits: RateLimits,
+}
+
+/// Token-bucket limits of a disk or NIC; absent means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw: Option<u64>,
+    /// Bytes that may pass at once above the rate (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw_burst: Option<u64>,
+    /// Operations (requests, frames) per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_burst: Option<u64>,
+}
+
+impl RateLimits {
+    pub fn is_unlimited(&self) -> bool {
+        self == &RateLimits::default()
+    }
+}
+
+/// A virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    /// The guest's context id, 3 to 4294967294.
+    pub cid: u64,
 }
 
 /// A virtio-net NIC on a tap device.
@@ -62,6 +100,9 @@ pub struct NetSpec {
     /// Like 52:54:00:12:34:56; chosen by the VMM when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Rate limits; unlimited when absent.
+    #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
+    pub limits: RateLimits,
 }
 
 /// Most vCPUs a VM has.
@@ -213,6 +254,9 @@ pub struct VmInfo {
     pub console_log: String,
     /// The serial console's Unix socket (while the VM runs; `keel vm console` attaches to it).
     pub console_socket: String,
+    /// The host side of its vsock device, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_socket: Option<String>,
 }
 
 #[cfg(test)]

@@ -235,6 +235,12 @@ fn vm_info(app: &Supervisor, row: VmRow) -> VmInfo {
         reason: row.reason,
         console_log: run_dir.console_log().display().to_string(),
         console_socket: run_dir.console_socket().display().to_string(),
+        vsock_socket: row.spec.vsock.as_ref().map(|_| {
+            run_dir
+                .file(api::control::files::VSOCK_SOCKET)
+                .display()
+                .to_string()
+        }),
         spec: row.spec,
     }
 }

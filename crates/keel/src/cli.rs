@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use api::events::LedgerVerification;
-use api::{DiskSpec, Event, HostStatus, NetSpec, NewToken, SlaReport, TokenInfo, VmInfo, VmSpec};
+use api::{
+    DiskSpec, Event, HostStatus, NetSpec, NewToken, RateLimits, SlaReport, TokenInfo, VmInfo,
+    VmSpec, VsockSpec,
+};
 use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::json;
@@ -83,21 +86,52 @@ pub struct CreateArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
-    /// path=PATH[,readonly=on][,serial=ID] (repeatable).
+    /// path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..] (repeatable; as for keel run).
     #[arg(long = "disk")]
     disks: Vec<vmm::config::DiskConfig>,
-    /// tap=NAME[,mac=MAC] (repeatable).
+    /// tap=NAME[,mac=MAC][,bw=..][,iops=..] (repeatable; as for keel run).
     #[arg(long = "net")]
     nets: Vec<vmm::config::NetConfig>,
     /// A virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device with this guest CID; its host side is vsock.sock in the VM's run
+    /// directory (`keel vm show` names it).
+    #[arg(long, value_name = "CID")]
+    vsock_cid: Option<u64>,
     /// Start the VM whenever the host boots (when keel serve first starts on a boot).
     #[arg(long)]
     autostart: bool,
     /// Start it now.
     #[arg(long)]
     start: bool,
+}
+
+/// `bw=`, `iops=`... as parsed for `keel run`, in the API's form.
+fn limits_of(config: &devices::rate_limiter::RateLimitConfig) -> RateLimits {
+    RateLimits {
+        bw: config.bytes_per_sec.map(|v| v.get()),
+        bw_burst: config.bytes_burst.map(|v| v.get()),
+        iops: config.ops_per_sec.map(|v| v.get()),
+        iops_burst: config.ops_burst.map(|v| v.get()),
+    }
+}
+
+fn describe_limits(limits: &RateLimits) -> String {
+    let parts: Vec<String> = [
+        ("bw", limits.bw, "B/s"),
+        ("bw_burst", limits.bw_burst, "B"),
+        ("iops", limits.iops, "/s"),
+        ("iops_burst", limits.iops_burst, ""),
+    ]
+    .iter()
+    .filter_map(|(k, v, unit)| v.map(|v| format!("{k} {v}{unit}")))
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 fn absolute(path: &std::path::Path) -> Result<String> {
@@ -108,39 +142,32 @@ fn absolute(path: &std::path::Path) -> Result<String> {
 
 impl CreateArgs {
     fn spec(&self) -> Result<VmSpec> {
-        let no_limits = devices::rate_limiter::RateLimitConfig::default();
         let disks = self
             .disks
             .iter()
             .map(|d| {
-                if d.rate_limit != no_limits {
-                    bail!("--disk {}: bw= and iops= are not yet supported for VMs of keel serve (only keel run)", d.path.display());
-                }
                 Ok(DiskSpec {
                     path: absolute(&d.path)?,
                     readonly: d.read_only,
                     serial: d.serial.clone(),
+                    limits: limits_of(&d.rate_limit),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let nets = self
             .nets
             .iter()
-            .map(|n| {
-                if n.rate_limit != no_limits {
-                    bail!("--net {}: bw= and iops= are not yet supported for VMs of keel serve (only keel run)", n.tap);
-                }
-                Ok(NetSpec {
-                    tap: n.tap.clone(),
-                    mac: n.mac.map(|m| {
-                        m.iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<Vec<_>>()
-                            .join(":")
-                    }),
-                })
+            .map(|n| NetSpec {
+                tap: n.tap.clone(),
+                mac: n.mac.map(|m| {
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                }),
+                limits: limits_of(&n.rate_limit),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let spec = VmSpec {
             name: self.name.clone(),
             kernel: absolute(&self.kernel)?,
@@ -151,6 +178,7 @@ impl CreateArgs {
             disks,
             nets,
             rng: self.rng,
+            vsock: self.vsock_cid.map(|cid| VsockSpec { cid }),
             autostart: self.autostart,
         };
         spec.validate()?;
@@ -286,11 +314,33 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
             for d in &s.disks {
                 rows.push((
                     "disk",
-                    format!("{}{}", d.path, if d.readonly { " (read-only)" } else { "" }),
+                    format!(
+                        "{}{}{}",
+                        d.path,
+                        if d.readonly { " (read-only)" } else { "" },
+                        describe_limits(&d.limits)
+                    ),
                 ));
             }
             for n in &s.nets {
-                rows.push(("net", format!("tap {}", n.tap)));
+                let mac = n
+                    .mac
+                    .as_deref()
+                    .map(|m| format!(" mac {m}"))
+                    .unwrap_or_default();
+                rows.push((
+                    "net",
+                    format!("tap {}{mac}{}", n.tap, describe_limits(&n.limits)),
+                ));
+            }
+            if s.rng {
+                rows.push(("rng", "virtio-rng".into()));
+            }
+            if let (Some(v), Some(socket)) = (&s.vsock, &vm.vsock_socket) {
+                rows.push((
+                    "vsock",
+                    format!("guest CID {}, host socket {socket}", v.cid),
+                ));
             }
             for (k, v) in rows {
                 println!("{k:<12} {v}");

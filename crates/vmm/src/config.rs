@@ -182,6 +182,16 @@ pub struct VsockConfig {
 const FIRST_GUEST_CID: u64 = 3;
 const LAST_GUEST_CID: u64 = u32::MAX as u64 - 1;
 
+fn check_guest_cid(cid: u64) -> Result<u64, String> {
+    if (FIRST_GUEST_CID..=LAST_GUEST_CID).contains(&cid) {
+        Ok(cid)
+    } else {
+        Err(format!(
+            "cid={cid}: guest CIDs run from {FIRST_GUEST_CID} to {LAST_GUEST_CID} (0-2 are reserved)"
+        ))
+    }
+}
+
 impl std::str::FromStr for VsockConfig {
     type Err = String;
 
@@ -197,12 +207,7 @@ impl std::str::FromStr for VsockConfig {
                     let n: u64 = value
                         .parse()
                         .map_err(|_| format!("cid={value}: expected a number"))?;
-                    if !(FIRST_GUEST_CID..=LAST_GUEST_CID).contains(&n) {
-                        return Err(format!(
-                            "cid={value}: guest CIDs run from {FIRST_GUEST_CID} to {LAST_GUEST_CID} (0-2 are reserved)"
-                        ));
-                    }
-                    cid = Some(n);
+                    cid = Some(check_guest_cid(n)?);
                 }
                 "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
                 "socket" => return Err("socket= is empty".into()),
@@ -249,6 +254,8 @@ pub enum Error {
     SpecDisk { path: PathBuf, reason: String },
     #[error("vm.json: net on tap '{tap}': {reason}")]
     SpecNet { tap: String, reason: String },
+    #[error("vm.json: vsock: {0}")]
+    SpecVsock(String),
 }
 
 fn check_file(path: &PathBuf) -> Result<(), String> {
@@ -278,13 +285,32 @@ pub fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
+/// The rate limiter settings of a disk's or NIC's `limits` in a VM definition.
+fn rate_limit_of(limits: &api::RateLimits) -> Result<RateLimitConfig, String> {
+    let positive = |key: &str, value: Option<u64>| match value {
+        Some(0) => Err(format!("limits.{key} is 0; leave it out for no limit")),
+        v => Ok(v.and_then(std::num::NonZeroU64::new)),
+    };
+    let config = RateLimitConfig {
+        bytes_per_sec: positive("bw", limits.bw)?,
+        bytes_burst: positive("bw_burst", limits.bw_burst)?,
+        ops_per_sec: positive("iops", limits.iops)?,
+        ops_burst: positive("iops_burst", limits.iops_burst)?,
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
 impl VmConfig {
-    /// The VM an `api::VmSpec` (the daemon's `vm.json`) describes: disks and NICs without
-    /// rate limits, no vsock. Checks the spec itself; the files are checked by [`validate`]
-    /// when the VM starts.
+    /// The VM an `api::VmSpec` (the daemon's `vm.json`) describes, with its vsock socket (if
+    /// it has vsock) at `vsock_socket`. Checks the spec itself; the files are checked by
+    /// [`validate`] when the VM starts.
     ///
     /// [`validate`]: VmConfig::validate
-    pub fn from_spec(spec: &api::VmSpec) -> Result<VmConfig, Error> {
+    pub fn from_spec(
+        spec: &api::VmSpec,
+        vsock_socket: &std::path::Path,
+    ) -> Result<VmConfig, Error> {
         spec.validate()?;
         let disks = spec
             .disks
@@ -304,7 +330,10 @@ impl VmConfig {
                     path: d.path.clone().into(),
                     read_only: d.readonly,
                     serial: d.serial.clone(),
-                    rate_limit: RateLimitConfig::default(),
+                    rate_limit: rate_limit_of(&d.limits).map_err(|reason| Error::SpecDisk {
+                        path: d.path.clone().into(),
+                        reason,
+                    })?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -325,7 +354,7 @@ impl VmConfig {
                 Ok(NetConfig {
                     tap: n.tap.clone(),
                     mac,
-                    rate_limit: RateLimitConfig::default(),
+                    rate_limit: rate_limit_of(&n.limits).map_err(bad)?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -338,7 +367,13 @@ impl VmConfig {
             disks,
             nets,
             rng: spec.rng,
-            vsock: None,
+            vsock: match &spec.vsock {
+                Some(v) => Some(VsockConfig {
+                    cid: check_guest_cid(v.cid).map_err(Error::SpecVsock)?,
+                    socket: vsock_socket.to_path_buf(),
+                }),
+                None => None,
+            },
             trace_startup: false,
         })
     }
@@ -409,6 +444,10 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn convert(json: &str) -> Result<VmConfig, Error> {
+        VmConfig::from_spec(&spec(json), std::path::Path::new("/run/vm/vsock.sock"))
+    }
 
     fn config() -> VmConfig {
         VmConfig {
@@ -571,12 +610,12 @@ mod tests {
 
     #[test]
     fn specs_convert_with_defaults() {
-        let c = VmConfig::from_spec(&spec(
+        let c = convert(
             r#"{"name":"web1","kernel":"/k","initrd":"/rd","cmdline":"console=ttyS0","cpus":2,
                 "memory_mib":512,"rng":true,
                 "disks":[{"path":"/d.img","readonly":true,"serial":"s1"}],
                 "nets":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"}]}"#,
-        ))
+        )
         .unwrap();
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.initrd, Some(PathBuf::from("/rd")));
@@ -601,24 +640,21 @@ mod tests {
 
     #[test]
     fn bad_specs_say_what_is_wrong() {
-        let e = VmConfig::from_spec(&spec(r#"{"name":"a","kernel":"k"}"#)).unwrap_err();
+        let e = convert(r#"{"name":"a","kernel":"k"}"#).unwrap_err();
         assert!(e.to_string().contains("relative"), "{e}");
-        let e = VmConfig::from_spec(&spec(
-            r#"{"name":"a","kernel":"/k","nets":[{"tap":"t","mac":"01:00:5e:00:00:01"}]}"#,
-        ))
-        .unwrap_err();
+        let e =
+            convert(r#"{"name":"a","kernel":"/k","nets":[{"tap":"t","mac":"01:00:5e:00:00:01"}]}"#)
+                .unwrap_err();
         assert!(
             e.to_string().contains("tap 't'") && e.to_string().contains("multicast"),
             "{e}"
         );
-        let e = VmConfig::from_spec(&spec(
-            r#"{"name":"a","kernel":"/k","nets":[{"tap":"a-name-far-too-long"}]}"#,
-        ))
-        .unwrap_err();
+        let e = convert(r#"{"name":"a","kernel":"/k","nets":[{"tap":"a-name-far-too-long"}]}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("1 to 15 bytes"), "{e}");
-        let e = VmConfig::from_spec(&spec(
+        let e = convert(
             r#"{"name":"a","kernel":"/k","disks":[{"path":"/d","serial":"123456789012345678901"}]}"#,
-        ))
+        )
         .unwrap_err();
         assert!(
             e.to_string().contains("disk /d") && e.to_string().contains("at most 20"),
@@ -649,5 +685,35 @@ mod tests {
         .validate()
         .unwrap_err();
         assert_eq!(e.to_string(), "initrd /nonexistent/rd: no such file");
+    }
+
+    #[test]
+    fn spec_limits_and_vsock_reach_the_config() {
+        let c = convert(
+            r#"{"name":"a","kernel":"/k","vsock":{"cid":7},
+                "disks":[{"path":"/d","limits":{"bw":1000000,"iops":100,"iops_burst":10}}],
+                "nets":[{"tap":"t0","limits":{"bw":500}}]}"#,
+        )
+        .unwrap();
+        let disk = &c.disks[0].rate_limit;
+        assert_eq!(disk.bytes_per_sec.map(|v| v.get()), Some(1_000_000));
+        assert_eq!(disk.ops_burst.map(|v| v.get()), Some(10));
+        assert_eq!(
+            c.nets[0].rate_limit.bytes_per_sec.map(|v| v.get()),
+            Some(500)
+        );
+        let vsock = c.vsock.unwrap();
+        assert_eq!(
+            (vsock.cid, vsock.socket.to_str()),
+            (7, Some("/run/vm/vsock.sock"))
+        );
+        let zero =
+            convert(r#"{"name":"a","kernel":"/k","disks":[{"path":"/d","limits":{"bw":0}}]}"#);
+        assert!(zero.unwrap_err().to_string().contains("limits.bw is 0"));
+        let burst =
+            convert(r#"{"name":"a","kernel":"/k","nets":[{"tap":"t","limits":{"bw_burst":5}}]}"#);
+        assert!(burst.is_err());
+        let cid = convert(r#"{"name":"a","kernel":"/k","vsock":{"cid":2}}"#);
+        assert!(cid.unwrap_err().to_string().contains("reserved"));
     }
 }

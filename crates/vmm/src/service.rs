@@ -124,7 +124,7 @@ fn start(dir: &Path, signals: Signals) -> Result<VmExit, Error> {
         path: spec_path,
         source,
     })?;
-    let config = VmConfig::from_spec(&spec)?;
+    let config = VmConfig::from_spec(&spec, &dir.join(files::VSOCK_SOCKET))?;
     let log_path = dir.join(files::CONSOLE_LOG);
     let console_log = OpenOptions::new()
         .create(true)

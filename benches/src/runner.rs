@@ -297,8 +297,19 @@ pub fn timed_boot(setup: &Setup, vmm: Vmm) -> Result<BootTiming> {
 /// Boots the probe without a switch (it idles after `PROBE ready`), waits [`IDLE_SETTLE`]
 /// and reads the VMM's resident memory; then kills it.
 pub fn idle_memory(setup: &Setup, vmm: Vmm) -> Result<MemoryStatus> {
-    let mut run = Running::spawn(vmm, setup.command(vmm, ""))?;
-    run.wait_for_line(READY_LINE)?;
+    ready_then_idle(setup, vmm, "").map(|(_, memory)| memory)
+}
+
+/// Boots the probe with `guest_cmdline` (which must leave it running after `PROBE ready`,
+/// e.g. empty or `probe.power_button`): the time from the spawn to `PROBE ready`, and the
+/// VMM's resident memory [`IDLE_SETTLE`] after that line; then kills it.
+pub fn ready_then_idle(
+    setup: &Setup,
+    vmm: Vmm,
+    guest_cmdline: &str,
+) -> Result<(Duration, MemoryStatus)> {
+    let mut run = Running::spawn(vmm, setup.command(vmm, guest_cmdline))?;
+    let ready = run.wait_for_line(READY_LINE)?;
     std::thread::sleep(IDLE_SETTLE);
     let status = procfs::read_status(run.child.id());
     if let Ok(Some(exit)) = run.child.try_wait() {
@@ -306,7 +317,8 @@ pub fn idle_memory(setup: &Setup, vmm: Vmm) -> Result<MemoryStatus> {
         return Err(run.failure("exited while it should idle"));
     }
     run.kill();
-    status.with_context(|| format!("reading {}'s memory use", vmm.name()))
+    let status = status.with_context(|| format!("reading {}'s memory use", vmm.name()))?;
+    Ok((ready, status))
 }
 
 /// Stdout chunks with the time each read returned; an empty chunk marks the end.

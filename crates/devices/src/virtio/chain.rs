@@ -37,10 +37,43 @@ where
         .collect()
 }
 
-/// The next chain the driver made available on queue `index`: its head and descriptors.
-/// With none left, notifications are re-enabled and the ring checked once more, so a chain
-/// made available meanwhile is not missed (the EVENT_IDX race). A broken ring (an avail index
-/// far ahead of the queue) is an error: the device then needs a reset.
+/// The next chain the driver made available, for a device that reads the chain itself.
+///
+/// This is where every device's drain loop ends, and the one place that turns the driver's
+/// notifications back on. The transport turns them off before it hands a notified queue to
+/// its device ([`super::MmioTransport::process_queue`]): VIRTQ_USED_F_NO_NOTIFY in the used
+/// ring, or with EVENT_IDX an avail_event left behind, so that the driver does not kick for
+/// chains it adds while the device is working through the ring. With the ring found empty,
+/// notifications are re-enabled and the ring is checked once more, so that a chain the driver
+/// added just before (seeing the flag still set, it did not kick) is served now rather than
+/// lost. A device that stops before the ring is empty (a rate limiter, no free slot, nothing
+/// to receive) leaves them off: the event that lets it go on (the limiter's timer, a
+/// completion, a readable tap) drains the ring to here.
+///
+/// The loop is bounded: each turn either returns a chain (the ring's index moves on) or
+/// re-reads the avail index, and a second empty look after notifications were re-enabled
+/// ends it (only a driver moving its avail index back gets there). An avail index too far
+/// ahead, or rings outside memory, are errors, as the queue reports them.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    for _ in 0..2 {
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        #[cfg(test)]
+        tests::in_the_window();
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// The next chain the driver made available on queue `index`: its head and descriptors
+/// ([`next_chain`], which re-enables notifications once the ring is empty). A broken ring (an
+/// avail index far ahead of the queue) is an error: the device then needs a reset.
 pub fn pop(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -59,27 +92,16 @@ pub fn pop_into(
     descs: &mut Vec<Descriptor>,
 ) -> Result<Option<u16>, DeviceError> {
     descs.clear();
-    loop {
-        if let Some(chain) = queue
-            .iter(mem)
-            .map_err(|e| DeviceError::queue(index, e))?
-            .next()
-        {
-            let head = chain.head_index();
-            descs.extend(chain.map(|d| Descriptor {
-                addr: d.addr().0,
-                len: d.len(),
-                device_writable: d.is_write_only(),
-            }));
-            return Ok(Some(head));
-        }
-        if !queue
-            .enable_notification(mem)
-            .map_err(|e| DeviceError::queue(index, e))?
-        {
-            return Ok(None);
-        }
-    }
+    let Some(chain) = next_chain(queue, mem).map_err(|e| DeviceError::queue(index, e))? else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    descs.extend(chain.map(|d| Descriptor {
+        addr: d.addr().0,
+        len: d.len(),
+        device_writable: d.is_write_only(),
+    }));
+    Ok(Some(head))
 }
 
 /// Host iovecs for guest buffers; None if any part lies outside guest RAM.
@@ -100,3 +122,6 @@ pub fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> Option<Vec<libc::i
 pub fn total_len(segments: &[Segment]) -> u64 {
     segments.iter().map(|s| u64::from(s.len)).sum()
 }
+
+#[cfg(test)]
+mod tests;

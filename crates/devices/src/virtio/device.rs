@@ -48,6 +48,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64) -> Result<(), DeviceError>;
     /// Serves what the driver made available on queue `index`; returns true when it put
     /// something in the used ring (the driver may need an interrupt).
+    ///
+    /// The transport has turned the driver's notifications for the queue off. The device
+    /// either drains the ring with [`super::chain::pop`] or [`super::chain::next_chain`] until
+    /// it returns None (which turns them back on), or stops early only while something else
+    /// will call it back to go on (its rate limiter's timer, a completion, a readable tap,
+    /// its own event source): no kick comes meanwhile. A queue the device never serves may be
+    /// left alone; its driver just stops kicking it.
     fn process_queue(
         &mut self,
         index: usize,

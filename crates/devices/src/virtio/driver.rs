@@ -34,6 +34,12 @@ pub struct Driver {
     next_desc: Vec<u16>,
 }
 
+/// Where queue `q`'s descriptor table, avail ring and used ring lie, for a test that plays
+/// the guest from another thread.
+pub fn ring_addresses(q: usize) -> (u64, u64, u64) {
+    (desc_table(q), avail_ring(q), used_ring(q))
+}
+
 fn desc_table(queue: usize) -> u64 {
     RINGS_START + queue as u64 * RING_STRIDE
 }
@@ -177,6 +183,21 @@ impl Driver {
         self.mem
             .write_obj(flags, GuestAddress(avail_ring(q)))
             .expect("avail flags");
+    }
+
+    /// The used ring's flags, as the device left them (VIRTQ_USED_F_NO_NOTIFY = 1: the
+    /// driver need not notify).
+    pub fn used_flags(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(used_ring(q)))
+            .expect("used flags")
+    }
+
+    /// The used ring's avail_event (with EVENT_IDX: the avail index past which the driver
+    /// notifies).
+    pub fn avail_event(&self, q: usize) -> u16 {
+        let at = used_ring(q) + 4 + 8 * u64::from(self.queue_size);
+        self.mem.read_obj(GuestAddress(at)).expect("avail_event")
     }
 
     /// Publishes an avail index (a test may make it run ahead of the queue).

@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -382,6 +382,13 @@ impl MmioTransport {
     }
 
     /// Serves queue `index` after its notification fired (on the device event loop).
+    ///
+    /// The driver's notifications for the queue are turned off first (VIRTQ_USED_F_NO_NOTIFY,
+    /// or with EVENT_IDX the avail_event the device leaves behind), so that chains it adds
+    /// while the device works cost no VM exit. They come back on when the device's drain
+    /// finds the ring empty ([`super::chain::next_chain`], which then looks once more), or
+    /// stay off while the device waits for something else (see
+    /// [`VirtioDevice::process_queue`]).
     pub fn process_queue(&mut self, index: usize) {
         if !self.activated() {
             return;
@@ -392,7 +399,11 @@ impl MmioTransport {
         if !queue.ready() {
             return;
         }
-        match self.device.process_queue(index, queue, &self.mem) {
+        let served = queue
+            .disable_notification(&self.mem)
+            .map_err(|e| DeviceError::queue(index, e))
+            .and_then(|()| self.device.process_queue(index, queue, &self.mem));
+        match served {
             Ok(false) => {}
             Ok(true) => {
                 // With EVENT_IDX the driver may not want this interrupt; if the check itself

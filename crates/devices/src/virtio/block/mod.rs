@@ -305,9 +305,10 @@ impl VirtioDevice for Block {
         };
         let used = match token {
             RATE_LIMIT_TIMER => {
-                if self.limiter.event_handler().is_err() {
-                    return Ok(0);
-                }
+                // The handler unblocks the limiter even when reading its timer fails; the
+                // held requests must go on now, as the driver does not kick a queue the
+                // device left with notifications off (`chain::next_chain`).
+                let _ = self.limiter.event_handler();
                 self.process_queue(0, queue, mem)?
             }
             COMPLETIONS => {

@@ -243,9 +243,10 @@ impl VirtioDevice for Net {
         match token {
             TAP_READABLE => self.rx_pending = true,
             RATE_LIMIT_TIMER => {
-                if self.limiter.event_handler().is_err() {
-                    return Ok(0);
-                }
+                // The handler unblocks the limiter even when reading its timer fails; the
+                // held frames must go on now, as the driver does not kick a queue the device
+                // left with notifications off (`chain::next_chain`).
+                let _ = self.limiter.event_handler();
                 if let Some(tx) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) {
                     if self.transmit(tx, mem)? {
                         used |= 1 << TX_QUEUE;

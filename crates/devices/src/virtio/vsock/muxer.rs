@@ -26,6 +26,7 @@ use super::connection::{Connection, Fill, Verdict};
 use super::packet::{self, Header, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
 use super::unix::{self, Line, MAX_CONNECT_LINE};
 use super::Error;
+use crate::virtio::chain;
 
 /// Streams plus host programs still writing their `CONNECT` line.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -273,13 +274,7 @@ impl Muxer {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, virtio_queue::Error> {
         let mut used_any = false;
-        loop {
-            let Some(mut chain) = queue.iter(mem)?.next() else {
-                if queue.enable_notification(mem)? {
-                    continue;
-                }
-                break;
-            };
+        while let Some(mut chain) = chain::next_chain(queue, mem)? {
             let head = chain.head_index();
             match packet::parse_tx(mem, &mut chain) {
                 Ok(pkt) => {
@@ -368,11 +363,8 @@ impl Muxer {
             if !self.has_rx_work() {
                 break;
             }
-            let Some(mut chain) = queue.iter(mem)?.next() else {
+            let Some(mut chain) = chain::next_chain(queue, mem)? else {
                 // Wait for the guest to post buffers: it notifies us.
-                if queue.enable_notification(mem)? {
-                    continue;
-                }
                 break;
             };
             let head = chain.head_index();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use keel_benches::procfs;
+use keel_benches::procfs::{self, MemoryStatus};
 use keel_benches::report::utc_date;
 use keel_benches::runner::{self, Setup, Vmm, IDLE_SETTLE, MEMORY_MIB, READY_LINE, VCPUS};
 use keel_benches::tools::{self, check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
@@ -64,6 +64,10 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+fn mibs(memory: &[MemoryStatus], kib: impl Fn(&MemoryStatus) -> u64) -> Vec<f64> {
+    memory.iter().map(|m| mib(kib(m))).collect()
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -80,9 +84,9 @@ struct Samples {
     start_ready: Vec<f64>,
     qemu_ready: Vec<f64>,
     keel_run_ready: Vec<f64>,
-    vmm_rss: Vec<f64>,
-    qemu_rss: Vec<f64>,
-    keel_run_rss: Vec<f64>,
+    vmm_memory: Vec<MemoryStatus>,
+    qemu_memory: Vec<MemoryStatus>,
+    keel_run_memory: Vec<MemoryStatus>,
     shutdown: Vec<f64>,
     stop: Vec<f64>,
     daemon_rss_after_rounds: Vec<f64>,
@@ -190,7 +194,7 @@ fn timed_end(daemon: &Daemon, args: &[&str], name: &str) -> Result<Duration> {
 }
 
 /// The resident memory of the VM's VMM, as the daemon names it.
-fn vmm_rss(daemon: &Daemon, name: &str) -> Result<f64> {
+fn vmm_memory(daemon: &Daemon, name: &str) -> Result<MemoryStatus> {
     let row = daemon
         .vms()?
         .into_iter()
@@ -199,9 +203,7 @@ fn vmm_rss(daemon: &Daemon, name: &str) -> Result<f64> {
     let pid = row
         .pid
         .with_context(|| format!("VM {name} is {} without a pid", row.state))?;
-    Ok(mib(procfs::read_status(pid)
-        .context("reading the VMM's memory use")?
-        .vm_rss_kib))
+    procfs::read_status(pid).context("reading the VMM's memory use")
 }
 
 /// 1. Daemon start on a new state directory, and its memory once idle.
@@ -228,14 +230,15 @@ fn cold_starts(keel: &Path, work: &Path, rounds: u32, s: &mut Samples) -> Result
 fn keel_round(daemon: &Daemon, s: &mut Samples) -> Result<String> {
     let (cli, ready) = timed_start(daemon, VM)?;
     std::thread::sleep(IDLE_SETTLE);
-    let rss = vmm_rss(daemon, VM)?;
+    let memory = vmm_memory(daemon, VM)?;
+    let rss = mib(memory.vm_rss_kib);
     let shutdown = timed_end(daemon, &["vm", "shutdown", VM, "--timeout", "30"], VM)?;
     let (cli2, ready2) = timed_start(daemon, VM)?;
     let stop = timed_end(daemon, &["vm", "stop", VM], VM)?;
     let daemon_rss = daemon_rss(daemon)?;
     s.start_cli.extend([ms(cli), ms(cli2)]);
     s.start_ready.extend([ms(ready), ms(ready2)]);
-    s.vmm_rss.push(rss);
+    s.vmm_memory.push(memory);
     s.shutdown.push(ms(shutdown));
     s.stop.push(ms(stop));
     s.daemon_rss_after_rounds.push(daemon_rss);
@@ -283,11 +286,11 @@ fn lifecycle(setup: &Setup, work: &Path, rounds: u32, s: &mut Samples) -> Result
             match vmm {
                 Vmm::Qemu => {
                     s.qemu_ready.push(ms(ready));
-                    s.qemu_rss.push(rss);
+                    s.qemu_memory.push(memory);
                 }
                 Vmm::Keel => {
                     s.keel_run_ready.push(ms(ready));
-                    s.keel_run_rss.push(rss);
+                    s.keel_run_memory.push(memory);
                 }
             }
         }
@@ -462,14 +465,26 @@ fn rows(s: &Samples, vms: u32) -> Vec<Row> {
         Row::new(
             "Idle VMM VmRSS: `keel vmm` under the daemon; QEMU microvm",
             "MiB",
-            &s.vmm_rss,
-            Some(&s.qemu_rss),
+            &mibs(&s.vmm_memory, |m| m.vm_rss_kib),
+            Some(&mibs(&s.qemu_memory, |m| m.vm_rss_kib)),
+        ),
+        Row::new(
+            "Idle VMM RssAnon: `keel vmm` under the daemon; QEMU microvm",
+            "MiB",
+            &mibs(&s.vmm_memory, |m| m.rss_anon_kib),
+            Some(&mibs(&s.qemu_memory, |m| m.rss_anon_kib)),
+        ),
+        Row::new(
+            "Idle VMM RssFile: `keel vmm` under the daemon; QEMU microvm",
+            "MiB",
+            &mibs(&s.vmm_memory, |m| m.rss_file_kib),
+            Some(&mibs(&s.qemu_memory, |m| m.rss_file_kib)),
         ),
         Row::new(
             "Idle VMM VmRSS: `keel run`; QEMU microvm",
             "MiB",
-            &s.keel_run_rss,
-            Some(&s.qemu_rss),
+            &mibs(&s.keel_run_memory, |m| m.vm_rss_kib),
+            Some(&mibs(&s.qemu_memory, |m| m.vm_rss_kib)),
         ),
     ]
 }

@@ -57,6 +57,9 @@ struct Intent {
     detail: String,
     /// Start the VM again once it has ended (reboot).
     restart: bool,
+    /// The daemon sent the VMM SIGKILL for this intent. A re-adopted VMM is not the daemon's
+    /// child, so no wait status shows the signal; this says it instead.
+    killed: bool,
 }
 
 /// A VMM the daemon watches.
@@ -379,6 +382,7 @@ impl Supervisor {
                 actor: actor.to_string(),
                 detail: "shut down by the operator (power button)".into(),
                 restart: false,
+                killed: false,
             },
         );
         self.transition(
@@ -414,6 +418,7 @@ impl Supervisor {
                         timeout.as_secs()
                     ),
                     restart: false,
+                    killed: false,
                 },
             );
             self.stop_process(name, &handle, &mut ended).await;
@@ -457,6 +462,7 @@ impl Supervisor {
                     "stopped by the operator".into()
                 },
                 restart: false,
+                killed: false,
             },
         );
         self.stop_process(name, &handle, &mut ended).await;
@@ -484,6 +490,10 @@ impl Supervisor {
                 .await
                 .is_err()
         {
+            // Said before the signal is sent, so the end is judged as this stop when it is seen.
+            if let Some(intent) = lock(&self.intents).get_mut(name) {
+                intent.killed = true;
+            }
             let _ = handle.kill(libc::SIGKILL);
             let _ = ended.wait_for(|e| *e).await;
         }
@@ -535,6 +545,7 @@ impl Supervisor {
                                 actor: "keel".into(),
                                 detail: "shut down by the operator (power button)".into(),
                                 restart: false,
+                                killed: false,
                             },
                         );
                     }
@@ -618,6 +629,7 @@ fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: bool) -> Ju
             actor: keel.clone(),
             detail: "shut down by the operator (power button)".into(),
             restart: false,
+            killed: false,
         });
         return judge_end(pid, ProcessEnd::Unknown, record, intent);
     }
@@ -657,10 +669,14 @@ fn judge_end(
 ) -> Judged {
     let keel = || "keel".to_string();
     // The daemon asked for this end (stop, reboot, or a shutdown that ran out of time): the
-    // VMM said it stopped or powered off, or it was killed by the daemon's SIGKILL.
+    // VMM said it stopped or powered off, or it was killed by the daemon's SIGKILL (the wait
+    // status of a child shows it; for a re-adopted VMM only the intent knows).
     let planned = match record.map(|r| r.reason) {
         Some(ExitReason::Stopped | ExitReason::PowerOff) => true,
-        None => matches!(end, ProcessEnd::Signalled(libc::SIGKILL)),
+        None => {
+            matches!(end, ProcessEnd::Signalled(libc::SIGKILL))
+                || intent.as_ref().is_some_and(|i| i.killed)
+        }
         _ => false,
     };
     if let (true, Some(intent)) = (planned, &intent) {
@@ -736,6 +752,7 @@ mod tests {
             actor: "uid:0".into(),
             detail: "stopped by the operator".into(),
             restart: false,
+            killed: false,
         }
     }
 
@@ -754,6 +771,16 @@ mod tests {
         // Killed by the daemon after Stop went unanswered: still the operator's stop.
         let (state, cause, ..) = judge_end(1, killed, None, Some(operator()));
         assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
+        // A re-adopted VMM (no wait status) the daemon killed for a stop: the stop, too. Without
+        // the daemon's kill it is a crash.
+        let sent = Intent {
+            killed: true,
+            ..operator()
+        };
+        let (state, cause, ..) = judge_end(1, ProcessEnd::Unknown, None, Some(sent));
+        assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
+        let (state, ..) = judge_end(1, ProcessEnd::Unknown, None, Some(operator()));
+        assert_eq!(state, VmState::Crashed);
         // Killed by someone else: a VMM crash, an incident.
         let (state, cause, _, detail, _) = judge_end(7, killed, None, None);
         assert_eq!((state, cause), (VmState::Crashed, Cause::VmmCrash));

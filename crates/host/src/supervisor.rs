@@ -265,7 +265,8 @@ impl Supervisor {
                     reason,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Connecting to a socket that is not there yet costs microseconds: poll often.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.transition(
             name,
@@ -504,11 +505,14 @@ impl Supervisor {
     /// (re-adopted, lost).
     pub async fn recover(self: &Arc<Self>, host_booted: bool) -> Result<(usize, usize)> {
         let vms = self.with_store(|s| s.vms())?;
+        // One scan of /proc for every VM, instead of one per VM.
+        let processes = vmm_process::all_processes();
         let (mut adopted, mut lost) = (0, 0);
         for row in &vms {
             let name = &row.spec.name;
             let run_dir = self.run_dir(name);
-            let live = self.find_live_vmm(name, &run_dir).await;
+            let has_process = processes.iter().any(|(_, dir)| dir == &run_dir.0);
+            let live = self.find_live_vmm(name, &run_dir, has_process).await;
             match (row.state.has_vmm(), live) {
                 (_, Some((pid, handle))) => {
                     adopted += 1;
@@ -581,8 +585,16 @@ impl Supervisor {
     /// The VMM running this VM, if any. A VMM process that exists but never answers on its
     /// control socket (a daemon killed just after starting it, a hung VMM) is killed, so no
     /// VMM is left running that the daemon does not account for.
-    async fn find_live_vmm(&self, name: &str, run_dir: &RunDir) -> Option<(u32, ProcessHandle)> {
+    /// `has_process` says whether the host-wide scan at the start of recovery saw a VMM
+    /// process for this run directory.
+    async fn find_live_vmm(
+        &self,
+        name: &str,
+        run_dir: &RunDir,
+        has_process: bool,
+    ) -> Option<(u32, ProcessHandle)> {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let mut first = true;
         loop {
             if let Ok(status) = vmm_process::status(run_dir).await {
                 if status.name == name {
@@ -591,6 +603,10 @@ impl Supervisor {
                     }
                 }
             }
+            if first && !has_process {
+                return None;
+            }
+            first = false;
             let processes = vmm_process::processes_of(run_dir);
             if processes.is_empty() {
                 return None;

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -84,6 +85,10 @@ impl RunDir {
                 source,
             })?;
         let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
+        // Unchanged since the last start: no need to pay for the fsyncs again.
+        if std::fs::read(self.file(files::SPEC)).is_ok_and(|old| old == json) {
+            return Ok(());
+        }
         write_atomically(&self.file(files::SPEC), &json)
     }
 
@@ -160,11 +165,10 @@ pub fn spawn(keel_exe: &Path, run_dir: &RunDir) -> Result<u32> {
     Ok(child.id())
 }
 
-/// Pids of the `keel vmm --dir RUN_DIR` processes alive for this run directory, from /proc.
-/// Zombies (empty cmdline) are not counted.
-pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
-    let dir = run_dir.0.as_os_str().as_encoded_bytes();
-    let mut pids = Vec::new();
+/// Every live `keel vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
+/// (empty cmdline) are not listed.
+pub fn all_processes() -> Vec<(u32, PathBuf)> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
             .file_name()
@@ -177,14 +181,21 @@ pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args
-            .windows(3)
-            .any(|w| w[0] == b"vmm" && w[1] == b"--dir" && w[2] == dir)
-        {
-            pids.push(pid);
+        if let Some(w) = args.windows(3).find(|w| w[0] == b"vmm" && w[1] == b"--dir") {
+            let dir = std::ffi::OsStr::from_bytes(w[2]);
+            found.push((pid, PathBuf::from(dir)));
         }
     }
-    pids
+    found
+}
+
+/// Pids of the live `keel vmm` processes of this run directory.
+pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
+    all_processes()
+        .into_iter()
+        .filter(|(_, dir)| dir == &run_dir.0)
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// One request to a VMM's control socket, with a timeout.

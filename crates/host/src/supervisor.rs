@@ -482,14 +482,15 @@ impl Supervisor {
         ended: &mut watch::Receiver<bool>,
     ) {
         let run_dir = self.run_dir(name);
-        let asked = matches!(
-            vmm_process::control(&run_dir, &Request::Stop).await,
-            Ok(Response::Done)
-        );
-        if !asked
-            || tokio::time::timeout(STOP_GRACE, ended.wait_for(|e| *e))
-                .await
-                .is_err()
+        // The grace period holds even when the Stop did not get through: a VMM that refuses it
+        // is most often already on its way out (its guest just powered off) and writing its
+        // exit record. A SIGKILL then would destroy that record, and were the daemon to die
+        // before it recorded the stop, its restart would find a VMM gone without a word: a
+        // crash. (A hung VMM is killed all the same, after the grace.)
+        let _ = vmm_process::control(&run_dir, &Request::Stop).await;
+        if tokio::time::timeout(STOP_GRACE, ended.wait_for(|e| *e))
+            .await
+            .is_err()
         {
             // Said before the signal is sent, so the end is judged as this stop when it is seen.
             if let Some(intent) = lock(&self.intents).get_mut(name) {

@@ -12,7 +12,10 @@
 //! - The `faketime` program does not exec the daemon: it forks, runs it as its child and waits
 //!   (to remove its shared-memory segment afterwards). So the harness's child is `faketime`,
 //!   and `Daemon::kill9` alone would kill only the wrapper and leave `keel serve` running.
-//!   [`Faked::kill9`] sends SIGKILL to the real daemon (the wrapper's child) first.
+//!   [`Faked::kill9`] sends SIGKILL to the real daemon (the wrapper's child) first. faketime
+//!   waits for EOF on a pipe whose write end every process under it inherits (with an fd of
+//!   its shared memory): `keel serve` passes both on to the VMMs it spawns, so the wrapper
+//!   lives as long as any VMM and is killed rather than waited for.
 //! - `faketime DATE` turns DATE into an offset from the moment it runs. A second `faketime
 //!   DATE` for the restart would set the clock back by the seconds the first part took, so
 //!   the test computes one offset (`faketime -f +Ns`) and every run of the daemon shares it:
@@ -100,7 +103,7 @@ impl Faked {
         children_of(wrapper).into_iter().next()
     }
 
-    /// SIGKILL to `keel serve` itself; then the wrapper (which exits with it) is reaped.
+    /// SIGKILL to `keel serve` itself, then to the wrapper, which is reaped.
     fn kill9(&mut self) {
         if let Some(pid) = self.serve_pid() {
             // SAFETY: kill(2) on the daemon's pid, just read from /proc; it is our grandchild.
@@ -114,7 +117,15 @@ impl Faked {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        let wrapper = self.daemon.pid();
         self.daemon.kill9();
+        // faketime waits for EOF on a pipe that every process under it inherits, the VMMs
+        // too, so it outlives the daemon and dies by the harness's SIGKILL without removing
+        // its shared memory. Removed here, as faketime would (the VMMs keep their mappings).
+        if let Some(pid) = wrapper {
+            let _ = std::fs::remove_file(format!("/dev/shm/faketime_shm_{pid}"));
+            let _ = std::fs::remove_file(format!("/dev/shm/sem.faketime_sem_{pid}"));
+        }
     }
 }
 

@@ -415,7 +415,17 @@ fn a_daemon_vm_gets_its_disk_limits_rng_and_vsock() {
     if !kvm_available("a_daemon_vm_gets_its_disk_limits_rng_and_vsock") {
         return;
     }
+    // A descriptor the daemon inherits without close-on-exec must not reach its VMMs.
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let stray = std::fs::read_link(format!("/proc/self/fd/{}", fds[0])).unwrap();
     let daemon = Daemon::start("devices");
+    // SAFETY: closes the two descriptors pipe(2) just made; nothing else uses them.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
     let image = daemon.state_dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let disk = format!("path={},serial=data1,bw=10M,iops=1000", image.display());
@@ -444,6 +454,24 @@ fn a_daemon_vm_gets_its_disk_limits_rng_and_vsock() {
         assert!(Instant::now() < deadline, "no PROBE ready: {text}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let vmm = shown["pid"].as_u64().unwrap();
+    let daemon_pid = daemon.pid().unwrap();
+    let links = |pid: u64| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect()
+    };
+    assert!(
+        links(u64::from(daemon_pid)).contains(&stray),
+        "the daemon inherited the pipe"
+    );
+    assert!(
+        !links(vmm).contains(&stray),
+        "the VMM must not: {:?}",
+        links(vmm)
+    );
     let text = daemon.ok(&["vm", "show", "dev"]);
     assert!(text.contains("bw 10000000B/s, iops 1000/s"), "{text}");
     assert!(text.contains("guest CID 42"), "{text}");

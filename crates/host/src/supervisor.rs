@@ -517,7 +517,9 @@ impl Supervisor {
             match (row.state.has_vmm(), live) {
                 (_, Some((pid, handle))) => {
                     adopted += 1;
-                    if row.state != VmState::Running || row.pid != Some(pid) {
+                    let known = row.pid == Some(pid)
+                        && matches!(row.state, VmState::Running | VmState::ShuttingDown);
+                    if !known {
                         // Started just before the daemon died, or running unknown to it.
                         self.transition(
                             name,
@@ -542,7 +544,8 @@ impl Supervisor {
                             ))
                         })?;
                     }
-                    if row.state == VmState::ShuttingDown {
+                    let shutting_down = known && row.state == VmState::ShuttingDown;
+                    if shutting_down {
                         lock(&self.intents).insert(
                             name.clone(),
                             Intent {
@@ -555,6 +558,9 @@ impl Supervisor {
                         );
                     }
                     self.watch(name, Arc::new(handle));
+                    if shutting_down {
+                        self.resume_shutdown(name, pid);
+                    }
                 }
                 (true, None) => {
                     lost += 1;
@@ -624,6 +630,33 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A shutdown that was under way when the daemon died gets a fresh deadline (the old one
+    /// was on the dead daemon's monotonic clock); a guest that ignores it is stopped then.
+    fn resume_shutdown(self: &Arc<Self>, name: &str, pid: u32) {
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let Some((handle, mut ended)) = this.handle(&name) else {
+                return;
+            };
+            let timeout = DEFAULT_SHUTDOWN_TIMEOUT;
+            if tokio::time::timeout(timeout, ended.wait_for(|e| *e))
+                .await
+                .is_ok()
+                || handle.pid != pid
+            {
+                return;
+            }
+            if let Some(intent) = lock(&this.intents).get_mut(&name) {
+                intent.detail = format!(
+                    "stopped: the guest did not power off within {}s of the power button (deadline restarted with the daemon)",
+                    timeout.as_secs()
+                );
+            }
+            this.stop_process(&name, &handle, &mut ended).await;
+        });
     }
 
     /// Whether the daemon currently watches a VMM for this VM.

@@ -148,12 +148,22 @@ pub fn spawn(keel_exe: &Path, run_dir: &RunDir) -> Result<u32> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches only the child being set up.
+    // SAFETY: setsid and close_range are async-signal-safe system calls that touch only the
+    // child being set up.
     unsafe {
         command.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Descriptors the daemon inherited without close-on-exec (from its own parent:
+            // a shell's pipes, a wrapper's) must not live on in every VMM. Marked rather than
+            // closed, so std's exec-error pipe keeps working; an older kernel leaves them.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

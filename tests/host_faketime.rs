@@ -13,9 +13,9 @@
 //!   (to remove its shared-memory segment afterwards). So the harness's child is `faketime`,
 //!   and `Daemon::kill9` alone would kill only the wrapper and leave `keel serve` running.
 //!   [`Faked::kill9`] sends SIGKILL to the real daemon (the wrapper's child) first. faketime
-//!   waits for EOF on a pipe whose write end every process under it inherits (with an fd of
-//!   its shared memory): `keel serve` passes both on to the VMMs it spawns, so the wrapper
-//!   lives as long as any VMM and is killed rather than waited for.
+//!   waits for EOF on a pipe whose write end the daemon inherits (with an fd of its shared
+//!   memory); `keel serve` does not pass them on to its VMMs (close-on-exec when it spawns
+//!   one), but the wrapper is killed rather than waited for all the same.
 //! - `faketime DATE` turns DATE into an offset from the moment it runs. A second `faketime
 //!   DATE` for the restart would set the clock back by the seconds the first part took, so
 //!   the test computes one offset (`faketime -f +Ns`) and every run of the daemon shares it:
@@ -119,9 +119,8 @@ impl Faked {
         }
         let wrapper = self.daemon.pid();
         self.daemon.kill9();
-        // faketime waits for EOF on a pipe that every process under it inherits, the VMMs
-        // too, so it outlives the daemon and dies by the harness's SIGKILL without removing
-        // its shared memory. Removed here, as faketime would (the VMMs keep their mappings).
+        // The wrapper dies by the harness's SIGKILL without removing its shared memory.
+        // Removed here, as faketime would (the VMMs keep their mappings).
         if let Some(pid) = wrapper {
             let _ = std::fs::remove_file(format!("/dev/shm/faketime_shm_{pid}"));
             let _ = std::fs::remove_file(format!("/dev/shm/sem.faketime_sem_{pid}"));

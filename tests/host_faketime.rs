@@ -74,6 +74,54 @@ fn vms_run_and_are_readopted_in_2100() {
     );
 }
 
+/// The clock set back, as customers did in 2008 to get their VMs to power on: the daemon
+/// runs in 2100, is killed, and comes back with the clock in 2030. The running VM is
+/// re-adopted, a stopped one starts, both stop, and the ledger (whose times now go backwards)
+/// still verifies: no decision read the clock, and the hash chain does not care about it.
+#[test]
+fn a_clock_set_back_decides_nothing() {
+    let tag = "faketime_back";
+    if !kvm_available(tag) || !faketime_available(tag) {
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let offset_2100 = format!("+{}s", 4_102_444_800 - now);
+    let offset_2030 = format!("+{}s", 1_893_456_000 - now);
+    let mut faked = Faked {
+        daemon: Daemon::start_with(tag, &["faketime", "-f", &offset_2100], &[], &[]),
+    };
+    faked.daemon.create_probe_vm("steady", &["--start"]);
+    faked.daemon.create_probe_vm("later", &[]);
+    let pid = faked.daemon.json(&["vm", "show", "steady"])["pid"].clone();
+    faked.kill9();
+    faked.daemon.set_wrapper(&["faketime", "-f", &offset_2030]);
+    faked.daemon.restart();
+    let shown = faked.daemon.json(&["vm", "show", "steady"]);
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["pid"], pid, "re-adopted, not restarted: {shown}");
+    faked.daemon.ok(&["vm", "start", "later"]);
+    faked.daemon.ok(&["vm", "stop", "later"]);
+    faked.daemon.ok(&["vm", "stop", "steady"]);
+    let events = faked.daemon.json(&["events", "--limit", "100"]);
+    let years: Vec<String> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["time"].as_str().unwrap()[..4].to_string())
+        .collect();
+    assert!(
+        years.first().map(String::as_str) == Some("2100")
+            && years.last().map(String::as_str) == Some("2030"),
+        "the ledger's times went from 2100 back to 2030: {years:?}"
+    );
+    let verified = faked.daemon.ok(&["ledger", "verify"]);
+    assert!(verified.starts_with("ledger verified"), "{verified}");
+    assert!(faked.daemon.vmm_pids().is_empty());
+}
+
 /// True when faketime can be used; otherwise SKIPPED, or a failure under KEEL_REQUIRE_KVM=1.
 fn faketime_available(test: &str) -> bool {
     let found = std::env::var_os("PATH")

@@ -43,6 +43,11 @@ impl Daemon {
         daemon
     }
 
+    /// Runs the next `restart` under another wrapper (e.g. a different faked clock).
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.state_dir.join("api.sock")
     }

@@ -202,10 +202,9 @@ impl Supervisor {
                         time_ms: None,
                     },
                 )?;
-                return Err(Error::StartFailed {
-                    name: name.into(),
-                    reason,
-                });
+                // The host cannot start VMMs (run directory, keel binary): a 5xx, not the
+                // caller's fault.
+                return Err(e.into());
             }
         };
         let handle = Arc::new(ProcessHandle::open(pid)?);

@@ -429,12 +429,36 @@ fn a_daemon_vm_gets_its_disk_limits_rng_and_vsock() {
     let image = daemon.state_dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let disk = format!("path={},serial=data1,bw=10M,iops=1000", image.display());
+    // `keel events --follow --json` prints the new rows as they are recorded.
+    let mut follower = Command::new(KEEL)
+        .args(["events", "--follow", "--json", "--limit", "0"])
+        .env("KEEL_API", daemon.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let follow_out = std::io::BufReader::new(follower.stdout.take().unwrap());
     daemon.create_probe_vm(
         "dev",
         &["--disk", &disk, "--rng", "--vsock-cid", "42", "--start"],
     );
     let shown = daemon.json(&["vm", "show", "dev"]);
     assert_eq!(shown["state"], "running", "{shown}");
+    let mut seen = Vec::new();
+    for line in follow_out.lines() {
+        let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let running = event["vm"] == "dev" && event["to"] == "running";
+        seen.push(event);
+        if running {
+            break;
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(
+        kinds.contains(&"state") && kinds.contains(&"audit"),
+        "{seen:?}"
+    );
     let limits = &shown["spec"]["disks"][0]["limits"];
     assert_eq!(limits["bw"], 10_000_000, "{shown}");
     assert_eq!(limits["iops"], 1000, "{shown}");

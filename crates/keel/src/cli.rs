@@ -458,6 +458,26 @@ pub struct EventsArgs {
     /// How many of the newest events.
     #[arg(long, default_value_t = 50)]
     limit: usize,
+    /// Keep printing new events as they are recorded (Ctrl-C ends).
+    #[arg(long, short)]
+    follow: bool,
+}
+
+fn event_row(e: &Event) -> Vec<String> {
+    let change = match (e.from, e.to) {
+        (Some(f), Some(t)) => format!("{f} -> {t}"),
+        (None, Some(t)) => format!("-> {t}"),
+        _ => e.kind.as_str().to_string(),
+    };
+    vec![
+        e.seq.to_string(),
+        e.time.clone(),
+        e.vm.clone().unwrap_or_else(|| "-".into()),
+        change,
+        e.cause.to_string(),
+        e.actor.clone(),
+        e.detail.clone(),
+    ]
 }
 
 pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
@@ -468,34 +488,41 @@ pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
     if let Some(kind) = &args.kind {
         path.push_str(&format!("&kind={}", query_value(kind)));
     }
-    let events: Vec<Event> = api.client().get(&path).await?;
-    if api.json {
+    let client = api.client();
+    let events: Vec<Event> = client.get(&path).await?;
+    if api.json && !args.follow {
         return print_json(&events);
     }
-    let rows: Vec<Vec<String>> = events
-        .iter()
-        .map(|e| {
-            let change = match (e.from, e.to) {
-                (Some(f), Some(t)) => format!("{f} -> {t}"),
-                (None, Some(t)) => format!("-> {t}"),
-                _ => e.kind.as_str().to_string(),
-            };
-            vec![
-                e.seq.to_string(),
-                e.time.clone(),
-                e.vm.clone().unwrap_or_else(|| "-".into()),
-                change,
-                e.cause.to_string(),
-                e.actor.clone(),
-                e.detail.clone(),
-            ]
-        })
-        .collect();
-    print_table(
-        &["SEQ", "TIME", "VM", "WHAT", "CAUSE", "ACTOR", "DETAIL"],
-        &rows,
-    );
-    Ok(())
+    let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
+    if api.json {
+        for e in &events {
+            println!("{}", serde_json::to_string(e)?);
+        }
+    } else {
+        print_table(
+            &["SEQ", "TIME", "VM", "WHAT", "CAUSE", "ACTOR", "DETAIL"],
+            &rows,
+        );
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    // Follow: ask for what came after the last row seen, twice a second; one line per event
+    // (JSON lines with --json).
+    let mut last = events.last().map(|e| e.seq).unwrap_or(0);
+    let base = path.replace(&format!("limit={}", args.limit), "limit=1000");
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let newer: Vec<Event> = client.get(&format!("{base}&since={last}")).await?;
+        for e in &newer {
+            if api.json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                println!("{}", event_row(e).join("  "));
+            }
+            last = e.seq;
+        }
+    }
 }
 
 /// Verifies the ledger; exits non-zero (an error) when it does not verify.

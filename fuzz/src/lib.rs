@@ -9,9 +9,10 @@ use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use devices::rate_limiter::{RateLimitConfig, RateLimiter};
-use devices::virtio::block::{Block, EngineChoice};
+use devices::virtio::block::{Block, EngineChoice, ENGINE_HYBRID};
 use devices::virtio::chain::{Descriptor, Segment};
 pub use devices::virtio::driver::{Buffer, Driver, DATA_START};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -184,15 +185,30 @@ pub fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
 }
 
-/// The disk image: made once per process, unlinked at once (so no run leaves files behind),
-/// and opened again through /proc for every new device.
-fn image() -> &'static File {
-    static IMAGE: OnceLock<File> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        // tmpfs when there is one: flushes and fallocate stay cheap.
-        let dir = Path::new("/dev/shm");
-        let dir = if dir.is_dir() {
-            dir.to_path_buf()
+/// Where a block device's image lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageDir {
+    /// tmpfs (`/dev/shm`) when there is one: flushes and fallocate stay cheap. tmpfs refuses
+    /// `RWF_NOWAIT`, so the hybrid engine sends every read to its io_uring there.
+    Shm,
+    /// The temporary directory (`TMPDIR`, a disk-backed file system here): the hybrid
+    /// engine serves reads the page cache holds inline, the rest on its io_uring.
+    Disk,
+}
+
+/// The disk image in `dir`: made once per process, unlinked at once (so no run leaves files
+/// behind), and opened again through /proc for every new device.
+fn image(dir: ImageDir) -> &'static File {
+    static SHM: OnceLock<File> = OnceLock::new();
+    static DISK: OnceLock<File> = OnceLock::new();
+    let cell = match dir {
+        ImageDir::Shm => &SHM,
+        ImageDir::Disk => &DISK,
+    };
+    cell.get_or_init(|| {
+        let shm = Path::new("/dev/shm");
+        let dir = if dir == ImageDir::Shm && shm.is_dir() {
+            shm.to_path_buf()
         } else {
             std::env::temp_dir()
         };
@@ -211,11 +227,11 @@ fn image() -> &'static File {
     })
 }
 
-/// A virtio-blk device on the process's disk image, unlimited or with a rate limit that
-/// holds requests back after the first few (2 operations, 8 KiB). Writes of earlier inputs
-/// stay in the file; they change only the data a read returns.
-pub fn block(read_only: bool, rate_limited: bool) -> Block {
-    let path = format!("/proc/self/fd/{}", image().as_raw_fd());
+/// A virtio-blk device with `engine` on the process's image in `dir`, unlimited or with a
+/// rate limit that holds requests back after the first few (2 operations, 8 KiB). Writes of
+/// earlier inputs stay in the file; they change only the data a read returns.
+pub fn block_on(read_only: bool, rate_limited: bool, engine: EngineChoice, dir: ImageDir) -> Block {
+    let path = format!("/proc/self/fd/{}", image(dir).as_raw_fd());
     let disk = disk::RawDisk::open(Path::new(&path), read_only).expect("opening the fuzz disk");
     let mut limits = RateLimitConfig::default();
     if rate_limited {
@@ -224,9 +240,41 @@ pub fn block(read_only: bool, rate_limited: bool) -> Block {
         limits.bytes_per_sec = NonZeroU64::new(8192);
     }
     let limiter = RateLimiter::new(&limits).expect("the fuzz rate limiter");
+    Block::with_engine(disk, "keel-fuzz", limiter, engine)
+}
+
+/// A virtio-blk device with the hybrid engine (io_uring). Where no io_uring can be made the
+/// device would fall back to the synchronous engine, and fuzzing it would pass for hybrid
+/// coverage it is not: this prints why, once, and exits the process with a failure.
+pub fn hybrid_block(read_only: bool, dir: ImageDir) -> Block {
+    let block = block_on(read_only, false, EngineChoice::Hybrid, dir);
+    if block.engine() != ENGINE_HYBRID {
+        eprintln!(
+            "keel-fuzz: NO IO_URING: the hybrid virtio-blk engine fell back to {} ({}); \
+             this target fuzzes the hybrid engine only, so it stops here instead of passing \
+             for coverage it does not have. Allow io_uring (sysctl kernel.io_uring_disabled=0, \
+             no seccomp filter against it, RLIMIT_MEMLOCK) and run it again.",
+            block.engine(),
+            block.fallback_reason().unwrap_or("no reason given"),
+        );
+        std::process::exit(3);
+    }
+    block
+}
+
+/// A virtio-blk device on the process's disk image, unlimited or with a rate limit that
+/// holds requests back after the first few (2 operations, 8 KiB). Writes of earlier inputs
+/// stay in the file; they change only the data a read returns.
+pub fn block(read_only: bool, rate_limited: bool) -> Block {
     // The synchronous engine: every request completes inside process(), so each input has
-    // one outcome (the hybrid engine's parsing and checks are the same code).
-    Block::with_engine(disk, "keel-fuzz", limiter, EngineChoice::Synchronous)
+    // one outcome (the hybrid engine's parsing and checks are the same code; `blk_hybrid`
+    // fuzzes its io_uring side).
+    block_on(
+        read_only,
+        rate_limited,
+        EngineChoice::Synchronous,
+        ImageDir::Shm,
+    )
 }
 
 /// The host-side driver harness with a block device behind it.
@@ -247,6 +295,47 @@ pub fn serve_notifications(d: &mut Driver) {
     for q in fired {
         d.transport.process_queue(q);
     }
+}
+
+/// One round of the device event loop: waits at most `wait` for a queue notification or one
+/// of the device's own event sources (an io_uring's completion eventfd, a rate limiter's
+/// timer), then serves each that fired, as `keel vmm`'s loop does. Returns how many fired.
+pub fn serve_events(d: &mut Driver, wait: Duration) -> usize {
+    let queues = d.transport.queue_events().len();
+    let sources = d.transport.event_sources();
+    let mut fds: Vec<libc::pollfd> = d
+        .transport
+        .queue_events()
+        .iter()
+        .map(|evt| evt.as_raw_fd())
+        .chain(sources.iter().map(|&(fd, _)| fd))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: polls live pollfds, as many as the vector holds, for at most `ms` ms.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n <= 0 {
+        return 0;
+    }
+    let mut fired = 0;
+    for (i, pfd) in fds.iter().enumerate() {
+        if pfd.revents == 0 {
+            continue;
+        }
+        fired += 1;
+        if i < queues {
+            if d.transport.queue_events()[i].read().is_ok() {
+                d.transport.process_queue(i);
+            }
+        } else {
+            d.transport.process_event(sources[i - queues].1);
+        }
+    }
+    fired
 }
 
 /// A hand-made input and what running it must give.

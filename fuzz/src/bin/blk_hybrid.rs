@@ -245,6 +245,15 @@ impl Run {
     }
 
     fn bring_up(&mut self) {
+        // Rings as a driver allocates them, zeroed whole: avail_event and used_event of an
+        // earlier bring-up would otherwise hold back the first notification or interrupt.
+        let (_, avail, used) = ring_addresses(0);
+        for (at, len) in [(avail, 6 + 2 * 256), (used, 6 + 8 * 256)] {
+            self.d
+                .mem
+                .write_slice(&vec![0u8; len], GuestAddress(at))
+                .expect("rings");
+        }
         let status = self.d.init(self.features, self.size);
         assert_eq!(
             status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET),

@@ -200,6 +200,11 @@ impl Inflight {
         self.free.is_empty()
     }
 
+    /// Every slot is free: no request is held, on the ring, or orphaned.
+    pub fn is_idle(&self) -> bool {
+        self.free.len() == self.slots.len()
+    }
+
     /// A free slot for a new request, reset but for its iovecs' capacity.
     pub fn take(&mut self) -> Option<u16> {
         let i = self.free.pop()?;
@@ -314,11 +319,15 @@ mod tests {
         let b = f.take().unwrap();
         assert_ne!(a, b);
         assert!(f.is_full() && f.take().is_none());
+        assert!(!f.is_idle());
         f.release(a);
         f.release(a);
         assert_eq!(f.take(), Some(a));
         assert!(f.is_full());
         assert_eq!(Inflight::index(1 << 20), None);
+        f.release(a);
+        f.release(b);
+        assert!(f.is_idle(), "a double release must not count a slot twice");
     }
 
     #[test]

@@ -227,6 +227,14 @@ fn image(dir: ImageDir) -> &'static File {
     })
 }
 
+/// Sets the length of the process's image in `dir` behind the devices' backs (they keep the
+/// size they opened it with): a shorter file makes reads past its end complete short.
+pub fn set_image_len(dir: ImageDir, len: u64) {
+    image(dir)
+        .set_len(len)
+        .expect("resizing the fuzz disk image");
+}
+
 /// A virtio-blk device with `engine` on the process's image in `dir`, unlimited or with a
 /// rate limit that holds requests back after the first few (2 operations, 8 KiB). Writes of
 /// earlier inputs stay in the file; they change only the data a read returns.

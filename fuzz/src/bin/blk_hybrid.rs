@@ -43,7 +43,10 @@
 //! temporary directory instead of tmpfs, bit 3 resets orphan requests instead of waiting),
 //! `size: u8` (queue size `4 << (size % 7)`), then operations by `op % 16`: 0-5 add a chain
 //! (`kind: u8, sector: u8, shape: u8`, for discard and write-zeroes `segment: u8`, then per data
-//! buffer `place: u8, offset: u16, len: u8`; see [`Run::add`]); 6-7 notify the queue; 8-9 one
+//! buffer `place: u8, offset: u16, len: u8`; see [`Run::add`]); 6 notify the queue; 7 cut the
+//! image file to `sectors: u8 % 129` sectors behind the device's back (it keeps the size it
+//! opened; reads past the file's end complete short and fail, writes extend it again; the
+//! file gets its size back at the end of the input); 8-9 one
 //! round of the event loop; 10 the completion event served though it may not have fired;
 //! 11 wait up to 2 ms for the completion event and serve it; 12 make the outstanding chain
 //! `index: u8` available again; 13 reset and bring up; 14 wait for every chain; 15 serve the
@@ -178,6 +181,9 @@ struct Run {
     poisoned_disk: Vec<bool>,
     /// Addresses of data buffers so far, for buffers that reuse one.
     history: Vec<u64>,
+    dir: ImageDir,
+    /// The image file's length since it was last cut (writes may have made it longer).
+    file_len: u64,
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -208,6 +214,7 @@ impl Run {
         } else {
             ImageDir::Shm
         };
+        keel_fuzz::set_image_len(dir, DISK_BYTES);
         let mut block = keel_fuzz::hybrid_block(read_only, dir);
         if flags & 8 != 0 {
             block.set_reset_wait(Duration::ZERO);
@@ -239,6 +246,8 @@ impl Run {
             shadow: vec![None; DISK_BYTES as usize],
             poisoned_disk: vec![false; DISK_BYTES as usize],
             history: Vec::new(),
+            dir,
+            file_len: DISK_BYTES,
         };
         run.bring_up();
         run
@@ -416,6 +425,10 @@ impl Run {
         self.free.extend_from_slice(&chain.entries);
         if let Some((disk, what)) = &chain.write {
             let (start, disk, what) = (disk.start, disk.clone(), what.clone());
+            if status == Some(OK) && matches!(what, DiskWrite::Data(_)) {
+                // A write that completed made the file at least this long.
+                self.file_len = self.file_len.max(disk.end);
+            }
             for b in disk {
                 let i = b as usize;
                 if self.poisoned_disk[i] {
@@ -687,6 +700,8 @@ impl Run {
                     None => (Some(IOERR), 0),
                     Some(_) if req.data_len == 0 => (Some(OK), 0),
                     Some(_) if !data_in_memory => (Some(IOERR), 0),
+                    // The file was cut short: the read may fail, or find it written again.
+                    Some(range) if range.end > self.file_len && !write => (None, 0),
                     Some(range) => {
                         let segments: Vec<(u64, u32)> =
                             req.data.iter().map(|s| (s.addr.0, s.len)).collect();
@@ -742,6 +757,26 @@ impl Run {
             chain.expect_status = status;
             if status.is_some() {
                 chain.expect_len = Some(written + 1);
+            }
+        }
+    }
+
+    /// Cuts the image file to `sectors % 129` sectors (op 7). Requests in flight may meet
+    /// either length: their outcome and data are no longer certain.
+    fn cut(&mut self, sectors: u8) {
+        let len = u64::from(sectors % 129) * 512;
+        keel_fuzz::set_image_len(self.dir, len);
+        self.file_len = len;
+        for &c in self.live.values() {
+            let chain = &mut self.chains[c];
+            chain.expect_status = None;
+            chain.expect_len = None;
+            chain.contended = true;
+        }
+        // Bytes past the end read as zeroes once writes make the file longer again.
+        for b in len..DISK_BYTES {
+            if !self.poisoned_disk[b as usize] {
+                self.shadow[b as usize] = Some(0);
             }
         }
     }
@@ -856,6 +891,7 @@ impl Run {
         let abandoned = std::mem::take(&mut self.abandoned);
         // Dropping the device waits for orphans; they touch neither ring nor status byte.
         drop(self.d);
+        keel_fuzz::set_image_len(self.dir, DISK_BYTES);
         let after: u16 = mem
             .read_obj(GuestAddress(ring_addresses(0).2 + 2))
             .expect("used idx");
@@ -914,7 +950,8 @@ fn run(data: &[u8]) -> Outcome {
         ops += 1;
         match input.u8() % 16 {
             0..=5 => r.add(&mut input),
-            6 | 7 => r.notify(),
+            6 => r.notify(),
+            7 => r.cut(input.u8()),
             8 | 9 => {
                 keel_fuzz::serve_events(&mut r.d, Duration::ZERO);
                 r.observe();
@@ -945,6 +982,7 @@ fn run(data: &[u8]) -> Outcome {
 
 const ADD: u8 = 0;
 const KICK: u8 = 6;
+const CUT: u8 = 7;
 const SERVE: u8 = 8;
 const SPURIOUS: u8 = 10;
 const WAIT: u8 = 11;
@@ -1107,6 +1145,30 @@ fn seeds() -> Vec<Seed<Outcome>> {
                 (UNSUPP, 1),
                 (IOERR, 1),
                 (IOERR, 1),
+            ],
+            0,
+        ),
+        seed(
+            "cut_the_file_read_past_its_end_write_it_longer",
+            input(0, 6, |e| {
+                add(e, WRITE, 100, 0, &[(0, 2)]);
+                e.u8(DRAIN).u8(CUT).u8(64);
+                add(e, READ, 100, 0, &[(0x100, 2)]);
+                add(e, READ, 60, 0, &[(0x200, 8)]);
+                e.u8(DRAIN);
+                add(e, WRITE, 120, 0, &[(0x300, 1)]);
+                e.u8(DRAIN);
+                add(e, READ, 100, 0, &[(0x400, 2)]);
+                add(e, READ, 120, 0, &[(0x500, 1)]);
+                e.u8(DRAIN);
+            }),
+            &[
+                (OK, 1),
+                (IOERR, 1),
+                (IOERR, 1),
+                (OK, 1),
+                (OK, 1025),
+                (OK, 513),
             ],
             0,
         ),

@@ -186,6 +186,12 @@ struct Run {
     file_len: u64,
 }
 
+/// With KEEL_FUZZ_TRACE set, the run says what it does (for reading a crash).
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("KEEL_FUZZ_TRACE").is_some())
+}
+
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
@@ -365,6 +371,14 @@ impl Run {
             );
         };
         let chain = &mut self.chains[c];
+        if trace() {
+            eprintln!(
+                "used: head {id} (chain {c}) len {len}, status byte {:?}",
+                chain
+                    .status
+                    .map(|at| self.d.mem.read_obj::<u8>(GuestAddress(at)))
+            );
+        }
         assert!(chain.instances > 0);
         chain.instances -= 1;
         assert!(
@@ -425,8 +439,9 @@ impl Run {
         self.free.extend_from_slice(&chain.entries);
         if let Some((disk, what)) = &chain.write {
             let (start, disk, what) = (disk.start, disk.clone(), what.clone());
-            if status == Some(OK) && matches!(what, DiskWrite::Data(_)) {
-                // A write that completed made the file at least this long.
+            if status == Some(OK) && !chain.contended && matches!(what, DiskWrite::Data(_)) {
+                // A write that completed made the file at least this long (unless the file
+                // was cut while it was in flight, which marks it contended).
                 self.file_len = self.file_len.max(disk.end);
             }
             for b in disk {
@@ -648,6 +663,17 @@ impl Run {
         chain.head = entries[0];
         chain.entries = entries;
         let head = chain.head;
+        if trace() {
+            eprintln!(
+                "add chain {n}: head {head} type {kind} sector {sector} notify {notify} \
+                 {descs:x?}: {:?}; expect status {:?} len {:?}; tainted {} contended {}",
+                parsed.as_ref().map(|r| (&r.kind, r.data_len)),
+                chain.expect_status,
+                chain.expect_len,
+                chain.tainted,
+                chain.contended
+            );
+        }
         self.live.insert(head, self.chains.len());
         self.chains.push(chain);
         self.epoch_chains += 1;
@@ -765,6 +791,9 @@ impl Run {
     /// either length: their outcome and data are no longer certain.
     fn cut(&mut self, sectors: u8) {
         let len = u64::from(sectors % 129) * 512;
+        if trace() {
+            eprintln!("cut the file to {len} bytes");
+        }
         keel_fuzz::set_image_len(self.dir, len);
         self.file_len = len;
         for &c in self.live.values() {
@@ -948,7 +977,11 @@ fn run(data: &[u8]) -> Outcome {
     let mut ops = 0;
     while !input.is_empty() && ops < MAX_OPS {
         ops += 1;
-        match input.u8() % 16 {
+        let op = input.u8() % 16;
+        if trace() && !(0..=5).contains(&op) {
+            eprintln!("op {op}");
+        }
+        match op {
             0..=5 => r.add(&mut input),
             6 => r.notify(),
             7 => r.cut(input.u8()),

@@ -3,6 +3,7 @@
 //! REST API with its OpenAPI document, events, the hash-chained ledger and SLA reports.
 
 pub mod auth;
+pub mod console;
 pub mod health;
 pub mod ledger;
 pub mod rest;

@@ -128,6 +128,7 @@ pub fn router(app: App) -> Router {
         .route("/vms/{name}/shutdown", post(shutdown_vm))
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/reboot", post(reboot_vm))
+        .route("/vms/{name}/console", get(crate::console::attach))
         .route("/events", get(list_events))
         .route("/ledger/verify", get(verify_ledger))
         .route("/sla", get(sla_report))
@@ -144,10 +145,20 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
+/// A console attach: a GET (the WebSocket upgrade), but control of the guest.
+fn is_console(path: &str) -> bool {
+    path.strip_prefix("/vms/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, tail)| tail.trim_end_matches('/') == "console")
+}
+
 /// What a request needs, from its method and path.
 fn need_of(method: &Method, path: &str) -> Need {
     if path.starts_with("/tokens") {
         return Need::Admin;
+    }
+    if is_console(path) {
+        return Need::Operate;
     }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
@@ -157,7 +168,8 @@ fn need_of(method: &Method, path: &str) -> Need {
     }
 }
 
-/// Authorises every request; records every mutating one (allowed or not) in the ledger.
+/// Authorises every request; records every mutating one and every console attach (allowed or
+/// not) in the ledger.
 async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
@@ -172,7 +184,7 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let mutating = !matches!(method, Method::GET | Method::HEAD);
+    let mutating = !matches!(method, Method::GET | Method::HEAD) || is_console(&path);
     let tokens = match app.with_store(|s| s.tokens()) {
         Ok(t) => t,
         Err(e) => return ApiError::from(e).into_response(),
@@ -593,6 +605,7 @@ async fn delete_token(
         shutdown_vm,
         stop_vm,
         reboot_vm,
+        crate::console::attach,
         list_events,
         verify_ledger,
         sla_report,
@@ -633,7 +646,14 @@ mod tests {
                 .collect();
             assert!(schemas.contains_key(&name), "dangling reference to {name}");
         }
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 14);
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 15);
+        let console = &doc["paths"]["/vms/{name}/console"]["get"];
+        assert!(console["description"]
+            .as_str()
+            .unwrap()
+            .contains("WebSocket upgrade"));
+        assert!(console["responses"]["101"].is_object(), "{console}");
+        assert!(console["responses"]["409"].is_object(), "{console}");
     }
 
     #[test]
@@ -643,6 +663,11 @@ mod tests {
         assert_eq!(need_of(&Method::DELETE, "/vms/a"), Need::Create);
         assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);
         assert_eq!(need_of(&Method::GET, "/tokens"), Need::Admin);
+        // The console's WebSocket upgrade is a GET, but it controls the guest.
+        assert_eq!(need_of(&Method::GET, "/vms/a/console"), Need::Operate);
+        assert_eq!(need_of(&Method::GET, "/vms/a/console/"), Need::Operate);
+        assert_eq!(need_of(&Method::GET, "/vms/console"), Need::Read);
+        assert!(is_console("/vms/a/console") && !is_console("/vms/console"));
         assert_eq!(vm_of_path("/vms/a/start").as_deref(), Some("a"));
         assert_eq!(vm_of_path("/vms"), None);
     }
@@ -693,6 +718,7 @@ mod tests {
             "/vms/{}/reboot",
             "/vms/{}/shutdown?timeout_s=0&wait=false",
             "/vms/{}/shutdown?timeout_s=x",
+            "/vms/{}/console",
             "/events?limit={}",
             "/events?since={}&kind=state",
             "/sla?from={}&to=2030-01-01T00:00:00Z",

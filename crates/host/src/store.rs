@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
         expires_ms INTEGER
      );
      CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 2: the daemon's pending stop, so a restarted daemon judges the VMM's end the same way.
+    "ALTER TABLE vms ADD COLUMN stop_intent TEXT;",
 ];
 
 /// A VM as stored.
@@ -73,6 +75,77 @@ pub struct VmRow {
     pub pid: Option<u32>,
     pub since_ms: i64,
     pub reason: String,
+    /// What the daemon asked of the VM's VMM that has not ended yet.
+    pub stop_intent: Option<StopIntent>,
+}
+
+/// What the daemon expects the next end of a VM's VMM to mean (a stop, a reboot, a shutdown
+/// it asked for). Kept in the store so that a daemon killed meanwhile still knows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StopIntent {
+    pub cause: Cause,
+    pub actor: String,
+    pub detail: String,
+    /// Start the VM again once it has ended (reboot).
+    pub restart: bool,
+    /// The daemon sent the VMM SIGKILL for this intent. A re-adopted VMM is not the daemon's
+    /// child, so no wait status shows the signal; this says it instead.
+    pub killed: bool,
+}
+
+const VM_COLUMNS: &str = "name, spec, state, pid, since_ms, reason, stop_intent";
+
+/// A `vms` row as SQLite gives it, before its text is parsed.
+struct RawVm {
+    name: String,
+    spec: String,
+    state: String,
+    pid: Option<i64>,
+    since_ms: i64,
+    reason: String,
+    stop_intent: Option<String>,
+}
+
+impl RawVm {
+    fn read(r: &rusqlite::Row) -> rusqlite::Result<RawVm> {
+        Ok(RawVm {
+            name: r.get(0)?,
+            spec: r.get(1)?,
+            state: r.get(2)?,
+            pid: r.get(3)?,
+            since_ms: r.get(4)?,
+            reason: r.get(5)?,
+            stop_intent: r.get(6)?,
+        })
+    }
+
+    fn parse(self) -> Result<VmRow> {
+        let bad = |why: String| Error::BadRow {
+            name: self.name.clone(),
+            why,
+        };
+        let spec: VmSpec =
+            serde_json::from_str(&self.spec).map_err(|e| bad(format!("definition: {e}")))?;
+        let state: VmState = self.state.parse().map_err(bad)?;
+        let pid = match self.pid {
+            Some(p) => Some(u32::try_from(p).map_err(|_| bad(format!("pid {p}")))?),
+            None => None,
+        };
+        let stop_intent = match &self.stop_intent {
+            Some(json) => {
+                Some(serde_json::from_str(json).map_err(|e| bad(format!("stop intent: {e}")))?)
+            }
+            None => None,
+        };
+        Ok(VmRow {
+            spec,
+            state,
+            pid,
+            since_ms: self.since_ms,
+            reason: self.reason,
+            stop_intent,
+        })
+    }
 }
 
 /// An API token as stored (only the SHA-256 of its secret).
@@ -173,80 +246,45 @@ impl Store {
             .map_err(sql(format!("writing {key}")))
     }
 
-    fn row_to_vm(
-        name: String,
-        spec: String,
-        state: String,
-        pid: Option<i64>,
-        since_ms: i64,
-        reason: String,
-    ) -> Result<VmRow> {
-        let bad = |why: String| Error::BadRow {
-            name: name.clone(),
-            why,
-        };
-        let spec: VmSpec =
-            serde_json::from_str(&spec).map_err(|e| bad(format!("definition: {e}")))?;
-        let state: VmState = state.parse().map_err(bad)?;
-        let pid = match pid {
-            Some(p) => Some(u32::try_from(p).map_err(|_| bad(format!("pid {p}")))?),
-            None => None,
-        };
-        Ok(VmRow {
-            spec,
-            state,
-            pid,
-            since_ms,
-            reason,
-        })
-    }
-
     pub fn vm(&self, name: &str) -> Result<Option<VmRow>> {
         let raw = self
             .conn
             .query_row(
-                "SELECT name, spec, state, pid, since_ms, reason FROM vms WHERE name = ?1",
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"),
                 [name],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, String>(5)?,
-                    ))
-                },
+                RawVm::read,
             )
             .optional()
             .map_err(sql(format!("reading VM {name}")))?;
-        raw.map(|(n, s, st, p, t, r)| Self::row_to_vm(n, s, st, p, t, r))
-            .transpose()
+        raw.map(RawVm::parse).transpose()
     }
 
     pub fn vms(&self) -> Result<Vec<VmRow>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, spec, state, pid, since_ms, reason FROM vms ORDER BY name")
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))
             .map_err(sql("listing VMs"))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
-                ))
-            })
+            .query_map([], RawVm::read)
             .map_err(sql("listing VMs"))?;
         let mut vms = Vec::new();
         for raw in rows {
-            let (n, s, st, p, t, r) = raw.map_err(sql("listing VMs"))?;
-            vms.push(Self::row_to_vm(n, s, st, p, t, r)?);
+            vms.push(raw.map_err(sql("listing VMs"))?.parse()?);
         }
         Ok(vms)
+    }
+
+    /// Records (or clears) what the daemon intends the VM's next VMM end to mean, so that a
+    /// daemon restarted in between judges it the same way.
+    pub fn set_stop_intent(&self, name: &str, intent: Option<&StopIntent>) -> Result<()> {
+        let json = intent.and_then(|i| serde_json::to_string(i).ok());
+        self.conn
+            .execute(
+                "UPDATE vms SET stop_intent = ?2 WHERE name = ?1",
+                params![name, json],
+            )
+            .map(|_| ())
+            .map_err(sql(format!("recording the stop intent of VM {name}")))
     }
 
     /// Defines a VM (stopped) and records it. The caller has checked the name is free.
@@ -285,6 +323,7 @@ impl Store {
             pid: None,
             since_ms: now,
             reason: "defined".into(),
+            stop_intent: None,
         })
     }
 
@@ -317,13 +356,17 @@ impl Store {
                 why,
             })?;
         tx.execute(
-            "UPDATE vms SET state = ?2, pid = ?3, since_ms = ?4, reason = ?5 WHERE name = ?1",
+            // A VM without a VMM has nothing pending: its stop intent goes with the VMM.
+            "UPDATE vms SET state = ?2, pid = ?3, since_ms = ?4, reason = ?5,
+                stop_intent = CASE WHEN ?6 THEN stop_intent ELSE NULL END
+             WHERE name = ?1",
             params![
                 name,
                 change.to.as_str(),
                 change.pid.map(i64::from),
                 time,
-                change.detail
+                change.detail,
+                change.to.has_vmm()
             ],
         )
         .map_err(sql(format!("changing the state of VM {name}")))?;
@@ -555,6 +598,61 @@ mod tests {
         assert!(store.close_incident(incidents[0].id, "uid:0").unwrap());
         assert!(!store.close_incident(incidents[0].id, "uid:0").unwrap());
         assert!(store.open_incidents().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_schema_1_migrates_to_the_current_schema_with_its_vms() {
+        let dir = tempdir();
+        let path = dir.join("keel.db");
+        {
+            // Schema 1 exactly as it shipped, with a VM in it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(ledger::SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO vms (name, spec, state, pid, since_ms, reason) VALUES ('old', ?1, 'running', 77, 5, 'started')",
+                [serde_json::to_string(&spec("old")).unwrap()],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let old = store.vm("old").unwrap().unwrap();
+        assert_eq!(
+            (old.state, old.pid, old.stop_intent),
+            (VmState::Running, Some(77), None)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_stop_intent_lasts_while_the_vmm_does() {
+        let dir = tempdir();
+        let mut store = Store::open(&dir.join("keel.db")).unwrap();
+        store.create_vm(&spec("a"), "uid:0").unwrap();
+        let to = |state| Transition {
+            to: state,
+            pid: Some(9),
+            cause: Cause::Operator,
+            actor: "uid:0",
+            detail: "",
+            time_ms: None,
+        };
+        store.transition("a", &to(VmState::Running)).unwrap();
+        let intent = StopIntent {
+            cause: Cause::Operator,
+            actor: "uid:0".into(),
+            detail: "stopped by the operator".into(),
+            restart: false,
+            killed: true,
+        };
+        store.set_stop_intent("a", Some(&intent)).unwrap();
+        store.transition("a", &to(VmState::ShuttingDown)).unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().stop_intent, Some(intent));
+        store.transition("a", &to(VmState::Stopped)).unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().stop_intent, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -15,7 +15,7 @@ use api::{Cause, VmSpec, VmState};
 use tokio::sync::watch;
 
 use crate::ledger::NewEvent;
-use crate::store::{self, Store, Transition, VmRow};
+use crate::store::{self, StopIntent, Store, Transition, VmRow};
 use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,19 +49,6 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Default time a guest gets to act on the power button.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the daemon expects the next end of a VM's VMM to mean.
-#[derive(Debug, Clone)]
-struct Intent {
-    cause: Cause,
-    actor: String,
-    detail: String,
-    /// Start the VM again once it has ended (reboot).
-    restart: bool,
-    /// The daemon sent the VMM SIGKILL for this intent. A re-adopted VMM is not the daemon's
-    /// child, so no wait status shows the signal; this says it instead.
-    killed: bool,
-}
-
 /// A VMM the daemon watches.
 struct Running {
     handle: Arc<ProcessHandle>,
@@ -74,7 +61,7 @@ pub struct Supervisor {
     keel_exe: PathBuf,
     store: Mutex<Store>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    intents: Mutex<HashMap<String, Intent>>,
+    intents: Mutex<HashMap<String, StopIntent>>,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -344,6 +331,29 @@ impl Supervisor {
         Ok(restart.then_some((cause, actor)))
     }
 
+    /// Remembers what the next end of the VM's VMM means, in memory and in the store.
+    fn set_intent(&self, name: &str, intent: StopIntent) {
+        if let Err(e) = self.with_store(|s| s.set_stop_intent(name, Some(&intent))) {
+            tracing::error!("VM {name}: {e}");
+        }
+        lock(&self.intents).insert(name.to_string(), intent);
+    }
+
+    fn update_intent(&self, name: &str, change: impl FnOnce(&mut StopIntent)) {
+        let updated = {
+            let mut intents = lock(&self.intents);
+            intents.get_mut(name).map(|intent| {
+                change(intent);
+                intent.clone()
+            })
+        };
+        if let Some(intent) = updated {
+            if let Err(e) = self.with_store(|s| s.set_stop_intent(name, Some(&intent))) {
+                tracing::error!("VM {name}: {e}");
+            }
+        }
+    }
+
     fn handle(&self, name: &str) -> Option<(Arc<ProcessHandle>, watch::Receiver<bool>)> {
         lock(&self.running)
             .get(name)
@@ -375,9 +385,9 @@ impl Supervisor {
                 hint: "its VMM is not watched by this daemon; try again in a moment",
             });
         };
-        lock(&self.intents).insert(
-            name.to_string(),
-            Intent {
+        self.set_intent(
+            name,
+            StopIntent {
                 cause: Cause::Operator,
                 actor: actor.to_string(),
                 detail: "shut down by the operator (power button)".into(),
@@ -408,9 +418,9 @@ impl Supervisor {
             .await
             .is_err()
         {
-            lock(&self.intents).insert(
-                name.to_string(),
-                Intent {
+            self.set_intent(
+                name,
+                StopIntent {
                     cause: Cause::Operator,
                     actor: actor.to_string(),
                     detail: format!(
@@ -451,9 +461,9 @@ impl Supervisor {
                 },
             });
         };
-        lock(&self.intents).insert(
-            name.to_string(),
-            Intent {
+        self.set_intent(
+            name,
+            StopIntent {
                 cause: Cause::Operator,
                 actor: actor.to_string(),
                 detail: if restart {
@@ -491,10 +501,9 @@ impl Supervisor {
             .await
             .is_err()
         {
-            // Said before the signal is sent, so the end is judged as this stop when it is seen.
-            if let Some(intent) = lock(&self.intents).get_mut(name) {
-                intent.killed = true;
-            }
+            // Said (and stored) before the signal is sent, so the end is judged as this stop
+            // when it is seen, by this daemon or the next.
+            self.update_intent(name, |intent| intent.killed = true);
             let _ = handle.kill(libc::SIGKILL);
             let _ = ended.wait_for(|e| *e).await;
         }
@@ -544,17 +553,8 @@ impl Supervisor {
                         })?;
                     }
                     let shutting_down = known && row.state == VmState::ShuttingDown;
-                    if shutting_down {
-                        lock(&self.intents).insert(
-                            name.clone(),
-                            Intent {
-                                cause: Cause::Operator,
-                                actor: "keel".into(),
-                                detail: "shut down by the operator (power button)".into(),
-                                restart: false,
-                                killed: false,
-                            },
-                        );
+                    if let Some(intent) = pending_intent(row) {
+                        lock(&self.intents).insert(name.clone(), intent);
                     }
                     self.watch(name, Arc::new(handle));
                     if shutting_down {
@@ -648,12 +648,12 @@ impl Supervisor {
             {
                 return;
             }
-            if let Some(intent) = lock(&this.intents).get_mut(&name) {
+            this.update_intent(&name, |intent| {
                 intent.detail = format!(
                     "stopped: the guest did not power off within {}s of the power button (deadline restarted with the daemon)",
                     timeout.as_secs()
-                );
-            }
+                )
+            });
             this.stop_process(&name, &handle, &mut ended).await;
         });
     }
@@ -667,19 +667,28 @@ impl Supervisor {
 /// What a VMM's end means: (new state, cause, actor, detail, start again?).
 type Judged = (VmState, Cause, String, String, bool);
 
+/// What the previous daemon had asked of the VM's VMM: its stored intent, or for a store
+/// from before intents were kept, a shutdown under way.
+fn pending_intent(row: &VmRow) -> Option<StopIntent> {
+    row.stop_intent.clone().or_else(|| {
+        (row.state == VmState::ShuttingDown).then(|| StopIntent {
+            cause: Cause::Operator,
+            actor: "keel".into(),
+            detail: "shut down by the operator (power button)".into(),
+            restart: false,
+            killed: false,
+        })
+    })
+}
+
 /// What became of a VM whose VMM ended while no daemon watched it.
 fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: bool) -> Judged {
     let pid = row.pid.unwrap_or(0);
     let keel = "keel".to_string();
-    if record.is_some() {
-        // A shutdown that was under way when the daemon died is still the operator's.
-        let intent = (row.state == VmState::ShuttingDown).then(|| Intent {
-            cause: Cause::Operator,
-            actor: keel.clone(),
-            detail: "shut down by the operator (power button)".into(),
-            restart: false,
-            killed: false,
-        });
+    let intent = pending_intent(row);
+    // With an exit record, or after the daemon's own SIGKILL (the stored intent says so), the
+    // end is judged as the live daemon would have judged it.
+    if record.is_some() || intent.as_ref().is_some_and(|i| i.killed) {
         return judge_end(pid, ProcessEnd::Unknown, record, intent);
     }
     if row.state == VmState::Starting && row.pid.is_none() {
@@ -714,7 +723,7 @@ fn judge_end(
     pid: u32,
     end: ProcessEnd,
     record: Option<&ExitRecord>,
-    intent: Option<Intent>,
+    intent: Option<StopIntent>,
 ) -> Judged {
     let keel = || "keel".to_string();
     // The daemon asked for this end (stop, reboot, or a shutdown that ran out of time): the
@@ -795,8 +804,8 @@ mod tests {
         }
     }
 
-    fn operator() -> Intent {
-        Intent {
+    fn operator() -> StopIntent {
+        StopIntent {
             cause: Cause::Operator,
             actor: "uid:0".into(),
             detail: "stopped by the operator".into(),
@@ -822,7 +831,7 @@ mod tests {
         assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
         // A re-adopted VMM (no wait status) the daemon killed for a stop: the stop, too. Without
         // the daemon's kill it is a crash.
-        let sent = Intent {
+        let sent = StopIntent {
             killed: true,
             ..operator()
         };
@@ -853,5 +862,29 @@ mod tests {
             .0,
             VmState::Crashed
         );
+    }
+
+    #[test]
+    fn a_kill_the_previous_daemon_sent_is_still_its_stop() {
+        let row = |stop_intent| VmRow {
+            spec: serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).unwrap(),
+            state: VmState::Running,
+            pid: Some(5),
+            since_ms: 0,
+            reason: String::new(),
+            stop_intent,
+        };
+        let killed = StopIntent {
+            killed: true,
+            ..operator()
+        };
+        // The daemon stored its intent and its SIGKILL, then died before recording the end.
+        let (state, cause, ..) = judge_lost(&row(Some(killed)), None, false);
+        assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
+        // A stop was asked for but no kill sent: a VMM gone without a record crashed.
+        let (state, cause, ..) = judge_lost(&row(Some(operator())), None, false);
+        assert_eq!((state, cause), (VmState::Crashed, Cause::VmmCrash));
+        let (state, cause, ..) = judge_lost(&row(None), None, true);
+        assert_eq!((state, cause), (VmState::Crashed, Cause::HostBoot));
     }
 }

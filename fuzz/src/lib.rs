@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod hybrid;
+
 use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::{Block, EngineChoice, ENGINE_HYBRID};
 use devices::virtio::chain::{Descriptor, Segment};

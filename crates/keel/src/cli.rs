@@ -66,8 +66,8 @@ pub enum VmCommand {
     List,
     /// Show one VM.
     Show { name: String },
-    /// Attach to the VM's serial console (Ctrl-A x detaches). Local only: it opens the VM's
-    /// console socket on this host.
+    /// Attach to the VM's serial console through the API (Ctrl-A x detaches); on TCP it needs
+    /// an operator token.
     Console { name: String },
 }
 
@@ -372,17 +372,7 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
             );
             Ok(())
         }
-        VmCommand::Console { name } => {
-            let vm: VmInfo = client.get(&vm_path(&name, "")).await?;
-            if !vm.state.has_vmm() {
-                bail!(
-                    "VM '{name}' is {}; start it first (its past output is in {})",
-                    vm.state,
-                    vm.console_log
-                );
-            }
-            console_attach::attach(&name, &PathBuf::from(&vm.console_socket))
-        }
+        VmCommand::Console { name } => console_attach::attach(&client, &name).await,
     }
 }
 

@@ -1,5 +1,5 @@
 //! The CLI's side of the REST API: one HTTP/1.1 request per call, over the daemon's Unix
-//! socket (default) or TCP with an API token.
+//! socket (default) or TCP with an API token; or a WebSocket (the console) over the same.
 
 use std::path::PathBuf;
 
@@ -10,6 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::WebSocketStream;
 
 /// Where the daemon's API is when nothing says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/lib/keel/api.sock";
@@ -40,6 +42,26 @@ impl Endpoint {
     }
 }
 
+/// A connection to the daemon, Unix or TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// An error answer's message: the daemon's `ErrorBody`, or the body as text.
+fn error_message(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    let message = serde_json::from_slice::<api::ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    let message = if message.trim().is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("no message")
+            .to_string()
+    } else {
+        message
+    };
+    anyhow!("{message} (HTTP {})", status.as_u16())
+}
+
 pub struct Client {
     pub endpoint: Endpoint,
     pub token: Option<String>,
@@ -52,6 +74,70 @@ pub struct Answer {
 }
 
 impl Client {
+    fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach keel serve at {} ({e}); is the daemon running? (start it with `keel serve`, or point KEEL_API at it)",
+            self.endpoint
+        )
+    }
+
+    /// A new connection to the daemon.
+    async fn connect(&self) -> Result<Box<dyn Io>> {
+        Ok(match &self.endpoint {
+            Endpoint::Unix(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| self.unreachable(e))?,
+            ),
+            Endpoint::Tcp(addr) => Box::new(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| self.unreachable(e))?,
+            ),
+        })
+    }
+
+    /// Opens a WebSocket on `path` (with the token on TCP); a refusal is an error carrying the
+    /// daemon's message.
+    pub async fn websocket(&self, path: &str) -> Result<WebSocketStream<Box<dyn Io>>> {
+        use tungstenite::client::IntoClientRequest;
+        let host = match &self.endpoint {
+            Endpoint::Unix(_) => "keel",
+            Endpoint::Tcp(addr) => addr.as_str(),
+        };
+        let mut request = format!("ws://{host}{path}")
+            .into_client_request()
+            .context("building the WebSocket request")?;
+        if let Some(token) = &self.token {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the API token is not a valid header value")?,
+            );
+        }
+        let io = self.connect().await?;
+        match tokio_tungstenite::client_async(request, io).await {
+            Ok((ws, response)) => {
+                if let Some(warning) = response.headers().get("warning") {
+                    eprintln!(
+                        "keel: warning: {}",
+                        warning.to_str().unwrap_or("(unreadable)")
+                    );
+                }
+                Ok(ws)
+            }
+            Err(tungstenite::Error::Http(response)) => Err(error_message(
+                response.status(),
+                response.body().as_deref().unwrap_or_default(),
+            )),
+            Err(e) => Err(anyhow!(
+                "opening the WebSocket {path} at {}: {e}",
+                self.endpoint
+            )),
+        }
+    }
+
     async fn exchange<S>(&self, io: S, request: Request<Full<Bytes>>) -> Result<Answer>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -99,31 +185,10 @@ impl Client {
         let request = builder
             .body(Full::new(Bytes::from(payload)))
             .context("building the request")?;
-        let unreachable = |e: std::io::Error| {
-            anyhow!(
-                "cannot reach keel serve at {} ({e}); is the daemon running? (start it with `keel serve`, or point KEEL_API at it)",
-                self.endpoint
-            )
-        };
-        let answer = match &self.endpoint {
-            Endpoint::Unix(path) => {
-                let io = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(unreachable)?;
-                self.exchange(io, request).await?
-            }
-            Endpoint::Tcp(addr) => {
-                let io = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(unreachable)?;
-                self.exchange(io, request).await?
-            }
-        };
+        let io = self.connect().await?;
+        let answer = self.exchange(io, request).await?;
         if !answer.status.is_success() {
-            let message = serde_json::from_slice::<api::ErrorBody>(&answer.body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).into_owned());
-            return Err(anyhow!("{message} (HTTP {})", answer.status.as_u16()));
+            return Err(error_message(answer.status, &answer.body));
         }
         Ok(answer)
     }

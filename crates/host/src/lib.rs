@@ -2,6 +2,7 @@
 //! one supervised `keel vmm` process per running VM (re-adopted after a daemon restart), the
 //! REST API with its OpenAPI document, events, the hash-chained ledger and SLA reports.
 
+pub mod anchor;
 pub mod auth;
 pub mod console;
 pub mod health;

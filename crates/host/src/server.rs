@@ -133,6 +133,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     })?;
     let (adopted, lost) = sup.recover(host_booted).await?;
     sup.with_store(|s| s.set_meta("boot_id", &booted_now))?;
+    anchor_ledger(&sup);
+    // The head is written down outside SQLite every minute while the ledger grows.
+    let anchoring = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ANCHOR_INTERVAL);
+            loop {
+                every.tick().await;
+                anchor_ledger(&sup);
+            }
+        })
+    };
     tracing::info!("recovered: {adopted} VMM(s) re-adopted, {lost} found gone");
 
     let _ = std::fs::remove_file(&config.socket);
@@ -169,6 +181,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         config.state_dir.display()
     );
     while servers.join_next().await.is_some() {}
+    anchoring.abort();
     let _ = std::fs::remove_file(&config.socket);
     sup.with_store(|s| {
         s.record(&NewEvent::host(
@@ -178,7 +191,39 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
             "daemon stopped; VMs keep running",
         ))
     })?;
+    anchor_ledger(&sup);
     Ok(())
+}
+
+/// How often the ledger's head is written down outside SQLite.
+const ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes the ledger's head down; a head cut from the ledger is raised as an incident once.
+fn anchor_ledger(sup: &Supervisor) {
+    let state_dir = sup.state_dir.clone();
+    match sup.with_store(|s| crate::anchor::write(&state_dir, s.connection())) {
+        Ok(_) => {}
+        Err(e @ crate::anchor::Error::Truncated(_)) => {
+            let detail = e.to_string();
+            let raised = sup.with_store(|s| -> Result<bool, store::Error> {
+                if s.open_incidents()?.iter().any(|i| i.summary == detail) {
+                    return Ok(false);
+                }
+                let event = NewEvent::host(None, Cause::DaemonRestart, "keel", detail.clone());
+                s.record_incident(&event)?;
+                Ok(true)
+            });
+            match raised {
+                Ok(true) => tracing::error!("{detail}"),
+                Ok(false) => {}
+                Err(e) => tracing::error!("raising the ledger incident: {e}"),
+            }
+        }
+        Err(e) => tracing::error!(
+            "writing the ledger anchor {}: {e}",
+            crate::anchor::path(&state_dir).display()
+        ),
+    }
 }
 
 async fn stop_signal() {

@@ -401,6 +401,24 @@ impl Store {
         Ok(recorded)
     }
 
+    /// Records a host event and opens an incident for it, in one transaction.
+    pub fn record_incident(&mut self, event: &NewEvent) -> Result<Event> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let recorded = ledger::append(&tx, event, now_ms())?;
+        open_incident(
+            &tx,
+            event.vm.as_deref(),
+            event.cause,
+            &event.detail,
+            &recorded,
+        )?;
+        tx.commit().map_err(sql("committing an incident"))?;
+        Ok(recorded)
+    }
+
     pub fn open_incidents(&self) -> Result<Vec<Incident>> {
         let mut stmt = self
             .conn

@@ -10,7 +10,9 @@
 //! [`keel_fuzz::hybrid`] (`fuzz/src/hybrid/`); this file decodes the program and runs it.
 //!
 //! Input: `flags: u8` (bit 0 read-only disk, bit 1 EVENT_IDX, bit 2 image on the disk-backed
-//! temporary directory instead of tmpfs, bit 3 resets orphan requests instead of waiting),
+//! temporary directory instead of tmpfs, bit 3 resets orphan requests instead of waiting,
+//! bit 4 only `(flags >> 5) + 1` in-flight slots (1 to 8) instead of one per queue entry, so
+//! that chains beyond them wait in the ring until a completion frees one),
 //! `size: u8` (queue size `4 << (size % 7)`), then operations by `op % 16`: 0-5 add a chain
 //! (`kind: u8, sector: u8, shape: u8`, for discard and write-zeroes `segment: u8`, then per data
 //! buffer `place: u8, offset: u16, len: u8`; see [`Run::add`]); 6 notify the queue; 7 cut the

@@ -37,6 +37,11 @@
 //! orphaned write may still reach the file later, so those buffers and sectors are unknown
 //! for the rest of the input.
 //!
+//! With few in-flight slots (an input flag), chains beyond them wait in the ring: the device
+//! takes them when completions free slots, on the completion event alone (the driver does not
+//! notify again), and the final drain, which serves only events that fire, must see every one
+//! answered.
+//!
 //! If io_uring is not available the target says so and exits (`crate::hybrid_block`): the
 //! synchronous fallback must not pass for hybrid coverage.
 
@@ -69,7 +74,7 @@ const DATA: u64 = STATUSES + MAX_CHAINS as u64;
 const DATA_LEN: u64 = MEM_SIZE - DATA;
 /// What the driver leaves in a status byte the device must overwrite.
 const SENTINEL: u8 = 0xee;
-/// Longest the final drain waits for the last completion before calling it lost.
+/// Longest the final drain waits for the next used entry before calling the rest lost.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 
 /// In a seed's expectations: no status byte the harness knows.
@@ -117,6 +122,8 @@ pub struct Run {
     dir: ImageDir,
     /// The image file's length since it was last cut (writes may have made it longer).
     file_len: u64,
+    /// In-flight slots, when the input limits them (else as many as the queue's entries).
+    slots: Option<u16>,
 }
 
 /// With KEEL_FUZZ_TRACE set, the run says what it does (for reading a crash).
@@ -129,7 +136,8 @@ pub fn trace() -> bool {
 /// which of its paths the fuzzer reaches.
 fn totals(stats: &BlockStats) {
     static RUNS: AtomicU64 = AtomicU64::new(0);
-    static SUMS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    static SUMS: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+    static RUNS_HELD_BACK: AtomicU64 = AtomicU64::new(0);
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*ENABLED.get_or_init(|| std::env::var_os("KEEL_FUZZ_STATS").is_some()) {
         return;
@@ -143,7 +151,11 @@ fn totals(stats: &BlockStats) {
         &stats.flushes_waited,
         &stats.resubmits,
         &stats.orphaned,
+        &stats.held_back,
     ];
+    if stats.held_back.load(Ordering::Relaxed) > 0 {
+        RUNS_HELD_BACK.fetch_add(1, Ordering::Relaxed);
+    }
     for (sum, n) in SUMS.iter().zip(now) {
         sum.fetch_add(n.load(Ordering::Relaxed), Ordering::Relaxed);
     }
@@ -152,8 +164,18 @@ fn totals(stats: &BlockStats) {
         let s: Vec<u64> = SUMS.iter().map(|s| s.load(Ordering::Relaxed)).collect();
         eprintln!(
             "blk_hybrid: {runs} runs: reads inline {} ring {} partly inline {}, writes {}, \
-             flushes {} (waited {}), resubmits {}, orphaned {}",
-            s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+             flushes {} (waited {}), resubmits {}, orphaned {}, chains held back for want of a \
+             slot {} (in {} runs)",
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            s[5],
+            s[6],
+            s[7],
+            s[8],
+            RUNS_HELD_BACK.load(Ordering::Relaxed)
         );
     }
 }

@@ -198,6 +198,29 @@ pub fn seeds() -> Vec<Seed<Outcome>> {
             0,
         ),
         seed(
+            // One in-flight slot (flag 16): the writes, the flush behind them and the reads
+            // wait in the ring and go one by one as completions free the slot.
+            "one_slot_chains_wait_in_the_ring",
+            input(16 | 2, 6, |e| {
+                for i in 0..6u8 {
+                    add(e, WRITE | NEVER, i * 4, 0, &[(u16::from(i) * 0x40, 4)]);
+                }
+                add(e, FLUSH | NEVER, 0, 0, &[]);
+                for i in 0..6u8 {
+                    add(
+                        e,
+                        READ | NEVER,
+                        i * 4,
+                        0,
+                        &[(0x800 + u16::from(i) * 0x40, 4)],
+                    );
+                }
+                e.u8(KICK).u8(PROCESS).u8(SPURIOUS).u8(WAIT).u8(DRAIN);
+            }),
+            &[[(OK, 1); 7].as_slice(), &[(OK, 2049); 6]].concat(),
+            0,
+        ),
+        seed(
             "read_only_disk",
             input(1, 6, |e| {
                 add(e, WRITE, 0, 0, &[(0, 1)]);

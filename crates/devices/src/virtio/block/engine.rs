@@ -119,6 +119,12 @@ impl Block {
                 // reset, or a driver that makes chains still in flight available again, fill
                 // the slots: the chains wait in the ring until completions free some.
                 self.held_back = true;
+                if queue
+                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != queue.next_avail())
+                {
+                    BlockStats::add(&self.stats.held_back, 1);
+                }
                 break;
             }
             let Some(head) = chain::pop_into(queue, mem, index, &mut self.scratch.descs)? else {

@@ -106,6 +106,9 @@ pub struct BlockStats {
     pub resubmits: AtomicU64,
     /// Requests a reset stopped waiting for.
     pub orphaned: AtomicU64,
+    /// Times the device stopped taking chains from a ring that had more because every
+    /// in-flight slot was taken: those chains wait there until a completion frees one.
+    pub held_back: AtomicU64,
 }
 
 impl BlockStats {
@@ -234,10 +237,13 @@ impl Block {
         self.reset_wait = wait;
     }
 
-    /// Fewer slots than the queue has entries, so that a test can fill them.
-    #[cfg(test)]
-    fn limit_in_flight(&mut self, slots: u16) {
-        self.inflight = Inflight::new(slots);
+    /// Fewer in-flight slots than the queue has entries (1 to [`QUEUE_SIZE`]), so that a test
+    /// or a fuzz target can fill them and make further chains wait in the ring. For a device
+    /// not yet serving requests. Not part of the device's API: built for tests and for the
+    /// fuzz targets (`--cfg fuzzing`) only.
+    #[cfg(any(test, fuzzing))]
+    pub fn limit_in_flight(&mut self, slots: u16) {
+        self.inflight = Inflight::new(slots.clamp(1, QUEUE_SIZE));
     }
 }
 

@@ -510,6 +510,7 @@ fn requests_beyond_the_free_slots_wait_in_the_ring() {
     t.d.process(0);
     let used = wait_used(&mut t.d, 7);
     assert_eq!(used.len(), 7, "all served as slots freed up");
+    assert!(count(&t.stats.held_back) > 0, "chains waited for a slot");
     assert!((0..7).all(|i| t.status(i) == 0));
     let file = std::fs::read(&t.path).unwrap();
     for i in 0..6usize {

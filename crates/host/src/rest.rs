@@ -157,6 +157,9 @@ fn need_of(method: &Method, path: &str) -> Need {
     if path.starts_with("/tokens") {
         return Need::Admin;
     }
+    if is_console(path) {
+        return Need::Operate;
+    }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
         Method::POST if path == "/vms" => Need::Create,
@@ -181,7 +184,7 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let mutating = !matches!(method, Method::GET | Method::HEAD) ;
+    let mutating = !matches!(method, Method::GET | Method::HEAD) || is_console(&path);
     let tokens = match app.with_store(|s| s.tokens()) {
         Ok(t) => t,
         Err(e) => return ApiError::from(e).into_response(),

@@ -164,8 +164,8 @@ fn totals(stats: &BlockStats) {
         let s: Vec<u64> = SUMS.iter().map(|s| s.load(Ordering::Relaxed)).collect();
         eprintln!(
             "blk_hybrid: {runs} runs: reads inline {} ring {} partly inline {}, writes {}, \
-             flushes {} (waited {}), resubmits {}, orphaned {}, chains held back for want of a \
-             slot {} (in {} runs)",
+             flushes {} (waited {}), resubmits {}, orphaned {}, chains left in the ring for want \
+             of a slot {} times (in {} runs)",
             s[0],
             s[1],
             s[2],

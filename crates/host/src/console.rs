@@ -102,7 +102,7 @@ pub async fn attach(
         .write_buffer_size(0)
         .max_write_buffer_size(2 * CHUNK + 1024)
         .on_upgrade(move |ws| async move {
-            let why = bridge(ws, console).await;
+            let why = bridge(ws, console, SEND_STALL).await;
             tracing::info!("{} detached from VM {name}'s console: {why}", caller.actor);
         }))
 }
@@ -114,7 +114,7 @@ pub enum Ended {
     ConsoleClosed,
     /// The client closed the WebSocket or its connection broke.
     ClientGone,
-    /// The client took no output for [`SEND_STALL`].
+    /// The client took no output for [`SEND_STALL`] (the daemon's setting).
     ClientStalled,
 }
 
@@ -129,8 +129,8 @@ impl std::fmt::Display for Ended {
 }
 
 /// Copies guest output from `console` to the WebSocket and the client's bytes back, until
-/// either side ends.
-pub async fn bridge(ws: WebSocket, console: UnixStream) -> Ended {
+/// either side ends; a client that takes no output for `stall` is closed.
+pub async fn bridge(ws: WebSocket, console: UnixStream, stall: Duration) -> Ended {
     let (mut to_client, mut from_client) = ws.split();
     let (mut from_vmm, mut to_vmm) = console.into_split();
     let output = async {
@@ -142,13 +142,13 @@ pub async fn bridge(ws: WebSocket, console: UnixStream) -> Ended {
                         code: CLOSE_NORMAL,
                         reason: "the VM's console closed".into(),
                     }));
-                    let _ = tokio::time::timeout(SEND_STALL, to_client.send(close)).await;
+                    let _ = tokio::time::timeout(stall, to_client.send(close)).await;
                     return Ended::ConsoleClosed;
                 }
                 Ok(n) => n,
             };
             let message = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
-            match tokio::time::timeout(SEND_STALL, to_client.send(message)).await {
+            match tokio::time::timeout(stall, to_client.send(message)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Ended::ClientGone,
                 Err(_) => {
@@ -316,6 +316,85 @@ mod tests {
             .expect("the daemon closes the console connection")
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// A client that never reads: the daemon stops taking output from the console socket
+    /// (so the VMM, which never blocks, drops it), keeps answering other requests, and closes
+    /// the client once it has taken nothing for the stall time.
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_bounded_and_then_closed() {
+        use axum::routing::get;
+        let f = fixture("stall").await;
+        let socket = f.app.run_dir("on").console_socket();
+        let vmm = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        let ended_tx = Arc::new(std::sync::Mutex::new(Some(ended_tx)));
+        let console_path = socket.clone();
+        let router = axum::Router::new().route(
+            "/",
+            get(move |upgrade: WebSocketUpgrade| {
+                let console_path = console_path.clone();
+                let tx = ended_tx.lock().unwrap().take();
+                async move {
+                    let console = UnixStream::connect(&console_path).await.unwrap();
+                    upgrade
+                        .write_buffer_size(0)
+                        .max_write_buffer_size(2 * CHUNK + 1024)
+                        .on_upgrade(move |ws| async move {
+                            let ended = bridge(ws, console, Duration::from_secs(1)).await;
+                            if let Some(tx) = tx {
+                                let _ = tx.send(ended);
+                            }
+                        })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        // Connected, and then never read from.
+        let (_client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        let (vmm_side, _) = vmm.accept().await.unwrap();
+        // The VMM's side writes without blocking, as the real one does, until the socket
+        // takes nothing more for a while.
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut taken = 0usize;
+        let mut idle_since = std::time::Instant::now();
+        while idle_since.elapsed() < Duration::from_millis(300) && taken < (1 << 30) {
+            match vmm_side.try_write(&chunk) {
+                Ok(n) => {
+                    taken += n;
+                    idle_since = std::time::Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("the console socket broke early: {e}"),
+            }
+        }
+        assert!(
+            taken < (1 << 30),
+            "the daemon buffered everything: {taken} bytes"
+        );
+        // The daemon still answers.
+        let (status, _) = plain_get(f.addr, "/vms", false).await;
+        assert_eq!(status, 200);
+        // And gives up on the client.
+        let ended = tokio::time::timeout(Duration::from_secs(10), ended_rx)
+            .await
+            .expect("the bridge ends")
+            .unwrap();
+        assert_eq!(ended, Ended::ClientStalled);
+        let mut buf = [0u8; 1];
+        let mut vmm_side = vmm_side;
+        let n = tokio::time::timeout(Duration::from_secs(5), vmm_side.read(&mut buf))
+            .await
+            .expect("the console connection closes")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        eprintln!("a client that never reads: the console socket took {taken} bytes");
     }
 
     async fn plain_get(addr: std::net::SocketAddr, path: &str, upgrade: bool) -> (u16, String) {

@@ -149,6 +149,28 @@ impl Supervisor {
         self.start_locked(name, cause, actor).await
     }
 
+    /// A start that did not get as far as a running VMM leaves the VM stopped, with why.
+    fn record_failed_start(
+        &self,
+        name: &str,
+        cause: Cause,
+        actor: &str,
+        reason: &str,
+        time_ms: Option<i64>,
+    ) -> Result<()> {
+        self.transition(
+            name,
+            Transition {
+                to: VmState::Stopped,
+                pid: None,
+                cause,
+                actor,
+                detail: &format!("start failed: {reason}"),
+                time_ms,
+            },
+        )
+    }
+
     async fn start_locked(self: &Arc<Self>, name: &str, cause: Cause, actor: &str) -> Result<()> {
         let row = self.get(name)?;
         if row.state.has_vmm() {
@@ -177,18 +199,7 @@ impl Supervisor {
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
-                let reason = e.to_string();
-                self.transition(
-                    name,
-                    Transition {
-                        to: VmState::Stopped,
-                        pid: None,
-                        cause,
-                        actor,
-                        detail: &format!("start failed: {reason}"),
-                        time_ms: None,
-                    },
-                )?;
+                self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
                 // The host cannot start VMMs (run directory, keel binary): a 5xx, not the
                 // caller's fault.
                 return Err(e.into());
@@ -208,17 +219,8 @@ impl Supervisor {
                         run_dir.file(api::control::files::VMM_LOG).display()
                     ),
                 };
-                self.transition(
-                    name,
-                    Transition {
-                        to: VmState::Stopped,
-                        pid: None,
-                        cause,
-                        actor,
-                        detail: &format!("start failed: {reason}"),
-                        time_ms: record.as_ref().map(|r| r.time_ms),
-                    },
-                )?;
+                let time_ms = record.as_ref().map(|r| r.time_ms);
+                self.record_failed_start(name, cause, actor, &reason, time_ms)?;
                 return Err(Error::StartFailed {
                     name: name.into(),
                     reason,

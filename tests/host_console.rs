@@ -189,7 +189,8 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     first_err.read_line(&mut line).unwrap();
     assert!(line.contains("attached to web's console"), "{line}");
     let mut stdin = first.stdin.take().unwrap();
-    // Bytes for the guest (which does not read them), then the escape.
+    // Bytes for the guest (the waiting probe reports each as `PROBE serial_in`), then the
+    // escape, which the client keeps for itself.
     stdin.write_all(b"hello guest\r\x01x").unwrap();
     let status = wait_exit(&mut first, Duration::from_secs(10));
     assert!(
@@ -200,6 +201,32 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     first_err.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("detached from web's console"), "{rest}");
     assert_eq!(daemon.state("web"), "running");
+    // The typed bytes reached the guest's serial port, in order, through the API, the
+    // daemon, the VMM's console socket and the 8250's receive interrupt.
+    let log = daemon.json(&["vm", "show", "web"])["console_log"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let typed: Vec<String> = b"hello guest\r"
+        .iter()
+        .map(|b| format!("PROBE serial_in {b:#x}"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let received: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("PROBE serial_in"))
+            .collect();
+        if received == typed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest received {received:?}, not {typed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Attached with the operator token, the power button's answer arrives live, and the
     // console closes when the VM ends. stdin ends at once: output keeps coming.

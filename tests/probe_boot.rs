@@ -296,13 +296,20 @@ fn power_button_powers_off_a_guest_that_honours_it() {
             "--cmdline",
             "probe.power_button",
         ]);
+        // Typed bytes reach the guest's serial port (the waiting probe reports each one);
         // Ctrl-A p on the console presses the ACPI power button (the GED's event).
-        let run = common::run_with(cmd, Some(b"\x01p".to_vec()), Duration::from_secs(30), None);
+        let run = common::run_with(
+            cmd,
+            Some(b"hi\x01p".to_vec()),
+            Duration::from_secs(30),
+            None,
+        );
         let ctx = run.context();
         assert!(!run.killed, "the guest did not power off\n{ctx}");
         let lines = &run.probe()["power_button"];
         assert!(lines[0].starts_with("waiting irq 23"), "{ctx}");
         assert_eq!(lines.last().map(String::as_str), Some("pressed"), "{ctx}");
+        assert_eq!(run.probe()["serial_in"], ["0x68", "0x69"], "{ctx}");
         assert!(
             run.stderr.contains("keel: power button pressed (Ctrl-A p)"),
             "{ctx}"

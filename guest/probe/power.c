@@ -8,6 +8,12 @@
 #include "probe.h"
 
 #define GED_VECTOR	0x30
+#define SERIAL_VECTOR	0x31
+#define COM1_IRQ	4
+#define COM1_RBR	0x3f8
+#define COM1_IER	0x3f9
+#define COM1_MCR	0x3fc
+#define COM1_LSR	0x3fd
 #define SPURIOUS_VECTOR	0xff
 #define IOAPIC_BASE	0xfec00000ul
 #define LAPIC_BASE	0xfee00000ul
@@ -20,6 +26,9 @@ static u8 idt[256 * 16] __attribute__((aligned(16)));
 static struct { u16 limit; u64 base; } __attribute__((packed)) idt_desc;
 static u64 ged_register;
 static volatile u32 button_pressed;
+/* Bytes received on COM1 while waiting, reported as `PROBE serial_in XX` lines. */
+static volatile u8 serial_rx[64];
+static volatile u32 serial_rx_head;
 
 /* Interrupt entry: save the registers C may clobber, call power_irq, return. The
  * CPU's 5-word frame plus 9 pushes keep the stack 16-byte aligned for the call. */
@@ -33,10 +42,35 @@ asm(".text\n"
     "	pop %r11; pop %r10; pop %r9; pop %r8\n"
     "	pop %rdi; pop %rsi; pop %rdx; pop %rcx; pop %rax\n"
     "	iretq\n"
+    ".globl serial_isr\n"
+    "serial_isr:\n"
+    "	push %rax; push %rcx; push %rdx; push %rsi; push %rdi\n"
+    "	push %r8; push %r9; push %r10; push %r11\n"
+    "	cld\n"
+    "	call serial_irq\n"
+    "	pop %r11; pop %r10; pop %r9; pop %r8\n"
+    "	pop %rdi; pop %rsi; pop %rdx; pop %rcx; pop %rax\n"
+    "	iretq\n"
     ".globl spurious_isr\n"
     "spurious_isr:\n"
     "	iretq\n");
-extern char power_isr[], spurious_isr[];
+extern char power_isr[], serial_isr[], spurious_isr[];
+
+/* Takes what COM1 has received; the waiting loop prints it. */
+static void serial_drain(void)
+{
+	while (inb(COM1_LSR) & 1) {
+		serial_rx[serial_rx_head % sizeof(serial_rx)] = inb(COM1_RBR);
+		serial_rx_head++;
+	}
+}
+
+void serial_irq(void);
+void serial_irq(void)
+{
+	serial_drain();
+	*(volatile u32 *)(LAPIC_BASE + LAPIC_EOI) = 0;
+}
 
 void power_irq(void);
 void power_irq(void)
@@ -106,6 +140,7 @@ void power_button_wait(const struct sleep_reg *s5)
 	}
 	asm volatile("mov %%cs, %0" : "=r"(cs));
 	set_gate(GED_VECTOR, (u64)power_isr, cs);
+	set_gate(SERIAL_VECTOR, (u64)serial_isr, cs);
 	set_gate(SPURIOUS_VECTOR, (u64)spurious_isr, cs);
 	idt_desc.limit = sizeof(idt) - 1;
 	idt_desc.base = (u64)idt;
@@ -118,12 +153,25 @@ void power_button_wait(const struct sleep_reg *s5)
 	/* Pin irq: fixed delivery, physical destination, edge, active high, unmasked. */
 	ioapic_write(0x11 + 2 * irq, bsp << 24);
 	ioapic_write(0x10 + 2 * irq, GED_VECTOR);
+	/* COM1 receive interrupts (OUT2 gates the 8250's interrupt line). */
+	ioapic_write(0x11 + 2 * COM1_IRQ, bsp << 24);
+	ioapic_write(0x10 + 2 * COM1_IRQ, SERIAL_VECTOR);
+	outb(COM1_MCR, 0x08);
+	outb(COM1_IER, 0x01);
+	/* Bytes that came before the interrupt was enabled wait in the UART: take them once. */
+	serial_drain();
 	pr("PROBE power_button waiting irq %u\n", irq);
 	/* A press before the pin was unmasked raised no interrupt, but its event bit
 	 * waits in the register: look once. */
 	button_pressed = *(volatile u8 *)ged_register & GED_EVENT_POWER_BUTTON;
-	while (!button_pressed)
+	u32 serial_rx_tail = 0;
+	for (;;) {
+		for (; serial_rx_tail != serial_rx_head; serial_rx_tail++)
+			pr("PROBE serial_in %x\n", serial_rx[serial_rx_tail % sizeof(serial_rx)]);
+		if (button_pressed)
+			break;
 		asm volatile("sti; hlt; cli" : : : "memory");
+	}
 	pr("PROBE power_button pressed\n");
 	if (s5)
 		acpi_sleep(s5);

@@ -207,6 +207,27 @@ fn illegal_transitions_and_unknown_names_say_what_to_do() {
         "{err}"
     );
     assert_eq!(daemon.state("lost"), "stopped");
+    // The failure is on the front page, and its reason in the audit trail.
+    let host = daemon.json(&["host"]);
+    let failed = &host["failed_operations"][0];
+    assert_eq!(failed["request"], "POST /vms/lost/start", "{host}");
+    assert_eq!(failed["status"], 422, "{host}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains(kernel.to_str().unwrap()),
+        "{host}"
+    );
+    assert!(daemon.ok(&["host"]).contains("failed operations"));
+    let audit = daemon.json(&["events", "--kind", "audit", "--vm", "lost"]);
+    let last = audit.as_array().unwrap().last().unwrap()["detail"].clone();
+    assert!(
+        last.as_str()
+            .unwrap()
+            .contains("422 Unprocessable Entity: VM 'lost' could not start"),
+        "{last}"
+    );
     assert!(daemon
         .fails(&["vm", "create", "Bad/Name", "--kernel", "/k"])
         .contains("not allowed"));

@@ -38,11 +38,27 @@ pub struct Incident {
     pub event_seq: i64,
 }
 
+/// A mutating API call that failed, as the front page lists it (newest first; the audit
+/// rows of the ledger keep them all).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FailedOperation {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub actor: String,
+    /// Method and path.
+    pub request: String,
+    pub status: u16,
+    pub error: String,
+}
+
 /// What `GET /` answers: problems first, then the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostStatus {
     pub health: HostHealth,
     pub incidents: Vec<Incident>,
+    /// The latest failed operations since the daemon started (at most 20).
+    #[serde(default)]
+    pub failed_operations: Vec<FailedOperation>,
     /// Things that will need attention (a token about to expire, ...).
     pub warnings: Vec<String>,
     pub checks: Vec<HealthCheck>,

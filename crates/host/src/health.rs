@@ -83,6 +83,7 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
     Ok(HostStatus {
         health,
         incidents,
+        failed_operations: sup.recent_failures(),
         warnings,
         checks,
         hostname: hostname(),

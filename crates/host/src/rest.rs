@@ -190,7 +190,7 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         Err(e) => return ApiError::from(e).into_response(),
     };
     let need = need_of(&method, &path);
-    let (actor, response) =
+    let (actor, mut response) =
         match auth::authorize(peer.clone(), bearer.as_deref(), &tokens, need, now_ms()) {
             Ok(caller) => {
                 let actor = caller.actor.clone();
@@ -217,6 +217,26 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         };
     if mutating {
         let status = response.status();
+        let mut detail = format!("{method} {path} from {peer}: {status}");
+        if status.as_u16() >= 400 {
+            // The reason goes into the audit row and onto the front page.
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 << 10)
+                .await
+                .unwrap_or_default();
+            let error = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            detail = format!("{detail}: {error}");
+            app.note_failure(api::host::FailedOperation {
+                time: rfc3339(now_ms()),
+                actor: actor.clone(),
+                request: format!("{method} {path}"),
+                status: status.as_u16(),
+                error,
+            });
+            response = Response::from_parts(parts, axum::body::Body::from(bytes));
+        }
         let audit = NewEvent {
             kind: EventKind::Audit,
             vm: vm_of_path(&path),
@@ -224,7 +244,7 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
             to: None,
             cause: Cause::Operator,
             actor,
-            detail: format!("{method} {path} from {peer}: {status}"),
+            detail,
         };
         if let Err(e) = app.with_store(|s| s.record(&audit)) {
             tracing::error!("recording the audit row for {method} {path} failed: {e}");

@@ -423,6 +423,23 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
             .collect();
         print_table(&["ID", "OPENED", "VM", "CAUSE", "SUMMARY"], &rows);
     }
+    if !status.failed_operations.is_empty() {
+        println!("failed operations since the daemon started (newest first):");
+        let rows: Vec<Vec<String>> = status
+            .failed_operations
+            .iter()
+            .map(|f| {
+                vec![
+                    f.time.clone(),
+                    f.actor.clone(),
+                    f.request.clone(),
+                    f.status.to_string(),
+                    f.error.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["TIME", "ACTOR", "REQUEST", "STATUS", "ERROR"], &rows);
+    }
     for w in &status.warnings {
         println!("warning: {w}");
     }

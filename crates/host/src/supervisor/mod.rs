@@ -66,7 +66,12 @@ pub struct Supervisor {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     intents: Mutex<HashMap<String, StopIntent>>,
     running: Mutex<HashMap<String, Running>>,
+    /// The latest failed API operations, newest first, for the front page.
+    failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
 }
+
+/// How many failed operations the front page keeps.
+const RECENT_FAILURES: usize = 20;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -81,6 +86,7 @@ impl Supervisor {
             locks: Mutex::new(HashMap::new()),
             intents: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            failures: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -661,6 +667,17 @@ impl Supervisor {
             });
             this.stop_process(&name, &handle, &mut ended).await;
         });
+    }
+
+    /// Remembers a failed operation for the front page.
+    pub fn note_failure(&self, failure: api::host::FailedOperation) {
+        let mut failures = lock(&self.failures);
+        failures.push_front(failure);
+        failures.truncate(RECENT_FAILURES);
+    }
+
+    pub fn recent_failures(&self) -> Vec<api::host::FailedOperation> {
+        lock(&self.failures).iter().cloned().collect()
     }
 
     /// Whether the daemon currently watches a VMM for this VM.

@@ -10,7 +10,7 @@ use api::{
     Cause, ErrorBody, Event, HostStatus, Incident, NewToken, SlaReport, TokenInfo, TokenRequest,
     VmInfo, VmSpec,
 };
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,99 +21,14 @@ use utoipa::{IntoParams, OpenApi};
 
 use crate::auth::{self, Caller, Need, Peer};
 use crate::ledger::{self, EventFilter, NewEvent};
-use crate::store::{self, TokenRow, VmRow};
+use crate::store::{TokenRow, VmRow};
 use crate::supervisor::{self, Supervisor};
 use crate::time::{now_ms, parse_rfc3339, rfc3339};
 use crate::{health, sla};
 
-/// An error answer: a status and one sentence.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
-    }
-}
-
-impl From<supervisor::Error> for ApiError {
-    fn from(e: supervisor::Error) -> Self {
-        use supervisor::Error as E;
-        let status = match &e {
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::Exists(_) | E::WrongState { .. } => StatusCode::CONFLICT,
-            E::StartFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            E::Spec(_) => StatusCode::BAD_REQUEST,
-            E::Store(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-impl From<store::Error> for ApiError {
-    fn from(e: store::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-    }
-}
-
-impl From<ledger::Error> for ApiError {
-    fn from(e: ledger::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-    }
-}
-
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, message.into())
-}
-
-/// `Json` whose rejection is an `ErrorBody` 400.
-pub struct Body<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
-            .await
-            .map(|Json(v)| Body(v))
-            // 400 for bad JSON, 413 too large, 415 not JSON, 422 wrong shape: all 4xx.
-            .map_err(|e| ApiError(e.status(), format!("request body: {}", e.body_text())))
-    }
-}
-
-/// `Query` whose rejection is an `ErrorBody` 400.
-pub struct Params<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(v)| Params(v))
-            .map_err(|e| bad_request(format!("query: {}", e.body_text())))
-    }
-}
-
-/// `Path` whose rejection is an `ErrorBody` 400.
-pub struct PathArg<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathArg<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(v)| PathArg(v))
-            .map_err(|e| bad_request(format!("path: {}", e.body_text())))
-    }
-}
+mod extract;
+use extract::bad_request;
+pub use extract::{ApiError, Body, Params, PathArg};
 
 pub type App = Arc<Supervisor>;
 
@@ -654,152 +569,4 @@ async fn delete_token(
 pub struct ApiDoc;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_openapi_document_has_every_schema_it_refers_to() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
-        let schemas = doc["components"]["schemas"].as_object().unwrap();
-        let text = doc.to_string();
-        let prefix = "#/components/schemas/";
-        for (at, _) in text.match_indices(prefix) {
-            let name: String = text[at + prefix.len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            assert!(schemas.contains_key(&name), "dangling reference to {name}");
-        }
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 15);
-        let console = &doc["paths"]["/vms/{name}/console"]["get"];
-        assert!(console["description"]
-            .as_str()
-            .unwrap()
-            .contains("WebSocket upgrade"));
-        assert!(console["responses"]["101"].is_object(), "{console}");
-        assert!(console["responses"]["409"].is_object(), "{console}");
-    }
-
-    #[test]
-    fn what_a_request_needs() {
-        assert_eq!(need_of(&Method::GET, "/vms"), Need::Read);
-        assert_eq!(need_of(&Method::POST, "/vms"), Need::Create);
-        assert_eq!(need_of(&Method::DELETE, "/vms/a"), Need::Create);
-        assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);
-        assert_eq!(need_of(&Method::GET, "/tokens"), Need::Admin);
-        // The console's WebSocket upgrade is a GET, but it controls the guest.
-        assert_eq!(need_of(&Method::GET, "/vms/a/console"), Need::Operate);
-        assert_eq!(need_of(&Method::GET, "/vms/a/console/"), Need::Operate);
-        assert_eq!(need_of(&Method::GET, "/vms/console"), Need::Read);
-        assert!(is_console("/vms/a/console") && !is_console("/vms/console"));
-        assert_eq!(vm_of_path("/vms/a/start").as_deref(), Some("a"));
-        assert_eq!(vm_of_path("/vms"), None);
-    }
-
-    /// Random requests (seeded, printed) against the real router and a real store: every
-    /// answer is JSON with a status below 500, and nothing panics.
-    #[tokio::test]
-    async fn random_requests_never_get_a_5xx() {
-        use axum::body::Body as HttpBody;
-        use tower::ServiceExt;
-
-        let dir = std::env::temp_dir().join(format!("keel-rest-fuzz-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = crate::store::Store::open(&dir.join("keel.db")).unwrap();
-        // Starting a VM runs this program as its VMM: it exits at once without an exit
-        // record, as a VMM that cannot start does, which is a 422 with the reason.
-        let app = Supervisor::new(dir.clone(), "/bin/false".into(), store);
-        let router = router(app);
-        let seed = std::env::var("KEEL_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(now_ms() as u64 | 1);
-        eprintln!("random_requests_never_get_a_5xx: KEEL_TEST_SEED={seed}");
-        let mut state = seed;
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
-        let names = [
-            "a",
-            "vm-1",
-            "%00",
-            "..",
-            "x".repeat(300).leak(),
-            "ü",
-            "a%2Fb",
-            "",
-        ];
-        let paths = [
-            "/",
-            "/vms",
-            "/vms/{}",
-            "/vms/{}/start",
-            "/vms/{}/stop",
-            "/vms/{}/reboot",
-            "/vms/{}/shutdown?timeout_s=0&wait=false",
-            "/vms/{}/shutdown?timeout_s=x",
-            "/vms/{}/console",
-            "/events?limit={}",
-            "/events?since={}&kind=state",
-            "/sla?from={}&to=2030-01-01T00:00:00Z",
-            "/ledger/verify?expect_head={}",
-            "/incidents/{}/ack",
-            "/tokens",
-            "/tokens/{}",
-            "/openapi.json",
-            "/{}",
-        ];
-        let bodies = [
-            String::new(),
-            "{".into(),
-            "null".into(),
-            r#"{"name":"a","kernel":"/k"}"#.into(),
-            r#"{"name":"vm-1","kernel":"/nonexistent/kernel","cpus":2,"disks":[{"path":"/d"}]}"#
-                .into(),
-            r#"{"name":"t","role":"viewer","expires":"2030-01-01T00:00:00Z"}"#.into(),
-            r#"{"name":"a","kernel":"/k","memory_mib":18446744073709551615,"cpus":4294967295}"#
-                .into(),
-            r#"{"name":"a","kernel":"/k","vsock":{"cid":1},"nets":[{"tap":"","mac":"zz"}]}"#.into(),
-            "\u{0}\u{ff}garbage".into(),
-        ];
-        let methods = [
-            Method::GET,
-            Method::POST,
-            Method::DELETE,
-            Method::PUT,
-            Method::PATCH,
-        ];
-        for round in 0..1500 {
-            let name = names[next(names.len())];
-            let path = paths[next(paths.len())].replace("{}", name);
-            let method = methods[next(methods.len())].clone();
-            let body = bodies[next(bodies.len())].clone();
-            let request = axum::http::Request::builder()
-                .method(method.clone())
-                .uri(&path)
-                .header(
-                    "content-type",
-                    if next(4) == 0 {
-                        "text/plain"
-                    } else {
-                        "application/json"
-                    },
-                )
-                .body(HttpBody::from(body.clone()));
-            let Ok(request) = request else {
-                continue; // not even a valid URI: no server would see it
-            };
-            let response = router.clone().oneshot(request).await.unwrap();
-            let status = response.status();
-            assert!(
-                status.as_u16() < 500,
-                "round {round}: {method} {path} {body:?} -> {status} (seed {seed})"
-            );
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;

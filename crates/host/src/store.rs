@@ -356,7 +356,8 @@ impl Store {
                 why,
             })?;
         tx.execute(
-            // A VM without a VMM has nothing pending: its stop intent goes with the VMM.
+            // A stop intent belongs to one VMM's end: it is set while the VM runs and kept
+            // into shutting-down; any other change (the end, a new VMM) clears it.
             "UPDATE vms SET state = ?2, pid = ?3, since_ms = ?4, reason = ?5,
                 stop_intent = CASE WHEN ?6 THEN stop_intent ELSE NULL END
              WHERE name = ?1",
@@ -366,7 +367,7 @@ impl Store {
                 change.pid.map(i64::from),
                 time,
                 change.detail,
-                change.to.has_vmm()
+                change.to == VmState::ShuttingDown
             ],
         )
         .map_err(sql(format!("changing the state of VM {name}")))?;
@@ -668,8 +669,15 @@ mod tests {
         };
         store.set_stop_intent("a", Some(&intent)).unwrap();
         store.transition("a", &to(VmState::ShuttingDown)).unwrap();
-        assert_eq!(store.vm("a").unwrap().unwrap().stop_intent, Some(intent));
+        assert_eq!(
+            store.vm("a").unwrap().unwrap().stop_intent,
+            Some(intent.clone())
+        );
         store.transition("a", &to(VmState::Stopped)).unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().stop_intent, None);
+        // A new VMM starts with nothing pending, whatever was left.
+        store.set_stop_intent("a", Some(&intent)).unwrap();
+        store.transition("a", &to(VmState::Running)).unwrap();
         assert_eq!(store.vm("a").unwrap().unwrap().stop_intent, None);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -39,8 +39,9 @@ pub(super) fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: 
             VmState::Stopped,
             Cause::DaemonRestart,
             keel,
-            "the start was cut off by a daemon restart before its VMM ran; start it again".into(),
-            false,
+            "the start was cut off by a daemon restart before its VMM ran; starting it again"
+                .into(),
+            true,
         );
     }
     if host_booted {

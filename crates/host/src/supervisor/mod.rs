@@ -579,7 +579,11 @@ impl Supervisor {
                     if let Some((cause, actor)) =
                         self.record_judged(name, judged, record.as_ref())?
                     {
-                        self.start(name, cause, &actor).await?;
+                        // A start that fails is recorded (the VM stays stopped, with why); it
+                        // must not keep the daemon from serving the other VMs.
+                        if let Err(e) = self.start(name, cause, &actor).await {
+                            tracing::error!("starting VM {name} again during recovery failed: {e}");
+                        }
                     }
                 }
                 (false, None) => {}

@@ -92,3 +92,21 @@ fn a_kill_the_previous_daemon_sent_is_still_its_stop() {
     let (state, cause, ..) = judge_lost(&row(None), None, true);
     assert_eq!((state, cause), (VmState::Crashed, Cause::HostBoot));
 }
+
+#[test]
+fn a_start_cut_off_by_a_daemon_restart_is_finished() {
+    let row = VmRow {
+        spec: serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).unwrap(),
+        state: VmState::Starting,
+        pid: None,
+        since_ms: 0,
+        reason: String::new(),
+        stop_intent: None,
+    };
+    let (state, cause, _, detail, again) = judge_lost(&row, None, false);
+    assert_eq!(
+        (state, cause, again),
+        (VmState::Stopped, Cause::DaemonRestart, true)
+    );
+    assert!(detail.contains("starting it again"), "{detail}");
+}

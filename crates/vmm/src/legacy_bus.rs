@@ -28,6 +28,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LegacyBus {
+    /// Bytes for the guest's serial input (the terminal's or a console client's).
+    pub fn serial_input(
+        &self,
+        bytes: &[u8],
+    ) -> Result<devices::legacy::SerialInputReady, devices::legacy::serial::Error> {
+        lock(&self.serial).queue_input(bytes)
+    }
+
     /// A guest `in`: bytes beyond the first of a wide access read as all ones.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);

@@ -238,8 +238,7 @@ impl EventLoop {
                 let serial_input = {
                     let (bus, exit) = (bus.clone(), exit.clone());
                     move |bytes: &[u8]| {
-                        let mut serial = bus.serial.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Err(e) = serial.queue_input(bytes) {
+                        if let Err(e) = bus.serial_input(bytes) {
                             exit.report(VmExit::Failed(e.to_string()));
                         }
                     }
@@ -351,8 +350,7 @@ impl MutEventSubscriber for ConsoleInput {
         }
         let input = self.escape.feed(&buf[..n as usize]);
         if !input.for_guest.is_empty() {
-            let mut serial = self.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = serial.queue_input(&input.for_guest) {
+            if let Err(e) = self.bus.serial_input(&input.for_guest) {
                 self.exit.report(VmExit::Failed(e.to_string()));
             }
         }

@@ -21,22 +21,6 @@ pub struct Segment {
     pub len: u32,
 }
 
-/// The descriptors of a chain, in order. virtio-queue ends the walk at a loop, a bad index
-/// or a bad indirect table; what comes out is bounded by the queue size.
-pub fn descriptors<M>(chain: DescriptorChain<M>) -> Vec<Descriptor>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    chain
-        .map(|d| Descriptor {
-            addr: d.addr().0,
-            len: d.len(),
-            device_writable: d.is_write_only(),
-        })
-        .collect()
-}
-
 /// The next chain the driver made available, for a device that reads the chain itself.
 ///
 /// This is where every device's drain loop ends, and the one place that turns the driver's
@@ -84,7 +68,8 @@ pub fn pop(
 }
 
 /// [`pop`], with the descriptors put in `descs` (cleared first), so that a device reusing
-/// the buffer pops without allocating. Returns the head.
+/// the buffer pops without allocating. Returns the head. virtio-queue ends the walk at a
+/// loop, a bad index or a bad indirect table; what comes out is bounded by the queue size.
 pub fn pop_into(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,

@@ -39,6 +39,7 @@ use api::{Cause, Event, EventKind, VmState};
 use rusqlite::Connection;
 
 use crate::ledger;
+use crate::time::rfc3339;
 
 /// The causes of unplanned down time, in report and CSV column order.
 pub const UNPLANNED: [Cause; 3] = [Cause::VmmCrash, Cause::HostBoot, Cause::DaemonRestart];
@@ -246,8 +247,8 @@ pub fn report(
         vms.to_vec()
     };
     SlaReport {
-        from: ledger::rfc3339_ms(from_ms),
-        to: ledger::rfc3339_ms(to_ms),
+        from: rfc3339(from_ms),
+        to: rfc3339(to_ms),
         tiers: tiers.to_vec(),
         vms: names
             .iter()

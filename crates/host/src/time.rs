@@ -1,7 +1,8 @@
 //! Wall-clock time, for records only. No decision about a VM is ever made from it (promise 1):
 //! timeouts use tokio's clock, which is monotonic.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Now, in milliseconds since the Unix epoch (negative before 1970).
 pub fn now_ms() -> i64 {
@@ -11,9 +12,21 @@ pub fn now_ms() -> i64 {
     }
 }
 
-/// RFC 3339 in UTC with milliseconds (`@<ms>ms` outside years 1970-9999).
-pub fn rfc3339(ms: i64) -> String {
-    crate::ledger::rfc3339_ms(ms)
+/// `time_ms` as RFC 3339 UTC with milliseconds ("2100-01-01T00:00:00.000Z"); `@<ms>ms` for a
+/// time before 1970 or after 9999, which RFC 3339 (or humantime) cannot write.
+pub fn rfc3339(time_ms: i64) -> String {
+    /// 10000-01-01T00:00:00Z.
+    const END_MS: i64 = 253_402_300_800_000;
+    if let Ok(ms) = u64::try_from(time_ms) {
+        if time_ms < END_MS {
+            let mut out = String::new();
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_ok() {
+                return out;
+            }
+        }
+    }
+    format!("@{time_ms}ms")
 }
 
 /// Parses RFC 3339 ("2030-01-01T00:00:00Z") into milliseconds since the epoch.

@@ -35,13 +35,14 @@
 //! outside them.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use api::events::{LedgerProblem, LedgerVerification};
 use api::{Cause, Event, EventKind, VmState};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
+
+use crate::time::rfc3339;
 
 /// The `prev_hash` of row 1, and the head of an empty ledger.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -201,23 +202,6 @@ fn row_hash(r: &RawRow) -> String {
     hex
 }
 
-/// `time_ms` as RFC 3339 UTC with milliseconds ("2100-01-01T00:00:00.000Z"); `@<ms>ms` for a
-/// time before 1970 or after 9999, which RFC 3339 (or humantime) cannot write.
-pub fn rfc3339_ms(time_ms: i64) -> String {
-    /// 10000-01-01T00:00:00Z.
-    const END_MS: i64 = 253_402_300_800_000;
-    if let Ok(ms) = u64::try_from(time_ms) {
-        if time_ms < END_MS {
-            let mut out = String::new();
-            let t = UNIX_EPOCH + Duration::from_millis(ms);
-            if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_ok() {
-                return out;
-            }
-        }
-    }
-    format!("@{time_ms}ms")
-}
-
 /// Appends one row and returns it. Run it inside the caller's transaction (a
 /// `&rusqlite::Transaction` derefs to `&Connection`) so that a state change and its ledger row
 /// commit together; the transaction also keeps two writers from racing for the same `seq`.
@@ -285,7 +269,7 @@ pub fn append(conn: &Connection, event: &NewEvent, time_ms: i64) -> Result<Event
     Ok(Event {
         seq: raw.seq,
         time_ms,
-        time: rfc3339_ms(time_ms),
+        time: rfc3339(time_ms),
         kind: event.kind,
         vm: raw.vm,
         from: event.from,
@@ -441,7 +425,7 @@ fn parse(raw: &RawRow) -> std::result::Result<Event, String> {
     Ok(Event {
         seq: raw.seq,
         time_ms: raw.time_ms,
-        time: rfc3339_ms(raw.time_ms),
+        time: rfc3339(raw.time_ms),
         kind,
         vm: raw.vm.clone(),
         from,

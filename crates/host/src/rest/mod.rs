@@ -100,9 +100,13 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let mutating = !matches!(method, Method::GET | Method::HEAD) || is_console(&path);
-    let tokens = match app.with_store(|s| s.tokens()) {
-        Ok(t) => t,
-        Err(e) => return ApiError::from(e).into_response(),
+    // Only TCP callers present tokens: the Unix socket's requests do not read the table.
+    let tokens = match peer {
+        Peer::Tcp(_) => match app.with_store(|s| s.tokens()) {
+            Ok(t) => t,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        Peer::Unix { .. } => Vec::new(),
     };
     let need = need_of(&method, &path);
     let (actor, mut response) =

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::runner::Setup;
+
 const QEMU_BINARY: &str = "qemu-system-x86_64";
 
 pub fn workspace_root() -> Result<PathBuf> {
@@ -157,4 +159,47 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// The options of every benchmark that boots the probe under Keel and QEMU: where the probe,
+/// keel and QEMU are (each found or built when not given).
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmmPaths {
+    /// Directory holding probe.elf. Default: target/probe, built (or rebuilt) with make.
+    #[arg(long)]
+    pub probe_dir: Option<PathBuf>,
+    /// The keel binary. Default: target/release/keel, built first with cargo.
+    #[arg(long)]
+    pub keel: Option<PathBuf>,
+    /// The QEMU binary. Default: qemu-system-x86_64 from PATH.
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+}
+
+/// What [`VmmPaths::prepare`] found or built.
+pub struct Prepared {
+    pub root: PathBuf,
+    pub setup: Setup,
+    /// QEMU's version line.
+    pub qemu_version: String,
+}
+
+impl VmmPaths {
+    /// Checks /dev/kvm, finds QEMU, and builds (or takes) the probe and keel.
+    pub fn prepare(self) -> Result<Prepared> {
+        check_kvm()?;
+        let root = workspace_root()?;
+        let (qemu, qemu_version) = qemu_binary(self.qemu)?;
+        let probe_elf = probe_elf(&root, self.probe_dir)?;
+        let keel = keel_binary(&root, self.keel)?;
+        Ok(Prepared {
+            root,
+            setup: Setup {
+                keel,
+                qemu,
+                probe_elf,
+            },
+            qemu_version,
+        })
+    }
 }

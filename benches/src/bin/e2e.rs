@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use keel_benches::runner::Setup;
 use keel_benches::stats::median;
+use keel_benches::tools::{Prepared, VmmPaths};
 
 use e2e::netns::{self, NetNs};
 use e2e::run::{self, Measured, Watch};
@@ -71,15 +73,8 @@ struct Args {
     /// ring flags to suppress notifications and interrupts.
     #[arg(long)]
     event_idx: bool,
-    /// Directory holding probe.elf. Default: target/probe, built (or rebuilt) with make.
-    #[arg(long)]
-    probe_dir: Option<PathBuf>,
-    /// The keel binary. Default: target/release/keel, built first with cargo.
-    #[arg(long)]
-    keel: Option<PathBuf>,
-    /// The QEMU binary. Default: qemu-system-x86_64 from PATH.
-    #[arg(long)]
-    qemu: Option<PathBuf>,
+    #[command(flatten)]
+    vmm: VmmPaths,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -408,11 +403,15 @@ fn heading(host: &Host, args: &Args, keel: &Path, notes: &[String]) -> String {
 }
 
 fn run_all(args: Args) -> Result<bool> {
-    setup::check_kvm()?;
-    let root = setup::workspace_root()?;
-    let (qemu, qemu_version) = setup::qemu_binary(args.qemu.clone())?;
-    let probe = setup::probe_elf(&root, args.probe_dir.clone())?;
-    let keel = setup::keel_binary(&root, args.keel.clone())?;
+    let Prepared {
+        root,
+        setup: Setup {
+            keel,
+            qemu,
+            probe_elf: probe,
+        },
+        qemu_version,
+    } = args.vmm.clone().prepare()?;
     let host = setup::host(&root, qemu_version);
     let work_dir = args
         .work_dir

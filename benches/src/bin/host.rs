@@ -12,7 +12,7 @@ mod host;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +21,7 @@ use clap::Parser;
 use keel_benches::procfs::{self, MemoryStatus};
 use keel_benches::report::utc_date;
 use keel_benches::runner::{self, Setup, Vmm, IDLE_SETTLE, MEMORY_MIB, READY_LINE, VCPUS};
-use keel_benches::tools::{self, check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
+use keel_benches::tools::{self, Prepared, VmmPaths};
 
 use host::cleanup;
 use host::daemon::{Daemon, POLL, STEP_TIMEOUT};
@@ -45,15 +45,8 @@ struct Args {
     /// Running VMs the daemon re-adopts after each kill -9.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
     vms: u32,
-    /// Directory holding probe.elf. Default: target/probe, built (or rebuilt) with make.
-    #[arg(long)]
-    probe_dir: Option<PathBuf>,
-    /// The keel binary. Default: target/release/keel, built first with cargo.
-    #[arg(long)]
-    keel: Option<PathBuf>,
-    /// The QEMU binary. Default: qemu-system-x86_64 from PATH.
-    #[arg(long)]
-    qemu: Option<PathBuf>,
+    #[command(flatten)]
+    vmm: VmmPaths,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -490,16 +483,11 @@ fn rows(s: &Samples, vms: u32) -> Vec<Row> {
 }
 
 fn run(args: Args, work: &Path) -> Result<()> {
-    check_kvm()?;
-    let root = workspace_root()?;
-    let (qemu, qemu_version) = qemu_binary(args.qemu)?;
-    let probe_elf = probe_elf(&root, args.probe_dir)?;
-    let keel = keel_binary(&root, args.keel)?;
-    let setup = Setup {
-        keel,
-        qemu,
-        probe_elf,
-    };
+    let Prepared {
+        setup,
+        qemu_version,
+        ..
+    } = args.vmm.prepare()?;
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

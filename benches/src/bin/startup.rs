@@ -4,7 +4,7 @@
 //! cargo run --release -p keel-benches --bin startup -- [--runs 20] [--probe-dir DIR]
 //!     [--keel PATH] [--qemu PATH] [--json]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,9 +12,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use keel_benches::procfs::MemoryStatus;
 use keel_benches::report::{self, Host, Metric, Results};
-use keel_benches::runner::{self, BootTiming, Setup, Vmm};
+use keel_benches::runner::{self, BootTiming, Vmm};
 use keel_benches::stats::summarize;
-use keel_benches::tools::{self, check_kvm, keel_binary, probe_elf, qemu_binary, workspace_root};
+use keel_benches::tools::{self, Prepared, VmmPaths};
 
 #[derive(Parser)]
 #[command(
@@ -28,15 +28,8 @@ struct Args {
     /// Idle-memory boots per VMM.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     rss_samples: u32,
-    /// Directory holding probe.elf. Default: target/probe, built (or rebuilt) with make.
-    #[arg(long)]
-    probe_dir: Option<PathBuf>,
-    /// The keel binary. Default: target/release/keel, built first with cargo.
-    #[arg(long)]
-    keel: Option<PathBuf>,
-    /// The QEMU binary. Default: qemu-system-x86_64 from PATH.
-    #[arg(long)]
-    qemu: Option<PathBuf>,
+    #[command(flatten)]
+    vmm: VmmPaths,
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -124,16 +117,11 @@ fn metrics(keel: &Samples, qemu: &Samples) -> Vec<Metric> {
 }
 
 fn run(args: Args) -> Result<bool> {
-    check_kvm()?;
-    let root = workspace_root()?;
-    let (qemu, qemu_version) = qemu_binary(args.qemu)?;
-    let probe_elf = probe_elf(&root, args.probe_dir)?;
-    let keel = keel_binary(&root, args.keel)?;
-    let setup = Setup {
-        keel,
-        qemu,
-        probe_elf,
-    };
+    let Prepared {
+        setup,
+        qemu_version,
+        ..
+    } = args.vmm.prepare()?;
     let host = host(qemu_version);
     let order = [Vmm::Keel, Vmm::Qemu];
 

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-pub use keel_benches::tools::{
-    check_kvm, keel_binary, probe_elf, qemu_binary, target_dir, workspace_root,
-};
+pub use keel_benches::tools::target_dir;
 
 /// statfs f_type of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;

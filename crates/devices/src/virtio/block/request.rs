@@ -90,32 +90,13 @@ fn status_descriptor(descs: &[Descriptor]) -> Option<(usize, &Descriptor)> {
         .find(|(_, d)| d.device_writable && d.len > 0)
 }
 
-/// Appends the device-readable bytes after the first `skip` to `out` as segments.
+/// The device-readable bytes after the first `skip`, as segments appended to `out`. With
+/// `out` None, only checks them; true if there are any.
 fn readable_after(
     descs: &[Descriptor],
     skip: u64,
-    out: &mut Vec<Segment>,
-) -> Result<(), ParseError> {
-    let mut skip = skip;
-    for d in descs.iter().filter(|d| !d.device_writable) {
-        let len = u64::from(d.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let addr = d.addr.checked_add(skip).ok_or(ParseError::Overflow)?;
-        out.push(Segment {
-            addr: GuestAddress(addr),
-            len: (len - skip) as u32,
-        });
-        skip = 0;
-    }
-    Ok(())
-}
-
-/// Checks the device-readable bytes after the first `skip` as [`readable_after`] would
-/// take them; true if there are any.
-fn check_readable_after(descs: &[Descriptor], skip: u64) -> Result<bool, ParseError> {
+    mut out: Option<&mut Vec<Segment>>,
+) -> Result<bool, ParseError> {
     let mut skip = skip;
     let mut any = false;
     for d in descs.iter().filter(|d| !d.device_writable) {
@@ -124,9 +105,15 @@ fn check_readable_after(descs: &[Descriptor], skip: u64) -> Result<bool, ParseEr
             skip -= len;
             continue;
         }
-        d.addr.checked_add(skip).ok_or(ParseError::Overflow)?;
-        skip = 0;
+        let addr = d.addr.checked_add(skip).ok_or(ParseError::Overflow)?;
         any = true;
+        if let Some(out) = out.as_deref_mut() {
+            out.push(Segment {
+                addr: GuestAddress(addr),
+                len: (len - skip) as u32,
+            });
+        }
+        skip = 0;
     }
     Ok(any)
 }
@@ -212,7 +199,7 @@ pub fn parse_into(
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
-    let has_readable_data = check_readable_after(descs, HEADER_BYTES as u64)?;
+    let has_readable_data = readable_after(descs, HEADER_BYTES as u64, None)?;
 
     let kind = match kind {
         VIRTIO_BLK_T_IN => {
@@ -226,7 +213,7 @@ pub fn parse_into(
             if has_writable {
                 return Err(ParseError::WrongDirection("write"));
             }
-            readable_after(descs, HEADER_BYTES as u64, data)?;
+            readable_after(descs, HEADER_BYTES as u64, Some(data))?;
             RequestKind::Write
         }
         VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
@@ -238,7 +225,7 @@ pub fn parse_into(
             if has_writable {
                 return Err(ParseError::WrongDirection("discard or write-zeroes"));
             }
-            readable_after(descs, HEADER_BYTES as u64, data)?;
+            readable_after(descs, HEADER_BYTES as u64, Some(data))?;
             if kind == VIRTIO_BLK_T_DISCARD {
                 RequestKind::Discard
             } else {

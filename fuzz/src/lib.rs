@@ -26,6 +26,9 @@ pub const DISK_BYTES: u64 = 64 * 1024;
 /// Where the harness keeps its descriptor tables and rings (queue 0 at the start); the
 /// driver module lays them out so, below [`DATA_START`].
 pub const RINGS_START: u64 = 0x1_0000;
+/// The EVENT_IDX feature bit: targets clear it from the device's features to drive the rings
+/// without it.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// The fuzzer's bytes, read front to back; past the end every value reads as zero, so any
 /// input decodes to something.

@@ -21,7 +21,10 @@ use devices::virtio::block::request::{
 };
 use devices::virtio::chain;
 use devices::virtio::mmio::{STATUS_DRIVER_OK, STATUS_NEEDS_RESET};
-use keel_fuzz::{Buffer, Encoder, Input, Seed, ADDR_DATA, DATA_START, MEM_SIZE, WRITABLE};
+use keel_fuzz::{
+    Buffer, Encoder, Input, Seed, ADDR_DATA, DATA_START, MEM_SIZE, VIRTIO_RING_F_EVENT_IDX,
+    WRITABLE,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 libfuzzer_sys::fuzz_target!(
@@ -33,7 +36,6 @@ libfuzzer_sys::fuzz_target!(
 
 const MAX_DESCRIPTORS: u8 = 64;
 const QUEUE_SIZE: u16 = 256;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// What the parser said, the status byte the device wrote for a parsed request, and the
 /// length of the used entry.

@@ -20,7 +20,7 @@
 use devices::virtio::block::request::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN};
 use devices::virtio::mmio::{REG_STATUS, STATUS_DRIVER_OK, STATUS_NEEDS_RESET};
 use devices::virtio::rng::Rng;
-use keel_fuzz::{Driver, Encoder, Input, Seed, ADDR_DATA, ADDR_RINGS};
+use keel_fuzz::{Driver, Encoder, Input, Seed, ADDR_DATA, ADDR_RINGS, VIRTIO_RING_F_EVENT_IDX};
 use vm_memory::{Bytes, GuestAddress};
 
 libfuzzer_sys::fuzz_target!(
@@ -40,8 +40,6 @@ const SERVE: u8 = 5;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 const INDIRECT: u16 = 4;
-
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// The status register at the end, and how many used entries the driver read back.
 #[derive(Debug, PartialEq)]

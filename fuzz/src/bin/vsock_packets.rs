@@ -33,7 +33,7 @@ use devices::virtio::vsock::packet::{
 };
 use devices::virtio::vsock::unix::{connect, port_path};
 use devices::virtio::vsock::{Vsock, EVENT_TOKEN, RX_QUEUE, TX_QUEUE};
-use keel_fuzz::{Encoder, Input, Seed};
+use keel_fuzz::{Encoder, Input, Seed, VIRTIO_RING_F_EVENT_IDX};
 use vm_memory::{Bytes, GuestAddress};
 
 libfuzzer_sys::fuzz_target!(
@@ -46,7 +46,6 @@ libfuzzer_sys::fuzz_target!(
 const CID: u64 = 3;
 /// A host program listens for the guest's connections on this port.
 const PORT: u32 = 1024;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Receive buffers in 32 slots from the data area's start, transmit packets in 16 after them.
 const SLOT: u64 = 0x2000;
 const RX_SLOTS: u64 = 32;

@@ -58,9 +58,8 @@ use devices::virtio::block::BlockStats;
 
 use self::model::Chain;
 pub use self::seeds::seeds;
-use crate::{Driver, ImageDir, DATA_START, MEM_SIZE};
+use crate::{Driver, ImageDir, DATA_START, MEM_SIZE, VIRTIO_RING_F_EVENT_IDX};
 
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
 /// Operations per input, and chains (each has its own header and status byte).

@@ -14,23 +14,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
+use common::daemon::{free_port, Daemon};
 use common::*;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `keel vm console NAME` with the given API environment, stdin, stdout and stderr piped.
 fn console(name: &str, env: &[(&str, &str)]) -> Child {

@@ -31,11 +31,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::daemon::Daemon;
+use common::daemon::{free_port, Daemon};
 use common::*;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -203,14 +202,6 @@ fn children_of(parent: u32) -> Vec<u32> {
         }
     }
     pids
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn stderr_of(out: &std::process::Output) -> String {

@@ -234,6 +234,15 @@ impl Daemon {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on now (for `keel serve --listen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `keel vmm` processes whose run directory is under `state_dir`, found through /proc.
 pub fn vmm_pids_of(state_dir: &Path) -> Vec<u32> {
     let prefix = state_dir.join("vms").display().to_string();

@@ -2,8 +2,6 @@
 //! `keel ledger verify`, `keel sla report`, `keel token ...`. Tables for people, `--json` for
 //! scripts; an error is one line on stderr and a non-zero exit.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use api::events::LedgerVerification;
 use api::{
@@ -16,6 +14,7 @@ use serde_json::json;
 
 use crate::client::{query_value, Client, Endpoint, DEFAULT_SOCKET};
 use crate::console_attach;
+use crate::machine_args::MachineArgs;
 
 /// Where the API is and who the caller is; shared by every client command.
 #[derive(Args, Clone)]
@@ -74,27 +73,8 @@ pub enum VmCommand {
 #[derive(Args)]
 pub struct CreateArgs {
     name: String,
-    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..] (repeatable; as for keel run).
-    #[arg(long = "disk")]
-    disks: Vec<vmm::config::DiskConfig>,
-    /// tap=NAME[,mac=MAC][,bw=..][,iops=..] (repeatable; as for keel run).
-    #[arg(long = "net")]
-    nets: Vec<vmm::config::NetConfig>,
-    /// A virtio-rng device.
-    #[arg(long)]
-    rng: bool,
+    #[command(flatten)]
+    machine: MachineArgs,
     /// A virtio-vsock device with this guest CID; its host side is vsock.sock in the VM's run
     /// directory (`keel vm show` names it).
     #[arg(long, value_name = "CID")]
@@ -143,6 +123,7 @@ fn absolute(path: &std::path::Path) -> Result<String> {
 impl CreateArgs {
     fn spec(&self) -> Result<VmSpec> {
         let disks = self
+            .machine
             .disks
             .iter()
             .map(|d| {
@@ -155,6 +136,7 @@ impl CreateArgs {
             })
             .collect::<Result<Vec<_>>>()?;
         let nets = self
+            .machine
             .nets
             .iter()
             .map(|n| NetSpec {
@@ -170,14 +152,14 @@ impl CreateArgs {
             .collect();
         let spec = VmSpec {
             name: self.name.clone(),
-            kernel: absolute(&self.kernel)?,
-            initrd: self.initrd.as_deref().map(absolute).transpose()?,
-            cmdline: self.cmdline.clone(),
-            cpus: self.cpus,
-            memory_mib: self.memory,
+            kernel: absolute(&self.machine.kernel)?,
+            initrd: self.machine.initrd.as_deref().map(absolute).transpose()?,
+            cmdline: self.machine.cmdline.clone(),
+            cpus: self.machine.cpus,
+            memory_mib: self.machine.memory,
             disks,
             nets,
-            rng: self.rng,
+            rng: self.machine.rng,
             vsock: self.vsock_cid.map(|cid| VsockSpec { cid }),
             autostart: self.autostart,
         };

@@ -5,6 +5,9 @@
 mod cli;
 mod client;
 mod console_attach;
+mod machine_args;
+
+use machine_args::MachineArgs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,36 +131,8 @@ struct VmmArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID] with optional
-    /// limits bw=BYTES/s, bw_burst=, iops=OPS/s, iops_burst= (K/M/G decimal, Ki/Mi/Gi binary).
-    /// Repeatable.
-    #[arg(
-        long = "disk",
-        value_name = "path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]"
-    )]
-    disks: Vec<vmm::config::DiskConfig>,
-    /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC] with optional limits bw=, iops=
-    /// (as for --disk). Repeatable.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=..][,iops=..]")]
-    nets: Vec<vmm::config::NetConfig>,
-    /// A virtio-rng device fed by the host's getrandom.
-    #[arg(long)]
-    rng: bool,
+    #[command(flatten)]
+    machine: MachineArgs,
     /// A virtio-vsock device with guest CID N. Host programs reach guest port P by connecting
     /// to the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at
     /// the Unix socket PATH_P.
@@ -167,14 +142,14 @@ struct RunArgs {
 
 fn run(args: RunArgs) -> ExitCode {
     let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory_mib: args.memory,
-        disks: args.disks,
-        nets: args.nets,
-        rng: args.rng,
+        kernel: args.machine.kernel,
+        initrd: args.machine.initrd,
+        cmdline: args.machine.cmdline,
+        cpus: args.machine.cpus,
+        memory_mib: args.machine.memory,
+        disks: args.machine.disks,
+        nets: args.machine.nets,
+        rng: args.machine.rng,
         vsock: args.vsock,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
     };

@@ -1,0 +1,39 @@
+//! The options that describe a machine, shared by `keel run` and `keel vm create`.
+
+use std::path::PathBuf;
+
+/// The machine a VM is: kernel, vCPUs, memory and devices. `keel run` and `keel vm create`
+/// take the same options.
+#[derive(clap::Args)]
+pub struct MachineArgs {
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID] with optional
+    /// limits bw=BYTES/s, bw_burst=, iops=OPS/s, iops_burst= (K/M/G decimal, Ki/Mi/Gi binary).
+    /// Repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]"
+    )]
+    pub disks: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC] with optional limits bw=, iops=
+    /// (as for --disk). Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=..][,iops=..]")]
+    pub nets: Vec<vmm::config::NetConfig>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+}

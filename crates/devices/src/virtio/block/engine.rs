@@ -8,7 +8,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::inflight::{Inflight, Op, State};
-use super::request::{parse_into, ParseError, Parsed, RequestKind, SECTOR_SHIFT, SEGMENT_BYTES};
+use super::request::{
+    parse_into, status_descriptor, ParseError, Parsed, RequestKind, SECTOR_SHIFT, SEGMENT_BYTES,
+};
 use super::{
     Block, BlockStats, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
@@ -65,11 +67,8 @@ fn error_status_addr(descs: &[chain::Descriptor], e: &ParseError) -> Option<Gues
     if !e.has_status() {
         return None;
     }
-    descs
-        .iter()
-        .rev()
-        .find(|d| d.device_writable && d.len > 0)
-        .and_then(|d| d.addr.checked_add(u64::from(d.len) - 1))
+    status_descriptor(descs)
+        .and_then(|(_, d)| d.addr.checked_add(u64::from(d.len) - 1))
         .map(GuestAddress)
 }
 

@@ -82,7 +82,7 @@ pub struct Parsed {
 }
 
 /// The last device-writable descriptor that has bytes: it holds the status byte.
-fn status_descriptor(descs: &[Descriptor]) -> Option<(usize, &Descriptor)> {
+pub(super) fn status_descriptor(descs: &[Descriptor]) -> Option<(usize, &Descriptor)> {
     descs
         .iter()
         .enumerate()

@@ -16,6 +16,39 @@ pub struct Host {
     pub qemu_version: String,
 }
 
+impl Host {
+    /// This machine, now.
+    pub fn current(qemu_version: String) -> Host {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or(std::time::Duration::ZERO);
+        Host {
+            date_utc: utc_date(now.as_secs()),
+            cpu_model: crate::tools::cpu_model(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: crate::tools::kernel_release(),
+            pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+            qemu_version,
+        }
+    }
+
+    /// "CPU (n CPUs), Linux release, /dev/kvm: kind; QEMU version", the reports' host line.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} CPUs), Linux {}, /dev/kvm: {}; {}",
+            self.cpu_model,
+            self.cpus,
+            self.kernel,
+            if self.pvm {
+                "software PVM module (kvm_pvm)"
+            } else {
+                "hardware KVM"
+            },
+            self.qemu_version
+        )
+    }
+}
+
 /// One measured quantity for both VMMs.
 #[derive(Debug, Clone)]
 pub struct Metric {
@@ -102,19 +135,7 @@ pub fn render_table(results: &Results) -> String {
          interleaved",
         h.date_utc, results.runs, results.rss_samples
     );
-    let _ = writeln!(
-        out,
-        "Host: {} ({} CPUs), Linux {}, /dev/kvm: {}; {}",
-        h.cpu_model,
-        h.cpus,
-        h.kernel,
-        if h.pvm {
-            "software PVM module (kvm_pvm)"
-        } else {
-            "hardware KVM"
-        },
-        h.qemu_version
-    );
+    let _ = writeln!(out, "Host: {}", h.describe());
     out.push('\n');
     out.push_str(
         "| Metric | Keel median | Keel min | Keel max | QEMU median | QEMU min | QEMU max \

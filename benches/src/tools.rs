@@ -161,6 +161,14 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// The load averages over 1, 5 and 15 minutes: how busy the host is with other work.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The options of every benchmark that boots the probe under Keel and QEMU: where the probe,
 /// keel and QEMU are (each found or built when not given).
 #[derive(clap::Args, Debug, Clone)]

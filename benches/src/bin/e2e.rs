@@ -375,14 +375,14 @@ fn heading(host: &Host, args: &Args, keel: &Path, notes: &[String]) -> String {
         "{} UTC. Keel: {} (source tree at commit {}). {}. {} CPUs ({}), Linux {}, /dev/kvm \
          {}, load average {} at the start. {} measured runs per workload and configuration \
          (interleaved), about {} s each; medians. Notification suppression: {}.\n",
-        host.date_utc,
+        host.machine.date_utc,
         keel.display(),
         host.commit.as_deref().unwrap_or("unknown"),
-        host.qemu_version,
-        host.cpus,
-        host.cpu_model,
-        host.kernel,
-        if host.pvm {
+        host.machine.qemu_version,
+        host.machine.cpus,
+        host.machine.cpu_model,
+        host.machine.kernel,
+        if host.machine.pvm {
             "is the PVM module"
         } else {
             "is hardware KVM"

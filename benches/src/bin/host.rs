@@ -14,14 +14,14 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use keel_benches::procfs::{self, MemoryStatus};
-use keel_benches::report::utc_date;
+use keel_benches::report::Host;
 use keel_benches::runner::{self, Setup, Vmm, IDLE_SETTLE, MEMORY_MIB, READY_LINE, VCPUS};
-use keel_benches::tools::{self, Prepared, VmmPaths};
+use keel_benches::tools::{loadavg, Prepared, VmmPaths};
 
 use host::cleanup;
 use host::daemon::{Daemon, POLL, STEP_TIMEOUT};
@@ -59,13 +59,6 @@ fn mib(kib: u64) -> f64 {
 
 fn mibs(memory: &[MemoryStatus], kib: impl Fn(&MemoryStatus) -> u64) -> Vec<f64> {
     memory.iter().map(|m| mib(kib(m))).collect()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Every sample, in ms or MiB.
@@ -489,9 +482,7 @@ fn run(args: Args, work: &Path) -> Result<()> {
         ..
     } = args.vmm.prepare()?;
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
+    let machine = Host::current(qemu_version);
     let load_before = loadavg();
     let mut samples = Samples::default();
     cold_starts(&setup.keel, work, args.rounds, &mut samples)?;
@@ -501,21 +492,11 @@ fn run(args: Args, work: &Path) -> Result<()> {
     println!(
         "Keel host-daemon benchmark, {} UTC: {} rounds, {} VMs re-adopted per round; probe \
          guest `{GUEST_CMDLINE}`, {VCPUS} vCPU, {MEMORY_MIB} MiB",
-        utc_date(now.as_secs()),
-        args.rounds,
-        args.vms
+        machine.date_utc, args.rounds, args.vms
     );
     println!(
-        "Host: {} ({} CPUs), Linux {}, /dev/kvm: {}; {}; load average {} before, {} after",
-        tools::cpu_model(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        tools::kernel_release(),
-        if Path::new("/sys/module/kvm_pvm").exists() {
-            "software PVM module (kvm_pvm)"
-        } else {
-            "hardware KVM"
-        },
-        qemu_version,
+        "Host: {}; load average {} before, {} after",
+        machine.describe(),
         load_before,
         loadavg()
     );

@@ -4,9 +4,8 @@
 //! cargo run --release -p keel-benches --bin startup -- [--runs 20] [--probe-dir DIR]
 //!     [--keel PATH] [--qemu PATH] [--json]
 
-use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -14,7 +13,7 @@ use keel_benches::procfs::MemoryStatus;
 use keel_benches::report::{self, Host, Metric, Results};
 use keel_benches::runner::{self, BootTiming, Vmm};
 use keel_benches::stats::summarize;
-use keel_benches::tools::{self, Prepared, VmmPaths};
+use keel_benches::tools::{Prepared, VmmPaths};
 
 #[derive(Parser)]
 #[command(
@@ -33,22 +32,6 @@ struct Args {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
-}
-
-fn host(qemu_version: String) -> Host {
-    let cpu_model = tools::cpu_model();
-    let kernel = tools::kernel_release();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    Host {
-        date_utc: report::utc_date(now.as_secs()),
-        cpu_model,
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel,
-        pvm: Path::new("/sys/module/kvm_pvm").exists(),
-        qemu_version,
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -122,7 +105,7 @@ fn run(args: Args) -> Result<bool> {
         qemu_version,
         ..
     } = args.vmm.prepare()?;
-    let host = host(qemu_version);
+    let host = Host::current(qemu_version);
     let order = [Vmm::Keel, Vmm::Qemu];
 
     // One discarded boot each: loads the binaries and libraries into the page cache, and

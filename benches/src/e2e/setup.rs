@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
@@ -74,27 +73,13 @@ pub fn warm_page_cache(path: &Path) -> Result<()> {
 
 /// The machine, for the report's heading.
 pub struct Host {
-    pub date_utc: String,
-    pub cpu_model: String,
-    pub cpus: usize,
-    pub kernel: String,
-    pub pvm: bool,
+    pub machine: keel_benches::report::Host,
     pub load: String,
-    pub qemu_version: String,
     /// HEAD of the source tree, and whether Keel's sources differ from it.
     pub commit: Option<String>,
 }
 
 pub fn host(root: &Path, qemu_version: String) -> Host {
-    let cpu_model = keel_benches::tools::cpu_model();
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".to_string())
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -112,17 +97,8 @@ pub fn host(root: &Path, qemu_version: String) -> Host {
         }
     });
     Host {
-        date_utc: keel_benches::report::utc_date(now.as_secs()),
-        cpu_model,
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel: keel_benches::tools::kernel_release(),
-        pvm: Path::new("/sys/module/kvm_pvm").exists(),
-        load: read("/proc/loadavg")
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        qemu_version,
+        machine: keel_benches::report::Host::current(qemu_version),
+        load: keel_benches::tools::loadavg(),
         commit,
     }
 }

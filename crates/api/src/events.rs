@@ -122,9 +122,6 @@ pub struct Event {
     pub hash: String,
 }
 
-/// Alias that says what the rows are when they are read as evidence.
-pub type LedgerEntry = Event;
-
 /// The outcome of checking the ledger's hash chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LedgerVerification {

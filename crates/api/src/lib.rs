@@ -7,7 +7,7 @@ pub mod events;
 pub mod host;
 pub mod vm;
 
-pub use events::{Cause, Event, EventKind, LedgerEntry, SlaReport};
+pub use events::{Cause, Event, EventKind, SlaReport};
 pub use host::{HostHealth, HostStatus, Incident, NewToken, TokenInfo, TokenRequest};
 pub use vm::{DiskSpec, NetSpec, RateLimits, VmInfo, VmSpec, VmState, VsockSpec};
 

@@ -110,7 +110,6 @@ impl Need {
 pub struct Caller {
     /// "uid:0" or "token:NAME": the actor in the ledger.
     pub actor: String,
-    pub peer: Peer,
     /// A warning to send back (the token expires soon or has expired).
     pub warning: Option<String>,
 }
@@ -151,16 +150,15 @@ pub fn new_secret() -> std::io::Result<String> {
 
 /// Decides whether `peer` with `bearer` may do what `need` says, at wall-clock `now_ms`.
 pub fn authorize(
-    peer: Peer,
+    peer: &Peer,
     bearer: Option<&str>,
     tokens: &[TokenRow],
     need: Need,
     now_ms: i64,
 ) -> Result<Caller, Error> {
-    if let Peer::Unix { uid, .. } = peer {
+    if let Peer::Unix { uid, .. } = *peer {
         return Ok(Caller {
             actor: format!("uid:{uid}"),
-            peer,
             warning: None,
         });
     }
@@ -199,7 +197,6 @@ pub fn authorize(
     }
     Ok(Caller {
         actor: format!("token:{}", token.name),
-        peer,
         warning,
     })
 }
@@ -254,21 +251,21 @@ mod tests {
             token("ops", "operator", "s2", None),
         ];
         assert_eq!(
-            authorize(tcp(), None, &tokens, Need::Read, 0).unwrap_err(),
+            authorize(&tcp(), None, &tokens, Need::Read, 0).unwrap_err(),
             Error::Missing
         );
         assert_eq!(
-            authorize(tcp(), Some("nope"), &tokens, Need::Read, 0).unwrap_err(),
+            authorize(&tcp(), Some("nope"), &tokens, Need::Read, 0).unwrap_err(),
             Error::Unknown
         );
-        assert!(authorize(tcp(), Some("s1"), &tokens, Need::Read, 0).is_ok());
+        assert!(authorize(&tcp(), Some("s1"), &tokens, Need::Read, 0).is_ok());
         assert!(matches!(
-            authorize(tcp(), Some("s1"), &tokens, Need::Operate, 0),
+            authorize(&tcp(), Some("s1"), &tokens, Need::Operate, 0),
             Err(Error::Forbidden { .. })
         ));
-        let caller = authorize(tcp(), Some("s2"), &tokens, Need::Create, 0).unwrap();
+        let caller = authorize(&tcp(), Some("s2"), &tokens, Need::Create, 0).unwrap();
         assert_eq!(caller.actor, "token:ops");
-        let unix = authorize(Peer::Unix { uid: 1000, pid: 5 }, None, &[], Need::Admin, 0);
+        let unix = authorize(&Peer::Unix { uid: 1000, pid: 5 }, None, &[], Need::Admin, 0);
         assert_eq!(unix.unwrap().actor, "uid:1000");
     }
 
@@ -276,11 +273,11 @@ mod tests {
     fn an_expired_token_still_operates_existing_vms_but_creates_nothing() {
         let tokens = [token("old", "admin", "s", Some(1_000))];
         let late = 4_102_444_800_000; // 2100-01-01
-        let operate = authorize(tcp(), Some("s"), &tokens, Need::Operate, late).unwrap();
+        let operate = authorize(&tcp(), Some("s"), &tokens, Need::Operate, late).unwrap();
         assert!(operate.warning.unwrap().contains("expired"));
-        assert!(authorize(tcp(), Some("s"), &tokens, Need::Read, late).is_ok());
+        assert!(authorize(&tcp(), Some("s"), &tokens, Need::Read, late).is_ok());
         assert!(matches!(
-            authorize(tcp(), Some("s"), &tokens, Need::Create, late),
+            authorize(&tcp(), Some("s"), &tokens, Need::Create, late),
             Err(Error::Expired { .. })
         ));
         assert_eq!(expiry_warnings(&tokens, late).len(), 1);
@@ -289,7 +286,7 @@ mod tests {
     #[test]
     fn expiry_is_warned_ahead() {
         let tokens = [token("soon", "viewer", "s", Some(EXPIRY_WARNING_MS))];
-        let caller = authorize(tcp(), Some("s"), &tokens, Need::Read, 1).unwrap();
+        let caller = authorize(&tcp(), Some("s"), &tokens, Need::Read, 1).unwrap();
         assert!(caller.warning.unwrap().contains("expires at"));
         assert!(expiry_warnings(&tokens, -EXPIRY_WARNING_MS - 1).is_empty());
     }

@@ -110,7 +110,7 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
     };
     let need = need_of(&method, &path);
     let (actor, mut response) =
-        match auth::authorize(peer.clone(), bearer.as_deref(), &tokens, need, now_ms()) {
+        match auth::authorize(&peer, bearer.as_deref(), &tokens, need, now_ms()) {
             Ok(caller) => {
                 let actor = caller.actor.clone();
                 let warning = caller.warning.clone();

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::stats::Summary;
+use crate::stats::{ratio, Summary};
 
 /// The machine and software the figures come from.
 #[derive(Debug, Clone)]
@@ -63,10 +63,7 @@ pub struct Metric {
 impl Metric {
     /// Keel's median over QEMU's median.
     pub fn ratio(&self) -> Option<f64> {
-        match (self.keel, self.qemu) {
-            (Some(k), Some(q)) if q.median > 0.0 => Some(k.median / q.median),
-            _ => None,
-        }
+        ratio(self.keel.map(|s| s.median), self.qemu.map(|s| s.median))
     }
 }
 
@@ -121,7 +118,8 @@ impl Results {
     }
 }
 
-fn cell(value: Option<f64>) -> String {
+/// A figure to two decimals, or "-".
+pub fn cell(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
 }
 

@@ -22,6 +22,14 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     }
 }
 
+/// `a` over `b`, when both are there and `b` is positive.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 /// Median, minimum and maximum; `None` for no samples.
 pub fn summarize(samples: &[f64]) -> Option<Summary> {
     let median = median(samples)?;

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde_json::{json, Value};
 
 use super::Run;
-use crate::stats::median;
+use crate::stats::{median, ratio};
 
 /// Keel's figure over fio's that the issue asks for.
 pub const GOAL_RATIO: f64 = 0.9;
@@ -50,14 +50,6 @@ pub struct Row {
     pub fio_uring: Vec<Run>,
     /// The hybrid prototype: page-cache hits by non-blocking preadv2, misses on io_uring.
     pub hybrid: Vec<Run>,
-}
-
-/// `a` over `b`, when both are there.
-pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    }
 }
 
 /// The median over the runs of a figure of each run.

@@ -3,7 +3,8 @@
 
 use std::fmt::Write;
 
-use keel_benches::stats::{summarize, Summary};
+use keel_benches::report::cell;
+use keel_benches::stats::{ratio, summarize, Summary};
 
 /// One figure.
 #[derive(Debug, Clone)]
@@ -26,15 +27,8 @@ impl Row {
 
     /// Keel's median over QEMU's median.
     pub fn ratio(&self) -> Option<f64> {
-        match (self.keel, self.qemu) {
-            (Some(k), Some(q)) if q.median > 0.0 => Some(k.median / q.median),
-            _ => None,
-        }
+        ratio(self.keel.map(|s| s.median), self.qemu.map(|s| s.median))
     }
-}
-
-fn cell(value: Option<f64>) -> String {
-    value.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
 }
 
 fn count(summary: Option<Summary>) -> String {

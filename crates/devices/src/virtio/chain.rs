@@ -89,18 +89,18 @@ pub fn pop_into(
     Ok(Some(head))
 }
 
+/// The host iovec for one guest buffer; None if any part lies outside guest RAM.
+pub fn iovec(mem: &GuestMemoryMmap, segment: &Segment) -> Option<libc::iovec> {
+    let slice = mem.get_slice(segment.addr, segment.len as usize).ok()?;
+    Some(libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: segment.len as usize,
+    })
+}
+
 /// Host iovecs for guest buffers; None if any part lies outside guest RAM.
 pub fn iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> Option<Vec<libc::iovec>> {
-    segments
-        .iter()
-        .map(|s| {
-            let slice = mem.get_slice(s.addr, s.len as usize).ok()?;
-            Some(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: s.len as usize,
-            })
-        })
-        .collect()
+    segments.iter().map(|s| iovec(mem, s)).collect()
 }
 
 /// Total length of the segments.

@@ -17,9 +17,10 @@
 
 use std::collections::VecDeque;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::request::Segment;
+use crate::virtio::chain;
 
 /// Host iovecs into guest memory, reused from request to request.
 #[derive(Default)]
@@ -36,13 +37,10 @@ impl IoVecs {
     pub fn fill(&mut self, mem: &GuestMemoryMmap, segments: &[Segment]) -> bool {
         self.0.clear();
         for s in segments {
-            let Ok(slice) = mem.get_slice(s.addr, s.len as usize) else {
+            let Some(iov) = chain::iovec(mem, s) else {
                 return false;
             };
-            self.0.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: s.len as usize,
-            });
+            self.0.push(iov);
         }
         true
     }

@@ -1,6 +1,6 @@
 //! The types Keel's processes speak: the REST API of `keel serve` (and so the CLI), and the
-//! control socket of each `keel vmm`. Serde types only; no I/O. The OpenAPI document is
-//! generated from them (utoipa).
+//! control socket of each `keel vmm`. Serde types, and the one way their state files are
+//! written (`control::write_atomically`). The OpenAPI document is generated from them (utoipa).
 
 pub mod control;
 pub mod events;

@@ -2,7 +2,6 @@
 //! talking to its control socket, and learning (through a pidfd) the moment it ends, whether
 //! the daemon started it or re-adopted it.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -103,28 +102,13 @@ impl RunDir {
     }
 }
 
-/// Temp file, fsync, rename, fsync of the directory: the file is either old or new, never
-/// half written, after a crash at any point.
+/// `api::control::write_atomically`, owner-only, with this module's error.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |what: &'static str| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { what, path, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("writing"))?;
-    file.write_all(bytes).map_err(io("writing"))?;
-    file.sync_all().map_err(io("syncing"))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into place"))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing the directory of"))
+    api::control::write_atomically(path, bytes, 0o600).map_err(|source| Error::Io {
+        what: "writing atomically",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Starts `keel vmm --dir RUN_DIR` in its own session, so that neither a signal to the

@@ -9,7 +9,7 @@
 //! A VMM killed outright leaves no `exit.json`: that is how the daemon tells a VMM crash.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -197,27 +197,7 @@ fn now_ms() -> i64 {
 pub fn write_exit_record(dir: &Path, record: &ExitRecord) -> io::Result<()> {
     let mut json = serde_json::to_vec(record).map_err(io::Error::other)?;
     json.push(b'\n');
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        files::EXIT_RECORD,
-        std::process::id()
-    ));
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        file.write_all(&json)?;
-        file.sync_all()?;
-        fs::rename(&tmp, dir.join(files::EXIT_RECORD))
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    File::open(dir)?.sync_all()
+    api::control::write_atomically(&dir.join(files::EXIT_RECORD), &json, 0o644)
 }
 
 #[cfg(test)]

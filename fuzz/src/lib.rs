@@ -28,7 +28,7 @@ pub const DISK_BYTES: u64 = 64 * 1024;
 pub const RINGS_START: u64 = 0x1_0000;
 /// The EVENT_IDX feature bit: targets clear it from the device's features to drive the rings
 /// without it.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use devices::virtio::device::VIRTIO_RING_F_EVENT_IDX;
 
 /// The fuzzer's bytes, read front to back; past the end every value reads as zero, so any
 /// input decodes to something.

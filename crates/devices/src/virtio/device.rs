@@ -8,6 +8,8 @@ use vm_memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: Keel's devices are modern (virtio 1.x) only.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX` as a feature mask: used/avail event indexes.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Device types (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;

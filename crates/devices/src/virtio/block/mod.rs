@@ -45,7 +45,10 @@ use vm_memory::GuestMemoryMmap;
 
 use self::inflight::{Inflight, IoVecs};
 use self::request::{Descriptor, Segment, ID_BYTES, SECTOR_SHIFT};
-use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::device::{
+    read_config_bytes, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::rate_limiter::RateLimiter;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -53,7 +56,6 @@ const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 const VIRTIO_BLK_S_OK: u8 = 0;
 const VIRTIO_BLK_S_IOERR: u8 = 1;

@@ -36,7 +36,7 @@ pub(super) fn in_the_window() {
         hook();
     }
 }
-const EVENT_IDX: u64 = 1 << 29;
+use crate::virtio::device::VIRTIO_RING_F_EVENT_IDX as EVENT_IDX;
 
 fn buffer(i: u64) -> Buffer {
     Buffer {

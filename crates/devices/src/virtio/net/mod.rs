@@ -15,7 +15,10 @@ use vm_memory::GuestMemoryMmap;
 use self::frame::VNET_HDR_LEN;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::chain;
-use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::device::{
+    read_config_bytes, DeviceError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::rate_limiter::RateLimiter;
 
 const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -26,7 +29,6 @@ const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
 const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const LINK_UP: u16 = 1;
 
 pub const QUEUE_SIZE: u16 = 256;

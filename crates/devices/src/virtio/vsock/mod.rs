@@ -27,11 +27,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use self::muxer::Muxer;
-use super::device::{read_config_bytes, DeviceError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::device::{
+    read_config_bytes, DeviceError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 
 pub use self::muxer::Counters;
-
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;

@@ -5,12 +5,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::virtio::device::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::mmio::{CONFIG_SPACE, REG_DEVICE_ID, REG_STATUS};
 use crate::virtio::vsock::connection::BUF_ALLOC;
 use crate::virtio::vsock::packet::*;
 use crate::virtio::vsock::Error;
-
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 #[test]
 fn device_identity_config_and_features() {

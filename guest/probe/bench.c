@@ -570,15 +570,6 @@ static void net_bench(const char *name, u64 frames, bool rx)
 
 /* ---- virtio-vsock --------------------------------------------------------- */
 
-#define HOST_CID     2
-#define TYPE_STREAM  1
-#define OP_REQUEST   1
-#define OP_RESPONSE  2
-#define OP_RST       3
-#define OP_SHUTDOWN  4
-#define OP_RW        5
-#define OP_CREDIT_UPDATE  6
-#define OP_CREDIT_REQUEST 7
 #define VS_HDR       44
 #define VS_LOCAL     1025		/* the bench's local port */
 #define VS_ALLOC     65536		/* buf_alloc sent; nothing is received */

@@ -217,6 +217,17 @@ void crash_triplefault(void) __attribute__((noreturn));
 void crash_badinsn(void) __attribute__((noreturn));
 extern const u8 tramp_start[], tramp_end[];
 
+/* virtio-vsock (spec 5.10): the host's CID, the stream type, packet ops (vsock.c, bench.c). */
+#define HOST_CID     2
+#define TYPE_STREAM  1
+#define OP_REQUEST   1
+#define OP_RESPONSE  2
+#define OP_RST       3
+#define OP_SHUTDOWN  4
+#define OP_RW        5
+#define OP_CREDIT_UPDATE  6
+#define OP_CREDIT_REQUEST 7
+
 void *memcpy(void *d, const void *s, unsigned long n);
 void *memset(void *d, int c, unsigned long n);
 

@@ -7,15 +7,6 @@
  */
 #include "probe.h"
 
-#define HOST_CID     2
-#define TYPE_STREAM  1
-#define OP_REQUEST   1
-#define OP_RESPONSE  2
-#define OP_RST       3
-#define OP_SHUTDOWN  4
-#define OP_RW        5
-#define OP_CREDIT_UPDATE  6
-#define OP_CREDIT_REQUEST 7
 #define SHUT_BOTH    3			/* receive (1) and send (2) */
 
 #define RX_BUFS      4

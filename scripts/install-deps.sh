@@ -5,8 +5,8 @@ set -euo pipefail
 
 # make and binutils build the probe guest; the rest are used by guest/linux/build.sh
 # (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv,
-# faketime; iasl from acpica-tools decompiles Keel's DSDT).
-needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime)
+# faketime; iasl from acpica-tools decompiles Keel's DSDT; mke2fs and sfdisk build boot disks).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk)
 missing=()
 for pkg in "${needed[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

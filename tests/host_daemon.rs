@@ -289,7 +289,9 @@ fn malformed_requests_get_a_4xx_with_a_message() {
     let cases: Vec<(String, u16)> =
         vec![
         (post("/vms", "{not json"), 400),
-        (post("/vms", r#"{"name":"a"}"#), 422),
+        // Neither kernel nor disk: refused by the definition's checks.
+        (post("/vms", r#"{"name":"a"}"#), 400),
+        (post("/vms", r#"{"name":"a","kernel":7}"#), 422),
         (post("/vms", r#"{"name":"a","kernel":"/k","cpux":1}"#), 422),
         (post("/vms", r#"{"name":"../etc","kernel":"/k"}"#), 400),
         (post("/vms", r#"{"name":"a","kernel":"/k","cpus":0}"#), 400),
@@ -407,6 +409,156 @@ fn a_host_reboot_is_recorded_and_autostart_vms_start() {
     daemon.restart();
     assert_eq!(daemon.state("auto"), "stopped");
     let _ = std::fs::remove_file(&boot_id);
+}
+
+/// The VM's state rows after `seq`, oldest first: (to, cause, actor, detail).
+fn state_rows_after(daemon: &Daemon, vm: &str, seq: i64) -> Vec<(String, String, String, String)> {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    daemon
+        .json(&["events", "--vm", vm, "--kind", "state", "--limit", "1000"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["seq"].as_i64().unwrap() > seq)
+        .map(|e| {
+            (
+                text(&e["to"]),
+                text(&e["cause"]),
+                text(&e["actor"]),
+                text(&e["detail"]),
+            )
+        })
+        .collect()
+}
+
+fn last_seq(daemon: &Daemon) -> i64 {
+    daemon.json(&["events", "--limit", "1"])[0]["seq"]
+        .as_i64()
+        .unwrap()
+}
+
+fn vm_pid(daemon: &Daemon, vm: &str) -> Option<u32> {
+    daemon.json(&["vm", "show", vm])["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+/// An operator's reboot is a stop and a start, both the operator's, in the ledger; and it
+/// survives a `kill -9` of the daemon in its middle: the restarted daemon finishes it, the
+/// VM runs again on a new VMM, and the ledger still shows the operator's stop and start.
+#[test]
+fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
+    if !kvm_available("an_operators_reboot_survives_a_daemon_killed_in_its_middle") {
+        return;
+    }
+    let mut daemon = Daemon::start("rebootkill");
+    daemon.create_probe_vm("a", &["--start"]);
+    let actor = daemon.json(&["events", "--vm", "a", "--kind", "state", "--limit", "1"])[0]
+        ["actor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(actor.starts_with("uid:"), "{actor}");
+    let operator = |to: &str| (to.to_string(), "operator".to_string(), actor.clone());
+    let without_detail = |rows: &[(String, String, String, String)]| {
+        rows.iter()
+            .map(|(to, cause, actor, _)| (to.clone(), cause.clone(), actor.clone()))
+            .collect::<Vec<_>>()
+    };
+
+    // Undisturbed: one stop, one start, nothing started twice.
+    let first = vm_pid(&daemon, "a").unwrap();
+    let seq = last_seq(&daemon);
+    daemon.ok(&["vm", "reboot", "a"]);
+    let rows = state_rows_after(&daemon, "a", seq);
+    assert_eq!(
+        without_detail(&rows),
+        [
+            operator("stopped"),
+            operator("starting"),
+            operator("running")
+        ],
+        "{rows:#?}"
+    );
+    assert_eq!(rows[0].3, "rebooted by the operator", "{rows:#?}");
+    let old = vm_pid(&daemon, "a").unwrap();
+    assert_ne!(old, first);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !daemon.log().contains("after its reboot failed"),
+        "{}",
+        daemon.log()
+    );
+
+    // The VMM is frozen, so the next reboot's Stop waits in its control socket; the daemon is
+    // killed once it has stored what it is doing, before the VMM ends.
+    // SAFETY: kill(2) on the VMM's pid, alive: the daemon shows it running.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGSTOP) }, 0);
+    let seq = last_seq(&daemon);
+    let mut reboot = Command::new(KEEL)
+        .args(["vm", "reboot", "a"])
+        .env("KEEL_API", daemon.socket())
+        .env_remove("KEEL_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let intent: Option<String> = db
+            .query_row("SELECT stop_intent FROM vms WHERE name = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        if intent.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reboot never began");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(db);
+    // Time to write the Stop to the socket. Had it not, the restarted daemon finds the VMM
+    // still running and stops it itself: the reboot is finished all the same.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+    let _ = reboot.wait();
+    // SAFETY: as above; the VMM was stopped, not ended, so the pid is still its own.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGCONT) }, 0);
+    // The VMM takes the Stop that waited for it and ends while no daemon runs.
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while daemon.vmm_pids().contains(&old) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    daemon.restart();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !(daemon.state("a") == "running" && vm_pid(&daemon, "a").is_some_and(|p| p != old)) {
+        assert!(
+            Instant::now() < deadline,
+            "the reboot was lost: VM a is {} (pid {:?}, the old VMM was {old}):\n{}",
+            daemon.state("a"),
+            vm_pid(&daemon, "a"),
+            daemon.ok(&["events", "--limit", "30"])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rows = state_rows_after(&daemon, "a", seq);
+    assert_eq!(
+        without_detail(&rows),
+        [
+            operator("stopped"),
+            operator("starting"),
+            operator("running")
+        ],
+        "{rows:#?}"
+    );
+    assert_eq!(rows[0].3, "rebooted by the operator", "{rows:#?}");
+    assert_eq!(daemon.vmm_pids(), vec![vm_pid(&daemon, "a").unwrap()]);
+    let verified = daemon.ok(&["ledger", "verify"]);
+    assert!(verified.starts_with("ledger verified: "), "{verified}");
+    daemon.ok(&["vm", "stop", "a"]);
 }
 
 fn sorted(mut v: Vec<u32>) -> Vec<u32> {

@@ -13,10 +13,15 @@ pub struct VmSpec {
     /// Unique on the host: lowercase letters, digits, '-', '_' and '.', starting with a letter
     /// or digit, at most 63 characters.
     pub name: String,
-    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
-    pub kernel: String,
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage. Absent: disk boot,
+    /// the kernel, initrd and options the first disk holds (Boot Loader Specification entries
+    /// or Debian's /vmlinuz on an ext2/3/4 filesystem; docs/host.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initial ramdisk; only with a kernel file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// Kernel command line; with disk boot, added after the disk's own options.
     #[serde(default)]
     pub cmdline: String,
     #[serde(default = "default_cpus")]
@@ -119,6 +124,12 @@ pub enum SpecError {
     BadCpus(u32),
     #[error("memory_mib {0}: a VM needs at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall(u64),
+    #[error("no kernel and no disk: give a kernel, or a disk that holds one to boot from it")]
+    NothingToBoot,
+    #[error(
+        "an initrd needs a kernel: a VM that boots from its disk takes the initrd from the disk"
+    )]
+    InitrdWithoutKernel,
     #[error("{what} path is empty")]
     EmptyPath { what: &'static str },
     #[error("{what} path '{path}' is relative; give an absolute path (the daemon's working directory is not yours)")]
@@ -167,7 +178,12 @@ impl VmSpec {
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(SpecError::MemoryTooSmall(self.memory_mib));
         }
-        check_path("kernel", &self.kernel)?;
+        match &self.kernel {
+            Some(kernel) => check_path("kernel", kernel)?,
+            None if self.disks.is_empty() => return Err(SpecError::NothingToBoot),
+            None if self.initrd.is_some() => return Err(SpecError::InitrdWithoutKernel),
+            None => {}
+        }
         if let Some(initrd) = &self.initrd {
             check_path("initrd", initrd)?;
         }
@@ -292,12 +308,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("relative"));
-        spec.kernel = "/k".into();
+        spec.kernel = Some("/k".into());
         spec.cpus = 33;
         assert_eq!(spec.validate(), Err(SpecError::BadCpus(33)));
         spec.cpus = 1;
         spec.memory_mib = 4;
         assert_eq!(spec.validate(), Err(SpecError::MemoryTooSmall(4)));
+    }
+
+    #[test]
+    fn a_vm_without_a_kernel_boots_from_its_first_disk() {
+        let spec: VmSpec =
+            serde_json::from_str(r#"{"name":"a","disks":[{"path":"/d.img"}]}"#).unwrap();
+        assert_eq!(spec.kernel, None);
+        assert!(spec.validate().is_ok());
+        let bare: VmSpec = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!(bare.validate(), Err(SpecError::NothingToBoot));
+        let initrd: VmSpec =
+            serde_json::from_str(r#"{"name":"a","initrd":"/rd","disks":[{"path":"/d.img"}]}"#)
+                .unwrap();
+        assert_eq!(initrd.validate(), Err(SpecError::InitrdWithoutKernel));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! file and guest buffers (no copy through the VMM): synchronous here, asynchronous through
 //! an io_uring in [`uring`].
 
+pub mod boot;
 pub mod uring;
 
 use std::fs::{File, OpenOptions};

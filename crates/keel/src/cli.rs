@@ -152,7 +152,7 @@ impl CreateArgs {
             .collect();
         let spec = VmSpec {
             name: self.name.clone(),
-            kernel: absolute(&self.machine.kernel)?,
+            kernel: self.machine.kernel.as_deref().map(absolute).transpose()?,
             initrd: self.machine.initrd.as_deref().map(absolute).transpose()?,
             cmdline: self.machine.cmdline.clone(),
             cpus: self.machine.cpus,
@@ -287,7 +287,12 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 ),
                 ("cpus", s.cpus.to_string()),
                 ("memory", format!("{} MiB", s.memory_mib)),
-                ("kernel", s.kernel.clone()),
+                (
+                    "kernel",
+                    s.kernel
+                        .clone()
+                        .unwrap_or_else(|| "from the first disk (disk boot)".into()),
+                ),
                 ("initrd", s.initrd.clone().unwrap_or_else(|| "-".into())),
                 ("cmdline", s.cmdline.clone()),
                 ("autostart", s.autostart.to_string()),

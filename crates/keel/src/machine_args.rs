@@ -6,13 +6,15 @@ use std::path::PathBuf;
 /// take the same options.
 #[derive(clap::Args)]
 pub struct MachineArgs {
-    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage.
+    /// Kernel: an ELF vmlinux (PVH entry if it has the note) or a bzImage. Without it the VM
+    /// boots from its first --disk: the kernel, initrd and options on that disk (Boot Loader
+    /// Specification entries, or Debian's /vmlinuz, on an ext2/3/4 filesystem).
     #[arg(long)]
-    pub kernel: PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (with --kernel).
+    #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line (with disk boot: added after the disk's options).
     #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Number of vCPUs (1 to 32).

@@ -11,7 +11,8 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// The kernel file; `None` boots from the first disk (`disk::boot` finds the kernel there).
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub cpus: u32,
@@ -242,6 +243,12 @@ pub enum Error {
     MemoryBeyondHost { asked: u64, host: u64 },
     #[error("kernel {path}: {reason}")]
     Kernel { path: PathBuf, reason: String },
+    #[error("no kernel and no disk: give --kernel FILE, or a --disk that holds a kernel to boot from it")]
+    NothingToBoot,
+    #[error(
+        "--initrd needs --kernel: a VM that boots from its disk takes the initrd from the disk"
+    )]
+    InitrdWithoutKernel,
     #[error("--disk {path}: {reason}")]
     Disk { path: PathBuf, reason: String },
     #[error("{asked} virtio devices asked for; at most {max} fit")]
@@ -359,7 +366,7 @@ impl VmConfig {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(VmConfig {
-            kernel: spec.kernel.clone().into(),
+            kernel: spec.kernel.clone().map(PathBuf::from),
             initrd: spec.initrd.clone().map(PathBuf::from),
             cmdline: spec.cmdline.clone(),
             cpus: spec.cpus,
@@ -404,10 +411,15 @@ impl VmConfig {
                 });
             }
         }
-        check_file(&self.kernel).map_err(|reason| Error::Kernel {
-            path: self.kernel.clone(),
-            reason,
-        })?;
+        match &self.kernel {
+            Some(kernel) => check_file(kernel).map_err(|reason| Error::Kernel {
+                path: kernel.clone(),
+                reason,
+            })?,
+            None if self.disks.is_empty() => return Err(Error::NothingToBoot),
+            None if self.initrd.is_some() => return Err(Error::InitrdWithoutKernel),
+            None => {}
+        }
         if let Some(initrd) = &self.initrd {
             check_file(initrd).map_err(|reason| Error::Initrd {
                 path: initrd.clone(),
@@ -451,7 +463,7 @@ mod tests {
 
     fn config() -> VmConfig {
         VmConfig {
-            kernel: "/proc/self/exe".into(),
+            kernel: Some("/proc/self/exe".into()),
             initrd: None,
             cmdline: String::new(),
             cpus: 1,
@@ -617,7 +629,7 @@ mod tests {
                 "nets":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"}]}"#,
         )
         .unwrap();
-        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.kernel, Some(PathBuf::from("/k")));
         assert_eq!(c.initrd, Some(PathBuf::from("/rd")));
         assert_eq!(
             (c.cmdline.as_str(), c.cpus, c.memory_mib),
@@ -665,14 +677,14 @@ mod tests {
     #[test]
     fn missing_and_directory_kernels_are_named() {
         let e = VmConfig {
-            kernel: "/nonexistent/vmlinux".into(),
+            kernel: Some("/nonexistent/vmlinux".into()),
             ..config()
         }
         .validate()
         .unwrap_err();
         assert_eq!(e.to_string(), "kernel /nonexistent/vmlinux: no such file");
         let e = VmConfig {
-            kernel: "/".into(),
+            kernel: Some("/".into()),
             ..config()
         }
         .validate()

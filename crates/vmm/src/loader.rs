@@ -1,9 +1,10 @@
 //! Loading the kernel (an ELF with or without a PVH note, or a bzImage) and the initrd into
-//! guest memory, with `linux-loader`, and choosing the boot entry.
+//! guest memory, with `linux-loader`, and choosing the boot entry. They come from files, or
+//! from the boot disk (disk boot: `disk::boot` finds them in the guest's filesystem).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::rc::Rc;
 
 use arch::boot::{initrd_ceiling, InitrdPlacement};
 use arch::layout::HIGH_MEMORY_START;
@@ -12,7 +13,9 @@ use linux_loader::bootparam::setup_header;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
+
+use crate::config::VmConfig;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// "HdrS" at 0x202 marks a Linux boot-protocol image.
@@ -52,6 +55,20 @@ pub enum Error {
     },
     #[error("initrd {path}: loading it failed: {reason}")]
     Initrd { path: String, reason: String },
+    #[error("no kernel given and no disk to boot from: give a kernel file, or a disk that holds one (disk boot uses the first disk)")]
+    NoBootDisk,
+    #[error("boot disk {path}: opening it failed: {source}")]
+    OpenBootDisk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("boot disk {path}: {source}")]
+    DiskBoot {
+        path: String,
+        #[source]
+        source: disk::boot::Error,
+    },
 }
 
 /// A kernel in guest memory and how to enter it.
@@ -67,7 +84,7 @@ enum Format {
     BzImage,
 }
 
-fn sniff(file: &mut File) -> std::io::Result<Option<Format>> {
+fn sniff<F: Read + Seek>(file: &mut F) -> std::io::Result<Option<Format>> {
     let mut magic = [0u8; 4];
     file.seek(SeekFrom::Start(0))?;
     if file.read_exact(&mut magic).is_ok() && &magic == ELF_MAGIC {
@@ -91,18 +108,107 @@ fn ran_out_of_memory(e: &linux_loader::loader::Error) -> bool {
     )
 }
 
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    mem_size: u64,
-) -> Result<LoadedKernel, Error> {
-    let name = path.display().to_string();
+/// What the guest boots: kernel and initrd in guest memory, and its command line.
+pub struct Boot {
+    pub kernel: LoadedKernel,
+    pub initrd: Option<InitrdPlacement>,
+    pub cmdline: String,
+}
+
+/// Loads the VM's kernel file and initrd, or, with no kernel file, what its first disk holds.
+pub fn load(mem: &GuestMemoryMmap, config: &VmConfig, mem_size: u64) -> Result<Boot, Error> {
+    let Some(kernel_path) = &config.kernel else {
+        return load_from_disk(mem, config, mem_size);
+    };
+    let name = kernel_path.display().to_string();
     let read_err = |source| Error::Read {
         path: name.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let format = sniff(&mut file).map_err(read_err)?;
+    let mut file = File::open(kernel_path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let kernel = load_kernel(mem, &mut file, size, &name, mem_size)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let name = path.display().to_string();
+            let initrd_err = |e: std::io::Error| Error::Initrd {
+                path: name.clone(),
+                reason: e.to_string(),
+            };
+            let mut file = File::open(path).map_err(initrd_err)?;
+            let size = file.metadata().map_err(initrd_err)?.len();
+            Some(load_initrd(
+                mem, &mut file, size, &name, mem_size, kernel.end,
+            )?)
+        }
+        None => None,
+    };
+    Ok(Boot {
+        kernel,
+        initrd,
+        cmdline: config.cmdline.clone(),
+    })
+}
+
+fn load_from_disk(mem: &GuestMemoryMmap, config: &VmConfig, mem_size: u64) -> Result<Boot, Error> {
+    let disk = config.disks.first().ok_or(Error::NoBootDisk)?;
+    let path = disk.path.display().to_string();
+    let file = File::open(&disk.path)
+        .and_then(disk::boot::FileImage::new)
+        .map_err(|source| Error::OpenBootDisk {
+            path: path.clone(),
+            source,
+        })?;
+    let found = disk::boot::find(Rc::new(file), mem_size).map_err(|source| Error::DiskBoot {
+        path: path.clone(),
+        source,
+    })?;
+    eprintln!("keel: booting from disk {path}: {}", found.source);
+    let kernel_name = format!("{path} ({})", found.source);
+    let size = found.kernel.len() as u64;
+    let kernel = load_kernel(
+        mem,
+        &mut Cursor::new(found.kernel),
+        size,
+        &kernel_name,
+        mem_size,
+    )?;
+    let initrd = match found.initrd {
+        Some(bytes) => {
+            let size = bytes.len() as u64;
+            let name = format!("initrd of {kernel_name}");
+            Some(load_initrd(
+                mem,
+                &mut Cursor::new(bytes),
+                size,
+                &name,
+                mem_size,
+                kernel.end,
+            )?)
+        }
+        None => None,
+    };
+    Ok(Boot {
+        kernel,
+        initrd,
+        cmdline: disk::boot::command_line(&found.cmdline, &config.cmdline),
+    })
+}
+
+/// Loads a kernel image of `size` bytes; `name` says where it came from in errors.
+fn load_kernel<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    file: &mut F,
+    size: u64,
+    name: &str,
+    mem_size: u64,
+) -> Result<LoadedKernel, Error> {
+    let name = name.to_string();
+    let read_err = |source| Error::Read {
+        path: name.clone(),
+        source,
+    };
+    let format = sniff(file).map_err(read_err)?;
     let (format, format_name) = match format {
         Some(Format::Elf) => (Format::Elf, "ELF kernel"),
         Some(Format::BzImage) => (Format::BzImage, "bzImage"),
@@ -110,12 +216,12 @@ pub fn load_kernel(
     };
     let high = Some(GuestAddress(HIGH_MEMORY_START));
     let result = match format {
-        Format::Elf => Elf::load(mem, None, &mut file, high),
-        Format::BzImage => BzImage::load(mem, None, &mut file, high),
+        Format::Elf => Elf::load(mem, None, file, high),
+        Format::BzImage => BzImage::load(mem, None, file, high),
     };
     let loaded = result.map_err(|e| {
         if ran_out_of_memory(&e) {
-            let needed = file.metadata().map(|m| m.len()).unwrap_or(0) + HIGH_MEMORY_START;
+            let needed = size + HIGH_MEMORY_START;
             Error::KernelTooLarge {
                 path: name.clone(),
                 mib: mem_size >> 20,
@@ -165,25 +271,16 @@ pub fn load_kernel(
     })
 }
 
-/// Puts the initrd at the top of RAM below the 32-bit gap, page-aligned.
-pub fn load_initrd(
+/// Puts an initrd of `size` bytes at the top of RAM below the 32-bit gap, page-aligned.
+fn load_initrd<F: ReadVolatile>(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    file: &mut F,
+    size: u64,
+    name: &str,
     mem_size: u64,
     kernel_end: u64,
 ) -> Result<InitrdPlacement, Error> {
-    let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|e| Error::Initrd {
-        path: name.clone(),
-        reason: e.to_string(),
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::Initrd {
-            path: name.clone(),
-            reason: e.to_string(),
-        })?
-        .len();
+    let name = name.to_string();
     let ceiling = initrd_ceiling(mem_size);
     let addr = ceiling.checked_sub(size).map(|a| a & !0xfff);
     let addr = match addr {
@@ -198,7 +295,7 @@ pub fn load_initrd(
         }
     };
     use vm_memory::Bytes;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
         .map_err(|e| Error::Initrd {
             path: name,
             reason: e.to_string(),

@@ -82,19 +82,13 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
     vm.create_pit2(pit)
         .map_err(kvm_err("creating the in-kernel PIT"))?;
 
-    let kernel = loader::load_kernel(&guest_memory, &config.kernel, mem_size)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(loader::load_initrd(
-            &guest_memory,
-            path,
-            mem_size,
-            kernel.end,
-        )?),
-        None => None,
-    };
+    let loader::Boot {
+        kernel,
+        initrd,
+        mut cmdline,
+    } = loader::load(&guest_memory, config, mem_size)?;
     let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, config)?);
     // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
-    let mut cmdline = config.cmdline.clone();
     if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {
         cmdline = format!("{cmdline} {}", virtio.cmdline_entries());
     }

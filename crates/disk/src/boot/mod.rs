@@ -12,6 +12,7 @@
 //!    `/boot/initrd.img`, with `root=/dev/vdaN ro` for the filesystem they were found on.
 
 pub mod entries;
+mod filesystem;
 pub mod image;
 pub mod partitions;
 
@@ -19,18 +20,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
-use ext4_view::{Ext4, Ext4Error, Ext4Read};
+use ext4_view::{Ext4, Ext4Read};
+use filesystem::Filesystem;
 use partitions::Partition;
-
-/// Boot entry files read at most per directory.
-pub const MAX_ENTRIES: usize = 256;
-/// Largest boot entry file read.
-pub const MAX_ENTRY_BYTES: u64 = 64 * 1024;
-const ENTRY_DIRS: [&str; 2] = ["/loader/entries", "/boot/loader/entries"];
-const KERNEL_LINKS: [(&str, &str); 2] = [
-    ("/vmlinuz", "/initrd.img"),
-    ("/boot/vmlinuz", "/boot/initrd.img"),
-];
 
 /// Random access to a disk image.
 pub trait Image {
@@ -90,13 +82,12 @@ pub enum Error {
         size: u64,
         limit: u64,
     },
-    #[error("{what} {path} on {partition} of the boot disk cannot be read: {source}")]
+    #[error("{what} {path} on {partition} of the boot disk cannot be read: {reason}")]
     Read {
         what: &'static str,
         path: String,
         partition: String,
-        #[source]
-        source: Ext4Error,
+        reason: String,
     },
 }
 
@@ -121,6 +112,12 @@ pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
             searched.push(format!("{partition}: no ext2/3/4 filesystem"));
             continue;
         }
+        if let Err(why) = check_geometry(image.as_ref(), &partition) {
+            searched.push(format!(
+                "{partition}: the filesystem cannot be read ({why})"
+            ));
+            continue;
+        }
         let reader = PartitionReader {
             image: image.clone(),
             partition,
@@ -132,11 +129,11 @@ pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
                 continue;
             }
         };
-        let filesystem = Filesystem {
-            fs,
-            partition,
-            max_bytes,
-        };
+        if let Err(e) = fs.read_dir("/") {
+            searched.push(format!("{partition}: the filesystem cannot be read ({e})"));
+            continue;
+        }
+        let filesystem = Filesystem::new(fs, partition, max_bytes);
         if let Some(found) = filesystem.boot_files()? {
             return Ok(found);
         }
@@ -150,6 +147,50 @@ pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
     Err(Error::NotFound {
         searched: searched.join("; "),
     })
+}
+
+/// Most block groups a filesystem may claim: 128 TiB in 4 KiB blocks. `ext4-view` allocates
+/// its table of group descriptors from the superblock's count before reading them.
+pub const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Checks the superblock's size claims against the partition before `ext4-view` trusts them:
+/// a forged block count would otherwise have it allocate memory for billions of block groups
+/// (found by the fuzz target: the VMM aborted).
+fn check_geometry(image: &dyn Image, partition: &Partition) -> Result<(), String> {
+    let mut sb = [0u8; 1024];
+    image
+        .read_at(partition.start + 1024, &mut sb)
+        .map_err(|e| format!("reading the superblock: {e}"))?;
+    let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    // The high half counts even without the 64bit feature: ext4-view reads it so.
+    let blocks = u64::from(u32_at(0x150)) << 32 | u64::from(u32_at(0x4));
+    let first_data_block = u64::from(u32_at(0x14));
+    let log_block_size = u32_at(0x18);
+    let blocks_per_group = u64::from(u32_at(0x20));
+    if log_block_size > 6 {
+        return Err(format!(
+            "its superblock's block size field is {log_block_size}; at most 6 (64 KiB) is valid"
+        ));
+    }
+    let block_size = 1024u64 << log_block_size;
+    if blocks
+        .checked_mul(block_size)
+        .is_none_or(|bytes| bytes > partition.len)
+    {
+        return Err(format!(
+            "its superblock claims {blocks} blocks of {block_size} bytes, more than the {} bytes of the partition",
+            partition.len
+        ));
+    }
+    let groups = blocks
+        .saturating_sub(first_data_block)
+        .div_ceil(blocks_per_group.max(1));
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(format!(
+            "its superblock claims {groups} block groups, more than {MAX_BLOCK_GROUPS}"
+        ));
+    }
+    Ok(())
 }
 
 /// One partition of the image, as `ext4-view` reads it: reads past its end fail.
@@ -175,137 +216,6 @@ impl Ext4Read for PartitionReader {
             .into());
         }
         Ok(self.image.read_at(self.partition.start + start_byte, dst)?)
-    }
-}
-
-struct Filesystem {
-    fs: Ext4,
-    partition: Partition,
-    max_bytes: u64,
-}
-
-impl Filesystem {
-    fn boot_files(&self) -> Result<Option<BootFiles>, Error> {
-        for dir in ENTRY_DIRS {
-            if let Some(entry) = entries::choose(self.entries(dir)) {
-                return self.files_of_entry(dir, &entry).map(Some);
-            }
-        }
-        for (kernel, initrd) in KERNEL_LINKS {
-            if !self.is_file(kernel) {
-                continue;
-            }
-            let initrd = if self.is_file(initrd) {
-                Some(self.read("initrd", initrd)?)
-            } else {
-                None
-            };
-            let root = match self.partition.number {
-                Some(n) => format!("root=/dev/vda{n} ro"),
-                None => "root=/dev/vda ro".to_string(),
-            };
-            return Ok(Some(BootFiles {
-                kernel: self.read("kernel", kernel)?,
-                initrd,
-                cmdline: root,
-                source: format!("{}: {kernel}", self.partition),
-            }));
-        }
-        Ok(None)
-    }
-
-    /// The parsable entries of one directory (none when it does not exist).
-    fn entries(&self, dir: &str) -> Vec<entries::Entry> {
-        let Ok(listing) = self.fs.read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for item in listing.take(MAX_ENTRIES).flatten() {
-            let Ok(name) = item.file_name().as_str().map(str::to_string) else {
-                continue;
-            };
-            if !name.ends_with(".conf") {
-                continue;
-            }
-            let path = format!("{dir}/{name}");
-            let small_file = self
-                .fs
-                .metadata(path.as_str())
-                .is_ok_and(|m| !m.is_dir() && m.len() <= MAX_ENTRY_BYTES);
-            if !small_file {
-                continue;
-            }
-            if let Some(entry) = self
-                .fs
-                .read(path.as_str())
-                .ok()
-                .and_then(|text| entries::parse(&name, &text))
-            {
-                found.push(entry);
-            }
-        }
-        found
-    }
-
-    fn files_of_entry(&self, dir: &str, entry: &entries::Entry) -> Result<BootFiles, Error> {
-        // Paths are relative to the root of the filesystem holding `loader/`: that is /boot
-        // when the entries are in /boot/loader/entries of a root filesystem.
-        let base = dir.strip_suffix("/loader/entries").unwrap_or("");
-        let resolve = |path: &str| -> String {
-            let path = format!("/{}", path.trim_start_matches('/'));
-            if !base.is_empty() && !self.is_file(&path) {
-                format!("{base}{path}")
-            } else {
-                path
-            }
-        };
-        let kernel = self.read("kernel", &resolve(&entry.linux))?;
-        let mut initrd: Option<Vec<u8>> = None;
-        for path in &entry.initrds {
-            let bytes = self.read("initrd", &resolve(path))?;
-            let all = initrd.get_or_insert_with(Vec::new);
-            if all.len() as u64 + bytes.len() as u64 > self.max_bytes {
-                return Err(Error::TooLarge {
-                    what: "initrd",
-                    path: entry.initrds.join(" + "),
-                    partition: self.partition.to_string(),
-                    size: all.len() as u64 + bytes.len() as u64,
-                    limit: self.max_bytes,
-                });
-            }
-            all.extend_from_slice(&bytes);
-        }
-        Ok(BootFiles {
-            kernel,
-            initrd,
-            cmdline: entry.options.clone(),
-            source: format!("{}: {dir}/{}", self.partition, entry.file),
-        })
-    }
-
-    fn is_file(&self, path: &str) -> bool {
-        self.fs.metadata(path).is_ok_and(|m| !m.is_dir())
-    }
-
-    /// A whole file, after checking its size against the limit.
-    fn read(&self, what: &'static str, path: &str) -> Result<Vec<u8>, Error> {
-        let read_err = |source| Error::Read {
-            what,
-            path: path.to_string(),
-            partition: self.partition.to_string(),
-            source,
-        };
-        let size = self.fs.metadata(path).map_err(read_err)?.len();
-        if size > self.max_bytes {
-            return Err(Error::TooLarge {
-                what,
-                path: path.to_string(),
-                partition: self.partition.to_string(),
-                size,
-                limit: self.max_bytes,
-            });
-        }
-        self.fs.read(path).map_err(read_err)
     }
 }
 

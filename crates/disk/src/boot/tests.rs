@@ -15,6 +15,27 @@ fn fs(name: &str, files: &[(&str, Node)]) -> Vec<u8> {
     ext4(&work(name), files, 2 * MIB).expect("building an ext4 image")
 }
 
+/// An empty 2 MiB ext4 filesystem made with extra mke2fs options.
+fn ext4_with(dir: &std::path::Path, options: &[&str]) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    let image = dir.join("fs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let status = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4"])
+        .args(options)
+        .arg(&image)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("mke2fs (e2fsprogs)");
+    assert!(status.success());
+    let bytes = std::fs::read(&image).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    bytes
+}
+
 fn file(bytes: &[u8]) -> Node {
     Node::File(bytes.to_vec())
 }
@@ -104,6 +125,15 @@ fn a_disk_without_a_kernel_says_what_was_searched() {
     );
     let e = find_in(vec![0; 4096]).unwrap_err().to_string();
     assert!(e.contains("the whole disk: no ext2/3/4 filesystem"), "{e}");
+    // 128-byte inodes: ext4-view reads the superblock but no inode.
+    let small_inodes = ext4_with(&work("small-inodes"), &["-I", "128"]);
+    let e = find_in(small_inodes).unwrap_err().to_string();
+    assert!(
+        e.contains("the whole disk: the filesystem cannot be read"),
+        "{e}"
+    );
+    let e = find_in(vec![0; 4096]).unwrap_err().to_string();
+    assert!(e.contains("the whole disk: no ext2/3/4 filesystem"), "{e}");
     assert!(find_in(Vec::new()).is_err());
 }
 
@@ -139,6 +169,57 @@ fn every_cut_of_a_boot_disk_fails_cleanly_or_finds_the_kernel() {
             assert!(found.kernel.len() <= 5000);
         }
     }
+}
+
+#[test]
+fn links_are_followed_through_directories_and_loops_end() {
+    let image = fs(
+        "symlinks",
+        &[
+            (
+                "boot/real/loader/entries/a.conf",
+                file(
+                    b"linux /../k/../k/./vmlinuz-x
+",
+                ),
+            ),
+            ("loader", Node::Symlink("/boot/real/loader".into())),
+            (
+                "boot/real/k/vmlinuz-x",
+                Node::Symlink("../../../vmlinuz-real".into()),
+            ),
+            ("k", Node::Symlink("boot/real/k".into())),
+            ("vmlinuz-real", file(b"kernel-x")),
+            ("loop-a", Node::Symlink("loop-b".into())),
+            ("loop-b", Node::Symlink("/loop-a".into())),
+            ("vmlinuz", Node::Symlink("loop-a".into())),
+        ],
+    );
+    let found = find_in(image).unwrap();
+    assert_eq!(found.kernel, b"kernel-x");
+    assert_eq!(found.source, "the whole disk: /loader/entries/a.conf");
+
+    // A link loop as the kernel: refused, not followed forever.
+    let image = fs(
+        "loop",
+        &[
+            (
+                "loader/entries/a.conf",
+                file(
+                    b"linux /vmlinuz
+",
+                ),
+            ),
+            ("loop-a", Node::Symlink("loop-b".into())),
+            ("loop-b", Node::Symlink("/loop-a".into())),
+            ("vmlinuz", Node::Symlink("loop-a".into())),
+        ],
+    );
+    let e = find_in(image).unwrap_err().to_string();
+    assert!(
+        e.contains("kernel /vmlinuz") && e.contains("more than 40 symbolic links"),
+        "{e}"
+    );
 }
 
 #[test]

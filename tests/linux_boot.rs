@@ -95,3 +95,67 @@ fn debian_kernel_accepts_keels_boot_data() {
         assert!(run.stderr.contains("guest powered off"), "{ctx}");
     }
 }
+
+/// Debian's kernel installed on a disk the way Debian installs it (/boot/vmlinuz-VERSION and
+/// /boot/initrd.img-VERSION with the /vmlinuz and /initrd.img links, on partition 1 of a GPT
+/// disk) boots with no kernel file: the ELF form of the kernel, which this host can run.
+#[test]
+fn debian_kernel_boots_from_a_disk() {
+    use disk::boot::image::{ext4, partitioned, Node, Table};
+    if !kvm_available("debian_kernel_boots_from_a_disk") {
+        return;
+    }
+    let guest = linux_guest();
+    let read = |name: &str| std::fs::read(guest.join(name)).expect("reading the Linux guest");
+    let scratch = std::env::temp_dir().join(format!("keel-linux-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (kernel, initrd) = (read("vmlinux"), read("initramfs.cpio.gz"));
+    let size = (kernel.len() + initrd.len()) as u64 + (16 << 20);
+    let root = ext4(
+        &scratch.join("fs"),
+        &[
+            ("boot/vmlinuz-debian", Node::File(kernel)),
+            ("boot/initrd.img-debian", Node::File(initrd)),
+            ("vmlinuz", Node::Symlink("boot/vmlinuz-debian".into())),
+            ("initrd.img", Node::Symlink("boot/initrd.img-debian".into())),
+        ],
+        size,
+    )
+    .expect("building the root filesystem");
+    let image = partitioned(&scratch.join("disk"), Table::Gpt, &[root]).expect("partitioning");
+    let disk_path = scratch.with_extension("img");
+    std::fs::write(&disk_path, image).unwrap();
+
+    let operator = "console=ttyS0 earlyprintk=serial,ttyS0,115200 guest_info poweroff_after_ready";
+    let mut cmd = Command::new(KEEL);
+    cmd.arg("run")
+        .arg("--disk")
+        .arg(format!("path={}", disk_path.display()))
+        .args(["--memory", &MEMORY_MIB.to_string(), "--cpus", "2"])
+        .args(["--cmdline", operator]);
+    let pvm = pvm_host();
+    let run = if pvm {
+        run_until(cmd, None, Duration::from_secs(180), e820_map_printed)
+    } else {
+        run_until(cmd, None, Duration::from_secs(180), |_| false)
+    };
+    let _ = std::fs::remove_file(&disk_path);
+    let ctx = run.context();
+    assert!(
+        run.stderr.contains("partition 1: /vmlinuz"),
+        "the kernel was not found through Debian's link\n{ctx}"
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("Command line: root=/dev/vda1 ro {operator}")),
+        "the kernel did not get the disk's root and the operator's options\n{ctx}"
+    );
+    if pvm {
+        eprintln!(
+            "NOTE: PVM host: Debian's kernel booted from the disk as far as this host allows"
+        );
+    } else {
+        assert!(run.stdout.contains("GUEST-READY"), "{ctx}");
+        assert_eq!(run.code(), Some(0), "{ctx}");
+    }
+}

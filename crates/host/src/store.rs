@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     // 2: the daemon's pending stop, so a restarted daemon judges the VMM's end the same way.
     "ALTER TABLE vms ADD COLUMN stop_intent TEXT;",
+    // 3: the start owed after a VMM's end (a reboot), recorded with that end, so a restarted
+    // daemon finishes it.
+    "ALTER TABLE vms ADD COLUMN pending_start TEXT;",
 ];
 
 /// A VM as stored.
@@ -77,6 +80,9 @@ pub struct VmRow {
     pub reason: String,
     /// What the daemon asked of the VM's VMM that has not ended yet.
     pub stop_intent: Option<StopIntent>,
+    /// The start the daemon owes the VM: its VMM ended for a reboot and no new start has
+    /// been recorded yet.
+    pub pending_start: Option<PendingStart>,
 }
 
 /// What the daemon expects the next end of a VM's VMM to mean (a stop, a reboot, a shutdown
@@ -93,7 +99,14 @@ pub struct StopIntent {
     pub killed: bool,
 }
 
-const VM_COLUMNS: &str = "name, spec, state, pid, since_ms, reason, stop_intent";
+/// A start owed to a stopped VM, with the cause and actor of the reboot that asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingStart {
+    pub cause: Cause,
+    pub actor: String,
+}
+
+const VM_COLUMNS: &str = "name, spec, state, pid, since_ms, reason, stop_intent, pending_start";
 
 /// A `vms` row as SQLite gives it, before its text is parsed.
 struct RawVm {
@@ -104,6 +117,7 @@ struct RawVm {
     since_ms: i64,
     reason: String,
     stop_intent: Option<String>,
+    pending_start: Option<String>,
 }
 
 impl RawVm {
@@ -116,6 +130,7 @@ impl RawVm {
             since_ms: r.get(4)?,
             reason: r.get(5)?,
             stop_intent: r.get(6)?,
+            pending_start: r.get(7)?,
         })
     }
 
@@ -137,6 +152,12 @@ impl RawVm {
             }
             None => None,
         };
+        let pending_start = match &self.pending_start {
+            Some(json) => {
+                Some(serde_json::from_str(json).map_err(|e| bad(format!("pending start: {e}")))?)
+            }
+            None => None,
+        };
         Ok(VmRow {
             spec,
             state,
@@ -144,6 +165,7 @@ impl RawVm {
             since_ms: self.since_ms,
             reason: self.reason,
             stop_intent,
+            pending_start,
         })
     }
 }
@@ -324,6 +346,7 @@ impl Store {
             since_ms: now,
             reason: "defined".into(),
             stop_intent: None,
+            pending_start: None,
         })
     }
 
@@ -337,6 +360,30 @@ impl Store {
     /// Moves a VM to a new state: the row, the ledger entry and (for a crash) an incident,
     /// in one transaction. Returns the ledger entry.
     pub fn transition(&mut self, name: &str, change: &Transition) -> Result<Event> {
+        self.apply(name, change, false)
+    }
+
+    /// Records the end of a VM's VMM that asks for a new start (a reboot) and, in the same
+    /// transaction, that start as owed (with the change's cause and actor): a daemon killed
+    /// before it records the start finds it in `pending_start` and finishes it. The next
+    /// state change, the start's own `starting` first, clears it.
+    pub fn transition_then_start(&mut self, name: &str, change: &Transition) -> Result<Event> {
+        self.apply(name, change, true)
+    }
+
+    fn apply(&mut self, name: &str, change: &Transition, then_start: bool) -> Result<Event> {
+        let pending_start = then_start
+            .then(|| {
+                serde_json::to_string(&PendingStart {
+                    cause: change.cause,
+                    actor: change.actor.to_string(),
+                })
+            })
+            .transpose()
+            .map_err(|e| Error::BadRow {
+                name: name.to_string(),
+                why: format!("pending start: {e}"),
+            })?;
         let time = change.time_ms.unwrap_or_else(now_ms);
         let tx = self
             .conn
@@ -357,9 +404,11 @@ impl Store {
             })?;
         tx.execute(
             // A stop intent belongs to one VMM's end: it is set while the VM runs and kept
-            // into shutting-down; any other change (the end, a new VMM) clears it.
+            // into shutting-down; any other change (the end, a new VMM) clears it. A pending
+            // start lasts from the end that owes it to the next change (the start's own).
             "UPDATE vms SET state = ?2, pid = ?3, since_ms = ?4, reason = ?5,
-                stop_intent = CASE WHEN ?6 THEN stop_intent ELSE NULL END
+                stop_intent = CASE WHEN ?6 THEN stop_intent ELSE NULL END,
+                pending_start = ?7
              WHERE name = ?1",
             params![
                 name,
@@ -367,7 +416,8 @@ impl Store {
                 change.pid.map(i64::from),
                 time,
                 change.detail,
-                change.to == VmState::ShuttingDown
+                change.to == VmState::ShuttingDown,
+                pending_start
             ],
         )
         .map_err(sql(format!("changing the state of VM {name}")))?;
@@ -643,6 +693,94 @@ mod tests {
             (old.state, old.pid, old.stop_intent),
             (VmState::Running, Some(77), None)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_schema_2_migrates_to_the_current_schema_with_its_stop_intents() {
+        let dir = tempdir();
+        let path = dir.join("keel.db");
+        let intent = StopIntent {
+            cause: Cause::Operator,
+            actor: "uid:0".into(),
+            detail: "rebooted by the operator".into(),
+            restart: false,
+            killed: false,
+        };
+        {
+            // Schema 2 exactly as it shipped, with a VM whose stop was under way.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(ledger::SCHEMA).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.execute(
+                "INSERT INTO vms (name, spec, state, pid, since_ms, reason, stop_intent) VALUES ('old', ?1, 'running', 77, 5, 'started', ?2)",
+                [
+                    serde_json::to_string(&spec("old")).unwrap(),
+                    serde_json::to_string(&intent).unwrap(),
+                ],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let old = store.vm("old").unwrap().unwrap();
+        assert_eq!(
+            (old.state, old.pid, old.stop_intent, old.pending_start),
+            (VmState::Running, Some(77), Some(intent), None)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_pending_start_is_recorded_with_the_end_and_lasts_until_the_next_change() {
+        let dir = tempdir();
+        let path = dir.join("keel.db");
+        let mut store = Store::open(&path).unwrap();
+        store.create_vm(&spec("a"), "uid:0").unwrap();
+        let change = |to, detail| Transition {
+            to,
+            pid: None,
+            cause: Cause::Operator,
+            actor: "uid:7",
+            detail,
+            time_ms: None,
+        };
+        store
+            .transition("a", &change(VmState::Running, "started"))
+            .unwrap();
+        let end = store
+            .transition_then_start("a", &change(VmState::Stopped, "rebooted by the operator"))
+            .unwrap();
+        assert_eq!(
+            (end.from, end.to, end.cause, end.actor.as_str()),
+            (
+                Some(VmState::Running),
+                Some(VmState::Stopped),
+                Cause::Operator,
+                "uid:7"
+            )
+        );
+        let owed = Some(PendingStart {
+            cause: Cause::Operator,
+            actor: "uid:7".into(),
+        });
+        let row = store.vm("a").unwrap().unwrap();
+        assert_eq!((row.state, &row.pending_start), (VmState::Stopped, &owed));
+        // A daemon killed now finds it when it opens the store again.
+        drop(store);
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().pending_start, owed);
+        // The start's first step settles it, and a plain end owes nothing.
+        store
+            .transition("a", &change(VmState::Starting, "starting"))
+            .unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().pending_start, None);
+        store
+            .transition("a", &change(VmState::Stopped, "start failed"))
+            .unwrap();
+        assert_eq!(store.vm("a").unwrap().unwrap().pending_start, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

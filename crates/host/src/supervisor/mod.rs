@@ -70,6 +70,22 @@ pub struct Supervisor {
     failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
 }
 
+/// What the daemon means by the end of the VMM it stops for an operator's stop or reboot.
+/// A reboot's intent asks for the new start, so the end is recorded with the start owed.
+fn power_off_intent(actor: &str, restart: bool) -> StopIntent {
+    StopIntent {
+        cause: Cause::Operator,
+        actor: actor.to_string(),
+        detail: if restart {
+            "rebooted by the operator".into()
+        } else {
+            "stopped by the operator".into()
+        },
+        restart,
+        killed: false,
+    }
+}
+
 /// How many failed operations the front page keeps.
 const RECENT_FAILURES: usize = 20;
 
@@ -308,11 +324,13 @@ impl Supervisor {
         let record = run_dir.exit_record();
         let intent = lock(&self.intents).remove(name);
         let judged = judge_end(pid, end, record.as_ref(), intent);
-        if let Some((cause, actor)) = self.record_judged(name, judged, record.as_ref())? {
+        if self.record_judged(name, judged, record.as_ref())? {
+            // An operator's reboot holds the VM's lock and starts it itself; this finds the
+            // start done then. A guest's reboot is started here.
             let this = self.clone();
             let name = name.to_string();
             tokio::spawn(async move {
-                if let Err(e) = this.start(&name, cause, &actor).await {
+                if let Err(e) = this.start_due(&name).await {
                     tracing::error!("restarting VM {name} after its reboot failed: {e}");
                 }
             });
@@ -320,26 +338,47 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Records a judged end of a VMM (at the time of its exit record, if it left one);
-    /// returns the cause and actor to start the VM again with, when it should be.
+    /// Records a judged end of a VMM (at the time of its exit record, if it left one). An end
+    /// that asks for a new start (a reboot) records that start as owed in the same
+    /// transaction, so a daemon killed before it starts the VM finishes the start when it
+    /// comes back; returns whether it did.
     fn record_judged(
         &self,
         name: &str,
         (to, cause, actor, detail, restart): Judged,
         record: Option<&ExitRecord>,
-    ) -> Result<Option<(Cause, String)>> {
-        self.transition(
-            name,
-            Transition {
-                to,
-                pid: None,
-                cause,
-                actor: &actor,
-                detail: &detail,
-                time_ms: record.map(|r| r.time_ms),
-            },
-        )?;
-        Ok(restart.then_some((cause, actor)))
+    ) -> Result<bool> {
+        let change = Transition {
+            to,
+            pid: None,
+            cause,
+            actor: &actor,
+            detail: &detail,
+            time_ms: record.map(|r| r.time_ms),
+        };
+        self.with_store(|s| {
+            if restart {
+                s.transition_then_start(name, &change)
+            } else {
+                s.transition(name, &change)
+            }
+        })?;
+        Ok(restart)
+    }
+
+    /// Starts the VM if a start is owed to it (its VMM ended for a reboot and no start has
+    /// been recorded since), with the reboot's cause and actor; otherwise (someone started or
+    /// deleted it meanwhile) does nothing.
+    async fn start_due(self: &Arc<Self>, name: &str) -> Result<()> {
+        let guard = self.vm_lock(name);
+        let _held = guard.lock().await;
+        let owed = self
+            .with_store(|s| s.vm(name))?
+            .and_then(|r| r.pending_start);
+        match owed {
+            Some(owed) => self.start_locked(name, owed.cause, &owed.actor).await,
+            None => Ok(()),
+        }
     }
 
     /// Remembers what the next end of the VM's VMM means, in memory and in the store.
@@ -472,21 +511,10 @@ impl Supervisor {
                 },
             });
         };
-        self.set_intent(
-            name,
-            StopIntent {
-                cause: Cause::Operator,
-                actor: actor.to_string(),
-                detail: if restart {
-                    "rebooted by the operator".into()
-                } else {
-                    "stopped by the operator".into()
-                },
-                restart: false,
-                killed: false,
-            },
-        );
+        self.set_intent(name, power_off_intent(actor, restart));
         self.stop_process(name, &handle, &mut ended).await;
+        // The end was recorded with this start owed (the intent's restart): a daemon killed
+        // from here on finishes the reboot when it comes back.
         if restart {
             self.start_locked(name, Cause::Operator, actor).await?;
         }
@@ -564,29 +592,41 @@ impl Supervisor {
                         })?;
                     }
                     let shutting_down = known && row.state == VmState::ShuttingDown;
-                    if let Some(intent) = pending_intent(row) {
+                    let intent = pending_intent(row);
+                    let rebooting = known && intent.as_ref().is_some_and(|i| i.restart);
+                    if let Some(intent) = intent {
                         lock(&self.intents).insert(name.clone(), intent);
                     }
                     self.watch(name, Arc::new(handle));
                     if shutting_down {
                         self.resume_shutdown(name, pid);
+                    } else if rebooting {
+                        self.finish_reboot(name, pid).await;
                     }
                 }
                 (true, None) => {
                     lost += 1;
                     let record = run_dir.exit_record();
                     let judged = judge_lost(row, record.as_ref(), host_booted);
-                    if let Some((cause, actor)) =
-                        self.record_judged(name, judged, record.as_ref())?
-                    {
-                        // A start that fails is recorded (the VM stays stopped, with why); it
-                        // must not keep the daemon from serving the other VMs.
-                        if let Err(e) = self.start(name, cause, &actor).await {
-                            tracing::error!("starting VM {name} again during recovery failed: {e}");
-                        }
+                    if self.record_judged(name, judged, record.as_ref())? {
+                        self.finish_start(name).await;
                     }
                 }
-                (false, None) => {}
+                (false, None) => {
+                    if row.pending_start.is_some() {
+                        // The previous daemon recorded the VMM's end for a reboot and died
+                        // before it recorded the new start.
+                        self.with_store(|s| {
+                            s.record(&NewEvent::host(
+                                Some(name),
+                                Cause::DaemonRestart,
+                                "keel",
+                                "the start owed since its reboot was cut off by a daemon restart; starting it now",
+                            ))
+                        })?;
+                        self.finish_start(name).await;
+                    }
+                }
             }
         }
         if host_booted {
@@ -601,6 +641,14 @@ impl Supervisor {
             }
         }
         Ok((adopted, lost))
+    }
+
+    /// Recovery's start of a VM that is owed one. A start that fails is recorded (the VM
+    /// stays stopped, with why); it must not keep the daemon from serving the other VMs.
+    async fn finish_start(self: &Arc<Self>, name: &str) {
+        if let Err(e) = self.start_due(name).await {
+            tracing::error!("starting VM {name} again during recovery failed: {e}");
+        }
     }
 
     /// The VMM running this VM, if any. A VMM process that exists but never answers on its
@@ -673,6 +721,20 @@ impl Supervisor {
         });
     }
 
+    /// An operator's reboot that the previous daemon died in the middle of, its VMM still
+    /// running (re-adopted): the VMM is stopped (again: the Stop may not have reached it),
+    /// its end, judged by the stored intent, owes the start, and the VM is started. Done
+    /// within recovery, as a start cut off is, so no VM is left half rebooted when the API
+    /// opens.
+    async fn finish_reboot(self: &Arc<Self>, name: &str, pid: u32) {
+        if let Some((handle, mut ended)) = self.handle(name).filter(|(h, _)| h.pid == pid) {
+            let guard = self.vm_lock(name);
+            let _held = guard.lock().await;
+            self.stop_process(name, &handle, &mut ended).await;
+        }
+        self.finish_start(name).await;
+    }
+
     /// Remembers a failed operation for the front page.
     pub fn note_failure(&self, failure: api::host::FailedOperation) {
         let mut failures = lock(&self.failures);
@@ -689,3 +751,6 @@ impl Supervisor {
         lock(&self.running).contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests;

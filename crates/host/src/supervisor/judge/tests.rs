@@ -78,6 +78,7 @@ fn a_kill_the_previous_daemon_sent_is_still_its_stop() {
         since_ms: 0,
         reason: String::new(),
         stop_intent,
+        pending_start: None,
     };
     let killed = StopIntent {
         killed: true,
@@ -102,6 +103,7 @@ fn a_start_cut_off_by_a_daemon_restart_is_finished() {
         since_ms: 0,
         reason: String::new(),
         stop_intent: None,
+        pending_start: None,
     };
     let (state, cause, _, detail, again) = judge_lost(&row, None, false);
     assert_eq!(

@@ -696,6 +696,9 @@ impl Supervisor {
 
     /// A shutdown that was under way when the daemon died gets a fresh deadline (the old one
     /// was on the dead daemon's monotonic clock); a guest that ignores it is stopped then.
+    /// The power button is pressed again: the dead daemon recorded the shutdown before it
+    /// pressed, so the press may never have reached the VMM (a guest already shutting down
+    /// takes a second press as nothing new).
     fn resume_shutdown(self: &Arc<Self>, name: &str, pid: u32) {
         let this = self.clone();
         let name = name.to_string();
@@ -703,6 +706,11 @@ impl Supervisor {
             let Some((handle, mut ended)) = this.handle(&name) else {
                 return;
             };
+            match vmm_process::control(&this.run_dir(&name), &Request::PowerButton).await {
+                Ok(Response::Done) => {}
+                Ok(other) => tracing::warn!("VM {name}: power button answer {other:?}"),
+                Err(e) => tracing::warn!("VM {name}: pressing the power button again failed: {e}"),
+            }
             let timeout = DEFAULT_SHUTDOWN_TIMEOUT;
             if tokio::time::timeout(timeout, ended.wait_for(|e| *e))
                 .await

@@ -205,6 +205,23 @@ fn the_daemon_boots_a_vm_defined_without_a_kernel() {
     daemon.ok(&["vm", "shutdown", "fromdisk"]);
     daemon.wait_state("fromdisk", "stopped", Duration::from_secs(30));
 
+    // A disk without a kernel: the start fails with what was searched, and the VM stays
+    // stopped.
+    let blank =
+        std::env::temp_dir().join(format!("keel-disk-boot-{}-blank.img", std::process::id()));
+    std::fs::File::create(&blank).unwrap().set_len(MIB).unwrap();
+    let blank_arg = format!("path={}", blank.display());
+    daemon.ok(&[
+        "vm", "create", "blank", "--disk", &blank_arg, "--memory", "64",
+    ]);
+    let err = daemon.fails(&["vm", "start", "blank"]);
+    assert!(
+        err.contains("no kernel found on the boot disk: the whole disk: no ext2/3/4 filesystem"),
+        "{err}"
+    );
+    assert_eq!(daemon.state("blank"), "stopped");
+    let _ = std::fs::remove_file(blank);
+
     // A definition with neither kernel nor disk is refused when it is made.
     let err = daemon.fails(&["vm", "create", "nothing", "--memory", "64"]);
     assert!(err.contains("no kernel and no disk"), "{err}");

@@ -597,9 +597,41 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
         "{rows:#?}"
     );
     assert_eq!(daemon.vmm_pids(), vec![vm_pid(&daemon, "a").unwrap()]);
+
+    // The same for a plain stop: its intent stored, its Stop never sent. The restarted daemon
+    // finishes it rather than leave the VM running against the operator's word (and a later
+    // guest power-off recorded as that stop).
+    daemon.kill9();
+    let seq = {
+        let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
+        let intent = serde_json::json!({
+            "cause": "operator",
+            "actor": actor,
+            "detail": "stopped by the operator",
+            "restart": false,
+            "killed": false,
+        });
+        db.execute(
+            "UPDATE vms SET stop_intent = ?1 WHERE name = 'a'",
+            [intent.to_string()],
+        )
+        .unwrap();
+        db.query_row("SELECT MAX(seq) FROM ledger", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    daemon.restart();
+    assert_eq!(
+        daemon.state("a"),
+        "stopped",
+        "the operator's stop was not finished:\n{}",
+        daemon.ok(&["events", "--limit", "30"])
+    );
+    let rows = state_rows_after(&daemon, "a", seq);
+    assert_eq!(without_detail(&rows), [operator("stopped")], "{rows:#?}");
+    assert_eq!(rows[0].3, "stopped by the operator", "{rows:#?}");
+    assert!(daemon.vmm_pids().is_empty());
     let verified = daemon.ok(&["ledger", "verify"]);
     assert!(verified.starts_with("ledger verified: "), "{verified}");
-    daemon.ok(&["vm", "stop", "a"]);
 }
 
 fn sorted(mut v: Vec<u32>) -> Vec<u32> {

@@ -594,6 +594,9 @@ impl Supervisor {
                     let shutting_down = known && row.state == VmState::ShuttingDown;
                     let intent = pending_intent(row);
                     let rebooting = known && intent.as_ref().is_some_and(|i| i.restart);
+                    // Running with a stored intent that is neither a shutdown nor a reboot:
+                    // an operator's stop the dead daemon had begun.
+                    let stopping = known && !shutting_down && intent.is_some() && !rebooting;
                     if let Some(intent) = intent {
                         lock(&self.intents).insert(name.clone(), intent);
                     }
@@ -602,6 +605,8 @@ impl Supervisor {
                         self.resume_shutdown(name, pid);
                     } else if rebooting {
                         self.finish_reboot(name, pid).await;
+                    } else if stopping {
+                        self.finish_stop(name, pid).await;
                     }
                 }
                 (true, None) => {
@@ -735,12 +740,20 @@ impl Supervisor {
     /// within recovery, as a start cut off is, so no VM is left half rebooted when the API
     /// opens.
     async fn finish_reboot(self: &Arc<Self>, name: &str, pid: u32) {
+        self.finish_stop(name, pid).await;
+        self.finish_start(name).await;
+    }
+
+    /// An operator's stop (or the stop half of a reboot) that the previous daemon died in
+    /// the middle of, its VMM re-adopted: the VMM is stopped (again: the Stop may not have
+    /// reached it), and its end is judged by the stored intent. Without this the VM would run
+    /// on against the operator's word, and its next end be recorded as that stop.
+    async fn finish_stop(self: &Arc<Self>, name: &str, pid: u32) {
         if let Some((handle, mut ended)) = self.handle(name).filter(|(h, _)| h.pid == pid) {
             let guard = self.vm_lock(name);
             let _held = guard.lock().await;
             self.stop_process(name, &handle, &mut ended).await;
         }
-        self.finish_start(name).await;
     }
 
     /// Remembers a failed operation for the front page.

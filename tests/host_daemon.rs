@@ -495,15 +495,7 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
     // SAFETY: kill(2) on the VMM's pid, alive: the daemon shows it running.
     assert_eq!(unsafe { libc::kill(old as i32, libc::SIGSTOP) }, 0);
     let seq = last_seq(&daemon);
-    let mut reboot = Command::new(KEEL)
-        .args(["vm", "reboot", "a"])
-        .env("KEEL_API", daemon.socket())
-        .env_remove("KEEL_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut reboot = daemon.spawn(&["vm", "reboot", "a"]);
     let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
     let deadline = Instant::now() + STATE_TIMEOUT;
     loop {
@@ -559,23 +551,7 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
     // reboot itself.
     let old = vm_pid(&daemon, "a").unwrap();
     daemon.kill9();
-    let seq = {
-        let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
-        let intent = serde_json::json!({
-            "cause": "operator",
-            "actor": actor,
-            "detail": "rebooted by the operator",
-            "restart": true,
-            "killed": false,
-        });
-        db.execute(
-            "UPDATE vms SET stop_intent = ?1 WHERE name = 'a'",
-            [intent.to_string()],
-        )
-        .unwrap();
-        db.query_row("SELECT MAX(seq) FROM ledger", [], |r| r.get::<_, i64>(0))
-            .unwrap()
-    };
+    let seq = store_operator_intent(&daemon, "a", &actor, "rebooted by the operator", true);
     // Recovery finishes the reboot before the API opens.
     daemon.restart();
     assert!(
@@ -602,23 +578,7 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
     // finishes it rather than leave the VM running against the operator's word (and a later
     // guest power-off recorded as that stop).
     daemon.kill9();
-    let seq = {
-        let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
-        let intent = serde_json::json!({
-            "cause": "operator",
-            "actor": actor,
-            "detail": "stopped by the operator",
-            "restart": false,
-            "killed": false,
-        });
-        db.execute(
-            "UPDATE vms SET stop_intent = ?1 WHERE name = 'a'",
-            [intent.to_string()],
-        )
-        .unwrap();
-        db.query_row("SELECT MAX(seq) FROM ledger", [], |r| r.get::<_, i64>(0))
-            .unwrap()
-    };
+    let seq = store_operator_intent(&daemon, "a", &actor, "stopped by the operator", false);
     daemon.restart();
     assert_eq!(
         daemon.state("a"),
@@ -632,6 +592,33 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
     assert!(daemon.vmm_pids().is_empty());
     let verified = daemon.ok(&["ledger", "verify"]);
     assert!(verified.starts_with("ledger verified: "), "{verified}");
+}
+
+/// Writes an operator's stop intent for `vm` into the store of a daemon that is down, as a
+/// daemon killed just after storing it (before its Stop reached the VMM) leaves it; returns
+/// the ledger's last sequence number.
+fn store_operator_intent(
+    daemon: &Daemon,
+    vm: &str,
+    actor: &str,
+    detail: &str,
+    restart: bool,
+) -> i64 {
+    let db = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();
+    let intent = serde_json::json!({
+        "cause": "operator",
+        "actor": actor,
+        "detail": detail,
+        "restart": restart,
+        "killed": false,
+    });
+    db.execute(
+        "UPDATE vms SET stop_intent = ?1 WHERE name = ?2",
+        [intent.to_string(), vm.to_string()],
+    )
+    .unwrap();
+    db.query_row("SELECT MAX(seq) FROM ledger", [], |r| r.get::<_, i64>(0))
+        .unwrap()
 }
 
 fn sorted(mut v: Vec<u32>) -> Vec<u32> {

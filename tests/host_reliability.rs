@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
@@ -239,15 +239,8 @@ fn a_daemon_killed_mid_requests_loses_and_orphans_nothing() {
                 a.extend(verb[1..].iter().map(|s| s.to_string()));
                 a
             };
-            let child = Command::new(KEEL)
-                .args(&args)
-                .env("KEEL_API", daemon.socket())
-                .env_remove("KEEL_TOKEN")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run the keel CLI");
+            let words: Vec<&str> = args.iter().map(String::as_str).collect();
+            let child = daemon.spawn(&words);
             requests.push((args.join(" "), child));
         }
         let delay = Duration::from_millis(50 + rng.below(251) as u64);

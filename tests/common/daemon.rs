@@ -141,14 +141,28 @@ impl Daemon {
     }
 
     pub fn keel_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        Command::new(KEEL)
-            .args(args)
-            .env("KEEL_API", self.socket())
-            .env_remove("KEEL_TOKEN")
+        self.command(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
             .output()
             .expect("run the keel CLI")
+    }
+
+    /// `keel ARGS` against this daemon, started in the background, its output dropped.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the keel CLI")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(KEEL);
+        cmd.args(args)
+            .env("KEEL_API", self.socket())
+            .env_remove("KEEL_TOKEN")
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// `keel ARGS`, which must succeed; its stdout.

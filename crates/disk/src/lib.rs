@@ -1,9 +1,14 @@
 //! Disk images and the I/O on them. Today: raw files, with vectored I/O straight between the
 //! file and guest buffers (no copy through the VMM): synchronous here, asynchronous through
-//! an io_uring in [`uring`].
+//! an io_uring in [`uring`]. A file may be opened for direct I/O (`O_DIRECT`, the host's
+//! page cache bypassed); see [`direct`] for its alignment rules and the bounce buffer that
+//! carries a transfer whose buffers do not meet them.
 
 pub mod boot;
+pub mod direct;
 pub mod uring;
+
+use direct::{DioAlign, Refusal, BOUNCE_CHUNK};
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -26,6 +31,20 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("disk {path}: direct=on: its file system refuses O_DIRECT ({source}); use direct=off")]
+    DirectRefused {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk {path}: direct=on: its file system does no direct I/O on it (statx reports no direct-I/O alignment); use direct=off")]
+    DirectUnsupported { path: PathBuf },
+    #[error("disk {path}: direct=on: direct I/O on it needs offsets aligned to {offset} bytes ({how}), more than Keel's 512-byte sectors; use direct=off")]
+    DirectCoarse {
+        path: PathBuf,
+        offset: u32,
+        how: &'static str,
     },
 }
 
@@ -66,29 +85,66 @@ pub struct RawDisk {
     file: File,
     size: u64,
     read_only: bool,
+    /// Opened with `O_DIRECT`, with these alignment rules.
+    direct: Option<DioAlign>,
 }
 
 impl RawDisk {
-    /// Opens the image. It is opened with `O_NOATIME` where the caller may (it owns the
-    /// file, or has CAP_FOWNER): a guest's reads then do not update the image's access time,
-    /// which costs the kernel a clock read and a check on every read (and, under `relatime`,
-    /// an inode write after each write); otherwise without it.
+    /// Opens the image through the host's page cache. It is opened with `O_NOATIME` where
+    /// the caller may (it owns the file, or has CAP_FOWNER): a guest's reads then do not
+    /// update the image's access time, which costs the kernel a clock read and a check on
+    /// every read (and, under `relatime`, an inode write after each write); otherwise
+    /// without it.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, Error> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// [`RawDisk::open`], with `O_DIRECT` when `direct` is set: reads and writes bypass the
+    /// host's page cache (a write is still only durable after [`RawDisk::flush`]). Refused
+    /// when the file system refuses `O_DIRECT` or its direct-I/O offset alignment
+    /// (`statx(STATX_DIOALIGN)`, 4096 assumed when it reports none) is coarser than a
+    /// 512-byte sector.
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self, Error> {
+        let extra = if direct { libc::O_DIRECT } else { 0 };
         let open = |flags| {
             OpenOptions::new()
                 .read(true)
                 .write(!read_only)
-                .custom_flags(flags)
+                .custom_flags(flags | extra)
                 .open(path)
         };
         let file = match open(libc::O_NOATIME) {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
             result => result,
         }
-        .map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
+        .map_err(|source| {
+            let path = path.to_path_buf();
+            if direct && source.raw_os_error() == Some(libc::EINVAL) {
+                Error::DirectRefused { path, source }
+            } else {
+                Error::Open { path, source }
+            }
         })?;
+        let direct = if direct {
+            let report = direct::statx_dioalign(file.as_raw_fd());
+            let align = direct::alignment(report).map_err(|refusal| match refusal {
+                Refusal::Unsupported => Error::DirectUnsupported {
+                    path: path.to_path_buf(),
+                },
+                Refusal::Coarse { offset, reported } => Error::DirectCoarse {
+                    path: path.to_path_buf(),
+                    offset,
+                    how: if reported {
+                        "as statx STATX_DIOALIGN reports"
+                    } else {
+                        "assumed: its file system does not report it through statx STATX_DIOALIGN"
+                    },
+                },
+            })?;
+            Some(align)
+        } else {
+            None
+        };
         let size = file
             .metadata()
             .map_err(|source| Error::Size {
@@ -106,7 +162,20 @@ impl RawDisk {
             file,
             size,
             read_only,
+            direct,
         })
+    }
+
+    /// The direct-I/O alignment, when the file was opened with `O_DIRECT`.
+    pub fn direct(&self) -> Option<DioAlign> {
+        self.direct
+    }
+
+    /// Whether a transfer of `buffers` at `offset` can go straight between them and the file
+    /// (always, without direct I/O); otherwise [`RawDisk::read_at`] and
+    /// [`RawDisk::write_at`] carry it through a bounce buffer.
+    pub fn fits(&self, buffers: &[libc::iovec], offset: u64) -> bool {
+        self.direct.is_none_or(|a| a.fits(buffers, offset))
     }
 
     pub fn size(&self) -> u64 {
@@ -118,14 +187,66 @@ impl RawDisk {
     }
 
     /// Reads into `buffers` in full from `offset`, or fails; a short read past the end is an
-    /// error. The iovecs must point at live memory of their lengths for the call.
+    /// error. The iovecs must point at live memory of their lengths for the call. With
+    /// direct I/O, buffers that do not meet its rules are read through a bounce buffer.
     pub fn read_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
-        self.vectored(buffers, offset, false)
+        self.transfer_at(buffers, offset, false)
     }
 
     /// Writes `buffers` in full at `offset`: when this returns Ok the data is in the file.
+    /// With direct I/O, buffers that do not meet its rules are written through a bounce
+    /// buffer.
     pub fn write_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
-        self.vectored(buffers, offset, true)
+        self.transfer_at(buffers, offset, true)
+    }
+
+    fn transfer_at(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
+        if self.fits(buffers, offset) {
+            match self.vectored(buffers, offset, write) {
+                // Buffers that met the rules as statx gave them and still did not suit the
+                // file system go through the bounce buffer rather than fail.
+                Err(e) if self.direct.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {}
+                result => return result,
+            }
+        }
+        self.bounced(buffers, offset, write)
+    }
+
+    /// [`RawDisk::read_at`] or [`RawDisk::write_at`] through an aligned bounce buffer, at most
+    /// [`BOUNCE_CHUNK`] bytes at a time, whatever the buffers' alignment. For a file opened
+    /// with direct I/O, the offset and the total length must be multiples of its offset
+    /// alignment (a sector at most, as the file was checked when it was opened).
+    pub fn bounced(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
+        let total: usize = buffers.iter().map(|b| b.iov_len).sum();
+        let (align, unit) = match self.direct {
+            Some(a) => (a.bounce_align(), u64::from(a.offset.max(1))),
+            None => (4096, 1),
+        };
+        if !offset.is_multiple_of(unit) || !(total as u64).is_multiple_of(unit) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("direct I/O of {total} bytes at {offset}: not in whole {unit}-byte units"),
+            ));
+        }
+        let mut bounce = direct::Bounce::new(total.min(BOUNCE_CHUNK), align)?;
+        let mut done = 0;
+        while done < total {
+            // BOUNCE_CHUNK is a multiple of any offset alignment up to a sector.
+            let n = (total - done).min(bounce.capacity());
+            let at = offset + done as u64;
+            let piece = [bounce.iov(n)];
+            if write {
+                // SAFETY: the caller's iovecs point at live memory of their lengths.
+                unsafe { bounce.gather(buffers, done, n) };
+                self.vectored(&piece, at, true)?;
+            } else {
+                self.vectored(&piece, at, false)?;
+                // SAFETY: as above.
+                unsafe { bounce.scatter(buffers, done, n) };
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// Reads what the page cache holds of `buffers` from `offset` without blocking
@@ -246,12 +367,12 @@ impl RawDisk {
         if self.fallocate(first, offset, len).is_ok() {
             return Ok(());
         }
-        let zeroes = vec![0u8; 64 * 1024];
+        // Page-aligned, so that direct I/O takes it as it is.
+        let mut zeroes = direct::Bounce::new(64 * 1024, 4096)?;
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            let buf = iov(zeroes.as_ptr() as *mut u8, n);
-            self.write_at(&[buf], offset + done)?;
+            let n = (len - done).min(zeroes.capacity() as u64) as usize;
+            self.write_at(&[zeroes.iov(n)], offset + done)?;
             done += n as u64;
         }
         Ok(())
@@ -402,5 +523,150 @@ mod tests {
         let e = RawDisk::open(&path, true).unwrap_err();
         assert!(e.to_string().contains("not a multiple of 512"));
         let _ = std::fs::remove_file(path);
+    }
+
+    fn direct_image(name: &str, bytes: usize) -> (PathBuf, RawDisk) {
+        let path =
+            std::env::temp_dir().join(format!("keel-disk-direct-{}-{name}", std::process::id()));
+        let data: Vec<u8> = (0..bytes).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+        std::fs::write(&path, data).unwrap();
+        let disk = RawDisk::open_with(&path, false, true)
+            .expect("O_DIRECT on TMPDIR: run the tests with TMPDIR on a disk-backed file system");
+        (path, disk)
+    }
+
+    fn expected(offset: usize, len: usize) -> Vec<u8> {
+        (offset..offset + len)
+            .map(|i| (i / 512) as u8 ^ (i as u8))
+            .collect()
+    }
+
+    #[test]
+    fn direct_images_are_opened_with_o_direct_and_their_alignment() {
+        let (path, disk) = direct_image("flags", 8192);
+        // SAFETY: F_GETFL on an open fd takes no pointer.
+        let flags = unsafe { libc::fcntl(disk.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_DIRECT, 0, "flags {flags:#o}");
+        assert_ne!(flags & libc::O_NOATIME, 0, "flags {flags:#o}");
+        let align = disk.direct().unwrap();
+        assert!(align.offset <= 512 && align.mem > 0, "{align:?}");
+        assert_eq!(RawDisk::open(&path, false).unwrap().direct(), None);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn direct_aligned_transfers_go_straight_to_the_file() {
+        let (path, disk) = direct_image("aligned", 64 * 1024);
+        let mut a = direct::Bounce::new(4096, 4096).unwrap();
+        let mut b = direct::Bounce::new(8192, 4096).unwrap();
+        let bufs = [a.iov(4096), b.iov(8192)];
+        assert!(disk.fits(&bufs, 8192));
+        // SAFETY: the iovecs point at `a` and `b`, live for these calls.
+        unsafe {
+            std::ptr::write_bytes(bufs[0].iov_base.cast::<u8>(), 0x11, 4096);
+            std::ptr::write_bytes(bufs[1].iov_base.cast::<u8>(), 0x22, 8192);
+        }
+        disk.write_at(&bufs, 8192).unwrap();
+        disk.flush().unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert!(file[8192..12288].iter().all(|&x| x == 0x11));
+        assert!(file[12288..20480].iter().all(|&x| x == 0x22));
+        assert_eq!(&file[..8192], &expected(0, 8192)[..]);
+        let mut c = direct::Bounce::new(16384, 4096).unwrap();
+        let back = [c.iov(16384)];
+        disk.read_at(&back, 4096).unwrap();
+        let mut out = vec![0u8; 16384];
+        // SAFETY: `out` is live for the call.
+        unsafe { c.scatter(&[iov(out.as_mut_ptr(), 16384)], 0, 16384) };
+        assert_eq!(out, file[4096..20480]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn direct_misaligned_buffers_go_through_a_bounce_buffer() {
+        let (path, disk) = direct_image("misaligned", 4 << 20);
+        // Odd addresses and lengths that are not sectors, in three iovecs: 3 MiB + 512 in all,
+        // more than one bounce buffer's worth.
+        let mut mem = vec![0u8; (3 << 20) + 4096];
+        let base = mem.as_mut_ptr().wrapping_add(1);
+        let lens = [100usize, (3 << 20) - 200, 612];
+        let mut bufs = Vec::new();
+        let mut at = 0;
+        for len in lens {
+            bufs.push(iov(base.wrapping_add(at), len));
+            at += len + 3;
+        }
+        let total: usize = lens.iter().sum();
+        assert_eq!(total, (3 << 20) + 512);
+        assert!(!disk.fits(&bufs, 512));
+        let pattern = |i: usize| (i % 251) as u8;
+        let mut k = 0;
+        for b in &bufs {
+            for j in 0..b.iov_len {
+                // SAFETY: inside `mem`, which `bufs` points into.
+                unsafe { *b.iov_base.cast::<u8>().add(j) = pattern(k) };
+                k += 1;
+            }
+        }
+        disk.write_at(&bufs, 512).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert!((0..total).all(|i| file[512 + i] == pattern(i)), "written");
+        assert_eq!(&file[..512], &expected(0, 512)[..]);
+        assert_eq!(
+            &file[512 + total..],
+            &expected(512 + total, file.len() - 512 - total)[..]
+        );
+        // Read back the file's first bytes into the same odd buffers.
+        disk.read_at(&bufs, 0).unwrap();
+        let mut k = 0;
+        for b in &bufs {
+            for j in 0..b.iov_len {
+                // SAFETY: as above.
+                let got = unsafe { *b.iov_base.cast::<u8>().add(j) };
+                assert_eq!(got, file[k], "byte {k}");
+                k += 1;
+            }
+        }
+        drop(mem);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn direct_transfers_of_partial_sectors_are_refused_not_attempted() {
+        let (path, disk) = direct_image("partial", 8192);
+        let mut buf = vec![0u8; 100];
+        let e = disk.read_at(&[iov(buf.as_mut_ptr(), 100)], 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        disk.write_zeroes(512, 1024, false).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert!(file[512..1536].iter().all(|&x| x == 0));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn direct_is_refused_where_the_file_system_reports_no_alignment() {
+        // This kernel's tmpfs takes O_DIRECT but reports no STATX_DIOALIGN: 4096 is assumed,
+        // coarser than a sector, so the start fails with what to do.
+        let shm = Path::new("/dev/shm");
+        assert!(shm.is_dir(), "this test needs a tmpfs at /dev/shm");
+        let path = shm.join(format!("keel-disk-direct-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(
+            direct::statx_dioalign(file.as_raw_fd()),
+            None,
+            "tmpfs reports its direct-I/O alignment now: find another file system for this test"
+        );
+        let e = RawDisk::open_with(&path, false, true).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("disk {}: direct=on:", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("4096 bytes"), "{msg}");
+        assert!(msg.contains("does not report it"), "{msg}");
+        assert!(msg.ends_with("use direct=off"), "{msg}");
+        assert!(!msg.contains('\n'));
     }
 }

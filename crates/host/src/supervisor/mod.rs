@@ -47,6 +47,13 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// How long a VMM may take from spawn to answering on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What recovery did with one VM.
+enum Recovered {
+    Adopted,
+    Lost,
+    Nothing,
+}
 /// How long a hard stop waits for the VMM to end before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Default time a guest gets to act on the power button.
@@ -550,102 +557,129 @@ impl Supervisor {
 
     /// After a daemon restart: re-adopts every VMM that still runs, records every one that
     /// ended meanwhile, and (after a host boot) starts the autostart VMs. Returns
-    /// (re-adopted, lost).
+    /// (re-adopted, lost). VMs are recovered concurrently: one whose VMM never answers (up
+    /// to the start timeout) or must be stopped (up to the stop grace) delays the API's
+    /// opening by that once, not once per such VM.
     pub async fn recover(self: &Arc<Self>, host_booted: bool) -> Result<(usize, usize)> {
         let vms = self.with_store(|s| s.vms())?;
         // One scan of /proc for every VM, instead of one per VM.
         let processes = vmm_process::all_processes();
+        let outcomes = futures_util::future::join_all(
+            vms.iter()
+                .map(|row| self.recover_vm(row, &processes, host_booted)),
+        )
+        .await;
         let (mut adopted, mut lost) = (0, 0);
-        for row in &vms {
-            let name = &row.spec.name;
-            let run_dir = self.run_dir(name);
-            let has_process = processes.iter().any(|(_, dir)| dir == &run_dir.0);
-            let live = self.find_live_vmm(name, &run_dir, has_process).await;
-            match (row.state.has_vmm(), live) {
-                (_, Some((pid, handle))) => {
-                    adopted += 1;
-                    let known = row.pid == Some(pid)
-                        && matches!(row.state, VmState::Running | VmState::ShuttingDown);
-                    if !known {
-                        // Started just before the daemon died, or running unknown to it.
-                        self.transition(
-                            name,
-                            Transition {
-                                to: VmState::Running,
-                                pid: Some(pid),
-                                cause: Cause::DaemonRestart,
-                                actor: "keel",
-                                detail: &format!(
-                                    "re-adopted running VMM pid {pid} after a daemon restart"
-                                ),
-                                time_ms: None,
-                            },
-                        )?;
-                    } else {
-                        self.with_store(|s| {
-                            s.record(&NewEvent::host(
-                                Some(name),
-                                Cause::DaemonRestart,
-                                "keel",
-                                format!("re-adopted running VMM pid {pid}"),
-                            ))
-                        })?;
-                    }
-                    let shutting_down = known && row.state == VmState::ShuttingDown;
-                    let intent = pending_intent(row);
-                    let rebooting = known && intent.as_ref().is_some_and(|i| i.restart);
-                    // Running with a stored intent that is neither a shutdown nor a reboot:
-                    // an operator's stop the dead daemon had begun.
-                    let stopping = known && !shutting_down && intent.is_some() && !rebooting;
-                    if let Some(intent) = intent {
-                        lock(&self.intents).insert(name.clone(), intent);
-                    }
-                    self.watch(name, Arc::new(handle));
-                    if shutting_down {
-                        self.resume_shutdown(name, pid);
-                    } else if rebooting {
-                        self.finish_reboot(name, pid).await;
-                    } else if stopping {
-                        self.finish_stop(name, pid).await;
-                    }
-                }
-                (true, None) => {
-                    lost += 1;
-                    let record = run_dir.exit_record();
-                    let judged = judge_lost(row, record.as_ref(), host_booted);
-                    if self.record_judged(name, judged, record.as_ref())? {
-                        self.finish_start(name).await;
-                    }
-                }
-                (false, None) => {
-                    if row.pending_start.is_some() {
-                        // The previous daemon recorded the VMM's end for a reboot and died
-                        // before it recorded the new start.
-                        self.with_store(|s| {
-                            s.record(&NewEvent::host(
-                                Some(name),
-                                Cause::DaemonRestart,
-                                "keel",
-                                "the start owed since its reboot was cut off by a daemon restart; starting it now",
-                            ))
-                        })?;
-                        self.finish_start(name).await;
-                    }
-                }
+        for outcome in outcomes {
+            match outcome? {
+                Recovered::Adopted => adopted += 1,
+                Recovered::Lost => lost += 1,
+                Recovered::Nothing => {}
             }
         }
         if host_booted {
-            for row in vms.iter().filter(|r| r.spec.autostart) {
+            let autostart = vms.iter().filter(|r| r.spec.autostart).map(|row| async {
                 let name = &row.spec.name;
-                let state = self.get(name)?.state;
-                if !state.has_vmm() {
-                    if let Err(e) = self.start(name, Cause::HostBoot, "keel").await {
-                        tracing::error!("autostart of VM {name} failed: {e}");
-                    }
+                let started = match self.get(name) {
+                    Ok(vm) if vm.state.has_vmm() => Ok(()),
+                    Ok(_) => self.start(name, Cause::HostBoot, "keel").await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = started {
+                    tracing::error!("autostart of VM {name} failed: {e}");
+                }
+            });
+            futures_util::future::join_all(autostart).await;
+        }
+        Ok((adopted, lost))
+    }
+
+    /// Recovers one VM: re-adopts its VMM, or records its end, and finishes what the dead
+    /// daemon had begun for it.
+    async fn recover_vm(
+        self: &Arc<Self>,
+        row: &VmRow,
+        processes: &[(u32, PathBuf)],
+        host_booted: bool,
+    ) -> Result<Recovered> {
+        let mut outcome = Recovered::Nothing;
+        let name = &row.spec.name;
+        let run_dir = self.run_dir(name);
+        let has_process = processes.iter().any(|(_, dir)| dir == &run_dir.0);
+        let live = self.find_live_vmm(name, &run_dir, has_process).await;
+        match (row.state.has_vmm(), live) {
+            (_, Some((pid, handle))) => {
+                outcome = Recovered::Adopted;
+                let known = row.pid == Some(pid)
+                    && matches!(row.state, VmState::Running | VmState::ShuttingDown);
+                if !known {
+                    // Started just before the daemon died, or running unknown to it.
+                    self.transition(
+                        name,
+                        Transition {
+                            to: VmState::Running,
+                            pid: Some(pid),
+                            cause: Cause::DaemonRestart,
+                            actor: "keel",
+                            detail: &format!(
+                                "re-adopted running VMM pid {pid} after a daemon restart"
+                            ),
+                            time_ms: None,
+                        },
+                    )?;
+                } else {
+                    self.with_store(|s| {
+                        s.record(&NewEvent::host(
+                            Some(name),
+                            Cause::DaemonRestart,
+                            "keel",
+                            format!("re-adopted running VMM pid {pid}"),
+                        ))
+                    })?;
+                }
+                let shutting_down = known && row.state == VmState::ShuttingDown;
+                let intent = pending_intent(row);
+                let rebooting = known && intent.as_ref().is_some_and(|i| i.restart);
+                // Running with a stored intent that is neither a shutdown nor a reboot:
+                // an operator's stop the dead daemon had begun.
+                let stopping = known && !shutting_down && intent.is_some() && !rebooting;
+                if let Some(intent) = intent {
+                    lock(&self.intents).insert(name.clone(), intent);
+                }
+                self.watch(name, Arc::new(handle));
+                if shutting_down {
+                    self.resume_shutdown(name, pid);
+                } else if rebooting {
+                    self.finish_reboot(name, pid).await;
+                } else if stopping {
+                    self.finish_stop(name, pid).await;
+                }
+            }
+            (true, None) => {
+                outcome = Recovered::Lost;
+                let record = run_dir.exit_record();
+                let judged = judge_lost(row, record.as_ref(), host_booted);
+                if self.record_judged(name, judged, record.as_ref())? {
+                    self.finish_start(name).await;
+                }
+            }
+            (false, None) => {
+                if row.pending_start.is_some() {
+                    // The previous daemon recorded the VMM's end for a reboot and died
+                    // before it recorded the new start.
+                    self.with_store(|s| {
+                        s.record(&NewEvent::host(
+                            Some(name),
+                            Cause::DaemonRestart,
+                            "keel",
+                            "the start owed since its reboot was cut off by a daemon restart; starting it now",
+                        ))
+                    })?;
+                    self.finish_start(name).await;
                 }
             }
         }
-        Ok((adopted, lost))
+        Ok(outcome)
     }
 
     /// Recovery's start of a VM that is owed one. A start that fails is recorded (the VM

@@ -17,6 +17,19 @@
 //!   completed before the next is looked at. The fallback where no io_uring can be made (an
 //!   old kernel, `kernel.io_uring_disabled`, a seccomp filter, RLIMIT_MEMLOCK).
 //!
+//! **Direct I/O** (the disk opened with `O_DIRECT`, `direct=on`): the hybrid engine skips
+//! the `RWF_NOWAIT` read, which has no page cache to read from, and puts every read and
+//! write whose guest buffers meet the file's direct-I/O alignment on the ring, straight
+//! between guest memory and the file as without it. A request whose buffers do not (any
+//! address and length a guest may give, as long as the whole is sectors) is served at once
+//! on the event-loop thread through an aligned bounce buffer (`RawDisk::bounced`): read into
+//! it then copied out, or copied in then written. It completes to the guest only when it is
+//! in the file, before any later request is looked at, so a flush that arrives after it
+//! (held or not) starts its `fdatasync` after it and covers it; requests in flight beside it
+//! are unordered against it, as they are against each other on the ring. A ring transfer
+//! the file system refuses with EINVAL despite meeting the alignment goes the same way. The
+//! synchronous engine bounces inside `RawDisk::read_at`/`write_at`.
+//!
 //! Discard and write-zeroes are `fallocate` calls made synchronously with either engine: they
 //! are rare, change only metadata, and write-zeroes falls back to writing zeroes where the
 //! file system cannot zero a range. A flush that arrives later covers them.
@@ -106,6 +119,9 @@ pub struct BlockStats {
     pub flushes_waited: AtomicU64,
     /// Operations submitted again: the rest of a short transfer, or a retry after EAGAIN.
     pub resubmits: AtomicU64,
+    /// Reads and writes carried through a direct-I/O bounce buffer, synchronously: their
+    /// guest buffers did not meet `O_DIRECT`'s alignment.
+    pub bounced: AtomicU64,
     /// Requests a reset stopped waiting for.
     pub orphaned: AtomicU64,
     /// Times the device stopped taking chains from a ring that had more because every
@@ -137,7 +153,8 @@ pub struct Block {
     ring: Option<Uring>,
     /// Why the hybrid engine was asked for and not given.
     fallback: Option<String>,
-    /// Reads try the page cache first; cleared if the file system refuses `RWF_NOWAIT`.
+    /// Reads try the page cache first; off with direct I/O, cleared if the file system
+    /// refuses `RWF_NOWAIT`.
     nowait: bool,
     inflight: Inflight,
     /// Chains were left in the ring for want of a free slot.
@@ -190,6 +207,8 @@ impl Block {
             features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let config = build_config(disk.size() >> SECTOR_SHIFT);
+        // With direct I/O there is no page cache to read from.
+        let nowait = disk.direct().is_none();
         let disk = Arc::new(disk);
         let (ring, fallback) = match choice {
             EngineChoice::Synchronous => (None, None),
@@ -202,7 +221,7 @@ impl Block {
             disk,
             ring,
             fallback,
-            nowait: true,
+            nowait,
             inflight: Inflight::new(QUEUE_SIZE),
             held_back: false,
             reset_wait: RESET_WAIT,

@@ -1,7 +1,10 @@
 //! The I/O engines through the transport and the host-side driver, on real files: which
 //! engine serves, reads from the page cache and from the disk, writes and the flushes behind
 //! them, many requests in flight, resets with requests in flight, and the synchronous
-//! fallback. Helpers wait for completions as the event loop does, at most 10 s.
+//! fallback. Helpers wait for completions as the event loop does, at most 10 s. Direct I/O
+//! is in [`direct`].
+
+mod direct;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -59,8 +62,19 @@ impl Drop for Rig {
 }
 
 fn rig(name: &str, bytes: u64, choice: EngineChoice, setup: impl FnOnce(&mut Block)) -> Rig {
+    rig_on(name, bytes, choice, false, setup)
+}
+
+/// [`rig`], on a disk opened with `O_DIRECT` when `direct` is set.
+fn rig_on(
+    name: &str,
+    bytes: u64,
+    choice: EngineChoice,
+    direct: bool,
+    setup: impl FnOnce(&mut Block),
+) -> Rig {
     let path = image(name, bytes);
-    let disk = disk::RawDisk::open(&path, false).unwrap();
+    let disk = disk::RawDisk::open_with(&path, false, direct).unwrap();
     let limiter = RateLimiter::new(&RateLimitConfig::default()).unwrap();
     let mut block = Block::with_engine(disk, "engine", limiter, choice);
     if choice == EngineChoice::Hybrid {

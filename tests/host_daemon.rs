@@ -772,3 +772,39 @@ fn rows_cut_from_the_ledger_while_the_daemon_is_down_are_found() {
     let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&anchor).unwrap()).unwrap();
     assert_eq!(kept, anchored);
 }
+
+#[test]
+fn a_cli_whose_reader_went_away_ends_quietly() {
+    if !kvm_available("a_cli_whose_reader_went_away_ends_quietly") {
+        return;
+    }
+    let daemon = Daemon::start("closedpipe");
+    daemon.create_probe_vm("a", &[]);
+    for args in [&["events"][..], &["vm", "list"], &["host"]] {
+        // stdout is a pipe whose reader is already gone: the first write fails (EPIPE).
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two-element array with new descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: closes the read end this test owns; the write end becomes the child's stdout.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: fds[1] is an open descriptor owned by nothing else.
+        let stdout =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+        let out = Command::new(KEEL)
+            .args(args)
+            .env("KEEL_API", daemon.socket())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "keel {args:?}: {stderr}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "keel {args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}

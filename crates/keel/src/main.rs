@@ -184,8 +184,27 @@ fn vmm(args: VmmArgs) -> ExitCode {
     exit_status(vmm::service::run(&args.dir).map_err(|e| e.to_string()))
 }
 
+/// Client commands that print for scripts end quietly when their reader goes away
+/// (`keel events --follow | head`), as Unix tools do, instead of panicking on the write: the
+/// default SIGPIPE action, which Rust replaces with "ignore". Not for the VMM and the daemon
+/// (a client hanging up on a socket must not kill them) nor the console, which must restore
+/// the terminal on its way out.
+fn end_quietly_on_closed_pipes(command: &Command) {
+    let prints_for_scripts = match command {
+        Command::Run(_) | Command::Vmm(_) | Command::Serve(_) => false,
+        Command::Vm { command, .. } => !matches!(command, cli::VmCommand::Console { .. }),
+        _ => true,
+    };
+    if prints_for_scripts {
+        // SAFETY: sets a signal's disposition to its default before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    end_quietly_on_closed_pipes(&cli.command);
+    match cli.command {
         Command::Run(args) => run(args),
         Command::Vmm(args) => vmm(args),
         Command::Serve(args) => client_command(serve(args)),

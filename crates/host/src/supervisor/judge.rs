@@ -24,8 +24,14 @@ pub(super) fn pending_intent(row: &VmRow) -> Option<StopIntent> {
     })
 }
 
-/// What became of a VM whose VMM ended while no daemon watched it.
-pub(super) fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: bool) -> Judged {
+/// What became of a VM whose VMM ended while no daemon watched it, or (`silenced`) that the
+/// restarted daemon killed because it never answered on its control socket.
+pub(super) fn judge_lost(
+    row: &VmRow,
+    record: Option<&ExitRecord>,
+    host_booted: bool,
+    silenced: bool,
+) -> Judged {
     let pid = row.pid.unwrap_or(0);
     let keel = "keel".to_string();
     let intent = pending_intent(row);
@@ -53,13 +59,12 @@ pub(super) fn judge_lost(row: &VmRow, record: Option<&ExitRecord>, host_booted: 
             false,
         );
     }
-    (
-        VmState::Crashed,
-        Cause::VmmCrash,
-        keel,
-        format!("VMM pid {pid} was gone, without an exit record, when the daemon restarted"),
-        false,
-    )
+    let detail = if silenced {
+        format!("VMM pid {pid} did not answer on its control socket after the daemon restarted, and was killed (hung)")
+    } else {
+        format!("VMM pid {pid} was gone, without an exit record, when the daemon restarted")
+    };
+    (VmState::Crashed, Cause::VmmCrash, keel, detail, false)
 }
 
 /// What a VMM's end means, from its exit record and what the daemon intended.

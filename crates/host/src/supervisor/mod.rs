@@ -48,6 +48,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// How long a VMM may take from spawn to answering on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What recovery found of a VM's VMM.
+enum Found {
+    /// It answered on its control socket: re-adopted with this pidfd.
+    Live(u32, ProcessHandle),
+    /// No process.
+    Absent,
+    /// Its process never answered within the start timeout and was killed.
+    Silenced,
+}
+
 /// What recovery did with one VM.
 enum Recovered {
     Adopted,
@@ -608,7 +618,7 @@ impl Supervisor {
         let has_process = processes.iter().any(|(_, dir)| dir == &run_dir.0);
         let live = self.find_live_vmm(name, &run_dir, has_process).await;
         match (row.state.has_vmm(), live) {
-            (_, Some((pid, handle))) => {
+            (_, Found::Live(pid, handle)) => {
                 outcome = Recovered::Adopted;
                 let known = row.pid == Some(pid)
                     && matches!(row.state, VmState::Running | VmState::ShuttingDown);
@@ -655,15 +665,16 @@ impl Supervisor {
                     self.finish_stop(name, pid).await;
                 }
             }
-            (true, None) => {
+            (true, found) => {
                 outcome = Recovered::Lost;
                 let record = run_dir.exit_record();
-                let judged = judge_lost(row, record.as_ref(), host_booted);
+                let silenced = matches!(found, Found::Silenced);
+                let judged = judge_lost(row, record.as_ref(), host_booted, silenced);
                 if self.record_judged(name, judged, record.as_ref())? {
                     self.finish_start(name).await;
                 }
             }
-            (false, None) => {
+            (false, _) => {
                 if row.pending_start.is_some() {
                     // The previous daemon recorded the VMM's end for a reboot and died
                     // before it recorded the new start.
@@ -695,29 +706,24 @@ impl Supervisor {
     /// VMM is left running that the daemon does not account for.
     /// `has_process` says whether the host-wide scan at the start of recovery saw a VMM
     /// process for this run directory.
-    async fn find_live_vmm(
-        &self,
-        name: &str,
-        run_dir: &RunDir,
-        has_process: bool,
-    ) -> Option<(u32, ProcessHandle)> {
+    async fn find_live_vmm(&self, name: &str, run_dir: &RunDir, has_process: bool) -> Found {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let mut first = true;
         loop {
             if let Ok(status) = vmm_process::status(run_dir).await {
                 if status.name == name {
                     if let Ok(handle) = ProcessHandle::open(status.pid) {
-                        return Some((status.pid, handle));
+                        return Found::Live(status.pid, handle);
                     }
                 }
             }
             if first && !has_process {
-                return None;
+                return Found::Absent;
             }
             first = false;
             let processes = vmm_process::processes_of(run_dir);
             if processes.is_empty() {
-                return None;
+                return Found::Absent;
             }
             if tokio::time::Instant::now() >= deadline {
                 for pid in processes {
@@ -727,7 +733,7 @@ impl Supervisor {
                         handle.wait().await;
                     }
                 }
-                return None;
+                return Found::Silenced;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -85,13 +85,22 @@ fn a_kill_the_previous_daemon_sent_is_still_its_stop() {
         ..operator()
     };
     // The daemon stored its intent and its SIGKILL, then died before recording the end.
-    let (state, cause, ..) = judge_lost(&row(Some(killed)), None, false);
+    let (state, cause, ..) = judge_lost(&row(Some(killed)), None, false, false);
     assert_eq!((state, cause), (VmState::Stopped, Cause::Operator));
     // A stop was asked for but no kill sent: a VMM gone without a record crashed.
-    let (state, cause, ..) = judge_lost(&row(Some(operator())), None, false);
+    let (state, cause, ..) = judge_lost(&row(Some(operator())), None, false, false);
     assert_eq!((state, cause), (VmState::Crashed, Cause::VmmCrash));
-    let (state, cause, ..) = judge_lost(&row(None), None, true);
+    let (state, cause, ..) = judge_lost(&row(None), None, true, false);
     assert_eq!((state, cause), (VmState::Crashed, Cause::HostBoot));
+    // A VMM that never answered the restarted daemon was killed by it: said so, not "gone".
+    let (state, cause, _, detail, _) = judge_lost(&row(None), None, false, true);
+    assert_eq!((state, cause), (VmState::Crashed, Cause::VmmCrash));
+    assert!(
+        detail.contains("did not answer") && detail.contains("was killed"),
+        "{detail}"
+    );
+    let (.., detail, _) = judge_lost(&row(None), None, false, false);
+    assert!(detail.contains("was gone"), "{detail}");
 }
 
 #[test]
@@ -105,7 +114,7 @@ fn a_start_cut_off_by_a_daemon_restart_is_finished() {
         stop_intent: None,
         pending_start: None,
     };
-    let (state, cause, _, detail, again) = judge_lost(&row, None, false);
+    let (state, cause, _, detail, again) = judge_lost(&row, None, false, false);
     assert_eq!(
         (state, cause, again),
         (VmState::Stopped, Cause::DaemonRestart, true)

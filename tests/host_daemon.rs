@@ -799,12 +799,6 @@ fn a_cli_whose_reader_went_away_ends_quietly() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "keel {args:?}: {stderr}");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGPIPE),
-            "keel {args:?}: {:?} {stderr}",
-            out.status
-        );
+        assert_eq!(out.status.code(), Some(0), "keel {args:?}: {stderr}");
     }
 }

@@ -2,6 +2,30 @@
 //! `keel ledger verify`, `keel sla report`, `keel token ...`. Tables for people, `--json` for
 //! scripts; an error is one line on stderr and a non-zero exit.
 
+/// Prints for the operator or a script, like `print!`; see [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+/// Prints a line for the operator or a script, like `println!`; see [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Writes to stdout. A reader that went away (`keel events | head`) ends the command
+/// quietly with status 0, as Unix tools do, where `println!` would panic; SIGPIPE stays
+/// ignored so that a socket the daemon closes is an error message, not a silent death.
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("keel: error: writing to stdout failed: {e}");
+        std::process::exit(1);
+    }
+}
+
 use anyhow::{bail, Context, Result};
 use api::events::LedgerVerification;
 use api::{
@@ -130,6 +154,7 @@ impl CreateArgs {
                 Ok(DiskSpec {
                     path: absolute(&d.path)?,
                     readonly: d.read_only,
+                    direct: d.direct,
                     serial: d.serial.clone(),
                     limits: limits_of(&d.rate_limit),
                 })
@@ -173,7 +198,7 @@ fn vm_path(name: &str, action: &str) -> String {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -198,7 +223,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 }
             })
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        outln!("{}", text.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -207,7 +232,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 fn print_vm_line(vm: &VmInfo) {
-    println!("{}: {}: {}", vm.spec.name, vm.state, vm.reason);
+    outln!("{}: {}: {}", vm.spec.name, vm.state, vm.reason);
 }
 
 pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
@@ -266,7 +291,7 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 .call(Method::DELETE, &vm_path(&name, ""), None)
                 .await?;
             if !api.json {
-                println!("{name}: deleted");
+                outln!("{name}: deleted");
             }
             Ok(())
         }
@@ -302,9 +327,10 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 rows.push((
                     "disk",
                     format!(
-                        "{}{}{}",
+                        "{}{}{}{}",
                         d.path,
                         if d.readonly { " (read-only)" } else { "" },
+                        if d.direct { " (direct I/O)" } else { "" },
                         describe_limits(&d.limits)
                     ),
                 ));
@@ -330,7 +356,7 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 ));
             }
             for (k, v) in rows {
-                println!("{k:<12} {v}");
+                outln!("{k:<12} {v}");
             }
             Ok(())
         }
@@ -375,7 +401,7 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
         client
             .call(Method::POST, &format!("/incidents/{id}/ack"), None)
             .await?;
-        println!("incident {id} acknowledged");
+        outln!("incident {id} acknowledged");
         return Ok(());
     }
     let status: HostStatus = client.get("/").await?;
@@ -383,7 +409,7 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
         return print_json(&status);
     }
     let health = serde_json::to_value(status.health)?;
-    println!(
+    outln!(
         "host {}: {}  ({} VMs, {} running; keel {})",
         status.hostname,
         health.as_str().unwrap_or("?"),
@@ -392,9 +418,9 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
         status.version
     );
     if status.incidents.is_empty() {
-        println!("no open incidents");
+        outln!("no open incidents");
     } else {
-        println!("open incidents (keel host ack ID closes one):");
+        outln!("open incidents (keel host ack ID closes one):");
         let rows: Vec<Vec<String>> = status
             .incidents
             .iter()
@@ -411,7 +437,7 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
         print_table(&["ID", "OPENED", "VM", "CAUSE", "SUMMARY"], &rows);
     }
     if !status.failed_operations.is_empty() {
-        println!("failed operations since the daemon started (newest first):");
+        outln!("failed operations since the daemon started (newest first):");
         let rows: Vec<Vec<String>> = status
             .failed_operations
             .iter()
@@ -428,10 +454,10 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
         print_table(&["TIME", "ACTOR", "REQUEST", "STATUS", "ERROR"], &rows);
     }
     for w in &status.warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}");
     }
     for c in &status.checks {
-        println!(
+        outln!(
             "check {:<12} {}  {}",
             c.name,
             if c.ok { "ok  " } else { "FAIL" },
@@ -490,7 +516,7 @@ pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
     let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
     if api.json {
         for e in &events {
-            println!("{}", serde_json::to_string(e)?);
+            outln!("{}", serde_json::to_string(e)?);
         }
     } else {
         print_table(
@@ -510,9 +536,9 @@ pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
         let newer: Vec<Event> = client.get(&format!("{base}&since={last}")).await?;
         for e in &newer {
             if api.json {
-                println!("{}", serde_json::to_string(e)?);
+                outln!("{}", serde_json::to_string(e)?);
             } else {
-                println!("{}", event_row(e).join("  "));
+                outln!("{}", event_row(e).join("  "));
             }
             last = e.seq;
         }
@@ -529,10 +555,10 @@ pub async fn ledger_verify(expect_head: Option<String>, api: ApiArgs) -> Result<
     if api.json {
         print_json(&v)?;
     } else if v.ok {
-        println!("ledger verified: {} rows, head {}", v.rows, v.head_hash);
+        outln!("ledger verified: {} rows, head {}", v.rows, v.head_hash);
     } else {
         for p in &v.problems {
-            println!("row {}: {}", p.seq, p.problem);
+            outln!("row {}: {}", p.seq, p.problem);
         }
     }
     if !v.ok {
@@ -587,9 +613,9 @@ pub async fn sla_report(args: SlaArgs, api: ApiArgs) -> Result<()> {
     let report: SlaReport = api.client().get(&path).await?;
     match format {
         "json" => print_json(&report)?,
-        "csv" => print!("{}", host::sla::to_csv(&report)),
+        "csv" => out!("{}", host::sla::to_csv(&report)),
         _ => {
-            println!(
+            outln!(
                 "SLA report {} to {} (ledger {}, head {})",
                 report.from,
                 report.to,
@@ -676,7 +702,7 @@ pub async fn token(command: TokenCommand, api: ApiArgs) -> Result<()> {
             if api.json {
                 return print_json(&created);
             }
-            println!("{}", created.secret);
+            outln!("{}", created.secret);
             eprintln!(
                 "keel: token '{}' ({}) created; the secret above is shown only once",
                 created.token.name, created.token.role
@@ -712,7 +738,7 @@ pub async fn token(command: TokenCommand, api: ApiArgs) -> Result<()> {
                     None,
                 )
                 .await?;
-            println!("token '{name}' removed");
+            outln!("token '{name}' removed");
         }
     }
     Ok(())

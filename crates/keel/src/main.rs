@@ -33,19 +33,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM in the foreground, its serial console on this terminal (Ctrl-A x quits).
-    ///
-    /// Exits 0 when the guest powers off or reboots (or on Ctrl-A x), 1 when the VM could not
-    /// be started, 3 when the guest crashed.
-    Run(RunArgs),
-    /// Run the VM defined in RUN_DIR/vm.json detached, as the host daemon does (one per VM).
-    ///
-    /// Serves RUN_DIR/control.sock (newline-delimited JSON requests: status, power-button,
-    /// stop) and RUN_DIR/console.sock (the serial console, raw bytes both ways), appends guest
-    /// output to RUN_DIR/console.log, and writes RUN_DIR/exit.json when the VM ends. SIGTERM
-    /// stops the VM like a stop request. Exits 0 when the guest powers off or reboots or the
-    /// VM is stopped, 1 when the VM could not be started, 3 when the guest crashed.
-    Vmm(VmmArgs),
+    // `run` and `vmm`: parsed alone, with MachineCli, when they are the command (see main).
+    #[command(flatten)]
+    Machine(MachineCommand),
     /// The host daemon: VM definitions, supervision of one VMM process per VM, REST API,
     /// events, ledger. Stopping or killing it leaves the VMs running; it re-adopts them.
     Serve(ServeArgs),
@@ -91,6 +81,39 @@ enum Command {
         #[command(flatten)]
         api: cli::ApiArgs,
     },
+}
+
+/// The commands that run a VM in this process.
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// Boot a VM in the foreground, its serial console on this terminal (Ctrl-A x quits).
+    ///
+    /// Exits 0 when the guest powers off or reboots (or on Ctrl-A x), 1 when the VM could not
+    /// be started, 3 when the guest crashed.
+    Run(RunArgs),
+    /// Run the VM defined in RUN_DIR/vm.json detached, as the host daemon does (one per VM).
+    ///
+    /// Serves RUN_DIR/control.sock (newline-delimited JSON requests: status, power-button,
+    /// stop) and RUN_DIR/console.sock (the serial console, raw bytes both ways), appends guest
+    /// output to RUN_DIR/console.log, and writes RUN_DIR/exit.json when the VM ends. SIGTERM
+    /// stops the VM like a stop request. Exits 0 when the guest powers off or reboots or the
+    /// VM is stopped, 1 when the VM could not be started, 3 when the guest crashed.
+    Vmm(VmmArgs),
+}
+
+/// The command line of `keel run` and `keel vmm` alone: the same name, version and options as
+/// [`Cli`] without the daemon's and the clients' commands. Clap builds the whole tree of a
+/// parser before it reads the arguments; for the full [`Cli`] that tree took about 110 KiB of
+/// heap, which glibc kept resident in every idle VMM after it was freed (docs/benchmarks.md).
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a server-virtualization host on Linux KVM"
+)]
+struct MachineCli {
+    #[command(subcommand)]
+    command: MachineCommand,
 }
 
 #[derive(Subcommand)]
@@ -184,29 +207,13 @@ fn vmm(args: VmmArgs) -> ExitCode {
     exit_status(vmm::service::run(&args.dir).map_err(|e| e.to_string()))
 }
 
-/// Client commands that print for scripts end quietly when their reader goes away
-/// (`keel events --follow | head`), as Unix tools do, instead of panicking on the write: the
-/// default SIGPIPE action, which Rust replaces with "ignore". Not for the VMM and the daemon
-/// (a client hanging up on a socket must not kill them) nor the console, which must restore
-/// the terminal on its way out.
-fn end_quietly_on_closed_pipes(command: &Command) {
-    let prints_for_scripts = match command {
-        Command::Run(_) | Command::Vmm(_) | Command::Serve(_) => false,
-        Command::Vm { command, .. } => !matches!(command, cli::VmCommand::Console { .. }),
-        _ => true,
-    };
-    if prints_for_scripts {
-        // SAFETY: sets a signal's disposition to its default before any thread is started.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    end_quietly_on_closed_pipes(&cli.command);
-    match cli.command {
-        Command::Run(args) => run(args),
-        Command::Vmm(args) => vmm(args),
+    // A VMM process (one per running VM) parses only its own command: see MachineCli.
+    if matches!(std::env::args_os().nth(1), Some(c) if c == "run" || c == "vmm") {
+        return machine_command(MachineCli::parse().command);
+    }
+    match Cli::parse().command {
+        Command::Machine(command) => machine_command(command),
         Command::Serve(args) => client_command(serve(args)),
         Command::Vm { command, api } => client_command(cli::vm(command, api)),
         Command::Events { args, api } => client_command(cli::events(args, api)),
@@ -220,6 +227,13 @@ fn main() -> ExitCode {
             api,
         } => client_command(cli::sla_report(args, api)),
         Command::Token { command, api } => client_command(cli::token(command, api)),
+    }
+}
+
+fn machine_command(command: MachineCommand) -> ExitCode {
+    match command {
+        MachineCommand::Run(args) => run(args),
+        MachineCommand::Vmm(args) => vmm(args),
     }
 }
 

@@ -2,6 +2,8 @@
 //! `PROBE acked N` once the flush completed; the test kills the VMM with SIGKILL at a random
 //! moment and checks that every acknowledged record is intact in the disk file.
 //!
+//! Once more with the disk opened for direct I/O (`direct=on`, `O_DIRECT`).
+//!
 //! CI runs a few trials. For 100 (prints `trials, acknowledged, lost`):
 //!   KEEL_CRASH_TRIALS=100 cargo test --release -p keel --test crash_consistency -- --nocapture
 
@@ -36,8 +38,9 @@ struct Trial {
     lost: Vec<u64>,
 }
 
-/// Boots the probe writing records, kills the VMM after `delay`, checks the file.
-fn trial(index: u64, delay: Duration) -> Trial {
+/// Boots the probe writing records, kills the VMM after `delay`, checks the file. The disk
+/// is opened with `O_DIRECT` when `direct` is set.
+fn trial(index: u64, delay: Duration, direct: bool) -> Trial {
     let dir = std::env::temp_dir().join(format!("keel-crash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join(format!("trial{index}.img"));
@@ -49,7 +52,11 @@ fn trial(index: u64, delay: Duration) -> Trial {
         .args(["run", "--kernel"])
         .arg(probe_elf())
         .arg("--disk")
-        .arg(format!("path={}", disk.display()))
+        .arg(format!(
+            "path={}{}",
+            disk.display(),
+            if direct { ",direct=on" } else { "" }
+        ))
         .args([
             "--cmdline",
             &format!("probe.blk_records={RECORDS} probe.blk_nodiscard probe.poweroff"),
@@ -112,7 +119,7 @@ fn sigkill_loses_no_acknowledged_record() {
     for i in 0..trials {
         // Between 20 ms (boot, before any record) and 400 ms (hundreds of records).
         let delay = Duration::from_millis(20 + random.next() % 380);
-        let t = trial(i, delay);
+        let t = trial(i, delay, false);
         if t.acknowledged > 0 && t.acknowledged < RECORDS {
             killed_mid_stream += 1;
         }
@@ -130,5 +137,27 @@ fn sigkill_loses_no_acknowledged_record() {
     assert!(
         killed_mid_stream > 0,
         "no trial killed the VMM while it was writing: the test proved nothing"
+    );
+}
+
+#[test]
+fn sigkill_loses_no_acknowledged_record_with_direct_io() {
+    if !kvm_available("sigkill_loses_no_acknowledged_record_with_direct_io") {
+        return;
+    }
+    // One trial, killed once records are flowing (each is a direct write and an fdatasync).
+    let delay = Duration::from_millis(300);
+    let t = trial(1000, delay, true);
+    println!(
+        "direct=on: killed after {delay:?}, {} acknowledged, {} lost",
+        t.acknowledged,
+        t.lost.len()
+    );
+    assert!(t.lost.is_empty(), "acknowledged records lost: {:?}", t.lost);
+    assert!(
+        t.acknowledged > 0 && t.acknowledged < RECORDS,
+        "the kill did not come while records were written ({} acknowledged): the test proved \
+         nothing",
+        t.acknowledged
     );
 }

@@ -154,6 +154,7 @@ impl CreateArgs {
                 Ok(DiskSpec {
                     path: absolute(&d.path)?,
                     readonly: d.read_only,
+                    direct: d.direct,
                     serial: d.serial.clone(),
                     limits: limits_of(&d.rate_limit),
                 })
@@ -326,9 +327,10 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 rows.push((
                     "disk",
                     format!(
-                        "{}{}{}",
+                        "{}{}{}{}",
                         d.path,
                         if d.readonly { " (read-only)" } else { "" },
+                        if d.direct { " (direct I/O)" } else { "" },
                         describe_limits(&d.limits)
                     ),
                 ));

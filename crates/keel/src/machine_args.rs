@@ -23,12 +23,12 @@ pub struct MachineArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u64,
-    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,serial=ID] with optional
-    /// limits bw=BYTES/s, bw_burst=, iops=OPS/s, iops_burst= (K/M/G decimal, Ki/Mi/Gi binary).
-    /// Repeatable.
+    /// A virtio-blk disk on a raw file: path=PATH[,readonly=on][,direct=on][,serial=ID] with
+    /// optional limits bw=BYTES/s, bw_burst=, iops=OPS/s, iops_burst= (K/M/G decimal, Ki/Mi/Gi
+    /// binary). direct=on opens it with O_DIRECT (the host page cache bypassed). Repeatable.
     #[arg(
         long = "disk",
-        value_name = "path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]"
+        value_name = "path=PATH[,readonly=on][,direct=on][,serial=ID][,bw=..][,iops=..]"
     )]
     pub disks: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC on a tap device: tap=NAME[,mac=MAC] with optional limits bw=, iops=

@@ -26,11 +26,14 @@ pub struct VmConfig {
     pub trace_startup: bool,
 }
 
-/// `--disk path=PATH[,readonly=on][,serial=ID][,bw=..][,iops=..]`
+/// `--disk path=PATH[,readonly=on][,direct=on][,serial=ID][,bw=..][,iops=..]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Open the image with `O_DIRECT`: the host's page cache is bypassed (QEMU's
+    /// `cache=none`).
+    pub direct: bool,
     pub serial: Option<String>,
     pub rate_limit: RateLimitConfig,
 }
@@ -52,11 +55,14 @@ impl std::str::FromStr for DiskConfig {
     fn from_str(spec: &str) -> Result<Self, String> {
         let mut path = None;
         let mut read_only = false;
+        let mut direct = false;
         let mut serial = None;
         let mut rate_limit = RateLimitConfig::default();
         for part in spec.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| {
-                format!("'{part}': expected key=value (path=, readonly=, serial=, bw=, iops=)")
+                format!(
+                    "'{part}': expected key=value (path=, readonly=, direct=, serial=, bw=, iops=)"
+                )
             })?;
             if rate_limit
                 .parse_option(key, value)
@@ -68,6 +74,7 @@ impl std::str::FromStr for DiskConfig {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "path" => return Err("path= is empty".into()),
                 "readonly" => read_only = on_off(key, value)?,
+                "direct" => direct = on_off(key, value)?,
                 "serial" if value.len() <= MAX_SERIAL_BYTES && value.is_ascii() => {
                     serial = Some(value.to_string())
                 }
@@ -78,7 +85,7 @@ impl std::str::FromStr for DiskConfig {
                 }
                 other => {
                     return Err(format!(
-                        "unknown disk option '{other}' (known: path, readonly, serial, {})",
+                        "unknown disk option '{other}' (known: path, readonly, direct, serial, {})",
                         RateLimitConfig::KEYS.join(", ")
                     ))
                 }
@@ -89,6 +96,7 @@ impl std::str::FromStr for DiskConfig {
         Ok(DiskConfig {
             path,
             read_only,
+            direct,
             serial,
             rate_limit,
         })
@@ -336,6 +344,7 @@ impl VmConfig {
                 Ok(DiskConfig {
                     path: d.path.clone().into(),
                     read_only: d.readonly,
+                    direct: d.direct,
                     serial: d.serial.clone(),
                     rate_limit: rate_limit_of(&d.limits).map_err(|reason| Error::SpecDisk {
                         path: d.path.clone().into(),
@@ -525,6 +534,7 @@ mod tests {
             DiskConfig {
                 path: "/tmp/a.img".into(),
                 read_only: true,
+                direct: false,
                 serial: Some("disk-0".into()),
                 rate_limit: RateLimitConfig::default(),
             }
@@ -534,7 +544,14 @@ mod tests {
         let e = "path=/x,bw=abc".parse::<DiskConfig>().unwrap_err();
         assert!(e.contains("bw=abc"), "{e}");
         let d: DiskConfig = "path=/x".parse().unwrap();
-        assert!(!d.read_only && d.serial.is_none());
+        assert!(!d.read_only && !d.direct && d.serial.is_none());
+        let d: DiskConfig = "path=/x,direct=on".parse().unwrap();
+        assert!(d.direct && !d.read_only);
+        assert!(!"path=/x,direct=off".parse::<DiskConfig>().unwrap().direct);
+        assert!("path=/x,direct=always"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("direct=always: expected on or off"));
         assert_eq!(
             "readonly=on".parse::<DiskConfig>().unwrap_err(),
             "path= is missing"
@@ -625,7 +642,7 @@ mod tests {
         let c = convert(
             r#"{"name":"web1","kernel":"/k","initrd":"/rd","cmdline":"console=ttyS0","cpus":2,
                 "memory_mib":512,"rng":true,
-                "disks":[{"path":"/d.img","readonly":true,"serial":"s1"}],
+                "disks":[{"path":"/d.img","readonly":true,"direct":true,"serial":"s1"}],
                 "nets":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"}]}"#,
         )
         .unwrap();
@@ -641,6 +658,7 @@ mod tests {
             vec![DiskConfig {
                 path: "/d.img".into(),
                 read_only: true,
+                direct: true,
                 serial: Some("s1".into()),
                 rate_limit: RateLimitConfig::default(),
             }]

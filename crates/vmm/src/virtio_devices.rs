@@ -65,7 +65,7 @@ impl VirtioDevices {
     pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
-            let raw = disk::RawDisk::open(&d.path, d.read_only)?;
+            let raw = disk::RawDisk::open_with(&d.path, d.read_only, d.direct)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
             let block = Block::new(raw, &serial, limiter(&d.rate_limit)?);
             if let Some(why) = block.fallback_reason() {
@@ -75,7 +75,12 @@ impl VirtioDevices {
                     block.engine()
                 );
             } else if config.trace_startup {
-                eprintln!("keel: disk {}: {} engine", d.path.display(), block.engine());
+                eprintln!(
+                    "keel: disk {}: {} engine{}",
+                    d.path.display(),
+                    block.engine(),
+                    if d.direct { ", direct I/O" } else { "" }
+                );
             }
             devices.push(Box::new(block));
         }

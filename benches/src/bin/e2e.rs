@@ -5,7 +5,8 @@
 //!
 //! cargo run --release -p keel-benches --bin e2e -- [--runs 3] [--secs 3]
 //!     [--workloads blk-read,blk-read-qd,blk-write,net-tx,net-rx,vsock] [--qd 32]
-//!     [--image-mib 512] [--work-dir DIR] [--no-writeback] [--event-idx] [--probe-dir DIR]
+//!     [--image-mib 512] [--work-dir DIR] [--no-writeback] [--no-direct] [--event-idx]
+//!     [--probe-dir DIR]
 //!     [--keel PATH] [--qemu PATH]
 //!
 //! The net workloads need root (a network namespace of their own); without one they are
@@ -69,6 +70,10 @@ struct Args {
     /// Leave out QEMU with cache=writeback (measured besides cache=none by default).
     #[arg(long)]
     no_writeback: bool,
+    /// Leave out Keel with direct=on (O_DIRECT, measured besides Keel through the page cache
+    /// by default, to compare with QEMU's cache=none).
+    #[arg(long)]
+    no_direct: bool,
     /// The probe negotiates VIRTIO_F_EVENT_IDX (as Linux's drivers do) instead of using the
     /// ring flags to suppress notifications and interrupts.
     #[arg(long)]
@@ -175,6 +180,8 @@ impl Workload {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Config {
     Keel,
+    /// Keel with the disk opened `direct=on` (`O_DIRECT`), as QEMU's `cache=none`.
+    KeelDirect,
     /// `-drive` cache and aio options for disks; none for other devices.
     Qemu(Option<&'static str>),
 }
@@ -183,6 +190,7 @@ impl Config {
     fn label(self) -> String {
         match self {
             Config::Keel => "Keel".into(),
+            Config::KeelDirect => "Keel direct=on".into(),
             Config::Qemu(Some(drive)) => drive.into(),
             Config::Qemu(None) => "tap, virtio-net in QEMU".into(),
         }
@@ -209,7 +217,7 @@ impl Rig {
         }
         let device = workload.device();
         let program = match config {
-            Config::Keel => &self.keel,
+            Config::Keel | Config::KeelDirect => &self.keel,
             Config::Qemu(_) => &self.qemu,
         };
         let mut cmd = match (device, &self.ns) {
@@ -219,7 +227,7 @@ impl Rig {
         };
         let image = || self.image.as_deref().context("no disk image");
         match config {
-            Config::Keel => {
+            Config::Keel | Config::KeelDirect => {
                 cmd.arg("run").arg("--kernel").arg(&self.probe).args([
                     "--cpus",
                     VCPUS,
@@ -232,6 +240,9 @@ impl Rig {
                     Device::Disk => {
                         let mut disk = std::ffi::OsString::from("path=");
                         disk.push(image()?);
+                        if config == Config::KeelDirect {
+                            disk.push(",direct=on");
+                        }
                         cmd.arg("--disk").arg(disk);
                     }
                     Device::Net => {
@@ -462,14 +473,17 @@ fn run_all(args: Args) -> Result<bool> {
     let mut failures = Vec::new();
     for &workload in &workloads {
         let configs: Vec<Config> = match workload.device() {
-            Device::Disk if args.no_writeback => {
-                vec![Config::Keel, Config::Qemu(Some("cache=none,aio=native"))]
+            Device::Disk => {
+                let mut c = vec![Config::Keel];
+                if !args.no_direct {
+                    c.push(Config::KeelDirect);
+                }
+                c.push(Config::Qemu(Some("cache=none,aio=native")));
+                if !args.no_writeback {
+                    c.push(Config::Qemu(Some("cache=writeback,aio=threads")));
+                }
+                c
             }
-            Device::Disk => vec![
-                Config::Keel,
-                Config::Qemu(Some("cache=none,aio=native")),
-                Config::Qemu(Some("cache=writeback,aio=threads")),
-            ],
             Device::Net => vec![Config::Keel, Config::Qemu(None)],
             Device::Vsock => vec![Config::Keel],
         };
@@ -554,7 +568,12 @@ fn run_all(args: Args) -> Result<bool> {
         rows.push(Row {
             workload: workload.label(args.qd),
             keel: stats(0),
+            keel_direct: configs
+                .iter()
+                .position(|&c| c == Config::KeelDirect)
+                .map(stats),
             qemu: (1..configs.len())
+                .filter(|&i| matches!(configs[i], Config::Qemu(_)))
                 .map(|i| (configs[i].label(), stats(i)))
                 .collect(),
         });
@@ -565,6 +584,9 @@ fn run_all(args: Args) -> Result<bool> {
     }
     println!("{}", heading(&host, &args, &keel, &notes));
     println!("{}", table::render_throughput(&rows));
+    if rows.iter().any(|r| r.keel_direct.is_some()) {
+        println!("{}", table::render_direct(&rows));
+    }
     println!("{}", table::render_costs(&rows));
     if !failures.is_empty() {
         println!("Failed runs (left out of the figures):\n");
@@ -667,6 +689,11 @@ mod tests {
             "{k:?}"
         );
         assert!(k.windows(2).any(|w| w == ["--disk", "path=/img"]), "{k:?}");
+        let d = args(Config::KeelDirect, Workload::BlkRead);
+        assert!(
+            d.windows(2).any(|w| w == ["--disk", "path=/img,direct=on"]),
+            "{d:?}"
+        );
         let q = args(
             Config::Qemu(Some("cache=none,aio=native")),
             Workload::BlkRead,

@@ -46,6 +46,9 @@ impl Stats {
 pub struct Row {
     pub workload: String,
     pub keel: Option<Stats>,
+    /// Keel with the disk opened `direct=on` (`O_DIRECT`), when it was measured (disk
+    /// workloads); inside, None when every run failed.
+    pub keel_direct: Option<Option<Stats>>,
     /// (configuration, its figures; None when every run failed)
     pub qemu: Vec<(String, Option<Stats>)>,
 }
@@ -119,6 +122,44 @@ pub fn render_throughput(rows: &[Row]) -> String {
     out
 }
 
+/// Keel with `direct=on` against QEMU with `cache=none` (both `O_DIRECT`), and against Keel
+/// through the page cache; only the rows where Keel direct was measured.
+pub fn render_direct(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| Workload | Keel direct=on ops/s | Keel direct=on MB/s | QEMU cache=none ops/s | \
+         QEMU cache=none MB/s | Keel direct / QEMU cache=none | Keel direct / Keel |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let Some(direct) = &row.keel_direct else {
+            continue;
+        };
+        let none = row
+            .qemu
+            .iter()
+            .find(|(c, _)| c.starts_with("cache=none"))
+            .and_then(|(_, s)| s.as_ref());
+        let figures = |s: Option<&Stats>| {
+            s.map_or(("failed".to_string(), "-".to_string()), |s| {
+                (
+                    thousands(s.ops_per_sec.median),
+                    format!("{:.1}", s.mb_per_sec.median),
+                )
+            })
+        };
+        let (d_ops, d_mb) = figures(direct.as_ref());
+        let (q_ops, q_mb) = figures(none);
+        let _ = writeln!(
+            out,
+            "| {} | {d_ops} | {d_mb} | {q_ops} | {q_mb} | {} | {} |",
+            row.workload,
+            ratio(direct.as_ref(), none),
+            ratio(direct.as_ref(), row.keel.as_ref()),
+        );
+    }
+    out
+}
+
 /// Per VMM configuration: spread of the runs, notifications and host CPU per operation.
 pub fn render_costs(rows: &[Row]) -> String {
     let mut out = String::from(
@@ -128,6 +169,9 @@ pub fn render_costs(rows: &[Row]) -> String {
     );
     for row in rows {
         let mut configs = vec![("Keel".to_string(), row.keel.as_ref())];
+        if let Some(direct) = &row.keel_direct {
+            configs.push(("Keel direct=on".to_string(), direct.as_ref()));
+        }
         configs.extend(
             row.qemu
                 .iter()
@@ -209,6 +253,7 @@ mod tests {
             Row {
                 workload: "blk read".into(),
                 keel: fast.clone(),
+                keel_direct: Some(slow.clone()),
                 qemu: vec![
                     ("cache=none".into(), slow.clone()),
                     ("cache=writeback".into(), None),
@@ -217,6 +262,7 @@ mod tests {
             Row {
                 workload: "vsock".into(),
                 keel: fast,
+                keel_direct: None,
                 qemu: vec![],
             },
         ];
@@ -242,5 +288,12 @@ mod tests {
             c.contains("|  | QEMU cache=writeback | - | 0 | failed | - | - | - |"),
             "{c}"
         );
+        assert!(c.contains("|  | Keel direct=on | 1,000 | 1 |"), "{c}");
+        let d = render_direct(&rows);
+        assert!(
+            d.contains("| blk read | 1,000 | 4.1 | 1,000 | 4.1 | 1.00 | 0.50 |"),
+            "{d}"
+        );
+        assert!(!d.contains("vsock"), "{d}");
     }
 }

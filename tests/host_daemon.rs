@@ -465,6 +465,29 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
             .map(|(to, cause, actor, _)| (to.clone(), cause.clone(), actor.clone()))
             .collect::<Vec<_>>()
     };
+    // After a restart: VM a runs in a VMM other than `old`, the only one, and the ledger
+    // shows the operator's reboot (stopped, starting, running) after row `seq`.
+    let reboot_finished = |daemon: &Daemon, old: u32, seq: i64, what: &str| {
+        assert!(
+            daemon.state("a") == "running" && vm_pid(daemon, "a").is_some_and(|p| p != old),
+            "{what}: VM a is {} (pid {:?}, the old VMM was {old}):\n{}",
+            daemon.state("a"),
+            vm_pid(daemon, "a"),
+            daemon.ok(&["events", "--limit", "30"])
+        );
+        let rows = state_rows_after(daemon, "a", seq);
+        assert_eq!(
+            without_detail(&rows),
+            [
+                operator("stopped"),
+                operator("starting"),
+                operator("running")
+            ],
+            "{rows:#?}"
+        );
+        assert_eq!(rows[0].3, "rebooted by the operator", "{rows:#?}");
+        assert_eq!(daemon.vmm_pids(), vec![vm_pid(daemon, "a").unwrap()]);
+    };
 
     // Undisturbed: one stop, one start, nothing started twice.
     let first = vm_pid(&daemon, "a").unwrap();
@@ -526,25 +549,7 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
 
     // Recovery finishes the reboot before the API opens.
     daemon.restart();
-    assert!(
-        daemon.state("a") == "running" && vm_pid(&daemon, "a").is_some_and(|p| p != old),
-        "the reboot was lost: VM a is {} (pid {:?}, the old VMM was {old}):\n{}",
-        daemon.state("a"),
-        vm_pid(&daemon, "a"),
-        daemon.ok(&["events", "--limit", "30"])
-    );
-    let rows = state_rows_after(&daemon, "a", seq);
-    assert_eq!(
-        without_detail(&rows),
-        [
-            operator("stopped"),
-            operator("starting"),
-            operator("running")
-        ],
-        "{rows:#?}"
-    );
-    assert_eq!(rows[0].3, "rebooted by the operator", "{rows:#?}");
-    assert_eq!(daemon.vmm_pids(), vec![vm_pid(&daemon, "a").unwrap()]);
+    reboot_finished(&daemon, old, seq, "the reboot was lost");
 
     // Killed earlier still: the reboot's intent stored, its Stop not yet sent (the store as
     // the daemon leaves it then). The restarted daemon re-adopts the VMM and finishes the
@@ -554,25 +559,12 @@ fn an_operators_reboot_survives_a_daemon_killed_in_its_middle() {
     let seq = store_operator_intent(&daemon, "a", &actor, "rebooted by the operator", true);
     // Recovery finishes the reboot before the API opens.
     daemon.restart();
-    assert!(
-        daemon.state("a") == "running" && vm_pid(&daemon, "a").is_some_and(|p| p != old),
-        "the re-adopted VMM's reboot was not finished: VM a is {} (pid {:?}, the old \
-             VMM was {old}):\n{}",
-        daemon.state("a"),
-        vm_pid(&daemon, "a"),
-        daemon.ok(&["events", "--limit", "30"])
+    reboot_finished(
+        &daemon,
+        old,
+        seq,
+        "the re-adopted VMM's reboot was not finished",
     );
-    let rows = state_rows_after(&daemon, "a", seq);
-    assert_eq!(
-        without_detail(&rows),
-        [
-            operator("stopped"),
-            operator("starting"),
-            operator("running")
-        ],
-        "{rows:#?}"
-    );
-    assert_eq!(daemon.vmm_pids(), vec![vm_pid(&daemon, "a").unwrap()]);
 
     // The same for a plain stop: its intent stored, its Stop never sent. The restarted daemon
     // finishes it rather than leave the VM running against the operator's word (and a later

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod console;
 mod console_socket;
+mod disk_boot;
 mod control;
 mod control_socket;
 mod exit;

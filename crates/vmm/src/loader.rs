@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
-use std::rc::Rc;
 
 use arch::boot::{initrd_ceiling, InitrdPlacement};
 use arch::layout::HIGH_MEMORY_START;
@@ -16,6 +15,7 @@ use linux_loader::loader::KernelLoader;
 use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::config::VmConfig;
+use disk::boot::BootFiles;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// "HdrS" at 0x202 marks a Linux boot-protocol image.
@@ -57,18 +57,8 @@ pub enum Error {
     Initrd { path: String, reason: String },
     #[error("no kernel given and no disk to boot from: give a kernel file, or a disk that holds one (disk boot uses the first disk)")]
     NoBootDisk,
-    #[error("boot disk {path}: opening it failed: {source}")]
-    OpenBootDisk {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("boot disk {path}: {source}")]
-    DiskBoot {
-        path: String,
-        #[source]
-        source: disk::boot::Error,
-    },
+    #[error(transparent)]
+    DiskBoot(#[from] crate::disk_boot::Error),
 }
 
 /// A kernel in guest memory and how to enter it.
@@ -115,10 +105,33 @@ pub struct Boot {
     pub cmdline: String,
 }
 
-/// Loads the VM's kernel file and initrd, or, with no kernel file, what its first disk holds.
-pub fn load(mem: &GuestMemoryMmap, config: &VmConfig, mem_size: u64) -> Result<Boot, Error> {
+/// With no kernel file: what the VM's first disk boots, found by the sandboxed reader of
+/// [`crate::disk_boot`]. Called before the VM is built (the reader forks, and must do so
+/// while the VMM has one thread and little memory).
+pub fn find_disk_boot(config: &VmConfig) -> Result<Option<BootFiles>, Error> {
+    if config.kernel.is_some() {
+        return Ok(None);
+    }
+    let disk = config.disks.first().ok_or(Error::NoBootDisk)?;
+    let found = crate::disk_boot::find(&disk.path, config.memory_bytes())?;
+    eprintln!(
+        "keel: booting from disk {}: {}",
+        disk.path.display(),
+        found.source
+    );
+    Ok(Some(found))
+}
+
+/// Loads the VM's kernel file and initrd, or `from_disk`, what [`find_disk_boot`] found.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    mem_size: u64,
+    from_disk: Option<BootFiles>,
+) -> Result<Boot, Error> {
     let Some(kernel_path) = &config.kernel else {
-        return load_from_disk(mem, config, mem_size);
+        let found = from_disk.ok_or(Error::NoBootDisk)?;
+        return load_from_disk(mem, config, mem_size, found);
     };
     let name = kernel_path.display().to_string();
     let read_err = |source| Error::Read {
@@ -150,20 +163,17 @@ pub fn load(mem: &GuestMemoryMmap, config: &VmConfig, mem_size: u64) -> Result<B
     })
 }
 
-fn load_from_disk(mem: &GuestMemoryMmap, config: &VmConfig, mem_size: u64) -> Result<Boot, Error> {
-    let disk = config.disks.first().ok_or(Error::NoBootDisk)?;
-    let path = disk.path.display().to_string();
-    let file = File::open(&disk.path)
-        .and_then(disk::boot::FileImage::new)
-        .map_err(|source| Error::OpenBootDisk {
-            path: path.clone(),
-            source,
-        })?;
-    let found = disk::boot::find(Rc::new(file), mem_size).map_err(|source| Error::DiskBoot {
-        path: path.clone(),
-        source,
-    })?;
-    eprintln!("keel: booting from disk {path}: {}", found.source);
+fn load_from_disk(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    mem_size: u64,
+    found: BootFiles,
+) -> Result<Boot, Error> {
+    let path = config
+        .disks
+        .first()
+        .map(|d| d.path.display().to_string())
+        .unwrap_or_default();
     let kernel_name = format!("{path} ({})", found.source);
     let size = found.kernel.len() as u64;
     let kernel = load_kernel(

@@ -65,6 +65,9 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         .into());
     }
     let mem_size = config.memory_bytes();
+    // Disk boot reads the guest's disk in a forked, sandboxed child: before any thread, VM
+    // or guest memory exists.
+    let from_disk = loader::find_disk_boot(config)?;
 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
@@ -86,7 +89,7 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         kernel,
         initrd,
         mut cmdline,
-    } = loader::load(&guest_memory, config, mem_size)?;
+    } = loader::load(&guest_memory, config, mem_size, from_disk)?;
     let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, config)?);
     // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
     if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {

@@ -1,30 +1,38 @@
 //! Disk boot's search of the guest's disk (`disk::boot::find`), run in a forked child
 //! process that can do almost nothing: the partition table, the filesystem and the boot
 //! entries are the guest's, parsed by code (ours and `ext4-view`'s) that has been fuzzed but
-//! not proven. The child gets a seccomp filter that allows reading the already-open image,
-//! memory management and writing its answer to a pipe (any other system call kills it), an
-//! address-space and a CPU-time limit, and its answer is checked on the way back. An abort, a
-//! runaway allocation, a loop or a sandbox violation in the child fails the VM's start with
-//! an error; the VMM itself is not touched.
+//! not proven. The child keeps only two descriptors (the image, the answer pipe) and runs
+//! under seccomp filters: it may read the image, manage its memory, write to the pipe, signal
+//! itself (abort) and end; a few calls the panic and allocation-failure paths make (opening
+//! files for a backtrace, writing to stderr) fail with EPERM; anything else kills it. It has
+//! address-space and CPU-time limits, the parent gives it a wall-clock deadline, and its
+//! answer is checked on the way back. A crash, a runaway allocation, a loop, a hang or a
+//! sandbox violation in the child fails the VM's start with an error; the VMM is not touched.
 //!
 //! It runs before the VMM creates its KVM VM, guest memory or any thread, so the fork copies
-//! a small single-threaded process.
+//! a small single-threaded process (checked: a fork with other threads running is refused).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
-use disk::boot::{BootFiles, FileImage};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use disk::boot::{BootFiles, FileImage, MAX_KERNEL_BYTES};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// CPU seconds the search may take (a few milliseconds is usual).
 const CPU_LIMIT_SECS: u64 = 20;
-/// Address space the child may add to what the VMM had: room for a kernel and initrds up to
-/// the limit (read, then copied into the answer), and the filesystem reader's working set.
-const HEADROOM_BYTES: u64 = 512 << 20;
+/// Wall-clock time the parent waits for the answer (a stalled network image, a blocked child).
+const WALL_LIMIT: Duration = Duration::from_secs(30);
+/// Address space the child may add to what the VMM had, beyond the kernel and initrds it may
+/// hold: the filesystem reader's working set.
+const HEADROOM_BYTES: u64 = 256 << 20;
 /// Longest text field (source, command line, error) accepted back from the child.
 const MAX_TEXT_BYTES: u64 = 64 * 1024;
 
@@ -42,41 +50,49 @@ pub enum Error {
     Reader { path: String, reason: String },
 }
 
-/// Finds what the disk at `path` boots, reading at most `max_bytes` of kernel and initrd, in
-/// a sandboxed child process.
+/// Finds what the disk at `path` boots, reading at most `max_bytes` of kernel and initrds,
+/// in a sandboxed child process.
 pub fn find(path: &Path, max_bytes: u64) -> Result<BootFiles, Error> {
     let name = path.display().to_string();
+    let reader_err = |reason: String| Error::Reader {
+        path: name.clone(),
+        reason,
+    };
+    let threads = thread_count();
+    if threads != Some(1) {
+        return Err(reader_err(format!(
+            "the VMM has {} threads where it must have one to fork the reader (a bug in Keel)",
+            threads.map_or("an unknown number of".to_string(), |n| n.to_string())
+        )));
+    }
     let image = File::open(path)
         .and_then(FileImage::new)
         .map_err(|source| Error::Open {
             path: name.clone(),
             source,
         })?;
+    let kernel_limit = max_bytes.min(MAX_KERNEL_BYTES);
     let limits = Limits {
         address_space: address_space_now()
-            .saturating_add(max_bytes.saturating_mul(3))
+            .saturating_add(kernel_limit)
+            .saturating_add(max_bytes)
             .saturating_add(HEADROOM_BYTES),
         cpu_secs: CPU_LIMIT_SECS,
+        wall: WALL_LIMIT,
     };
-    let answer_limit = max_bytes
-        .saturating_mul(2)
-        .saturating_add(4 * MAX_TEXT_BYTES + 64);
+    let answer_limit = max_bytes.saturating_add(4 * MAX_TEXT_BYTES + 64);
+    let image_fd = image.as_raw_fd();
     let answer = isolated(
-        move || encode(disk::boot::find(Rc::new(image), max_bytes)),
+        move |out: &mut File| send(out, disk::boot::find(Rc::new(image), max_bytes)),
+        &[image_fd],
         &limits,
         answer_limit,
     )
-    .map_err(|reason| Error::Reader {
-        path: name.clone(),
-        reason,
-    })?;
-    match decode(&answer, max_bytes) {
+    .map_err(reader_err)?;
+    match decode(answer, max_bytes) {
         Some(Ok(found)) => Ok(found),
         Some(Err(reason)) => Err(Error::Search { path: name, reason }),
-        None => Err(Error::Reader {
-            path: name,
-            reason: "its answer is malformed".into(),
-        }),
+        None => Err(reader_err("its answer is malformed".into())),
     }
 }
 
@@ -86,17 +102,19 @@ struct Limits {
     address_space: u64,
     /// RLIMIT_CPU, seconds.
     cpu_secs: u64,
+    /// How long the parent waits for the whole answer.
+    wall: Duration,
 }
 
-/// Runs `work` in a forked child under `limits` and the seccomp filter of [`sandbox`], and
-/// returns what it produced (at most `answer_limit` bytes), or why the child failed.
+/// Runs `work` in a forked child that keeps only the descriptors `keep` and its answer pipe,
+/// under `limits` and the seccomp filters of [`sandbox`] (`keep[0]` is the one it may read),
+/// and returns what it wrote (at most `answer_limit` bytes), or why the child failed.
 fn isolated(
-    work: impl FnOnce() -> Vec<u8>,
+    work: impl FnOnce(&mut File) -> std::io::Result<()>,
+    keep: &[RawFd],
     limits: &Limits,
     answer_limit: u64,
 ) -> Result<Vec<u8>, String> {
-    // Built before the fork: the child should need little before its filter is on.
-    let filter = sandbox().map_err(|e| format!("building its seccomp filter: {e}"))?;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array with new descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -109,57 +127,118 @@ fn isolated(
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
 
-    // SAFETY: in the VMM there is no other thread yet (see the module comment), so the child
-    // is a consistent copy; it only runs `child` and leaves with `_exit`.
+    // SAFETY: the caller forks with one thread (see `find`), so the child is a consistent
+    // copy; it only runs `child` and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
         drop(read_end);
-        let status = child(work, limits, &filter, write_end);
+        let status = child(work, keep, limits, write_end);
         // SAFETY: ends the child without running the parent's exit handlers or destructors.
         unsafe { libc::_exit(status) };
     }
     drop(write_end);
-    let mut answer = Vec::new();
-    let read = File::from(read_end)
-        .take(answer_limit.saturating_add(1))
-        .read_to_end(&mut answer);
+    let received = receive(File::from(read_end), limits.wall, answer_limit);
+    if received.is_err() {
+        // SAFETY: kills our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     let status = wait(pid);
-    read.map_err(|e| format!("reading its answer: {e}"))?;
+    let answer = received?;
+    let status = status.map_err(|e| format!("waiting for it: {e}"))?;
     if let Some(why) = abnormal(status, limits) {
         return Err(why);
-    }
-    if answer.len() as u64 > answer_limit {
-        return Err("its answer is larger than any it can give".into());
     }
     Ok(answer)
 }
 
-/// The child: limits, filter, work, answer. Returns the exit status.
+/// Reads the child's answer until it closes the pipe, within `wall` and `limit` bytes.
+fn receive(mut pipe: File, wall: Duration, limit: u64) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + wall;
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut poll = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: polls one valid pollfd for at most `ms` milliseconds.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("waiting for its answer: {e}"));
+        }
+        if ready == 0 {
+            return Err(format!(
+                "it gave no answer within {} s and was killed (is the disk's file stalled?)",
+                wall.as_secs()
+            ));
+        }
+        match pipe.read(&mut chunk) {
+            Ok(0) => return Ok(answer),
+            Ok(n) => {
+                if answer.len() as u64 + n as u64 > limit {
+                    return Err("its answer is larger than any it can give; it was killed".into());
+                }
+                answer.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading its answer: {e}")),
+        }
+    }
+}
+
+/// The child: descriptors, limits, filters, work. Returns the exit status.
 fn child(
-    work: impl FnOnce() -> Vec<u8>,
+    work: impl FnOnce(&mut File) -> std::io::Result<()>,
+    keep: &[RawFd],
     limits: &Limits,
-    filter: &BpfProgram,
     out: OwnedFd,
 ) -> i32 {
+    let out_fd = out.as_raw_fd();
+    let mut kept: Vec<RawFd> = keep.iter().copied().chain([out_fd]).collect();
+    kept.sort_unstable();
+    close_all_but(&kept);
     set_limit(libc::RLIMIT_AS, limits.address_space);
     set_limit(libc::RLIMIT_CPU, limits.cpu_secs);
-    // A backtrace would open files to symbolize it, which the filter forbids; a failure
-    // should end as what it is.
-    std::env::set_var("RUST_BACKTRACE", "0");
-    if seccompiler::apply_filter(filter).is_err() {
+    let Ok(filters) = sandbox(keep.first().copied().unwrap_or(-1), out_fd) else {
         return 2;
-    }
-    // A panic must not unwind out of here: the child would go on running the caller's code.
-    let Ok(answer) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) else {
-        return 4;
     };
-    if File::from(out).write_all(&answer).is_err() {
-        return 3;
+    for filter in &filters {
+        if seccompiler::apply_filter(filter).is_err() {
+            return 2;
+        }
     }
-    0
+    let mut out = File::from(out);
+    // A panic must not unwind out of here: the child would go on running the caller's code.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut out))) {
+        Ok(Ok(())) => 0,
+        Ok(Err(_)) => 3,
+        Err(_) => 4,
+    }
+}
+
+/// Closes every descriptor but `kept` (sorted).
+fn close_all_but(kept: &[RawFd]) {
+    let mut from: u32 = 0;
+    for &fd in kept {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: closes descriptors of this (child) process that nothing here uses.
+            unsafe { libc::close_range(from, fd - 1, 0) };
+        }
+        from = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::close_range(from, u32::MAX, 0) };
 }
 
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) {
@@ -171,18 +250,32 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) {
     unsafe { libc::setrlimit(resource, &limit) };
 }
 
-/// What the child may do: read and seek the image it holds, manage its memory, write to its
-/// pipe, end. Aborting (signals to itself) is allowed so that a panic ends as SIGABRT.
-fn sandbox() -> Result<BpfProgram, seccompiler::BackendError> {
-    let allowed = [
-        libc::SYS_read,
-        libc::SYS_pread64,
-        libc::SYS_lseek,
+fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?])
+}
+
+/// Two filters (the kernel applies the stricter answer): an allow-list whose other calls
+/// kill the process, and one that makes a few allowed-listed calls fail with EPERM instead:
+/// writing anywhere but the pipe, and the file lookups a panic or backtrace makes.
+fn sandbox(image: RawFd, pipe: RawFd) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() } as u64;
+    let any = Vec::new;
+    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    // Only the image is read, only this process signalled, only anonymous memory mapped.
+    allowed.insert(libc::SYS_pread64, vec![arg_is(0, image as u64)?]);
+    allowed.insert(libc::SYS_tgkill, vec![arg_is(0, me)?]);
+    allowed.insert(libc::SYS_mmap, vec![arg_is(4, u64::from(u32::MAX))?]);
+    for nr in [
         libc::SYS_write,
         libc::SYS_close,
         // Debug builds check a descriptor with F_GETFD when it is closed.
         libc::SYS_fcntl,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_brk,
@@ -195,19 +288,66 @@ fn sandbox() -> Result<BpfProgram, seccompiler::BackendError> {
         libc::SYS_rt_sigreturn,
         libc::SYS_gettid,
         libc::SYS_getpid,
-        libc::SYS_tgkill,
         libc::SYS_exit,
         libc::SYS_exit_group,
-    ];
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        allowed.iter().map(|&nr| (nr, Vec::new())).collect();
-    SeccompFilter::new(
-        rules,
+        // Made to fail by the second filter.
+        libc::SYS_openat,
+        libc::SYS_getcwd,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_fstat,
+    ] {
+        allowed.insert(nr, any());
+    }
+    let allow_list = SeccompFilter::new(
+        allowed,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
-    )?
-    .try_into()
+    )?;
+    let mut refused: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    refused.insert(
+        libc::SYS_write,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            pipe as u64,
+        )?])?],
+    );
+    for nr in [
+        libc::SYS_openat,
+        libc::SYS_getcwd,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_fstat,
+    ] {
+        refused.insert(nr, any());
+    }
+    let refusals = SeccompFilter::new(
+        refused,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )?;
+    // Installed in this order: installing a filter takes prctl and seccomp, which the
+    // allow-list does not allow.
+    Ok(vec![refusals.try_into()?, allow_list.try_into()?])
+}
+
+/// This process's threads, from /proc.
+fn thread_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The process's address space now, in bytes (0 when /proc cannot say).
@@ -221,15 +361,16 @@ fn address_space_now() -> u64 {
     pages.saturating_mul(page)
 }
 
-fn wait(pid: libc::pid_t) -> i32 {
+fn wait(pid: libc::pid_t) -> std::io::Result<i32> {
     let mut status = 0;
     loop {
         // SAFETY: waits for our own child; `status` is a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid
-            || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
-        {
-            return status;
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            return Ok(status);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -237,185 +378,140 @@ fn wait(pid: libc::pid_t) -> i32 {
 /// Why the child did not end normally, if it did not.
 fn abnormal(status: i32, limits: &Limits) -> Option<String> {
     if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        return Some(match signal {
+        return Some(match libc::WTERMSIG(status) {
             libc::SIGSYS => {
-                "it made a system call its sandbox forbids and was killed".into()
+                "it made a system call its sandbox forbids and was killed (the disk may be crafted to attack the host)".into()
             }
             libc::SIGXCPU | libc::SIGKILL => format!(
                 "it ran out of its {} s of CPU time and was killed (does the disk's filesystem make it loop?)",
                 limits.cpu_secs
             ),
-            libc::SIGABRT => "it aborted (out of memory within its limit, or a bug met on this disk)".into(),
+            libc::SIGABRT => "it aborted: out of memory within its limit (give the VM more memory if its kernel and initrd are that large) or a defect met on this disk".into(),
             other => format!("it was killed by signal {other}"),
         });
     }
     match libc::WEXITSTATUS(status) {
         0 => None,
-        2 => Some("it could not install its seccomp filter".into()),
+        2 => Some("it could not install its seccomp filters".into()),
         3 => Some("it could not write its answer".into()),
-        4 => Some("it panicked (a bug met on this disk)".into()),
+        4 => Some("it panicked (a defect met on this disk)".into()),
         other => Some(format!("it exited with status {other}")),
     }
 }
 
-// The answer: a tag byte (0 found, 1 not), then length-prefixed fields.
+// The answer: a tag byte (0 found, 1 not), then length-prefixed fields; the kernel last, so
+// the parent can keep it in the buffer it received.
 
-fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+fn header(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(bytes);
 }
 
-fn encode(result: Result<BootFiles, disk::boot::Error>) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Writes the answer to the pipe, the large fields straight from where they are.
+fn send(out: &mut File, result: Result<BootFiles, disk::boot::Error>) -> std::io::Result<()> {
+    let mut head = Vec::new();
     match result {
         Ok(found) => {
-            out.push(0);
-            put(&mut out, found.source.as_bytes());
-            put(&mut out, found.cmdline.as_bytes());
-            put(&mut out, &found.kernel);
+            head.push(0);
+            header(&mut head, found.source.as_bytes());
+            header(&mut head, found.cmdline.as_bytes());
             match &found.initrd {
                 Some(initrd) => {
-                    out.push(1);
-                    put(&mut out, initrd);
+                    head.push(1);
+                    head.extend_from_slice(&(initrd.len() as u64).to_le_bytes());
+                    out.write_all(&head)?;
+                    out.write_all(initrd)?;
+                    head.clear();
                 }
-                None => out.push(0),
+                None => head.push(0),
             }
+            head.extend_from_slice(&(found.kernel.len() as u64).to_le_bytes());
+            out.write_all(&head)?;
+            out.write_all(&found.kernel)
         }
         Err(e) => {
-            out.push(1);
-            put(&mut out, e.to_string().as_bytes());
+            head.push(1);
+            header(&mut head, e.to_string().as_bytes());
+            out.write_all(&head)
         }
     }
-    out
 }
 
-/// The answer, read front to back.
-struct Fields<'a>(&'a [u8]);
+/// Where the next field of the answer starts.
+struct Cursor<'a> {
+    answer: &'a [u8],
+    at: usize,
+}
 
-impl Fields<'_> {
+impl Cursor<'_> {
     fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
+        let b = *self.answer.get(self.at)?;
+        self.at += 1;
         Some(b)
     }
 
-    /// A length-prefixed field of at most `limit` bytes.
-    fn field(&mut self, limit: u64) -> Option<Vec<u8>> {
-        let len = u64::from_le_bytes(self.0.get(..8)?.try_into().ok()?);
+    /// A length-prefixed field of at most `limit` bytes: its range in the answer.
+    fn field(&mut self, limit: u64) -> Option<std::ops::Range<usize>> {
+        let len_bytes = self.answer.get(self.at..self.at.checked_add(8)?)?;
+        let len = u64::from_le_bytes(len_bytes.try_into().ok()?);
         if len > limit {
             return None;
         }
-        let end = 8usize.checked_add(usize::try_from(len).ok()?)?;
-        let field = self.0.get(8..end)?.to_vec();
-        self.0 = &self.0[end..];
-        Some(field)
+        let start = self.at + 8;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.answer.get(start..end)?;
+        self.at = end;
+        Some(start..end)
     }
 
     fn text(&mut self) -> Option<String> {
-        String::from_utf8(self.field(MAX_TEXT_BYTES)?).ok()
+        let range = self.field(MAX_TEXT_BYTES)?;
+        String::from_utf8(self.answer[range].to_vec()).ok()
+    }
+
+    fn at_end(&self) -> bool {
+        self.at == self.answer.len()
     }
 }
 
 /// Reads the answer back; `None` when it is malformed or a field is larger than allowed.
-fn decode(bytes: &[u8], max_bytes: u64) -> Option<Result<BootFiles, String>> {
-    let mut fields = Fields(bytes);
-    let answer = match fields.byte()? {
+/// The kernel stays in the buffer it came in.
+fn decode(mut answer: Vec<u8>, max_bytes: u64) -> Option<Result<BootFiles, String>> {
+    let mut cursor = Cursor {
+        answer: &answer,
+        at: 0,
+    };
+    match cursor.byte()? {
         0 => {
-            let source = fields.text()?;
-            let cmdline = fields.text()?;
-            let kernel = fields.field(max_bytes)?;
-            let initrd = match fields.byte()? {
+            let source = cursor.text()?;
+            let cmdline = cursor.text()?;
+            let initrd = match cursor.byte()? {
                 0 => None,
-                1 => Some(fields.field(max_bytes)?),
+                1 => Some(cursor.field(max_bytes)?),
                 _ => return None,
             };
-            Ok(BootFiles {
-                kernel,
+            let kernel = cursor.field(max_bytes)?;
+            let total = kernel.len() + initrd.as_ref().map_or(0, |r| r.len());
+            if !cursor.at_end() || total as u64 > max_bytes {
+                return None;
+            }
+            let initrd = initrd.map(|r| answer[r].to_vec());
+            answer.truncate(kernel.end);
+            answer.drain(..kernel.start);
+            Some(Ok(BootFiles {
+                kernel: answer,
                 initrd,
                 cmdline,
                 source,
-            })
+            }))
         }
-        1 => Err(fields.text()?),
-        _ => return None,
-    };
-    fields.0.is_empty().then_some(answer)
+        1 => {
+            let reason = cursor.text()?;
+            cursor.at_end().then_some(Err(reason))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits() -> Limits {
-        Limits {
-            address_space: address_space_now() + (256 << 20),
-            cpu_secs: 1,
-        }
-    }
-
-    #[test]
-    fn the_child_answers_and_each_way_it_can_fail_is_named() {
-        assert_eq!(
-            isolated(|| b"answer".to_vec(), &limits(), 100).unwrap(),
-            b"answer"
-        );
-        let e = isolated(|| vec![0; 101], &limits(), 100).unwrap_err();
-        assert!(e.contains("larger than any"), "{e}");
-        let e = isolated(|| std::process::abort(), &limits(), 100).unwrap_err();
-        assert!(e.contains("aborted"), "{e}");
-        let e = isolated(|| panic!("on purpose"), &limits(), 100).unwrap_err();
-        assert!(e.contains("panicked"), "{e}");
-        // Opening a file is not among the system calls the sandbox allows.
-        let e = isolated(
-            || {
-                let _ = File::open("/etc/hostname");
-                Vec::new()
-            },
-            &limits(),
-            100,
-        )
-        .unwrap_err();
-        assert!(e.contains("forbids"), "{e}");
-        // An allocation beyond the address-space limit fails (and Rust aborts on it).
-        let e = isolated(|| vec![1u8; 1 << 30], &limits(), 100).unwrap_err();
-        assert!(e.contains("aborted"), "{e}");
-        // A loop is ended by the CPU limit.
-        #[allow(clippy::empty_loop)]
-        let e = isolated(|| loop {}, &limits(), 100).unwrap_err();
-        assert!(e.contains("CPU time"), "{e}");
-    }
-
-    #[test]
-    fn answers_round_trip_and_garbage_is_refused() {
-        let found = BootFiles {
-            kernel: vec![1; 100],
-            initrd: Some(vec![2; 50]),
-            cmdline: "root=/dev/vda1".into(),
-            source: "partition 1: /vmlinuz".into(),
-        };
-        let bytes = encode(Ok(found));
-        let back = decode(&bytes, 100).unwrap().unwrap();
-        assert_eq!(
-            (back.kernel.len(), back.initrd.map(|i| i.len())),
-            (100, Some(50))
-        );
-        assert_eq!(back.cmdline, "root=/dev/vda1");
-        // A kernel over the limit, a cut answer, trailing bytes, an unknown tag.
-        assert!(decode(&bytes, 99).is_none());
-        for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut], 100).is_none(), "cut at {cut}");
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(&longer, 100).is_none());
-        assert!(decode(&[7], 100).is_none());
-        let not_found = encode(Err(disk::boot::Error::NotFound {
-            searched: "the disk is empty".into(),
-        }));
-        assert!(decode(&not_found, 100)
-            .unwrap()
-            .unwrap_err()
-            .contains("the disk is empty"));
-    }
-}
+mod tests;

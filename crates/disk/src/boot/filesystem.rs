@@ -8,7 +8,7 @@
 use ext4_view::{Ext4, Metadata};
 
 use super::partitions::Partition;
-use super::{entries, BootFiles, Error};
+use super::{entries, shown, BootFiles, Error, KERNEL_CEILING, MAX_KERNEL_BYTES, MEMORY_CEILING};
 
 /// Boot entry files read at most per directory.
 pub const MAX_ENTRIES: usize = 256;
@@ -52,8 +52,14 @@ impl Filesystem {
             if !self.is_file(kernel) {
                 continue;
             }
+            let kernel_bytes = self.read("kernel", kernel, self.kernel_limit(), KERNEL_CEILING)?;
             let initrd = if self.is_file(initrd) {
-                Some(self.read("initrd", initrd)?)
+                Some(self.read(
+                    "initrd",
+                    initrd,
+                    self.initrd_limit(&kernel_bytes),
+                    MEMORY_CEILING,
+                )?)
             } else {
                 None
             };
@@ -62,13 +68,23 @@ impl Filesystem {
                 None => "root=/dev/vda ro".to_string(),
             };
             return Ok(Some(BootFiles {
-                kernel: self.read("kernel", kernel)?,
+                kernel: kernel_bytes,
                 initrd,
                 cmdline: root,
                 source: format!("{}: {kernel}", self.partition),
             }));
         }
         Ok(None)
+    }
+
+    /// The largest kernel read: a fixed ceiling, and no more than guest memory.
+    fn kernel_limit(&self) -> u64 {
+        self.max_bytes.min(MAX_KERNEL_BYTES)
+    }
+
+    /// What the initrds together may take: guest memory less the kernel.
+    fn initrd_limit(&self, kernel: &[u8]) -> u64 {
+        self.max_bytes.saturating_sub(kernel.len() as u64)
     }
 
     /// `path` with every symbolic link replaced by its target, and what it names.
@@ -104,7 +120,8 @@ impl Filesystem {
             }
             if meta.len() > MAX_LINK_BYTES {
                 return Err(format!(
-                    "the symbolic link {candidate} claims a {}-byte target",
+                    "the symbolic link {} claims a {}-byte target",
+                    shown(&candidate),
                     meta.len()
                 ));
             }
@@ -114,7 +131,7 @@ impl Filesystem {
                 .map_err(|e| e.to_string())?;
             let target = target
                 .to_str()
-                .map_err(|_| format!("the symbolic link {candidate} is not UTF-8"))?;
+                .map_err(|_| format!("the symbolic link {} is not UTF-8", shown(&candidate)))?;
             if target.starts_with('/') {
                 resolved.clear();
             }
@@ -177,27 +194,37 @@ impl Filesystem {
                 path
             }
         };
-        let kernel = self.read("kernel", &resolve(&entry.linux))?;
+        let kernel = self.read(
+            "kernel",
+            &resolve(&entry.linux),
+            self.kernel_limit(),
+            KERNEL_CEILING,
+        )?;
+        let limit = self.initrd_limit(&kernel);
         let mut initrd: Option<Vec<u8>> = None;
         for path in &entry.initrds {
-            let bytes = self.read("initrd", &resolve(path))?;
             let all = initrd.get_or_insert_with(Vec::new);
-            if all.len() as u64 + bytes.len() as u64 > self.max_bytes {
-                return Err(Error::TooLarge {
-                    what: "initrd",
-                    path: entry.initrds.join(" + "),
-                    partition: self.partition.to_string(),
-                    size: all.len() as u64 + bytes.len() as u64,
-                    limit: self.max_bytes,
-                });
-            }
+            let room = limit.saturating_sub(all.len() as u64);
+            let bytes = self
+                .read("initrd", &resolve(path), room, MEMORY_CEILING)
+                .map_err(|e| match e {
+                    Error::TooLarge { size, .. } => Error::TooLarge {
+                        what: "initrds",
+                        path: shown(&entry.initrds.join(" + ")),
+                        partition: self.partition.to_string(),
+                        size: size + all.len() as u64,
+                        limit,
+                        why: MEMORY_CEILING,
+                    },
+                    other => other,
+                })?;
             all.extend_from_slice(&bytes);
         }
         Ok(BootFiles {
             kernel,
             initrd,
             cmdline: entry.options.clone(),
-            source: format!("{}: {dir}/{}", self.partition, entry.file),
+            source: format!("{}: {dir}/{}", self.partition, shown(&entry.file)),
         })
     }
 
@@ -206,11 +233,17 @@ impl Filesystem {
             .is_ok_and(|(_, m)| m.file_type().is_regular_file())
     }
 
-    /// A whole regular file, after checking its size against the limit.
-    fn read(&self, what: &'static str, path: &str) -> Result<Vec<u8>, Error> {
+    /// A whole regular file of at most `limit` bytes (checked before it is read).
+    fn read(
+        &self,
+        what: &'static str,
+        path: &str,
+        limit: u64,
+        why: &'static str,
+    ) -> Result<Vec<u8>, Error> {
         let read_err = |reason: String| Error::Read {
             what,
-            path: path.to_string(),
+            path: shown(path),
             partition: self.partition.to_string(),
             reason,
         };
@@ -218,13 +251,14 @@ impl Filesystem {
         if !meta.file_type().is_regular_file() {
             return Err(read_err("it is not a regular file".into()));
         }
-        if meta.len() > self.max_bytes {
+        if meta.len() > limit {
             return Err(Error::TooLarge {
                 what,
-                path: path.to_string(),
+                path: shown(path),
                 partition: self.partition.to_string(),
                 size: meta.len(),
-                limit: self.max_bytes,
+                limit,
+                why,
             });
         }
         self.fs

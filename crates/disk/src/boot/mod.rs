@@ -44,6 +44,12 @@ impl FileImage {
     }
 }
 
+impl std::os::fd::AsRawFd for FileImage {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 impl Image for FileImage {
     fn size(&self) -> u64 {
         self.len
@@ -74,13 +80,14 @@ impl Image for Vec<u8> {
 pub enum Error {
     #[error("no kernel found on the boot disk: {searched}. Install a kernel in the guest (a Boot Loader Specification entry in /loader/entries or /boot/loader/entries, or Debian's /vmlinuz link), or give the VM a kernel file")]
     NotFound { searched: String },
-    #[error("{what} {path} on {partition} of the boot disk is {size} bytes, more than the {limit} bytes that fit in the VM's memory; give the VM more memory")]
+    #[error("{what} {path} on {partition} of the boot disk is {size} bytes, more than the {limit} allowed: {why}")]
     TooLarge {
         what: &'static str,
         path: String,
         partition: String,
         size: u64,
         limit: u64,
+        why: &'static str,
     },
     #[error("{what} {path} on {partition} of the boot disk cannot be read: {reason}")]
     Read {
@@ -91,20 +98,48 @@ pub enum Error {
     },
 }
 
+/// Largest kernel read from a boot disk, whatever the guest's memory: Debian's kernel is
+/// about 10 MiB as a bzImage, 55 MiB as an ELF. (A sparse file claiming gigabytes costs the
+/// disk nothing and the host its memory.)
+pub const MAX_KERNEL_BYTES: u64 = 256 << 20;
+/// Why a kernel was refused as too large.
+pub const KERNEL_CEILING: &str = "a kernel is at most 256 MiB and must fit in the VM's memory";
+/// Why initrds were refused as too large.
+pub const MEMORY_CEILING: &str =
+    "the kernel and initrds must fit in the VM's memory together; give the VM more memory";
+
+/// Text from the guest's disk (file names, paths) as it may be shown to an operator: control
+/// characters, which could forge a log line or drive the terminal, written as escapes.
+pub fn shown(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 /// What the boot disk says to boot.
 #[derive(Debug)]
 pub struct BootFiles {
     pub kernel: Vec<u8>,
     /// The initrds, concatenated (Linux unpacks concatenated cpio archives in order).
     pub initrd: Option<Vec<u8>>,
-    /// The disk's kernel options, with `root=` added when the disk gives none.
+    /// The disk's kernel options: an entry's `options`, or for Debian's links `root=` of the
+    /// partition they are on. (An entry without `root=` gets none: GRUB variables such as
+    /// `$kernelopts` are not expanded.)
     pub cmdline: String,
     /// Where they came from, for logs and errors: "partition 1: /loader/entries/x.conf".
     pub source: String,
 }
 
-/// Finds what to boot on `image`, reading at most `max_bytes` of kernel and initrd (the
-/// guest's memory: more could not be loaded anyway).
+/// Finds what to boot on `image`, reading at most `max_bytes` of kernel and initrds together
+/// (the guest's memory: more could not be loaded anyway), and a kernel of at most
+/// [`MAX_KERNEL_BYTES`].
 pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
     let mut searched = Vec::new();
     for partition in partitions::find(image.as_ref()) {
@@ -142,7 +177,9 @@ pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
         ));
     }
     if searched.is_empty() {
-        searched.push("the disk is empty".into());
+        searched.push(
+            "no partition or filesystem was found (an empty disk, or a partition table with no usable entry)".into(),
+        );
     }
     Err(Error::NotFound {
         searched: searched.join("; "),
@@ -219,8 +256,8 @@ impl Ext4Read for PartitionReader {
     }
 }
 
-/// Adds `root=` to the disk's command line when neither it nor the operator's names one, and
-/// the operator's words last (the kernel takes the last of a repeated option).
+/// The command line of a disk-booted guest: the disk's options, then the operator's (the kernel
+/// takes the last of a repeated option); a `root=` of the operator's replaces the disk's.
 pub fn command_line(disk: &str, operator: &str) -> String {
     let has_root = |s: &str| s.split_whitespace().any(|w| w.starts_with("root="));
     let disk = if has_root(operator) {

@@ -231,3 +231,47 @@ fn the_operators_root_wins_and_their_words_come_last() {
     );
     assert_eq!(command_line("", "console=ttyS0"), "console=ttyS0");
 }
+
+#[test]
+fn kernel_and_initrds_together_fit_in_guest_memory() {
+    let image = fs(
+        "together",
+        &[
+            ("vmlinuz", file(&[1; 200 * 1024])),
+            ("initrd.img", file(&[2; 100 * 1024])),
+        ],
+    );
+    let e = find(Rc::new(image), 256 * 1024).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::TooLarge {
+                what: "initrd",
+                size: 102400,
+                limit: 57344,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn names_from_the_disk_are_shown_with_control_characters_escaped() {
+    let image = fs(
+        "names",
+        &[
+            (
+                "loader/entries/a\nkeel: forged\x1b[2J.conf",
+                file(b"linux /k\n"),
+            ),
+            ("k", file(b"kernel")),
+        ],
+    );
+    let found = find_in(image).unwrap();
+    assert_eq!(
+        found.source,
+        "the whole disk: /loader/entries/a\\nkeel: forged\\u{1b}[2J.conf"
+    );
+    assert_eq!(shown("tab\there"), "tab\\there");
+}

@@ -78,8 +78,10 @@ pub(super) fn judge_end(
     // The daemon asked for this end (stop, reboot, or a shutdown that ran out of time): the
     // VMM said it stopped or powered off, or it was killed by the daemon's SIGKILL (the wait
     // status of a child shows it; for a re-adopted VMM only the intent knows).
+    // A guest that rebooted while the operator's stop or shutdown was under way ends as the
+    // operator asked: off (or, for the operator's reboot, started again), not restarted.
     let planned = match record.map(|r| r.reason) {
-        Some(ExitReason::Stopped | ExitReason::PowerOff) => true,
+        Some(ExitReason::Stopped | ExitReason::PowerOff | ExitReason::Reboot) => true,
         None => {
             matches!(end, ProcessEnd::Signalled(libc::SIGKILL))
                 || intent.as_ref().is_some_and(|i| i.killed)

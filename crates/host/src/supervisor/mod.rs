@@ -452,16 +452,9 @@ impl Supervisor {
                 hint: "its VMM is not watched by this daemon; try again in a moment",
             });
         };
-        self.set_intent(
-            name,
-            StopIntent {
-                cause: Cause::Operator,
-                actor: actor.to_string(),
-                detail: "shut down by the operator (power button)".into(),
-                restart: false,
-                killed: false,
-            },
-        );
+        // The state first: a daemon killed between the two leaves a VM shutting down (whose
+        // intent recovery knows, and finishes with the power button), never a running VM
+        // with a stored intent, which recovery would take for a hard stop.
         self.transition(
             name,
             Transition {
@@ -473,6 +466,16 @@ impl Supervisor {
                 time_ms: None,
             },
         )?;
+        self.set_intent(
+            name,
+            StopIntent {
+                cause: Cause::Operator,
+                actor: actor.to_string(),
+                detail: "shut down by the operator (power button)".into(),
+                restart: false,
+                killed: false,
+            },
+        );
         let run_dir = self.run_dir(name);
         match vmm_process::control(&run_dir, &Request::PowerButton).await {
             Ok(Response::Done) => {}
@@ -485,6 +488,13 @@ impl Supervisor {
             .await
             .is_err()
         {
+            // Under the lock again, and only for the same VMM still running: an intent left
+            // behind would be taken for the meaning of some later end.
+            let _held = guard.lock().await;
+            let same = self.handle(name).is_some_and(|(h, _)| h.pid == handle.pid);
+            if !same || *ended.borrow() {
+                return Ok(());
+            }
             self.set_intent(
                 name,
                 StopIntent {

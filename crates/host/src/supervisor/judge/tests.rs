@@ -57,6 +57,18 @@ fn ends_are_judged_by_record_and_intent() {
     );
     assert_eq!(state, VmState::Crashed);
     assert!(judge_end(1, ok, r(ExitReason::Reboot).as_ref(), None).4);
+    // A guest reboot racing the operator's stop: stopped, not started again.
+    let (state, cause, _, _, again) =
+        judge_end(1, ok, r(ExitReason::Reboot).as_ref(), Some(operator()));
+    assert_eq!(
+        (state, cause, again),
+        (VmState::Stopped, Cause::Operator, false)
+    );
+    let reboot = StopIntent {
+        restart: true,
+        ..operator()
+    };
+    assert!(judge_end(1, ok, r(ExitReason::Reboot).as_ref(), Some(reboot)).4);
     assert_eq!(
         judge_end(
             1,

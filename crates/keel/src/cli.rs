@@ -12,14 +12,17 @@ macro_rules! outln {
     ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-/// Writes to stdout. A reader that went away (`keel events | head`) ends the command
-/// quietly with status 0, as Unix tools do, where `println!` would panic; SIGPIPE stays
-/// ignored so that a socket the daemon closes is an error message, not a silent death.
+/// Writes to stdout. A reader that went away (`keel events | head`) ends the command quietly
+/// with status 141, what a shell reports for a tool killed by SIGPIPE (so `pipefail` scripts
+/// do not take a cut-off `keel ledger verify` or a lost `keel token create` secret for
+/// success), where `println!` would panic; SIGPIPE itself stays ignored so that a socket the
+/// daemon closes is an error message, not a silent death.
 fn write_out(args: std::fmt::Arguments) {
     use std::io::Write;
     if let Err(e) = std::io::stdout().lock().write_fmt(args) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            // 128 + SIGPIPE (13).
+            std::process::exit(141);
         }
         eprintln!("keel: error: writing to stdout failed: {e}");
         std::process::exit(1);

@@ -1,5 +1,16 @@
 //! Guest memory: anonymous mappings (reserved lazily, so only what the guest touches costs
 //! host RAM) registered with KVM as memory slots.
+//!
+//! With a `direct=on` disk the mappings are also advised `MADV_HUGEPAGE`, as QEMU and Cloud
+//! Hypervisor advise all guest RAM: a direct read or write pins the guest pages it uses and
+//! builds its bios from them, one segment for each physically contiguous run. A 1 MiB
+//! request on 4 KiB pages is up to 256 segments (pinned one by one, and split in two
+//! requests when they exceed the disk's limit, 254 on this host's virtio disk); on a
+//! transparent huge page it is one. Measured (docs/benchmarks.md, direct=on): a 1 MiB
+//! write's own time down 10-30% at the median, at QEMU's. It is left out without a direct
+//! disk: buffered I/O copies through the page cache and gained nothing measurable, while
+//! every 2 MiB the guest touches becomes resident whole (the idle probe: RssAnon 0.4 ->
+//! 2.3 MiB).
 
 use arch::layout::ram_regions;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -23,15 +34,44 @@ pub enum Error {
     },
 }
 
-pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, Error> {
+/// Maps `mem_size` bytes of guest memory; `huge_pages` asks for transparent huge pages on it
+/// (see the module documentation).
+pub fn create(mem_size: u64, huge_pages: bool) -> Result<GuestMemoryMmap, Error> {
     let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
         mib: mem_size >> 20,
         source,
-    })
+    })?;
+    if huge_pages {
+        advise_huge_pages(&mem);
+    }
+    Ok(mem)
+}
+
+/// `madvise(MADV_HUGEPAGE)` on every region. Only a hint: where it fails (a kernel without
+/// transparent huge pages) the guest runs on small pages, and the VMM says so once.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        // SAFETY: the range is one whole mapping owned by `mem`; MADV_HUGEPAGE changes only
+        // how the kernel backs it, never its contents or its protection.
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if r != 0 {
+            eprintln!(
+                "keel: asking for transparent huge pages on guest memory failed: {}; direct disk I/O goes through small pages",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+    }
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
@@ -61,4 +101,36 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The advice reaches the mapping: smaps lists the `hg` flag on the area holding it.
+    #[test]
+    fn huge_pages_are_advised_only_when_asked() {
+        let flagged = |mem: &GuestMemoryMmap| {
+            let addr = mem.iter().next().unwrap().as_ptr() as usize;
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mut inside = false;
+            for line in smaps.lines() {
+                let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
+                if let Some((lo, hi)) = range {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+                if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+                    return flags.split_whitespace().any(|f| f == "hg");
+                }
+            }
+            panic!("guest memory at {addr:#x} is not in /proc/self/smaps");
+        };
+        assert!(flagged(&create(16 << 20, true).unwrap()));
+        assert!(!flagged(&create(16 << 20, false).unwrap()));
+    }
 }

@@ -72,7 +72,8 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
     // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
-    let guest_memory = memory::create(mem_size)?;
+    let direct_disk = config.disks.iter().any(|d| d.direct);
+    let guest_memory = memory::create(mem_size, direct_disk)?;
     memory::register(&vm, &guest_memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("setting the TSS address"))?;

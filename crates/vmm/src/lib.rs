@@ -7,9 +7,9 @@
 pub mod config;
 pub mod console;
 mod console_socket;
-mod disk_boot;
 mod control;
 mod control_socket;
+mod disk_boot;
 mod exit;
 pub mod host;
 mod legacy_bus;

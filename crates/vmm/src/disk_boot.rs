@@ -250,6 +250,18 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) {
     unsafe { libc::setrlimit(resource, &limit) };
 }
 
+/// The file lookups a panic message or a backtrace makes: they fail with EPERM rather than
+/// kill, so that a failure ends as what it is.
+const FILE_LOOKUPS: [i64; 7] = [
+    libc::SYS_openat,
+    libc::SYS_getcwd,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+];
+
 fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
     SeccompRule::new(vec![SeccompCondition::new(
         index,
@@ -290,15 +302,11 @@ fn sandbox(image: RawFd, pipe: RawFd) -> Result<Vec<BpfProgram>, seccompiler::Ba
         libc::SYS_getpid,
         libc::SYS_exit,
         libc::SYS_exit_group,
-        // Made to fail by the second filter.
-        libc::SYS_openat,
-        libc::SYS_getcwd,
-        libc::SYS_readlink,
-        libc::SYS_readlinkat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_fstat,
-    ] {
+    ]
+    .into_iter()
+    // Made to fail by the second filter.
+    .chain(FILE_LOOKUPS)
+    {
         allowed.insert(nr, any());
     }
     let allow_list = SeccompFilter::new(
@@ -317,15 +325,7 @@ fn sandbox(image: RawFd, pipe: RawFd) -> Result<Vec<BpfProgram>, seccompiler::Ba
             pipe as u64,
         )?])?],
     );
-    for nr in [
-        libc::SYS_openat,
-        libc::SYS_getcwd,
-        libc::SYS_readlink,
-        libc::SYS_readlinkat,
-        libc::SYS_newfstatat,
-        libc::SYS_statx,
-        libc::SYS_fstat,
-    ] {
+    for nr in FILE_LOOKUPS {
         refused.insert(nr, any());
     }
     let refusals = SeccompFilter::new(

@@ -74,22 +74,6 @@ impl Collected {
     }
 }
 
-/// Waits for the child to exit (killing it after `limit`); its exit status if it exited.
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     if !kvm_available("the_console_over_tcp_needs_an_operator_and_is_audited") {
@@ -147,7 +131,7 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     // Spawned with a deadline: an attach that got through would wait for the VM to end.
     let mut viewing = console("web", &as_viewer);
     drop(viewing.stdin.take());
-    let status = wait_exit(&mut viewing, Duration::from_secs(10));
+    let status = wait_or_kill(&mut viewing, Duration::from_secs(10));
     let mut refused = String::new();
     viewing
         .stderr
@@ -183,7 +167,7 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     // Bytes for the guest (the waiting probe reports each as `PROBE serial_in`), then the
     // escape, which the client keeps for itself.
     stdin.write_all(b"hello guest\r\x01x").unwrap();
-    let status = wait_exit(&mut first, Duration::from_secs(10));
+    let status = wait_or_kill(&mut first, Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "Ctrl-A x did not detach: {status:?}"
@@ -241,7 +225,7 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
         "live console output: {}",
         out.text()
     );
-    let status = wait_exit(&mut second, Duration::from_secs(10));
+    let status = wait_or_kill(&mut second, Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "the console did not end with the VM: {status:?}; stderr: {}",

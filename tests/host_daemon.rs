@@ -609,14 +609,7 @@ fn sorted(mut v: Vec<u32>) -> Vec<u32> {
 
 /// Collects a child's stdout, killing it if it has not ended by the deadline.
 fn wait_output(mut child: std::process::Child, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_or_kill(&mut child, limit);
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {
         let _ = stdout.read_to_string(&mut out);

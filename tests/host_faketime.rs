@@ -83,12 +83,9 @@ fn a_clock_set_back_decides_nothing() {
     if !kvm_available(tag) || !faketime_available(tag) {
         return;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let offset_2100 = format!("+{}s", 4_102_444_800 - now);
-    let offset_2030 = format!("+{}s", 1_893_456_000 - now);
+    let now = unix_now();
+    let offset_2100 = offset_to(4_102_444_800, now);
+    let offset_2030 = offset_to(1_893_456_000, now);
     let mut faked = Faked {
         daemon: Daemon::start_with(tag, &["faketime", "-f", &offset_2100], &[], &[]),
     };
@@ -182,14 +179,24 @@ impl Drop for Faked {
     }
 }
 
+/// The real clock's Unix time, in seconds.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// libfaketime's offset (`+Ns`) from `now` to the Unix time `to`.
+fn offset_to(to: i64, now: i64) -> String {
+    format!("+{}s", to - now)
+}
+
 /// Pids whose parent is `parent`, from /proc/PID/stat.
 fn children_of(parent: u32) -> Vec<u32> {
     let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+    for (pid, dir) in processes() {
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
             continue;
         };
         // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
@@ -213,11 +220,7 @@ fn lifecycle_under_faked_date(tag: &str, date: &FakedDate) {
         return;
     }
     // One offset for the whole test (see the top of the file).
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let offset = format!("+{}s", date.unix - now);
+    let offset = offset_to(date.unix, unix_now());
     let probe = std::process::Command::new("faketime")
         .args(["-f", &offset, "date", "-u", "+%Y"])
         .output()

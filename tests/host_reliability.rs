@@ -171,22 +171,6 @@ fn settled(daemon: &Daemon, context: &str) -> BTreeMap<String, Shown> {
     }
 }
 
-/// Waits for a CLI client, killing it if it hangs.
-fn finish(mut child: Child, limit: Duration) -> Option<bool> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status.success());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn a_daemon_killed_mid_requests_loses_and_orphans_nothing() {
     if !kvm_available("a_daemon_killed_mid_requests_loses_and_orphans_nothing") {
@@ -247,12 +231,13 @@ fn a_daemon_killed_mid_requests_loses_and_orphans_nothing() {
         std::thread::sleep(delay);
         daemon.kill9();
         let mut outcomes = Vec::new();
-        for (what, child) in requests {
-            let outcome = match finish(child, Duration::from_secs(30)) {
-                Some(true) => "ok",
-                Some(false) => "failed",
-                None => "hung",
-            };
+        for (what, mut child) in requests {
+            let outcome =
+                match wait_or_kill(&mut child, Duration::from_secs(30)).map(|s| s.success()) {
+                    Some(true) => "ok",
+                    Some(false) => "failed",
+                    None => "hung",
+                };
             outcomes.push(format!("{what}: {outcome}"));
         }
         eprintln!(

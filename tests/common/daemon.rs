@@ -261,11 +261,8 @@ pub fn free_port() -> u16 {
 pub fn vmm_pids_of(state_dir: &Path) -> Vec<u32> {
     let prefix = state_dir.join("vms").display().to_string();
     let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for (pid, dir) in super::processes() {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
         let words: Vec<String> = cmdline

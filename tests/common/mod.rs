@@ -237,3 +237,31 @@ pub fn run_probe(kernel: &Path, cpus: u32, memory_mib: u64, cmdline: &str) -> Ru
     ]);
     run_with(cmd, None, Duration::from_secs(60), None)
 }
+
+/// Waits for the child to exit, killing it after `limit`; its exit status if it exited.
+pub fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every process in /proc: its pid and its /proc/PID directory.
+pub fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}

@@ -4,6 +4,16 @@ use std::fmt::Write;
 
 use crate::stats::{ratio, Summary};
 
+/// A duration in milliseconds, as the tables show times.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// KiB (as /proc gives memory) in MiB, as the tables show memory.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
 /// The machine and software the figures come from.
 #[derive(Debug, Clone)]
 pub struct Host {

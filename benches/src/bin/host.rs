@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use keel_benches::procfs::{self, MemoryStatus};
-use keel_benches::report::Host;
+use keel_benches::report::{mib, ms, Host};
 use keel_benches::runner::{self, Setup, Vmm, IDLE_SETTLE, MEMORY_MIB, READY_LINE, VCPUS};
 use keel_benches::tools::{loadavg, Prepared, VmmPaths};
 
@@ -47,14 +47,6 @@ struct Args {
     vms: u32,
     #[command(flatten)]
     vmm: VmmPaths,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 fn mibs(memory: &[MemoryStatus], kib: impl Fn(&MemoryStatus) -> u64) -> Vec<f64> {

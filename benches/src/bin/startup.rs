@@ -5,12 +5,11 @@
 //!     [--keel PATH] [--qemu PATH] [--json]
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use keel_benches::procfs::MemoryStatus;
-use keel_benches::report::{self, Host, Metric, Results};
+use keel_benches::report::{self, mib, ms, Host, Metric, Results};
 use keel_benches::runner::{self, BootTiming, Vmm};
 use keel_benches::stats::summarize;
 use keel_benches::tools::{Prepared, VmmPaths};
@@ -32,14 +31,6 @@ struct Args {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 /// Samples of every metric, per VMM.

@@ -143,11 +143,11 @@ pub struct BootFiles {
 pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
     let mut searched = Vec::new();
     for partition in partitions::find(image.as_ref()) {
-        if !partitions::has_ext_magic(image.as_ref(), &partition) {
+        let Some(superblock) = ext_superblock(image.as_ref(), &partition) else {
             searched.push(format!("{partition}: no ext2/3/4 filesystem"));
             continue;
-        }
-        if let Err(why) = check_geometry(image.as_ref(), &partition) {
+        };
+        if let Err(why) = check_geometry(&superblock, &partition) {
             searched.push(format!(
                 "{partition}: the filesystem cannot be read ({why})"
             ));
@@ -186,6 +186,25 @@ pub fn find(image: Rc<dyn Image>, max_bytes: u64) -> Result<BootFiles, Error> {
     })
 }
 
+/// The ext2/3/4 superblock: 1024 bytes, 1024 bytes into the filesystem, its magic at 0x38.
+const SUPERBLOCK_BYTES: usize = 1024;
+const SUPERBLOCK_OFFSET: u64 = 1024;
+const EXT_MAGIC_AT: usize = 0x38;
+const EXT_MAGIC: [u8; 2] = [0x53, 0xef];
+
+/// The partition's ext2/3/4 superblock, if one starts there (read once, for the magic and
+/// the geometry check).
+fn ext_superblock(image: &dyn Image, partition: &Partition) -> Option<[u8; SUPERBLOCK_BYTES]> {
+    let mut sb = [0u8; SUPERBLOCK_BYTES];
+    let fits = partition.len >= SUPERBLOCK_OFFSET + SUPERBLOCK_BYTES as u64;
+    (fits
+        && image
+            .read_at(partition.start + SUPERBLOCK_OFFSET, &mut sb)
+            .is_ok()
+        && sb[EXT_MAGIC_AT..EXT_MAGIC_AT + 2] == EXT_MAGIC)
+        .then_some(sb)
+}
+
 /// Most block groups a filesystem may claim: 128 TiB in 4 KiB blocks. `ext4-view` allocates
 /// its table of group descriptors from the superblock's count before reading them.
 pub const MAX_BLOCK_GROUPS: u64 = 1 << 20;
@@ -193,11 +212,7 @@ pub const MAX_BLOCK_GROUPS: u64 = 1 << 20;
 /// Checks the superblock's size claims against the partition before `ext4-view` trusts them:
 /// a forged block count would otherwise have it allocate memory for billions of block groups
 /// (found by the fuzz target: the VMM aborted).
-fn check_geometry(image: &dyn Image, partition: &Partition) -> Result<(), String> {
-    let mut sb = [0u8; 1024];
-    image
-        .read_at(partition.start + 1024, &mut sb)
-        .map_err(|e| format!("reading the superblock: {e}"))?;
+fn check_geometry(sb: &[u8; SUPERBLOCK_BYTES], partition: &Partition) -> Result<(), String> {
     let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
     // The high half counts even without the 64bit feature: ext4-view reads it so.
     let blocks = u64::from(u32_at(0x150)) << 32 | u64::from(u32_at(0x4));

@@ -15,9 +15,6 @@ const MBR_TYPES_EXTENDED: [u8; 3] = [0x05, 0x0f, 0x85];
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 /// GPT entries read at most: the usual table holds 128.
 pub const MAX_GPT_ENTRIES: u32 = 256;
-/// ext2/3/4 superblock magic, at byte 0x38 of the superblock that starts 1024 bytes in.
-const EXT_MAGIC_OFFSET: u64 = 1024 + 0x38;
-const EXT_MAGIC: [u8; 2] = [0x53, 0xef];
 
 /// One place a filesystem may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +62,6 @@ pub fn find(image: &dyn Image) -> Vec<Partition> {
         return whole(image);
     }
     found
-}
-
-/// True when an ext2/3/4 superblock starts at the partition (a cheap test before parsing).
-pub fn has_ext_magic(image: &dyn Image, partition: &Partition) -> bool {
-    let mut magic = [0u8; 2];
-    partition.len >= EXT_MAGIC_OFFSET + 2
-        && image
-            .read_at(partition.start + EXT_MAGIC_OFFSET, &mut magic)
-            .is_ok()
-        && magic == EXT_MAGIC
 }
 
 fn whole(image: &dyn Image) -> Vec<Partition> {

@@ -26,6 +26,9 @@ const KERNEL_LINKS: [(&str, &str); 2] = [
     ("/boot/vmlinuz", "/boot/initrd.img"),
 ];
 
+/// A path resolved (without links) and what it names, or why it could not be.
+type Lookup = Result<(String, Metadata), String>;
+
 pub(super) struct Filesystem {
     fs: Ext4,
     partition: Partition,
@@ -49,19 +52,25 @@ impl Filesystem {
             }
         }
         for (kernel, initrd) in KERNEL_LINKS {
-            if !self.is_file(kernel) {
+            let Some(kernel_file) = self.regular_file(kernel) else {
                 continue;
-            }
-            let kernel_bytes = self.read("kernel", kernel, self.kernel_limit(), KERNEL_CEILING)?;
-            let initrd = if self.is_file(initrd) {
-                Some(self.read(
+            };
+            let kernel_bytes = self.read(
+                "kernel",
+                kernel,
+                Ok(kernel_file),
+                self.kernel_limit(),
+                KERNEL_CEILING,
+            )?;
+            let initrd = match self.regular_file(initrd) {
+                Some(file) => Some(self.read(
                     "initrd",
                     initrd,
+                    Ok(file),
                     self.initrd_limit(&kernel_bytes),
                     MEMORY_CEILING,
-                )?)
-            } else {
-                None
+                )?),
+                None => None,
             };
             let root = match self.partition.number {
                 Some(n) => format!("root=/dev/vda{n} ro"),
@@ -88,7 +97,7 @@ impl Filesystem {
     }
 
     /// `path` with every symbolic link replaced by its target, and what it names.
-    fn lookup(&self, path: &str) -> Result<(String, Metadata), String> {
+    fn lookup(&self, path: &str) -> Lookup {
         let mut todo: Vec<String> = components(path);
         todo.reverse();
         let mut resolved: Vec<String> = Vec::new();
@@ -186,27 +195,28 @@ impl Filesystem {
         // Paths are relative to the root of the filesystem holding `loader/`: that is /boot
         // when the entries are in /boot/loader/entries of a root filesystem.
         let base = dir.strip_suffix("/loader/entries").unwrap_or("");
-        let resolve = |path: &str| -> String {
+        // The path as named, and what it names.
+        let resolve = |path: &str| -> (String, Lookup) {
             let path = format!("/{}", path.trim_start_matches('/'));
-            if !base.is_empty() && !self.is_file(&path) {
-                format!("{base}{path}")
-            } else {
-                path
+            let found = self.lookup(&path);
+            let regular = matches!(&found, Ok((_, m)) if m.file_type().is_regular_file());
+            if base.is_empty() || regular {
+                return (path, found);
             }
+            let inside = format!("{base}{path}");
+            let found = self.lookup(&inside);
+            (inside, found)
         };
-        let kernel = self.read(
-            "kernel",
-            &resolve(&entry.linux),
-            self.kernel_limit(),
-            KERNEL_CEILING,
-        )?;
+        let (path, found) = resolve(&entry.linux);
+        let kernel = self.read("kernel", &path, found, self.kernel_limit(), KERNEL_CEILING)?;
         let limit = self.initrd_limit(&kernel);
         let mut initrd: Option<Vec<u8>> = None;
         for path in &entry.initrds {
             let all = initrd.get_or_insert_with(Vec::new);
             let room = limit.saturating_sub(all.len() as u64);
+            let (path, found) = resolve(path);
             let bytes = self
-                .read("initrd", &resolve(path), room, MEMORY_CEILING)
+                .read("initrd", &path, found, room, MEMORY_CEILING)
                 .map_err(|e| match e {
                     Error::TooLarge { size, .. } => Error::TooLarge {
                         what: "initrds",
@@ -228,16 +238,20 @@ impl Filesystem {
         })
     }
 
-    fn is_file(&self, path: &str) -> bool {
+    /// What `path` names, when it is a regular file.
+    fn regular_file(&self, path: &str) -> Option<(String, Metadata)> {
         self.lookup(path)
-            .is_ok_and(|(_, m)| m.file_type().is_regular_file())
+            .ok()
+            .filter(|(_, m)| m.file_type().is_regular_file())
     }
 
-    /// A whole regular file of at most `limit` bytes (checked before it is read).
+    /// The whole regular file `path` names (`found`, from [`Self::lookup`]), of at most
+    /// `limit` bytes (checked before it is read).
     fn read(
         &self,
         what: &'static str,
         path: &str,
+        found: Lookup,
         limit: u64,
         why: &'static str,
     ) -> Result<Vec<u8>, Error> {
@@ -247,7 +261,7 @@ impl Filesystem {
             partition: self.partition.to_string(),
             reason,
         };
-        let (resolved, meta) = self.lookup(path).map_err(read_err)?;
+        let (resolved, meta) = found.map_err(read_err)?;
         if !meta.file_type().is_regular_file() {
             return Err(read_err("it is not a regular file".into()));
         }

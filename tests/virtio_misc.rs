@@ -114,7 +114,14 @@ fn vsock_streams_both_ways_through_the_unix_socket() {
     }
     let dir = scratch_dir("vsock");
     let socket = dir.join("v.sock");
-    let listener = UnixListener::bind(format!("{}_6000", socket.display())).unwrap();
+    let guest_port = format!("{}_6000", socket.display());
+    let listener = UnixListener::bind(&guest_port).unwrap();
+    // The jailed VMM connects as the VM's own user: the host program lets it.
+    std::fs::set_permissions(
+        &guest_port,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
     let server = std::thread::spawn(move || vsock_serve(listener, "HELLO-FROM-HOST"));
     // More than the probe's 64 KiB of receive space: credit must flow for this to finish.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + 3) as u8).collect();

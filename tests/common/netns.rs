@@ -29,8 +29,11 @@ impl NetNs {
 
     /// A command that runs inside the namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        // nsenter, not `ip netns exec`: that remounts /sys, which hides the cgroup
+        // hierarchies a jailed VMM needs.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg(program);
         cmd
     }
 

@@ -63,10 +63,12 @@ impl NetNs {
         Ok(ns)
     }
 
-    /// `program` run inside the namespace (`ip netns exec` execs it: same PID).
+    /// `program` run inside the namespace (nsenter execs it: same PID; not `ip netns
+    /// exec`, which remounts /sys without the cgroup hierarchies a jailed VMM needs).
     pub fn command(&self, program: &std::path::Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg(program);
         cmd
     }
 

@@ -24,15 +24,19 @@ pub enum Cause {
     HostBoot,
     /// The daemon restarted (re-adoption, autostart, or finding a VMM gone).
     DaemonRestart,
+    /// The kernel's OOM killer ended the VMM: its cgroup's memory limit (guest RAM plus the
+    /// VMM's overhead) was reached.
+    OomKill,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 5] = [
+    pub const ALL: [Cause; 6] = [
         Cause::Operator,
         Cause::Guest,
         Cause::VmmCrash,
         Cause::HostBoot,
         Cause::DaemonRestart,
+        Cause::OomKill,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,7 @@ impl Cause {
             Cause::VmmCrash => "vmm-crash",
             Cause::HostBoot => "host-boot",
             Cause::DaemonRestart => "daemon-restart",
+            Cause::OomKill => "oom-kill",
         }
     }
 }

@@ -38,6 +38,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("disk {path} is in use: {holder} holds its lock; a writable image is used by one VM at a time, and a read-only one only beside other readers")]
+    Locked { path: PathBuf, holder: &'static str },
+    #[error("disk {path}: locking it failed: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk {path}: direct=on: its file system does no direct I/O on it (statx reports no direct-I/O alignment); use direct=off")]
     DirectUnsupported { path: PathBuf },
     #[error("disk {path}: direct=on: direct I/O on it needs offsets aligned to {offset} bytes ({how}), more than Keel's 512-byte sectors; use direct=off")]
@@ -89,6 +97,43 @@ pub struct RawDisk {
     direct: Option<DioAlign>,
 }
 
+/// Locks the whole image with an open-file-description lock (F_OFD_SETLK): exclusive when
+/// the VM writes it, shared when it only reads it. The lock lives as long as any descriptor
+/// of this open file, in whichever process (the daemon's launcher, then the VMM), and ends
+/// with the last one, so a VMM killed outright releases it. Programs that honour POSIX or OFD
+/// locks (QEMU, qemu-img) are kept out while it is held.
+pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), Error> {
+    // SAFETY: flock is plain data; zeroed is a valid value to fill in.
+    let mut region: libc::flock = unsafe { std::mem::zeroed() };
+    region.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    region.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0 and l_len 0: the whole file, however it grows.
+    // SAFETY: F_OFD_SETLK reads one flock, which lives across the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &region) };
+    if r == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Locked {
+            path: path.to_path_buf(),
+            holder: if read_only {
+                "a VM or program that writes it"
+            } else {
+                "another VM or program"
+            },
+        }),
+        _ => Err(Error::Lock {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 impl RawDisk {
     /// Opens the image through the host's page cache. It is opened with `O_NOATIME` where
     /// the caller may (it owns the file, or has CAP_FOWNER): a guest's reads then do not
@@ -105,6 +150,14 @@ impl RawDisk {
     /// (`statx(STATX_DIOALIGN)`, 4096 assumed when it reports none) is coarser than a
     /// 512-byte sector.
     pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self, Error> {
+        let file = Self::open_file(path, read_only, direct)?;
+        Self::from_file(file, path, read_only, direct)
+    }
+
+    /// Opens the image file as [`RawDisk::open_with`] would, and takes its lock, without
+    /// checking it further: for a launcher that hands the descriptor to a VMM, which makes
+    /// it a disk with [`RawDisk::from_file`].
+    pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<File, Error> {
         let extra = if direct { libc::O_DIRECT } else { 0 };
         let open = |flags| {
             OpenOptions::new()
@@ -125,6 +178,20 @@ impl RawDisk {
                 Error::Open { path, source }
             }
         })?;
+        lock(&file, path, read_only)?;
+        Ok(file)
+    }
+
+    /// The disk on an image file opened already (by [`RawDisk::open_file`], or by the host
+    /// daemon, which hands it over as a descriptor); `path` names it in messages. The file's
+    /// lock is taken (again: a lock its opener took on the same open file stays).
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<Self, Error> {
+        lock(&file, path, read_only)?;
         let direct = if direct {
             let report = direct::statx_dioalign(file.as_raw_fd());
             let align = direct::alignment(report).map_err(|refusal| match refusal {
@@ -550,7 +617,35 @@ mod tests {
         assert_ne!(flags & libc::O_NOATIME, 0, "flags {flags:#o}");
         let align = disk.direct().unwrap();
         assert!(align.offset <= 512 && align.mem > 0, "{align:?}");
+        // Its lock goes with it: only then may the image be opened for writing again.
+        drop(disk);
         assert_eq!(RawDisk::open(&path, false).unwrap().direct(), None);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_writable_image_is_locked_against_every_other_open_and_a_read_only_one_is_shared() {
+        let path = std::env::temp_dir().join(format!("keel-lock-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let writer = RawDisk::open(&path, false).unwrap();
+        for read_only in [false, true] {
+            let Err(e) = RawDisk::open(&path, read_only) else {
+                panic!("opened while written (read_only {read_only})");
+            };
+            assert!(matches!(e, Error::Locked { .. }), "{e}");
+            assert!(e.to_string().contains("is in use"), "{e}");
+        }
+        drop(writer);
+        let readers = [
+            RawDisk::open(&path, true).unwrap(),
+            RawDisk::open(&path, true).unwrap(),
+        ];
+        let Err(e) = RawDisk::open(&path, false) else {
+            panic!("opened for writing while read");
+        };
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        drop(readers);
+        RawDisk::open(&path, false).unwrap();
         let _ = std::fs::remove_file(path);
     }
 

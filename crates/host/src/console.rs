@@ -219,7 +219,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let store = Store::open(&dir.join("keel.db")).unwrap();
-        let app = Supervisor::new(dir.clone(), "/bin/false".into(), store);
+        let app = Supervisor::new(dir.clone(), "/bin/false".into(), store, None);
         for name in ["on", "off"] {
             let spec: VmSpec =
                 serde_json::from_value(serde_json::json!({"name": name, "kernel": "/k"})).unwrap();

@@ -32,6 +32,8 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error(transparent)]
+    Cgroup(#[from] jail::cgroup::Error),
+    #[error(transparent)]
     Supervisor(#[from] supervisor::Error),
 }
 
@@ -99,6 +101,19 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, Error> {
     Ok(file)
 }
 
+/// Where VMs' cgroups go. A daemon that is not root cannot jail its VMMs: it says so and
+/// runs them unjailed (under their seccomp filters).
+fn jail_layout() -> Result<Option<jail::cgroup::Layout>, Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!("not root: VMMs run unjailed, with this user's rights (no own uid, namespaces or cgroup), under their seccomp filters");
+        return Ok(None);
+    }
+    let layout = jail::cgroup::Layout::detect()?;
+    tracing::info!("VMMs are jailed; cgroups: {}", layout.describe());
+    Ok(Some(layout))
+}
+
 pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -109,7 +124,17 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let store = Store::open(&config.state_dir.join("keel.db"))?;
     let booted_now = boot_id();
     let host_booted = store.meta("boot_id")? != Some(booted_now.clone());
-    let sup = Supervisor::new(config.state_dir.clone(), config.keel_exe.clone(), store);
+    let cgroups = jail_layout()?;
+    // A jailed VMM's launcher ends as soon as the VMM runs: the VMM then becomes this
+    // daemon's child, so its end (a seccomp kill's SIGSYS included) is seen in full.
+    // SAFETY: prctl with plain integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let sup = Supervisor::new(
+        config.state_dir.clone(),
+        config.keel_exe.clone(),
+        store,
+        cgroups,
+    );
     sup.with_store(|s| {
         s.record(&NewEvent::host(
             None,

@@ -42,7 +42,12 @@ use crate::ledger;
 use crate::time::rfc3339;
 
 /// The causes of unplanned down time, in report and CSV column order.
-pub const UNPLANNED: [Cause; 3] = [Cause::VmmCrash, Cause::HostBoot, Cause::DaemonRestart];
+pub const UNPLANNED: [Cause; 4] = [
+    Cause::VmmCrash,
+    Cause::OomKill,
+    Cause::HostBoot,
+    Cause::DaemonRestart,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -386,6 +391,7 @@ mod tests {
     fn by_cause(vmm: f64, host: f64, daemon: f64) -> BTreeMap<String, f64> {
         [
             ("vmm-crash".to_string(), vmm),
+            ("oom-kill".to_string(), 0.0),
             ("host-boot".to_string(), host),
             ("daemon-restart".to_string(), daemon),
         ]
@@ -751,12 +757,12 @@ mod tests {
         let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
         assert_eq!(
             lines[0],
-            "vm,window_seconds,excluded_seconds,downtime_seconds,availability_percent,credit_percent,outages,downtime_vmm-crash,downtime_host-boot,downtime_daemon-restart"
+            "vm,window_seconds,excluded_seconds,downtime_seconds,availability_percent,credit_percent,outages,downtime_vmm-crash,downtime_oom-kill,downtime_host-boot,downtime_daemon-restart"
         );
         assert_eq!(
             lines[1],
             format!(
-                "web,86400,3600,907,{},25,2,607,300,0",
+                "web,86400,3600,907,{},25,2,607,0,300,0",
                 100.0 * (1.0 - 907.0 / 82_800.0)
             )
         );

@@ -34,6 +34,8 @@ pub enum Error {
     },
     #[error("the VMM's control socket {path}: {reason}")]
     Control { path: PathBuf, reason: String },
+    #[error("{reason}")]
+    Refused { reason: String },
     #[error("watching VMM process {pid} failed: {source}")]
     Pidfd {
         pid: u32,
@@ -72,8 +74,10 @@ impl RunDir {
         self.file(files::CONSOLE_LOG)
     }
 
-    /// Creates the directory (owner only) and writes the VM's definition for the VMM.
-    pub fn prepare(&self, spec: &VmSpec) -> Result<()> {
+    /// Creates the directory (owner only) and writes the VM's definition for the VMM. With
+    /// a jail id, the directory and the console log belong to it: the jailed VMM writes
+    /// there (console log, sockets, exit record) and nowhere else.
+    pub fn prepare(&self, spec: &VmSpec, jail_id: Option<u32>) -> Result<()> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -83,23 +87,94 @@ impl RunDir {
                 path: self.0.clone(),
                 source,
             })?;
+        let owner = |path: &Path| -> Result<()> {
+            // lchown: a link the jailed user left is changed itself, never what it names.
+            std::os::unix::fs::lchown(path, jail_id, jail_id).or_else(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(Error::Io {
+                        what: "giving the VM's jail user",
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            })
+        };
+        if jail_id.is_some() {
+            owner(&self.0)?;
+            owner(&self.console_log())?;
+        }
         let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
         // Unchanged since the last start: no need to pay for the fsyncs again.
-        if std::fs::read(self.file(files::SPEC)).is_ok_and(|old| old == json) {
+        if read_own_file(&self.file(files::SPEC)).is_some_and(|old| old == json) {
             return Ok(());
         }
         write_atomically(&self.file(files::SPEC), &json)
     }
 
+    /// The VMM log's length now: a VMM started next writes after it.
+    pub fn log_len(&self) -> u64 {
+        std::fs::symlink_metadata(self.file(files::VMM_LOG)).map_or(0, |m| m.len())
+    }
+
+    /// The system call a seccomp filter killed the VMM for, from the lines its log got
+    /// after `from` (the log's length when it started).
+    pub fn seccomp_violation(&self, from: u64) -> Option<u64> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.file(files::VMM_LOG))
+            .ok()?;
+        let len = file.metadata().ok()?.len();
+        // The tail is enough: the report is the VMM's last word.
+        let start = from.max(len.saturating_sub(64 * 1024));
+        file.seek(std::io::SeekFrom::Start(start)).ok()?;
+        let mut bytes = Vec::new();
+        file.take(64 * 1024).read_to_end(&mut bytes).ok()?;
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .rev()
+            .find_map(|line| {
+                let rest = line.strip_prefix(jail::seccomp::VIOLATION_MARKER)?;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+
     /// The VMM's exit record, if it wrote one.
     pub fn exit_record(&self) -> Option<ExitRecord> {
-        let text = std::fs::read(self.file(files::EXIT_RECORD)).ok()?;
+        let text = read_own_file(&self.file(files::EXIT_RECORD))?;
         serde_json::from_slice(&text).ok()
     }
 
     pub fn remove_exit_record(&self) {
         let _ = std::fs::remove_file(self.file(files::EXIT_RECORD));
     }
+}
+
+/// Largest file of the run directory the daemon reads (definition, exit record).
+const MAX_RUN_FILE_BYTES: u64 = 1 << 20;
+
+/// A file of the run directory, which the VM's jailed user may have replaced: a link is
+/// not followed, a FIFO does not block, only a regular file of sane size is read.
+fn read_own_file(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_RUN_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RUN_FILE_BYTES).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// `api::control::write_atomically`, owner-only, with this module's error.
@@ -111,52 +186,191 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Starts `keel vmm --dir RUN_DIR` in its own session, so that neither a signal to the
-/// daemon's process group nor the daemon's death reaches it. Returns its pid.
-pub fn spawn(keel_exe: &Path, run_dir: &RunDir) -> Result<u32> {
+/// What a VM's VMM is started with.
+pub struct Launch<'a> {
+    pub keel_exe: &'a Path,
+    pub run_dir: &'a RunDir,
+    /// Its identity and limits: None when the daemon is not root (then unjailed).
+    pub jail: Option<jail::LaunchOptions>,
+    /// The kernel, initrd, boot image and disks the daemon opened, in that order.
+    pub files: Vec<OwnedFd>,
+}
+
+/// Environment variables a VMM gets from the daemon's (the rest is not passed on).
+const PASSED_ENV: [&str; 3] = [
+    "KEEL_TRACE_STARTUP",
+    "RUST_BACKTRACE",
+    vmm_test_hook::FORBIDDEN_SYSCALL_ENV,
+];
+
+/// The test hook's variable, spelled here so that the daemon needs no VMM code.
+mod vmm_test_hook {
+    pub const FORBIDDEN_SYSCALL_ENV: &str = "KEEL_TEST_FORBIDDEN_SYSCALL";
+}
+
+/// First descriptor number used to park the handed files while the child is set up, above
+/// the numbers they are handed at.
+const PARKED_FD: i32 = 512;
+
+/// Starts `keel vmm --dir RUN_DIR --handed-files [--jail ...]` in its own session, so that
+/// neither a signal to the daemon's process group nor the daemon's death reaches it, with
+/// the VM's files as descriptors 3 on. With a jail, the process started jails a child and
+/// ends at once, printing the child's pid: that child is the VMM (a child of the daemon,
+/// which is a subreaper). Returns the VMM's pid.
+pub fn spawn(launch: Launch) -> Result<u32> {
+    let run_dir = launch.run_dir;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        // The run directory belongs to the VM's jailed user, who could leave a link here.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(run_dir.file(files::VMM_LOG))
         .map_err(|source| Error::Io {
             what: "opening the VMM log",
             path: run_dir.file(files::VMM_LOG),
             source,
         })?;
-    let mut command = Command::new(keel_exe);
+    // Parked above the numbers they go to, so no dup2 below overwrites one not yet moved.
+    let mut parked = Vec::with_capacity(launch.files.len());
+    for (i, fd) in launch.files.iter().enumerate() {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor this process owns.
+        let high =
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, PARKED_FD + i as i32) };
+        if high < 0 {
+            return Err(Error::Io {
+                what: "handing over the VM's files",
+                path: run_dir.0.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: fcntl returned a new descriptor that nothing else owns.
+        parked.push(unsafe { OwnedFd::from_raw_fd(high) });
+    }
+    let mut command = Command::new(launch.keel_exe);
     command
         .arg("vmm")
         .arg("--dir")
         .arg(&run_dir.0)
+        .arg("--handed-files")
+        .env_clear()
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(if launch.jail.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(log);
-    // SAFETY: setsid and close_range are async-signal-safe system calls that touch only the
-    // child being set up.
+    for name in PASSED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    // A daemon run under libfaketime (the date tests) runs its VMMs under it too.
+    for (name, value) in std::env::vars_os() {
+        let faked = name.to_str().is_some_and(|n| n.starts_with("FAKETIME"));
+        if faked || name == "LD_PRELOAD" {
+            command.env(name, value);
+        }
+    }
+    if let Some(options) = &launch.jail {
+        command.arg("--jail").arg(options.to_string());
+    }
+    let sources: Vec<i32> = parked.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: setsid, dup2 and close_range are async-signal-safe system calls that touch
+    // only the child being set up; `sources` is not changed after the fork.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for (i, fd) in sources.iter().enumerate() {
+                // dup2 clears close-on-exec on the new descriptor: it survives the exec.
+                if libc::dup2(*fd, HANDED_FIRST_FD + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Descriptors the daemon inherited without close-on-exec (from its own parent:
             // a shell's pipes, a wrapper's) must not live on in every VMM. Marked rather than
             // closed, so std's exec-error pipe keeps working; an older kernel leaves them.
             libc::syscall(
                 libc::SYS_close_range,
-                3u32,
+                (HANDED_FIRST_FD as usize + sources.len()) as u32,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|source| Error::Spawn {
-        exe: keel_exe.to_path_buf(),
+    let mut child = command.spawn().map_err(|source| Error::Spawn {
+        exe: launch.keel_exe.to_path_buf(),
         source,
     })?;
-    // The Child handle is dropped without waiting: the pidfd watch reaps it (`reap`).
-    Ok(child.id())
+    drop(parked);
+    drop(launch.files);
+    let Some(mut out) = child.stdout.take() else {
+        // Unjailed: the process started is the VMM. Dropped without waiting: the pidfd
+        // watch reaps it (`reap`).
+        return Ok(child.id());
+    };
+    // The launcher prints the jailed VMM's pid and ends within milliseconds.
+    let mut text = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut out), &mut text);
+    let status = child.wait().map_err(|source| Error::Spawn {
+        exe: launch.keel_exe.to_path_buf(),
+        source,
+    })?;
+    match text.trim().parse::<u32>() {
+        Ok(pid) if status.success() => Ok(pid),
+        _ => Err(Error::Refused {
+            reason: run_dir.exit_record().map(|r| r.detail).unwrap_or_else(|| {
+                format!(
+                    "the VMM's launcher {status} without starting it (see {})",
+                    run_dir.file(files::VMM_LOG).display()
+                )
+            }),
+        }),
+    }
+}
+
+/// Where the handed files start in the VMM (`vmm::host_files::FIRST_HANDED_FD`).
+const HANDED_FIRST_FD: i32 = 3;
+
+/// The descriptors of the files a VM uses, in the order the VMM takes them: kernel,
+/// initrd, boot image (disk boot's reader: the first disk, read-only, no `O_DIRECT`),
+/// disks. Writable disks are locked against any other writer, read-only ones against
+/// writers; a disk in use fails the start.
+pub fn open_vm_files(spec: &VmSpec) -> Result<Vec<OwnedFd>> {
+    let refused = |what: &str, path: &str, e: &dyn std::fmt::Display| Error::Refused {
+        reason: format!("{what} {path}: {e}"),
+    };
+    let open_plain = |what: &str, path: &str| {
+        std::fs::File::open(path)
+            .map(OwnedFd::from)
+            .map_err(|e| refused(what, path, &e))
+    };
+    let mut fds = Vec::new();
+    if let Some(kernel) = &spec.kernel {
+        fds.push(open_plain("kernel", kernel)?);
+    }
+    if let Some(initrd) = &spec.initrd {
+        fds.push(open_plain("initrd", initrd)?);
+    }
+    if spec.kernel.is_none() {
+        if let Some(first) = spec.disks.first() {
+            fds.push(open_plain("boot disk", &first.path)?);
+        }
+    }
+    for d in &spec.disks {
+        let file =
+            disk::RawDisk::open_file(Path::new(&d.path), d.readonly, d.direct).map_err(|e| {
+                Error::Refused {
+                    reason: e.to_string(),
+                }
+            })?;
+        fds.push(OwnedFd::from(file));
+    }
+    Ok(fds)
 }
 
 /// Every live `keel vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
@@ -194,6 +408,11 @@ pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
 
 /// One request to a VMM's control socket, with a timeout.
 pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
+    control_with_peer(run_dir, request).await.map(|(r, _)| r)
+}
+
+/// [`control`], with the pid of the socket's owner as the kernel reports it.
+async fn control_with_peer(run_dir: &RunDir, request: &Request) -> Result<(Response, Option<u32>)> {
     let path = run_dir.control_socket();
     let fail = |reason: String| Error::Control {
         path: path.clone(),
@@ -203,6 +422,11 @@ pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
         let stream = UnixStream::connect(&path)
             .await
             .map_err(|e| fail(format!("cannot connect ({e})")))?;
+        let peer = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (read, mut write) = stream.into_split();
         let mut line = serde_json::to_string(request).map_err(|e| fail(e.to_string()))?;
         line.push('\n');
@@ -216,6 +440,7 @@ pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
             .await
             .map_err(|e| fail(format!("reading the answer failed ({e})")))?;
         serde_json::from_str::<Response>(&answer)
+            .map(|r| (r, peer))
             .map_err(|e| fail(format!("unreadable answer {answer:?} ({e})")))
     };
     tokio::time::timeout(CONTROL_TIMEOUT, exchange)
@@ -223,10 +448,17 @@ pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
         .map_err(|_| fail(format!("no answer within {CONTROL_TIMEOUT:?}")))?
 }
 
-/// The VMM's status, if a VMM answers on the socket.
+/// The VMM's status, if a VMM answers on the socket. Its pid is the one the kernel gives
+/// for the socket's owner, in the daemon's PID namespace (a jailed VMM is PID 1 of its own).
 pub async fn status(run_dir: &RunDir) -> Result<VmmStatus> {
-    match control(run_dir, &Request::Status).await? {
-        Response::Status(status) => Ok(status),
+    let (response, peer) = control_with_peer(run_dir, &Request::Status).await?;
+    match response {
+        Response::Status(mut status) => {
+            if let Some(pid) = peer {
+                status.pid = pid;
+            }
+            Ok(status)
+        }
         other => Err(Error::Control {
             path: run_dir.control_socket(),
             reason: format!("unexpected answer to status: {other:?}"),

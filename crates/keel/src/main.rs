@@ -150,6 +150,14 @@ struct VmmArgs {
     /// The VM's run directory, holding vm.json.
     #[arg(long, value_name = "RUN_DIR")]
     dir: PathBuf,
+    /// The kernel, initrd and disks are open descriptors from 3 on, in that order, handed
+    /// over by keel serve (which decides what a VM may open), not paths to open.
+    #[arg(long)]
+    handed_files: bool,
+    /// Enter a jail (needs root): the VM's own uid and gid, namespaces, an empty root, a
+    /// cgroup with these limits. The jailed VMM's pid is printed on stdout.
+    #[arg(long, value_name = "uid=U,gid=G,memory=BYTES,pids=N[,cpu=PERCENT]")]
+    jail: Option<jail::LaunchOptions>,
 }
 
 #[derive(clap::Args)]
@@ -161,9 +169,20 @@ struct RunArgs {
     /// the Unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<vmm::config::VsockConfig>,
+    /// Run the VMM without its jail and seccomp filters, as the calling user: for
+    /// debugging only.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let mut vsock = args.vsock;
+    // Inside the jail the working directory is its root: the socket's path must be whole.
+    if let Some(v) = &mut vsock {
+        if let Ok(whole) = std::path::absolute(&v.socket) {
+            v.socket = whole;
+        }
+    }
     let config = VmConfig {
         kernel: args.machine.kernel,
         initrd: args.machine.initrd,
@@ -173,13 +192,52 @@ fn run(args: RunArgs) -> ExitCode {
         disks: args.machine.disks,
         nets: args.machine.nets,
         rng: args.machine.rng,
-        vsock: args.vsock,
+        vsock,
         trace_startup: std::env::var_os("KEEL_TRACE_STARTUP").is_some(),
+        seccomp: !args.no_jail,
     };
     if vmm::host::is_pvm_host() {
         eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
     }
-    exit_status(vmm::run(&config).map_err(|e| e.to_string()))
+    let files = match vmm::HostFiles::open(&config) {
+        Ok(files) => files,
+        Err(e) => return exit_status(Err(e.to_string())),
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if args.no_jail {
+        eprintln!("keel: --no-jail: the VMM runs with this user's rights, without namespaces, cgroup or seccomp filters (for debugging only)");
+    } else if !root {
+        eprintln!("keel: not root: the VMM runs unjailed with this user's rights (no own uid, namespaces or cgroup), under its seccomp filters");
+    } else {
+        let (jail, cgroups) = match vmm::jailing::spec_for_run(&config, &files) {
+            Ok(spec) => spec,
+            Err(e) => return exit_status(Err(e.to_string())),
+        };
+        match jail::enter(&jail) {
+            Ok(jail::Entered::Parent { child }) => {
+                // The jailed child holds what the VM needs; this process only waits.
+                drop(files);
+                let code = jail::wait_forwarding_signals(child);
+                if let Err(e) = cgroups.remove() {
+                    eprintln!("keel: {e}");
+                }
+                // The jailed VMM may not remove what it could not create in a directory of
+                // the caller's.
+                if let Some(v) = &config.vsock {
+                    let is_socket = std::fs::symlink_metadata(&v.socket)
+                        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                    if is_socket {
+                        let _ = std::fs::remove_file(&v.socket);
+                    }
+                }
+                return ExitCode::from(u8::try_from(code).unwrap_or(EXIT_GUEST_CRASHED));
+            }
+            Ok(jail::Entered::Jailed) => {}
+            Err(e) => return exit_status(Err(e.to_string())),
+        }
+    }
+    exit_status(vmm::run(&config, files).map_err(|e| e.to_string()))
 }
 
 fn exit_status(result: Result<VmExit, String>) -> ExitCode {
@@ -204,7 +262,16 @@ fn vmm(args: VmmArgs) -> ExitCode {
     if vmm::host::is_pvm_host() {
         eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
     }
-    exit_status(vmm::service::run(&args.dir).map_err(|e| e.to_string()))
+    let launch = vmm::service::Launch {
+        handed_files: args.handed_files,
+        jail: args.jail,
+    };
+    match vmm::service::run(&args.dir, &launch) {
+        // Outside the jail: the jailed VMM runs on.
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(exit)) => exit_status(Ok(exit)),
+        Err(e) => exit_status(Err(e.to_string())),
+    }
 }
 
 fn main() -> ExitCode {

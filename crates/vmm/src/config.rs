@@ -24,6 +24,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Print the VMM's own CPU time at the boot vCPU's first entry (for the benchmark).
     pub trace_startup: bool,
+    /// Seccomp filters on every VMM thread (off only with `--no-jail`).
+    pub seccomp: bool,
 }
 
 /// `--disk path=PATH[,readonly=on][,direct=on][,serial=ID][,bw=..][,iops=..]`
@@ -391,11 +393,18 @@ impl VmConfig {
                 None => None,
             },
             trace_startup: false,
+            seccomp: true,
         })
     }
 
     /// Checks what can be checked without KVM: vCPU count, memory size, files.
     pub fn validate(&self) -> Result<(), Error> {
+        self.validate_machine()?;
+        self.validate_files()
+    }
+
+    /// The checks of [`VmConfig::validate`] that need no file: vCPUs, memory, what boots.
+    pub fn validate_machine(&self) -> Result<(), Error> {
         if self.cpus == 0 {
             return Err(Error::NoCpus(self.cpus));
         }
@@ -421,13 +430,27 @@ impl VmConfig {
             }
         }
         match &self.kernel {
-            Some(kernel) => check_file(kernel).map_err(|reason| Error::Kernel {
-                path: kernel.clone(),
-                reason,
-            })?,
+            Some(_) => {}
             None if self.disks.is_empty() => return Err(Error::NothingToBoot),
             None if self.initrd.is_some() => return Err(Error::InitrdWithoutKernel),
             None => {}
+        }
+        if self.disks.len() > arch::layout::MAX_VIRTIO_DEVICES {
+            return Err(Error::TooManyDevices {
+                asked: self.disks.len(),
+                max: arch::layout::MAX_VIRTIO_DEVICES,
+            });
+        }
+        Ok(())
+    }
+
+    /// The files of the definition exist and are readable files.
+    fn validate_files(&self) -> Result<(), Error> {
+        if let Some(kernel) = &self.kernel {
+            check_file(kernel).map_err(|reason| Error::Kernel {
+                path: kernel.clone(),
+                reason,
+            })?;
         }
         if let Some(initrd) = &self.initrd {
             check_file(initrd).map_err(|reason| Error::Initrd {
@@ -440,12 +463,6 @@ impl VmConfig {
                 path: disk.path.clone(),
                 reason,
             })?;
-        }
-        if self.disks.len() > arch::layout::MAX_VIRTIO_DEVICES {
-            return Err(Error::TooManyDevices {
-                asked: self.disks.len(),
-                max: arch::layout::MAX_VIRTIO_DEVICES,
-            });
         }
         Ok(())
     }
@@ -482,6 +499,7 @@ mod tests {
             rng: false,
             vsock: None,
             trace_startup: false,
+            seccomp: true,
         }
     }
 

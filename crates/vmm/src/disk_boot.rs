@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -52,8 +51,8 @@ pub enum Error {
 
 /// Finds what the disk at `path` boots, reading at most `max_bytes` of kernel and initrds,
 /// in a sandboxed child process.
-pub fn find(path: &Path, max_bytes: u64) -> Result<BootFiles, Error> {
-    let name = path.display().to_string();
+pub fn find(image: File, name: &str, max_bytes: u64) -> Result<BootFiles, Error> {
+    let name = name.to_string();
     let reader_err = |reason: String| Error::Reader {
         path: name.clone(),
         reason,
@@ -65,12 +64,10 @@ pub fn find(path: &Path, max_bytes: u64) -> Result<BootFiles, Error> {
             threads.map_or("an unknown number of".to_string(), |n| n.to_string())
         )));
     }
-    let image = File::open(path)
-        .and_then(FileImage::new)
-        .map_err(|source| Error::Open {
-            path: name.clone(),
-            source,
-        })?;
+    let image = FileImage::new(image).map_err(|source| Error::Open {
+        path: name.clone(),
+        source,
+    })?;
     let kernel_limit = max_bytes.min(MAX_KERNEL_BYTES);
     let limits = Limits {
         address_space: address_space_now()

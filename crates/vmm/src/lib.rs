@@ -12,17 +12,21 @@ mod control_socket;
 mod disk_boot;
 mod exit;
 pub mod host;
+pub mod host_files;
+pub mod jailing;
 mod legacy_bus;
 mod loader;
 mod memory;
 pub mod service;
 mod signals;
+pub mod test_hooks;
 mod vcpu;
 mod virtio_devices;
 mod vm;
 
 pub use config::VmConfig;
 pub use exit::{CrashReport, StopBy, VmExit};
+pub use host_files::HostFiles;
 pub use vm::run;
 
 /// Why a VM could not be started or run.
@@ -42,6 +46,12 @@ pub enum Error {
     Console(#[from] console::Error),
     #[error(transparent)]
     Devices(#[from] virtio_devices::Error),
+    #[error(transparent)]
+    HostFiles(#[from] host_files::Error),
+    #[error(transparent)]
+    Seccomp(#[from] jail::seccomp::Error),
+    #[error(transparent)]
+    Jail(#[from] jail::Error),
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,

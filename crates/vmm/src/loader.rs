@@ -2,7 +2,7 @@
 //! guest memory, with `linux-loader`, and choosing the boot entry. They come from files, or
 //! from the boot disk (disk boot: `disk::boot` finds them in the guest's filesystem).
 
-use std::fs::File;
+use crate::host_files::NamedFile;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 
 use arch::boot::{initrd_ceiling, InitrdPlacement};
@@ -108,17 +108,16 @@ pub struct Boot {
 /// With no kernel file: what the VM's first disk boots, found by the sandboxed reader of
 /// [`crate::disk_boot`]. Called before the VM is built (the reader forks, and must do so
 /// while the VMM has one thread and little memory).
-pub fn find_disk_boot(config: &VmConfig) -> Result<Option<BootFiles>, Error> {
+pub fn find_disk_boot(
+    config: &VmConfig,
+    image: Option<NamedFile>,
+) -> Result<Option<BootFiles>, Error> {
     if config.kernel.is_some() {
         return Ok(None);
     }
-    let disk = config.disks.first().ok_or(Error::NoBootDisk)?;
-    let found = crate::disk_boot::find(&disk.path, config.memory_bytes())?;
-    eprintln!(
-        "keel: booting from disk {}: {}",
-        disk.path.display(),
-        found.source
-    );
+    let image = image.ok_or(Error::NoBootDisk)?;
+    let found = crate::disk_boot::find(image.file, &image.name, config.memory_bytes())?;
+    eprintln!("keel: booting from disk {}: {}", image.name, found.source);
     Ok(Some(found))
 }
 
@@ -128,27 +127,29 @@ pub fn load(
     config: &VmConfig,
     mem_size: u64,
     from_disk: Option<BootFiles>,
+    kernel: Option<NamedFile>,
+    initrd: Option<NamedFile>,
 ) -> Result<Boot, Error> {
-    let Some(kernel_path) = &config.kernel else {
+    let Some(NamedFile {
+        file: mut kernel_file,
+        name,
+    }) = kernel
+    else {
         let found = from_disk.ok_or(Error::NoBootDisk)?;
         return load_from_disk(mem, config, mem_size, found);
     };
-    let name = kernel_path.display().to_string();
     let read_err = |source| Error::Read {
         path: name.clone(),
         source,
     };
-    let mut file = File::open(kernel_path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
-    let kernel = load_kernel(mem, &mut file, size, &name, mem_size)?;
-    let initrd = match &config.initrd {
-        Some(path) => {
-            let name = path.display().to_string();
+    let size = kernel_file.metadata().map_err(read_err)?.len();
+    let kernel = load_kernel(mem, &mut kernel_file, size, &name, mem_size)?;
+    let initrd = match initrd {
+        Some(NamedFile { mut file, name }) => {
             let initrd_err = |e: std::io::Error| Error::Initrd {
                 path: name.clone(),
                 reason: e.to_string(),
             };
-            let mut file = File::open(path).map_err(initrd_err)?;
             let size = file.metadata().map_err(initrd_err)?.len();
             Some(load_initrd(
                 mem, &mut file, size, &name, mem_size, kernel.end,

@@ -19,6 +19,7 @@ use api::control::{files, ExitReason, ExitRecord};
 
 use crate::config::{self, VmConfig};
 use crate::exit::VmExit;
+use crate::host_files::HostFiles;
 use crate::signals::Signals;
 use crate::vm::{self, Frontend};
 
@@ -64,6 +65,8 @@ pub enum Error {
     Signals(#[source] io::Error),
     #[error(transparent)]
     Vm(#[from] crate::Error),
+    #[error(transparent)]
+    Jail(#[from] jail::Error),
 }
 
 /// What the VM front end of `keel vmm` is handed: the run directory's open files and sockets.
@@ -75,10 +78,21 @@ pub(crate) struct Wiring {
     pub signals: Signals,
 }
 
+/// How `keel vmm` was launched.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// The kernel, initrd and disks are open descriptors from 3 on (see
+    /// [`crate::host_files`]), handed over by the daemon, instead of paths to open.
+    pub handed_files: bool,
+    /// Enter a jail with this identity and these limits before the VM is built.
+    pub jail: Option<jail::LaunchOptions>,
+}
+
 /// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
 /// failure to start; `exit.json` says so too (except when another VMM owns the directory,
-/// which is left alone).
-pub fn run(dir: &Path) -> Result<VmExit, Error> {
+/// which is left alone). With a jail, the process that was started returns `Ok(None)` once
+/// the jailed VMM (its child, whose pid it prints on stdout) is on its way.
+pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     // Before anything else: no thread exists yet, so all later ones inherit the mask.
     let signals = Signals::take_over().map_err(Error::Signals)?;
     let control_path = dir.join(files::CONTROL_SOCKET);
@@ -89,7 +103,16 @@ pub fn run(dir: &Path) -> Result<VmExit, Error> {
         dir: dir.to_path_buf(),
         source,
     })?;
-    let started = start(dir, signals);
+    let started = match prepare(dir, launch) {
+        Ok(Prepared::Outside { child }) => {
+            println!("{child}");
+            return Ok(None);
+        }
+        Ok(Prepared::Inside(spec, config, host_files)) => {
+            start(dir, &spec, &config, host_files, signals)
+        }
+        Err(e) => Err(e),
+    };
     let ended = match &started {
         Ok(exit) => ExitRecord {
             reason: exit_reason(exit),
@@ -111,12 +134,21 @@ pub fn run(dir: &Path) -> Result<VmExit, Error> {
     for name in [files::CONTROL_SOCKET, files::CONSOLE_SOCKET] {
         let _ = remove_if_present(&dir.join(name));
     }
-    started
+    started.map(Some)
 }
 
-fn start(dir: &Path, signals: Signals) -> Result<VmExit, Error> {
+/// Where [`prepare`] left this process.
+enum Prepared {
+    /// Outside the jail, which `child` runs in.
+    Outside { child: u32 },
+    /// The process that runs the VM (in its jail, when there is one).
+    Inside(Box<api::VmSpec>, Box<VmConfig>, HostFiles),
+}
+
+/// Reads the definition, opens what the VM uses of the host and enters the jail.
+fn prepare(dir: &Path, launch: &Launch) -> Result<Prepared, Error> {
     let spec_path = dir.join(files::SPEC);
-    let text = fs::read(&spec_path).map_err(|source| Error::ReadSpec {
+    let text = read_no_follow(&spec_path).map_err(|source| Error::ReadSpec {
         path: spec_path.clone(),
         source,
     })?;
@@ -125,6 +157,48 @@ fn start(dir: &Path, signals: Signals) -> Result<VmExit, Error> {
         source,
     })?;
     let config = VmConfig::from_spec(&spec, &dir.join(files::VSOCK_SOCKET))?;
+    let host_files = if launch.handed_files {
+        HostFiles::handed(&config)?
+    } else {
+        HostFiles::open(&config)?
+    };
+    if let Some(options) = &launch.jail {
+        let jail = crate::jailing::spec_for_service(dir, options, &host_files)?;
+        if let jail::Entered::Parent { child } = jail::enter(&jail)? {
+            return Ok(Prepared::Outside { child });
+        }
+        // stdout is the launcher's answer to the daemon, which reads up to its end: the VMM
+        // writes to its log instead.
+        // SAFETY: dup2 of two descriptors this process holds.
+        unsafe { libc::dup2(2, 1) };
+    }
+    Ok(Prepared::Inside(
+        Box::new(spec),
+        Box::new(config),
+        host_files,
+    ))
+}
+
+/// Reads a file of the run directory, refusing a symbolic link (the directory belongs to the
+/// VM's jailed user, who could have left one).
+fn read_no_follow(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn start(
+    dir: &Path,
+    spec: &api::VmSpec,
+    config: &VmConfig,
+    host_files: HostFiles,
+    signals: Signals,
+) -> Result<VmExit, Error> {
     let log_path = dir.join(files::CONSOLE_LOG);
     let console_log = OpenOptions::new()
         .create(true)
@@ -143,7 +217,7 @@ fn start(dir: &Path, signals: Signals) -> Result<VmExit, Error> {
         control_socket: bind(&dir.join(files::CONTROL_SOCKET))?,
         signals,
     };
-    Ok(vm::run_with(&config, Frontend::Service(wiring))?)
+    Ok(vm::run_with(config, host_files, Frontend::Service(wiring))?)
 }
 
 /// Binds a fresh socket at `path`, removing what a previous run left there.

@@ -30,6 +30,8 @@ pub struct VcpuShared {
     pub cpu_count: u32,
     pub boot: BootEntry,
     pub trace_startup: bool,
+    /// Install the vCPU seccomp filter before anything else on the thread.
+    pub seccomp: bool,
     pub bus: Arc<LegacyBus>,
     pub virtio: Arc<VirtioDevices>,
     pub ged: Arc<Ged>,
@@ -59,7 +61,12 @@ fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
 
 /// The thread body of vCPU `id`.
 pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
-    let configured = configure(id, &shared);
+    let configured = if shared.seccomp {
+        jail::seccomp::install(jail::seccomp::ThreadKind::Vcpu).map_err(|e| e.to_string())
+    } else {
+        Ok(())
+    }
+    .and_then(|()| configure(id, &shared));
     shared.ready.wait();
     let mut vcpu = match configured {
         Ok(v) => v,

@@ -2,7 +2,9 @@
 //! interrupt and an ioeventfd per queue; guest MMIO accesses reach its transport from the
 //! vCPU threads, queue work runs on the event-loop thread.
 
+use std::fs::File;
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arch::acpi::VirtioSlot;
@@ -11,7 +13,7 @@ use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::net::tap::Tap;
-use devices::virtio::net::{mac_for, Net, TAP_VNET_HDR_LEN};
+use devices::virtio::net::{mac_for, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
@@ -62,10 +64,19 @@ pub struct VirtioDevices {
 
 impl VirtioDevices {
     /// The devices `config` asks for, in a fixed order: disks, NICs, the rng, vsock.
-    pub fn new(vm: &VmFd, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, Error> {
+    /// `disks` and `taps` are open already ([`crate::HostFiles`]), one per entry of
+    /// `config`, in its order.
+    pub fn new(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        config: &VmConfig,
+        disks: Vec<File>,
+        taps: Vec<Tap>,
+        vsock_listener: Option<UnixListener>,
+    ) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, d) in config.disks.iter().enumerate() {
-            let raw = disk::RawDisk::open_with(&d.path, d.read_only, d.direct)?;
+        for (i, (d, file)) in config.disks.iter().zip(disks).enumerate() {
+            let raw = disk::RawDisk::from_file(file, &d.path, d.read_only, d.direct)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
             let block = Block::new(raw, &serial, limiter(&d.rate_limit)?);
             if let Some(why) = block.fallback_reason() {
@@ -84,8 +95,7 @@ impl VirtioDevices {
             }
             devices.push(Box::new(block));
         }
-        for n in &config.nets {
-            let tap = Tap::open(&n.tap, TAP_VNET_HDR_LEN)?;
+        for (n, tap) in config.nets.iter().zip(taps) {
             devices.push(Box::new(Net::new(
                 tap,
                 n.mac.unwrap_or_else(|| mac_for(&n.tap)),
@@ -95,8 +105,8 @@ impl VirtioDevices {
         if config.rng {
             devices.push(Box::new(Rng));
         }
-        if let Some(v) = &config.vsock {
-            devices.push(Box::new(Vsock::new(v.cid, &v.socket)?));
+        if let (Some(v), Some(listener)) = (&config.vsock, vsock_listener) {
+            devices.push(Box::new(Vsock::with_listener(v.cid, &v.socket, listener)?));
         }
         let mut slots = Vec::new();
         for (index, device) in devices.into_iter().enumerate() {

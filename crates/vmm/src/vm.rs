@@ -22,11 +22,13 @@ use crate::console_socket::{ConsoleClients, ConsoleOutput, ConsoleServer};
 use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, VmCommand};
 use crate::control_socket::ControlSocket;
 use crate::exit::{ExitSignal, VmExit};
+use crate::host_files::HostFiles;
 use crate::legacy_bus::LegacyBus;
 use crate::service::Wiring;
 use crate::vcpu::{run_vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
-use crate::{host, loader, memory, Error, Result};
+use crate::{host, loader, memory, test_hooks, Error, Result};
+use jail::seccomp::ThreadKind;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
@@ -47,14 +49,24 @@ pub(crate) enum Frontend {
 
 /// Boots the VM described by `config` with its console on the terminal (`keel run`) and runs
 /// it until it ends; returns why it ended. Errors are failures to start it.
-pub fn run(config: &VmConfig) -> Result<VmExit> {
-    run_with(config, Frontend::Terminal)
+pub fn run(config: &VmConfig, files: HostFiles) -> Result<VmExit> {
+    run_with(config, files, Frontend::Terminal)
 }
 
 /// Boots the VM described by `config`, wired to `frontend`, and runs it until it ends.
-pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> {
-    config.validate()?;
-    let kvm = host::open_kvm()?;
+pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) -> Result<VmExit> {
+    let HostFiles {
+        kvm,
+        kernel,
+        initrd,
+        boot_image,
+        disks,
+        taps,
+        vsock_listener,
+    } = files;
+    if config.seccomp {
+        jail::seccomp::install_violation_report()?;
+    }
     let host_max = host::max_vcpus(&kvm);
     if config.cpus > host_max {
         return Err(config::Error::TooManyCpus {
@@ -67,7 +79,7 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
     let mem_size = config.memory_bytes();
     // Disk boot reads the guest's disk in a forked, sandboxed child: before any thread, VM
     // or guest memory exists.
-    let from_disk = loader::find_disk_boot(config)?;
+    let from_disk = loader::find_disk_boot(config, boot_image)?;
 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
@@ -90,8 +102,15 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         kernel,
         initrd,
         mut cmdline,
-    } = loader::load(&guest_memory, config, mem_size, from_disk)?;
-    let virtio = Arc::new(VirtioDevices::new(&vm, &guest_memory, config)?);
+    } = loader::load(&guest_memory, config, mem_size, from_disk, kernel, initrd)?;
+    let virtio = Arc::new(VirtioDevices::new(
+        &vm,
+        &guest_memory,
+        config,
+        disks,
+        taps,
+        vsock_listener,
+    )?);
     // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
     if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {
         cmdline = format!("{cmdline} {}", virtio.cmdline_entries());
@@ -170,6 +189,7 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
         cpu_count: config.cpus,
         boot: kernel.entry,
         trace_startup: config.trace_startup,
+        seccomp: config.seccomp,
         bus: bus.clone(),
         virtio: virtio.clone(),
         ged: ged.clone(),
@@ -184,6 +204,11 @@ pub(crate) fn run_with(config: &VmConfig, frontend: Frontend) -> Result<VmExit> 
             .map_err(io_err("starting a vCPU thread"))?;
     }
     event_loop.commands.send(VmCommand::Started);
+    // From here on this thread is the event loop, and serves the guest's devices.
+    if config.seccomp {
+        jail::seccomp::install(ThreadKind::EventLoop)?;
+    }
+    test_hooks::after_start();
 
     let looped = event_loop.run();
     virtio.shutdown();

@@ -25,6 +25,8 @@ pub enum Error {
     BadRow { name: String, why: String },
     #[error("store schema version {found} is newer than this keel understands ({known}); run a newer keel")]
     TooNew { found: i64, known: i64 },
+    #[error("every jail id of the range {}..{} is in use: no more VMs can be defined", JAIL_IDS.start, JAIL_IDS.end)]
+    NoJailId,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -68,7 +70,14 @@ const MIGRATIONS: &[&str] = &[
     // 3: the start owed after a VMM's end (a reboot), recorded with that end, so a restarted
     // daemon finishes it.
     "ALTER TABLE vms ADD COLUMN pending_start TEXT;",
+    // 4: each VM's own jail uid and gid (one number for both), never shared by two VMs.
+    "CREATE TABLE jail_ids (vm TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);",
 ];
+
+/// The uids and gids of jailed VMMs: one per VM from this range, recorded in the store.
+/// Far above the ids of users and of subordinate-id ranges (useradd and subuid start at
+/// 100000 and hand out 65536 at a time), below `keel run`'s own (3000000000 + pid).
+pub const JAIL_IDS: std::ops::Range<u32> = 2_000_000_000..2_001_000_000;
 
 /// A VM as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,8 +362,73 @@ impl Store {
     pub fn delete_vm(&mut self, name: &str) -> Result<()> {
         self.conn
             .execute("DELETE FROM vms WHERE name = ?1", [name])
+            .map_err(sql(format!("deleting VM {name}")))?;
+        // Its jail id is free for another VM.
+        self.conn
+            .execute("DELETE FROM jail_ids WHERE vm = ?1", [name])
             .map(|_| ())
-            .map_err(sql(format!("deleting VM {name}")))
+            .map_err(sql(format!("freeing the jail id of VM {name}")))
+    }
+
+    /// The VM's jail uid and gid: the one it had, or the lowest free one of [`JAIL_IDS`].
+    pub fn jail_id(&mut self, name: &str) -> Result<u32> {
+        self.jail_id_from(name, JAIL_IDS.start)
+    }
+
+    /// The VM's jail id, if it was given one.
+    pub fn known_jail_id(&self, name: &str) -> Result<Option<u32>> {
+        self.conn
+            .query_row("SELECT id FROM jail_ids WHERE vm = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(format!("reading the jail id of VM {name}")))
+    }
+
+    /// Gives the VM a new jail id above `taken` (which a VM of another daemon on this host
+    /// runs with).
+    pub fn jail_id_after(&mut self, name: &str, taken: u32) -> Result<u32> {
+        self.conn
+            .execute("DELETE FROM jail_ids WHERE vm = ?1", [name])
+            .map_err(sql(format!("freeing the jail id of VM {name}")))?;
+        self.jail_id_from(name, taken.saturating_add(1))
+    }
+
+    fn jail_id_from(&mut self, name: &str, lowest: u32) -> Result<u32> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let known: Option<u32> = tx
+            .query_row("SELECT id FROM jail_ids WHERE vm = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(format!("reading the jail id of VM {name}")))?;
+        if let Some(id) = known {
+            return Ok(id);
+        }
+        // The first id whose successor is free (or the range's first, when it is free).
+        let free: Option<u32> = tx
+            .query_row(
+                "SELECT ?1 WHERE ?1 < ?2 AND NOT EXISTS (SELECT 1 FROM jail_ids WHERE id = ?1)
+                 UNION ALL
+                 SELECT id + 1 FROM jail_ids WHERE id + 1 >= ?1 AND id + 1 < ?2
+                   AND NOT EXISTS (SELECT 1 FROM jail_ids j WHERE j.id = jail_ids.id + 1)
+                 ORDER BY 1 LIMIT 1",
+                params![lowest, JAIL_IDS.end],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("finding a free jail id"))?;
+        let id = free.ok_or(Error::NoJailId)?;
+        tx.execute(
+            "INSERT INTO jail_ids (vm, id) VALUES (?1, ?2)",
+            params![name, id],
+        )
+        .map_err(sql(format!("recording the jail id of VM {name}")))?;
+        tx.commit().map_err(sql("committing the jail id"))?;
+        Ok(id)
     }
 
     /// Moves a VM to a new state: the row, the ledger entry and (for a crash) an incident,

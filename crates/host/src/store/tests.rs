@@ -241,3 +241,23 @@ fn rand_u32() -> u32 {
     h.write_u8(0);
     h.finish() as u32
 }
+
+#[test]
+fn jail_ids_are_stable_per_vm_never_shared_and_freed_with_the_vm() {
+    let dir = tempdir();
+    let mut store = Store::open(&dir.join("keel.db")).unwrap();
+    let a = store.jail_id("a").unwrap();
+    let b = store.jail_id("b").unwrap();
+    assert_eq!(a, JAIL_IDS.start);
+    assert_eq!(b, JAIL_IDS.start + 1);
+    assert_eq!(store.jail_id("a").unwrap(), a, "stable across starts");
+    store.delete_vm("a").unwrap();
+    // The lowest free one is handed out again, never b's.
+    assert_eq!(store.jail_id("c").unwrap(), a);
+    assert_eq!(store.jail_id("d").unwrap(), b + 1);
+    // Another daemon's VM runs with c's id: c moves above it, to a free one.
+    assert_eq!(store.jail_id_after("c", a).unwrap(), b + 2);
+    assert_eq!(store.jail_id("c").unwrap(), b + 2);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}

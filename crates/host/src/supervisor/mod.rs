@@ -70,6 +70,11 @@ pub struct Supervisor {
     running: Mutex<HashMap<String, Running>>,
     /// The latest failed API operations, newest first, for the front page.
     failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
+    /// Where VMs' cgroups go; None when VMMs run unjailed (a daemon that is not root).
+    cgroups: Option<jail::cgroup::Layout>,
+    /// Per VM, when its VMM started: how long its log was (its own lines come after) and
+    /// how many OOM kills its cgroup had counted.
+    log_starts: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 /// What the daemon means by the end of the VMM it stops for an operator's stop or reboot.
@@ -96,8 +101,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Supervisor {
-    pub fn new(state_dir: PathBuf, keel_exe: PathBuf, store: Store) -> Arc<Supervisor> {
+    pub fn new(
+        state_dir: PathBuf,
+        keel_exe: PathBuf,
+        store: Store,
+        cgroups: Option<jail::cgroup::Layout>,
+    ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
+            cgroups,
+            log_starts: Mutex::new(HashMap::new()),
             state_dir,
             keel_exe,
             store: Mutex::new(store),
@@ -219,12 +231,44 @@ impl Supervisor {
             },
         )?;
         let run_dir = self.run_dir(name);
-        let spawned = run_dir.prepare(&row.spec).and_then(|()| {
+        let (jail_id, id_lock) = match self.cgroups {
+            Some(_) => match self.take_jail_id(name) {
+                Ok((id, lock)) => (Some(id), Some(lock)),
+                Err(e) => {
+                    self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
+                    return Err(e);
+                }
+            },
+            None => (None, None),
+        };
+        let jail = jail_id.map(|id| jail::LaunchOptions {
+            uid: id,
+            gid: id,
+            limits: jail::limits_for(row.spec.cpus, row.spec.memory_mib << 20),
+        });
+        let ooms = self.cgroup(name).map_or(0, |c| c.oom_kills());
+        lock(&self.log_starts).insert(name.to_string(), (run_dir.log_len(), ooms));
+        let spawned = run_dir.prepare(&row.spec, jail_id).and_then(|()| {
             run_dir.remove_exit_record();
-            vmm_process::spawn(&self.keel_exe, &run_dir)
+            let mut files = vmm_process::open_vm_files(&row.spec)?;
+            // After the VM's files: the VMM keeps it, and the id, until it ends.
+            files.extend(id_lock);
+            vmm_process::spawn(vmm_process::Launch {
+                keel_exe: &self.keel_exe,
+                run_dir: &run_dir,
+                jail,
+                files,
+            })
         });
         let pid = match spawned {
             Ok(pid) => pid,
+            Err(vmm_process::Error::Refused { reason }) => {
+                self.record_failed_start(name, cause, actor, &reason, None)?;
+                return Err(Error::StartFailed {
+                    name: name.into(),
+                    reason,
+                });
+            }
             Err(e) => {
                 self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
                 // The host cannot start VMMs (run directory, keel binary): a 5xx, not the
@@ -239,6 +283,33 @@ impl Supervisor {
             if handle.has_ended() {
                 let end = handle.wait().await;
                 let record = run_dir.exit_record();
+                // Killed by its jail (seccomp, OOM) before it answered: a crash, with an
+                // incident, not merely a start that failed.
+                let unexplained = (
+                    VmState::Crashed,
+                    Cause::VmmCrash,
+                    "keel".to_string(),
+                    String::new(),
+                    false,
+                );
+                let (state, jail_cause, _, detail, _) = self.jail_end(name, unexplained);
+                if record.is_none() && !detail.is_empty() {
+                    self.transition(
+                        name,
+                        Transition {
+                            to: state,
+                            pid: None,
+                            cause: jail_cause,
+                            actor: "keel",
+                            detail: &detail,
+                            time_ms: None,
+                        },
+                    )?;
+                    return Err(Error::StartFailed {
+                        name: name.into(),
+                        reason: detail,
+                    });
+                }
                 let reason = match &record {
                     Some(r) => r.detail.clone(),
                     None => format!(
@@ -325,7 +396,7 @@ impl Supervisor {
         let run_dir = self.run_dir(name);
         let record = run_dir.exit_record();
         let intent = lock(&self.intents).remove(name);
-        let judged = judge_end(pid, end, record.as_ref(), intent);
+        let judged = self.jail_end(name, judge_end(pid, end, record.as_ref(), intent));
         if self.record_judged(name, judged, record.as_ref())? {
             // An operator's reboot holds the VM's lock and starts it itself; this finds the
             // start done then. A guest's reboot is started here.
@@ -338,6 +409,81 @@ impl Supervisor {
             });
         }
         Ok(())
+    }
+
+    /// A crash of a jailed VMM that its jail explains: a kill by its seccomp filter (its log
+    /// names the system call) or by the OOM killer (its cgroup counted one). The VM's cgroup
+    /// is removed once its processes are gone.
+    fn jail_end(&self, name: &str, judged: Judged) -> Judged {
+        let (log_start, oom_before) = lock(&self.log_starts).remove(name).unwrap_or((0, 0));
+        let cgroup = self.cgroup(name);
+        let oom_kills = cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let limit = cgroup.as_ref().and_then(|c| c.memory_limit());
+        if let Some(cgroup) = cgroup {
+            remove_cgroup_soon(cgroup);
+        }
+        if judged.0 != VmState::Crashed || judged.1 != Cause::VmmCrash {
+            return judged;
+        }
+        if let Some(nr) = self.run_dir(name).seccomp_violation(log_start) {
+            let detail = format!(
+                "the VMM was killed by its seccomp filter for system call {nr}{} (a VMM bug or an escape attempt; see {})",
+                jail::seccomp::syscall_name(nr).map_or(String::new(), |n| format!(" ({n})")),
+                self.run_dir(name).file(api::control::files::VMM_LOG).display()
+            );
+            return (
+                VmState::Crashed,
+                Cause::VmmCrash,
+                "keel".into(),
+                detail,
+                false,
+            );
+        }
+        if oom_kills > oom_before {
+            let detail = format!(
+                "the VMM was killed by the OOM killer: its cgroup reached its memory limit{} (guest RAM plus {} MiB for the VMM)",
+                limit.map_or(String::new(), |l| format!(" of {} MiB", l >> 20)),
+                jail::MEMORY_OVERHEAD_BYTES >> 20
+            );
+            return (
+                VmState::Crashed,
+                Cause::OomKill,
+                "keel".into(),
+                detail,
+                false,
+            );
+        }
+        judged
+    }
+
+    /// The VM's jail id, locked host-wide for its VMM; an id that another daemon's VM runs
+    /// with is given up for the next free one.
+    fn take_jail_id(&self, name: &str) -> Result<(u32, std::os::fd::OwnedFd)> {
+        let mut id = self.with_store(|s| s.jail_id(name))?;
+        loop {
+            match crate::jail_id::lock(id) {
+                Ok(Some(lock)) => return Ok((id, lock)),
+                Ok(None) => id = self.with_store(|s| s.jail_id_after(name, id))?,
+                Err(e) => {
+                    return Err(Error::StartFailed {
+                        name: name.into(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether this daemon jails its VMMs (it is root).
+    pub fn jailed(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    /// The cgroup of the VM's jailed VMM (by its jail id), when VMMs are jailed.
+    pub fn cgroup(&self, name: &str) -> Option<jail::Cgroups> {
+        let layout = self.cgroups.as_ref()?;
+        let id = self.with_store(|s| s.known_jail_id(name)).ok()??;
+        Some(layout.vm(&jail::cgroup_name(id)))
     }
 
     /// Records a judged end of a VMM (at the time of its exit record, if it left one). An end
@@ -579,3 +725,16 @@ impl Supervisor {
 
 #[cfg(test)]
 mod tests;
+
+/// Removes a VM's cgroup once the kernel has let go of its last task (a VMM's kernel threads
+/// end a moment after it); gives up after two seconds, leaving it for the next start.
+fn remove_cgroup_soon(cgroup: jail::Cgroups) {
+    tokio::spawn(async move {
+        for _ in 0..40 {
+            if cgroup.remove().is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

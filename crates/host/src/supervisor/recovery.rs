@@ -39,8 +39,13 @@ impl Supervisor {
     /// opening by that once, not once per such VM.
     pub async fn recover(self: &Arc<Self>, host_booted: bool) -> Result<(usize, usize)> {
         let vms = self.with_store(|s| s.vms())?;
-        // One scan of /proc for every VM, instead of one per VM.
-        let processes = vmm_process::all_processes();
+        // Unjailed VMMs are found by one scan of /proc for every VM; jailed ones by their
+        // cgroup.
+        let processes = if self.jailed() {
+            Vec::new()
+        } else {
+            vmm_process::all_processes()
+        };
         let outcomes = futures_util::future::join_all(
             vms.iter()
                 .map(|row| self.recover_vm(row, &processes, host_booted)),
@@ -82,7 +87,10 @@ impl Supervisor {
         let mut outcome = Recovered::Nothing;
         let name = &row.spec.name;
         let run_dir = self.run_dir(name);
-        let has_process = processes.iter().any(|(_, dir)| dir == &run_dir.0);
+        let has_process = match self.cgroup(name) {
+            Some(cgroup) => !cgroup.processes().is_empty(),
+            None => processes.iter().any(|(_, dir)| dir == &run_dir.0),
+        };
         let live = self.find_live_vmm(name, &run_dir, has_process).await;
         match (row.state.has_vmm(), live) {
             (_, Found::Live(pid, handle)) => {
@@ -188,7 +196,10 @@ impl Supervisor {
                 return Found::Absent;
             }
             first = false;
-            let processes = vmm_process::processes_of(run_dir);
+            let processes = match self.cgroup(name) {
+                Some(cgroup) => cgroup.processes(),
+                None => vmm_process::processes_of(run_dir),
+            };
             if processes.is_empty() {
                 return Found::Absent;
             }

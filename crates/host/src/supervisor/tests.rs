@@ -21,7 +21,7 @@ fn tempdir(tag: &str) -> PathBuf {
 /// which exits at once without an exit record, so the VM ends up stopped with why.
 fn daemon(dir: &std::path::Path) -> Arc<Supervisor> {
     let store = Store::open(&dir.join("keel.db")).unwrap();
-    Supervisor::new(dir.to_path_buf(), "/bin/false".into(), store)
+    Supervisor::new(dir.to_path_buf(), "/bin/false".into(), store, None)
 }
 
 /// The VM's state rows, oldest first: (to, cause, actor, detail).
@@ -81,7 +81,7 @@ fn a_reboot_cut_off_after_the_vmm_ended_is_finished_by_the_next_daemon() {
         // the way it does when its pidfd says so. The daemon is killed right after: the
         // runtime that would run the new start goes with it.
         let run_dir = first.run_dir("a");
-        run_dir.prepare(&spec).unwrap();
+        run_dir.prepare(&spec, None).unwrap();
         let record = ExitRecord {
             reason,
             detail: "d".into(),

@@ -78,6 +78,15 @@ impl Vsock {
     /// A device for guest CID `cid`, listening for host programs on the Unix socket `socket`
     /// (a stale socket file there is replaced).
     pub fn new(cid: u64, socket: &Path) -> Result<Self, Error> {
+        Self::with_listener(cid, socket, unix::listen(socket)?)
+    }
+
+    /// [`Vsock::new`] on a listener bound at `socket` already.
+    pub fn with_listener(
+        cid: u64,
+        socket: &Path,
+        listener: std::os::unix::net::UnixListener,
+    ) -> Result<Self, Error> {
         // 0, 1 and 2 are the hypervisor, local and host addresses, -1 means any; the CID
         // travels in 32 bits in Linux's sockaddr_vm.
         if !(3..=u64::from(u32::MAX - 1)).contains(&cid) {
@@ -87,7 +96,7 @@ impl Vsock {
             cid,
             config: cid.to_le_bytes(),
             acked: 0,
-            muxer: Muxer::new(cid, socket)?,
+            muxer: Muxer::with_listener(cid, socket, listener)?,
         })
     }
 

@@ -101,6 +101,16 @@ fn setup(what: &'static str) -> impl FnOnce(io::Error) -> Error {
 
 impl Muxer {
     pub fn new(guest_cid: u64, path: &Path) -> Result<Self, Error> {
+        Self::with_listener(guest_cid, path, unix::listen(path)?)
+    }
+
+    /// [`Muxer::new`] on a listener bound at `path` already (before the VMM entered its jail,
+    /// where it may not be allowed to create it).
+    pub fn with_listener(
+        guest_cid: u64,
+        path: &Path,
+        listener: std::os::unix::net::UnixListener,
+    ) -> Result<Self, Error> {
         let epoll = Epoll::new().map_err(setup("epoll set"))?;
         let timer = TimerFd::new()
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))
@@ -108,7 +118,6 @@ impl Muxer {
         set_nonblocking(timer.as_raw_fd()).map_err(setup("timerfd"))?;
         let kick =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
-        let listener = unix::listen(path)?;
         let socket_file = std::fs::symlink_metadata(path)
             .ok()
             .map(|m| (m.dev(), m.ino()));

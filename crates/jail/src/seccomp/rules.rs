@@ -1,0 +1,206 @@
+//! What each kind of VMM thread may ask of the kernel: the allow-lists, as data, in one
+//! place. Everything not listed traps (see `super::report_violation`). Found by tracing the
+//! VMM through every device and the whole test suite, and kept as narrow as that allows:
+//!
+//! - no `execve`, no `fork`/`clone` (every thread exists before its filter), no `ptrace`,
+//!   no `mount`, no new namespaces, no `open` of devices (the VMM got its descriptors before
+//!   the jail), no sockets but Unix ones (vsock's host side), no `kill` of other processes;
+//! - `ioctl` only with the request numbers listed (KVM on its VM and vCPU descriptors, the
+//!   tap's offload settings, the terminal's modes);
+//! - no executable memory: `mmap` and `mprotect` without `PROT_EXEC`.
+
+use std::collections::BTreeMap;
+
+use kvm_bindings::{
+    kvm_cpuid2, kvm_fpu, kvm_lapic_state, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
+};
+use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+use super::ThreadKind;
+
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
+ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
+ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+
+/// The tap's offloads, set when the guest's driver negotiates features (on a vCPU thread,
+/// through its MMIO write) or resets the device.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
+
+/// The calls every thread makes: memory, locks, its own signals, time, reading and writing
+/// descriptors it already holds, and ending.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    // Device resets on a vCPU thread wait for in-flight disk I/O and re-arm timers.
+    libc::SYS_io_uring_enter,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_epoll_ctl,
+    libc::SYS_shutdown,
+    // Guest output reaches console clients from the vCPU thread that wrote the serial port.
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The event loop's own: waiting, the control and console sockets, vsock's Unix sockets,
+/// disk I/O off the ring, and the exit record in the run directory (the only writable
+/// place in the jail).
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_ppoll,
+    libc::SYS_poll,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_openat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_eventfd2,
+    libc::SYS_wait4,
+];
+
+fn arg_eq(index: u8, len: SeccompCmpArgLen, value: u64) -> SeccompRule {
+    // Conditions on arguments 0-5 with plain values are always valid.
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        len,
+        SeccompCmpOp::Eq,
+        value,
+    )
+    .expect("argument index below 6")])
+    .expect("one condition")
+}
+
+/// `mmap`/`mprotect` whose protection (argument 2) lacks PROT_EXEC.
+fn not_executable() -> SeccompRule {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )
+    .expect("argument index below 6")])
+    .expect("one condition")
+}
+
+/// The ioctl requests a thread kind may make (argument 1).
+fn ioctls(kind: ThreadKind) -> Vec<u64> {
+    let vcpu = [
+        KVM_CREATE_VCPU(),
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_SET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_SET_SREGS(),
+        KVM_TRANSLATE(),
+        KVM_SET_MSRS(),
+        KVM_SET_FPU(),
+        KVM_GET_LAPIC(),
+        KVM_SET_LAPIC(),
+        KVM_SET_CPUID2(),
+    ];
+    let mut list: Vec<u64> = vec![TUNSETOFFLOAD, TUNSETVNETHDRSZ];
+    match kind {
+        ThreadKind::Vcpu => list.extend(vcpu),
+        // The terminal of `keel run`: its modes are restored when the VM ends.
+        ThreadKind::EventLoop => {
+            list.extend([libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::FIONBIO])
+        }
+    }
+    list
+}
+
+/// The allow-list of `kind`: system call number -> the argument rules of which one must
+/// hold (none: any arguments).
+pub(crate) fn allowed(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let extra: &[i64] = match kind {
+        ThreadKind::Vcpu => &[],
+        ThreadKind::EventLoop => EVENT_LOOP,
+    };
+    for nr in COMMON.iter().chain(extra) {
+        map.insert(*nr, Vec::new());
+    }
+    map.insert(libc::SYS_mmap, vec![not_executable()]);
+    map.insert(libc::SYS_mprotect, vec![not_executable()]);
+    map.insert(
+        libc::SYS_ioctl,
+        ioctls(kind)
+            .into_iter()
+            .map(|request| arg_eq(1, SeccompCmpArgLen::Dword, request))
+            .collect(),
+    );
+    // Thread names only (std names a thread as it starts).
+    map.insert(
+        libc::SYS_prctl,
+        vec![
+            arg_eq(0, SeccompCmpArgLen::Dword, libc::PR_SET_NAME as u64),
+            arg_eq(0, SeccompCmpArgLen::Dword, libc::PR_GET_NAME as u64),
+        ],
+    );
+    // Unix sockets only: vsock's connections to host programs.
+    if kind == ThreadKind::EventLoop {
+        map.insert(
+            libc::SYS_socket,
+            vec![arg_eq(0, SeccompCmpArgLen::Dword, libc::AF_UNIX as u64)],
+        );
+    }
+    map
+}

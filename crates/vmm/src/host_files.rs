@@ -1,0 +1,184 @@
+//! What a VM uses of the host, opened before the VMM enters its jail (where it can name no
+//! host file): /dev/kvm, the kernel and initrd, the disks, a plain read-only view of the boot
+//! disk for disk boot's reader, and the taps. `keel run` opens them by path; `keel vmm`
+//! started by the daemon is handed the files as descriptors (the daemon decides which files
+//! a VM may use) and opens /dev/kvm and its taps itself before jailing.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use devices::virtio::net::tap::Tap;
+use devices::virtio::net::TAP_VNET_HDR_LEN;
+use kvm_ioctls::Kvm;
+
+use crate::config::VmConfig;
+use crate::{host, virtio_devices};
+
+/// A file and the name it is known by in messages.
+pub struct NamedFile {
+    pub file: File,
+    pub name: String,
+}
+
+/// Everything of the host a VM needs, open.
+pub struct HostFiles {
+    pub kvm: Kvm,
+    pub kernel: Option<NamedFile>,
+    pub initrd: Option<NamedFile>,
+    /// Disk boot's reader reads this: the first disk, read-only, never `O_DIRECT` (the
+    /// reader's reads are not aligned).
+    pub boot_image: Option<NamedFile>,
+    pub disks: Vec<File>,
+    pub taps: Vec<Tap>,
+    /// vsock's host-side listener, bound where the definition says (before the jail: the
+    /// jailed user may not create files there).
+    pub vsock_listener: Option<UnixListener>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {path}: opening it failed: {source}; check the path and its permissions")]
+    Open {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handed descriptor {fd} for {what} is not open: the VMM must be started by keel serve, or without --handed-files")]
+    NotHanded { fd: RawFd, what: String },
+}
+
+/// The first descriptor a launcher hands over; the files follow in the order kernel,
+/// initrd, boot image, disks (each present only when the definition has it).
+pub const FIRST_HANDED_FD: RawFd = 3;
+
+/// Whether disk boot's reader needs its own view of the first disk.
+fn needs_boot_image(config: &VmConfig) -> bool {
+    config.kernel.is_none() && !config.disks.is_empty()
+}
+
+impl HostFiles {
+    /// Opens everything by the paths in `config` (`keel run`, or `keel vmm` by hand).
+    pub fn open(config: &VmConfig) -> Result<Self, crate::Error> {
+        config.validate()?;
+        let open = |what: &'static str, path: &Path| {
+            File::open(path)
+                .map(|file| NamedFile {
+                    file,
+                    name: path.display().to_string(),
+                })
+                .map_err(|source| Error::Open {
+                    what,
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        let kernel = config
+            .kernel
+            .as_deref()
+            .map(|p| open("kernel", p))
+            .transpose()?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|p| open("initrd", p))
+            .transpose()?;
+        let boot_image = match config.disks.first() {
+            Some(d) if needs_boot_image(config) => Some(open("boot disk", &d.path)?),
+            _ => None,
+        };
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| disk::RawDisk::open_file(&d.path, d.read_only, d.direct))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(virtio_devices::Error::from)?;
+        Ok(Self {
+            kvm: host::open_kvm()?,
+            kernel,
+            initrd,
+            boot_image,
+            disks,
+            taps: open_taps(config)?,
+            vsock_listener: listen_vsock(config)?,
+        })
+    }
+
+    /// Takes the files a launcher handed over from [`FIRST_HANDED_FD`] on, in the order the
+    /// definition names them; opens /dev/kvm and the taps.
+    pub fn handed(config: &VmConfig) -> Result<Self, crate::Error> {
+        config.validate_machine()?;
+        let mut next = FIRST_HANDED_FD;
+        let mut take = |what: String| -> Result<File, Error> {
+            let fd = next;
+            next += 1;
+            // SAFETY: F_GETFD only asks whether `fd` is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(Error::NotHanded { fd, what });
+            }
+            // SAFETY: the launcher opened `fd` for this process and nothing else owns it;
+            // it is taken once (next moves on).
+            let file = unsafe { File::from_raw_fd(fd) };
+            // Not to be inherited by the disk-boot reader or anything else.
+            // SAFETY: sets FD_CLOEXEC on a descriptor this process owns.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            Ok(file)
+        };
+        let named = |file: File, name: &Path| NamedFile {
+            file,
+            name: name.display().to_string(),
+        };
+        let kernel = match &config.kernel {
+            Some(p) => Some(named(take(format!("kernel {}", p.display()))?, p)),
+            None => None,
+        };
+        let initrd = match &config.initrd {
+            Some(p) => Some(named(take(format!("initrd {}", p.display()))?, p)),
+            None => None,
+        };
+        let boot_image = match config.disks.first() {
+            Some(d) if needs_boot_image(config) => Some(named(
+                take(format!("boot disk {}", d.path.display()))?,
+                &d.path,
+            )),
+            _ => None,
+        };
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| take(format!("disk {}", d.path.display())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            kvm: host::open_kvm()?,
+            kernel,
+            initrd,
+            boot_image,
+            disks,
+            taps: open_taps(config)?,
+            vsock_listener: listen_vsock(config)?,
+        })
+    }
+}
+
+fn listen_vsock(config: &VmConfig) -> Result<Option<UnixListener>, crate::Error> {
+    config
+        .vsock
+        .as_ref()
+        .map(|v| {
+            devices::virtio::vsock::unix::listen(&v.socket)
+                .map_err(|e| virtio_devices::Error::from(e).into())
+        })
+        .transpose()
+}
+
+fn open_taps(config: &VmConfig) -> Result<Vec<Tap>, crate::Error> {
+    config
+        .nets
+        .iter()
+        .map(|n| {
+            Tap::open(&n.tap, TAP_VNET_HDR_LEN).map_err(|e| virtio_devices::Error::from(e).into())
+        })
+        .collect()
+}

@@ -1,0 +1,84 @@
+//! The jail a VMM enters (see the `jail` crate): for `keel vmm` with the identity and limits
+//! the daemon chose, for `keel run` as root with an identity of its own.
+
+use std::path::{Path, PathBuf};
+
+use jail::{limits_for, JailSpec, LaunchOptions, Rlimits};
+
+use crate::config::VmConfig;
+use crate::host_files::HostFiles;
+
+/// Descriptors: vsock's 1024 streams, the devices' eventfds and files, the sockets.
+const OPEN_FILES: u64 = 4096;
+
+/// uids and gids of `keel run`'s jails: this base plus the pid of the `keel run` that made
+/// it, so no two running VMs share one (the daemon's VMs use its own range, below this).
+pub const RUN_ID_BASE: u32 = 3_000_000_000;
+
+/// The largest file offset the VMM may write at: its largest disk, or its logs.
+fn file_size_limit(files: &HostFiles) -> u64 {
+    const LOGS: u64 = 1 << 30;
+    files
+        .disks
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+        .max(LOGS)
+}
+
+/// The jail of a daemon-started VMM: its run directory is all it sees.
+pub fn spec_for_service(
+    dir: &Path,
+    options: &LaunchOptions,
+    files: &HostFiles,
+) -> Result<JailSpec, jail::Error> {
+    let layout = jail::cgroup::Layout::detect()?;
+    Ok(JailSpec {
+        uid: options.uid,
+        gid: options.gid,
+        binds: vec![dir.to_path_buf()],
+        cgroup: Some((layout.vm(&jail::cgroup_name(options.uid)), options.limits)),
+        rlimits: Rlimits {
+            file_size: file_size_limit(files),
+            open_files: OPEN_FILES,
+        },
+        hostname: "keel-vm".into(),
+        die_with_parent: false,
+    })
+}
+
+/// The jail of `keel run` as root: the vsock socket's directory, if any, is all it sees.
+/// Returns the spec and the cgroup to remove when the VM ends.
+pub fn spec_for_run(
+    config: &VmConfig,
+    files: &HostFiles,
+) -> Result<(JailSpec, jail::Cgroups), jail::Error> {
+    let pid = std::process::id();
+    let id = RUN_ID_BASE + pid;
+    let binds: Vec<PathBuf> = config
+        .vsock
+        .iter()
+        .filter_map(|v| v.socket.parent().map(Path::to_path_buf))
+        .collect();
+    let cgroups = jail::cgroup::Layout::detect()?.vm(&format!("run-{pid}"));
+    Ok((
+        JailSpec {
+            uid: id,
+            gid: id,
+            binds,
+            cgroup: Some((
+                cgroups.clone(),
+                limits_for(config.cpus, config.memory_bytes()),
+            )),
+            rlimits: Rlimits {
+                file_size: file_size_limit(files),
+                open_files: OPEN_FILES,
+            },
+            hostname: "keel-vm".into(),
+            die_with_parent: true,
+        },
+        cgroups,
+    ))
+}

@@ -166,8 +166,13 @@ fn the_daemon_boots_a_vm_defined_without_a_kernel() {
     if !kvm_available("the_daemon_boots_a_vm_defined_without_a_kernel") {
         return;
     }
-    let disk = bls_disk("daemon");
+    let built = bls_disk("daemon");
     let daemon = Daemon::start("disk-boot");
+    // The daemon opens VMs' files only from its image directories.
+    let disk = daemon.images().join("boot.img");
+    std::fs::rename(&built, &disk)
+        .or_else(|_| std::fs::copy(&built, &disk).map(|_| ()))
+        .unwrap();
     let disk_arg = format!("path={}", disk.display());
     daemon.ok(&[
         "vm",
@@ -207,8 +212,7 @@ fn the_daemon_boots_a_vm_defined_without_a_kernel() {
 
     // A disk without a kernel: the start fails with what was searched, and the VM stays
     // stopped.
-    let blank =
-        std::env::temp_dir().join(format!("keel-disk-boot-{}-blank.img", std::process::id()));
+    let blank = daemon.images().join("blank.img");
     std::fs::File::create(&blank).unwrap().set_len(MIB).unwrap();
     let blank_arg = format!("path={}", blank.display());
     daemon.ok(&[

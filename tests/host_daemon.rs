@@ -196,8 +196,8 @@ fn illegal_transitions_and_unknown_names_say_what_to_do() {
     daemon.ok(&["vm", "rm", "a"]);
     assert!(daemon.fails(&["vm", "show", "a"]).contains("no VM named"));
 
-    // A VM whose kernel is gone fails to start with the VMM's reason, and stays stopped.
-    let kernel = std::env::temp_dir().join(format!("kd-kernel-{}", std::process::id()));
+    // A VM whose kernel is gone fails to start with the reason, and stays stopped.
+    let kernel = daemon.images().join("kernel");
     std::fs::copy(probe_elf(), &kernel).unwrap();
     daemon.ok(&["vm", "create", "lost", "--kernel", kernel.to_str().unwrap()]);
     std::fs::remove_file(&kernel).unwrap();
@@ -633,7 +633,7 @@ fn a_daemon_vm_gets_its_disk_limits_rng_and_vsock() {
         libc::close(fds[0]);
         libc::close(fds[1]);
     }
-    let image = daemon.state_dir.join("disk.img");
+    let image = daemon.images().join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let disk = format!("path={},serial=data1,bw=10M,iops=1000", image.display());
     // `keel events --follow --json` prints the new rows as they are recorded.

@@ -272,7 +272,7 @@ fn a_writable_image_serves_one_vm_only() {
         return;
     }
     let d = Daemon::start("lock");
-    let disk = d.state_dir.join("shared.img");
+    let disk = d.images().join("shared.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let disk_arg = format!("path={}", disk.display());
     d.create_probe_vm("first", &["--disk", &disk_arg, "--start"]);

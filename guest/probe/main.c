@@ -90,6 +90,22 @@ bool has_word(const char *word)
 	return false;
 }
 
+/*
+ * probe.console_flood=N: N lines of 64 bytes on the console, for the VMM's cap on its
+ * console log. Ends with "PROBE console_flood done".
+ */
+static void console_flood(void)
+{
+	const char *v = cmdline_arg("probe.console_flood=", 0);
+	u64 n = 0;
+
+	if (!v || !parse_num(&v, &n, false))
+		return;
+	for (u64 i = 0; i < n; i++)
+		pr("PROBE flood %lu ..............................................\n", i);
+	pr("PROBE console_flood done\n");
+}
+
 const char *cmdline_arg(const char *prefix, const char *from)
 {
 	const char *p = from ? from : cmdline;
@@ -190,6 +206,7 @@ void probe_main(u32 kind, u64 info)
 	net_run();
 	vsock_run();
 	bench_run();
+	console_flood();
 	pr("PROBE ready\n");
 
 	if (poweroff) {

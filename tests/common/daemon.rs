@@ -48,6 +48,11 @@ impl Daemon {
         self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
+    /// The image directory tests put VMs' disks in.
+    pub fn images(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.state_dir.join("api.sock")
     }
@@ -68,6 +73,11 @@ impl Daemon {
             .arg("serve")
             .arg("--state-dir")
             .arg(&self.state_dir)
+            // VMs' files: the probe where it is built, the rest in the daemon's own.
+            .arg("--images")
+            .arg(self.images())
+            .arg("--images")
+            .arg(super::probe_dir())
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -83,7 +83,14 @@ fn daemon_rss(daemon: &Daemon) -> Result<f64> {
 
 fn create_vm(daemon: &Daemon, name: &str, probe: &Path) -> Result<()> {
     let (cpus, memory) = (VCPUS.to_string(), MEMORY_MIB.to_string());
-    let kernel = probe.to_str().context("the probe's path is not UTF-8")?;
+    // A VM's files come from the daemon's image directory (STATE/images by default).
+    let images = daemon.state_dir.join("images");
+    std::fs::create_dir_all(&images).context("creating the image directory")?;
+    let kernel = images.join("probe.elf");
+    if !kernel.exists() {
+        std::fs::copy(probe, &kernel).context("copying the probe into the image directory")?;
+    }
+    let kernel = kernel.to_str().context("the probe's path is not UTF-8")?;
     daemon.run_cli(&[
         "vm",
         "create",

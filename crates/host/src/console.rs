@@ -219,10 +219,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let store = Store::open(&dir.join("keel.db")).unwrap();
-        let app = Supervisor::new(dir.clone(), "/bin/false".into(), store, None);
+        let app = Supervisor::new(
+            dir.clone(),
+            "/bin/false".into(),
+            store,
+            crate::supervisor::HostPolicy::unjailed(&dir).unwrap(),
+        );
         for name in ["on", "off"] {
-            let spec: VmSpec =
-                serde_json::from_value(serde_json::json!({"name": name, "kernel": "/k"})).unwrap();
+            let spec: VmSpec = serde_json::from_value(serde_json::json!({
+                "name": name,
+                "kernel": dir.join("images/k").display().to_string(),
+            }))
+            .unwrap();
             app.create(&spec, "test").unwrap();
         }
         app.with_store(|s| {

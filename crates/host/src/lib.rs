@@ -6,6 +6,7 @@ pub mod anchor;
 pub mod auth;
 pub mod console;
 pub mod health;
+pub mod images;
 pub mod jail_id;
 pub mod ledger;
 pub mod rest;

@@ -45,6 +45,14 @@ pub struct ServeConfig {
     pub listen: Option<SocketAddr>,
     /// The keel binary to start VMMs with.
     pub keel_exe: PathBuf,
+    /// Where VMs' kernels, initrds and disks must lie (STATE/images when empty).
+    pub images: Vec<PathBuf>,
+    /// Most VMs running at once.
+    pub max_vms: usize,
+    /// Share of host RAM running VMs may have, percent.
+    pub memory_share_percent: u32,
+    /// Most bytes each VM's console.log keeps.
+    pub console_log_max: u64,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -129,11 +137,25 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     // daemon's child, so its end (a seccomp kill's SIGSYS included) is seen in full.
     // SAFETY: prctl with plain integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let images = if config.images.is_empty() {
+        vec![config.state_dir.join("images")]
+    } else {
+        config.images.clone()
+    };
+    let images = crate::images::ImageDirs::new(&images, &config.state_dir)
+        .map_err(supervisor::Error::from)?;
+    tracing::info!("image directories: {}", images.describe());
+    let policy = supervisor::HostPolicy {
+        cgroups,
+        images,
+        limits: supervisor::HostLimits::new(config.max_vms, config.memory_share_percent),
+        console_log_max: config.console_log_max,
+    };
     let sup = Supervisor::new(
         config.state_dir.clone(),
         config.keel_exe.clone(),
         store,
-        cgroups,
+        policy,
     );
     sup.with_store(|s| {
         s.record(&NewEvent::host(

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use api::control::{files, ExitRecord, Request, Response, VmmStatus};
 use api::VmSpec;
+
+use crate::images::ImageDirs;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -194,6 +196,8 @@ pub struct Launch<'a> {
     pub jail: Option<jail::LaunchOptions>,
     /// The kernel, initrd, boot image and disks the daemon opened, in that order.
     pub files: Vec<OwnedFd>,
+    /// Most bytes the VM's console.log keeps.
+    pub console_log_max: u64,
 }
 
 /// Environment variables a VMM gets from the daemon's (the rest is not passed on).
@@ -253,6 +257,8 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         .arg("--dir")
         .arg(&run_dir.0)
         .arg("--handed-files")
+        .arg("--console-log-max")
+        .arg(launch.console_log_max.to_string())
         .env_clear()
         .stdin(Stdio::null())
         .stdout(if launch.jail.is_some() {
@@ -338,36 +344,43 @@ const HANDED_FIRST_FD: i32 = 3;
 
 /// The descriptors of the files a VM uses, in the order the VMM takes them: kernel,
 /// initrd, boot image (disk boot's reader: the first disk, read-only, no `O_DIRECT`),
-/// disks. Writable disks are locked against any other writer, read-only ones against
-/// writers; a disk in use fails the start.
-pub fn open_vm_files(spec: &VmSpec) -> Result<Vec<OwnedFd>> {
-    let refused = |what: &str, path: &str, e: &dyn std::fmt::Display| Error::Refused {
-        reason: format!("{what} {path}: {e}"),
-    };
-    let open_plain = |what: &str, path: &str| {
-        std::fs::File::open(path)
-            .map(OwnedFd::from)
-            .map_err(|e| refused(what, path, &e))
+/// disks; each opened beneath the host's image directories. Writable disks are locked
+/// against any other writer, read-only ones against writers; a disk in use fails the start.
+pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> {
+    let refused = |e: &dyn std::fmt::Display| Error::Refused {
+        reason: e.to_string(),
     };
     let mut fds = Vec::new();
+    let plain = |what, path: &str| {
+        images
+            .open(what, path, libc::O_RDONLY)
+            .map(OwnedFd::from)
+            .map_err(|e| refused(&e))
+    };
     if let Some(kernel) = &spec.kernel {
-        fds.push(open_plain("kernel", kernel)?);
+        fds.push(plain("kernel", kernel)?);
     }
     if let Some(initrd) = &spec.initrd {
-        fds.push(open_plain("initrd", initrd)?);
+        fds.push(plain("initrd", initrd)?);
     }
     if spec.kernel.is_none() {
         if let Some(first) = spec.disks.first() {
-            fds.push(open_plain("boot disk", &first.path)?);
+            fds.push(plain("boot disk", &first.path)?);
         }
     }
     for d in &spec.disks {
-        let file =
-            disk::RawDisk::open_file(Path::new(&d.path), d.readonly, d.direct).map_err(|e| {
-                Error::Refused {
-                    reason: e.to_string(),
-                }
-            })?;
+        let access = if d.readonly {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        let direct = if d.direct { libc::O_DIRECT } else { 0 };
+        // O_NOATIME where the daemon may (it owns the file or is root), as the VMM would.
+        let file = images
+            .open("disk", &d.path, access | direct | libc::O_NOATIME)
+            .or_else(|_| images.open("disk", &d.path, access | direct))
+            .map_err(|e| refused(&e))?;
+        disk::lock(&file, Path::new(&d.path), d.readonly).map_err(|e| refused(&e))?;
         fds.push(OwnedFd::from(file));
     }
     Ok(fds)

@@ -143,6 +143,20 @@ struct ServeArgs {
     /// Also serve the API on TCP at ADDR:PORT (every request then needs an API token).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// A directory VMs' kernels, initrds and disks may come from (repeatable) [default:
+    /// STATE_DIR/images]. No file outside them is opened for a VM.
+    #[arg(long = "images", value_name = "DIR")]
+    images: Vec<PathBuf>,
+    /// Most VMs that may run at once; further starts are refused (running VMs never are).
+    #[arg(long, default_value_t = host::supervisor::DEFAULT_MAX_VMS)]
+    max_vms: usize,
+    /// Percent of host RAM that running VMs' memory may add up to; further starts are
+    /// refused with what is free (running VMs are never touched).
+    #[arg(long, default_value_t = host::supervisor::DEFAULT_MEMORY_SHARE, value_parser = clap::value_parser!(u32).range(1..=100))]
+    memory_share: u32,
+    /// Most bytes each VM's console.log keeps; past it the oldest output is dropped.
+    #[arg(long, value_name = "BYTES", default_value_t = host::supervisor::DEFAULT_CONSOLE_LOG_MAX)]
+    console_log_max: u64,
 }
 
 #[derive(clap::Args)]
@@ -158,6 +172,9 @@ struct VmmArgs {
     /// cgroup with these limits. The jailed VMM's pid is printed on stdout.
     #[arg(long, value_name = "uid=U,gid=G,memory=BYTES,pids=N[,cpu=PERCENT]")]
     jail: Option<jail::LaunchOptions>,
+    /// Most bytes RUN_DIR/console.log keeps; past it the oldest output is dropped.
+    #[arg(long, value_name = "BYTES", default_value_t = vmm::DEFAULT_CONSOLE_LOG_MAX)]
+    console_log_max: u64,
 }
 
 #[derive(clap::Args)]
@@ -265,6 +282,7 @@ fn vmm(args: VmmArgs) -> ExitCode {
     let launch = vmm::service::Launch {
         handed_files: args.handed_files,
         jail: args.jail,
+        console_log_max: args.console_log_max,
     };
     match vmm::service::run(&args.dir, &launch) {
         // Outside the jail: the jailed VMM runs on.
@@ -319,6 +337,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         socket,
         listen: args.listen,
         keel_exe,
+        images: args.images,
+        max_vms: args.max_vms,
+        memory_share_percent: args.memory_share,
+        console_log_max: args.console_log_max,
     })
     .await?;
     Ok(())

@@ -38,14 +38,79 @@ impl ConsoleClients {
 
 /// Guest serial output: to the log, then to each client, never blocking.
 pub struct ConsoleOutput {
-    log: File,
+    log: CappedLog,
     clients: Arc<ConsoleClients>,
 }
 
 impl ConsoleOutput {
-    /// `log` must be open for appending.
-    pub fn new(log: File, clients: Arc<ConsoleClients>) -> Self {
-        Self { log, clients }
+    /// `log` must be open for writing (not appending: positioned writes move its newest
+    /// part to the start); it is kept at most `log_max` bytes long.
+    pub fn new(log: File, log_max: u64, clients: Arc<ConsoleClients>) -> Self {
+        Self {
+            log: CappedLog::new(log, log_max),
+            clients,
+        }
+    }
+}
+
+/// Default most bytes of `console.log`.
+pub const DEFAULT_CONSOLE_LOG_MAX: u64 = 8 << 20;
+
+/// A log file that never grows past `max` bytes: when a write would take it past, the
+/// newest half of it is moved to its start and the rest cut off, so the oldest output goes
+/// first. In place (no second file, no rename): the vCPU thread that writes the serial port
+/// does it, under its seccomp filter. Each byte is copied at most once more on average.
+pub struct CappedLog {
+    file: File,
+    max: u64,
+    len: u64,
+}
+
+impl CappedLog {
+    pub fn new(file: File, max: u64) -> Self {
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut log = Self {
+            file,
+            max: max.max(2),
+            len,
+        };
+        // A log left over the cap (by an earlier, larger cap) is cut down now.
+        if log.len > log.max {
+            log.keep_newest(log.max / 2);
+        }
+        log
+    }
+
+    /// Keeps the last `keep` bytes, moved to the start of the file.
+    fn keep_newest(&mut self, keep: u64) {
+        use std::os::unix::fs::FileExt;
+        let keep = keep.min(self.len);
+        let mut tail = vec![0u8; keep as usize];
+        let from = self.len - keep;
+        let moved = self.file.read_exact_at(&mut tail, from).is_ok()
+            && self.file.write_all_at(&tail, 0).is_ok();
+        let new_len = if moved { keep } else { 0 };
+        if self.file.set_len(new_len).is_ok() {
+            self.len = new_len;
+        }
+    }
+
+    pub fn write(&mut self, buf: &[u8]) {
+        let n = buf.len() as u64;
+        if n >= self.max {
+            // More than the whole log: only its end is kept.
+            self.keep_newest(0);
+            let start = buf.len() - self.max as usize / 2;
+            return self.write(&buf[start..]);
+        }
+        if self.len + n > self.max {
+            self.keep_newest((self.max / 2).saturating_sub(n));
+        }
+        // A full disk must not stall the guest: what the log cannot take is lost from it.
+        use std::os::unix::fs::FileExt;
+        if self.file.write_all_at(buf, self.len).is_ok() {
+            self.len += n;
+        }
     }
 }
 
@@ -69,8 +134,7 @@ fn send_now(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
 
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // A full disk must not stall the guest: what the log cannot take is lost from it.
-        let _ = self.log.write_all(buf);
+        self.log.write(buf);
         self.clients.lock().retain(|client| {
             let mut rest = buf;
             while !rest.is_empty() {
@@ -195,10 +259,45 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
             .open(&path)
             .unwrap();
         (path, file)
+    }
+
+    #[test]
+    fn a_guest_writing_without_end_never_grows_the_log_past_its_cap() {
+        let (path, file) = temp_log("cap");
+        let mut log = CappedLog::new(file, 1000);
+        let mut written = Vec::new();
+        for i in 0..5000u32 {
+            let line = format!("line {i}\n");
+            log.write(line.as_bytes());
+            written.extend_from_slice(line.as_bytes());
+            assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
+        }
+        let kept = std::fs::read(&path).unwrap();
+        // What is kept is the newest output, whole and in order: an end of what was written.
+        assert!(kept.len() >= 500, "{}", kept.len());
+        assert!(written.ends_with(&kept));
+        // One write larger than the cap keeps its own end.
+        let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        log.write(&big);
+        let kept = std::fs::read(&path).unwrap();
+        assert!(kept.len() <= 1000 && big.ends_with(&kept), "{}", kept.len());
+        // A log left longer by an earlier, larger cap is cut at once, to its newest part.
+        drop(log);
+        std::fs::write(&path, vec![b'x'; 5000]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let _log = CappedLog::new(file, 1000);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 500);
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
@@ -209,7 +308,7 @@ mod tests {
         let (b_vmm, mut b) = UnixStream::pair().unwrap();
         clients.lock().push(Arc::new(a_vmm));
         clients.lock().push(Arc::new(b_vmm));
-        let mut out = ConsoleOutput::new(log, clients.clone());
+        let mut out = ConsoleOutput::new(log, DEFAULT_CONSOLE_LOG_MAX, clients.clone());
         out.write_all(b"hello\n").unwrap();
         let mut got = [0u8; 6];
         a.read_exact(&mut got).unwrap();
@@ -264,7 +363,7 @@ mod tests {
         clients.lock().push(Arc::new(slow_vmm));
         clients.lock().push(Arc::new(dead_vmm));
         drop(dead);
-        let mut out = ConsoleOutput::new(log, clients.clone());
+        let mut out = ConsoleOutput::new(log, DEFAULT_CONSOLE_LOG_MAX, clients.clone());
         let chunk = vec![b'x'; 64 * 1024];
         let start = Instant::now();
         // Far more than any socket buffer holds.

@@ -25,6 +25,7 @@ mod virtio_devices;
 mod vm;
 
 pub use config::VmConfig;
+pub use console_socket::DEFAULT_CONSOLE_LOG_MAX;
 pub use exit::{CrashReport, StopBy, VmExit};
 pub use host_files::HostFiles;
 pub use vm::run;

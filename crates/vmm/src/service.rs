@@ -73,19 +73,23 @@ pub enum Error {
 pub(crate) struct Wiring {
     pub name: String,
     pub console_log: File,
+    /// Most bytes `console.log` keeps (the oldest output goes first).
+    pub console_log_max: u64,
     pub console_socket: UnixListener,
     pub control_socket: UnixListener,
     pub signals: Signals,
 }
 
 /// How `keel vmm` was launched.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Launch {
     /// The kernel, initrd and disks are open descriptors from 3 on (see
     /// [`crate::host_files`]), handed over by the daemon, instead of paths to open.
     pub handed_files: bool,
     /// Enter a jail with this identity and these limits before the VM is built.
     pub jail: Option<jail::LaunchOptions>,
+    /// Most bytes `console.log` keeps.
+    pub console_log_max: u64,
 }
 
 /// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
@@ -108,9 +112,14 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
             println!("{child}");
             return Ok(None);
         }
-        Ok(Prepared::Inside(spec, config, host_files)) => {
-            start(dir, &spec, &config, host_files, signals)
-        }
+        Ok(Prepared::Inside(spec, config, host_files)) => start(
+            dir,
+            &spec,
+            &config,
+            host_files,
+            signals,
+            launch.console_log_max,
+        ),
         Err(e) => Err(e),
     };
     let ended = match &started {
@@ -198,11 +207,16 @@ fn start(
     config: &VmConfig,
     host_files: HostFiles,
     signals: Signals,
+    console_log_max: u64,
 ) -> Result<VmExit, Error> {
     let log_path = dir.join(files::CONSOLE_LOG);
+    // Not O_APPEND: the cap moves the log's newest part to its start with positioned writes.
     let console_log = OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&log_path)
         .map_err(|source| Error::File {
@@ -213,6 +227,7 @@ fn start(
     let wiring = Wiring {
         name: spec.name.clone(),
         console_log,
+        console_log_max,
         console_socket: bind(&dir.join(files::CONSOLE_SOCKET))?,
         control_socket: bind(&dir.join(files::CONTROL_SOCKET))?,
         signals,

@@ -158,6 +158,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
                 .console_log
                 .try_clone()
                 .map_err(io_err("sharing the console log"))?,
+            wiring.console_log_max,
             console_clients.clone(),
         )),
     };

@@ -392,6 +392,20 @@ impl RateLimiter {
         self.consume_at(bytes, ops, Instant::now())
     }
 
+    /// The device was reset: its old requests are gone, so is the debt they left. Buckets
+    /// in debt are brought up to empty (never given tokens: a reset buys no burst), and the
+    /// limiter is unblocked; the next request waits only for its own tokens.
+    pub fn forgive_debt(&mut self) {
+        for bucket in [&mut self.bytes, &mut self.ops].into_iter().flatten() {
+            bucket.level_nanotokens = bucket.level_nanotokens.max(0);
+        }
+        if self.blocked {
+            self.blocked = false;
+            // Disarmed: a timer left to fire would only wake the device for nothing.
+            let _ = self.timer.reset(Duration::ZERO, None);
+        }
+    }
+
     /// Call when the timer fd is readable: drains it and unblocks the limiter, after which the
     /// device should retry the requests it held back.
     pub fn event_handler(&mut self) -> Result<(), Error> {

@@ -436,3 +436,26 @@ fn charge_takes_unconditionally_and_blocks_while_in_debt() {
     assert!(!unlimited.is_blocked());
     assert!(unlimited.consume(1, 1));
 }
+
+#[test]
+fn a_reset_forgives_debt_but_grants_no_burst() {
+    let t0 = Instant::now();
+    let mut limiter = limiter_at("bw=10M", t0);
+    // A 2 GiB request once left the bucket 200 seconds in debt.
+    limiter.charge(2 << 30, 1);
+    assert!(limiter.is_blocked());
+    limiter.forgive_debt();
+    assert!(!limiter.is_blocked());
+    let bytes = limiter.bytes.as_ref().expect("a bytes bucket");
+    assert_eq!(bytes.level_nanotokens, 0, "at empty: no tokens given");
+    // A 4 KiB request now waits for its own tokens only: 0.4 ms at 10 MB/s.
+    assert!(
+        limiter.wait_for(4096, 1) <= ms(1),
+        "{:?}",
+        limiter.wait_for(4096, 1)
+    );
+    // A bucket that was not in debt keeps what it had.
+    let mut full = limiter_at("bw=10M", t0);
+    full.forgive_debt();
+    assert!(full.consume_at(4096, 1, t0));
+}

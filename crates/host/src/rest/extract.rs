@@ -28,6 +28,17 @@ impl From<supervisor::Error> for ApiError {
             E::StartFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::Spec(_) => StatusCode::BAD_REQUEST,
             E::Store(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::Capacity(_) => StatusCode::CONFLICT,
+            E::Policy(p) => match p {
+                crate::images::Error::Outside { .. } | crate::images::Error::Escapes { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                crate::images::Error::TapTaken { .. } => StatusCode::CONFLICT,
+                crate::images::Error::NotAFile { .. } | crate::images::Error::Open { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                crate::images::Error::BadDir { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         };
         ApiError(status, e.to_string())
     }

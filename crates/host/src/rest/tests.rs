@@ -55,7 +55,12 @@ async fn random_requests_never_get_a_5xx() {
     let store = crate::store::Store::open(&dir.join("keel.db")).unwrap();
     // Starting a VM runs this program as its VMM: it exits at once without an exit
     // record, as a VMM that cannot start does, which is a 422 with the reason.
-    let app = Supervisor::new(dir.clone(), "/bin/false".into(), store, None);
+    let app = Supervisor::new(
+        dir.clone(),
+        "/bin/false".into(),
+        store,
+        crate::supervisor::HostPolicy::unjailed(&dir).unwrap(),
+    );
     let router = router(app);
     let seed = std::env::var("KEEL_TEST_SEED")
         .ok()

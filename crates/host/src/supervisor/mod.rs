@@ -14,6 +14,7 @@ use api::control::{ExitRecord, Request, Response};
 use api::{Cause, VmSpec, VmState};
 use tokio::sync::watch;
 
+use crate::images::{self, ImageDirs};
 use crate::ledger::NewEvent;
 use crate::store::{self, StopIntent, Store, Transition, VmRow};
 use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
@@ -42,7 +43,71 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Vmm(#[from] vmm_process::Error),
+    #[error(transparent)]
+    Policy(#[from] images::Error),
+    #[error("not started: {0}")]
+    Capacity(String),
 }
+
+/// How many VMs may run and how much of the host's RAM they may have.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    pub max_vms: usize,
+    pub memory_share_percent: u32,
+    /// That share of the host's RAM, in MiB.
+    pub memory_mib: u64,
+}
+
+impl HostLimits {
+    pub fn new(max_vms: usize, memory_share_percent: u32) -> HostLimits {
+        let host_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(u64::MAX, |kib| kib / 1024);
+        HostLimits {
+            max_vms,
+            memory_share_percent,
+            memory_mib: host_mib.saturating_mul(u64::from(memory_share_percent)) / 100,
+        }
+    }
+}
+
+/// What the host decides for its VMs: jailing, image directories, totals.
+pub struct HostPolicy {
+    pub cgroups: Option<jail::cgroup::Layout>,
+    pub images: ImageDirs,
+    pub limits: HostLimits,
+    /// Most bytes each VM's console.log keeps.
+    pub console_log_max: u64,
+}
+
+impl HostPolicy {
+    /// Unjailed VMMs, files from `state_dir/images`, default totals (the unit tests').
+    pub fn unjailed(state_dir: &std::path::Path) -> Result<HostPolicy> {
+        Ok(HostPolicy {
+            cgroups: None,
+            images: ImageDirs::new(&[state_dir.join("images")], state_dir)?,
+            limits: HostLimits::new(DEFAULT_MAX_VMS, DEFAULT_MEMORY_SHARE),
+            console_log_max: DEFAULT_CONSOLE_LOG_MAX,
+        })
+    }
+}
+
+/// Most bytes of each VM's console.log unless the operator says otherwise (the VMM's own
+/// default too).
+pub const DEFAULT_CONSOLE_LOG_MAX: u64 = 8 << 20;
+
+/// Most VMs that run at once unless the operator says otherwise.
+pub const DEFAULT_MAX_VMS: usize = 512;
+/// Share of host RAM VMs may have unless the operator says otherwise, percent.
+pub const DEFAULT_MEMORY_SHARE: u32 = 90;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -72,6 +137,10 @@ pub struct Supervisor {
     failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
     /// Where VMs' cgroups go; None when VMMs run unjailed (a daemon that is not root).
     cgroups: Option<jail::cgroup::Layout>,
+    /// What VMs may touch and how many may run.
+    images: ImageDirs,
+    limits: HostLimits,
+    console_log_max: u64,
     /// Per VM, when its VMM started: how long its log was (its own lines come after) and
     /// how many OOM kills its cgroup had counted.
     log_starts: Mutex<HashMap<String, (u64, u64)>>,
@@ -105,10 +174,13 @@ impl Supervisor {
         state_dir: PathBuf,
         keel_exe: PathBuf,
         store: Store,
-        cgroups: Option<jail::cgroup::Layout>,
+        policy: HostPolicy,
     ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
-            cgroups,
+            cgroups: policy.cgroups,
+            images: policy.images,
+            limits: policy.limits,
+            console_log_max: policy.console_log_max,
             log_starts: Mutex::new(HashMap::new()),
             state_dir,
             keel_exe,
@@ -152,8 +224,40 @@ impl Supervisor {
             if s.vm(&spec.name)?.is_some() {
                 return Err(Error::Exists(spec.name.clone()));
             }
+            self.images.check_spec(spec)?;
+            let others = s.vms()?;
+            images::check_taps(spec, others.iter().map(|r| &r.spec))?;
             Ok(s.create_vm(spec, actor)?)
         })
+    }
+
+    /// Host totals before a new start: running VMs within the count and the share of host
+    /// RAM the operator allows. Never consulted for a VM that runs (promise 1).
+    fn check_capacity(&self, spec: &VmSpec) -> Result<()> {
+        let vms = self.with_store(|s| s.vms())?;
+        let running: Vec<&VmRow> = vms
+            .iter()
+            .filter(|r| r.state.has_vmm() && r.spec.name != spec.name)
+            .collect();
+        if running.len() >= self.limits.max_vms {
+            return Err(Error::Capacity(format!(
+                "{} VMs run, the most this host allows (keel serve --max-vms {}); stop one first",
+                running.len(),
+                self.limits.max_vms
+            )));
+        }
+        let used: u64 = running.iter().map(|r| r.spec.memory_mib).sum();
+        let allowed = self.limits.memory_mib;
+        if used + spec.memory_mib > allowed {
+            return Err(Error::Capacity(format!(
+                "VM '{}' needs {} MiB; running VMs use {used} of the {allowed} MiB Keel may give VMs ({}% of host RAM, keel serve --memory-share), {} MiB free",
+                spec.name,
+                spec.memory_mib,
+                self.limits.memory_share_percent,
+                allowed.saturating_sub(used)
+            )));
+        }
+        Ok(())
     }
 
     pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
@@ -241,6 +345,10 @@ impl Supervisor {
             },
             None => (None, None),
         };
+        if let Err(e) = self.check_capacity(&row.spec) {
+            self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
+            return Err(e);
+        }
         let jail = jail_id.map(|id| jail::LaunchOptions {
             uid: id,
             gid: id,
@@ -250,7 +358,7 @@ impl Supervisor {
         lock(&self.log_starts).insert(name.to_string(), (run_dir.log_len(), ooms));
         let spawned = run_dir.prepare(&row.spec, jail_id).and_then(|()| {
             run_dir.remove_exit_record();
-            let mut files = vmm_process::open_vm_files(&row.spec)?;
+            let mut files = vmm_process::open_vm_files(&row.spec, &self.images)?;
             // After the VM's files: the VMM keeps it, and the id, until it ends.
             files.extend(id_lock);
             vmm_process::spawn(vmm_process::Launch {
@@ -258,6 +366,7 @@ impl Supervisor {
                 run_dir: &run_dir,
                 jail,
                 files,
+                console_log_max: self.console_log_max,
             })
         });
         let pid = match spawned {

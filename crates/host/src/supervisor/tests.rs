@@ -21,7 +21,12 @@ fn tempdir(tag: &str) -> PathBuf {
 /// which exits at once without an exit record, so the VM ends up stopped with why.
 fn daemon(dir: &std::path::Path) -> Arc<Supervisor> {
     let store = Store::open(&dir.join("keel.db")).unwrap();
-    Supervisor::new(dir.to_path_buf(), "/bin/false".into(), store, None)
+    Supervisor::new(
+        dir.to_path_buf(),
+        "/bin/false".into(),
+        store,
+        crate::supervisor::HostPolicy::unjailed(dir).unwrap(),
+    )
 }
 
 /// The VM's state rows, oldest first: (to, cause, actor, detail).
@@ -62,7 +67,11 @@ fn a_reboot_cut_off_after_the_vmm_ended_is_finished_by_the_next_daemon() {
     for (what, intent, reason, cause, actor, detail) in cases {
         let dir = tempdir(what);
         let first = daemon(&dir);
-        let spec: VmSpec = serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).unwrap();
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "a",
+            "kernel": dir.join("images/k").display().to_string(),
+        }))
+        .unwrap();
         first.create(&spec, "uid:7").unwrap();
         first
             .transition(

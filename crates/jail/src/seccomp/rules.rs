@@ -78,6 +78,11 @@ const COMMON: &[i64] = &[
     // Guest output reaches console clients from the vCPU thread that wrote the serial port.
     libc::SYS_sendto,
     libc::SYS_sendmsg,
+    // ... and into console.log, which is kept under its cap in place (positioned reads and
+    // writes, a truncation).
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -101,8 +106,6 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_pwritev,
     libc::SYS_preadv2,
     libc::SYS_pwritev2,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fsync,

@@ -7,6 +7,7 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::errors::ExecuteError;
 use super::inflight::{Inflight, Op, State};
 use super::request::{
     parse_into, status_descriptor, ParseError, Parsed, RequestKind, SECTOR_SHIFT, SEGMENT_BYTES,
@@ -90,7 +91,38 @@ fn push(ring: &mut disk::uring::Uring, inflight: &mut Inflight, i: u16) -> io::R
     }
 }
 
+/// What an operation is called in error messages.
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Read => "read",
+        Op::Write => "write",
+        Op::Flush => "fdatasync",
+    }
+}
+
 impl Block {
+    /// Records a failed request (counted, logged at a limited rate; a failed fdatasync makes
+    /// every later flush fail); returns the status to answer it with.
+    fn fail(&mut self, e: ExecuteError) -> u8 {
+        if matches!(
+            e,
+            ExecuteError::Io {
+                op: "fdatasync",
+                ..
+            }
+        ) {
+            self.flush_failed = true;
+        }
+        BlockStats::add(&self.stats.failed, 1);
+        let end = self
+            .serial
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.serial.len());
+        let name = String::from_utf8_lossy(&self.serial[..end]).into_owned();
+        self.errors.record(&name, &e)
+    }
+
     fn capacity(&self) -> u64 {
         self.disk.size() >> SECTOR_SHIFT
     }
@@ -140,11 +172,10 @@ impl Block {
                         Start::Queued => continue,
                         Start::Done(status, written) => (status, written, Some(req.status)),
                     },
-                    Err(e) => (
-                        VIRTIO_BLK_S_IOERR,
-                        0,
-                        error_status_addr(&self.scratch.descs, &e),
-                    ),
+                    Err(e) => {
+                        let addr = error_status_addr(&self.scratch.descs, &e);
+                        (self.fail(e.into()), 0, addr)
+                    }
                 };
             finish(index, queue, mem, head, status, written, status_addr)?;
             used = true;
@@ -158,8 +189,15 @@ impl Block {
         match &req.kind {
             RequestKind::Read | RequestKind::Write => {
                 let write = req.kind == RequestKind::Write;
-                if (write && self.disk.read_only()) || !self.in_range(req.sector, req.data_len) {
-                    return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+                if write && self.disk.read_only() {
+                    return Start::Done(self.fail(ExecuteError::ReadOnly), 0);
+                }
+                if !self.in_range(req.sector, req.data_len) {
+                    let e = ExecuteError::OutOfRange {
+                        sector: req.sector,
+                        len: req.data_len,
+                    };
+                    return Start::Done(self.fail(e), 0);
                 }
                 if req.data_len == 0 {
                     return Start::Done(VIRTIO_BLK_S_OK, 0);
@@ -170,7 +208,7 @@ impl Block {
                 let offset = req.sector << SECTOR_SHIFT;
                 let iov = &mut self.scratch.iov;
                 if !iov.fill(mem, &self.scratch.segments) {
-                    return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+                    return Start::Done(self.fail(ExecuteError::Buffers), 0);
                 }
                 if !self.disk.fits(&iov.0, offset) {
                     // RawDisk carries it through its bounce buffer.
@@ -181,19 +219,29 @@ impl Block {
                 } else {
                     self.disk.read_at(&iov.0, offset)
                 };
+                let op = if write { "write" } else { "read" };
                 match result {
                     Ok(()) if write => Start::Done(VIRTIO_BLK_S_OK, 0),
                     Ok(()) => Start::Done(VIRTIO_BLK_S_OK, req.data_len as u32),
-                    Err(_) => Start::Done(VIRTIO_BLK_S_IOERR, 0),
+                    Err(source) => Start::Done(self.fail(ExecuteError::Io { op, source }), 0),
                 }
             }
             RequestKind::Flush => {
+                if self.flush_failed {
+                    return Start::Done(self.fail(ExecuteError::FlushFailedBefore), 0);
+                }
                 if self.ring.is_some() {
                     return self.start_flush(head, req);
                 }
                 match self.disk.flush() {
                     Ok(()) => Start::Done(VIRTIO_BLK_S_OK, 0),
-                    Err(_) => Start::Done(VIRTIO_BLK_S_IOERR, 0),
+                    Err(source) => {
+                        let e = ExecuteError::Io {
+                            op: "fdatasync",
+                            source,
+                        };
+                        Start::Done(self.fail(e), 0)
+                    }
                 }
             }
             RequestKind::GetId => {
@@ -202,7 +250,7 @@ impl Block {
                 for seg in &self.scratch.segments {
                     let n = id.len().min(seg.len as usize);
                     if mem.write_slice(&id[..n], seg.addr).is_err() {
-                        return Start::Done(VIRTIO_BLK_S_IOERR, written);
+                        return Start::Done(self.fail(ExecuteError::Buffers), written);
                     }
                     written += n as u32;
                     id = &id[n..];
@@ -211,10 +259,12 @@ impl Block {
             }
             RequestKind::Discard | RequestKind::WriteZeroes => {
                 if self.disk.read_only() {
-                    return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+                    return Start::Done(self.fail(ExecuteError::ReadOnly), 0);
                 }
-                let (status, written) = self.discard_or_zero(req, mem);
-                Start::Done(status, written)
+                match self.discard_or_zero(req, mem) {
+                    Ok(()) => Start::Done(VIRTIO_BLK_S_OK, 0),
+                    Err(e) => Start::Done(self.fail(e), 0),
+                }
             }
             RequestKind::Unsupported(_) => Start::Done(VIRTIO_BLK_S_UNSUPP, 0),
         }
@@ -224,11 +274,11 @@ impl Block {
     /// here; anything else goes on the ring (for a read, the bytes not yet read).
     fn start_transfer(&mut self, head: u16, req: &Parsed, mem: &GuestMemoryMmap) -> Start {
         let Some(i) = self.inflight.take() else {
-            return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+            return Start::Done(self.fail(ExecuteError::NoSlot), 0);
         };
         let write = req.kind == RequestKind::Write;
         let Some(slot) = self.inflight.get_mut(i) else {
-            return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+            return Start::Done(self.fail(ExecuteError::NoSlot), 0);
         };
         slot.head = head;
         slot.status = req.status;
@@ -238,7 +288,7 @@ impl Block {
         slot.written = if write { 0 } else { req.data_len as u32 };
         if !slot.iov.fill(mem, &self.scratch.segments) {
             self.inflight.release(i);
-            return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+            return Start::Done(self.fail(ExecuteError::Buffers), 0);
         }
         if !self.disk.fits(slot.pending_iov(), slot.offset) {
             // Direct I/O, and guest buffers it cannot take: served here through a bounce
@@ -246,10 +296,11 @@ impl Block {
             BlockStats::add(&self.stats.bounced, 1);
             let result = self.disk.bounced(slot.pending_iov(), slot.offset, write);
             self.inflight.release(i);
+            let op = if write { "write" } else { "read" };
             return match result {
                 Ok(()) if write => Start::Done(VIRTIO_BLK_S_OK, 0),
                 Ok(()) => Start::Done(VIRTIO_BLK_S_OK, req.data_len as u32),
-                Err(_) => Start::Done(VIRTIO_BLK_S_IOERR, 0),
+                Err(source) => Start::Done(self.fail(ExecuteError::Io { op, source }), 0),
             };
         }
         if write {
@@ -284,7 +335,7 @@ impl Block {
     /// A flush with the hybrid engine: held until the writes before it have completed.
     fn start_flush(&mut self, head: u16, req: &Parsed) -> Start {
         let Some(i) = self.inflight.take() else {
-            return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+            return Start::Done(self.fail(ExecuteError::NoSlot), 0);
         };
         if let Some(slot) = self.inflight.get_mut(i) {
             slot.head = head;
@@ -305,13 +356,14 @@ impl Block {
     fn push_or_fail(&mut self, i: u16) -> Start {
         let Some(ring) = self.ring.as_mut() else {
             self.inflight.release(i);
-            return Start::Done(VIRTIO_BLK_S_IOERR, 0);
+            let e = ExecuteError::Ring(io::Error::other("the device has no io_uring"));
+            return Start::Done(self.fail(e), 0);
         };
         match push(ring, &mut self.inflight, i) {
             Ok(()) => Start::Queued,
-            Err(_) => {
+            Err(e) => {
                 self.inflight.release(i);
-                Start::Done(VIRTIO_BLK_S_IOERR, 0)
+                Start::Done(self.fail(ExecuteError::Ring(e)), 0)
             }
         }
     }
@@ -322,14 +374,19 @@ impl Block {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
+        let mut refused = Vec::new();
         while let Some(i) = self.inflight.ready_flush() {
             BlockStats::add(&self.stats.flushes_ring, 1);
-            if push(ring, &mut self.inflight, i).is_err() {
+            if let Err(e) = push(ring, &mut self.inflight, i) {
                 if let Some(slot) = self.inflight.get(i) {
                     self.scratch.failed.push((slot.head, slot.status));
                 }
                 self.inflight.release(i);
+                refused.push(e);
             }
+        }
+        for e in refused {
+            self.fail(ExecuteError::Ring(e));
         }
     }
 
@@ -456,17 +513,17 @@ impl Block {
             // No progress (the end of the file) or an error.
             _ => false,
         };
-        let finished = Finished {
+        let mut finished = Finished {
             head: slot.head,
             status_addr: slot.status,
-            status: if ok {
-                VIRTIO_BLK_S_OK
-            } else {
-                VIRTIO_BLK_S_IOERR
-            },
+            status: VIRTIO_BLK_S_OK,
             written: if ok { slot.written } else { 0 },
         };
+        let op = slot.op;
         self.inflight.release(i);
+        if !ok {
+            finished.status = self.fail(ExecuteError::from_completion(op_name(op), result));
+        }
         Some(finished)
     }
 
@@ -521,9 +578,9 @@ impl Block {
         self.scratch.reaped = reaped;
     }
 
-    fn discard_or_zero(&self, req: &Parsed, mem: &GuestMemoryMmap) -> (u8, u32) {
+    fn discard_or_zero(&self, req: &Parsed, mem: &GuestMemoryMmap) -> Result<(), ExecuteError> {
         if req.data_len != SEGMENT_BYTES as u64 * u64::from(MAX_DISCARD_SEGMENTS) {
-            return (VIRTIO_BLK_S_UNSUPP, 0);
+            return Err(ExecuteError::Unsupported("more than one discard segment"));
         }
         let mut seg = [0u8; SEGMENT_BYTES];
         let mut filled = 0;
@@ -533,7 +590,7 @@ impl Block {
                 .read_slice(&mut seg[filled..filled + take], s.addr)
                 .is_err()
             {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return Err(ExecuteError::Buffers);
             }
             filled += take;
         }
@@ -542,25 +599,27 @@ impl Block {
         let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
         let len = u64::from(sectors) << SECTOR_SHIFT;
         if sectors > MAX_DISCARD_SECTORS || !self.in_range(sector, len) {
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return Err(ExecuteError::OutOfRange { sector, len });
         }
         let offset = sector << SECTOR_SHIFT;
         let result = if req.kind == RequestKind::Discard {
             // Unknown flags in a discard segment are an error per the spec.
             if flags != 0 {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
+                return Err(ExecuteError::Unsupported("discard flags"));
             }
             self.disk.discard(offset, len)
         } else {
             if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
+                return Err(ExecuteError::Unsupported("write-zeroes flags"));
             }
             self.disk
                 .write_zeroes(offset, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
         };
-        match result {
-            Ok(()) => (VIRTIO_BLK_S_OK, 0),
-            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
-        }
+        let op = if req.kind == RequestKind::Discard {
+            "discard"
+        } else {
+            "write-zeroes"
+        };
+        result.map_err(|source| ExecuteError::Io { op, source })
     }
 }

@@ -41,6 +41,7 @@
 //! data in its guest buffers, as a real disk's DMA might; nothing touches the rings.
 
 mod engine;
+pub mod errors;
 pub mod inflight;
 pub mod request;
 #[cfg(test)]
@@ -56,6 +57,7 @@ use disk::RawDisk;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+use self::errors::ErrorLog;
 use self::inflight::{Inflight, IoVecs};
 use self::request::{Descriptor, Segment, ID_BYTES, SECTOR_SHIFT};
 use super::device::{
@@ -127,6 +129,8 @@ pub struct BlockStats {
     /// Times the device stopped taking chains from a ring that had more because every
     /// in-flight slot was taken: those chains wait there until a completion frees one.
     pub held_back: AtomicU64,
+    /// Requests answered with an error status (each with its cause in [`errors`]).
+    pub failed: AtomicU64,
 }
 
 impl BlockStats {
@@ -163,6 +167,10 @@ pub struct Block {
     scratch: Scratch,
     stats: Arc<BlockStats>,
     limiter: RateLimiter,
+    /// Failed requests: counted, logged at a limited rate.
+    errors: ErrorLog,
+    /// A flush failed: every later one fails too (see [`errors`]).
+    flush_failed: bool,
     serial: [u8; ID_BYTES],
     features: u64,
     config: Vec<u8>,
@@ -228,6 +236,8 @@ impl Block {
             scratch: Scratch::default(),
             stats: Arc::new(BlockStats::default()),
             limiter,
+            errors: ErrorLog::default(),
+            flush_failed: false,
             serial: id,
             features,
             config,
@@ -308,6 +318,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.held_back = false;
         self.quiesce(self.reset_wait);
+        self.limiter.forgive_debt();
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {

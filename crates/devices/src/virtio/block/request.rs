@@ -6,7 +6,7 @@
 //! data (device-readable for writes, device-writable for reads), then one device-writable
 //! status byte, which is the last writable byte of the chain.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::virtio::chain::total_len;
 pub use crate::virtio::chain::{Descriptor, Segment};
@@ -62,6 +62,8 @@ pub enum ParseError {
     WrongDirection(&'static str),
     #[error("data length {0} is not a whole number of sectors")]
     PartialSector(u64),
+    #[error("a data buffer ({len} bytes at {addr:#x}) lies outside guest memory")]
+    DataOutsideMemory { addr: u64, len: u64 },
 }
 
 impl ParseError {
@@ -239,6 +241,17 @@ pub fn parse_into(
         && !data_len.is_multiple_of(SECTOR_SIZE)
     {
         return Err(ParseError::PartialSector(data_len));
+    }
+    // Checked here, before anything is charged or started for the request: a buffer that
+    // claims more than guest memory holds is refused as what it is, at no cost.
+    if let Some(bad) = data
+        .iter()
+        .find(|s| !mem.check_range(s.addr, s.len as usize))
+    {
+        return Err(ParseError::DataOutsideMemory {
+            addr: bad.addr.0,
+            len: u64::from(bad.len),
+        });
     }
     Ok(Parsed {
         kind,

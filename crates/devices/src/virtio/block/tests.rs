@@ -5,6 +5,7 @@
 //! is in [`direct`].
 
 mod direct;
+mod sticky;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -15,7 +16,10 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::request::*;
-use super::{Block, BlockStats, EngineChoice, COMPLETIONS, ENGINE_HYBRID, ENGINE_SYNCHRONOUS};
+use super::{
+    Block, BlockStats, EngineChoice, COMPLETIONS, ENGINE_HYBRID, ENGINE_SYNCHRONOUS,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
 use crate::rate_limiter::{RateLimitConfig, RateLimiter};
 use crate::virtio::driver::{Buffer, Driver, DATA_START};
 use crate::virtio::mmio::{REG_STATUS, STATUS_DRIVER_OK, STATUS_NEEDS_RESET};
@@ -73,9 +77,26 @@ fn rig_on(
     direct: bool,
     setup: impl FnOnce(&mut Block),
 ) -> Rig {
+    rig_limited(name, bytes, choice, direct, "", setup)
+}
+
+/// [`rig_on`], with the rate limits `limits` (as `--disk` takes them; empty: none).
+fn rig_limited(
+    name: &str,
+    bytes: u64,
+    choice: EngineChoice,
+    direct: bool,
+    limits: &str,
+    setup: impl FnOnce(&mut Block),
+) -> Rig {
     let path = image(name, bytes);
     let disk = disk::RawDisk::open_with(&path, false, direct).unwrap();
-    let limiter = RateLimiter::new(&RateLimitConfig::default()).unwrap();
+    let config: RateLimitConfig = if limits.is_empty() {
+        RateLimitConfig::default()
+    } else {
+        limits.parse().unwrap()
+    };
+    let limiter = RateLimiter::new(&config).unwrap();
     let mut block = Block::with_engine(disk, "engine", limiter, choice);
     if choice == EngineChoice::Hybrid {
         assert_eq!(
@@ -632,4 +653,65 @@ fn a_read_the_file_no_longer_holds_fails_instead_of_completing_short() {
     t.d.process(0);
     assert_eq!(wait_used(&mut t.d, 1), vec![(u32::from(head), 1)]);
     assert_eq!(t.status(0), 1, "IOERR");
+}
+
+#[test]
+fn a_buffer_beyond_guest_memory_is_refused_and_charges_the_limiter_nothing() {
+    let mut t = rig_limited(
+        "huge",
+        1 << 20,
+        EngineChoice::Hybrid,
+        false,
+        "bw=10M",
+        |_| {},
+    );
+    // A write whose one data descriptor claims 2 GiB; guest memory is 64 MiB.
+    t.header(0, VIRTIO_BLK_T_OUT, 0);
+    let huge = t.d.submit(
+        0,
+        &[
+            readable(header_addr(0), 16),
+            readable(BUFFERS, 0x8000_0000),
+            writable(status_addr(0), 1),
+        ],
+    );
+    t.d.process(0);
+    assert_eq!(wait_used(&mut t.d, 1), vec![(u32::from(huge), 1)]);
+    assert_eq!(t.status(0), VIRTIO_BLK_S_IOERR);
+    // The limiter is untouched: at 10 MB/s a 2 GiB charge would hold the next request for
+    // over 200 s; a 4 KiB write completes now.
+    let w = t.write(1, 0, BUFFERS, 4096);
+    t.d.process(0);
+    assert_eq!(wait_used(&mut t.d, 1), vec![(u32::from(w), 1)]);
+    assert_eq!(t.status(1), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn a_device_held_by_its_limiter_serves_again_after_a_reset() {
+    let mut t = rig_limited(
+        "debt",
+        48 << 20,
+        EngineChoice::Hybrid,
+        false,
+        "bw=1M",
+        |_| {},
+    );
+    // A legal 32 MiB write passes a full 1 MB bucket and leaves it 31 s in debt.
+    let big = t.write(0, 0, BUFFERS, 32 << 20);
+    t.d.process(0);
+    assert_eq!(wait_used(&mut t.d, 1), vec![(u32::from(big), 1)]);
+    let held = t.write(1, 0, BUFFERS, 4096);
+    t.d.process(0);
+    serve_events(&mut t.d, Duration::from_millis(50));
+    assert!(t.d.used(0).is_empty(), "write {held} waits for the debt");
+    // The guest resets the device and brings it up again: it serves at once.
+    t.d.write_reg(REG_STATUS, 0);
+    let status = t.d.init(VIRTIO_BLK_F_FLUSH, 256);
+    assert_eq!(status & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
+    let w = t.write(2, 0, BUFFERS, 4096);
+    t.d.process(0);
+    let started = Instant::now();
+    assert_eq!(wait_used(&mut t.d, 1), vec![(u32::from(w), 1)]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(t.status(2), VIRTIO_BLK_S_OK);
 }

@@ -225,6 +225,7 @@ impl VirtioDevice for Net {
         self.acked = 0;
         let _ = self.tap.set_offload(0);
         self.rx_pending = true;
+        self.limiter.forgive_debt();
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {

@@ -11,8 +11,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::exit::{CrashReport, ExitSignal, VmExit};
-use crate::legacy_bus::LegacyBus;
 use crate::virtio_devices::VirtioDevices;
+use devices::legacy::LegacyBus;
 
 /// KVM's `kvm_run.internal.suberror` for an instruction it could not emulate.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;

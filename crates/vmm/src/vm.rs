@@ -23,11 +23,11 @@ use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, VmCom
 use crate::control_socket::ControlSocket;
 use crate::exit::{ExitSignal, VmExit};
 use crate::host_files::HostFiles;
-use crate::legacy_bus::LegacyBus;
 use crate::service::Wiring;
 use crate::vcpu::{run_vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{host, loader, memory, test_hooks, Error, Result};
+use devices::legacy::LegacyBus;
 use jail::seccomp::ThreadKind;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -4,7 +4,8 @@
 use std::sync::Mutex;
 
 use arch::layout::ACPI_SLEEP_CONTROL_PORT;
-use devices::legacy::{AcpiPmDevice, CmosRtc, SerialDevice, I8042};
+
+use super::{AcpiPmDevice, CmosRtc, SerialDevice, I8042};
 
 const COM1_BASE: u16 = 0x3f8;
 const COM1_LAST: u16 = 0x3ff;
@@ -32,7 +33,7 @@ impl LegacyBus {
     pub fn serial_input(
         &self,
         bytes: &[u8],
-    ) -> Result<devices::legacy::SerialInputReady, devices::legacy::serial::Error> {
+    ) -> Result<super::SerialInputReady, super::serial::Error> {
         lock(&self.serial).queue_input(bytes)
     }
 
@@ -54,7 +55,7 @@ impl LegacyBus {
     }
 
     /// A guest `out`: devices here are byte-wide; only the first byte counts.
-    pub fn write(&self, port: u16, data: &[u8]) -> Result<(), devices::legacy::serial::Error> {
+    pub fn write(&self, port: u16, data: &[u8]) -> Result<(), super::serial::Error> {
         let Some(&value) = data.first() else {
             return Ok(());
         };
@@ -77,8 +78,8 @@ impl LegacyBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::legacy::ResetTrigger;
-    use devices::GuestRequest;
+    use crate::legacy::ResetTrigger;
+    use crate::GuestRequest;
     use std::sync::Arc;
     use vmm_sys_util::eventfd::EventFd;
 

@@ -285,3 +285,31 @@ fn a_writable_image_serves_one_vm_only() {
     d.ok(&["vm", "start", "second"]);
     d.ok(&["vm", "stop", "second"]);
 }
+
+#[test]
+fn the_vmm_binary_links_none_of_the_daemons_code() {
+    // No HTTP server, no SQLite, no async runtime in the jailed process: none of their
+    // functions is defined in keel-vmm, while keel has thousands (so the check can see them).
+    let defined = |binary: &str, crate_name: &str| {
+        let out = std::process::Command::new("nm")
+            .args(["--defined-only", binary])
+            .output()
+            .expect("nm (binutils)");
+        assert!(out.status.success(), "nm {binary}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(crate_name))
+            .count()
+    };
+    for daemon_code in ["axum", "hyper", "tokio", "rusqlite", "sqlite3_", "utoipa"] {
+        assert!(
+            defined(KEEL, daemon_code) > 0,
+            "keel has no {daemon_code}: the check is blind"
+        );
+        assert_eq!(
+            defined(env!("CARGO_BIN_EXE_keel-vmm"), daemon_code),
+            0,
+            "keel-vmm defines {daemon_code} code"
+        );
+    }
+}

@@ -50,6 +50,8 @@ pub struct Setup {
     pub keel: PathBuf,
     pub qemu: PathBuf,
     pub probe_elf: PathBuf,
+    /// Extra `keel run` options (`--no-jail`).
+    pub keel_options: Vec<String>,
 }
 
 impl Setup {
@@ -60,6 +62,7 @@ impl Setup {
             Vmm::Keel => {
                 let mut cmd = Command::new(&self.keel);
                 cmd.arg("run")
+                    .args(&self.keel_options)
                     .arg("--kernel")
                     .arg(&self.probe_elf)
                     .args(["--cpus", &cpus, "--memory", &memory])
@@ -311,7 +314,9 @@ pub fn ready_then_idle(
     let mut run = Running::spawn(vmm, setup.command(vmm, guest_cmdline))?;
     let ready = run.wait_for_line(READY_LINE)?;
     std::thread::sleep(IDLE_SETTLE);
-    let status = procfs::read_status(run.child.id());
+    // A jailed Keel VMM is the child of the `keel run` that waits for it outside the jail:
+    // the VM's memory is the child's (the waiting parent's is reported by `launcher_memory`).
+    let status = procfs::read_status(jailed_child(run.child.id()).unwrap_or(run.child.id()));
     if let Ok(Some(exit)) = run.child.try_wait() {
         run.reaped = Some(exit);
         return Err(run.failure("exited while it should idle"));
@@ -360,4 +365,14 @@ pub fn read_pipes(
         }
     });
     (rx, err_rx)
+}
+
+/// The jailed VMM under a `keel run` process, if it has one (its first child).
+pub fn jailed_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

@@ -206,6 +206,7 @@ impl VmmPaths {
                 keel,
                 qemu,
                 probe_elf,
+                keel_options: Vec::new(),
             },
             qemu_version,
         })

@@ -416,11 +416,13 @@ fn heading(host: &Host, args: &Args, keel: &Path, notes: &[String]) -> String {
 fn run_all(args: Args) -> Result<bool> {
     let Prepared {
         root,
-        setup: Setup {
-            keel,
-            qemu,
-            probe_elf: probe,
-        },
+        setup:
+            Setup {
+                keel,
+                qemu,
+                probe_elf: probe,
+                ..
+            },
         qemu_version,
     } = args.vmm.clone().prepare()?;
     let host = setup::host(&root, qemu_version);

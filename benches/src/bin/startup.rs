@@ -28,6 +28,9 @@ struct Args {
     rss_samples: u32,
     #[command(flatten)]
     vmm: VmmPaths,
+    /// Run Keel with `--no-jail` (to measure what the jail costs, against a run without).
+    #[arg(long)]
+    no_jail: bool,
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -92,10 +95,13 @@ fn metrics(keel: &Samples, qemu: &Samples) -> Vec<Metric> {
 
 fn run(args: Args) -> Result<bool> {
     let Prepared {
-        setup,
+        mut setup,
         qemu_version,
         ..
     } = args.vmm.prepare()?;
+    if args.no_jail {
+        setup.keel_options.push("--no-jail".into());
+    }
     let host = Host::current(qemu_version);
     let order = [Vmm::Keel, Vmm::Qemu];
 

@@ -1,5 +1,5 @@
 //! `keel serve`: the host daemon. VM definitions and their state in an embedded SQLite store,
-//! one supervised `keel vmm` process per running VM (re-adopted after a daemon restart), the
+//! one supervised `keel-vmm vmm` process per running VM (re-adopted after a daemon restart), the
 //! REST API with its OpenAPI document, events, the hash-chained ledger and SLA reports.
 
 pub mod anchor;

@@ -43,8 +43,8 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Also serve on TCP (API tokens required).
     pub listen: Option<SocketAddr>,
-    /// The keel binary to start VMMs with.
-    pub keel_exe: PathBuf,
+    /// The VMM binary, keel-vmm.
+    pub vmm_exe: PathBuf,
     /// Where VMs' kernels, initrds and disks must lie (STATE/images when empty).
     pub images: Vec<PathBuf>,
     /// Most VMs running at once.
@@ -153,7 +153,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     };
     let sup = Supervisor::new(
         config.state_dir.clone(),
-        config.keel_exe.clone(),
+        config.vmm_exe.clone(),
         store,
         policy,
     );

@@ -1,4 +1,4 @@
-//! One `keel vmm` process as the daemon sees it: its run directory, starting it detached,
+//! One `keel-vmm vmm` process as the daemon sees it: its run directory, starting it detached,
 //! talking to its control socket, and learning (through a pidfd) the moment it ends, whether
 //! the daemon started it or re-adopted it.
 
@@ -28,7 +28,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the VMM ({exe}) failed: {source}; is the keel binary still installed?")]
+    #[error("starting the VMM ({exe}) failed: {source}; is keel-vmm still installed beside keel?")]
     Spawn {
         exe: PathBuf,
         #[source]
@@ -190,7 +190,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// What a VM's VMM is started with.
 pub struct Launch<'a> {
-    pub keel_exe: &'a Path,
+    pub vmm_exe: &'a Path,
     pub run_dir: &'a RunDir,
     /// Its identity and limits: None when the daemon is not root (then unjailed).
     pub jail: Option<jail::LaunchOptions>,
@@ -216,7 +216,7 @@ mod vmm_test_hook {
 /// the numbers they are handed at.
 const PARKED_FD: i32 = 512;
 
-/// Starts `keel vmm --dir RUN_DIR --handed-files [--jail ...]` in its own session, so that
+/// Starts `keel-vmm vmm --dir RUN_DIR --handed-files [--jail ...]` in its own session, so that
 /// neither a signal to the daemon's process group nor the daemon's death reaches it, with
 /// the VM's files as descriptors 3 on. With a jail, the process started jails a child and
 /// ends at once, printing the child's pid: that child is the VMM (a child of the daemon,
@@ -251,7 +251,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         // SAFETY: fcntl returned a new descriptor that nothing else owns.
         parked.push(unsafe { OwnedFd::from_raw_fd(high) });
     }
-    let mut command = Command::new(launch.keel_exe);
+    let mut command = Command::new(launch.vmm_exe);
     command
         .arg("vmm")
         .arg("--dir")
@@ -309,7 +309,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         });
     }
     let mut child = command.spawn().map_err(|source| Error::Spawn {
-        exe: launch.keel_exe.to_path_buf(),
+        exe: launch.vmm_exe.to_path_buf(),
         source,
     })?;
     drop(parked);
@@ -323,7 +323,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
     let mut text = String::new();
     let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut out), &mut text);
     let status = child.wait().map_err(|source| Error::Spawn {
-        exe: launch.keel_exe.to_path_buf(),
+        exe: launch.vmm_exe.to_path_buf(),
         source,
     })?;
     match text.trim().parse::<u32>() {
@@ -386,7 +386,7 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
     Ok(fds)
 }
 
-/// Every live `keel vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
+/// Every live `keel-vmm vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
 /// (empty cmdline) are not listed.
 pub fn all_processes() -> Vec<(u32, PathBuf)> {
     let mut found = Vec::new();
@@ -410,7 +410,7 @@ pub fn all_processes() -> Vec<(u32, PathBuf)> {
     found
 }
 
-/// Pids of the live `keel vmm` processes of this run directory.
+/// Pids of the live `keel-vmm vmm` processes of this run directory.
 pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
     all_processes()
         .into_iter()

@@ -15,6 +15,20 @@ const OPEN_FILES: u64 = 4096;
 /// it, so no two running VMs share one (the daemon's VMs use its own range, below this).
 pub const RUN_ID_BASE: u32 = 3_000_000_000;
 
+/// The VM's cgroup, with the cpu controller only when there is a CPU limit to set.
+fn cgroup_of(
+    layout: &jail::cgroup::Layout,
+    name: &str,
+    limits: &jail::CgroupLimits,
+) -> jail::Cgroups {
+    let cgroups = layout.vm(name);
+    if limits.cpu_percent.is_some() {
+        cgroups
+    } else {
+        cgroups.without_cpu()
+    }
+}
+
 /// The largest file offset the VMM may write at: its largest disk, or its logs.
 fn file_size_limit(files: &HostFiles) -> u64 {
     const LOGS: u64 = 1 << 30;
@@ -39,7 +53,10 @@ pub fn spec_for_service(
         uid: options.uid,
         gid: options.gid,
         binds: vec![dir.to_path_buf()],
-        cgroup: Some((layout.vm(&jail::cgroup_name(options.uid)), options.limits)),
+        cgroup: Some((
+            cgroup_of(&layout, &jail::cgroup_name(options.uid), &options.limits),
+            options.limits,
+        )),
         rlimits: Rlimits {
             file_size: file_size_limit(files),
             open_files: OPEN_FILES,
@@ -62,16 +79,18 @@ pub fn spec_for_run(
         .iter()
         .filter_map(|v| v.socket.parent().map(Path::to_path_buf))
         .collect();
-    let cgroups = jail::cgroup::Layout::detect()?.vm(&format!("run-{pid}"));
+    let limits = limits_for(config.cpus, config.memory_bytes());
+    let cgroups = cgroup_of(
+        &jail::cgroup::Layout::detect()?,
+        &format!("run-{pid}"),
+        &limits,
+    );
     Ok((
         JailSpec {
             uid: id,
             gid: id,
             binds,
-            cgroup: Some((
-                cgroups.clone(),
-                limits_for(config.cpus, config.memory_bytes()),
-            )),
+            cgroup: Some((cgroups.clone(), limits)),
             rlimits: Rlimits {
                 file_size: file_size_limit(files),
                 open_files: OPEN_FILES,

@@ -128,7 +128,7 @@ struct Running {
 
 pub struct Supervisor {
     pub state_dir: PathBuf,
-    keel_exe: PathBuf,
+    vmm_exe: PathBuf,
     store: Mutex<Store>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     intents: Mutex<HashMap<String, StopIntent>>,
@@ -172,7 +172,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Supervisor {
     pub fn new(
         state_dir: PathBuf,
-        keel_exe: PathBuf,
+        vmm_exe: PathBuf,
         store: Store,
         policy: HostPolicy,
     ) -> Arc<Supervisor> {
@@ -183,7 +183,7 @@ impl Supervisor {
             console_log_max: policy.console_log_max,
             log_starts: Mutex::new(HashMap::new()),
             state_dir,
-            keel_exe,
+            vmm_exe,
             store: Mutex::new(store),
             locks: Mutex::new(HashMap::new()),
             intents: Mutex::new(HashMap::new()),
@@ -362,7 +362,7 @@ impl Supervisor {
             // After the VM's files: the VMM keeps it, and the id, until it ends.
             files.extend(id_lock);
             vmm_process::spawn(vmm_process::Launch {
-                keel_exe: &self.keel_exe,
+                vmm_exe: &self.vmm_exe,
                 run_dir: &run_dir,
                 jail,
                 files,

@@ -62,6 +62,8 @@ const COMMON: &[i64] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_getrandom,
+    // KEEL_TRACE_STARTUP: the VMM's CPU time at the first vCPU entry.
+    libc::SYS_getrusage,
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_fcntl,

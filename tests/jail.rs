@@ -175,6 +175,26 @@ fn a_daemon_vmm_runs_jailed_in_every_thread() {
     let (memory, pids) = cgroup_limits(pid);
     assert_eq!(memory, (64 + OVERHEAD_MIB) << 20);
     assert_eq!(pids, 2 + 64);
+    // The API shows the same cgroup: its limits, and what is in use under them.
+    let usage = &d.json(&["vm", "show", "j1"])["usage"];
+    assert_eq!(
+        usage["memory_limit_bytes"],
+        (64 + OVERHEAD_MIB) << 20,
+        "{usage}"
+    );
+    assert_eq!(usage["tasks_limit"], 2 + 64, "{usage}");
+    let used = usage["memory_bytes"].as_u64().unwrap();
+    assert!(used > 0 && used < (64 + OVERHEAD_MIB) << 20, "{usage}");
+    assert!(usage["tasks"].as_u64().unwrap() >= 3, "{usage}");
+    assert_eq!(
+        usage["jail_id"].to_string(),
+        uid(pid).split_whitespace().next().unwrap()
+    );
+    let text = d.ok(&["vm", "show", "j1"]);
+    assert!(
+        text.contains("memory use") && text.contains("of 128.0 MiB"),
+        "{text}"
+    );
     // The root is read-only: the VMM's user cannot create anything outside its run dir.
     let mnt = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let root_line = mnt
@@ -194,15 +214,28 @@ fn keel_run_as_root_runs_jailed() {
     if !root_or_skip("keel_run_as_root_runs_jailed") {
         return;
     }
-    let mut child = std::process::Command::new(KEEL)
+    // A descriptor keel run inherits from its caller (not close-on-exec, as a careless shell
+    // or wrapper leaves them): the jailed VMM must not have it.
+    let planted = std::env::temp_dir().join(format!("keel-planted-{}", std::process::id()));
+    std::fs::write(&planted, b"secret").unwrap();
+    let planted_file = std::fs::File::open(&planted).unwrap();
+    let planted_fd = std::os::fd::AsRawFd::as_raw_fd(&planted_file);
+    let mut command = std::process::Command::new(KEEL);
+    command
         .args(["run", "--kernel"])
         .arg(probe_elf())
         .args(["--cpus", "2", "--memory", "32"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    // SAFETY: dup2 in the child before exec: async-signal-safe, touches only the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            libc::dup2(planted_fd, 9);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
     // The jailed VMM is keel run's child.
     let deadline = Instant::now() + Duration::from_secs(20);
     let vmm = loop {
@@ -221,6 +254,22 @@ fn keel_run_as_root_runs_jailed() {
     };
     assert!(assert_jailed(vmm) >= 3);
     assert_eq!(files_in_root(vmm), Vec::<String>::new());
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            std::fs::read_link(e.path())
+                .unwrap_or_default()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        !fds.iter().any(|f| f.contains("keel-planted")),
+        "the jailed VMM kept an inherited descriptor: {fds:?}"
+    );
+    drop(planted_file);
+    let _ = std::fs::remove_file(&planted);
     assert_eq!(cgroup_limits(vmm), ((32 + OVERHEAD_MIB) << 20, 2 + 64));
     // Killing keel run kills the VM with it.
     child.kill().unwrap();

@@ -9,7 +9,7 @@ pub mod vm;
 
 pub use events::{Cause, Event, EventKind, SlaReport};
 pub use host::{HostHealth, HostStatus, Incident, NewToken, TokenInfo, TokenRequest};
-pub use vm::{DiskSpec, NetSpec, RateLimits, VmInfo, VmSpec, VmState, VsockSpec};
+pub use vm::{DiskSpec, NetSpec, RateLimits, VmInfo, VmSpec, VmState, VmUsage, VsockSpec};
 
 /// The body of every 4xx and 5xx answer: one sentence that says what failed and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

@@ -279,6 +279,25 @@ pub struct VmInfo {
     /// The host side of its vsock device, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_socket: Option<String>,
+    /// What its jailed VMM uses, from the VM's cgroup (while it runs, on a host that jails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<VmUsage>,
+}
+
+/// A running VM's use of the host, from its cgroup, against its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmUsage {
+    /// The uid and gid its VMM runs as.
+    pub jail_id: u32,
+    /// Memory in use now (guest pages it touched, the VMM, its disks' page cache).
+    pub memory_bytes: Option<u64>,
+    /// The most it may use: guest RAM plus the VMM's allowance.
+    pub memory_limit_bytes: Option<u64>,
+    /// The most it has used.
+    pub memory_peak_bytes: Option<u64>,
+    /// Its tasks now (vCPU threads, the event loop, io_uring workers) and the most allowed.
+    pub tasks: Option<u64>,
+    pub tasks_limit: Option<u64>,
 }
 
 #[cfg(test)]

@@ -425,14 +425,16 @@ impl RawDisk {
     }
 
     /// Zeroes the range, by the cheapest means the file system offers.
-    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+    /// Returns the bytes of zeroes written by hand: 0 when the file system zeroed the range
+    /// itself, `len` when it could not.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<u64> {
         let first = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
         if self.fallocate(first, offset, len).is_ok() {
-            return Ok(());
+            return Ok(0);
         }
         // Page-aligned, so that direct I/O takes it as it is.
         let mut zeroes = direct::Bounce::new(64 * 1024, 4096)?;
@@ -442,7 +444,7 @@ impl RawDisk {
             self.write_at(&[zeroes.iov(n)], offset + done)?;
             done += n as u64;
         }
-        Ok(())
+        Ok(len)
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {

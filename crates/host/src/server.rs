@@ -128,6 +128,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         .mode(0o700)
         .create(&config.state_dir)
         .map_err(io("creating the state directory", &config.state_dir))?;
+    // Resolved once (a link in the operator's path, /var/run say): VMMs' paths then hold
+    // none, and vsock's connections to host programs follow no link.
+    let config = ServeConfig {
+        state_dir: config
+            .state_dir
+            .canonicalize()
+            .map_err(io("resolving the state directory", &config.state_dir))?,
+        ..config
+    };
     let _lock = lock_state_dir(&config.state_dir)?;
     let store = Store::open(&config.state_dir.join("keel.db"))?;
     let booted_now = boot_id();

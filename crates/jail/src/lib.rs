@@ -101,6 +101,9 @@ pub struct JailSpec {
     pub cgroup: Option<(Cgroups, CgroupLimits)>,
     pub rlimits: Rlimits,
     pub hostname: String,
+    /// Descriptors above 2 the jailed process keeps (the VM's files, opened before); every
+    /// other one is closed, whatever the process inherited.
+    pub keep_fds: Vec<std::os::fd::RawFd>,
     /// End the jailed process when the parent outside ends (`keel run`, a foreground
     /// program: killing it kills the VM). A daemon's launcher ends on purpose: not there.
     pub die_with_parent: bool,
@@ -156,6 +159,7 @@ pub fn enter(spec: &JailSpec) -> Result<Entered> {
     }
     // A failure from here on is the child's: the caller reports it as a failed start.
     end_on_stop_signals();
+    close_other_fds(&spec.keep_fds);
     confine(spec, last_cap)?;
     Ok(Entered::Jailed)
 }
@@ -178,6 +182,26 @@ fn end_on_stop_signals() {
             // SAFETY: the handler only calls _exit.
             unsafe { libc::signal(signal, end as *const () as libc::sighandler_t) };
         }
+    }
+}
+
+/// Closes every descriptor above 2 but `keep` (close_range over the gaps between them).
+fn close_other_fds(keep: &[std::os::fd::RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|fd| **fd > 2)
+        .map(|fd| *fd as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from = 3u32;
+    for fd in keep.into_iter().chain([u32::MAX]) {
+        if fd > from {
+            // SAFETY: close_range takes plain integers; it closes only descriptors of this
+            // process, none of which is in use by another thread (there is one).
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = fd.saturating_add(1);
     }
 }
 

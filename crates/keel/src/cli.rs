@@ -326,6 +326,25 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 ("autostart", s.autostart.to_string()),
                 ("console log", vm.console_log.clone()),
             ];
+            if let Some(u) = &vm.usage {
+                let mib = |b: Option<u64>| {
+                    b.map_or("?".to_string(), |b| {
+                        format!("{:.1} MiB", b as f64 / 1048576.0)
+                    })
+                };
+                let n = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+                rows.push(("jail uid", u.jail_id.to_string()));
+                rows.push((
+                    "memory use",
+                    format!(
+                        "{} of {} (peak {})",
+                        mib(u.memory_bytes),
+                        mib(u.memory_limit_bytes),
+                        mib(u.memory_peak_bytes)
+                    ),
+                ));
+                rows.push(("tasks", format!("{} of {}", n(u.tasks), n(u.tasks_limit))));
+            }
             for d in &s.disks {
                 rows.push((
                     "disk",

@@ -35,6 +35,9 @@ pub struct HostFiles {
     /// vsock's host-side listener, bound where the definition says (before the jail: the
     /// jailed user may not create files there).
     pub vsock_listener: Option<UnixListener>,
+    /// The host-wide lock of the VMM's jail id, handed over by the daemon after the disks:
+    /// held, never used, until the VMM ends.
+    pub jail_id_lock: Option<File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +106,25 @@ impl HostFiles {
             disks,
             taps: open_taps(config)?,
             vsock_listener: listen_vsock(config)?,
+            jail_id_lock: None,
         })
+    }
+
+    /// Every descriptor these files hold: what the jailed VMM keeps.
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![self.kvm.as_raw_fd()];
+        for named in [&self.kernel, &self.initrd, &self.boot_image]
+            .into_iter()
+            .flatten()
+        {
+            fds.push(named.file.as_raw_fd());
+        }
+        fds.extend(self.disks.iter().map(|d| d.as_raw_fd()));
+        fds.extend(self.taps.iter().map(|t| t.as_raw_fd()));
+        fds.extend(self.vsock_listener.iter().map(|l| l.as_raw_fd()));
+        fds.extend(self.jail_id_lock.iter().map(|l| l.as_raw_fd()));
+        fds
     }
 
     /// Takes the files a launcher handed over from [`FIRST_HANDED_FD`] on, in the order the
@@ -150,6 +171,8 @@ impl HostFiles {
             .iter()
             .map(|d| take(format!("disk {}", d.path.display())))
             .collect::<Result<Vec<_>, _>>()?;
+        // The daemon's lock of the jail id, when it handed one.
+        let jail_id_lock = take("the jail id's lock".into()).ok();
         Ok(Self {
             kvm: host::open_kvm()?,
             kernel,
@@ -158,6 +181,7 @@ impl HostFiles {
             disks,
             taps: open_taps(config)?,
             vsock_listener: listen_vsock(config)?,
+            jail_id_lock,
         })
     }
 }

@@ -47,6 +47,7 @@ pub fn spec_for_service(
     dir: &Path,
     options: &LaunchOptions,
     files: &HostFiles,
+    also_keep: &[std::os::fd::RawFd],
 ) -> Result<JailSpec, jail::Error> {
     let layout = jail::cgroup::Layout::detect()?;
     Ok(JailSpec {
@@ -62,6 +63,7 @@ pub fn spec_for_service(
             open_files: OPEN_FILES,
         },
         hostname: "keel-vm".into(),
+        keep_fds: [files.raw_fds().as_slice(), also_keep].concat(),
         die_with_parent: false,
     })
 }
@@ -96,6 +98,7 @@ pub fn spec_for_run(
                 open_files: OPEN_FILES,
             },
             hostname: "keel-vm".into(),
+            keep_fds: files.raw_fds(),
             die_with_parent: true,
         },
         cgroups,

@@ -10,6 +10,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -107,7 +108,7 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
         dir: dir.to_path_buf(),
         source,
     })?;
-    let started = match prepare(dir, launch) {
+    let started = match prepare(dir, launch, signals.as_raw_fd()) {
         Ok(Prepared::Outside { child }) => {
             println!("{child}");
             return Ok(None);
@@ -155,7 +156,7 @@ enum Prepared {
 }
 
 /// Reads the definition, opens what the VM uses of the host and enters the jail.
-fn prepare(dir: &Path, launch: &Launch) -> Result<Prepared, Error> {
+fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, Error> {
     let spec_path = dir.join(files::SPEC);
     let text = read_no_follow(&spec_path).map_err(|source| Error::ReadSpec {
         path: spec_path.clone(),
@@ -172,7 +173,7 @@ fn prepare(dir: &Path, launch: &Launch) -> Result<Prepared, Error> {
         HostFiles::open(&config)?
     };
     if let Some(options) = &launch.jail {
-        let jail = crate::jailing::spec_for_service(dir, options, &host_files)?;
+        let jail = crate::jailing::spec_for_service(dir, options, &host_files, &[signals_fd])?;
         if let jail::Entered::Parent { child } = jail::enter(&jail)? {
             return Ok(Prepared::Outside { child });
         }

@@ -63,6 +63,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         disks,
         taps,
         vsock_listener,
+        jail_id_lock: _jail_id_lock,
     } = files;
     if config.seccomp {
         jail::seccomp::install_violation_report()?;

@@ -2,7 +2,7 @@
 //! request parser starts from.
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::device::DeviceError;
 
@@ -67,9 +67,44 @@ pub fn pop(
     Ok(pop_into(queue, mem, index, &mut descs)?.map(|head| (head, descs)))
 }
 
+/// VIRTQ_DESC_F_NEXT and VIRTQ_DESC_F_INDIRECT.
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Whether the chain at `head` uses an indirect table. No Keel device offers
+/// VIRTIO_RING_F_INDIRECT_DESC, so a driver that uses one breaks the rules, and virtio-queue
+/// would follow it all the same: the chain is read here, directly from the descriptor table,
+/// at most a queue's worth of descriptors. An unreadable descriptor counts as not indirect
+/// (virtio-queue's own walk reports it).
+fn uses_indirect(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> bool {
+    let table = queue.desc_table();
+    let mut index = head;
+    for _ in 0..queue.size() {
+        let at = table.wrapping_add(u64::from(index) * 16);
+        let mut raw = [0u8; 4];
+        if mem
+            .read_slice(&mut raw, GuestAddress(at.wrapping_add(12)))
+            .is_err()
+        {
+            return false;
+        }
+        let flags = u16::from_le_bytes([raw[0], raw[1]]);
+        if flags & DESC_F_INDIRECT != 0 {
+            return true;
+        }
+        if flags & DESC_F_NEXT == 0 {
+            return false;
+        }
+        index = u16::from_le_bytes([raw[2], raw[3]]);
+    }
+    false
+}
+
 /// [`pop`], with the descriptors put in `descs` (cleared first), so that a device reusing
 /// the buffer pops without allocating. Returns the head. virtio-queue ends the walk at a
 /// loop, a bad index or a bad indirect table; what comes out is bounded by the queue size.
+/// A chain with an indirect table (never negotiated) comes out empty: the device answers
+/// it as the malformed chain it is.
 pub fn pop_into(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -81,6 +116,9 @@ pub fn pop_into(
         return Ok(None);
     };
     let head = chain.head_index();
+    if uses_indirect(queue, mem, head) {
+        return Ok(Some(head));
+    }
     descs.extend(chain.map(|d| Descriptor {
         addr: d.addr().0,
         len: d.len(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use api::events::{EventKind, LedgerVerification};
 use api::{
     Cause, ErrorBody, Event, HostStatus, Incident, NewToken, SlaReport, TokenInfo, TokenRequest,
-    VmInfo, VmSpec,
+    VmInfo, VmSpec, VmUsage,
 };
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
@@ -192,6 +192,11 @@ fn vm_info(app: &Supervisor, row: VmRow) -> VmInfo {
                 .display()
                 .to_string()
         }),
+        usage: row
+            .state
+            .has_vmm()
+            .then(|| app.usage(&row.spec.name))
+            .flatten(),
         spec: row.spec,
     }
 }
@@ -562,6 +567,7 @@ async fn delete_token(
         Incident,
         VmInfo,
         VmSpec,
+        VmUsage,
         ErrorBody,
         Event,
         SlaReport,

@@ -583,6 +583,20 @@ impl Supervisor {
         }
     }
 
+    /// What the VM's jailed VMM uses, from its cgroup.
+    pub fn usage(&self, name: &str) -> Option<api::VmUsage> {
+        let id = self.with_store(|s| s.known_jail_id(name)).ok()??;
+        let cgroup = self.cgroup(name)?;
+        Some(api::VmUsage {
+            jail_id: id,
+            memory_bytes: cgroup.memory_usage(),
+            memory_limit_bytes: cgroup.memory_limit(),
+            memory_peak_bytes: cgroup.memory_peak(),
+            tasks: cgroup.pids_current(),
+            tasks_limit: cgroup.pids_limit(),
+        })
+    }
+
     /// Whether this daemon jails its VMMs (it is root).
     pub fn jailed(&self) -> bool {
         self.cgroups.is_some()

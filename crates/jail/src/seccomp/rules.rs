@@ -112,6 +112,8 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fsync,
     libc::SYS_openat,
+    // vsock's connections to host programs: the socket opened without following links.
+    libc::SYS_openat2,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,

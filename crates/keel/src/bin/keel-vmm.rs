@@ -91,9 +91,14 @@ struct RunArgs {
 fn run(args: RunArgs) -> ExitCode {
     let mut vsock = args.vsock;
     // Inside the jail the working directory is its root: the socket's path must be whole.
+    // Its directory is resolved now (links included, as the operator named it): the guest's
+    // connections to PATH_PORT then follow no link at all.
     if let Some(v) = &mut vsock {
         if let Ok(whole) = std::path::absolute(&v.socket) {
-            v.socket = whole;
+            v.socket = match (whole.parent().map(|d| d.canonicalize()), whole.file_name()) {
+                (Some(Ok(dir)), Some(name)) => dir.join(name),
+                _ => whole,
+            };
         }
     }
     let config = VmConfig {

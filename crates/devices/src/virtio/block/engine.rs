@@ -13,8 +13,9 @@ use super::request::{
     parse_into, status_descriptor, ParseError, Parsed, RequestKind, SECTOR_SHIFT, SEGMENT_BYTES,
 };
 use super::{
-    Block, BlockStats, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
+    Block, BlockStats, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS,
+    SYNC_BUDGET_PER_TURN, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    WRITE_ZEROES_FLAG_UNMAP,
 };
 use crate::virtio::chain;
 use crate::virtio::device::DeviceError;
@@ -144,7 +145,17 @@ impl Block {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
         let mut used = false;
+        self.sync_bytes = 0;
         loop {
+            if self.sync_bytes >= SYNC_BUDGET_PER_TURN {
+                // This turn's share is spent: the rest waits for the next turn.
+                if let Some(resume) = &self.resume {
+                    if resume.write(1).is_ok() {
+                        BlockStats::add(&self.stats.yielded, 1);
+                        break;
+                    }
+                }
+            }
             if self.ring.is_some() && self.inflight.is_full() {
                 // A driver has at most a queue's worth of chains out, so only orphans of a
                 // reset, or a driver that makes chains still in flight available again, fill
@@ -206,6 +217,7 @@ impl Block {
                     return self.start_transfer(head, req, mem);
                 }
                 let offset = req.sector << SECTOR_SHIFT;
+                self.sync_bytes += req.data_len;
                 let iov = &mut self.scratch.iov;
                 if !iov.fill(mem, &self.scratch.segments) {
                     return Start::Done(self.fail(ExecuteError::Buffers), 0);
@@ -262,7 +274,10 @@ impl Block {
                     return Start::Done(self.fail(ExecuteError::ReadOnly), 0);
                 }
                 match self.discard_or_zero(req, mem) {
-                    Ok(()) => Start::Done(VIRTIO_BLK_S_OK, 0),
+                    Ok(by_hand) => {
+                        self.sync_bytes += by_hand;
+                        Start::Done(VIRTIO_BLK_S_OK, 0)
+                    }
                     Err(e) => Start::Done(self.fail(e), 0),
                 }
             }
@@ -294,6 +309,7 @@ impl Block {
             // Direct I/O, and guest buffers it cannot take: served here through a bounce
             // buffer (see the module documentation for why this keeps the flush order).
             BlockStats::add(&self.stats.bounced, 1);
+            self.sync_bytes += slot.remaining;
             let result = self.disk.bounced(slot.pending_iov(), slot.offset, write);
             self.inflight.release(i);
             let op = if write { "write" } else { "read" };
@@ -578,7 +594,8 @@ impl Block {
         self.scratch.reaped = reaped;
     }
 
-    fn discard_or_zero(&self, req: &Parsed, mem: &GuestMemoryMmap) -> Result<(), ExecuteError> {
+    /// Returns the bytes of zeroes written by hand (the file system could not zero the range).
+    fn discard_or_zero(&self, req: &Parsed, mem: &GuestMemoryMmap) -> Result<u64, ExecuteError> {
         if req.data_len != SEGMENT_BYTES as u64 * u64::from(MAX_DISCARD_SEGMENTS) {
             return Err(ExecuteError::Unsupported("more than one discard segment"));
         }
@@ -598,7 +615,12 @@ impl Block {
         let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
         let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
         let len = u64::from(sectors) << SECTOR_SHIFT;
-        if sectors > MAX_DISCARD_SECTORS || !self.in_range(sector, len) {
+        let max = if req.kind == RequestKind::Discard {
+            MAX_DISCARD_SECTORS
+        } else {
+            MAX_WRITE_ZEROES_SECTORS
+        };
+        if sectors > max || !self.in_range(sector, len) {
             return Err(ExecuteError::OutOfRange { sector, len });
         }
         let offset = sector << SECTOR_SHIFT;
@@ -607,7 +629,7 @@ impl Block {
             if flags != 0 {
                 return Err(ExecuteError::Unsupported("discard flags"));
             }
-            self.disk.discard(offset, len)
+            self.disk.discard(offset, len).map(|()| 0)
         } else {
             if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
                 return Err(ExecuteError::Unsupported("write-zeroes flags"));

@@ -82,12 +82,22 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Discard / write-zeroes: segments per request and sectors per segment.
 const MAX_DISCARD_SEGMENTS: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> SECTOR_SHIFT;
+/// Write-zeroes: sectors per segment (16 MiB). Where the file system cannot zero a range,
+/// the zeroes are written by hand on the event loop: this bounds one request's share.
+const MAX_WRITE_ZEROES_SECTORS: u32 = 32768;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Bytes of synchronous work (reads and writes of the synchronous engine, bounced direct
+/// I/O, write-zeroes written by hand) one turn of the event loop does for this disk; past
+/// it the device yields and resumes on its next turn, so other devices, the console and
+/// the control socket are served meanwhile.
+pub const SYNC_BUDGET_PER_TURN: u64 = 64 << 20;
 
 /// Event token of the rate limiter's timer.
 pub const RATE_LIMIT_TIMER: u32 = 0;
 /// Event token of the io_uring's completion eventfd.
 pub const COMPLETIONS: u32 = 1;
+/// Event token of the device's own wake-up after it yielded its turn.
+pub const RESUME: u32 = 2;
 
 /// Longest a reset waits for requests in flight before orphaning them.
 pub const RESET_WAIT: Duration = Duration::from_secs(5);
@@ -131,6 +141,8 @@ pub struct BlockStats {
     pub held_back: AtomicU64,
     /// Requests answered with an error status (each with its cause in [`errors`]).
     pub failed: AtomicU64,
+    /// Turns the device yielded with requests left, its synchronous budget spent.
+    pub yielded: AtomicU64,
 }
 
 impl BlockStats {
@@ -171,6 +183,10 @@ pub struct Block {
     errors: ErrorLog,
     /// A flush failed: every later one fails too (see [`errors`]).
     flush_failed: bool,
+    /// Synchronous bytes done in this turn (see [`SYNC_BUDGET_PER_TURN`]).
+    sync_bytes: u64,
+    /// Written when the device yields its turn; wakes it on the next.
+    resume: Option<vmm_sys_util::eventfd::EventFd>,
     serial: [u8; ID_BYTES],
     features: u64,
     config: Vec<u8>,
@@ -183,7 +199,7 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
     c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
     c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
     c[44..48].copy_from_slice(&1u32.to_le_bytes());
-    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[48..52].copy_from_slice(&MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
     c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
     c[56] = 1;
     c
@@ -238,6 +254,9 @@ impl Block {
             limiter,
             errors: ErrorLog::default(),
             flush_failed: false,
+            sync_bytes: 0,
+            // Without it the device never yields (it cannot wake itself up again).
+            resume: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).ok(),
             serial: id,
             features,
             config,
@@ -329,6 +348,9 @@ impl VirtioDevice for Block {
         if let Some(ring) = &self.ring {
             sources.push((ring.eventfd(), COMPLETIONS));
         }
+        if let Some(resume) = &self.resume {
+            sources.push((resume.as_raw_fd(), RESUME));
+        }
         sources
     }
 
@@ -347,6 +369,12 @@ impl VirtioDevice for Block {
                 // held requests must go on now, as the driver does not kick a queue the
                 // device left with notifications off (`chain::next_chain`).
                 let _ = self.limiter.event_handler();
+                self.process_queue(0, queue, mem)?
+            }
+            RESUME => {
+                if let Some(resume) = &self.resume {
+                    let _ = resume.read();
+                }
                 self.process_queue(0, queue, mem)?
             }
             COMPLETIONS => {

@@ -61,8 +61,54 @@ pub fn port_path(base: &Path, port: u32) -> PathBuf {
 }
 
 /// Connects to the stream socket at `path` without blocking the event loop: a listener whose
-/// backlog is full answers `WouldBlock` instead of making us wait.
+/// backlog is full answers `WouldBlock` instead of making us wait. No symbolic link is
+/// followed on the way (the guest picks the port, so the path's end; a link planted there
+/// must not lead its connection to another program's socket): the socket is opened with
+/// `O_PATH` beneath `RESOLVE_NO_SYMLINKS`, checked to be a socket, and connected to through
+/// that descriptor (`/proc/self/fd/N`).
 pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let socket = open_socket_no_symlinks(path)?;
+    let through = format!("/proc/self/fd/{}", socket.as_raw_fd());
+    connect_at(Path::new(&through))
+}
+
+/// The socket file at `path`, opened without following a symbolic link anywhere in it.
+fn open_socket_no_symlinks(path: &Path) -> io::Result<OwnedFd> {
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in socket path"))?;
+    // SAFETY: open_how is plain data; all zero is "no flags".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            &how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: stat is plain data that fstat fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor this function owns, into a valid stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+    }
+    Ok(fd)
+}
+
+/// Connects to the socket named by `path` as it is.
+fn connect_at(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain integers and arrays; all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -185,6 +231,34 @@ pub fn parse_connect_line(line: &[u8]) -> Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_follow_no_symbolic_link() {
+        let dir = std::env::temp_dir().join(format!("keel-vsock-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let target = dir.join("real/other.sock");
+        let _listener = UnixListener::bind(&target).unwrap();
+        // A plain socket path connects.
+        connect(&target).unwrap();
+        // A link named as a port, and a directory link on the way: refused.
+        std::os::unix::fs::symlink(&target, dir.join("v.sock_5000")).unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("via")).unwrap();
+        for path in [dir.join("v.sock_5000"), dir.join("via/other.sock")] {
+            let e = connect(&path).unwrap_err();
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::ELOOP),
+                "{}: {e}",
+                path.display()
+            );
+        }
+        // A file that is no socket: refused.
+        std::fs::write(dir.join("file_1"), b"x").unwrap();
+        let e = connect(&dir.join("file_1")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn connect_lines() {

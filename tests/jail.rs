@@ -190,6 +190,20 @@ fn a_daemon_vmm_runs_jailed_in_every_thread() {
         usage["jail_id"].to_string(),
         uid(pid).split_whitespace().next().unwrap()
     );
+    // The front page says the host jails its VMMs, and how.
+    let host = d.json(&["host"]);
+    let jail = host["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "jail")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(jail["ok"], true, "{host}");
+    assert!(
+        jail["detail"].as_str().unwrap().contains("cgroup v"),
+        "{jail}"
+    );
     let text = d.ok(&["vm", "show", "j1"]);
     assert!(
         text.contains("memory use") && text.contains("of 128.0 MiB"),
@@ -361,4 +375,29 @@ fn the_vmm_binary_links_none_of_the_daemons_code() {
             "keel-vmm defines {daemon_code} code"
         );
     }
+}
+
+#[test]
+fn a_vmm_past_its_memory_limit_is_killed_and_recorded_as_an_oom_kill() {
+    if !root_or_skip("a_vmm_past_its_memory_limit_is_killed_and_recorded_as_an_oom_kill") {
+        return;
+    }
+    // The debug-build hook makes the VMM leak 256 MiB once the guest runs: far past its
+    // cgroup's limit (64 MiB of guest RAM plus 64 MiB), so the kernel's OOM killer ends it.
+    let d = Daemon::start_with("oom", &[], &[], &[("KEEL_TEST_LEAK_MIB", "256")]);
+    d.create_probe_vm("hungry", &[]);
+    let _ = d.keel(&["vm", "start", "hungry"]);
+    d.wait_state("hungry", "crashed", Duration::from_secs(30));
+    let shown = d.json(&["vm", "show", "hungry"]);
+    let reason = shown["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("killed by the OOM killer"), "{shown}");
+    assert!(reason.contains("memory limit of 128 MiB"), "{shown}");
+    let host = d.json(&["host"]);
+    let incidents = host["incidents"].as_array().unwrap();
+    assert!(
+        incidents
+            .iter()
+            .any(|i| i["vm"] == "hungry" && i["cause"] == "oom-kill"),
+        "{host}"
+    );
 }

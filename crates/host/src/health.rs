@@ -71,6 +71,16 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
                 ))
             },
         ),
+        check(
+            "jail",
+            match sup.jail_description() {
+                Some(layout) => Ok(format!(
+                    "VMMs run jailed (own uid, namespaces, empty root, seccomp); {layout}; VM files from {}",
+                    sup.image_dirs()
+                )),
+                None => Err("the daemon is not root: VMMs run unjailed, with its rights (only their seccomp filters hold)".into()),
+            },
+        ),
     ];
     let warnings = auth::expiry_warnings(&tokens, now_ms());
     let health = if !checks[0].ok {

@@ -201,15 +201,18 @@ pub struct Launch<'a> {
 }
 
 /// Environment variables a VMM gets from the daemon's (the rest is not passed on).
-const PASSED_ENV: [&str; 3] = [
+const PASSED_ENV: [&str; 4] = [
     "KEEL_TRACE_STARTUP",
     "RUST_BACKTRACE",
     vmm_test_hook::FORBIDDEN_SYSCALL_ENV,
+    vmm_test_hook::LEAK_MIB_ENV,
 ];
 
-/// The test hook's variable, spelled here so that the daemon needs no VMM code.
+/// The test hooks' variables (vmm::test_hooks, debug builds of the VMM only), spelled here
+/// so that the daemon needs no VMM code.
 mod vmm_test_hook {
     pub const FORBIDDEN_SYSCALL_ENV: &str = "KEEL_TEST_FORBIDDEN_SYSCALL";
+    pub const LEAK_MIB_ENV: &str = "KEEL_TEST_LEAK_MIB";
 }
 
 /// First descriptor number used to park the handed files while the child is set up, above

@@ -597,6 +597,16 @@ impl Supervisor {
         })
     }
 
+    /// How VMMs are jailed here (the cgroup layout), or None when they are not.
+    pub fn jail_description(&self) -> Option<String> {
+        self.cgroups.as_ref().map(|l| l.describe())
+    }
+
+    /// The image directories, as messages name them.
+    pub fn image_dirs(&self) -> String {
+        self.images.describe()
+    }
+
     /// Whether this daemon jails its VMMs (it is root).
     pub fn jailed(&self) -> bool {
         self.cgroups.is_some()

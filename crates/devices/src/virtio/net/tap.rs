@@ -110,6 +110,15 @@ impl Tap {
         })
     }
 
+    /// A second handle on the same tap queue (a dup of its descriptor), for a new device on
+    /// a tap that stays (the net_device fuzz target makes one device per run).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -158,6 +158,18 @@ pub fn descriptors(input: &mut Input, max: u8) -> Vec<Descriptor> {
         .collect()
 }
 
+/// The harness driver's buffers for a descriptor list.
+pub fn buffers(descs: &[Descriptor]) -> Vec<Buffer> {
+    descs
+        .iter()
+        .map(|d| Buffer {
+            addr: d.addr,
+            len: d.len,
+            writable: d.device_writable,
+        })
+        .collect()
+}
+
 /// Writes a descriptor list the way [`descriptors`] reads it (for seeds).
 pub fn encode_descriptors(e: &mut Encoder, descs: &[(u8, u64, u32)]) {
     e.u8(descs.len() as u8);

@@ -98,6 +98,17 @@ impl HostFiles {
             .map(|d| disk::RawDisk::open_file(&d.path, d.read_only, d.direct))
             .collect::<Result<Vec<_>, _>>()
             .map_err(virtio_devices::Error::from)?;
+        Self::with_devices(config, [kernel, initrd, boot_image], disks, None)
+    }
+
+    /// The files opened so far and what every VMM opens itself: /dev/kvm, the taps, vsock's
+    /// listener.
+    fn with_devices(
+        config: &VmConfig,
+        [kernel, initrd, boot_image]: [Option<NamedFile>; 3],
+        disks: Vec<File>,
+        jail_id_lock: Option<File>,
+    ) -> Result<Self, crate::Error> {
         Ok(Self {
             kvm: host::open_kvm()?,
             kernel,
@@ -106,7 +117,7 @@ impl HostFiles {
             disks,
             taps: open_taps(config)?,
             vsock_listener: listen_vsock(config)?,
-            jail_id_lock: None,
+            jail_id_lock,
         })
     }
 
@@ -173,16 +184,7 @@ impl HostFiles {
             .collect::<Result<Vec<_>, _>>()?;
         // The daemon's lock of the jail id, when it handed one.
         let jail_id_lock = take("the jail id's lock".into()).ok();
-        Ok(Self {
-            kvm: host::open_kvm()?,
-            kernel,
-            initrd,
-            boot_image,
-            disks,
-            taps: open_taps(config)?,
-            vsock_listener: listen_vsock(config)?,
-            jail_id_lock,
-        })
+        Self::with_devices(config, [kernel, initrd, boot_image], disks, jail_id_lock)
     }
 }
 

@@ -83,14 +83,7 @@ fn run(data: &[u8]) -> Outcome {
     }
     let status = d.init(features, QUEUE_SIZE);
     assert_ne!(status & STATUS_DRIVER_OK, 0, "status {status:#x}");
-    let buffers: Vec<Buffer> = descs
-        .iter()
-        .map(|d| Buffer {
-            addr: d.addr,
-            len: d.len,
-            writable: d.device_writable,
-        })
-        .collect();
+    let buffers: Vec<Buffer> = keel_fuzz::buffers(&descs);
     let head = d.submit(0, &buffers);
     d.process(0);
     let used = d.used(0);

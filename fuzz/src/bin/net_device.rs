@@ -170,14 +170,7 @@ fn run(data: &[u8]) -> Outcome {
                 if descs.is_empty() {
                     continue;
                 }
-                let buffers: Vec<Buffer> = descs
-                    .iter()
-                    .map(|d| Buffer {
-                        addr: d.addr,
-                        len: d.len,
-                        writable: d.device_writable,
-                    })
-                    .collect();
+                let buffers: Vec<Buffer> = keel_fuzz::buffers(&descs);
                 let writable: u64 = descs
                     .iter()
                     .filter(|d| d.device_writable)

@@ -230,14 +230,7 @@ impl Run {
         let checked = !descs
             .iter()
             .any(|d| d.device_writable && d.len > 0 && d.addr < DATA_START);
-        let chain: Vec<Buffer> = descs
-            .iter()
-            .map(|d| Buffer {
-                addr: d.addr,
-                len: d.len,
-                writable: d.device_writable,
-            })
-            .collect();
+        let chain: Vec<Buffer> = keel_fuzz::buffers(&descs);
         if !chain.is_empty() {
             self.transmit(&chain, checked);
         }

@@ -356,19 +356,33 @@ impl Supervisor {
         });
         let ooms = self.cgroup(name).map_or(0, |c| c.oom_kills());
         lock(&self.log_starts).insert(name.to_string(), (run_dir.log_len(), ooms));
-        let spawned = run_dir.prepare(&row.spec, jail_id).and_then(|()| {
-            run_dir.remove_exit_record();
-            let mut files = vmm_process::open_vm_files(&row.spec, &self.images)?;
-            // After the VM's files: the VMM keeps it, and the id, until it ends.
-            files.extend(id_lock);
-            vmm_process::spawn(vmm_process::Launch {
-                vmm_exe: &self.vmm_exe,
-                run_dir: &run_dir,
-                jail,
-                files,
-                console_log_max: self.console_log_max,
+        // Off the async workers: fsyncs of the definition, opening the VM's files, and the
+        // launcher's jail setup (its cgroup join alone waits ~10 ms on cgroup v1).
+        let spawned = {
+            let (this, spec, run_dir) = (self.clone(), row.spec.clone(), run_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                run_dir.prepare(&spec, jail_id).and_then(|()| {
+                    run_dir.remove_exit_record();
+                    let mut files = vmm_process::open_vm_files(&spec, &this.images)?;
+                    // After the VM's files: the VMM keeps it, and the id, until it ends.
+                    files.extend(id_lock);
+                    vmm_process::spawn(vmm_process::Launch {
+                        vmm_exe: &this.vmm_exe,
+                        run_dir: &run_dir,
+                        jail,
+                        files,
+                        console_log_max: this.console_log_max,
+                    })
+                })
             })
-        });
+            .await
+            .unwrap_or_else(|e| {
+                Err(vmm_process::Error::Spawn {
+                    exe: self.vmm_exe.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+        };
         let pid = match spawned {
             Ok(pid) => pid,
             Err(vmm_process::Error::Refused { reason }) => {

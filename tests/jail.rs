@@ -240,7 +240,7 @@ fn keel_run_as_root_runs_jailed() {
         .arg(probe_elf())
         .args(["--cpus", "2", "--memory", "32"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null());
     // SAFETY: dup2 in the child before exec: async-signal-safe, touches only the child.
     unsafe {
@@ -250,6 +250,11 @@ fn keel_run_as_root_runs_jailed() {
         });
     }
     let mut child = command.spawn().unwrap();
+    // The guest's first line: every vCPU thread has entered the guest, past its filter.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(first.starts_with("PROBE"), "{first:?}");
     // The jailed VMM is keel run's child.
     let deadline = Instant::now() + Duration::from_secs(20);
     let vmm = loop {

@@ -39,6 +39,10 @@ pub struct VcpuShared {
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
     /// still being set up.
     pub ready: Barrier,
+    /// Every vCPU thread and the main thread meet here once each vCPU thread has its
+    /// seccomp filter: the main thread installs its own and serves the control socket only
+    /// then, so no VMM thread is ever seen unfiltered once the VM answers.
+    pub filtered: Barrier,
 }
 
 fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
@@ -61,12 +65,14 @@ fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
 
 /// The thread body of vCPU `id`.
 pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
-    let configured = if shared.seccomp {
+    let filtered = if shared.seccomp {
         jail::seccomp::install(jail::seccomp::ThreadKind::Vcpu).map_err(|e| e.to_string())
     } else {
         Ok(())
-    }
-    .and_then(|()| configure(id, &shared));
+    };
+    // Whatever became of the filter: the main thread waits for every vCPU thread here.
+    shared.filtered.wait();
+    let configured = filtered.and_then(|()| configure(id, &shared));
     shared.ready.wait();
     let mut vcpu = match configured {
         Ok(v) => v,

@@ -197,6 +197,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         ged: ged.clone(),
         exit: exit.clone(),
         ready: Barrier::new(config.cpus as usize),
+        filtered: Barrier::new(config.cpus as usize + 1),
     });
     for id in 0..config.cpus {
         let shared = shared.clone();
@@ -205,6 +206,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
             .spawn(move || run_vcpu(id, shared))
             .map_err(io_err("starting a vCPU thread"))?;
     }
+    shared.filtered.wait();
     event_loop.commands.send(VmCommand::Started);
     // From here on this thread is the event loop, and serves the guest's devices.
     if config.seccomp {

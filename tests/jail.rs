@@ -406,3 +406,43 @@ fn a_vmm_past_its_memory_limit_is_killed_and_recorded_as_an_oom_kill() {
         "{host}"
     );
 }
+
+#[test]
+fn a_cpu_limit_reaches_the_vms_cgroup() {
+    if !root_or_skip("a_cpu_limit_reaches_the_vms_cgroup") {
+        return;
+    }
+    let d = Daemon::start("cpu");
+    d.create_probe_vm("capped", &["--cpu-limit", "50", "--start"]);
+    let pid = d.json(&["vm", "show", "capped"])["pid"].as_u64().unwrap() as u32;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let quota = match text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        names
+            .split(',')
+            .any(|n| n == "cpu")
+            .then(|| path.to_string())
+    }) {
+        // cgroup v1: quota and period in their own files.
+        Some(path) => {
+            let read =
+                |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{path}/{f}")).unwrap();
+            format!(
+                "{} {}",
+                read("cpu.cfs_quota_us").trim(),
+                read("cpu.cfs_period_us").trim()
+            )
+        }
+        None => {
+            let v2 = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            std::fs::read_to_string(format!("/sys/fs/cgroup{v2}/cpu.max"))
+                .unwrap()
+                .trim()
+                .to_string()
+        }
+    };
+    assert_eq!(quota, "50000 100000");
+    assert!(d.ok(&["vm", "show", "capped"]).contains("50% of one CPU"));
+    d.ok(&["vm", "stop", "capped"]);
+}

@@ -42,6 +42,10 @@ pub struct VmSpec {
     /// Start this VM when the daemon starts.
     #[serde(default)]
     pub autostart: bool,
+    /// At most this much CPU time, in percent of one CPU (150: one and a half CPUs), through
+    /// the VM's cgroup; absent: no CPU limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_percent: Option<u32>,
 }
 
 fn default_cpus() -> u32 {
@@ -140,6 +144,8 @@ pub enum SpecError {
     EmptyPath { what: &'static str },
     #[error("{what} path '{path}' is relative; give an absolute path (the daemon's working directory is not yours)")]
     RelativePath { what: &'static str, path: String },
+    #[error("cpu_limit_percent {0}: give 1 to {max} (percent of one CPU, up to every vCPU's whole time)", max = MAX_CPUS * 100)]
+    BadCpuLimit(u32),
 }
 
 /// Checks a VM name against the rule in [`VmSpec::name`].
@@ -183,6 +189,11 @@ impl VmSpec {
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(SpecError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(limit) = self.cpu_limit_percent {
+            if limit == 0 || limit > MAX_CPUS * 100 {
+                return Err(SpecError::BadCpuLimit(limit));
+            }
         }
         match &self.kernel {
             Some(kernel) => check_path("kernel", kernel)?,

@@ -109,6 +109,9 @@ pub struct CreateArgs {
     /// Start the VM whenever the host boots (when keel serve first starts on a boot).
     #[arg(long)]
     autostart: bool,
+    /// At most this much CPU time, in percent of one CPU (150: one and a half CPUs).
+    #[arg(long, value_name = "PERCENT")]
+    cpu_limit: Option<u32>,
     /// Start it now.
     #[arg(long)]
     start: bool,
@@ -190,6 +193,7 @@ impl CreateArgs {
             rng: self.machine.rng,
             vsock: self.vsock_cid.map(|cid| VsockSpec { cid }),
             autostart: self.autostart,
+            cpu_limit_percent: self.cpu_limit,
         };
         spec.validate()?;
         Ok(spec)
@@ -324,6 +328,11 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 ("initrd", s.initrd.clone().unwrap_or_else(|| "-".into())),
                 ("cmdline", s.cmdline.clone()),
                 ("autostart", s.autostart.to_string()),
+                (
+                    "cpu limit",
+                    s.cpu_limit_percent
+                        .map_or("none".to_string(), |p| format!("{p}% of one CPU")),
+                ),
                 ("console log", vm.console_log.clone()),
             ];
             if let Some(u) = &vm.usage {

@@ -352,7 +352,10 @@ impl Supervisor {
         let jail = jail_id.map(|id| jail::LaunchOptions {
             uid: id,
             gid: id,
-            limits: jail::limits_for(row.spec.cpus, row.spec.memory_mib << 20),
+            limits: jail::CgroupLimits {
+                cpu_percent: row.spec.cpu_limit_percent,
+                ..jail::limits_for(row.spec.cpus, row.spec.memory_mib << 20)
+            },
         });
         let ooms = self.cgroup(name).map_or(0, |c| c.oom_kills());
         lock(&self.log_starts).insert(name.to_string(), (run_dir.log_len(), ooms));

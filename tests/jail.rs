@@ -123,6 +123,16 @@ fn cgroup_limits(pid: u32) -> (u64, u64) {
     (memory.trim().parse().unwrap(), pids.trim().parse().unwrap())
 }
 
+/// A child killed when the test ends, passed or not (a failed check must not leave a VM).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -249,7 +259,8 @@ fn keel_run_as_root_runs_jailed() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    let mut child = KillOnDrop(command.spawn().unwrap());
+    let child = &mut child.0;
     // The guest's first line: every vCPU thread has entered the guest, past its filter.
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();

@@ -81,31 +81,69 @@ pub struct ExitRecord {
 /// fsync, rename, fsync of the directory. A reader, or a restart after a crash at any point,
 /// sees the old content or the new, never part of it. The daemon and the VMM both use it.
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    AtomicFile::create(path, mode)?.commit(bytes)
+}
 
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// The temporary file of an atomic write, made ahead of its content: a jailed VMM opens the
+/// one for its exit record before its seccomp filters forbid making files, and commits it
+/// at its end. Made with `O_EXCL | O_NOFOLLOW` (the run directory belongs to the VM's jailed
+/// user: a link left under the temporary name is never followed).
+pub struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl AtomicFile {
+    pub fn create(path: &std::path::Path, mode: u32) -> std::io::Result<AtomicFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+        };
+        let file = match open() {
+            // Left by an earlier writer of the same pid: removed (the link itself, if one).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp)?;
+                open()?
+            }
+            other => other?,
+        };
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+        })
     }
-    written?;
-    std::fs::File::open(dir)?.sync_all()
+
+    /// Writes `bytes`, fsyncs, renames over the path, fsyncs the directory.
+    pub fn commit(mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let written = (|| {
+            self.file.write_all(bytes)?;
+            self.file.sync_all()?;
+            std::fs::rename(&self.tmp, &self.path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        written?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
+    }
 }
 
 #[cfg(test)]

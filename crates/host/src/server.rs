@@ -188,6 +188,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         ))
     })?;
     let (adopted, lost) = sup.recover(host_booted).await?;
+    sup.sweep_cgroups();
     sup.with_store(|s| s.set_meta("boot_id", &booted_now))?;
     anchor_ledger(&sup);
     // The head is written down outside SQLite every minute while the ledger grows.

@@ -230,8 +230,9 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         .create(true)
         .append(true)
         .mode(0o600)
-        // The run directory belongs to the VM's jailed user, who could leave a link here.
-        .custom_flags(libc::O_NOFOLLOW)
+        // The run directory belongs to the VM's jailed user, who could leave a link (or a
+        // FIFO, which O_NONBLOCK makes fail rather than hang) here.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(run_dir.file(files::VMM_LOG))
         .map_err(|source| Error::Io {
             what: "opening the VMM log",
@@ -451,7 +452,8 @@ async fn control_with_peer(run_dir: &RunDir, request: &Request) -> Result<(Respo
             .await
             .map_err(|e| fail(format!("sending failed ({e})")))?;
         let mut answer = String::new();
-        BufReader::new(read)
+        // The VMM is hostile: an answer is one line of at most 64 KiB.
+        BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
             .read_line(&mut answer)
             .await
             .map_err(|e| fail(format!("reading the answer failed ({e})")))?;

@@ -104,13 +104,15 @@ impl Layout {
     pub fn detect() -> Result<Layout> {
         let mounts = cgroup_mounts();
         if let Some((mount, _, _)) = mounts.iter().find(|(_, t, _)| t == "cgroup2") {
-            let own = mount.join(own_path(None));
-            let controllers = std::fs::read_to_string(own.join("cgroup.controllers"))
-                .or_else(|_| std::fs::read_to_string(mount.join("cgroup.controllers")))
-                .unwrap_or_default();
+            // On v2 a cgroup that holds processes cannot hand controllers to its children
+            // (the daemon's own cannot), so VMs' cgroups sit under the hierarchy's root,
+            // which may: <mount>/keel/vm-ID. (Not exercised on this development host, whose
+            // v2 hierarchy has no controllers.)
+            let controllers =
+                std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
             let has = |c: &str| controllers.split_whitespace().any(|n| n == c);
             if has("memory") && has("pids") {
-                let parent = own.join("keel");
+                let parent = mount.join("keel");
                 return Ok(Layout {
                     version: Version::V2,
                     memory: parent.clone(),
@@ -131,6 +133,25 @@ impl Layout {
             pids: v1("pids").ok_or(Error::NoController("pids"))?,
             cpu: v1("cpu"),
         })
+    }
+
+    /// Removes the empty cgroups whose names start with `prefix` (those of `keel run`s that
+    /// were killed before they could remove their own). A cgroup that holds a process, or a
+    /// fresh one another start is about to join, stays or is made again by it.
+    pub fn sweep_empty(&self, prefix: &str) {
+        let mut parents = vec![&self.memory, &self.pids];
+        parents.extend(self.cpu.as_ref());
+        for parent in parents {
+            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                let stale = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(prefix));
+                if stale && entry.path().is_dir() {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
     }
 
     /// The cgroup of the VM called `name` (not created yet).
@@ -212,18 +233,7 @@ impl Cgroups {
     pub fn create(&self, limits: &CgroupLimits) -> Result<()> {
         for dir in self.dirs() {
             if let (Version::V2, Some(parent)) = (self.version, dir.parent()) {
-                // The keel parent hands its controllers down (v2's subtree_control); the
-                // level above it may refuse if it holds processes itself, which is fine when
-                // it already delegates them.
-                let _ = std::fs::create_dir_all(parent);
-                if let Some(grand) = parent.parent() {
-                    let _ = std::fs::write(grand.join("cgroup.subtree_control"), "+memory +pids");
-                }
-                let cpu = if self.cpu.is_some() { " +cpu" } else { "" };
-                let _ = std::fs::write(
-                    parent.join("cgroup.subtree_control"),
-                    format!("+memory +pids{cpu}"),
-                );
+                self.delegate_v2(parent)?;
             }
             std::fs::create_dir_all(dir).map_err(|source| Error::Io {
                 what: "creating it",
@@ -281,10 +291,45 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Moves process `pid` (with its threads) into the cgroup.
-    pub fn join(&self, pid: u32) -> Result<()> {
+    /// On v2: the hierarchy's root hands memory, pids (and cpu, for a CPU limit) to the keel
+    /// parent, which hands them to the VMs' cgroups; one controller a write, so that one the
+    /// host lacks does not take the others with it. Checked by reading back.
+    fn delegate_v2(&self, parent: &Path) -> Result<()> {
+        std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+            what: "creating it",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let mut wanted = vec!["memory", "pids"];
+        if self.cpu.is_some() {
+            wanted.push("cpu");
+        }
+        for level in [parent.parent(), Some(parent)].into_iter().flatten() {
+            let control = level.join("cgroup.subtree_control");
+            for c in &wanted {
+                let _ = std::fs::write(&control, format!("+{c}"));
+            }
+            let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+            if let Some(missing) = wanted
+                .iter()
+                .find(|c| !enabled.split_whitespace().any(|n| n == **c))
+            {
+                return Err(Error::Io {
+                    what: "handing its controllers down",
+                    path: control,
+                    source: io::Error::other(format!(
+                        "the {missing} controller could not be enabled"
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the calling process (with its threads) into the cgroup.
+    pub fn join_self(&self) -> Result<()> {
         for dir in self.dirs() {
-            write(&dir.join("cgroup.procs"), &pid.to_string(), "joining it")?;
+            write(&dir.join("cgroup.procs"), "0", "joining it")?;
         }
         Ok(())
     }

@@ -95,8 +95,9 @@ pub struct JailSpec {
     /// The VM's own uid and gid; never 0, never shared with another VM.
     pub uid: u32,
     pub gid: u32,
-    /// Host directories the VMM sees, read-write, at the same paths (its run directory).
-    pub binds: Vec<PathBuf>,
+    /// Host directories the VMM sees, at the same paths (its run directory, read-write; the
+    /// directory of `keel run`'s vsock socket, read-only: connecting needs no write access).
+    pub binds: Vec<Bind>,
     /// The VM's cgroup: created under `parent`, limited, and joined before anything else.
     pub cgroup: Option<(Cgroups, CgroupLimits)>,
     pub rlimits: Rlimits,
@@ -107,6 +108,13 @@ pub struct JailSpec {
     /// End the jailed process when the parent outside ends (`keel run`, a foreground
     /// program: killing it kills the VM). A daemon's launcher ends on purpose: not there.
     pub die_with_parent: bool,
+}
+
+/// A host directory bound into the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
 }
 
 /// Which side of the jail's fork this process is on.
@@ -141,25 +149,34 @@ pub fn enter(spec: &JailSpec) -> Result<Entered> {
     let last_cap = identity::last_capability()?;
     if let Some((cgroups, limits)) = &spec.cgroup {
         cgroups.create(limits)?;
-        // SAFETY: getpid has no preconditions.
-        cgroups.join(unsafe { libc::getpid() } as u32)?;
     }
-    let flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET;
+    // Only the PID namespace before the fork (it is the children's); the others are the
+    // child's alone, so that the parent keeps the host's mounts (pivot_root in a shared
+    // mount namespace would move the parent's root too), network, IPC and host name.
     // SAFETY: unshare takes flags only; this process has one thread.
-    check(unsafe { libc::unshare(flags) }).map_err(step("unshare of the namespaces"))?;
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
+        .map_err(step("unshare of the PID namespace"))?;
     // SAFETY: the process has one thread, so the child is a complete copy that may run any
     // code; the parent goes on unchanged.
     let pid = check(unsafe { libc::fork() }).map_err(step("fork into the PID namespace"))?;
     if pid > 0 {
         return Ok(Entered::Parent { child: pid as u32 });
     }
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+    // SAFETY: unshare takes flags only; this child has one thread.
+    check(unsafe { libc::unshare(flags) }).map_err(step("unshare of the namespaces"))?;
     // A failure from here on is the child's: the caller reports it as a failed start.
+    // The child alone joins the VM's cgroup ("0": the writing process, whatever its pid in
+    // the new namespace); the parent stays where it was, so the cgroup empties with the VM.
+    if let Some((cgroups, limits)) = &spec.cgroup {
+        cgroups.join_self().or_else(|e| {
+            // Removed meanwhile (a previous run's cleanup racing this start): once more.
+            cgroups.create(limits)?;
+            cgroups.join_self().map_err(|_| e)
+        })?;
+    }
     end_on_stop_signals();
-    close_other_fds(&spec.keep_fds);
+    close_other_fds(&spec.keep_fds)?;
     confine(spec, last_cap)?;
     Ok(Entered::Jailed)
 }
@@ -185,24 +202,42 @@ fn end_on_stop_signals() {
     }
 }
 
-/// Closes every descriptor above 2 but `keep` (close_range over the gaps between them).
-fn close_other_fds(keep: &[std::os::fd::RawFd]) {
-    let mut keep: Vec<u32> = keep
+/// Closes every descriptor above 2 but `keep` (close_range over the gaps between them; where
+/// the kernel or a filter refuses close_range, each descriptor /proc lists, one by one).
+fn close_other_fds(keep: &[std::os::fd::RawFd]) -> Result<()> {
+    let mut kept: Vec<u32> = keep
         .iter()
         .filter(|fd| **fd > 2)
         .map(|fd| *fd as u32)
         .collect();
-    keep.sort_unstable();
-    keep.dedup();
+    kept.sort_unstable();
+    kept.dedup();
     let mut from = 3u32;
-    for fd in keep.into_iter().chain([u32::MAX]) {
+    let mut refused = false;
+    for &fd in kept.iter().chain([u32::MAX].iter()) {
         if fd > from {
             // SAFETY: close_range takes plain integers; it closes only descriptors of this
             // process, none of which is in use by another thread (there is one).
-            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+            refused |= unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) } != 0;
         }
         from = fd.saturating_add(1);
     }
+    if !refused {
+        return Ok(());
+    }
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(step("listing the descriptors to close"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > 2 && !kept.contains(&(fd as u32)) {
+            // SAFETY: closes a descriptor of this single-threaded process that nothing keeps
+            // (the one read_dir used is closed already and fails harmlessly).
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
 }
 
 /// The jailed child's part: mounts, limits and identity, in that order (mounting needs root).

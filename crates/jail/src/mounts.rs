@@ -83,9 +83,11 @@ fn attach(tree: &OwnedFd, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Absolute and plain: no `..`, no `.`, so the path inside the new root cannot leave it.
+/// Absolute and plain: no `..`, no `.`, so the path inside the new root cannot leave it;
+/// and not `/` itself (the host's whole root in the jail).
 fn plain_absolute(path: &Path) -> Result<PathBuf> {
     let ok = path.is_absolute()
+        && path.components().any(|c| matches!(c, Component::Normal(_)))
         && path
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
@@ -98,7 +100,7 @@ fn plain_absolute(path: &Path) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-pub(crate) fn pivot_into_empty_root(binds: &[PathBuf]) -> Result<()> {
+pub(crate) fn pivot_into_empty_root(binds: &[crate::Bind]) -> Result<()> {
     // Nothing mounted from here on propagates back to the host.
     mount(
         None,
@@ -110,7 +112,7 @@ pub(crate) fn pivot_into_empty_root(binds: &[PathBuf]) -> Result<()> {
     .map_err(step("making the mounts private"))?;
     let trees = binds
         .iter()
-        .map(|b| Ok((plain_absolute(b)?, clone_tree(b)?)))
+        .map(|b| Ok((plain_absolute(&b.path)?, clone_tree(&b.path)?, b.writable)))
         .collect::<Result<Vec<_>>>()?;
     let staging = Path::new(STAGING);
     mount(
@@ -121,16 +123,22 @@ pub(crate) fn pivot_into_empty_root(binds: &[PathBuf]) -> Result<()> {
         Some(ROOT_TMPFS_OPTIONS),
     )
     .map_err(step("mounting the jail's root tmpfs"))?;
-    for (path, tree) in &trees {
+    for (path, tree, writable) in &trees {
         let inside = staging.join(path.strip_prefix("/").unwrap_or(path));
         std::fs::create_dir_all(&inside)
             .map_err(step(format!("creating {} in the jail", path.display())))?;
         attach(tree, &inside)?;
+        let read_only = if *writable { 0 } else { libc::MS_RDONLY };
         mount(
             None,
             &inside,
             None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC
+                | read_only,
             None,
         )
         .map_err(step(format!("restricting the bind of {}", path.display())))?;

@@ -1,7 +1,7 @@
 //! The jail a VMM enters (see the `jail` crate): for `keel vmm` with the identity and limits
 //! the daemon chose, for `keel run` as root with an identity of its own.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use jail::{limits_for, JailSpec, LaunchOptions, Rlimits};
 
@@ -53,7 +53,10 @@ pub fn spec_for_service(
     Ok(JailSpec {
         uid: options.uid,
         gid: options.gid,
-        binds: vec![dir.to_path_buf()],
+        binds: vec![jail::Bind {
+            path: dir.to_path_buf(),
+            writable: true,
+        }],
         cgroup: Some((
             cgroup_of(&layout, &jail::cgroup_name(options.uid), &options.limits),
             options.limits,
@@ -76,17 +79,22 @@ pub fn spec_for_run(
 ) -> Result<(JailSpec, jail::Cgroups), jail::Error> {
     let pid = std::process::id();
     let id = RUN_ID_BASE + pid;
-    let binds: Vec<PathBuf> = config
+    // The vsock socket's directory, read-only: the guest's connections to host programs need
+    // it, nothing needs to write there (the listener was bound before the jail, and the
+    // waiting `keel run` removes it).
+    let binds: Vec<jail::Bind> = config
         .vsock
         .iter()
-        .filter_map(|v| v.socket.parent().map(Path::to_path_buf))
+        .filter_map(|v| v.socket.parent())
+        .map(|dir| jail::Bind {
+            path: dir.to_path_buf(),
+            writable: false,
+        })
         .collect();
     let limits = limits_for(config.cpus, config.memory_bytes());
-    let cgroups = cgroup_of(
-        &jail::cgroup::Layout::detect()?,
-        &format!("run-{pid}"),
-        &limits,
-    );
+    let layout = jail::cgroup::Layout::detect()?;
+    layout.sweep_empty("run-");
+    let cgroups = cgroup_of(&layout, &format!("run-{pid}"), &limits);
     Ok((
         JailSpec {
             uid: id,

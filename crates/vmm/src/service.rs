@@ -108,19 +108,25 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
         dir: dir.to_path_buf(),
         source,
     })?;
+    // The exit record's file is made now, while the process may still make files (its
+    // seccomp filters forbid it later); it is filled in when the VM ends.
+    let mut exit_file = None;
     let started = match prepare(dir, launch, signals.as_raw_fd()) {
         Ok(Prepared::Outside { child }) => {
             println!("{child}");
             return Ok(None);
         }
-        Ok(Prepared::Inside(spec, config, host_files)) => start(
-            dir,
-            &spec,
-            &config,
-            host_files,
-            signals,
-            launch.console_log_max,
-        ),
+        Ok(Prepared::Inside(spec, config, host_files)) => {
+            exit_file = api::control::AtomicFile::create(&dir.join(files::EXIT_RECORD), 0o644).ok();
+            start(
+                dir,
+                &spec,
+                &config,
+                host_files,
+                signals,
+                launch.console_log_max,
+            )
+        }
         Err(e) => Err(e),
     };
     let ended = match &started {
@@ -135,7 +141,11 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
             time_ms: now_ms(),
         },
     };
-    if let Err(e) = write_exit_record(dir, &ended) {
+    let written = match exit_file {
+        Some(file) => commit_exit_record(file, &ended),
+        None => write_exit_record(dir, &ended),
+    };
+    if let Err(e) = written {
         eprintln!(
             "keel: writing {} failed: {e}",
             dir.join(files::EXIT_RECORD).display()
@@ -285,9 +295,16 @@ fn now_ms() -> i64 {
 /// Writes `dir/exit.json` atomically: a temporary file in `dir`, fsync, rename, fsync of
 /// `dir`. A reader sees the whole record or none.
 pub fn write_exit_record(dir: &Path, record: &ExitRecord) -> io::Result<()> {
+    commit_exit_record(
+        api::control::AtomicFile::create(&dir.join(files::EXIT_RECORD), 0o644)?,
+        record,
+    )
+}
+
+fn commit_exit_record(file: api::control::AtomicFile, record: &ExitRecord) -> io::Result<()> {
     let mut json = serde_json::to_vec(record).map_err(io::Error::other)?;
     json.push(b'\n');
-    api::control::write_atomically(&dir.join(files::EXIT_RECORD), &json, 0o644)
+    file.commit(&json)
 }
 
 #[cfg(test)]

@@ -40,9 +40,12 @@ pub struct VcpuShared {
     /// still being set up.
     pub ready: Barrier,
     /// Every vCPU thread and the main thread meet here once each vCPU thread has its
-    /// seccomp filter: the main thread installs its own and serves the control socket only
-    /// then, so no VMM thread is ever seen unfiltered once the VM answers.
+    /// seccomp filter (the main thread spawned them all unfiltered: a filtered thread may
+    /// not clone)...
     pub filtered: Barrier,
+    /// ... and here once the main thread has its own: no vCPU runs guest code, and the
+    /// control socket answers, only when every VMM thread is filtered.
+    pub all_filtered: Barrier,
 }
 
 fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
@@ -70,8 +73,10 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
     } else {
         Ok(())
     };
-    // Whatever became of the filter: the main thread waits for every vCPU thread here.
+    // Whatever became of the filter: the main thread waits for every vCPU thread here, then
+    // installs its own.
     shared.filtered.wait();
+    shared.all_filtered.wait();
     let configured = filtered.and_then(|()| configure(id, &shared));
     shared.ready.wait();
     let mut vcpu = match configured {

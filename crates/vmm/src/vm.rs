@@ -198,6 +198,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         exit: exit.clone(),
         ready: Barrier::new(config.cpus as usize),
         filtered: Barrier::new(config.cpus as usize + 1),
+        all_filtered: Barrier::new(config.cpus as usize + 1),
     });
     for id in 0..config.cpus {
         let shared = shared.clone();
@@ -207,11 +208,17 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
             .map_err(io_err("starting a vCPU thread"))?;
     }
     shared.filtered.wait();
-    event_loop.commands.send(VmCommand::Started);
     // From here on this thread is the event loop, and serves the guest's devices.
-    if config.seccomp {
-        jail::seccomp::install(ThreadKind::EventLoop)?;
-    }
+    let filtered = if config.seccomp {
+        jail::seccomp::install(ThreadKind::EventLoop)
+    } else {
+        Ok(())
+    };
+    // The vCPU threads go on only now (whatever became of the filter: they must not wait
+    // for ever; a failed install ends the VM below).
+    shared.all_filtered.wait();
+    filtered?;
+    event_loop.commands.send(VmCommand::Started);
     test_hooks::after_start();
 
     let looped = event_loop.run();

@@ -389,6 +389,7 @@ impl Supervisor {
         let pid = match spawned {
             Ok(pid) => pid,
             Err(vmm_process::Error::Refused { reason }) => {
+                self.forget_start(name);
                 self.record_failed_start(name, cause, actor, &reason, None)?;
                 return Err(Error::StartFailed {
                     name: name.into(),
@@ -396,6 +397,7 @@ impl Supervisor {
                 });
             }
             Err(e) => {
+                self.forget_start(name);
                 self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
                 // The host cannot start VMMs (run directory, keel binary): a 5xx, not the
                 // caller's fault.
@@ -458,6 +460,7 @@ impl Supervisor {
             if tokio::time::Instant::now() >= deadline {
                 let _ = handle.kill(libc::SIGKILL);
                 let end = handle.wait().await;
+                self.forget_start(name);
                 let reason = format!(
                     "the VMM did not answer on its control socket within {START_TIMEOUT:?}; it was killed ({end})"
                 );
@@ -535,6 +538,15 @@ impl Supervisor {
             });
         }
         Ok(())
+    }
+
+    /// A start that ended before its VMM ran: what was kept for its end goes, and its cgroup
+    /// (if the launcher made one) is removed.
+    fn forget_start(&self, name: &str) {
+        lock(&self.log_starts).remove(name);
+        if let Some(cgroup) = self.cgroup(name) {
+            remove_cgroup_soon(cgroup);
+        }
     }
 
     /// A crash of a jailed VMM that its jail explains: a kill by its seccomp filter (its log
@@ -622,6 +634,14 @@ impl Supervisor {
     /// The image directories, as messages name them.
     pub fn image_dirs(&self) -> String {
         self.images.describe()
+    }
+
+    /// Removes the empty VM cgroups that VMMs which ended while no daemon watched them left
+    /// (any daemon's: a fresh one another start is about to join is made again by it).
+    pub fn sweep_cgroups(&self) {
+        if let Some(layout) = &self.cgroups {
+            layout.sweep_empty("vm-");
+        }
     }
 
     /// Whether this daemon jails its VMMs (it is root).

@@ -48,12 +48,14 @@ pub const VIOLATION_MARKER: &str = "keel: seccomp: blocked system call ";
 
 /// The two programs of `kind`, in the order they are installed.
 pub fn filters(kind: ThreadKind) -> Result<Vec<BpfProgram>, Error> {
+    // SAFETY: getpid has no preconditions.
+    let own_pid = unsafe { libc::getpid() } as u32;
     let build = |e: seccompiler::BackendError| Error::Build {
         kind,
         reason: e.to_string(),
     };
     let allow_list = SeccompFilter::new(
-        rules::allowed(kind),
+        rules::allowed(kind, own_pid),
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -80,7 +82,8 @@ pub fn filters(kind: ThreadKind) -> Result<Vec<BpfProgram>, Error> {
 
 /// The name of system call `nr`, for the ones a report most likely names.
 pub fn syscall_name(nr: u64) -> Option<&'static str> {
-    const NAMES: [(i64, &str); 16] = [
+    const NAMES: [(i64, &str); 17] = [
+        (libc::SYS_tgkill, "tgkill"),
         (libc::SYS_socket, "socket"),
         (libc::SYS_connect, "connect"),
         (libc::SYS_execve, "execve"),

@@ -33,6 +33,10 @@ ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
 
+/// O_TMPFILE's own bit (libc's O_TMPFILE includes O_DIRECTORY, which plain opens of a
+/// directory may carry).
+const O_TMPFILE_BIT: i32 = 0x40_0000;
+
 /// The tap's offloads, set when the guest's driver negotiates features (on a vCPU thread,
 /// through its MMIO write) or resets the device.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
@@ -111,7 +115,6 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
-    libc::SYS_openat,
     // vsock's connections to host programs: the socket opened without following links.
     libc::SYS_openat2,
     libc::SYS_rename,
@@ -176,7 +179,7 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
 
 /// The allow-list of `kind`: system call number -> the argument rules of which one must
 /// hold (none: any arguments).
-pub(crate) fn allowed(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+pub(crate) fn allowed(kind: ThreadKind, own_pid: u32) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra: &[i64] = match kind {
         ThreadKind::Vcpu => &[],
@@ -194,6 +197,13 @@ pub(crate) fn allowed(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             .map(|request| arg_eq(1, SeccompCmpArgLen::Dword, request))
             .collect(),
     );
+    // A panic ends the process by abort(): SIGABRT to itself (tgkill of its own pid only),
+    // after putting back the default action; recorded as what it is, not as a violation.
+    map.insert(
+        libc::SYS_tgkill,
+        vec![arg_eq(0, SeccompCmpArgLen::Dword, u64::from(own_pid))],
+    );
+    map.insert(libc::SYS_rt_sigaction, Vec::new());
     // Thread names only (std names a thread as it starts).
     map.insert(
         libc::SYS_prctl,
@@ -202,6 +212,21 @@ pub(crate) fn allowed(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             arg_eq(0, SeccompCmpArgLen::Dword, libc::PR_GET_NAME as u64),
         ],
     );
+    // Opening, never making, a file: the exit record's file was made before the filters,
+    // so a hostile VMM cannot fill its run directory's file system with new files.
+    if kind == ThreadKind::EventLoop {
+        map.insert(
+            libc::SYS_openat,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq((libc::O_CREAT | O_TMPFILE_BIT) as u64),
+                0,
+            )
+            .expect("argument index below 6")])
+            .expect("one condition")],
+        );
+    }
     // Unix sockets only: vsock's connections to host programs.
     if kind == ThreadKind::EventLoop {
         map.insert(

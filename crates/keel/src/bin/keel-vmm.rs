@@ -137,8 +137,15 @@ fn run(args: RunArgs) -> ExitCode {
                 // The jailed child holds what the VM needs; this process only waits.
                 drop(files);
                 let code = jail::wait_forwarding_signals(child);
-                if let Err(e) = cgroups.remove() {
-                    eprintln!("keel: {e}");
+                // The kernel lets go of the VM's last task (KVM's own thread) a moment
+                // after the VMM has been reaped.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while let Err(e) = cgroups.remove() {
+                    if std::time::Instant::now() >= deadline {
+                        eprintln!("keel: {e}");
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 // The jailed VMM may not remove what it could not create in a directory of
                 // the caller's.

@@ -141,6 +141,8 @@ pub struct Supervisor {
     images: ImageDirs,
     limits: HostLimits,
     console_log_max: u64,
+    /// Per VM, the daemon's copy of its jail id's lock while its VMM runs.
+    id_locks: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
     /// Per VM, when its VMM started: how long its log was (its own lines come after) and
     /// how many OOM kills its cgroup had counted.
     log_starts: Mutex<HashMap<String, (u64, u64)>>,
@@ -182,6 +184,7 @@ impl Supervisor {
             limits: policy.limits,
             console_log_max: policy.console_log_max,
             log_starts: Mutex::new(HashMap::new()),
+            id_locks: Mutex::new(HashMap::new()),
             state_dir,
             vmm_exe,
             store: Mutex::new(store),
@@ -337,7 +340,15 @@ impl Supervisor {
         let run_dir = self.run_dir(name);
         let (jail_id, id_lock) = match self.cgroups {
             Some(_) => match self.take_jail_id(name) {
-                Ok((id, lock)) => (Some(id), Some(lock)),
+                Ok((id, id_lock)) => {
+                    // The daemon keeps a copy of the lock while the VMM runs: a hostile VMM
+                    // that closes its own does not give up the id (the lock is the open
+                    // file's, held while any copy is open).
+                    if let Ok(copy) = id_lock.try_clone() {
+                        lock(&self.id_locks).insert(name.to_string(), copy);
+                    }
+                    (Some(id), Some(id_lock))
+                }
                 Err(e) => {
                     self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
                     return Err(e);
@@ -544,6 +555,7 @@ impl Supervisor {
     /// (if the launcher made one) is removed.
     fn forget_start(&self, name: &str) {
         lock(&self.log_starts).remove(name);
+        lock(&self.id_locks).remove(name);
         if let Some(cgroup) = self.cgroup(name) {
             remove_cgroup_soon(cgroup);
         }
@@ -554,6 +566,7 @@ impl Supervisor {
     /// is removed once its processes are gone.
     fn jail_end(&self, name: &str, judged: Judged) -> Judged {
         let (log_start, oom_before) = lock(&self.log_starts).remove(name).unwrap_or((0, 0));
+        lock(&self.id_locks).remove(name);
         let cgroup = self.cgroup(name);
         let oom_kills = cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let limit = cgroup.as_ref().and_then(|c| c.memory_limit());

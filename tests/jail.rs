@@ -315,18 +315,25 @@ fn keel_run_as_root_runs_jailed() {
     }
 }
 
+/// A daemon whose VMMs get the debug-build test hook `hook` (an environment variable; the
+/// hooks exist in debug builds only, the ones cargo test builds), and the VM `vm` started
+/// under it until it crashed: the daemon and what `keel vm show` says of the VM.
+fn crashed_by_hook(tag: &str, hook: (&str, &str), vm: &str) -> (Daemon, serde_json::Value) {
+    let d = Daemon::start_with(tag, &[], &[], &[hook]);
+    d.create_probe_vm(vm, &[]);
+    // The start may report the VM running or already crashed: either way it ends crashed.
+    let _ = d.keel(&["vm", "start", vm]);
+    d.wait_state(vm, "crashed", Duration::from_secs(30));
+    let shown = d.json(&["vm", "show", vm]);
+    (d, shown)
+}
+
 #[test]
 fn a_forbidden_system_call_kills_the_vmm_and_the_daemon_names_it() {
     if !root_or_skip("a_forbidden_system_call_kills_the_vmm_and_the_daemon_names_it") {
         return;
     }
-    // The test hook exists in debug builds only (the ones cargo test builds).
-    let d = Daemon::start_with("seccomp", &[], &[], &[("KEEL_TEST_FORBIDDEN_SYSCALL", "1")]);
-    d.create_probe_vm("bad", &[]);
-    // The start may report the VM running or already crashed: either way it ends crashed.
-    let _ = d.keel(&["vm", "start", "bad"]);
-    d.wait_state("bad", "crashed", Duration::from_secs(20));
-    let shown = d.json(&["vm", "show", "bad"]);
+    let (d, shown) = crashed_by_hook("seccomp", ("KEEL_TEST_FORBIDDEN_SYSCALL", "1"), "bad");
     let reason = shown["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains(&format!(
@@ -398,13 +405,9 @@ fn a_vmm_past_its_memory_limit_is_killed_and_recorded_as_an_oom_kill() {
     if !root_or_skip("a_vmm_past_its_memory_limit_is_killed_and_recorded_as_an_oom_kill") {
         return;
     }
-    // The debug-build hook makes the VMM leak 256 MiB once the guest runs: far past its
-    // cgroup's limit (64 MiB of guest RAM plus 64 MiB), so the kernel's OOM killer ends it.
-    let d = Daemon::start_with("oom", &[], &[], &[("KEEL_TEST_LEAK_MIB", "256")]);
-    d.create_probe_vm("hungry", &[]);
-    let _ = d.keel(&["vm", "start", "hungry"]);
-    d.wait_state("hungry", "crashed", Duration::from_secs(30));
-    let shown = d.json(&["vm", "show", "hungry"]);
+    // The hook makes the VMM leak 256 MiB once the guest runs: far past its cgroup's limit
+    // (64 MiB of guest RAM plus 64 MiB), so the kernel's OOM killer ends it.
+    let (d, shown) = crashed_by_hook("oom", ("KEEL_TEST_LEAK_MIB", "256"), "hungry");
     let reason = shown["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("killed by the OOM killer"), "{shown}");
     assert!(reason.contains("memory limit of 128 MiB"), "{shown}");

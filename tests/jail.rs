@@ -96,31 +96,36 @@ fn files_in_root(pid: u32) -> Vec<String> {
     found
 }
 
-/// The memory and pids limits of the cgroup that `pid` is in (cgroup v1 or v2).
-fn cgroup_limits(pid: u32) -> (u64, u64) {
+/// A file of the cgroup that `pid` is in for `controller`: on cgroup v1 under that
+/// controller's hierarchy, else under v2's (`v1_file` or `v2_file`), read whole.
+fn cgroup_file(pid: u32, controller: &str, v1_file: &str, v2_file: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path_of = |controller: &str| {
-        text.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-            (names.split(',').any(|n| n == controller)).then(|| path.to_string())
-        })
-    };
-    let read = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let (memory, pids) = match (path_of("memory"), path_of("pids")) {
-        (Some(m), Some(p)) => (
-            read(format!("/sys/fs/cgroup/memory{m}/memory.limit_in_bytes")),
-            read(format!("/sys/fs/cgroup/pids{p}/pids.max")),
-        ),
-        _ => {
+    let v1 = text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| path.to_string())
+    });
+    let path = match v1 {
+        Some(path) => format!("/sys/fs/cgroup/{controller}{path}/{v1_file}"),
+        None => {
             let v2 = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-            (
-                read(format!("/sys/fs/cgroup{v2}/memory.max")),
-                read(format!("/sys/fs/cgroup{v2}/pids.max")),
-            )
+            format!("/sys/fs/cgroup{v2}/{v2_file}")
         }
     };
-    (memory.trim().parse().unwrap(), pids.trim().parse().unwrap())
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// The memory and pids limits of the cgroup that `pid` is in (cgroup v1 or v2).
+fn cgroup_limits(pid: u32) -> (u64, u64) {
+    let memory = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max");
+    let pids = cgroup_file(pid, "pids", "pids.max", "pids.max");
+    (memory.parse().unwrap(), pids.parse().unwrap())
 }
 
 /// A child killed when the test ends, passed or not (a failed check must not leave a VM).
@@ -429,32 +434,13 @@ fn a_cpu_limit_reaches_the_vms_cgroup() {
     let d = Daemon::start("cpu");
     d.create_probe_vm("capped", &["--cpu-limit", "50", "--start"]);
     let pid = d.json(&["vm", "show", "capped"])["pid"].as_u64().unwrap() as u32;
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let quota = match text.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-        names
-            .split(',')
-            .any(|n| n == "cpu")
-            .then(|| path.to_string())
-    }) {
-        // cgroup v1: quota and period in their own files.
-        Some(path) => {
-            let read =
-                |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{path}/{f}")).unwrap();
-            format!(
-                "{} {}",
-                read("cpu.cfs_quota_us").trim(),
-                read("cpu.cfs_period_us").trim()
-            )
-        }
-        None => {
-            let v2 = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-            std::fs::read_to_string(format!("/sys/fs/cgroup{v2}/cpu.max"))
-                .unwrap()
-                .trim()
-                .to_string()
-        }
+    // cgroup v1 keeps quota and period in files of their own, v2 both in cpu.max.
+    let quota = cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max");
+    let quota = if quota.contains(' ') {
+        quota
+    } else {
+        let period = cgroup_file(pid, "cpu", "cpu.cfs_period_us", "cpu.max");
+        format!("{quota} {period}")
     };
     assert_eq!(quota, "50000 100000");
     assert!(d.ok(&["vm", "show", "capped"]).contains("50% of one CPU"));

@@ -49,67 +49,14 @@ pub enum Error {
     Capacity(String),
 }
 
-/// How many VMs may run and how much of the host's RAM they may have.
-#[derive(Debug, Clone, Copy)]
-pub struct HostLimits {
-    pub max_vms: usize,
-    pub memory_share_percent: u32,
-    /// That share of the host's RAM, in MiB.
-    pub memory_mib: u64,
-}
-
-impl HostLimits {
-    pub fn new(max_vms: usize, memory_share_percent: u32) -> HostLimits {
-        let host_mib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(u64::MAX, |kib| kib / 1024);
-        HostLimits {
-            max_vms,
-            memory_share_percent,
-            memory_mib: host_mib.saturating_mul(u64::from(memory_share_percent)) / 100,
-        }
-    }
-}
-
-/// What the host decides for its VMs: jailing, image directories, totals.
-pub struct HostPolicy {
-    pub cgroups: Option<jail::cgroup::Layout>,
-    pub images: ImageDirs,
-    pub limits: HostLimits,
-    /// Most bytes each VM's console.log keeps.
-    pub console_log_max: u64,
-}
-
-impl HostPolicy {
-    /// Unjailed VMMs, files from `state_dir/images`, default totals (the unit tests').
-    pub fn unjailed(state_dir: &std::path::Path) -> Result<HostPolicy> {
-        Ok(HostPolicy {
-            cgroups: None,
-            images: ImageDirs::new(&[state_dir.join("images")], state_dir)?,
-            limits: HostLimits::new(DEFAULT_MAX_VMS, DEFAULT_MEMORY_SHARE),
-            console_log_max: DEFAULT_CONSOLE_LOG_MAX,
-        })
-    }
-}
-
-/// Most bytes of each VM's console.log unless the operator says otherwise (the VMM's own
-/// default too).
-pub const DEFAULT_CONSOLE_LOG_MAX: u64 = 8 << 20;
-
-/// Most VMs that run at once unless the operator says otherwise.
-pub const DEFAULT_MAX_VMS: usize = 512;
-/// Share of host RAM VMs may have unless the operator says otherwise, percent.
-pub const DEFAULT_MEMORY_SHARE: u32 = 90;
-
 pub type Result<T> = std::result::Result<T, Error>;
+
+mod jailing;
+mod policy;
+
+pub use policy::{
+    HostLimits, HostPolicy, DEFAULT_CONSOLE_LOG_MAX, DEFAULT_MAX_VMS, DEFAULT_MEMORY_SHARE,
+};
 
 /// How long a VMM may take from spawn to answering on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -234,35 +181,6 @@ impl Supervisor {
         })
     }
 
-    /// Host totals before a new start: running VMs within the count and the share of host
-    /// RAM the operator allows. Never consulted for a VM that runs (promise 1).
-    fn check_capacity(&self, spec: &VmSpec) -> Result<()> {
-        let vms = self.with_store(|s| s.vms())?;
-        let running: Vec<&VmRow> = vms
-            .iter()
-            .filter(|r| r.state.has_vmm() && r.spec.name != spec.name)
-            .collect();
-        if running.len() >= self.limits.max_vms {
-            return Err(Error::Capacity(format!(
-                "{} VMs run, the most this host allows (keel serve --max-vms {}); stop one first",
-                running.len(),
-                self.limits.max_vms
-            )));
-        }
-        let used: u64 = running.iter().map(|r| r.spec.memory_mib).sum();
-        let allowed = self.limits.memory_mib;
-        if used + spec.memory_mib > allowed {
-            return Err(Error::Capacity(format!(
-                "VM '{}' needs {} MiB; running VMs use {used} of the {allowed} MiB Keel may give VMs ({}% of host RAM, keel serve --memory-share), {} MiB free",
-                spec.name,
-                spec.memory_mib,
-                self.limits.memory_share_percent,
-                allowed.saturating_sub(used)
-            )));
-        }
-        Ok(())
-    }
-
     pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
@@ -338,65 +256,18 @@ impl Supervisor {
             },
         )?;
         let run_dir = self.run_dir(name);
-        let (jail_id, id_lock) = match self.cgroups {
-            Some(_) => match self.take_jail_id(name) {
-                Ok((id, id_lock)) => {
-                    // The daemon keeps a copy of the lock while the VMM runs: a hostile VMM
-                    // that closes its own does not give up the id (the lock is the open
-                    // file's, held while any copy is open).
-                    if let Ok(copy) = id_lock.try_clone() {
-                        lock(&self.id_locks).insert(name.to_string(), copy);
-                    }
-                    (Some(id), Some(id_lock))
-                }
-                Err(e) => {
-                    self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
-                    return Err(e);
-                }
-            },
-            None => (None, None),
-        };
         if let Err(e) = self.check_capacity(&row.spec) {
             self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
             return Err(e);
         }
-        let jail = jail_id.map(|id| jail::LaunchOptions {
-            uid: id,
-            gid: id,
-            limits: jail::CgroupLimits {
-                cpu_percent: row.spec.cpu_limit_percent,
-                ..jail::limits_for(row.spec.cpus, row.spec.memory_mib << 20)
-            },
-        });
-        let ooms = self.cgroup(name).map_or(0, |c| c.oom_kills());
-        lock(&self.log_starts).insert(name.to_string(), (run_dir.log_len(), ooms));
-        // Off the async workers: fsyncs of the definition, opening the VM's files, and the
-        // launcher's jail setup (its cgroup join alone waits ~10 ms on cgroup v1).
-        let spawned = {
-            let (this, spec, run_dir) = (self.clone(), row.spec.clone(), run_dir.clone());
-            tokio::task::spawn_blocking(move || {
-                run_dir.prepare(&spec, jail_id).and_then(|()| {
-                    run_dir.remove_exit_record();
-                    let mut files = vmm_process::open_vm_files(&spec, &this.images)?;
-                    // After the VM's files: the VMM keeps it, and the id, until it ends.
-                    files.extend(id_lock);
-                    vmm_process::spawn(vmm_process::Launch {
-                        vmm_exe: &this.vmm_exe,
-                        run_dir: &run_dir,
-                        jail,
-                        files,
-                        console_log_max: this.console_log_max,
-                    })
-                })
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(vmm_process::Error::Spawn {
-                    exe: self.vmm_exe.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })
+        let jail = match self.jail_for(name, &row.spec) {
+            Ok(jail) => jail,
+            Err(e) => {
+                self.record_failed_start(name, cause, actor, &e.to_string(), None)?;
+                return Err(e);
+            }
         };
+        let spawned = self.launch(&row.spec, &run_dir, jail).await;
         let pid = match spawned {
             Ok(pid) => pid,
             Err(vmm_process::Error::Refused { reason }) => {
@@ -424,19 +295,12 @@ impl Supervisor {
                 let record = run_dir.exit_record();
                 // Killed by its jail (seccomp, OOM) before it answered: a crash, with an
                 // incident, not merely a start that failed.
-                let unexplained = (
-                    VmState::Crashed,
-                    Cause::VmmCrash,
-                    "keel".to_string(),
-                    String::new(),
-                    false,
-                );
-                let (state, jail_cause, _, detail, _) = self.jail_end(name, unexplained);
-                if record.is_none() && !detail.is_empty() {
+                let explained = self.explain_jail_end(name);
+                if let (None, Some((jail_cause, detail))) = (&record, explained) {
                     self.transition(
                         name,
                         Transition {
-                            to: state,
+                            to: VmState::Crashed,
                             pid: None,
                             cause: jail_cause,
                             actor: "keel",
@@ -549,124 +413,6 @@ impl Supervisor {
             });
         }
         Ok(())
-    }
-
-    /// A start that ended before its VMM ran: what was kept for its end goes, and its cgroup
-    /// (if the launcher made one) is removed.
-    fn forget_start(&self, name: &str) {
-        lock(&self.log_starts).remove(name);
-        lock(&self.id_locks).remove(name);
-        if let Some(cgroup) = self.cgroup(name) {
-            remove_cgroup_soon(cgroup);
-        }
-    }
-
-    /// A crash of a jailed VMM that its jail explains: a kill by its seccomp filter (its log
-    /// names the system call) or by the OOM killer (its cgroup counted one). The VM's cgroup
-    /// is removed once its processes are gone.
-    fn jail_end(&self, name: &str, judged: Judged) -> Judged {
-        let (log_start, oom_before) = lock(&self.log_starts).remove(name).unwrap_or((0, 0));
-        lock(&self.id_locks).remove(name);
-        let cgroup = self.cgroup(name);
-        let oom_kills = cgroup.as_ref().map_or(0, |c| c.oom_kills());
-        let limit = cgroup.as_ref().and_then(|c| c.memory_limit());
-        if let Some(cgroup) = cgroup {
-            remove_cgroup_soon(cgroup);
-        }
-        if judged.0 != VmState::Crashed || judged.1 != Cause::VmmCrash {
-            return judged;
-        }
-        if let Some(nr) = self.run_dir(name).seccomp_violation(log_start) {
-            let detail = format!(
-                "the VMM was killed by its seccomp filter for system call {nr}{} (a VMM bug or an escape attempt; see {})",
-                jail::seccomp::syscall_name(nr).map_or(String::new(), |n| format!(" ({n})")),
-                self.run_dir(name).file(api::control::files::VMM_LOG).display()
-            );
-            return (
-                VmState::Crashed,
-                Cause::VmmCrash,
-                "keel".into(),
-                detail,
-                false,
-            );
-        }
-        if oom_kills > oom_before {
-            let detail = format!(
-                "the VMM was killed by the OOM killer: its cgroup reached its memory limit{} (guest RAM plus {} MiB for the VMM)",
-                limit.map_or(String::new(), |l| format!(" of {} MiB", l >> 20)),
-                jail::MEMORY_OVERHEAD_BYTES >> 20
-            );
-            return (
-                VmState::Crashed,
-                Cause::OomKill,
-                "keel".into(),
-                detail,
-                false,
-            );
-        }
-        judged
-    }
-
-    /// The VM's jail id, locked host-wide for its VMM; an id that another daemon's VM runs
-    /// with is given up for the next free one.
-    fn take_jail_id(&self, name: &str) -> Result<(u32, std::os::fd::OwnedFd)> {
-        let mut id = self.with_store(|s| s.jail_id(name))?;
-        loop {
-            match crate::jail_id::lock(id) {
-                Ok(Some(lock)) => return Ok((id, lock)),
-                Ok(None) => id = self.with_store(|s| s.jail_id_after(name, id))?,
-                Err(e) => {
-                    return Err(Error::StartFailed {
-                        name: name.into(),
-                        reason: e.to_string(),
-                    })
-                }
-            }
-        }
-    }
-
-    /// What the VM's jailed VMM uses, from its cgroup.
-    pub fn usage(&self, name: &str) -> Option<api::VmUsage> {
-        let id = self.with_store(|s| s.known_jail_id(name)).ok()??;
-        let cgroup = self.cgroup(name)?;
-        Some(api::VmUsage {
-            jail_id: id,
-            memory_bytes: cgroup.memory_usage(),
-            memory_limit_bytes: cgroup.memory_limit(),
-            memory_peak_bytes: cgroup.memory_peak(),
-            tasks: cgroup.pids_current(),
-            tasks_limit: cgroup.pids_limit(),
-        })
-    }
-
-    /// How VMMs are jailed here (the cgroup layout), or None when they are not.
-    pub fn jail_description(&self) -> Option<String> {
-        self.cgroups.as_ref().map(|l| l.describe())
-    }
-
-    /// The image directories, as messages name them.
-    pub fn image_dirs(&self) -> String {
-        self.images.describe()
-    }
-
-    /// Removes the empty VM cgroups that VMMs which ended while no daemon watched them left
-    /// (any daemon's: a fresh one another start is about to join is made again by it).
-    pub fn sweep_cgroups(&self) {
-        if let Some(layout) = &self.cgroups {
-            layout.sweep_empty("vm-");
-        }
-    }
-
-    /// Whether this daemon jails its VMMs (it is root).
-    pub fn jailed(&self) -> bool {
-        self.cgroups.is_some()
-    }
-
-    /// The cgroup of the VM's jailed VMM (by its jail id), when VMMs are jailed.
-    pub fn cgroup(&self, name: &str) -> Option<jail::Cgroups> {
-        let layout = self.cgroups.as_ref()?;
-        let id = self.with_store(|s| s.known_jail_id(name)).ok()??;
-        Some(layout.vm(&jail::cgroup_name(id)))
     }
 
     /// Records a judged end of a VMM (at the time of its exit record, if it left one). An end
@@ -908,16 +654,3 @@ impl Supervisor {
 
 #[cfg(test)]
 mod tests;
-
-/// Removes a VM's cgroup once the kernel has let go of its last task (a VMM's kernel threads
-/// end a moment after it); gives up after two seconds, leaving it for the next start.
-fn remove_cgroup_soon(cgroup: jail::Cgroups) {
-    tokio::spawn(async move {
-        for _ in 0..40 {
-            if cgroup.remove().is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-}

@@ -84,6 +84,30 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8], mode: u32) -> std:
     AtomicFile::create(path, mode)?.commit(bytes)
 }
 
+/// Largest run-directory file read (definition, exit record).
+pub const MAX_RUN_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a file of a run directory, which belongs to the VM's jailed user and may have been
+/// replaced: a link is not followed, a FIFO does not block, only a regular file of at most
+/// [`MAX_RUN_FILE_BYTES`] is read. The daemon and the VMM both use it.
+pub fn read_run_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_RUN_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "not a regular file of at most {MAX_RUN_FILE_BYTES} bytes"
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RUN_FILE_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The temporary file of an atomic write, made ahead of its content: a jailed VMM opens the
 /// one for its exit record before its seccomp filters forbid making files, and commits it
 /// at its end. Made with `O_EXCL | O_NOFOLLOW` (the run directory belongs to the VM's jailed

@@ -109,7 +109,7 @@ impl RunDir {
         }
         let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
         // Unchanged since the last start: no need to pay for the fsyncs again.
-        if read_own_file(&self.file(files::SPEC)).is_some_and(|old| old == json) {
+        if api::control::read_run_file(&self.file(files::SPEC)).is_ok_and(|old| old == json) {
             return Ok(());
         }
         write_atomically(&self.file(files::SPEC), &json)
@@ -149,34 +149,13 @@ impl RunDir {
 
     /// The VMM's exit record, if it wrote one.
     pub fn exit_record(&self) -> Option<ExitRecord> {
-        let text = read_own_file(&self.file(files::EXIT_RECORD))?;
+        let text = api::control::read_run_file(&self.file(files::EXIT_RECORD)).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
     pub fn remove_exit_record(&self) {
         let _ = std::fs::remove_file(self.file(files::EXIT_RECORD));
     }
-}
-
-/// Largest file of the run directory the daemon reads (definition, exit record).
-const MAX_RUN_FILE_BYTES: u64 = 1 << 20;
-
-/// A file of the run directory, which the VM's jailed user may have replaced: a link is
-/// not followed, a FIFO does not block, only a regular file of sane size is read.
-fn read_own_file(path: &Path) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > MAX_RUN_FILE_BYTES {
-        return None;
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_RUN_FILE_BYTES).read_to_end(&mut bytes).ok()?;
-    Some(bytes)
 }
 
 /// `api::control::write_atomically`, owner-only, with this module's error.

@@ -168,7 +168,7 @@ enum Prepared {
 /// Reads the definition, opens what the VM uses of the host and enters the jail.
 fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, Error> {
     let spec_path = dir.join(files::SPEC);
-    let text = read_no_follow(&spec_path).map_err(|source| Error::ReadSpec {
+    let text = api::control::read_run_file(&spec_path).map_err(|source| Error::ReadSpec {
         path: spec_path.clone(),
         source,
     })?;
@@ -197,19 +197,6 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
         Box::new(config),
         host_files,
     ))
-}
-
-/// Reads a file of the run directory, refusing a symbolic link (the directory belongs to the
-/// VM's jailed user, who could have left one).
-fn read_no_follow(path: &Path) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 fn start(

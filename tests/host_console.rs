@@ -1,4 +1,4 @@
-//! The serial console through the API, whole-system: `keel serve --listen` on TCP, a probe VM
+//! The serial console through the API, whole-system: `keel serve --listen` on TCP (TLS), a probe VM
 //! on /dev/kvm, and `keel vm console` attaching over TCP with API tokens. An operator token
 //! attaches and sees the guest's power-button report live while the VM shuts down, and the
 //! console closes when the VM ends; Ctrl-A x detaches and leaves the VM running; a viewer
@@ -81,7 +81,9 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
     }
     let listen = format!("127.0.0.1:{}", free_port());
     let daemon = Daemon::start_with("console", &[], &["--listen", &listen], &[]);
-    let api = format!("http://{listen}");
+    let (api, fingerprint) = daemon.https(&listen);
+    let client_config = daemon.client_config();
+    let client_config = client_config.to_str().unwrap();
     let operator = daemon
         .ok(&["token", "create", "ops", "--role", "operator"])
         .trim()
@@ -90,11 +92,19 @@ fn the_console_over_tcp_needs_an_operator_and_is_audited() {
         .ok(&["token", "create", "watcher", "--role", "viewer"])
         .trim()
         .to_string();
+    // Over TLS, the certificate pinned by its fingerprint: the console's WebSocket included.
     let as_operator = [
         ("KEEL_API", api.as_str()),
         ("KEEL_TOKEN", operator.as_str()),
+        ("KEEL_FINGERPRINT", fingerprint.as_str()),
+        ("KEEL_CLIENT_CONFIG", client_config),
     ];
-    let as_viewer = [("KEEL_API", api.as_str()), ("KEEL_TOKEN", viewer.as_str())];
+    let as_viewer = [
+        ("KEEL_API", api.as_str()),
+        ("KEEL_TOKEN", viewer.as_str()),
+        ("KEEL_FINGERPRINT", fingerprint.as_str()),
+        ("KEEL_CLIENT_CONFIG", client_config),
+    ];
 
     daemon.create_probe_vm("web", &["--start"]);
     let log = daemon.json(&["vm", "show", "web"])["console_log"]

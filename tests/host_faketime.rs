@@ -264,8 +264,12 @@ fn lifecycle_under_faked_date(tag: &str, date: &FakedDate) {
         ])
         .trim()
         .to_string();
-    let api = format!("http://{listen}");
-    let tcp_env = [("KEEL_API", api.as_str()), ("KEEL_TOKEN", secret.as_str())];
+    let (api, fingerprint) = faked.daemon.https(&listen);
+    let tcp_env = [
+        ("KEEL_API", api.as_str()),
+        ("KEEL_TOKEN", secret.as_str()),
+        ("KEEL_FINGERPRINT", fingerprint.as_str()),
+    ];
 
     faked.daemon.create_probe_vm("keeper", &[]);
     faked.daemon.create_probe_vm("leaver", &["--start"]);

@@ -57,6 +57,22 @@ impl Daemon {
         self.state_dir.join("api.sock")
     }
 
+    /// The CLI's client config (trusted servers) for this daemon's tests.
+    pub fn client_config(&self) -> PathBuf {
+        self.state_dir.join("client.json")
+    }
+
+    /// The TCP API's URL and its certificate's fingerprint, for a daemon started with
+    /// `--listen ADDR` (TLS).
+    pub fn https(&self, listen: &str) -> (String, String) {
+        let host = self.json(&["host"]);
+        let fingerprint = host["identity"]["tls_fingerprint"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no TLS fingerprint on the front page: {host}"))
+            .to_string();
+        (format!("https://{listen}"), fingerprint)
+    }
+
     /// Starts the daemon again (after `kill9` or `stop`) and waits for its API.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");
@@ -170,7 +186,10 @@ impl Daemon {
         let mut cmd = Command::new(KEEL);
         cmd.args(args)
             .env("KEEL_API", self.socket())
+            .env("KEEL_CLIENT_CONFIG", self.client_config())
             .env_remove("KEEL_TOKEN")
+            .env_remove("KEEL_FINGERPRINT")
+            .env_remove("KEEL_CA")
             .stdin(Stdio::null());
         cmd
     }

@@ -51,6 +51,18 @@ pub struct FailedOperation {
     pub error: String,
 }
 
+/// What lets a client trust this host and a customer check its evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostIdentity {
+    /// SHA-256 fingerprint of the TCP API's TLS certificate ("AB:CD:..."), when TCP is served
+    /// with TLS: what `keel --fingerprint` pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
+    /// The Ed25519 public key (hex) that signs the ledger's anchored heads and exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_public_key: Option<String>,
+}
+
 /// What `GET /` answers: problems first, then the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostStatus {
@@ -66,6 +78,8 @@ pub struct HostStatus {
     pub version: String,
     pub vms_total: u64,
     pub vms_running: u64,
+    #[serde(default)]
+    pub identity: HostIdentity,
 }
 
 /// `POST /tokens`: a new API token for TCP clients.

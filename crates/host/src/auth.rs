@@ -1,12 +1,15 @@
-//! Who is asking, and may they. The Unix socket is guarded by its file permissions: whoever
-//! can connect is an admin, named by uid. On TCP every request carries an API token
+//! Who is asking, and may they. On the Unix socket the kernel names the peer's uid: root and
+//! the daemon's own user are admins, other users have the role `--local-role UID=ROLE` gives
+//! them or none (refused). On TCP every request carries an API token
 //! (`Authorization: Bearer ...`) with a role.
 //!
 //! Expiry limits only new work (promise 1): an expired token may still read, and start, shut
 //! down, stop and reboot existing VMs, but not define, delete or hand out anything. Tokens
 //! close to expiry are warned about on the front page and in a `Warning` header.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,16 +24,69 @@ pub enum Error {
     Missing,
     #[error("the API token is not known here; check KEEL_TOKEN or ask an admin for one")]
     Unknown,
-    #[error("token '{name}' has role {has} but this needs {needs}")]
-    Forbidden {
-        name: String,
-        has: Role,
-        needs: Role,
-    },
+    #[error("{who} has role {has} but this needs {needs}")]
+    Forbidden { who: String, has: Role, needs: Role },
     #[error("token '{name}' expired at {at}: it can still read and start or stop existing VMs, but not define, delete or grant anything; ask an admin for a new token (keel token create)")]
     Expired { name: String, at: String },
     #[error("role '{0}' is not one of viewer, operator, admin")]
     BadRole(String),
+    #[error("local user uid {0} has no role on this API socket; an admin can give it one with keel serve --local-role {0}=viewer (or operator, admin)")]
+    NoLocalRole(u32),
+    #[error("too many failed authentications from this address; try again in {0} s")]
+    TooManyFailures(u64),
+}
+
+impl Error {
+    /// Refused before the caller was known: counted, not audited row by row.
+    pub fn is_anonymous(&self) -> bool {
+        matches!(
+            self,
+            Error::Missing | Error::Unknown | Error::NoLocalRole(_) | Error::TooManyFailures(_)
+        )
+    }
+}
+
+/// Roles of local users on the Unix socket, beyond root and the daemon's own user (admins).
+#[derive(Debug, Clone, Default)]
+pub struct LocalRoles {
+    pub roles: HashMap<u32, Role>,
+    pub daemon_uid: u32,
+}
+
+impl LocalRoles {
+    pub fn new(roles: &[(u32, Role)]) -> LocalRoles {
+        LocalRoles {
+            roles: roles.iter().copied().collect(),
+            // SAFETY: geteuid has no preconditions.
+            daemon_uid: unsafe { libc::geteuid() },
+        }
+    }
+
+    pub fn role_of(&self, uid: u32) -> Option<Role> {
+        if uid == 0 || uid == self.daemon_uid {
+            return Some(Role::Admin);
+        }
+        self.roles.get(&uid).copied()
+    }
+}
+
+/// `UID=ROLE`, as `--local-role` takes it.
+pub fn parse_local_role(text: &str) -> Result<(u32, Role), String> {
+    let (uid, role) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not UID=ROLE (1000=viewer, say)"))?;
+    let uid: u32 = uid
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{uid}' in '{text}' is not a numeric uid"))?;
+    let role: Role = role.trim().parse().map_err(|e: Error| e.to_string())?;
+    Ok((uid, role))
+}
+
+/// Who may use the API and what is refused: the router's guard holds it.
+pub struct Access {
+    pub local: LocalRoles,
+    pub refusals: Arc<crate::refusals::Refusals>,
 }
 
 /// What a token may do; each role includes the ones before it.
@@ -153,10 +209,19 @@ pub fn authorize(
     peer: &Peer,
     bearer: Option<&str>,
     tokens: &[TokenRow],
+    local: &LocalRoles,
     need: Need,
     now_ms: i64,
 ) -> Result<Caller, Error> {
     if let Peer::Unix { uid, .. } = *peer {
+        let role = local.role_of(uid).ok_or(Error::NoLocalRole(uid))?;
+        if role < need.role() {
+            return Err(Error::Forbidden {
+                who: format!("local user uid {uid}"),
+                has: role,
+                needs: need.role(),
+            });
+        }
         return Ok(Caller {
             actor: format!("uid:{uid}"),
             warning: None,
@@ -171,7 +236,7 @@ pub fn authorize(
     let role: Role = token.role.parse()?;
     if role < need.role() {
         return Err(Error::Forbidden {
-            name: token.name.clone(),
+            who: format!("token '{}'", token.name),
             has: role,
             needs: need.role(),
         });
@@ -240,6 +305,10 @@ mod tests {
         }
     }
 
+    fn local() -> LocalRoles {
+        LocalRoles::default()
+    }
+
     fn tcp() -> Peer {
         Peer::Tcp("127.0.0.1:1".parse().unwrap())
     }
@@ -251,33 +320,58 @@ mod tests {
             token("ops", "operator", "s2", None),
         ];
         assert_eq!(
-            authorize(&tcp(), None, &tokens, Need::Read, 0).unwrap_err(),
+            authorize(&tcp(), None, &tokens, &local(), Need::Read, 0).unwrap_err(),
             Error::Missing
         );
         assert_eq!(
-            authorize(&tcp(), Some("nope"), &tokens, Need::Read, 0).unwrap_err(),
+            authorize(&tcp(), Some("nope"), &tokens, &local(), Need::Read, 0).unwrap_err(),
             Error::Unknown
         );
-        assert!(authorize(&tcp(), Some("s1"), &tokens, Need::Read, 0).is_ok());
+        assert!(authorize(&tcp(), Some("s1"), &tokens, &local(), Need::Read, 0).is_ok());
         assert!(matches!(
-            authorize(&tcp(), Some("s1"), &tokens, Need::Operate, 0),
+            authorize(&tcp(), Some("s1"), &tokens, &local(), Need::Operate, 0),
             Err(Error::Forbidden { .. })
         ));
-        let caller = authorize(&tcp(), Some("s2"), &tokens, Need::Create, 0).unwrap();
+        let caller = authorize(&tcp(), Some("s2"), &tokens, &local(), Need::Create, 0).unwrap();
         assert_eq!(caller.actor, "token:ops");
-        let unix = authorize(&Peer::Unix { uid: 1000, pid: 5 }, None, &[], Need::Admin, 0);
-        assert_eq!(unix.unwrap().actor, "uid:1000");
+    }
+
+    #[test]
+    fn local_users_get_their_configured_role_or_nothing() {
+        let local = LocalRoles {
+            roles: [(1000, Role::Viewer)].into_iter().collect(),
+            daemon_uid: 0,
+        };
+        let unix = |uid| Peer::Unix { uid, pid: 5 };
+        let root = authorize(&unix(0), None, &[], &local, Need::Admin, 0);
+        assert_eq!(root.unwrap().actor, "uid:0");
+        assert!(authorize(&unix(1000), None, &[], &local, Need::Read, 0).is_ok());
+        let e = authorize(&unix(1000), None, &[], &local, Need::Operate, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "local user uid 1000 has role viewer but this needs operator"
+        );
+        assert_eq!(
+            authorize(&unix(1001), None, &[], &local, Need::Read, 0).unwrap_err(),
+            Error::NoLocalRole(1001)
+        );
+        assert_eq!(
+            parse_local_role("1000=operator"),
+            Ok((1000, Role::Operator))
+        );
+        assert!(parse_local_role("bob=viewer").is_err());
+        assert!(parse_local_role("1000=root").is_err());
     }
 
     #[test]
     fn an_expired_token_still_operates_existing_vms_but_creates_nothing() {
         let tokens = [token("old", "admin", "s", Some(1_000))];
         let late = 4_102_444_800_000; // 2100-01-01
-        let operate = authorize(&tcp(), Some("s"), &tokens, Need::Operate, late).unwrap();
+        let operate = authorize(&tcp(), Some("s"), &tokens, &local(), Need::Operate, late).unwrap();
         assert!(operate.warning.unwrap().contains("expired"));
-        assert!(authorize(&tcp(), Some("s"), &tokens, Need::Read, late).is_ok());
+        assert!(authorize(&tcp(), Some("s"), &tokens, &local(), Need::Read, late).is_ok());
         assert!(matches!(
-            authorize(&tcp(), Some("s"), &tokens, Need::Create, late),
+            authorize(&tcp(), Some("s"), &tokens, &local(), Need::Create, late),
             Err(Error::Expired { .. })
         ));
         assert_eq!(expiry_warnings(&tokens, late).len(), 1);
@@ -286,7 +380,7 @@ mod tests {
     #[test]
     fn expiry_is_warned_ahead() {
         let tokens = [token("soon", "viewer", "s", Some(EXPIRY_WARNING_MS))];
-        let caller = authorize(&tcp(), Some("s"), &tokens, Need::Read, 1).unwrap();
+        let caller = authorize(&tcp(), Some("s"), &tokens, &local(), Need::Read, 1).unwrap();
         assert!(caller.warning.unwrap().contains("expires at"));
         assert!(expiry_warnings(&tokens, -EXPIRY_WARNING_MS - 1).is_empty());
     }

@@ -252,7 +252,13 @@ mod tests {
         std::fs::create_dir_all(app.run_dir("on").0.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = crate::rest::router(app.clone());
+        // As the Unix socket's listener would name root: the console's bytes are tested here.
+        let access = Arc::new(crate::auth::Access {
+            local: crate::auth::LocalRoles::default(),
+            refusals: Default::default(),
+        });
+        let root = axum::extract::ConnectInfo(crate::auth::Peer::Unix { uid: 0, pid: 1 });
+        let router = crate::rest::router(app.clone(), access).layer(axum::Extension(root));
         tokio::spawn(async move { axum::serve(listener, router).await });
         Fixture { dir, app, addr }
     }

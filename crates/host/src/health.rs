@@ -100,5 +100,6 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         vms_total: vms.len() as u64,
         vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u64,
+        identity: sup.identity.get().cloned().unwrap_or_default(),
     })
 }

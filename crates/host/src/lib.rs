@@ -9,12 +9,15 @@ pub mod health;
 pub mod images;
 pub mod jail_id;
 pub mod ledger;
+pub mod listen;
+pub mod refusals;
 pub mod rest;
 pub mod server;
 pub mod sla;
 pub mod store;
 pub mod supervisor;
 pub mod time;
+pub mod tls;
 pub mod vmm_process;
 
 pub use server::{serve, ServeConfig};

@@ -2,19 +2,19 @@
 //! outlived the previous daemon, then serves the API until SIGTERM or SIGINT. Stopping the
 //! daemon never stops a VM.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use api::Cause;
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::auth::Peer;
+use crate::auth::{Access, LocalRoles, Role};
 use crate::ledger::NewEvent;
+use crate::listen::{Limits, Listener};
+use crate::refusals::Refusals;
 use crate::store::{self, Store};
 use crate::supervisor::{self, Supervisor};
 
@@ -35,6 +35,10 @@ pub enum Error {
     Cgroup(#[from] jail::cgroup::Error),
     #[error(transparent)]
     Supervisor(#[from] supervisor::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
+    #[error("plain HTTP is only served on a loopback address, and {0} is not one: drop --insecure-http to serve TLS there")]
+    PlainHttpOffLoopback(SocketAddr),
 }
 
 pub struct ServeConfig {
@@ -43,6 +47,13 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Also serve on TCP (API tokens required).
     pub listen: Option<SocketAddr>,
+    /// TLS on TCP: where the certificate comes from; None serves plain HTTP, which only a
+    /// loopback `listen` address may do.
+    pub tls: Option<crate::tls::Source>,
+    /// Roles of local users (by uid) on the Unix socket, beyond root and the daemon's user.
+    pub local_roles: Vec<(u32, Role)>,
+    /// Connection caps and deadlines of each listener.
+    pub limits: Limits,
     /// The VMM binary, keel-vmm.
     pub vmm_exe: PathBuf,
     /// Where VMs' kernels, initrds and disks must lie (STATE/images when empty).
@@ -60,25 +71,70 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, path, source }
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
-            Ok(cred) => Peer::Unix {
-                uid: cred.uid(),
-                pid: cred.pid().unwrap_or(0),
-            },
-            Err(_) => Peer::Unix {
-                uid: u32::MAX,
-                pid: 0,
-            },
-        }
-    }
+/// Binds the API's Unix socket so that it never exists with a wider mode than `mode`: it is
+/// made in a new directory only the daemon can enter, given its mode there, then renamed
+/// into place (which also replaces a socket a previous daemon left).
+fn bind_private_socket(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = parent.join(format!(".api-socket-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io("creating", &private))?;
+    let inner = private.join("socket");
+    let bound = (|| {
+        let listener =
+            std::os::unix::net::UnixListener::bind(&inner).map_err(io("listening on", &inner))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(mode))
+            .map_err(io("restricting", &inner))?;
+        std::fs::rename(&inner, path).map_err(io("moving the API socket to", path))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("configuring", path))?;
+        UnixListener::from_std(listener).map_err(io("listening on", path))
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Peer::Tcp(*stream.remote_addr())
+/// The TCP listener, with TLS unless plain HTTP was asked for on a loopback address.
+async fn tcp_listener(
+    addr: SocketAddr,
+    config: &ServeConfig,
+) -> Result<(Listener, Option<String>), Error> {
+    let tls = match &config.tls {
+        None if !addr.ip().is_loopback() => return Err(Error::PlainHttpOffLoopback(addr)),
+        None => None,
+        Some(source) => Some(crate::tls::server(&config.state_dir, source, addr)?),
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(io("listening on", Path::new(&addr.to_string())))?;
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    if let Some(t) = &tls {
+        tracing::info!(
+            "TLS certificate {}{}; SHA-256 fingerprint {}",
+            t.cert_path.display(),
+            if t.generated {
+                " (self-signed, made now)"
+            } else {
+                ""
+            },
+            t.fingerprint
+        );
     }
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
+    Ok((
+        Listener::Tcp {
+            listener,
+            tls: acceptor,
+        },
+        fingerprint,
+    ))
 }
 
 /// This boot of the host, so a restarted daemon can tell a host reboot from its own restart.
@@ -204,40 +260,74 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     };
     tracing::info!("recovered: {adopted} VMM(s) re-adopted, {lost} found gone");
 
-    let _ = std::fs::remove_file(&config.socket);
-    let unix = UnixListener::bind(&config.socket).map_err(io("listening on", &config.socket))?;
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("restricting", &config.socket))?;
-    let app = crate::rest::router(sup.clone());
+    // Local users other than root and the daemon's own reach the socket only when some have
+    // a role; the kernel's peer credentials then decide, and users without one are refused.
+    let socket_mode = if config.local_roles.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    // TCP first: once the socket exists (what scripts wait for), every listener is up.
+    let tcp = match config.listen {
+        Some(addr) => Some(tcp_listener(addr, &config).await?),
+        None => None,
+    };
+    let unix = bind_private_socket(&config.socket, socket_mode)?;
+    let _ = sup.identity.set(api::host::HostIdentity {
+        tls_fingerprint: tcp.as_ref().and_then(|(_, f)| f.clone()),
+        ledger_public_key: None,
+    });
+    let refusals = Arc::new(Refusals::default());
+    let access = Arc::new(Access {
+        local: LocalRoles::new(&config.local_roles),
+        refusals: refusals.clone(),
+    });
+    let app = crate::rest::router(sup.clone(), access);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(
-        axum::serve(
-            unix,
-            app.clone().into_make_service_with_connect_info::<Peer>(),
-        )
-        .with_graceful_shutdown(stop_signal())
-        .into_future(),
-    );
-    if let Some(addr) = config.listen {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(io("listening on", Path::new(&addr.to_string())))?;
-        servers.spawn(
-            axum::serve(tcp, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(stop_signal())
-                .into_future(),
-        );
+    servers.spawn(crate::listen::serve(
+        Listener::Unix(unix),
+        app.clone(),
+        config.limits,
+        refusals.clone(),
+        stop_rx.clone(),
+    ));
+    let mut listening = config.socket.display().to_string();
+    if let Some((listener, fingerprint)) = tcp {
+        if let (Some(addr), Some(fp)) = (config.listen, &fingerprint) {
+            listening =
+                format!("{listening} and https://{addr} (certificate SHA-256 fingerprint {fp})");
+        } else if let Some(addr) = config.listen {
+            listening = format!("{listening} and http://{addr} (plain HTTP, loopback only)");
+        }
+        servers.spawn(crate::listen::serve(
+            listener,
+            app,
+            config.limits,
+            refusals.clone(),
+            stop_rx,
+        ));
     }
+    // Refusals are written down a row per peer and minute, as each minute ends.
+    let summarising = {
+        let (sup, refusals) = (sup.clone(), refusals.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                record_refusals(&sup, &refusals, false);
+            }
+        })
+    };
     eprintln!(
-        "keel serve: listening on {}{}; state in {}",
-        config.socket.display(),
-        config
-            .listen
-            .map(|a| format!(" and tcp {a}"))
-            .unwrap_or_default(),
+        "keel serve: listening on {listening}; state in {}",
         config.state_dir.display()
     );
+    stop_signal().await;
+    let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
+    summarising.abort();
+    record_refusals(&sup, &refusals, true);
     anchoring.abort();
     let _ = std::fs::remove_file(&config.socket);
     sup.with_store(|s| {
@@ -250,6 +340,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     })?;
     anchor_ledger(&sup);
     Ok(())
+}
+
+/// Writes the refusals of the minutes that ended (of all minutes when `all`) to the ledger.
+fn record_refusals(sup: &Supervisor, refusals: &Refusals, all: bool) {
+    for row in refusals.take_rows(crate::time::now_ms(), all) {
+        if let Err(e) = sup.with_store(|s| s.record(&row)) {
+            tracing::error!("recording refused requests: {e}");
+        }
+    }
 }
 
 /// How often the ledger's head is written down outside SQLite.

@@ -40,15 +40,25 @@ use hyper::Method;
 use serde_json::json;
 
 use crate::client::{query_value, Client, Endpoint, DEFAULT_SOCKET};
+use crate::client_tls::Trust;
 use crate::console_attach;
 use crate::machine_args::MachineArgs;
 
 /// Where the API is and who the caller is; shared by every client command.
 #[derive(Args, Clone)]
 pub struct ApiArgs {
-    /// The daemon's API: a Unix socket path, or http://HOST:PORT (then a token is needed).
-    #[arg(long, global = true, env = "KEEL_API", default_value = DEFAULT_SOCKET)]
+    /// The daemon's API: a Unix socket path, or https://HOST:PORT (then a token is needed;
+    /// http://HOST:PORT where the daemon serves plain HTTP on loopback).
+    #[arg(long, visible_alias = "server", global = true, env = "KEEL_API", default_value = DEFAULT_SOCKET)]
     pub api: String,
+    /// For https: the SHA-256 fingerprint of the server's certificate (keel serve prints it;
+    /// keel host shows it). Remembered in the client config file once it worked.
+    #[arg(long, global = true, env = "KEEL_FINGERPRINT")]
+    pub fingerprint: Option<String>,
+    /// For https: a PEM file of the CA that signed the server's certificate. Remembered in the
+    /// client config file once it worked.
+    #[arg(long, global = true, env = "KEEL_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
     /// API token for TCP (keel token create makes one).
     #[arg(long, global = true, env = "KEEL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -58,11 +68,36 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn client(&self) -> Client {
-        Client {
-            endpoint: Endpoint::parse(&self.api),
+    fn client(&self) -> Result<Client> {
+        let endpoint = Endpoint::parse(&self.api);
+        let fingerprint = match &self.fingerprint {
+            Some(text) => Some(host::tls::parse_fingerprint(text).with_context(|| {
+                format!("--fingerprint '{text}' is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+            })?),
+            None => None,
+        };
+        let given = Trust {
+            fingerprint,
+            ca: self.ca.clone(),
+        };
+        let config_path = crate::client_tls::config_path();
+        let (trust, remembered) = match (&endpoint, &config_path) {
+            (crate::client::Endpoint::Https(_), Some(path)) if given == Trust::default() => {
+                let config = crate::client_tls::ClientConfig::load(path)?;
+                match config.servers.get(&endpoint.to_string()) {
+                    Some(t) => (t.clone(), true),
+                    None => (given, false),
+                }
+            }
+            _ => (given, false),
+        };
+        Ok(Client {
+            endpoint,
             token: self.token.clone(),
-        }
+            remember_in: if remembered { None } else { config_path },
+            trust,
+            trust_remembered: remembered,
+        })
     }
 }
 
@@ -243,7 +278,7 @@ fn print_vm_line(vm: &VmInfo) {
 }
 
 pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
-    let client = api.client();
+    let client = api.client()?;
     let show = |vm: VmInfo| -> Result<()> {
         if api.json {
             print_json(&vm)
@@ -427,7 +462,7 @@ pub enum HostCommand {
 }
 
 pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
-    let client = api.client();
+    let client = api.client()?;
     if let Some(HostCommand::Ack { id }) = command {
         client
             .call(Method::POST, &format!("/incidents/{id}/ack"), None)
@@ -495,6 +530,12 @@ pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
             c.detail
         );
     }
+    if let Some(fp) = &status.identity.tls_fingerprint {
+        outln!("tls certificate fingerprint (SHA-256): {fp}");
+    }
+    if let Some(key) = &status.identity.ledger_public_key {
+        outln!("ledger signing key (Ed25519): {key}");
+    }
     Ok(())
 }
 
@@ -539,7 +580,7 @@ pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
     if let Some(kind) = &args.kind {
         path.push_str(&format!("&kind={}", query_value(kind)));
     }
-    let client = api.client();
+    let client = api.client()?;
     let events: Vec<Event> = client.get(&path).await?;
     if api.json && !args.follow {
         return print_json(&events);
@@ -582,7 +623,7 @@ pub async fn ledger_verify(expect_head: Option<String>, api: ApiArgs) -> Result<
         Some(h) => format!("/ledger/verify?expect_head={}", query_value(h)),
         None => "/ledger/verify".to_string(),
     };
-    let v: LedgerVerification = api.client().get(&path).await?;
+    let v: LedgerVerification = api.client()?.get(&path).await?;
     if api.json {
         print_json(&v)?;
     } else if v.ok {
@@ -641,7 +682,7 @@ pub async fn sla_report(args: SlaArgs, api: ApiArgs) -> Result<()> {
     if let Some(c) = &args.credits {
         path.push_str(&format!("&credits={}", query_value(c)));
     }
-    let report: SlaReport = api.client().get(&path).await?;
+    let report: SlaReport = api.client()?.get(&path).await?;
     match format {
         "json" => print_json(&report)?,
         "csv" => out!("{}", host::sla::to_csv(&report)),
@@ -718,7 +759,7 @@ pub enum TokenCommand {
 }
 
 pub async fn token(command: TokenCommand, api: ApiArgs) -> Result<()> {
-    let client = api.client();
+    let client = api.client()?;
     match command {
         TokenCommand::Create {
             name,

@@ -1,5 +1,6 @@
 //! The CLI's side of the REST API: one HTTP/1.1 request per call, over the daemon's Unix
-//! socket (default) or TCP with an API token; or a WebSocket (the console) over the same.
+//! socket (default) or HTTPS with an API token (plain HTTP where the daemon was asked to
+//! serve it on loopback); or a WebSocket (the console) over the same.
 
 use std::path::PathBuf;
 
@@ -13,14 +14,18 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::client_tls::{self, Trust};
+
 /// Where the daemon's API is when nothing says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/lib/keel/api.sock";
 
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
-    /// host:port
+    /// host:port, plain HTTP.
     Tcp(String),
+    /// host:port, TLS.
+    Https(String),
 }
 
 impl std::fmt::Display for Endpoint {
@@ -28,18 +33,28 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "http://{a}"),
+            Endpoint::Https(a) => write!(f, "https://{a}"),
         }
     }
 }
 
 impl Endpoint {
-    /// "http://host:port" for TCP, anything else is a Unix socket path.
+    /// "https://host:port" or "http://host:port" for TCP, anything else is a Unix socket path.
     pub fn parse(text: &str) -> Endpoint {
+        if let Some(addr) = text.strip_prefix("https://") {
+            return Endpoint::Https(addr.trim_end_matches('/').to_string());
+        }
         match text.strip_prefix("http://") {
             Some(addr) => Endpoint::Tcp(addr.trim_end_matches('/').to_string()),
             None => Endpoint::Unix(PathBuf::from(text)),
         }
     }
+}
+
+/// The host part of "host:port" ("[::1]:8443" -> "::1").
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A connection to the daemon, Unix or TCP.
@@ -65,6 +80,12 @@ fn error_message(status: StatusCode, body: &[u8]) -> anyhow::Error {
 pub struct Client {
     pub endpoint: Endpoint,
     pub token: Option<String>,
+    /// For https: how the server's certificate is trusted.
+    pub trust: Trust,
+    /// The trust came from the client config file (not from this command's flags).
+    pub trust_remembered: bool,
+    /// Where to remember trust that worked, when it came from this command's flags.
+    pub remember_in: Option<PathBuf>,
 }
 
 /// A successful answer.
@@ -94,7 +115,50 @@ impl Client {
                     .await
                     .map_err(|e| self.unreachable(e))?,
             ),
+            Endpoint::Https(addr) => Box::new(self.connect_tls(addr).await?),
         })
+    }
+
+    async fn connect_tls(
+        &self,
+        addr: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let (connector, seen) = client_tls::connector(&self.trust)?;
+        let name = rustls::pki_types::ServerName::try_from(host_of(addr).to_string())
+            .with_context(|| format!("'{addr}' does not name a host"))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let stream = connector.connect(name, tcp).await.map_err(|e| {
+            let server = self.endpoint.to_string();
+            match seen.fingerprint() {
+                Some(fp) if self.trust.ca.is_none() => anyhow!(
+                    "{}",
+                    client_tls::refusal(&server, &self.trust, self.trust_remembered, Some(fp))
+                ),
+                _ => anyhow!("the TLS handshake with {server} failed: {e}"),
+            }
+        })?;
+        if let Some(path) = &self.remember_in {
+            self.remember(path);
+        }
+        Ok(stream)
+    }
+
+    /// Keeps the trust that just worked for this server in the client config file.
+    fn remember(&self, path: &std::path::Path) {
+        let result = (|| {
+            let mut config = client_tls::ClientConfig::load(path)?;
+            let key = self.endpoint.to_string();
+            if config.servers.get(&key) == Some(&self.trust) {
+                return Ok(());
+            }
+            config.servers.insert(key, self.trust.clone());
+            config.save(path)
+        })();
+        if let Err(e) = result {
+            eprintln!("keel: warning: the server's trust was not remembered: {e:#}");
+        }
     }
 
     /// Opens a WebSocket on `path` (with the token on TCP); a refusal is an error carrying the
@@ -103,7 +167,7 @@ impl Client {
         use tungstenite::client::IntoClientRequest;
         let host = match &self.endpoint {
             Endpoint::Unix(_) => "keel",
-            Endpoint::Tcp(addr) => addr.as_str(),
+            Endpoint::Tcp(addr) | Endpoint::Https(addr) => addr.as_str(),
         };
         let mut request = format!("ws://{host}{path}")
             .into_client_request()

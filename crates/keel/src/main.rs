@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod client_tls;
 mod console_attach;
 mod machine_args;
 
@@ -113,9 +114,25 @@ struct ServeArgs {
     /// The API's Unix socket [default: STATE_DIR/api.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also serve the API on TCP at ADDR:PORT (every request then needs an API token).
+    /// Also serve the API on TCP at ADDR:PORT, over TLS (every request then needs an API
+    /// token). Without --tls-cert a self-signed certificate is made in STATE_DIR/tls on the
+    /// first start; its fingerprint is printed and shown by `keel host`.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// The TLS certificate (PEM, leaf first) for --listen.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM) for --listen.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP instead of TLS on --listen; refused unless its address is loopback.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    insecure_http: bool,
+    /// Give local user UID this role on the Unix socket (repeatable): UID=viewer, operator or
+    /// admin. Root and the daemon's own user are admins; other users are refused. With any,
+    /// the socket is opened to all local users and their uid (from the kernel) decides.
+    #[arg(long = "local-role", value_name = "UID=ROLE", value_parser = host::auth::parse_local_role)]
+    local_roles: Vec<(u32, host::auth::Role)>,
     /// A directory VMs' kernels, initrds and disks may come from (repeatable) [default:
     /// STATE_DIR/images]. No file outside them is opened for a VM.
     #[arg(long = "images", value_name = "DIR")]
@@ -200,6 +217,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         socket,
         listen: args.listen,
+        tls: match (args.insecure_http, args.tls_cert, args.tls_key) {
+            (true, _, _) => None,
+            (false, Some(cert), Some(key)) => Some(host::tls::Source::Files { cert, key }),
+            _ => Some(host::tls::Source::SelfSigned),
+        },
+        local_roles: args.local_roles,
+        limits: host::listen::Limits::default(),
         vmm_exe,
         images: args.images,
         max_vms: args.max_vms,

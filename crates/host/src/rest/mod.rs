@@ -33,7 +33,7 @@ pub use extract::{ApiError, Body, Params, PathArg};
 pub type App = Arc<Supervisor>;
 
 /// The API's routes, with authorisation and auditing around them.
-pub fn router(app: App) -> Router {
+pub fn router(app: App, access: Arc<auth::Access>) -> Router {
     Router::new()
         .route("/", get(host_status))
         .route("/openapi.json", get(openapi))
@@ -56,7 +56,10 @@ pub fn router(app: App) -> Router {
                 "no such API path; GET /openapi.json lists them".into(),
             )
         })
-        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
+        .layer(axum::middleware::from_fn_with_state(
+            (app.clone(), access),
+            guard,
+        ))
         .with_state(app)
 }
 
@@ -84,13 +87,26 @@ fn need_of(method: &Method, path: &str) -> Need {
 }
 
 /// Authorises every request; records every mutating one and every console attach (allowed or
-/// not) in the ledger.
-async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response {
-    let peer = req
+/// not) in the ledger, except those refused before the caller was known: they are counted
+/// and summarised per peer and minute (refusals.rs).
+async fn guard(
+    State((app, access)): State<(App, Arc<auth::Access>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    // The listener names every connection's peer; a request without one is refused, never
+    // taken for a local admin.
+    let Some(peer) = req
         .extensions()
         .get::<ConnectInfo<Peer>>()
         .map(|c| c.0.clone())
-        .unwrap_or(Peer::Unix { uid: 0, pid: 0 });
+    else {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "the connection's peer is not known; refused".into(),
+        )
+        .into_response();
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let bearer = req
@@ -109,31 +125,43 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         Peer::Unix { .. } => Vec::new(),
     };
     let need = need_of(&method, &path);
-    let (actor, mut response) =
-        match auth::authorize(&peer, bearer.as_deref(), &tokens, need, now_ms()) {
-            Ok(caller) => {
-                let actor = caller.actor.clone();
-                let warning = caller.warning.clone();
-                req.extensions_mut().insert(caller);
-                let mut response = next.run(req).await;
-                if let Some(w) = warning.and_then(|w| {
-                    HeaderValue::from_str(&format!("299 keel \"{}\"", w.replace('"', "'"))).ok()
-                }) {
-                    response.headers_mut().insert("warning", w);
-                }
-                (actor, response)
+    let decision = match access.refusals.blocked(&peer) {
+        Some(wait) => Err(auth::Error::TooManyFailures(wait.as_secs().max(1))),
+        None => auth::authorize(
+            &peer,
+            bearer.as_deref(),
+            &tokens,
+            &access.local,
+            need,
+            now_ms(),
+        ),
+    };
+    let (actor, mut response) = match decision {
+        Ok(caller) => {
+            let actor = caller.actor.clone();
+            let warning = caller.warning.clone();
+            req.extensions_mut().insert(caller);
+            let mut response = next.run(req).await;
+            if let Some(w) = warning.and_then(|w| {
+                HeaderValue::from_str(&format!("299 keel \"{}\"", w.replace('"', "'"))).ok()
+            }) {
+                response.headers_mut().insert("warning", w);
             }
-            Err(e) => {
-                let status = match e {
-                    auth::Error::Missing | auth::Error::Unknown => StatusCode::UNAUTHORIZED,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                (
-                    "anonymous".to_string(),
-                    ApiError(status, e.to_string()).into_response(),
-                )
-            }
-        };
+            (actor, response)
+        }
+        Err(e) if e.is_anonymous() => return refuse_anonymous(&access, &peer, &method, &path, e),
+        Err(e) => {
+            let actor = match &e {
+                auth::Error::Forbidden { who, .. } => who.clone(),
+                auth::Error::Expired { name, .. } => format!("token:{name}"),
+                _ => "anonymous".to_string(),
+            };
+            (
+                actor,
+                ApiError(StatusCode::FORBIDDEN, e.to_string()).into_response(),
+            )
+        }
+    };
     if mutating {
         let status = response.status();
         let mut detail = format!("{method} {path} from {peer}: {status}");
@@ -168,6 +196,32 @@ async fn guard(State(app): State<App>, mut req: Request, next: Next) -> Response
         if let Err(e) = app.with_store(|s| s.record(&audit)) {
             tracing::error!("recording the audit row for {method} {path} failed: {e}");
         }
+    }
+    response
+}
+
+/// The answer to a caller who is not known (no or an unknown token, a local user without a
+/// role, too many failures): counted for the peer's summary row, not audited one by one.
+fn refuse_anonymous(
+    access: &auth::Access,
+    peer: &Peer,
+    method: &Method,
+    path: &str,
+    e: auth::Error,
+) -> Response {
+    let status = match e {
+        auth::Error::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
+        auth::Error::NoLocalRole(_) => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    access
+        .refusals
+        .request_refused(peer, status.as_u16(), &format!("{method} {path}"));
+    let mut response = ApiError(status, e.to_string()).into_response();
+    if let auth::Error::TooManyFailures(secs) = e {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
 }
@@ -367,7 +421,8 @@ async fn list_events(
         limit: Some(params.limit.unwrap_or(100).min(10_000)),
     };
     Ok(Json(
-        app.with_store(|s| ledger::list(s.connection(), &filter))?,
+        app.with_reader(move |conn| ledger::list(conn, &filter))
+            .await??,
     ))
 }
 
@@ -388,10 +443,12 @@ async fn verify_ledger(
     let head = params
         .expect_head
         .or_else(|| crate::anchor::read(&app.state_dir).map(|a| a.head_hash));
-    let checked = app.with_store(|s| match &head {
-        Some(head) => ledger::verify_against(s.connection(), head),
-        None => ledger::verify(s.connection()),
-    })?;
+    let checked = app
+        .with_reader(move |conn| match &head {
+            Some(head) => ledger::verify_against(conn, head),
+            None => ledger::verify(conn),
+        })
+        .await??;
     Ok(Json(checked))
 }
 
@@ -428,7 +485,8 @@ async fn sla_report(
     };
     let vms: Vec<String> = params.vm.into_iter().collect();
     let report = app
-        .with_store(|s| sla::report_from_ledger(s.connection(), &vms, from, to, &tiers))
+        .with_reader(move |conn| sla::report_from_ledger(conn, &vms, from, to, &tiers))
+        .await?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(report))
 }

@@ -61,7 +61,12 @@ async fn random_requests_never_get_a_5xx() {
         store,
         crate::supervisor::HostPolicy::unjailed(&dir).unwrap(),
     );
-    let router = router(app);
+    let access = Arc::new(auth::Access {
+        local: auth::LocalRoles::default(),
+        refusals: Default::default(),
+    });
+    let root = axum::extract::ConnectInfo(Peer::Unix { uid: 0, pid: 1 });
+    let router = router(app, access).layer(axum::Extension(root));
     let seed = std::env::var("KEEL_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -149,5 +154,34 @@ async fn random_requests_never_get_a_5xx() {
             "round {round}: {method} {path} {body:?} -> {status} (seed {seed})"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A request whose connection the listener did not name is refused, never taken for root.
+#[tokio::test]
+async fn a_request_without_a_known_peer_is_refused() {
+    use axum::body::Body as HttpBody;
+    use tower::ServiceExt;
+
+    let dir = std::env::temp_dir().join(format!("keel-rest-peer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = crate::store::Store::open(&dir.join("keel.db")).unwrap();
+    let app = Supervisor::new(
+        dir.clone(),
+        "/bin/false".into(),
+        store,
+        crate::supervisor::HostPolicy::unjailed(&dir).unwrap(),
+    );
+    let access = Arc::new(auth::Access {
+        local: auth::LocalRoles::default(),
+        refusals: Default::default(),
+    });
+    let request = axum::http::Request::builder()
+        .uri("/tokens")
+        .body(HttpBody::empty())
+        .unwrap();
+    let response = router(app, access).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,6 +27,8 @@ pub enum Error {
     TooNew { found: i64, known: i64 },
     #[error("every jail id of the range {}..{} is in use: no more VMs can be defined", JAIL_IDS.start, JAIL_IDS.end)]
     NoJailId,
+    #[error("store: a reader of the ledger ended abnormally: {0}")]
+    Reader(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -203,6 +205,21 @@ pub struct Transition<'a> {
 
 pub struct Store {
     conn: Connection,
+    path: std::path::PathBuf,
+}
+
+/// A read-only connection to the store at `path`, for long reads (ledger verification, SLA
+/// reports) that must not hold the store's writer: with WAL they read a snapshot while the
+/// daemon goes on writing.
+pub fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(format!("opening {} to read", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sql("setting the busy timeout"))?;
+    Ok(conn)
 }
 
 impl Store {
@@ -216,7 +233,10 @@ impl Store {
             .map_err(sql("setting synchronous=FULL"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql("setting the busy timeout"))?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -257,6 +277,11 @@ impl Store {
 
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>> {

@@ -93,7 +93,15 @@ pub struct Supervisor {
     /// Per VM, when its VMM started: how long its log was (its own lines come after) and
     /// how many OOM kills its cgroup had counted.
     log_starts: Mutex<HashMap<String, (u64, u64)>>,
+    /// The TLS fingerprint and ledger key shown on the front page, set once at start.
+    pub identity: std::sync::OnceLock<api::host::HostIdentity>,
+    store_path: PathBuf,
+    /// Whole-ledger reads running at once (each on a blocking thread of its own).
+    readers: tokio::sync::Semaphore,
 }
+
+/// Whole-ledger reads that may run at once; more wait their turn without holding a thread.
+const LEDGER_READERS: usize = 2;
 
 /// What the daemon means by the end of the VMM it stops for an operator's stop or reboot.
 /// A reboot's intent asks for the new start, so the end is recorded with the start owed.
@@ -131,6 +139,9 @@ impl Supervisor {
             limits: policy.limits,
             console_log_max: policy.console_log_max,
             log_starts: Mutex::new(HashMap::new()),
+            identity: std::sync::OnceLock::new(),
+            store_path: store.path().to_path_buf(),
+            readers: tokio::sync::Semaphore::new(LEDGER_READERS),
             id_locks: Mutex::new(HashMap::new()),
             state_dir,
             vmm_exe,
@@ -145,6 +156,25 @@ impl Supervisor {
     /// Runs `f` on the store (short, synchronous work only).
     pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
         f(&mut lock(&self.store))
+    }
+
+    /// Runs `f` on a read-only connection of its own, on a blocking thread: whole-ledger
+    /// work (verification, SLA reports, anchoring) never holds the store, an async worker or
+    /// the recording of VM state changes.
+    pub async fn with_reader<T, F>(&self, f: F) -> std::result::Result<T, store::Error>
+    where
+        F: FnOnce(&rusqlite::Connection) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let _turn = self
+            .readers
+            .acquire()
+            .await
+            .map_err(|e| store::Error::Reader(e.to_string()))?;
+        let path = self.store_path.clone();
+        tokio::task::spawn_blocking(move || Ok(f(&store::open_reader(&path)?)))
+            .await
+            .map_err(|e| store::Error::Reader(e.to_string()))?
     }
 
     pub fn run_dir(&self, name: &str) -> RunDir {

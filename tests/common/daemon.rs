@@ -53,8 +53,13 @@ impl Daemon {
         self.state_dir.join("images")
     }
 
+    /// The API socket: `--socket` when the test gave one, else STATE/api.sock.
     pub fn socket(&self) -> PathBuf {
-        self.state_dir.join("api.sock")
+        self.args
+            .windows(2)
+            .find(|w| w[0] == "--socket")
+            .map(|w| PathBuf::from(&w[1]))
+            .unwrap_or_else(|| self.state_dir.join("api.sock"))
     }
 
     /// The CLI's client config (trusted servers) for this daemon's tests.

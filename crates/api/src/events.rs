@@ -27,16 +27,19 @@ pub enum Cause {
     /// The kernel's OOM killer ended the VMM: its cgroup's memory limit (guest RAM plus the
     /// VMM's overhead) was reached.
     OomKill,
+    /// The ledger or its anchor was changed outside keel (an incident, never a state change).
+    Tamper,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 6] = [
+    pub const ALL: [Cause; 7] = [
         Cause::Operator,
         Cause::Guest,
         Cause::VmmCrash,
         Cause::HostBoot,
         Cause::DaemonRestart,
         Cause::OomKill,
+        Cause::Tamper,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Cause {
             Cause::HostBoot => "host-boot",
             Cause::DaemonRestart => "daemon-restart",
             Cause::OomKill => "oom-kill",
+            Cause::Tamper => "tamper",
         }
     }
 }
@@ -134,8 +138,16 @@ pub struct LedgerVerification {
     pub rows: i64,
     /// Every row that does not match the chain, with what is wrong with it.
     pub problems: Vec<LedgerProblem>,
-    /// The last row's hash: write it down to detect a later rewrite of the whole chain.
+    /// The last row's number (0 for an empty ledger).
+    #[serde(default)]
+    pub head_seq: i64,
+    /// The last row's hash: write it down (with `head_seq`, as `SEQ:HASH`) to detect a later
+    /// rewrite of the whole chain or rows cut from its end.
     pub head_hash: String,
+    /// The daemon's anchor could not be used (missing, unreadable, not signed by this host):
+    /// rows cut from the end cannot be named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

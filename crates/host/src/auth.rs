@@ -183,6 +183,15 @@ pub fn hash_secret(secret: &str) -> String {
 /// A new random token secret: "keel_" and 32 random bytes in hex.
 pub fn new_secret() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
+    random_bytes(&mut bytes)?;
+    Ok(format!(
+        "keel_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// Fills `bytes` from the kernel's random source.
+pub fn random_bytes(bytes: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < bytes.len() {
         // SAFETY: getrandom writes at most the given length into the buffer.
@@ -198,10 +207,7 @@ pub fn new_secret() -> std::io::Result<String> {
         }
         filled += n as usize;
     }
-    Ok(format!(
-        "keel_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
+    Ok(())
 }
 
 /// Decides whether `peer` with `bearer` may do what `need` says, at wall-clock `now_ms`.

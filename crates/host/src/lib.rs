@@ -5,7 +5,9 @@
 pub mod anchor;
 pub mod auth;
 pub mod console;
+pub mod evidence;
 pub mod health;
+pub mod host_key;
 pub mod images;
 pub mod jail_id;
 pub mod ledger;

@@ -194,7 +194,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         ..config
     };
     let _lock = lock_state_dir(&config.state_dir)?;
-    let store = Store::open(&config.state_dir.join("keel.db"))?;
+    let mut store = Store::open(&config.state_dir.join("keel.db"))?;
+    // The evidence first: the ledger is checked against its signed anchor before the daemon
+    // writes a row of its own.
+    let keys = Arc::new(crate::evidence::load_key(&config.state_dir));
+    let findings = crate::evidence::check_at_start(&mut store, &config.state_dir, &keys)?;
+    // When the previous daemon last wrote: VMMs that ended unwatched ended after this.
+    let unwatched_since: i64 = store
+        .connection()
+        .query_row("SELECT COALESCE(MAX(time_ms), 0) FROM ledger", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(0);
     let booted_now = boot_id();
     let host_booted = store.meta("boot_id")? != Some(booted_now.clone());
     let cgroups = jail_layout()?;
@@ -222,6 +233,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         store,
         policy,
     );
+    sup.unwatched_since_ms
+        .store(unwatched_since, std::sync::atomic::Ordering::Relaxed);
     sup.with_store(|s| {
         s.record(&NewEvent::host(
             None,
@@ -243,18 +256,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
             ),
         ))
     })?;
+    crate::evidence::raise(&sup, findings);
     let (adopted, lost) = sup.recover(host_booted).await?;
     sup.sweep_cgroups();
     sup.with_store(|s| s.set_meta("boot_id", &booted_now))?;
-    anchor_ledger(&sup);
-    // The head is written down outside SQLite every minute while the ledger grows.
+    crate::evidence::every_minute(&sup, &keys);
     let anchoring = {
-        let sup = sup.clone();
+        let (sup, keys) = (sup.clone(), keys.clone());
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(ANCHOR_INTERVAL);
+            let mut minute = tokio::time::interval(ANCHOR_INTERVAL);
+            let mut verified = tokio::time::Instant::now();
             loop {
-                every.tick().await;
-                anchor_ledger(&sup);
+                minute.tick().await;
+                crate::evidence::every_minute(&sup, &keys);
+                if verified.elapsed() >= VERIFY_INTERVAL {
+                    crate::evidence::verify_all(&sup, &keys).await;
+                    verified = tokio::time::Instant::now();
+                }
             }
         })
     };
@@ -273,9 +291,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         None => None,
     };
     let unix = bind_private_socket(&config.socket, socket_mode)?;
+    if let Some(key) = &keys.key {
+        let _ = sup.host_key.set(key.clone());
+    }
     let _ = sup.identity.set(api::host::HostIdentity {
         tls_fingerprint: tcp.as_ref().and_then(|(_, f)| f.clone()),
-        ledger_public_key: None,
+        ledger_public_key: keys.key.as_ref().map(|k| k.public_hex()),
     });
     let refusals = Arc::new(Refusals::default());
     let access = Arc::new(Access {
@@ -338,7 +359,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
             "daemon stopped; VMs keep running",
         ))
     })?;
-    anchor_ledger(&sup);
+    crate::evidence::every_minute(&sup, &keys);
     Ok(())
 }
 
@@ -351,36 +372,10 @@ fn record_refusals(sup: &Supervisor, refusals: &Refusals, all: bool) {
     }
 }
 
-/// How often the ledger's head is written down outside SQLite.
+/// How often the ledger's head is written down durably and the anchor re-read.
 const ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Writes the ledger's head down; a head cut from the ledger is raised as an incident once.
-fn anchor_ledger(sup: &Supervisor) {
-    let state_dir = sup.state_dir.clone();
-    match sup.with_store(|s| crate::anchor::write(&state_dir, s.connection())) {
-        Ok(_) => {}
-        Err(e @ crate::anchor::Error::Truncated(_)) => {
-            let detail = e.to_string();
-            let raised = sup.with_store(|s| -> Result<bool, store::Error> {
-                if s.open_incidents()?.iter().any(|i| i.summary == detail) {
-                    return Ok(false);
-                }
-                let event = NewEvent::host(None, Cause::DaemonRestart, "keel", detail.clone());
-                s.record_incident(&event)?;
-                Ok(true)
-            });
-            match raised {
-                Ok(true) => tracing::error!("{detail}"),
-                Ok(false) => {}
-                Err(e) => tracing::error!("raising the ledger incident: {e}"),
-            }
-        }
-        Err(e) => tracing::error!(
-            "writing the ledger anchor {}: {e}",
-            crate::anchor::path(&state_dir).display()
-        ),
-    }
-}
+/// How often the whole ledger is verified again while the daemon runs.
+const VERIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};

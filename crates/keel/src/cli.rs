@@ -17,7 +17,7 @@ macro_rules! outln {
 /// do not take a cut-off `keel ledger verify` or a lost `keel token create` secret for
 /// success), where `println!` would panic; SIGPIPE itself stays ignored so that a socket the
 /// daemon closes is an error message, not a silent death.
-fn write_out(args: std::fmt::Arguments) {
+pub(crate) fn write_out(args: std::fmt::Arguments) {
     use std::io::Write;
     if let Err(e) = std::io::stdout().lock().write_fmt(args) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -30,7 +30,6 @@ fn write_out(args: std::fmt::Arguments) {
 }
 
 use anyhow::{bail, Context, Result};
-use api::events::LedgerVerification;
 use api::{
     DiskSpec, Event, HostStatus, NetSpec, NewToken, RateLimits, SlaReport, TokenInfo, VmInfo,
     VmSpec, VsockSpec,
@@ -68,7 +67,7 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         let endpoint = Endpoint::parse(&self.api);
         let fingerprint = match &self.fingerprint {
             Some(text) => Some(host::tls::parse_fingerprint(text).with_context(|| {
@@ -239,7 +238,7 @@ fn vm_path(name: &str, action: &str) -> String {
     format!("/vms/{}{action}", query_value(name))
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -615,32 +614,6 @@ pub async fn events(args: EventsArgs, api: ApiArgs) -> Result<()> {
             last = e.seq;
         }
     }
-}
-
-/// Verifies the ledger; exits non-zero (an error) when it does not verify.
-pub async fn ledger_verify(expect_head: Option<String>, api: ApiArgs) -> Result<()> {
-    let path = match &expect_head {
-        Some(h) => format!("/ledger/verify?expect_head={}", query_value(h)),
-        None => "/ledger/verify".to_string(),
-    };
-    let v: LedgerVerification = api.client()?.get(&path).await?;
-    if api.json {
-        print_json(&v)?;
-    } else if v.ok {
-        outln!("ledger verified: {} rows, head {}", v.rows, v.head_hash);
-    } else {
-        for p in &v.problems {
-            outln!("row {}: {}", p.seq, p.problem);
-        }
-    }
-    if !v.ok {
-        bail!(
-            "the ledger does NOT verify: {} problem(s) in {} rows",
-            v.problems.len(),
-            v.rows
-        );
-    }
-    Ok(())
 }
 
 #[derive(Args)]

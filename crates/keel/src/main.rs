@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod client_tls;
 mod console_attach;
+mod ledger_cli;
 mod machine_args;
 
 use std::path::PathBuf;
@@ -92,11 +93,26 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Recompute the hash chain; name every edited, inserted or deleted row.
+    /// Recompute the hash chain against the daemon's signed anchor; name every edited,
+    /// inserted, deleted or cut row. With --export, check an export file instead, with only
+    /// the host's public key (no daemon needed).
     Verify {
-        /// A head hash written down earlier: also detects rows removed from the end.
-        #[arg(long)]
+        /// A head written down earlier, SEQ:HASH (or a hash alone), instead of the anchor.
+        #[arg(long, conflicts_with = "export")]
         expect_head: Option<String>,
+        /// An export file (keel ledger export) to check.
+        #[arg(long, value_name = "FILE", requires = "pubkey")]
+        export: Option<PathBuf>,
+        /// The host's Ed25519 public key (keel host shows it) for --export.
+        #[arg(long, value_name = "KEY")]
+        pubkey: Option<String>,
+    },
+    /// Write the whole ledger as signed evidence (JSON Lines) that anyone with the host's
+    /// public key can check without the host.
+    Export {
+        /// Write here instead of to stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -164,9 +180,24 @@ fn main() -> ExitCode {
         Command::Events { args, api } => client_command(cli::events(args, api)),
         Command::Host { command, api } => client_command(cli::host(command, api)),
         Command::Ledger {
-            command: LedgerCommand::Verify { expect_head },
+            command:
+                LedgerCommand::Verify {
+                    export: Some(file),
+                    pubkey,
+                    ..
+                },
             api,
-        } => client_command(cli::ledger_verify(expect_head, api)),
+        } => client_command(async move {
+            ledger_cli::verify_export(&file, pubkey.as_deref().unwrap_or_default(), api.json)
+        }),
+        Command::Ledger {
+            command: LedgerCommand::Verify { expect_head, .. },
+            api,
+        } => client_command(ledger_cli::verify(expect_head, api)),
+        Command::Ledger {
+            command: LedgerCommand::Export { out },
+            api,
+        } => client_command(async move { ledger_cli::export(out.as_deref(), api).await }),
         Command::Sla {
             command: SlaCommand::Report(args),
             api,

@@ -36,7 +36,7 @@
 
 use std::fmt::Write as _;
 
-use api::events::{LedgerProblem, LedgerVerification};
+use api::events::LedgerVerification;
 use api::{Cause, Event, EventKind, VmState};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -77,6 +77,29 @@ WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger)
   OR NEW.prev_hash IS NOT COALESCE(
         (SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1),
         '0000000000000000000000000000000000000000000000000000000000000000')
+BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only: a new row must follow the last one (seq and prev_hash)');
+END;
+";
+
+/// Schema version 5: where numbering resumes after rows were cut from the end (so that their
+/// numbers are never used again), and the append trigger that allows exactly that gap.
+pub const RESUME_SCHEMA: &str = "
+CREATE TABLE ledger_resume (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+) STRICT;
+DROP TRIGGER ledger_append_only;
+CREATE TRIGGER ledger_append_only BEFORE INSERT ON ledger
+WHEN NOT (
+    (NEW.seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger)
+     AND NEW.prev_hash IS COALESCE(
+        (SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1),
+        '0000000000000000000000000000000000000000000000000000000000000000'))
+    OR (NEW.seq > (SELECT COALESCE(MAX(seq), 0) FROM ledger)
+     AND EXISTS (SELECT 1 FROM ledger_resume WHERE seq + 1 = NEW.seq AND hash = NEW.prev_hash))
+)
 BEGIN
     SELECT RAISE(ABORT, 'the ledger is append-only: a new row must follow the last one (seq and prev_hash)');
 END;
@@ -223,6 +246,13 @@ pub fn append(conn: &Connection, event: &NewEvent, time_ms: i64) -> Result<Event
         )
         .optional()
         .map_err(sql("reading the last ledger row"))?;
+    // Rows cut from the end keep their numbers: the chain goes on from the head they had.
+    let last = match (resume_point(conn)?, last) {
+        (Some((at, hash)), last) if last.as_ref().is_none_or(|(seq, _)| at >= *seq) => {
+            Some((at, Ok(hash)))
+        }
+        (_, last) => last,
+    };
     let (seq, prev_hash) = match last {
         None => (1, GENESIS.to_string()),
         Some((seq, Ok(hash))) => (
@@ -280,6 +310,55 @@ pub fn append(conn: &Connection, event: &NewEvent, time_ms: i64) -> Result<Event
         prev_hash: raw.prev_hash,
         hash: raw.hash,
     })
+}
+
+/// Where numbering resumes, if rows were cut from the end: the cut head's number and hash.
+/// (Stores older than schema 5, and bare test ledgers, have no such table: none.)
+fn resume_point(conn: &Connection) -> Result<Option<(i64, String)>> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_resume')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql("looking for the resume point"))?;
+    if !exists {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT seq, hash FROM ledger_resume WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map_err(sql("reading the resume point"))
+}
+
+/// Makes the next row `seq + 1`, chained to `hash`: the head rows were cut from.
+pub fn set_resume(conn: &Connection, seq: i64, hash: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO ledger_resume (id, seq, hash) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        params![seq, hash],
+    )
+    .map_err(sql("setting the resume point"))?;
+    Ok(())
+}
+
+/// The last row's number and stored hash (None for an empty ledger).
+pub fn last_row(conn: &Connection) -> Result<Option<(i64, String)>> {
+    conn.query_row(
+        "SELECT seq, CAST(hash AS TEXT) FROM ledger ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+            ))
+        },
+    )
+    .optional()
+    .map_err(sql("reading the last ledger row"))
 }
 
 /// Rows matching `filter`, oldest first. A row that does not parse is an [`Error::BadRow`].
@@ -443,107 +522,35 @@ pub fn verify(conn: &Connection) -> Result<LedgerVerification> {
     verify_inner(conn, None)
 }
 
-/// [`verify`], and also checks that `expected_head` (a `head_hash` written down earlier) is
-/// still the hash of a row of the chain, or [`GENESIS`]. Rows appended after it are fine;
-/// if it is gone, rows were removed from the end or the chain was rewritten, and a problem
-/// is reported at the `seq` after the last row.
-pub fn verify_against(conn: &Connection, expected_head: &str) -> Result<LedgerVerification> {
-    verify_inner(conn, Some(expected_head))
+/// [`verify`], and also checks `expected` (a head written down earlier): with its row
+/// number, rows cut from the end are named exactly; a hash alone must still be a row's.
+/// Rows appended after it are fine.
+pub fn verify_against(conn: &Connection, expected: &ExpectedHead) -> Result<LedgerVerification> {
+    verify_inner(conn, Some(expected))
 }
 
-fn verify_inner(conn: &Connection, expected_head: Option<&str>) -> Result<LedgerVerification> {
+fn verify_inner(conn: &Connection, expected: Option<&ExpectedHead>) -> Result<LedgerVerification> {
     let mut stmt = conn
         .prepare(&format!("SELECT {COLUMNS} FROM ledger ORDER BY seq ASC"))
         .map_err(sql("preparing to verify the ledger"))?;
     let mut rows = stmt.query([]).map_err(sql("verifying the ledger"))?;
-    let mut problems = Vec::new();
-    let mut problem = |seq: i64, text: String| problems.push(LedgerProblem { seq, problem: text });
-    let mut count: i64 = 0;
-    let mut last_seq: i64 = 0;
-    // The previous row's stored hash, and whether it could be read at all.
-    let mut prev_hash: Option<String> = Some(GENESIS.to_string());
-    let mut head_found = expected_head == Some(GENESIS);
+    let mut checker = verify::Checker::new(expected);
     while let Some(row) = rows.next().map_err(sql("verifying the ledger"))? {
-        count += 1;
         let (seq, raw) = read_raw(row).map_err(sql("reading a ledger row"))?;
-        let expected_seq = last_seq.saturating_add(1);
-        if seq > expected_seq {
-            if seq - expected_seq == 1 {
-                problem(
-                    seq,
-                    format!("row {expected_seq} before it is missing (deleted)"),
-                );
-            } else {
-                problem(
-                    seq,
-                    format!(
-                        "rows {expected_seq} to {} before it are missing (deleted)",
-                        seq - 1
-                    ),
-                );
-            }
-        }
-        match raw {
-            Err(what) => {
-                problem(
-                    seq,
-                    format!("unreadable, its hash cannot be checked: {what}"),
-                );
-                prev_hash = text_column(row, 10, "hash")
-                    .map_err(sql("reading a ledger row"))?
-                    .ok();
-            }
-            Ok(raw) => {
-                match &prev_hash {
-                    Some(prev) if *prev == raw.prev_hash => {}
-                    _ if last_seq == 0 => problem(
-                        seq,
-                        "prev_hash is not the genesis hash: rows before it were deleted or the chain was cut".into(),
-                    ),
-                    _ => problem(
-                        seq,
-                        format!(
-                            "prev_hash is not the hash of row {last_seq}: a row was inserted or deleted before this one, or row {last_seq} was rewritten"
-                        ),
-                    ),
-                }
-                if row_hash(&raw) != raw.hash {
-                    problem(
-                        seq,
-                        "content does not match its hash: the row was edited".into(),
-                    );
-                }
-                if let Err(what) = parse(&raw) {
-                    problem(seq, format!("does not parse: {what}"));
-                }
-                if expected_head == Some(raw.hash.as_str()) {
-                    head_found = true;
-                }
-                prev_hash = Some(raw.hash);
-            }
-        }
-        last_seq = seq;
+        let stored_hash = match &raw {
+            Ok(_) => None,
+            Err(_) => text_column(row, 10, "hash")
+                .map_err(sql("reading a ledger row"))?
+                .ok(),
+        };
+        checker.row(seq, raw, stored_hash);
     }
-    if let (Some(head), false) = (expected_head, head_found) {
-        problem(
-            last_seq.saturating_add(1),
-            format!(
-                "the head hash {head} written down earlier is not in the ledger: rows were removed from its end or the chain was rewritten"
-            ),
-        );
-    }
-    let head_hash = if count == 0 {
-        GENESIS.to_string()
-    } else {
-        prev_hash.unwrap_or_default()
-    };
-    Ok(LedgerVerification {
-        ok: problems.is_empty(),
-        rows: count,
-        problems,
-        head_hash,
-    })
+    Ok(checker.finish())
 }
+
+pub mod export;
+mod verify;
+pub use verify::ExpectedHead;
 
 #[cfg(test)]
 mod tests;

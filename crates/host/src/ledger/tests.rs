@@ -5,7 +5,16 @@ use super::*;
 fn db() -> Connection {
     let conn = Connection::open_in_memory().unwrap();
     conn.execute_batch(SCHEMA).unwrap();
+    conn.execute_batch(RESUME_SCHEMA).unwrap();
     conn
+}
+
+fn head(seq: i64, hash: &str) -> ExpectedHead {
+    ExpectedHead {
+        seq: Some(seq),
+        hash: hash.into(),
+        source: "the anchor".into(),
+    }
 }
 
 fn state(vm: &str, from: Option<VmState>, to: VmState, cause: Cause, detail: &str) -> NewEvent {
@@ -63,6 +72,14 @@ fn unlock(conn: &Connection) {
     .unwrap();
 }
 
+/// The append trigger again (of schema 5), after [`unlock`].
+fn lock(conn: &Connection) {
+    let (_, trigger) = RESUME_SCHEMA
+        .split_once("DROP TRIGGER ledger_append_only;")
+        .unwrap();
+    conn.execute_batch(trigger).unwrap();
+}
+
 fn problem_seqs(v: &LedgerVerification) -> Vec<i64> {
     let mut seqs: Vec<i64> = v.problems.iter().map(|p| p.seq).collect();
     seqs.dedup();
@@ -78,7 +95,9 @@ fn appended_rows_chain_and_verify() {
             ok: true,
             rows: 0,
             problems: vec![],
-            head_hash: GENESIS.into()
+            head_seq: 0,
+            head_hash: GENESIS.into(),
+            anchor_problem: None,
         }
     );
     let events = five(&conn);
@@ -94,9 +113,18 @@ fn appended_rows_chain_and_verify() {
     assert!(v.ok, "{v:?}");
     assert_eq!(v.rows, 5);
     assert_eq!(v.head_hash, events[4].hash);
-    assert!(verify_against(&conn, &events[4].hash).unwrap().ok);
-    assert!(verify_against(&conn, &events[2].hash).unwrap().ok);
-    assert!(verify_against(&conn, GENESIS).unwrap().ok);
+    assert!(verify_against(&conn, &head(5, &events[4].hash)).unwrap().ok);
+    assert!(verify_against(&conn, &head(3, &events[2].hash)).unwrap().ok);
+    assert!(
+        verify_against(&conn, &ExpectedHead::parse(&events[2].hash))
+            .unwrap()
+            .ok
+    );
+    assert!(
+        verify_against(&conn, &ExpectedHead::parse(GENESIS))
+            .unwrap()
+            .ok
+    );
     // What is listed is what was appended.
     assert_eq!(list(&conn, &EventFilter::default()).unwrap(), events);
 }
@@ -210,7 +238,10 @@ fn an_edited_row_is_named() {
     let v = verify(&conn).unwrap();
     assert!(!v.ok);
     assert_eq!(problem_seqs(&v), [5]);
-    assert!(v.problems[0].problem.contains("edited"), "{v:?}");
+    assert_eq!(
+        v.problems[0].problem,
+        "row 5 was edited: its content does not match its hash"
+    );
 
     // Moving text from one field to another changes the hash too.
     let conn = db();
@@ -259,8 +290,11 @@ fn an_edited_row_with_a_recomputed_hash_breaks_the_next_link() {
     )
     .unwrap();
     let v = verify(&conn).unwrap();
-    assert_eq!(problem_seqs(&v), [4]);
-    assert!(v.problems[0].problem.contains("row 3"), "{v:?}");
+    assert_eq!(problem_seqs(&v), [3], "{v:?}");
+    assert!(
+        v.problems[0].problem.starts_with("row 3 was rewritten"),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -273,13 +307,9 @@ fn a_deleted_row_is_named() {
     let v = verify(&conn).unwrap();
     assert!(!v.ok);
     assert_eq!(v.rows, 4);
-    assert_eq!(problem_seqs(&v), [4]);
-    assert!(
-        v.problems
-            .iter()
-            .any(|p| p.problem.contains("row 3 before it is missing")),
-        "{v:?}"
-    );
+    assert_eq!(problem_seqs(&v), [3]);
+    assert_eq!(v.problems.len(), 1, "{v:?}");
+    assert_eq!(v.problems[0].problem, "row 3 is missing: deleted");
 
     // The first rows.
     let conn = db();
@@ -288,14 +318,25 @@ fn a_deleted_row_is_named() {
     conn.execute("DELETE FROM ledger WHERE seq <= 2", [])
         .unwrap();
     let v = verify(&conn).unwrap();
-    assert_eq!(problem_seqs(&v), [3]);
-    assert!(
-        v.problems.iter().any(|p| p.problem.contains("rows 1 to 2")),
-        "{v:?}"
-    );
-    assert!(
-        v.problems.iter().any(|p| p.problem.contains("genesis")),
-        "{v:?}"
+    assert_eq!(problem_seqs(&v), [1]);
+    assert_eq!(v.problems.len(), 1, "{v:?}");
+    assert_eq!(v.problems[0].problem, "rows 1 to 2 are missing: deleted");
+
+    // A middle row deleted and the rows after it renumbered down to close the gap.
+    let conn = db();
+    five(&conn);
+    unlock(&conn);
+    conn.execute("DELETE FROM ledger WHERE seq = 2", [])
+        .unwrap();
+    for seq in 3..=5 {
+        conn.execute("UPDATE ledger SET seq = seq - 1 WHERE seq = ?1", [seq])
+            .unwrap();
+    }
+    let v = verify(&conn).unwrap();
+    assert_eq!(problem_seqs(&v), [2], "{v:?}");
+    assert_eq!(
+        v.problems[0].problem,
+        "rows 2 to 4 are the original rows 3 to 5, renumbered because the original row 2 before them were deleted"
     );
 }
 
@@ -346,13 +387,16 @@ fn a_forged_row_inserted_in_the_middle_is_found() {
     let v = verify(&conn).unwrap();
     assert!(!v.ok);
     assert_eq!(v.rows, 6);
-    // The row after the forgery no longer links to it, and every renumbered row's hash
-    // (which covers seq) is wrong.
-    assert_eq!(problem_seqs(&v), [4, 5, 6]);
-    assert!(v
-        .problems
-        .iter()
-        .any(|p| p.seq == 4 && p.problem.contains("prev_hash")));
+    // The forgery is named, and the rows moved to make room for it by their old numbers.
+    assert_eq!(problem_seqs(&v), [3, 4], "{v:?}");
+    assert_eq!(
+        v.problems[0].problem,
+        "row 3 was inserted: row 4 chains to the row before it"
+    );
+    assert_eq!(
+        v.problems[1].problem,
+        "rows 4 to 6 are the original rows 3 to 5, renumbered because 1 row(s) were inserted before them"
+    );
 }
 
 #[test]
@@ -368,11 +412,46 @@ fn truncation_is_found_against_a_head_written_down_earlier() {
     let v = verify(&conn).unwrap();
     assert!(v.ok);
     assert_eq!(v.head_hash, events[2].hash);
-    // ...but the head written down is gone.
-    let v = verify_against(&conn, &head).unwrap();
+    // ...but the head written down with its number names the rows cut.
+    let v = verify_against(&conn, &self::head(5, &head)).unwrap();
     assert!(!v.ok);
     assert_eq!(problem_seqs(&v), [4]);
+    assert_eq!(
+        v.problems[0].problem,
+        "rows 4 to 5 were cut from the end: the anchor was row 5"
+    );
+    // A hash alone only says that it is gone.
+    let v = verify_against(&conn, &ExpectedHead::parse(&head)).unwrap();
+    assert!(!v.ok);
     assert!(v.problems[0].problem.contains(&head));
+
+    // The numbers of the cut rows are not used again: the chain goes on from the cut head.
+    set_resume(&conn, 5, &head).unwrap();
+    lock(&conn);
+    let next = append(
+        &conn,
+        &state(
+            "web",
+            None,
+            VmState::Stopped,
+            Cause::Operator,
+            "after the cut",
+        ),
+        9,
+    )
+    .unwrap();
+    assert_eq!((next.seq, next.prev_hash.as_str()), (6, head.as_str()));
+    let v = verify(&conn).unwrap();
+    assert_eq!(v.problems.len(), 1, "{v:?}");
+    assert_eq!(v.problems[0].problem, "rows 4 to 5 are missing: deleted");
+    // The trigger allows that gap and no other.
+    let err = conn
+        .execute(
+            &format!("INSERT INTO ledger ({COLUMNS}) VALUES (9, 0, 'host', NULL, NULL, NULL, 'operator', 'x', 'y', ?1, 'h')"),
+            [&next.hash],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
     // Rows appended after the head written down are fine.
     let conn = db();
     let events = five(&conn);
@@ -382,8 +461,22 @@ fn truncation_is_found_against_a_head_written_down_earlier() {
         9,
     )
     .unwrap();
-    assert!(verify_against(&conn, &events[4].hash).unwrap().ok);
-    assert!(!verify_against(&conn, "not a hash").unwrap().ok);
+    assert!(
+        verify_against(&conn, &self::head(5, &events[4].hash))
+            .unwrap()
+            .ok
+    );
+    assert!(
+        !verify_against(&conn, &ExpectedHead::parse("not a hash"))
+            .unwrap()
+            .ok
+    );
+    // The anchored row rewritten (with every row after it): named by its number.
+    let v = verify_against(&conn, &self::head(5, &"ab".repeat(32))).unwrap();
+    assert_eq!(problem_seqs(&v), [5]);
+    assert!(v.problems[0]
+        .problem
+        .starts_with("row 5 is not the row the anchor names"));
 }
 
 #[test]

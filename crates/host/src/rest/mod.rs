@@ -46,6 +46,7 @@ pub fn router(app: App, access: Arc<auth::Access>) -> Router {
         .route("/vms/{name}/console", get(crate::console::attach))
         .route("/events", get(list_events))
         .route("/ledger/verify", get(verify_ledger))
+        .route("/ledger/export", get(export_ledger))
         .route("/sla", get(sla_report))
         .route("/incidents/{id}/ack", post(ack_incident))
         .route("/tokens", get(list_tokens).post(create_token))
@@ -429,7 +430,8 @@ async fn list_events(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct VerifyParams {
-    /// A head hash written down earlier: also checks that no row after it was removed.
+    /// A head written down earlier, `SEQ:HASH` (or a hash alone): checked instead of the
+    /// daemon's signed anchor; rows cut after it are named.
     expect_head: Option<String>,
 }
 
@@ -439,17 +441,91 @@ async fn verify_ledger(
     State(app): State<App>,
     Params(params): Params<VerifyParams>,
 ) -> Result<Json<LedgerVerification>, ApiError> {
-    // Without a head from the caller, the one the daemon wrote down (anchor.rs) is checked.
-    let head = params
-        .expect_head
-        .or_else(|| crate::anchor::read(&app.state_dir).map(|a| a.head_hash));
-    let checked = app
+    // Without a head from the caller, the one the daemon signed (anchor.rs) is checked; an
+    // anchor that is missing or not this host's is itself a problem.
+    let (head, anchor_problem) = match params.expect_head {
+        Some(text) => (Some(ledger::ExpectedHead::parse(&text)), None),
+        None => {
+            let public = app
+                .identity
+                .get()
+                .and_then(|i| i.ledger_public_key.as_deref())
+                .and_then(|k| crate::host_key::parse_public(k).ok());
+            match crate::anchor::read(&app.state_dir, public.as_ref()) {
+                Ok(anchor) => (Some(anchor.expected()), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
+        }
+    };
+    let mut checked = app
         .with_reader(move |conn| match &head {
             Some(head) => ledger::verify_against(conn, head),
             None => ledger::verify(conn),
         })
         .await??;
+    if anchor_problem.is_some() {
+        checked.ok = false;
+        checked.anchor_problem = anchor_problem;
+    }
     Ok(Json(checked))
+}
+
+/// Sends what a blocking writer writes as a response body, chunk by chunk.
+struct BodyWriter(tokio::sync::mpsc::Sender<std::io::Result<axum::body::Bytes>>);
+
+impl std::io::Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(axum::body::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[utoipa::path(get, path = "/ledger/export",
+    responses((status = 200, description = "The whole ledger as signed JSON Lines: a header with the host's public key, every row, the head signed now, and a signature of the file (keel ledger verify --export checks it)", content_type = "application/x-ndjson"),
+        (status = 503, body = ErrorBody)))]
+async fn export_ledger(State(app): State<App>) -> Result<Response, ApiError> {
+    let key = app.host_key.get().cloned().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the host key cannot be read, so nothing can be signed; keel host names the problem"
+                .into(),
+        )
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let reader = app.clone();
+    tokio::spawn(async move {
+        let failed = tx.clone();
+        let written = reader
+            .with_reader(move |conn| {
+                let mut out = std::io::BufWriter::with_capacity(64 << 10, BodyWriter(tx));
+                ledger::export::write(conn, &key, &health::hostname(), &mut out)?;
+                std::io::Write::flush(&mut out)?;
+                Ok::<_, ledger::export::ExportError>(())
+            })
+            .await;
+        // A failure cuts the file short: it then lacks its signature and fails to verify.
+        let failure = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!("exporting the ledger: {failure}");
+        let _ = failed.send(Err(std::io::Error::other(failure))).await;
+    });
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -614,6 +690,7 @@ async fn delete_token(
         crate::console::attach,
         list_events,
         verify_ledger,
+        export_ledger,
         sla_report,
         ack_incident,
         list_tokens,

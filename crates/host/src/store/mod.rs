@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN pending_start TEXT;",
     // 4: each VM's own jail uid and gid (one number for both), never shared by two VMs.
     "CREATE TABLE jail_ids (vm TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);",
+    // 5: numbers of rows cut from the ledger's end are never used again.
+    ledger::RESUME_SCHEMA,
 ];
 
 /// The uids and gids of jailed VMMs: one per VM from this range, recorded in the store.
@@ -206,6 +208,8 @@ pub struct Transition<'a> {
 pub struct Store {
     conn: Connection,
     path: std::path::PathBuf,
+    /// The head this daemon wrote last, and its anchor (chain.rs).
+    pub chain: chain::Chain,
 }
 
 /// A read-only connection to the store at `path`, for long reads (ledger verification, SLA
@@ -236,6 +240,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
+            chain: chain::Chain::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -359,7 +364,7 @@ impl Store {
             params![spec.name, json, VmState::Stopped.as_str(), now],
         )
         .map_err(sql(format!("defining VM {}", spec.name)))?;
-        ledger::append(
+        let event = self.chain.append(
             &tx,
             &NewEvent {
                 kind: EventKind::State,
@@ -373,6 +378,7 @@ impl Store {
             now,
         )?;
         tx.commit().map_err(sql("committing a new VM"))?;
+        self.chain.committed(&event);
         Ok(VmRow {
             spec: spec.clone(),
             state: VmState::Stopped,
@@ -520,7 +526,7 @@ impl Store {
             ],
         )
         .map_err(sql(format!("changing the state of VM {name}")))?;
-        let event = ledger::append(
+        let event = self.chain.append(
             &tx,
             &NewEvent {
                 kind: EventKind::State,
@@ -537,6 +543,7 @@ impl Store {
             open_incident(&tx, Some(name), change.cause, change.detail, &event)?;
         }
         tx.commit().map_err(sql("committing a state change"))?;
+        self.chain.committed(&event);
         Ok(event)
     }
 
@@ -546,8 +553,9 @@ impl Store {
             .conn
             .transaction()
             .map_err(sql("starting a transaction"))?;
-        let recorded = ledger::append(&tx, event, now_ms())?;
+        let recorded = self.chain.append(&tx, event, now_ms())?;
         tx.commit().map_err(sql("committing an event"))?;
+        self.chain.committed(&recorded);
         Ok(recorded)
     }
 
@@ -557,7 +565,7 @@ impl Store {
             .conn
             .transaction()
             .map_err(sql("starting a transaction"))?;
-        let recorded = ledger::append(&tx, event, now_ms())?;
+        let recorded = self.chain.append(&tx, event, now_ms())?;
         open_incident(
             &tx,
             event.vm.as_deref(),
@@ -566,7 +574,19 @@ impl Store {
             &recorded,
         )?;
         tx.commit().map_err(sql("committing an incident"))?;
+        self.chain.committed(&recorded);
         Ok(recorded)
+    }
+
+    /// Whether an incident (open or closed) has this summary.
+    pub fn incident_raised(&self, summary: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM incidents WHERE summary = ?1)",
+                [summary],
+                |r| r.get(0),
+            )
+            .map_err(sql("looking for an incident"))
     }
 
     pub fn open_incidents(&self) -> Result<Vec<Incident>> {
@@ -617,8 +637,9 @@ impl Store {
                 params![id, now_ms(), actor],
             )
             .map_err(sql(format!("closing incident {id}")))?;
+        let mut acknowledged = None;
         if changed == 1 {
-            ledger::append(
+            acknowledged = Some(self.chain.append(
                 &tx,
                 &NewEvent::host(
                     None,
@@ -627,9 +648,12 @@ impl Store {
                     format!("incident {id} acknowledged"),
                 ),
                 now_ms(),
-            )?;
+            )?);
         }
         tx.commit().map_err(sql("committing an incident change"))?;
+        if let Some(event) = &acknowledged {
+            self.chain.committed(event);
+        }
         Ok(changed == 1)
     }
 
@@ -692,5 +716,6 @@ fn open_incident(
     .map_err(sql("opening an incident"))
 }
 
+pub mod chain;
 #[cfg(test)]
 mod tests;

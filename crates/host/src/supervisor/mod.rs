@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::control::{ExitRecord, Request, Response};
+use api::control::{Request, Response};
 use api::{Cause, VmSpec, VmState};
 use tokio::sync::watch;
 
@@ -95,6 +95,11 @@ pub struct Supervisor {
     log_starts: Mutex<HashMap<String, (u64, u64)>>,
     /// The TLS fingerprint and ledger key shown on the front page, set once at start.
     pub identity: std::sync::OnceLock<api::host::HostIdentity>,
+    /// When the previous daemon last wrote to the ledger: VMMs that ended while no daemon
+    /// watched ended after this (and after their VM's last state change).
+    pub unwatched_since_ms: std::sync::atomic::AtomicI64,
+    /// The host key that signs the ledger's heads and exports, when it could be read.
+    pub host_key: std::sync::OnceLock<Arc<crate::host_key::HostKey>>,
     store_path: PathBuf,
     /// Whole-ledger reads running at once (each on a blocking thread of its own).
     readers: tokio::sync::Semaphore,
@@ -140,6 +145,8 @@ impl Supervisor {
             console_log_max: policy.console_log_max,
             log_starts: Mutex::new(HashMap::new()),
             identity: std::sync::OnceLock::new(),
+            host_key: std::sync::OnceLock::new(),
+            unwatched_since_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
             store_path: store.path().to_path_buf(),
             readers: tokio::sync::Semaphore::new(LEDGER_READERS),
             id_locks: Mutex::new(HashMap::new()),
@@ -350,8 +357,8 @@ impl Supervisor {
                         run_dir.file(api::control::files::VMM_LOG).display()
                     ),
                 };
-                let time_ms = record.as_ref().map(|r| r.time_ms);
-                self.record_failed_start(name, cause, actor, &reason, time_ms)?;
+                // The daemon saw this end itself: its own clock says when.
+                self.record_failed_start(name, cause, actor, &reason, None)?;
                 return Err(Error::StartFailed {
                     name: name.into(),
                     reason,
@@ -431,7 +438,9 @@ impl Supervisor {
         let record = run_dir.exit_record();
         let intent = lock(&self.intents).remove(name);
         let judged = self.jail_end(name, judge_end(pid, end, record.as_ref(), intent));
-        if self.record_judged(name, judged, record.as_ref())? {
+        // The daemon saw this end itself (its pidfd): its own clock says when, not the VMM's
+        // exit record.
+        if self.record_judged(name, judged, None)? {
             // An operator's reboot holds the VM's lock and starts it itself; this finds the
             // start done then. A guest's reboot is started here.
             let this = self.clone();
@@ -445,15 +454,15 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Records a judged end of a VMM (at the time of its exit record, if it left one). An end
-    /// that asks for a new start (a reboot) records that start as owed in the same
-    /// transaction, so a daemon killed before it starts the VM finishes the start when it
-    /// comes back; returns whether it did.
+    /// Records a judged end of a VMM, at `time_ms` (now when None). An end that asks for a
+    /// new start (a reboot) records that start as owed in the same transaction, so a daemon
+    /// killed before it starts the VM finishes the start when it comes back; returns whether
+    /// it did.
     fn record_judged(
         &self,
         name: &str,
         (to, cause, actor, detail, restart): Judged,
-        record: Option<&ExitRecord>,
+        time_ms: Option<i64>,
     ) -> Result<bool> {
         let change = Transition {
             to,
@@ -461,7 +470,7 @@ impl Supervisor {
             cause,
             actor: &actor,
             detail: &detail,
-            time_ms: record.map(|r| r.time_ms),
+            time_ms,
         };
         self.with_store(|s| {
             if restart {

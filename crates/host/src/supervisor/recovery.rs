@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::control::{Request, Response};
+use api::control::{ExitRecord, Request, Response};
 use api::{Cause, VmState};
 
 use super::judge::{judge_lost, pending_intent};
@@ -145,7 +145,8 @@ impl Supervisor {
                 let record = run_dir.exit_record();
                 let silenced = matches!(found, Found::Silenced);
                 let judged = judge_lost(row, record.as_ref(), host_booted, silenced);
-                if self.record_judged(name, judged, record.as_ref())? {
+                let when = self.unwatched_end_time(row, record.as_ref());
+                if self.record_judged(name, judged, when)? {
                     self.finish_start(name).await;
                 }
             }
@@ -166,6 +167,22 @@ impl Supervisor {
             }
         }
         Ok(outcome)
+    }
+
+    /// When a VMM that ended while no daemon watched it ended: what its exit record claims,
+    /// but only inside the window nobody watched (after its VM's last state change and the
+    /// previous daemon's last row, before now). A VMM's file cannot move an outage elsewhere.
+    fn unwatched_end_time(&self, row: &VmRow, record: Option<&ExitRecord>) -> Option<i64> {
+        let claimed = record?.time_ms;
+        let now = crate::time::now_ms();
+        let since = row
+            .since_ms
+            .max(
+                self.unwatched_since_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .min(now);
+        Some(claimed.clamp(since, now))
     }
 
     /// Recovery's start of a VM that is owed one. A start that fails is recorded (the VM

@@ -1,7 +1,7 @@
 //! The supervisor over a real store, with the daemon killed between two of its steps: a new
 //! supervisor over the same store is the restarted daemon.
 
-use api::control::{files, ExitReason};
+use api::control::{files, ExitReason, ExitRecord};
 
 use super::*;
 use crate::ledger;

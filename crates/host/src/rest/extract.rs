@@ -60,15 +60,28 @@ pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
-/// `Json` whose rejection is an `ErrorBody` 400.
+/// How long a request's body may take to arrive.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `Json` whose rejection is an `ErrorBody` 400 (408 when the body is too slow).
 pub struct Body<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
+        // A body trickled in a byte at a time must not hold a connection for ever.
+        tokio::time::timeout(BODY_TIMEOUT, Json::<T>::from_request(req, state))
             .await
+            .map_err(|_| {
+                ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body: not received within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
             .map(|Json(v)| Body(v))
             // 400 for bad JSON, 413 too large, 415 not JSON, 422 wrong shape: all 4xx.
             .map_err(|e| ApiError(e.status(), format!("request body: {}", e.body_text())))

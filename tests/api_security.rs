@@ -121,6 +121,76 @@ fn tls_is_the_default_and_the_cli_pins_the_certificate() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+#[test]
+fn an_operators_ca_signed_certificate_is_trusted_through_the_ca_file() {
+    let dir = std::env::temp_dir().join(format!("kd-cafiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A CA of the operator's and a certificate for 127.0.0.1 it signed.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let (ca_file, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start_with(
+        "ca",
+        &[],
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (api, _) = daemon.https(&listen);
+    let token = daemon
+        .ok(&["token", "create", "watcher", "--role", "viewer"])
+        .trim()
+        .to_string();
+    let env = [("KEEL_API", api.as_str()), ("KEEL_TOKEN", token.as_str())];
+    let untrusted = daemon.keel_env(&["vm", "list"], &env);
+    assert!(
+        stderr_of(&untrusted).contains("not trusted yet"),
+        "{}",
+        stderr_of(&untrusted)
+    );
+    let mut with_ca = env.to_vec();
+    with_ca.push(("KEEL_CA", ca_file.to_str().unwrap()));
+    let trusted = daemon.keel_env(&["vm", "list"], &with_ca);
+    assert!(trusted.status.success(), "{}", stderr_of(&trusted));
+    // Another CA's file does not vouch for it.
+    let other = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
+    let other_file = dir.join("other.pem");
+    std::fs::write(&other_file, other.cert.pem()).unwrap();
+    let mut with_other = env.to_vec();
+    with_other.push(("KEEL_CA", other_file.to_str().unwrap()));
+    let refused = daemon.keel_env(&["vm", "list"], &with_other);
+    assert!(
+        !refused.status.success() && stderr_of(&refused).contains("TLS handshake"),
+        "{}",
+        stderr_of(&refused)
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Rows of the ledger, read from the store file.
 fn ledger_rows(daemon: &Daemon) -> Vec<(i64, String, String)> {
     let conn = rusqlite::Connection::open(daemon.state_dir.join("keel.db")).unwrap();

@@ -196,9 +196,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let _lock = lock_state_dir(&config.state_dir)?;
     let mut store = Store::open(&config.state_dir.join("keel.db"))?;
     // The evidence first: the ledger is checked against its signed anchor before the daemon
-    // writes a row of its own.
+    // writes a row of its own (on a blocking thread: it reads the whole ledger).
     let keys = Arc::new(crate::evidence::load_key(&config.state_dir));
-    let findings = crate::evidence::check_at_start(&mut store, &config.state_dir, &keys)?;
+    let (store, findings) = {
+        let (keys, state_dir) = (keys.clone(), config.state_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            let findings = crate::evidence::check_at_start(&mut store, &state_dir, &keys);
+            (store, findings)
+        })
+        .await
+        .map_err(|e| store::Error::Reader(e.to_string()))?
+    };
+    let findings = findings?;
     // When the previous daemon last wrote: VMMs that ended unwatched ended after this.
     let unwatched_since: i64 = store
         .connection()

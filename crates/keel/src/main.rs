@@ -261,7 +261,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         memory_share_percent: args.memory_share,
         console_log_max: args.console_log_max,
     })
-    .await?;
+    .await
+    // The daemon's messages already name their causes: one line, not the chain again.
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 

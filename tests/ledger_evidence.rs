@@ -48,6 +48,15 @@ fn tamper_incidents(daemon: &Daemon) -> Vec<String> {
         .collect()
 }
 
+/// Some open tamper incident says `what`.
+fn raised(daemon: &Daemon, what: &str) {
+    let incidents = tamper_incidents(daemon);
+    assert!(
+        incidents.iter().any(|i| i.contains(what)),
+        "no incident says '{what}': {incidents:?}"
+    );
+}
+
 #[test]
 fn rows_cut_from_the_end_are_named_and_their_numbers_never_reused() {
     let mut daemon = stopped_daemon_with_rows("cut");
@@ -94,13 +103,7 @@ fn rows_cut_from_the_end_are_named_and_their_numbers_never_reused() {
         .execute_batch(&format!("DELETE FROM ledger WHERE seq = {last};"))
         .unwrap();
     daemon.restart();
-    let incidents = tamper_incidents(&daemon);
-    assert!(
-        incidents
-            .iter()
-            .any(|i| i.contains(&format!("row {last} was cut from the end"))),
-        "{incidents:?}"
-    );
+    raised(&daemon, &format!("row {last} was cut from the end"));
     assert!(
         max_seq(&daemon) > last,
         "row {last}'s number was used again"
@@ -202,13 +205,7 @@ fn a_missing_or_edited_anchor_is_an_incident() {
     )
     .unwrap();
     daemon.restart();
-    let incidents = tamper_incidents(&daemon);
-    assert!(
-        incidents
-            .iter()
-            .any(|i| i.contains("does not match its content")),
-        "{incidents:?}"
-    );
+    raised(&daemon, "does not match its content");
 }
 
 #[test]

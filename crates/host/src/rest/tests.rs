@@ -42,19 +42,14 @@ fn what_a_request_needs() {
     assert_eq!(vm_of_path("/vms"), None);
 }
 
-/// Random requests (seeded, printed) against the real router and a real store: every
-/// answer is JSON with a status below 500, and nothing panics.
-#[tokio::test]
-async fn random_requests_never_get_a_5xx() {
-    use axum::body::Body as HttpBody;
-    use tower::ServiceExt;
-
-    let dir = std::env::temp_dir().join(format!("keel-rest-fuzz-{}", std::process::id()));
+/// The router over a real store in a fresh directory. Starting a VM runs /bin/false as its
+/// VMM: it exits at once without an exit record, as a VMM that cannot start does, which is a
+/// 422 with the reason.
+fn fixture(tag: &str) -> (std::path::PathBuf, Router) {
+    let dir = std::env::temp_dir().join(format!("keel-rest-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let store = crate::store::Store::open(&dir.join("keel.db")).unwrap();
-    // Starting a VM runs this program as its VMM: it exits at once without an exit
-    // record, as a VMM that cannot start does, which is a 422 with the reason.
     let app = Supervisor::new(
         dir.clone(),
         "/bin/false".into(),
@@ -65,8 +60,19 @@ async fn random_requests_never_get_a_5xx() {
         local: auth::LocalRoles::default(),
         refusals: Default::default(),
     });
+    (dir, router(app, access))
+}
+
+/// Random requests (seeded, printed) against the real router and a real store: every
+/// answer is JSON with a status below 500, and nothing panics.
+#[tokio::test]
+async fn random_requests_never_get_a_5xx() {
+    use axum::body::Body as HttpBody;
+    use tower::ServiceExt;
+
+    let (dir, router) = fixture("fuzz");
     let root = axum::extract::ConnectInfo(Peer::Unix { uid: 0, pid: 1 });
-    let router = router(app, access).layer(axum::Extension(root));
+    let router = router.layer(axum::Extension(root));
     let seed = std::env::var("KEEL_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -163,25 +169,12 @@ async fn a_request_without_a_known_peer_is_refused() {
     use axum::body::Body as HttpBody;
     use tower::ServiceExt;
 
-    let dir = std::env::temp_dir().join(format!("keel-rest-peer-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = crate::store::Store::open(&dir.join("keel.db")).unwrap();
-    let app = Supervisor::new(
-        dir.clone(),
-        "/bin/false".into(),
-        store,
-        crate::supervisor::HostPolicy::unjailed(&dir).unwrap(),
-    );
-    let access = Arc::new(auth::Access {
-        local: auth::LocalRoles::default(),
-        refusals: Default::default(),
-    });
+    let (dir, router) = fixture("peer");
     let request = axum::http::Request::builder()
         .uri("/tokens")
         .body(HttpBody::empty())
         .unwrap();
-    let response = router(app, access).oneshot(request).await.unwrap();
+    let response = router.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -67,6 +67,8 @@ struct Samples {
     keel_run_memory: Vec<MemoryStatus>,
     shutdown: Vec<f64>,
     stop: Vec<f64>,
+    list_unix: Vec<f64>,
+    list_tls: Vec<f64>,
     daemon_rss_after_rounds: Vec<f64>,
     daemon_rss_started_n: Vec<f64>,
     readopt_api: Vec<f64>,
@@ -243,8 +245,11 @@ fn keel_round(daemon: &Daemon, s: &mut Samples) -> Result<String> {
 /// and `keel run` launched bare on the same probe.
 fn lifecycle(setup: &Setup, work: &Path, rounds: u32, s: &mut Samples) -> Result<()> {
     let mut daemon = Daemon::new(&setup.keel, work.join("lc"));
+    let listen = free_loopback_port()?;
+    daemon.serve_args = vec!["--listen".into(), listen.clone()];
     daemon.start()?;
     create_vm(&daemon, VM, &setup.probe_elf)?;
+    let tls = TlsClient::new(&daemon, &listen)?;
     // Warm-up, not counted: page cache, and a stop at once if something cannot boot.
     timed_start(&daemon, VM).context("warm-up start through the daemon")?;
     timed_end(&daemon, &["vm", "stop", VM], VM)?;
@@ -282,9 +287,66 @@ fn lifecycle(setup: &Setup, work: &Path, rounds: u32, s: &mut Samples) -> Result
         if !daemon_first {
             line += &keel_round(&daemon, s).with_context(|| format!("lifecycle round {round}"))?;
         }
+        let (unix, _) = daemon.run_cli(&["vm", "list"])?;
+        let tls_took = tls.list(&daemon)?;
+        line += &format!(
+            " keel vm list {:.1} ms (Unix socket), {:.1} ms (TLS);",
+            ms(unix),
+            ms(tls_took)
+        );
+        s.list_unix.push(ms(unix));
+        s.list_tls.push(ms(tls_took));
         eprintln!("{line}");
     }
     daemon.stop()
+}
+
+/// A port on 127.0.0.1 nothing listens on now, as ADDR:PORT.
+fn free_loopback_port() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// The CLI against the daemon's TLS listener: a viewer token and the pinned fingerprint.
+struct TlsClient {
+    env: Vec<(String, String)>,
+}
+
+impl TlsClient {
+    fn new(daemon: &Daemon, listen: &str) -> Result<TlsClient> {
+        let (_, token) = daemon.run_cli(&["token", "create", "bench", "--role", "viewer"])?;
+        let (_, host) = daemon.run_cli(&["host", "--json"])?;
+        let host: serde_json::Value =
+            serde_json::from_str(&host).context("parsing keel host --json")?;
+        let fingerprint = host["identity"]["tls_fingerprint"]
+            .as_str()
+            .context("the daemon shows no TLS fingerprint")?;
+        Ok(TlsClient {
+            env: vec![
+                ("KEEL_API".into(), format!("https://{listen}")),
+                ("KEEL_TOKEN".into(), token.trim().to_string()),
+                ("KEEL_FINGERPRINT".into(), fingerprint.to_string()),
+            ],
+        })
+    }
+
+    /// `keel vm list` over TLS: spawn to exit.
+    fn list(&self, daemon: &Daemon) -> Result<std::time::Duration> {
+        let started = std::time::Instant::now();
+        let out = daemon
+            .cli(&["vm", "list"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .context("keel vm list over TLS")?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "keel vm list over TLS failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(took)
+    }
 }
 
 /// VMs of `daemon` by name with their pids; every one must be running with a pid.
@@ -423,6 +485,18 @@ fn rows(s: &Samples, vms: u32) -> Vec<Row> {
             None,
         ),
         Row::new("`keel vm stop`", "ms", &s.stop, None),
+        Row::new(
+            "`keel vm list`: CLI spawn to exit, Unix socket",
+            "ms",
+            &s.list_unix,
+            None,
+        ),
+        Row::new(
+            "`keel vm list`: CLI spawn to exit, TLS (handshake, token, pinned certificate)",
+            "ms",
+            &s.list_tls,
+            None,
+        ),
         Row::new(
             "Daemon VmRSS, new state dir, 0 VMs",
             "MiB",

@@ -30,6 +30,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// More `keel serve` arguments (`--listen`, ...).
+    pub serve_args: Vec<String>,
 }
 
 impl Daemon {
@@ -44,6 +46,7 @@ impl Daemon {
             state_dir,
             log: PathBuf::from(log),
             child: None,
+            serve_args: Vec::new(),
         }
     }
 
@@ -71,6 +74,7 @@ impl Daemon {
             .arg("serve")
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .args(&self.serve_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -149,6 +153,7 @@ impl Daemon {
         command
             .args(args)
             .env("KEEL_API", self.socket())
+            .env("KEEL_CLIENT_CONFIG", self.state_dir.join("client.json"))
             .env_remove("KEEL_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -13,5 +13,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "keel: building the probe guest"
 make -s -C guest/probe OUT="$PWD/target/probe"
 fuzz/run.sh "${KEEL_FUZZ_SECONDS:-20}" # every fuzz target, bounded (docs/fuzzing.md)
+echo "keel: the console's API document and types against the daemon's"
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
+cargo build --locked -p keel
+node web/scripts/check-api.mjs target/debug/keel
 echo "keel: cargo test"
 cargo test --workspace --locked

@@ -11,9 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 use crate::store::TokenRow;
 use crate::time::rfc3339;
@@ -28,7 +26,7 @@ pub enum Error {
     Forbidden { who: String, has: Role, needs: Role },
     #[error("token '{name}' expired at {at}: it can still read and start or stop existing VMs, but not define, delete or grant anything; ask an admin for a new token (keel token create)")]
     Expired { name: String, at: String },
-    #[error("role '{0}' is not one of viewer, operator, admin")]
+    #[error("{0}")]
     BadRole(String),
     #[error("local user uid {0} has no role on this API socket; an admin can give it one with keel serve --local-role {0}=viewer (or operator, admin)")]
     NoLocalRole(u32),
@@ -79,7 +77,7 @@ pub fn parse_local_role(text: &str) -> Result<(u32, Role), String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{uid}' in '{text}' is not a numeric uid"))?;
-    let role: Role = role.trim().parse().map_err(|e: Error| e.to_string())?;
+    let role: Role = role.trim().parse()?;
     Ok((uid, role))
 }
 
@@ -89,40 +87,7 @@ pub struct Access {
     pub refusals: Arc<crate::refusals::Refusals>,
 }
 
-/// What a token may do; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Read everything.
-    Viewer,
-    /// Also define, start, stop and delete VMs; acknowledge incidents.
-    Operator,
-    /// Also manage tokens.
-    Admin,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        })
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "viewer" => Ok(Role::Viewer),
-            "operator" => Ok(Role::Operator),
-            "admin" => Ok(Role::Admin),
-            other => Err(Error::BadRole(other.to_string())),
-        }
-    }
-}
+pub use api::host::Role;
 
 /// Where a request came from.
 #[derive(Debug, Clone)]
@@ -239,7 +204,7 @@ pub fn authorize(
         .iter()
         .find(|t| t.secret_sha256 == hashed)
         .ok_or(Error::Unknown)?;
-    let role: Role = token.role.parse()?;
+    let role: Role = token.role.parse().map_err(Error::BadRole)?;
     if role < need.role() {
         return Err(Error::Forbidden {
             who: format!("token '{}'", token.name),

@@ -763,7 +763,7 @@ pub async fn token(command: TokenCommand, api: ApiArgs) -> Result<()> {
                 .map(|t| {
                     vec![
                         t.name.clone(),
-                        t.role.clone(),
+                        t.role.to_string(),
                         t.created.clone(),
                         match (&t.expires, t.expired) {
                             (Some(e), true) => format!("{e} (expired)"),

@@ -82,6 +82,9 @@ enum Command {
         #[command(flatten)]
         api: cli::ApiArgs,
     },
+    /// Print the API's OpenAPI 3.1 document (what GET /openapi.json answers), for client
+    /// generators; no daemon needed.
+    Openapi,
     /// API tokens for TCP clients.
     Token {
         #[command(subcommand)]
@@ -203,6 +206,16 @@ fn main() -> ExitCode {
             api,
         } => client_command(cli::sla_report(args, api)),
         Command::Token { command, api } => client_command(cli::token(command, api)),
+        Command::Openapi => match serde_json::to_string_pretty(host::rest::openapi_document()) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keel: error: writing the OpenAPI document: {e}");
+                ExitCode::from(EXIT_START_FAILED)
+            }
+        },
     }
 }
 

@@ -14,7 +14,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
@@ -32,25 +31,43 @@ pub use extract::{ApiError, Body, Params, PathArg};
 
 pub type App = Arc<Supervisor>;
 
+/// The API's routes and their OpenAPI document, from the same `#[utoipa::path]` attributes:
+/// a route cannot exist without its documentation, nor the reverse.
+fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(host_status))
+        .routes(routes!(openapi))
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(show_vm, delete_vm))
+        .routes(routes!(start_vm))
+        .routes(routes!(shutdown_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(reboot_vm))
+        .routes(routes!(crate::console::attach))
+        .routes(routes!(list_events))
+        .routes(routes!(verify_ledger))
+        .routes(routes!(export_ledger))
+        .routes(routes!(sla_report))
+        .routes(routes!(ack_incident))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(delete_token))
+}
+
+/// The OpenAPI document of [`router`]'s routes.
+pub fn openapi_document() -> &'static utoipa::openapi::OpenApi {
+    static DOCUMENT: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut doc = documented_routes().into_openapi();
+        doc::complete(&mut doc);
+        doc
+    })
+}
+
 /// The API's routes, with authorisation and auditing around them.
 pub fn router(app: App, access: Arc<auth::Access>) -> Router {
-    Router::new()
-        .route("/", get(host_status))
-        .route("/openapi.json", get(openapi))
-        .route("/vms", get(list_vms).post(create_vm))
-        .route("/vms/{name}", get(show_vm).delete(delete_vm))
-        .route("/vms/{name}/start", post(start_vm))
-        .route("/vms/{name}/shutdown", post(shutdown_vm))
-        .route("/vms/{name}/stop", post(stop_vm))
-        .route("/vms/{name}/reboot", post(reboot_vm))
-        .route("/vms/{name}/console", get(crate::console::attach))
-        .route("/events", get(list_events))
-        .route("/ledger/verify", get(verify_ledger))
-        .route("/ledger/export", get(export_ledger))
-        .route("/sla", get(sla_report))
-        .route("/incidents/{id}/ack", post(ack_incident))
-        .route("/tokens", get(list_tokens).post(create_token))
-        .route("/tokens/{name}", axum::routing::delete(delete_token))
+    let (routes, _) = documented_routes().split_for_parts();
+    routes
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -269,9 +286,9 @@ async fn host_status(State(app): State<App>) -> Result<Json<HostStatus>, ApiErro
     Ok(Json(health::status(&app)?))
 }
 
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This API's OpenAPI 3 document")))]
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This API's OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(openapi_document())
 }
 
 #[utoipa::path(get, path = "/vms", responses((status = 200, body = Vec<VmInfo>)))]
@@ -323,6 +340,7 @@ async fn start_vm(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ShutdownParams {
     /// Seconds the guest gets to power off before it is stopped hard (default 60).
@@ -392,11 +410,13 @@ async fn reboot_vm(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventParams {
+    /// Only this VM's events.
     vm: Option<String>,
-    /// state, audit or host.
-    kind: Option<String>,
+    /// Only events of this kind.
+    kind: Option<EventKind>,
     /// Only events after this sequence number.
     since: Option<i64>,
     /// At most this many (default 100, at most 10000).
@@ -409,15 +429,9 @@ async fn list_events(
     State(app): State<App>,
     Params(params): Params<EventParams>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    let kind = params
-        .kind
-        .as_deref()
-        .map(str::parse::<EventKind>)
-        .transpose()
-        .map_err(bad_request)?;
     let filter = EventFilter {
         vm: params.vm,
-        kind,
+        kind: params.kind,
         since: params.since,
         limit: Some(params.limit.unwrap_or(100).min(10_000)),
     };
@@ -428,6 +442,7 @@ async fn list_events(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct VerifyParams {
     /// A head written down earlier, `SEQ:HASH` (or a hash alone): checked instead of the
@@ -529,6 +544,7 @@ async fn export_ledger(State(app): State<App>) -> Result<Response, ApiError> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SlaParams {
     /// One VM; all VMs in the ledger when absent.
@@ -584,21 +600,32 @@ async fn ack_incident(
     }
 }
 
-fn token_info(t: &TokenRow, now: i64) -> TokenInfo {
-    TokenInfo {
+/// A token as listed; None for a row whose role is not one this keel knows (such a token
+/// authenticates nothing either).
+fn token_info(t: &TokenRow, now: i64) -> Option<TokenInfo> {
+    let role = match t.role.parse() {
+        Ok(role) => role,
+        Err(e) => {
+            tracing::warn!("token '{}' is not listed: {e}", t.name);
+            return None;
+        }
+    };
+    Some(TokenInfo {
         name: t.name.clone(),
-        role: t.role.clone(),
+        role,
         created: rfc3339(t.created_ms),
         expires: t.expires_ms.map(rfc3339),
         expired: t.expires_ms.is_some_and(|e| now >= e),
-    }
+    })
 }
 
 #[utoipa::path(get, path = "/tokens", responses((status = 200, body = Vec<TokenInfo>)))]
 async fn list_tokens(State(app): State<App>) -> Result<Json<Vec<TokenInfo>>, ApiError> {
     let now = now_ms();
     let tokens = app.with_store(|s| s.tokens())?;
-    Ok(Json(tokens.iter().map(|t| token_info(t, now)).collect()))
+    Ok(Json(
+        tokens.iter().filter_map(|t| token_info(t, now)).collect(),
+    ))
 }
 
 #[utoipa::path(post, path = "/tokens", request_body = TokenRequest,
@@ -613,10 +640,6 @@ async fn create_token(
             request.name
         ))
     })?;
-    request
-        .role
-        .parse::<auth::Role>()
-        .map_err(|e| bad_request(e.to_string()))?;
     let expires_ms = request
         .expires
         .as_deref()
@@ -631,7 +654,7 @@ async fn create_token(
     })?;
     let row = TokenRow {
         name: request.name.clone(),
-        role: request.role.clone(),
+        role: request.role.to_string(),
         secret_sha256: auth::hash_secret(&secret),
         created_ms: now_ms(),
         expires_ms,
@@ -645,10 +668,17 @@ async fn create_token(
         }
         Ok(s.add_token(&row)?)
     })?;
+    let now = now_ms();
     Ok((
         StatusCode::CREATED,
         Json(NewToken {
-            token: token_info(&row, now_ms()),
+            token: TokenInfo {
+                name: row.name,
+                role: request.role,
+                created: rfc3339(row.created_ms),
+                expires: row.expires_ms.map(rfc3339),
+                expired: row.expires_ms.is_some_and(|e| now >= e),
+            },
             secret,
         }),
     ))
@@ -676,27 +706,6 @@ async fn delete_token(
         title = "Keel host API",
         description = "keel serve: VMs, events, ledger and SLA evidence of one host."
     ),
-    paths(
-        host_status,
-        openapi,
-        list_vms,
-        create_vm,
-        show_vm,
-        delete_vm,
-        start_vm,
-        shutdown_vm,
-        stop_vm,
-        reboot_vm,
-        crate::console::attach,
-        list_events,
-        verify_ledger,
-        export_ledger,
-        sla_report,
-        ack_incident,
-        list_tokens,
-        create_token,
-        delete_token
-    ),
     components(schemas(
         HostStatus,
         Incident,
@@ -712,6 +721,8 @@ async fn delete_token(
     ))
 )]
 pub struct ApiDoc;
+
+mod doc;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use super::*;
 
 #[test]
 fn the_openapi_document_has_every_schema_it_refers_to() {
-    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let doc = serde_json::to_value(openapi_document()).unwrap();
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     let text = doc.to_string();
     let prefix = "#/components/schemas/";
@@ -176,5 +176,111 @@ async fn a_request_without_a_known_peer_is_refused() {
         .unwrap();
     let response = router.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every operation of the document, as (method, path template).
+fn documented_operations() -> Vec<(Method, String)> {
+    let doc = serde_json::to_value(openapi_document()).unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.push((method.to_uppercase().parse().unwrap(), path.clone()));
+        }
+    }
+    ops
+}
+
+/// The document's parameters say where they go: each `{name}` of a path is a required path
+/// parameter, and no other parameter is a path parameter (a client generator would put a
+/// query value into the URL's path, or never send it).
+#[test]
+fn parameters_are_where_the_paths_say() {
+    let doc = serde_json::to_value(openapi_document()).unwrap();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let in_template: std::collections::BTreeSet<String> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(str::to_string)
+            .collect();
+        for (method, op) in item.as_object().unwrap() {
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let in_path: std::collections::BTreeSet<String> = params
+                .iter()
+                .filter(|p| p["in"] == "path")
+                .map(|p| {
+                    assert_eq!(p["required"], true, "{method} {path}: {p}");
+                    p["name"].as_str().unwrap().to_string()
+                })
+                .collect();
+            assert_eq!(in_path, in_template, "{method} {path}");
+            for p in &params {
+                assert!(
+                    p["in"] == "path" || p["in"] == "query",
+                    "{method} {path}: {p}"
+                );
+            }
+            for status in ["401", "403", "429"] {
+                assert!(
+                    op["responses"][status].is_object(),
+                    "{method} {path} does not document {status}"
+                );
+            }
+        }
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+/// Each documented operation reaches a handler of the router (not the fallback, not 405),
+/// and each other method on a documented path is 405: the router serves exactly what the
+/// document says. (Routes and document come from the same attributes, so a route cannot be
+/// added without its document; this checks that the two really agree.)
+#[tokio::test]
+async fn the_router_serves_exactly_the_documented_operations() {
+    use axum::body::Body as HttpBody;
+    use tower::ServiceExt;
+
+    let (dir, router) = fixture("routes");
+    let root = axum::extract::ConnectInfo(Peer::Unix { uid: 0, pid: 1 });
+    let router = router.layer(axum::Extension(root));
+    let operations = documented_operations();
+    assert!(operations.len() >= 19, "{operations:?}");
+    let send = |method: Method, template: &str| {
+        let uri = template.replace("{name}", "nosuch").replace("{id}", "999");
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(HttpBody::empty())
+            .unwrap();
+        router.clone().oneshot(request)
+    };
+    for (method, path) in &operations {
+        let response = send(method.clone(), path).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("no such API path"),
+            "{method} {path}: {status} {text}"
+        );
+    }
+    let paths: std::collections::BTreeSet<&String> = operations.iter().map(|(_, p)| p).collect();
+    for path in paths {
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::DELETE,
+            Method::PUT,
+            Method::PATCH,
+        ] {
+            if operations.iter().any(|(m, p)| *m == method && p == path) {
+                continue;
+            }
+            let status = send(method.clone(), path).await.unwrap().status();
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

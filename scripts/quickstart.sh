@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+echo "keel: building the web console (web/, npm)"
+scripts/build-console.sh
 echo "keel: building (cargo build --release)"
 cargo build --release -p keel
 make -s -C guest/probe OUT="$PWD/target/probe"

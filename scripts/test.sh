@@ -13,8 +13,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "keel: building the probe guest"
 make -s -C guest/probe OUT="$PWD/target/probe"
 fuzz/run.sh "${KEEL_FUZZ_SECONDS:-20}" # every fuzz target, bounded (docs/fuzzing.md)
-echo "keel: the console's API document and types against the daemon's"
-(cd web && npm ci --no-audit --no-fund --loglevel=error)
+echo "keel: the web console (npm ci, tsc, esbuild), then its API document and types against the daemon's"
+scripts/build-console.sh
 cargo build --locked -p keel
 node web/scripts/check-api.mjs target/debug/keel
 echo "keel: cargo test"

@@ -121,6 +121,17 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// Who the caller is: `GET /session`, and the answer to signing in (`POST /session`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionInfo {
+    /// "token:NAME" or "uid:N", as the ledger records the caller.
+    pub actor: String,
+    pub role: Role,
+    /// Set when the token expires soon or has expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
 /// `POST /tokens`: a new API token for TCP clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -32,6 +32,8 @@ pub enum Error {
     NoLocalRole(u32),
     #[error("too many failed authentications from this address; try again in {0} s")]
     TooManyFailures(u64),
+    #[error("a request with this browser session must come from this host's own pages (its Origin header does not name this host); refused")]
+    CrossSite,
 }
 
 impl Error {
@@ -39,7 +41,11 @@ impl Error {
     pub fn is_anonymous(&self) -> bool {
         matches!(
             self,
-            Error::Missing | Error::Unknown | Error::NoLocalRole(_) | Error::TooManyFailures(_)
+            Error::Missing
+                | Error::Unknown
+                | Error::NoLocalRole(_)
+                | Error::TooManyFailures(_)
+                | Error::CrossSite
         )
     }
 }
@@ -85,6 +91,10 @@ pub fn parse_local_role(text: &str) -> Result<(u32, Role), String> {
 pub struct Access {
     pub local: LocalRoles,
     pub refusals: Arc<crate::refusals::Refusals>,
+    /// Browser sessions of the web console.
+    pub sessions: crate::session::Sessions,
+    /// The TCP listener speaks TLS (session cookies are then `Secure`).
+    pub tls: bool,
 }
 
 pub use api::host::Role;
@@ -131,8 +141,20 @@ impl Need {
 pub struct Caller {
     /// "uid:0" or "token:NAME": the actor in the ledger.
     pub actor: String,
+    pub role: Role,
+    /// The SHA-256 of the token's secret, for a caller with a token (a session is made for
+    /// it, never for the secret itself).
+    pub token_hash: Option<String>,
     /// A warning to send back (the token expires soon or has expired).
     pub warning: Option<String>,
+}
+
+/// What a TCP request presents: a token's secret (`Authorization: Bearer`), or the hash of
+/// one that a browser session stands for (session.rs).
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    Secret(&'a str),
+    Hashed(&'a str),
 }
 
 /// How long ahead an expiring token is warned about.
@@ -175,10 +197,10 @@ pub fn random_bytes(bytes: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Decides whether `peer` with `bearer` may do what `need` says, at wall-clock `now_ms`.
+/// Decides whether `peer` with `credential` may do what `need` says, at wall-clock `now_ms`.
 pub fn authorize(
     peer: &Peer,
-    bearer: Option<&str>,
+    credential: Option<Credential>,
     tokens: &[TokenRow],
     local: &LocalRoles,
     need: Need,
@@ -195,11 +217,15 @@ pub fn authorize(
         }
         return Ok(Caller {
             actor: format!("uid:{uid}"),
+            role,
+            token_hash: None,
             warning: None,
         });
     }
-    let secret = bearer.ok_or(Error::Missing)?;
-    let hashed = hash_secret(secret);
+    let hashed = match credential.ok_or(Error::Missing)? {
+        Credential::Secret(secret) => hash_secret(secret),
+        Credential::Hashed(hash) => hash.to_string(),
+    };
     let token = tokens
         .iter()
         .find(|t| t.secret_sha256 == hashed)
@@ -233,6 +259,8 @@ pub fn authorize(
     }
     Ok(Caller {
         actor: format!("token:{}", token.name),
+        role,
+        token_hash: Some(hashed),
         warning,
     })
 }
@@ -295,15 +323,46 @@ mod tests {
             Error::Missing
         );
         assert_eq!(
-            authorize(&tcp(), Some("nope"), &tokens, &local(), Need::Read, 0).unwrap_err(),
+            authorize(
+                &tcp(),
+                Some(Credential::Secret("nope")),
+                &tokens,
+                &local(),
+                Need::Read,
+                0
+            )
+            .unwrap_err(),
             Error::Unknown
         );
-        assert!(authorize(&tcp(), Some("s1"), &tokens, &local(), Need::Read, 0).is_ok());
+        assert!(authorize(
+            &tcp(),
+            Some(Credential::Secret("s1")),
+            &tokens,
+            &local(),
+            Need::Read,
+            0
+        )
+        .is_ok());
         assert!(matches!(
-            authorize(&tcp(), Some("s1"), &tokens, &local(), Need::Operate, 0),
+            authorize(
+                &tcp(),
+                Some(Credential::Secret("s1")),
+                &tokens,
+                &local(),
+                Need::Operate,
+                0
+            ),
             Err(Error::Forbidden { .. })
         ));
-        let caller = authorize(&tcp(), Some("s2"), &tokens, &local(), Need::Create, 0).unwrap();
+        let caller = authorize(
+            &tcp(),
+            Some(Credential::Secret("s2")),
+            &tokens,
+            &local(),
+            Need::Create,
+            0,
+        )
+        .unwrap();
         assert_eq!(caller.actor, "token:ops");
     }
 
@@ -338,11 +397,34 @@ mod tests {
     fn an_expired_token_still_operates_existing_vms_but_creates_nothing() {
         let tokens = [token("old", "admin", "s", Some(1_000))];
         let late = 4_102_444_800_000; // 2100-01-01
-        let operate = authorize(&tcp(), Some("s"), &tokens, &local(), Need::Operate, late).unwrap();
+        let operate = authorize(
+            &tcp(),
+            Some(Credential::Secret("s")),
+            &tokens,
+            &local(),
+            Need::Operate,
+            late,
+        )
+        .unwrap();
         assert!(operate.warning.unwrap().contains("expired"));
-        assert!(authorize(&tcp(), Some("s"), &tokens, &local(), Need::Read, late).is_ok());
+        assert!(authorize(
+            &tcp(),
+            Some(Credential::Secret("s")),
+            &tokens,
+            &local(),
+            Need::Read,
+            late
+        )
+        .is_ok());
         assert!(matches!(
-            authorize(&tcp(), Some("s"), &tokens, &local(), Need::Create, late),
+            authorize(
+                &tcp(),
+                Some(Credential::Secret("s")),
+                &tokens,
+                &local(),
+                Need::Create,
+                late
+            ),
             Err(Error::Expired { .. })
         ));
         assert_eq!(expiry_warnings(&tokens, late).len(), 1);
@@ -351,7 +433,15 @@ mod tests {
     #[test]
     fn expiry_is_warned_ahead() {
         let tokens = [token("soon", "viewer", "s", Some(EXPIRY_WARNING_MS))];
-        let caller = authorize(&tcp(), Some("s"), &tokens, &local(), Need::Read, 1).unwrap();
+        let caller = authorize(
+            &tcp(),
+            Some(Credential::Secret("s")),
+            &tokens,
+            &local(),
+            Need::Read,
+            1,
+        )
+        .unwrap();
         assert!(caller.warning.unwrap().contains("expires at"));
         assert!(expiry_warnings(&tokens, -EXPIRY_WARNING_MS - 1).is_empty());
     }

@@ -256,6 +256,8 @@ mod tests {
         let access = Arc::new(crate::auth::Access {
             local: crate::auth::LocalRoles::default(),
             refusals: Default::default(),
+            sessions: Default::default(),
+            tls: false,
         });
         let root = axum::extract::ConnectInfo(crate::auth::Peer::Unix { uid: 0, pid: 1 });
         let router = crate::rest::router(app.clone(), access).layer(axum::Extension(root));

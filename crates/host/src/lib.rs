@@ -15,11 +15,13 @@ pub mod listen;
 pub mod refusals;
 pub mod rest;
 pub mod server;
+pub mod session;
 pub mod sla;
 pub mod store;
 pub mod supervisor;
 pub mod time;
 pub mod tls;
+pub mod ui;
 pub mod vmm_process;
 
 pub use server::{serve, ServeConfig};

@@ -311,8 +311,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let access = Arc::new(Access {
         local: LocalRoles::new(&config.local_roles),
         refusals: refusals.clone(),
+        sessions: Default::default(),
+        tls: config.tls.is_some(),
     });
-    let app = crate::rest::router(sup.clone(), access);
+    let app = crate::rest::router(sup.clone(), access)
+        .merge(crate::ui::router())
+        .layer(axum::middleware::from_fn(crate::ui::security_headers));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(crate::listen::serve(

@@ -52,6 +52,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(ack_incident))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(delete_token))
+        .routes(routes!(sessions::create, sessions::show, sessions::end))
 }
 
 /// The OpenAPI document of [`router`]'s routes.
@@ -96,6 +97,10 @@ fn need_of(method: &Method, path: &str) -> Need {
     if is_console(path) {
         return Need::Operate;
     }
+    // Signing in and out is for every role.
+    if path == "/session" {
+        return Need::Read;
+    }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
         Method::POST if path == "/vms" => Need::Create,
@@ -134,26 +139,45 @@ async fn guard(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let mutating = !matches!(method, Method::GET | Method::HEAD) || is_console(&path);
+    // A browser opening the daemon's address gets the web console.
+    if path == "/" && method == Method::GET && wants_html(req.headers()) {
+        return axum::response::Redirect::to(crate::ui::PREFIX).into_response();
+    }
     // Only TCP callers present tokens: the Unix socket's requests do not read the table.
-    let tokens = match peer {
+    let (tokens, session) = match peer {
         Peer::Tcp(_) => match app.with_store(|s| s.tokens()) {
-            Ok(t) => t,
+            Ok(t) => (
+                t,
+                crate::session::from_cookies(req.headers())
+                    .and_then(|id| access.sessions.token_hash(&id)),
+            ),
             Err(e) => return ApiError::from(e).into_response(),
         },
-        Peer::Unix { .. } => Vec::new(),
+        Peer::Unix { .. } => (Vec::new(), None),
     };
+    let credential = match (&bearer, &session) {
+        (Some(secret), _) => Some(auth::Credential::Secret(secret)),
+        (None, Some(hash)) => Some(auth::Credential::Hashed(hash)),
+        (None, None) => None,
+    };
+    // A browser's session cookie goes with any request to this host, whoever's page made it:
+    // what changes something must come from this host's own pages.
+    if bearer.is_none() && session.is_some() && mutating {
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        if !crate::session::same_origin(
+            header(axum::http::header::ORIGIN),
+            header(axum::http::header::HOST),
+            access.tls,
+        ) {
+            return refuse_anonymous(&access, &peer, &method, &path, auth::Error::CrossSite);
+        }
+    }
     let need = need_of(&method, &path);
     let decision = match access.refusals.blocked(&peer) {
         Some(wait) => Err(auth::Error::TooManyFailures(wait.as_secs().max(1))),
-        None => auth::authorize(
-            &peer,
-            bearer.as_deref(),
-            &tokens,
-            &access.local,
-            need,
-            now_ms(),
-        ),
+        None => auth::authorize(&peer, credential, &tokens, &access.local, need, now_ms()),
     };
+    req.extensions_mut().insert(access.clone());
     let (actor, mut response) = match decision {
         Ok(caller) => {
             let actor = caller.actor.clone();
@@ -229,7 +253,7 @@ fn refuse_anonymous(
 ) -> Response {
     let status = match e {
         auth::Error::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
-        auth::Error::NoLocalRole(_) => StatusCode::FORBIDDEN,
+        auth::Error::NoLocalRole(_) | auth::Error::CrossSite => StatusCode::FORBIDDEN,
         _ => StatusCode::UNAUTHORIZED,
     };
     access
@@ -242,6 +266,14 @@ fn refuse_anonymous(
             .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
+}
+
+/// Whether a request is a browser's navigation (it prefers HTML to JSON).
+fn wants_html(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
 }
 
 fn vm_of_path(path: &str) -> Option<String> {
@@ -723,6 +755,7 @@ async fn delete_token(
 pub struct ApiDoc;
 
 mod doc;
+mod sessions;
 
 #[cfg(test)]
 mod tests;

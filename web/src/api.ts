@@ -1,0 +1,71 @@
+// The console's only way to the daemon: the public REST API, with the browser's session
+// cookie (never a token in a URL or in storage). Types come from the OpenAPI document.
+import type { components } from "./api-types";
+
+type Schemas = components["schemas"];
+export type HostStatus = Schemas["HostStatus"];
+export type VmInfo = Schemas["VmInfo"];
+export type Incident = Schemas["Incident"];
+export type SessionInfo = Schemas["SessionInfo"];
+export type Role = Schemas["Role"];
+
+/// An answer that is not 2xx: the daemon's one sentence, and the status.
+export class ApiError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super(message);
+  }
+}
+
+async function answer<T>(response: Response): Promise<T> {
+  if (!response.ok) {
+    let message = response.statusText || `HTTP ${response.status}`;
+    try {
+      const body = (await response.json()) as Schemas["ErrorBody"];
+      message = body.error;
+    } catch {
+      // not JSON: keep the status text
+    }
+    throw new ApiError(message, response.status);
+  }
+  if (response.status === 204) {
+    return undefined as T;
+  }
+  return (await response.json()) as T;
+}
+
+async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
+  const response = await fetch(path, {
+    method,
+    credentials: "same-origin",
+    headers: body === undefined ? {} : { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return answer<T>(response);
+}
+
+export const api = {
+  session: () => call<SessionInfo>("GET", "/session"),
+  /// Trades the token for a session cookie; the token is not kept anywhere.
+  signIn: async (token: string) =>
+    answer<SessionInfo>(
+      await fetch("/session", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { authorization: `Bearer ${token}` },
+      }),
+    ),
+  signOut: () => call<void>("DELETE", "/session"),
+  host: () => call<HostStatus>("GET", "/"),
+  vms: () => call<VmInfo[]>("GET", "/vms"),
+  ack: (id: number) => call<void>("POST", `/incidents/${id}/ack`),
+};
+
+const rank: Record<Role, number> = { viewer: 0, operator: 1, admin: 2 };
+
+/// Whether `role` includes `needed`: the console shows only what the caller may use.
+export function may(role: Role, needed: Role): boolean {
+  return rank[role] >= rank[needed];
+}

@@ -1,0 +1,208 @@
+// The front page: open incidents, failed operations and warnings first; then host health and
+// the VMs. Everything a guest or a caller wrote is rendered as text (Preact escapes it).
+import { useEffect, useState } from "preact/hooks";
+import { api, HostStatus, may, SessionInfo, VmInfo } from "./api";
+
+/// How often the page reads the front page again (until events are pushed).
+const REFRESH_MS = 10_000;
+
+function Problems({ status, session, reload }: { status: HostStatus; session: SessionInfo; reload: () => void }) {
+  const [error, setError] = useState<string | null>(null);
+  const ack = async (id: number) => {
+    try {
+      await api.ack(id);
+      reload();
+    } catch (e) {
+      setError(e instanceof Error ? e.message : String(e));
+    }
+  };
+  const none = status.incidents.length === 0 && (status.failed_operations ?? []).length === 0 && status.warnings.length === 0;
+  if (none) {
+    return (
+      <section class="allwell" aria-labelledby="problems">
+        <h2 id="problems">Problems</h2>
+        <p>All is well: no open incidents, no failed operations, no warnings.</p>
+      </section>
+    );
+  }
+  return (
+    <section class="problems" aria-labelledby="problems">
+      <h2 id="problems">Problems</h2>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      {status.incidents.length > 0 && (
+        <table>
+          <caption>Open incidents</caption>
+          <thead>
+            <tr>
+              <th scope="col">Opened</th>
+              <th scope="col">VM</th>
+              <th scope="col">Cause</th>
+              <th scope="col">Summary</th>
+              {may(session.role, "operator") && <th scope="col">Action</th>}
+            </tr>
+          </thead>
+          <tbody>
+            {status.incidents.map((i) => (
+              <tr key={i.id} class="incident">
+                <td>{i.opened}</td>
+                <td>{i.vm ?? "-"}</td>
+                <td>{i.cause}</td>
+                <td>{i.summary}</td>
+                {may(session.role, "operator") && (
+                  <td>
+                    <button type="button" onClick={() => ack(i.id)}>
+                      Acknowledge
+                    </button>
+                  </td>
+                )}
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+      {(status.failed_operations ?? []).length > 0 && (
+        <table>
+          <caption>Failed operations</caption>
+          <thead>
+            <tr>
+              <th scope="col">Time</th>
+              <th scope="col">Who</th>
+              <th scope="col">Request</th>
+              <th scope="col">Status</th>
+              <th scope="col">Why</th>
+            </tr>
+          </thead>
+          <tbody>
+            {(status.failed_operations ?? []).map((f, n) => (
+              <tr key={n}>
+                <td>{f.time}</td>
+                <td>{f.actor}</td>
+                <td>{f.request}</td>
+                <td>{f.status}</td>
+                <td>{f.error}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+      {status.warnings.length > 0 && (
+        <ul class="warnings" aria-label="Warnings">
+          {status.warnings.map((w, n) => (
+            <li key={n}>{w}</li>
+          ))}
+        </ul>
+      )}
+    </section>
+  );
+}
+
+function Health({ status }: { status: HostStatus }) {
+  return (
+    <section aria-labelledby="health">
+      <h2 id="health">Host {status.hostname}</h2>
+      <p>
+        Health: <strong class={`health-${status.health}`}>{status.health}</strong>; {status.vms_running} of{" "}
+        {status.vms_total} VMs running; keel {status.version}
+      </p>
+      <table>
+        <caption>Checks</caption>
+        <tbody>
+          {status.checks.map((c) => (
+            <tr key={c.name}>
+              <th scope="row">{c.name}</th>
+              <td class={c.ok ? "ok" : "fail"}>{c.ok ? "ok" : "FAIL"}</td>
+              <td>{c.detail}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </section>
+  );
+}
+
+function Vms({ vms }: { vms: VmInfo[] }) {
+  return (
+    <section aria-labelledby="vms">
+      <h2 id="vms">VMs</h2>
+      {vms.length === 0 ? (
+        <p>No VM is defined yet.</p>
+      ) : (
+        <table>
+          <thead>
+            <tr>
+              <th scope="col">Name</th>
+              <th scope="col">State</th>
+              <th scope="col">vCPUs</th>
+              <th scope="col">Memory</th>
+              <th scope="col">Since</th>
+            </tr>
+          </thead>
+          <tbody>
+            {vms.map((vm) => (
+              <tr key={vm.spec.name}>
+                <td>{vm.spec.name}</td>
+                <td>{vm.state}</td>
+                <td>{vm.spec.cpus}</td>
+                <td>{vm.spec.memory_mib} MiB</td>
+                <td>{vm.since}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </section>
+  );
+}
+
+export function FrontPage({ session, onSignOut }: { session: SessionInfo; onSignOut: () => void }) {
+  const [status, setStatus] = useState<HostStatus | null>(null);
+  const [vms, setVms] = useState<VmInfo[]>([]);
+  const [error, setError] = useState<string | null>(null);
+  const load = async () => {
+    try {
+      const [s, v] = await Promise.all([api.host(), api.vms()]);
+      setStatus(s);
+      setVms(v);
+      setError(null);
+    } catch (e) {
+      setError(e instanceof Error ? e.message : String(e));
+    }
+  };
+  useEffect(() => {
+    load();
+    const timer = setInterval(load, REFRESH_MS);
+    return () => clearInterval(timer);
+  }, []);
+  return (
+    <>
+      <header>
+        <span class="brand">Keel</span>
+        <span class="who">
+          {session.actor} ({session.role})
+        </span>
+        <button type="button" onClick={onSignOut}>
+          Sign out
+        </button>
+      </header>
+      <main>
+        {session.warning && <p class="warning">{session.warning}</p>}
+        {error && (
+          <p role="alert" class="error">
+            {error}
+          </p>
+        )}
+        {status && (
+          <>
+            <Problems status={status} session={session} reload={load} />
+            <Health status={status} />
+            <Vms vms={vms} />
+          </>
+        )}
+      </main>
+    </>
+  );
+}

@@ -314,7 +314,7 @@ fn malformed_requests_get_a_4xx_with_a_message() {
         (get("/sla?from=2030-01-02T00:00:00Z&to=2030-01-01T00:00:00Z"), 400),
         (get("/sla?from=2030-01-01T00:00:00Z&to=2030-01-02T00:00:00Z&credits=x"), 400),
         (get("/no/such/path"), 404),
-        (post("/tokens", r#"{"name":"t","role":"god"}"#), 400),
+        (post("/tokens", r#"{"name":"t","role":"god"}"#), 422),
         (post("/tokens", r#"{"name":"t","role":"viewer","expires":"soon"}"#), 400),
     ];
     for (request, want) in &cases {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::events::{EventKind, LedgerVerification};
+use api::events::EventKind;
 use api::{
     Cause, ErrorBody, Event, HostStatus, Incident, NewToken, SlaReport, TokenInfo, TokenRequest,
     VmInfo, VmSpec, VmUsage,
@@ -19,11 +19,11 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
 
 use crate::auth::{self, Caller, Need, Peer};
-use crate::ledger::{self, EventFilter, NewEvent};
-use crate::store::{TokenRow, VmRow};
+use crate::health;
+use crate::ledger::NewEvent;
+use crate::store::VmRow;
 use crate::supervisor::{self, Supervisor};
-use crate::time::{now_ms, parse_rfc3339, rfc3339};
-use crate::{health, sla};
+use crate::time::{now_ms, rfc3339};
 
 mod extract;
 use extract::bad_request;
@@ -45,13 +45,14 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(stop_vm))
         .routes(routes!(reboot_vm))
         .routes(routes!(crate::console::attach))
-        .routes(routes!(list_events))
-        .routes(routes!(verify_ledger))
-        .routes(routes!(export_ledger))
-        .routes(routes!(sla_report))
+        .routes(routes!(ledger_routes::list_events))
+        .routes(routes!(ledger_routes::follow_events))
+        .routes(routes!(ledger_routes::verify_ledger))
+        .routes(routes!(ledger_routes::export_ledger))
+        .routes(routes!(ledger_routes::sla_report))
         .routes(routes!(ack_incident))
-        .routes(routes!(list_tokens, create_token))
-        .routes(routes!(delete_token))
+        .routes(routes!(tokens::list_tokens, tokens::create_token))
+        .routes(routes!(tokens::delete_token))
         .routes(routes!(sessions::create, sessions::show, sessions::end))
 }
 
@@ -441,180 +442,6 @@ async fn reboot_vm(
     Ok(Json(load_vm(&app, &name)?))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct EventParams {
-    /// Only this VM's events.
-    vm: Option<String>,
-    /// Only events of this kind.
-    kind: Option<EventKind>,
-    /// Only events after this sequence number.
-    since: Option<i64>,
-    /// At most this many (default 100, at most 10000).
-    limit: Option<usize>,
-}
-
-#[utoipa::path(get, path = "/events", params(EventParams),
-    responses((status = 200, body = Vec<Event>), (status = 400, body = ErrorBody)))]
-async fn list_events(
-    State(app): State<App>,
-    Params(params): Params<EventParams>,
-) -> Result<Json<Vec<Event>>, ApiError> {
-    let filter = EventFilter {
-        vm: params.vm,
-        kind: params.kind,
-        since: params.since,
-        limit: Some(params.limit.unwrap_or(100).min(10_000)),
-    };
-    Ok(Json(
-        app.with_reader(move |conn| ledger::list(conn, &filter))
-            .await??,
-    ))
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct VerifyParams {
-    /// A head written down earlier, `SEQ:HASH` (or a hash alone): checked instead of the
-    /// daemon's signed anchor; rows cut after it are named.
-    expect_head: Option<String>,
-}
-
-#[utoipa::path(get, path = "/ledger/verify", params(VerifyParams),
-    responses((status = 200, body = LedgerVerification)))]
-async fn verify_ledger(
-    State(app): State<App>,
-    Params(params): Params<VerifyParams>,
-) -> Result<Json<LedgerVerification>, ApiError> {
-    // Without a head from the caller, the one the daemon signed (anchor.rs) is checked; an
-    // anchor that is missing or not this host's is itself a problem.
-    let (head, anchor_problem) = match params.expect_head {
-        Some(text) => (Some(ledger::ExpectedHead::parse(&text)), None),
-        None => {
-            let public = app
-                .identity
-                .get()
-                .and_then(|i| i.ledger_public_key.as_deref())
-                .and_then(|k| crate::host_key::parse_public(k).ok());
-            match crate::anchor::read(&app.state_dir, public.as_ref()) {
-                Ok(anchor) => (Some(anchor.expected()), None),
-                Err(e) => (None, Some(e.to_string())),
-            }
-        }
-    };
-    let mut checked = app
-        .with_reader(move |conn| match &head {
-            Some(head) => ledger::verify_against(conn, head),
-            None => ledger::verify(conn),
-        })
-        .await??;
-    if anchor_problem.is_some() {
-        checked.ok = false;
-        checked.anchor_problem = anchor_problem;
-    }
-    Ok(Json(checked))
-}
-
-/// Sends what a blocking writer writes as a response body, chunk by chunk.
-struct BodyWriter(tokio::sync::mpsc::Sender<std::io::Result<axum::body::Bytes>>);
-
-impl std::io::Write for BodyWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(Ok(axum::body::Bytes::copy_from_slice(buf)))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[utoipa::path(get, path = "/ledger/export",
-    responses((status = 200, description = "The whole ledger as signed JSON Lines: a header with the host's public key, every row, the head signed now, and a signature of the file (keel ledger verify --export checks it)", content_type = "application/x-ndjson"),
-        (status = 503, body = ErrorBody)))]
-async fn export_ledger(State(app): State<App>) -> Result<Response, ApiError> {
-    let key = app.host_key.get().cloned().ok_or_else(|| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the host key cannot be read, so nothing can be signed; keel host names the problem"
-                .into(),
-        )
-    })?;
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let reader = app.clone();
-    tokio::spawn(async move {
-        let failed = tx.clone();
-        let written = reader
-            .with_reader(move |conn| {
-                let mut out = std::io::BufWriter::with_capacity(64 << 10, BodyWriter(tx));
-                ledger::export::write(conn, &key, &health::hostname(), &mut out)?;
-                std::io::Write::flush(&mut out)?;
-                Ok::<_, ledger::export::ExportError>(())
-            })
-            .await;
-        // A failure cuts the file short: it then lacks its signature and fails to verify.
-        let failure = match written {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::error!("exporting the ledger: {failure}");
-        let _ = failed.send(Err(std::io::Error::other(failure))).await;
-    });
-    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    });
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(chunks),
-    )
-        .into_response())
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct SlaParams {
-    /// One VM; all VMs in the ledger when absent.
-    vm: Option<String>,
-    /// RFC 3339 start of the window.
-    from: String,
-    /// RFC 3339 end of the window.
-    to: String,
-    /// Credit tiers like 99.95:10,99:25 (below 99.95% availability, 10% credit; ...).
-    credits: Option<String>,
-}
-
-#[utoipa::path(get, path = "/sla", params(SlaParams),
-    responses((status = 200, body = SlaReport), (status = 400, body = ErrorBody)))]
-async fn sla_report(
-    State(app): State<App>,
-    Params(params): Params<SlaParams>,
-) -> Result<Json<SlaReport>, ApiError> {
-    let from = parse_rfc3339(&params.from).map_err(|e| bad_request(format!("from: {e}")))?;
-    let to = parse_rfc3339(&params.to).map_err(|e| bad_request(format!("to: {e}")))?;
-    if to <= from {
-        return Err(bad_request(format!(
-            "the window is empty: to ({}) is not after from ({})",
-            params.to, params.from
-        )));
-    }
-    let tiers = match &params.credits {
-        Some(text) => sla::parse_tiers(text).map_err(|e| bad_request(e.to_string()))?,
-        None => Vec::new(),
-    };
-    let vms: Vec<String> = params.vm.into_iter().collect();
-    let report = app
-        .with_reader(move |conn| sla::report_from_ledger(conn, &vms, from, to, &tiers))
-        .await?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(report))
-}
-
 #[utoipa::path(post, path = "/incidents/{id}/ack", params(("id" = i64, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn ack_incident(
@@ -628,106 +455,6 @@ async fn ack_incident(
         Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no open incident {id}; GET / lists the open ones"),
-        ))
-    }
-}
-
-/// A token as listed; None for a row whose role is not one this keel knows (such a token
-/// authenticates nothing either).
-fn token_info(t: &TokenRow, now: i64) -> Option<TokenInfo> {
-    let role = match t.role.parse() {
-        Ok(role) => role,
-        Err(e) => {
-            tracing::warn!("token '{}' is not listed: {e}", t.name);
-            return None;
-        }
-    };
-    Some(TokenInfo {
-        name: t.name.clone(),
-        role,
-        created: rfc3339(t.created_ms),
-        expires: t.expires_ms.map(rfc3339),
-        expired: t.expires_ms.is_some_and(|e| now >= e),
-    })
-}
-
-#[utoipa::path(get, path = "/tokens", responses((status = 200, body = Vec<TokenInfo>)))]
-async fn list_tokens(State(app): State<App>) -> Result<Json<Vec<TokenInfo>>, ApiError> {
-    let now = now_ms();
-    let tokens = app.with_store(|s| s.tokens())?;
-    Ok(Json(
-        tokens.iter().filter_map(|t| token_info(t, now)).collect(),
-    ))
-}
-
-#[utoipa::path(post, path = "/tokens", request_body = TokenRequest,
-    responses((status = 201, body = NewToken), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_token(
-    State(app): State<App>,
-    Body(request): Body<TokenRequest>,
-) -> Result<(StatusCode, Json<NewToken>), ApiError> {
-    api::vm::check_name(&request.name).map_err(|_| {
-        bad_request(format!(
-            "token name '{}' is not allowed: use lowercase letters, digits, '-', '_' or '.'",
-            request.name
-        ))
-    })?;
-    let expires_ms = request
-        .expires
-        .as_deref()
-        .map(parse_rfc3339)
-        .transpose()
-        .map_err(|e| bad_request(format!("expires: {e}")))?;
-    let secret = auth::new_secret().map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("no randomness for the token: {e}"),
-        )
-    })?;
-    let row = TokenRow {
-        name: request.name.clone(),
-        role: request.role.to_string(),
-        secret_sha256: auth::hash_secret(&secret),
-        created_ms: now_ms(),
-        expires_ms,
-    };
-    app.with_store(|s| -> Result<(), ApiError> {
-        if s.tokens()?.iter().any(|t| t.name == row.name) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("a token named '{}' exists; remove it first", row.name),
-            ));
-        }
-        Ok(s.add_token(&row)?)
-    })?;
-    let now = now_ms();
-    Ok((
-        StatusCode::CREATED,
-        Json(NewToken {
-            token: TokenInfo {
-                name: row.name,
-                role: request.role,
-                created: rfc3339(row.created_ms),
-                expires: row.expires_ms.map(rfc3339),
-                expired: row.expires_ms.is_some_and(|e| now >= e),
-            },
-            secret,
-        }),
-    ))
-}
-
-#[utoipa::path(delete, path = "/tokens/{name}", params(("name" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn delete_token(
-    State(app): State<App>,
-    PathArg(name): PathArg<String>,
-) -> Result<StatusCode, ApiError> {
-    if app.with_store(|s| s.remove_token(&name))? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no token named '{name}'"),
         ))
     }
 }
@@ -755,7 +482,9 @@ async fn delete_token(
 pub struct ApiDoc;
 
 mod doc;
+mod ledger_routes;
 mod sessions;
+mod tokens;
 
 #[cfg(test)]
 mod tests;

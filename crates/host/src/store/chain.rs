@@ -14,7 +14,6 @@ use crate::anchor::{self, Anchor};
 use crate::host_key::HostKey;
 use crate::ledger::{self, NewEvent};
 
-#[derive(Default)]
 pub struct Chain {
     /// (seq, hash) of the last row this daemon appended or verified; None until the daemon
     /// has checked the ledger at start.
@@ -23,6 +22,22 @@ pub struct Chain {
     anchoring: Option<(PathBuf, Option<Arc<HostKey>>)>,
     /// Changes found behind the daemon's back, not yet raised.
     tampered: Vec<String>,
+    /// Every committed row, to whoever follows them (`GET /events/stream`).
+    followers: tokio::sync::broadcast::Sender<Event>,
+}
+
+/// Rows a slow follower may fall behind by before it is told it missed some.
+const FOLLOW_BACKLOG: usize = 256;
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            head: None,
+            anchoring: None,
+            tampered: Vec::new(),
+            followers: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
+        }
+    }
 }
 
 /// What happened between the head the daemon knows and the ledger's last row.
@@ -92,12 +107,19 @@ impl Chain {
     /// synced: see anchor.rs).
     pub fn committed(&mut self, event: &Event) {
         self.head = Some((event.seq, event.hash.clone()));
+        // No follower is not an error.
+        let _ = self.followers.send(event.clone());
         if let Some((state_dir, key)) = &self.anchoring {
             let anchor = Anchor::new(event.seq, &event.hash, key.as_deref());
             if let Err(e) = anchor::write(state_dir, &anchor, false) {
                 tracing::error!("writing the ledger anchor in {}: {e}", state_dir.display());
             }
         }
+    }
+
+    /// Rows committed from now on.
+    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.followers.subscribe()
     }
 
     /// Changes found behind the daemon's back since the last call.

@@ -16,6 +16,9 @@ const result = await esbuild.build({
   bundle: true,
   minify: true,
   format: "esm",
+  // The terminal (xterm.js, most of the bytes) loads only on a console page.
+  splitting: true,
+  chunkNames: "chunk-[hash]",
   target: "es2022",
   jsx: "automatic",
   jsxImportSource: "preact",
@@ -25,9 +28,9 @@ const result = await esbuild.build({
   legalComments: "none",
   logLevel: "warning",
 });
-const outputs = Object.keys(result.metafile.outputs).map((o) => basename(o));
-const script = outputs.find((o) => o.endsWith(".js"));
-const style = outputs.find((o) => o.endsWith(".css"));
+const entry = Object.entries(result.metafile.outputs).find(([, o]) => o.entryPoint?.endsWith("src/main.tsx"));
+const script = basename(entry[0]);
+const style = entry[1].cssBundle ? basename(entry[1].cssBundle) : undefined;
 const html = readFileSync(join(here, "index.html"), "utf8")
   .replace("%SCRIPT%", script)
   .replace("%STYLE%", style ?? "");

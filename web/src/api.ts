@@ -46,6 +46,13 @@ async function call<T>(method: string, path: string, body?: unknown): Promise<T>
   return answer<T>(response);
 }
 
+export type VmSpec = Schemas["VmSpec"];
+export type Event = Schemas["Event"];
+export type SlaReport = Schemas["SlaReport"];
+export type LedgerVerification = Schemas["LedgerVerification"];
+
+const vm = (name: string, action = "") => `/vms/${encodeURIComponent(name)}${action}`;
+
 export const api = {
   session: () => call<SessionInfo>("GET", "/session"),
   /// Trades the token for a session cookie; the token is not kept anywhere.
@@ -61,7 +68,23 @@ export const api = {
   host: () => call<HostStatus>("GET", "/"),
   vms: () => call<VmInfo[]>("GET", "/vms"),
   ack: (id: number) => call<void>("POST", `/incidents/${id}/ack`),
+  vm: (name: string) => call<VmInfo>("GET", vm(name)),
+  create: (spec: VmSpec) => call<VmInfo>("POST", "/vms", spec),
+  start: (name: string) => call<VmInfo>("POST", vm(name, "/start")),
+  stop: (name: string) => call<VmInfo>("POST", vm(name, "/stop")),
+  reboot: (name: string) => call<VmInfo>("POST", vm(name, "/reboot")),
+  shutdown: (name: string) => call<VmInfo>("POST", vm(name, "/shutdown?wait=false")),
+  remove: (name: string) => call<void>("DELETE", vm(name)),
+  events: (query: string) => call<Event[]>("GET", `/events?${query}`),
+  sla: (query: string) => call<SlaReport>("GET", `/sla?${query}`),
+  verify: () => call<LedgerVerification>("GET", "/ledger/verify"),
 };
+
+/// The path of a VM's console WebSocket, as a URL on this host.
+export function consoleUrl(name: string): string {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${vm(name, "/console")}`;
+}
 
 const rank: Record<Role, number> = { viewer: 0, operator: 1, admin: 2 };
 

@@ -1,10 +1,10 @@
 // The front page: open incidents, failed operations and warnings first; then host health and
 // the VMs. Everything a guest or a caller wrote is rendered as text (Preact escapes it).
-import { useEffect, useState } from "preact/hooks";
+import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, HostStatus, may, SessionInfo, VmInfo } from "./api";
-
-/// How often the page reads the front page again (until events are pushed).
-const REFRESH_MS = 10_000;
+import { message, monthStart } from "./format";
+import { useLive } from "./live";
+import { Availability, CreateVm, VmList } from "./vms";
 
 function Problems({ status, session, reload }: { status: HostStatus; session: SessionInfo; reload: () => void }) {
   const [error, setError] = useState<string | null>(null);
@@ -124,85 +124,44 @@ function Health({ status }: { status: HostStatus }) {
   );
 }
 
-function Vms({ vms }: { vms: VmInfo[] }) {
-  return (
-    <section aria-labelledby="vms">
-      <h2 id="vms">VMs</h2>
-      {vms.length === 0 ? (
-        <p>No VM is defined yet.</p>
-      ) : (
-        <table>
-          <thead>
-            <tr>
-              <th scope="col">Name</th>
-              <th scope="col">State</th>
-              <th scope="col">vCPUs</th>
-              <th scope="col">Memory</th>
-              <th scope="col">Since</th>
-            </tr>
-          </thead>
-          <tbody>
-            {vms.map((vm) => (
-              <tr key={vm.spec.name}>
-                <td>{vm.spec.name}</td>
-                <td>{vm.state}</td>
-                <td>{vm.spec.cpus}</td>
-                <td>{vm.spec.memory_mib} MiB</td>
-                <td>{vm.since}</td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
-      )}
-    </section>
-  );
-}
-
-export function FrontPage({ session, onSignOut }: { session: SessionInfo; onSignOut: () => void }) {
+export function FrontPage({ session }: { session: SessionInfo }) {
   const [status, setStatus] = useState<HostStatus | null>(null);
   const [vms, setVms] = useState<VmInfo[]>([]);
+  const [availability, setAvailability] = useState<Availability>({});
   const [error, setError] = useState<string | null>(null);
-  const load = async () => {
+  const load = useCallback(async () => {
     try {
-      const [s, v] = await Promise.all([api.host(), api.vms()]);
+      const window = new URLSearchParams({ from: monthStart(), to: new Date().toISOString() }).toString();
+      const [s, v, sla] = await Promise.all([api.host(), api.vms(), api.sla(window)]);
       setStatus(s);
       setVms(v);
+      setAvailability(Object.fromEntries(sla.vms.map((a) => [a.vm, a.availability_percent])));
       setError(null);
     } catch (e) {
-      setError(e instanceof Error ? e.message : String(e));
+      setError(message(e));
     }
-  };
+  }, []);
   useEffect(() => {
     load();
-    const timer = setInterval(load, REFRESH_MS);
-    return () => clearInterval(timer);
-  }, []);
+  }, [load]);
+  // Every new ledger row (a state change, an incident, an API call) may change the page.
+  useLive(useCallback(() => load(), [load]));
   return (
     <>
-      <header>
-        <span class="brand">Keel</span>
-        <span class="who">
-          {session.actor} ({session.role})
-        </span>
-        <button type="button" onClick={onSignOut}>
-          Sign out
-        </button>
-      </header>
-      <main>
-        {session.warning && <p class="warning">{session.warning}</p>}
-        {error && (
-          <p role="alert" class="error">
-            {error}
-          </p>
-        )}
-        {status && (
-          <>
-            <Problems status={status} session={session} reload={load} />
-            <Health status={status} />
-            <Vms vms={vms} />
-          </>
-        )}
-      </main>
+      {session.warning && <p class="warning">{session.warning}</p>}
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      {status && (
+        <>
+          <Problems status={status} session={session} reload={load} />
+          <Health status={status} />
+          <VmList vms={vms} availability={availability} role={session.role} onChange={load} />
+          {may(session.role, "operator") && <CreateVm onCreated={() => load()} />}
+        </>
+      )}
     </>
   );
 }

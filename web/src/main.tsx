@@ -3,7 +3,67 @@ import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError, SessionInfo } from "./api";
 import { FrontPage } from "./front";
+import { disconnect } from "./live";
+import { VmPage } from "./vm";
 import "./app.css";
+
+/// The console page, loaded when first shown (the terminal is most of the console's bytes).
+function Console({ name }: { name: string }) {
+  const [page, setPage] = useState<typeof import("./console").ConsolePage | null>(null);
+  useEffect(() => {
+    import("./console").then((m) => setPage(() => m.ConsolePage));
+  }, []);
+  const Page = page;
+  return Page ? <Page name={name} /> : <p>Loading the terminal…</p>;
+}
+
+/// The page a location hash names: #/, #/vms/NAME, #/vms/NAME/console.
+function useRoute(): string[] {
+  const parse = () =>
+    location.hash
+      .replace(/^#\/?/, "")
+      .split("/")
+      .filter((p) => p !== "")
+      .map(decodeURIComponent);
+  const [route, setRoute] = useState(parse());
+  useEffect(() => {
+    const changed = () => setRoute(parse());
+    window.addEventListener("hashchange", changed);
+    return () => window.removeEventListener("hashchange", changed);
+  }, []);
+  return route;
+}
+
+function Shell({ session, onSignOut }: { session: SessionInfo; onSignOut: () => void }) {
+  const route = useRoute();
+  let page;
+  if (route[0] === "vms" && route[1] && route[2] === "console") {
+    page = <Console name={route[1]} />;
+  } else if (route[0] === "vms" && route[1]) {
+    page = <VmPage name={route[1]} session={session} />;
+  } else {
+    page = <FrontPage session={session} />;
+  }
+  return (
+    <>
+      <header>
+        <a class="brand" href="#/">
+          Keel
+        </a>
+        <nav aria-label="Pages">
+          <a href="#/">Front page</a>
+        </nav>
+        <span class="who">
+          {session.actor} ({session.role})
+        </span>
+        <button type="button" onClick={onSignOut}>
+          Sign out
+        </button>
+      </header>
+      <main>{page}</main>
+    </>
+  );
+}
 
 function SignIn({ onSignedIn }: { onSignedIn: (s: SessionInfo) => void }) {
   const [error, setError] = useState<string | null>(null);
@@ -54,11 +114,11 @@ function App() {
       .session()
       .then(setSession)
       .catch((e) => {
-        if (e instanceof ApiError && (e.status === 401 || e.status === 403)) {
-          setSession(null);
-        } else {
-          setSession(null);
+        // Not signed in (401), or the daemon is away: the sign-in page says which on submit.
+        if (!(e instanceof ApiError)) {
+          console.warn(e);
         }
+        setSession(null);
       });
   }, []);
   if (session === undefined) {
@@ -69,9 +129,10 @@ function App() {
   }
   const signOut = async () => {
     await api.signOut().catch(() => undefined);
+    disconnect();
     setSession(null);
   };
-  return <FrontPage session={session} onSignOut={signOut} />;
+  return <Shell session={session} onSignOut={signOut} />;
 }
 
 const root = document.getElementById("app");

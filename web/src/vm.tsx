@@ -1,0 +1,131 @@
+// One VM: its state and actions, its definition, its events and its availability this month
+// from the ledger, and a way to its console.
+import { useCallback, useEffect, useState } from "preact/hooks";
+import { api, Event, may, SessionInfo, SlaReport, VmInfo } from "./api";
+import { message, monthStart, since } from "./format";
+import { useLive } from "./live";
+import { Actions } from "./vms";
+
+export function VmPage({ name, session }: { name: string; session: SessionInfo }) {
+  const [vm, setVm] = useState<VmInfo | null>(null);
+  const [events, setEvents] = useState<Event[]>([]);
+  const [sla, setSla] = useState<SlaReport | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const load = useCallback(async () => {
+    try {
+      const query = new URLSearchParams({ vm: name, limit: "50" }).toString();
+      const window = new URLSearchParams({ vm: name, from: monthStart(), to: new Date().toISOString() }).toString();
+      const [v, e, s] = await Promise.all([api.vm(name), api.events(query), api.sla(window)]);
+      setVm(v);
+      setEvents(e.slice().reverse());
+      setSla(s);
+    } catch (e) {
+      setError(message(e));
+    }
+  }, [name]);
+  useEffect(() => {
+    load();
+  }, [load]);
+  useLive(
+    useCallback(
+      (row) => {
+        if (row === null || row.vm === name) {
+          load();
+        }
+      },
+      [name, load],
+    ),
+  );
+  if (!vm) {
+    return error ? (
+      <p role="alert" class="error">
+        {error}
+      </p>
+    ) : (
+      <p>Loading {name}…</p>
+    );
+  }
+  const availability = sla?.vms.find((v) => v.vm === name);
+  return (
+    <>
+      <h1>
+        VM {vm.spec.name}: <span class={`state-${vm.state}`}>{vm.state}</span>
+      </h1>
+      <p>
+        {vm.state} for {since(vm.since)}
+        {vm.reason ? ` (${vm.reason})` : ""}
+      </p>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      <p>
+        <Actions
+          vm={vm}
+          role={session.role}
+          onDone={(e) => {
+            setError(e);
+            load();
+          }}
+        />{" "}
+        {may(session.role, "operator") && vm.state === "running" && (
+          <a class="button" href={`#/vms/${encodeURIComponent(name)}/console`}>
+            Console
+          </a>
+        )}
+      </p>
+      <section aria-labelledby="availability">
+        <h2 id="availability">Availability this month</h2>
+        {availability ? (
+          <p>
+            {availability.availability_percent.toFixed(3)} %: {availability.outages} outage(s),{" "}
+            {availability.downtime_seconds.toFixed(0)} s down, from the ledger
+            {sla?.ledger_verified ? " (verified)" : " (the ledger does NOT verify)"}
+          </p>
+        ) : (
+          <p>No ledger rows for this VM this month.</p>
+        )}
+      </section>
+      <section aria-labelledby="definition">
+        <h2 id="definition">Definition</h2>
+        <pre class="definition">{JSON.stringify(vm.spec, null, 2)}</pre>
+        {vm.usage && (
+          <p>
+            Jail uid {vm.usage.jail_id}; memory {Math.round((vm.usage.memory_bytes ?? 0) / 1048576)} of{" "}
+            {Math.round((vm.usage.memory_limit_bytes ?? 0) / 1048576)} MiB; tasks {vm.usage.tasks} of {vm.usage.tasks_limit}
+          </p>
+        )}
+      </section>
+      <section aria-labelledby="events">
+        <h2 id="events">Events</h2>
+        <table>
+          <thead>
+            <tr>
+              <th scope="col">#</th>
+              <th scope="col">Time</th>
+              <th scope="col">Kind</th>
+              <th scope="col">Change</th>
+              <th scope="col">Cause</th>
+              <th scope="col">Who</th>
+              <th scope="col">Detail</th>
+            </tr>
+          </thead>
+          <tbody>
+            {events.map((e) => (
+              <tr key={e.seq}>
+                <td>{e.seq}</td>
+                <td>{e.time}</td>
+                <td>{e.kind}</td>
+                <td>{e.to ? `${e.from ?? ""} → ${e.to}` : ""}</td>
+                <td>{e.cause}</td>
+                <td>{e.actor}</td>
+                <td>{e.detail}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </section>
+    </>
+  );
+}

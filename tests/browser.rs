@@ -289,6 +289,16 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
     screenshot(&c, "vm-page").await;
     c.goto(&format!("{base}#/vms/web/console")).await.unwrap();
     wait_text(&c, "attached").await;
+    // The scrollback from console.log: what the probe said before anyone attached.
+    wait_text(&c, "PROBE power_button waiting").await;
+    // A second viewer (another browser, signed in on its own) sees the same output.
+    let second = browser(&driver).await;
+    sign_in(&second, &base, &operator).await;
+    second
+        .goto(&format!("{base}#/vms/web/console"))
+        .await
+        .unwrap();
+    wait_text(&second, "attached").await;
     let terminal = c
         .wait()
         .for_element(Locator::Css(".xterm-helper-textarea"))
@@ -296,6 +306,8 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
         .unwrap();
     terminal.send_keys("k").await.unwrap();
     wait_text(&c, "PROBE serial_in 0x6b").await;
+    wait_text(&second, "PROBE serial_in 0x6b").await;
+    second.close().await.unwrap();
     screenshot(&c, "console").await;
 
     // Shut it down from the list (a confirmation first).
@@ -354,6 +366,48 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The events page shows the ledger; the SLA page reports, charts and offers the evidence.
+    c.goto(&format!("{base}#/events")).await.unwrap();
+    wait_text(&c, "incident 1 acknowledged").await;
+    c.goto(&format!("{base}#/sla")).await.unwrap();
+    wait_text(&c, "Availability per day").await;
+    c.find(Locator::XPath("//button[text()='Verify the ledger now']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "Verified:").await;
+    screenshot(&c, "sla").await;
+    let mut links = Vec::new();
+    for a in c.find_all(Locator::Css(".downloads a")).await.unwrap() {
+        links.push(a.attr("href").await.unwrap().unwrap());
+    }
+    assert_eq!(links.len(), 3, "{links:?}");
+    for link in &links {
+        // What the link downloads, fetched as the page would (same session, same origin).
+        let got = c
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 fetch(arguments[0], { credentials: 'same-origin' })
+                   .then(async r => done([r.status, r.headers.get('content-type'), (await r.text()).slice(0, 200)]));",
+                vec![json!(link)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(got[0], 200, "{link}: {got}");
+        eprintln!(
+            "browser: evidence {link}: {} {:?}",
+            got[1],
+            got[2].as_str().unwrap().lines().next()
+        );
+    }
+    let problems = accessibility_problems(&c).await;
+    assert!(
+        problems.is_empty(),
+        "axe-core on the SLA page: {problems:#?}"
+    );
+
     // A viewer sees the VMs but no button that would change anything.
     sign_out(&c).await;
     sign_in(&c, &base, &viewer).await;
@@ -366,6 +420,18 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
         labels
     };
     assert!(buttons.is_empty(), "a viewer is offered {buttons:?}");
+    c.goto(&format!("{base}#/vms/web")).await.unwrap();
+    wait_text(&c, "Definition").await;
+    assert!(c
+        .find_all(Locator::Css("main button"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c
+        .find_all(Locator::Css("a.button"))
+        .await
+        .unwrap()
+        .is_empty());
     assert!(c
         .find_all(Locator::Css("form.create"))
         .await

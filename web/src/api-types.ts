@@ -242,6 +242,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/vms/{name}/console/log": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The end of a VM's console output, as the guest wrote it (bytes, not text). */
+        get: operations["log_tail"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/vms/{name}/reboot": {
         parameters: {
             query?: never;
@@ -1312,6 +1329,8 @@ export interface operations {
                 to: string;
                 /** @description Credit tiers like 99.95:10,99:25 (below 99.95% availability, 10% credit; ...). */
                 credits?: string;
+                /** @description `json` (default) or `csv` (as `keel sla report --format csv` prints it). */
+                format?: "json" | "csv";
             };
             header?: never;
             path?: never;
@@ -1319,6 +1338,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
+            /** @description The report (JSON); with format=csv, one line per VM as text/csv */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -1987,6 +2007,84 @@ export interface operations {
             };
             /** @description the VM has no running VMM */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    log_tail: {
+        parameters: {
+            query?: {
+                /** @description How many bytes from the end (default 65536, at most 1048576). */
+                bytes?: number;
+            };
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The last bytes of the VM's console.log (empty before its first boot) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": unknown;
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,10 +1,14 @@
-// A VM's serial console in the browser: xterm.js over the console WebSocket (the session
-// cookie and this page's Origin authorise it), input and output, resize to the window, copy
-// and paste as the terminal does them. Several viewers may attach at once.
+// A VM's serial console in the browser: the end of its console.log first (the scrollback),
+// then xterm.js over the console WebSocket (the session cookie and this page's Origin
+// authorise it): input and output, resize to the window, copy and paste as the terminal does
+// them. Several viewers may attach at once; each sees the same output.
 import { useEffect, useRef, useState } from "preact/hooks";
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 import { consoleUrl } from "./api";
+
+/// How much of console.log is shown before attaching.
+const SCROLLBACK_BYTES = 65536;
 
 export function ConsolePage({ name }: { name: string }) {
   const host = useRef<HTMLDivElement>(null);
@@ -19,30 +23,43 @@ export function ConsolePage({ name }: { name: string }) {
     term.open(host.current);
     fit.fit();
     term.focus();
-    const socket = new WebSocket(consoleUrl(name));
-    socket.binaryType = "arraybuffer";
-    socket.onopen = () => setStatus("attached");
-    socket.onmessage = (message) => {
-      if (message.data instanceof ArrayBuffer) {
-        term.write(new Uint8Array(message.data));
-      } else {
-        term.write(String(message.data));
+    let socket: WebSocket | null = null;
+    let closed = false;
+    const attach = () => {
+      if (closed) {
+        return;
       }
+      const ws = new WebSocket(consoleUrl(name));
+      ws.binaryType = "arraybuffer";
+      ws.onopen = () => setStatus("attached");
+      ws.onmessage = (message) => {
+        term.write(message.data instanceof ArrayBuffer ? new Uint8Array(message.data) : String(message.data));
+      };
+      ws.onclose = (event) => setStatus(`closed${event.reason ? `: ${event.reason}` : ""} (code ${event.code})`);
+      ws.onerror = () => setStatus("the console could not be opened (is the VM running, and may you attach?)");
+      socket = ws;
     };
-    socket.onclose = (event) => setStatus(`closed${event.reason ? `: ${event.reason}` : ""} (code ${event.code})`);
-    socket.onerror = () => setStatus("the console could not be opened (is the VM running, and may you attach?)");
+    fetch(`/vms/${encodeURIComponent(name)}/console/log?bytes=${SCROLLBACK_BYTES}`, { credentials: "same-origin" })
+      .then(async (r) => {
+        if (r.ok) {
+          term.write(new Uint8Array(await r.arrayBuffer()));
+        }
+      })
+      .catch(() => undefined)
+      .finally(attach);
     const encoder = new TextEncoder();
     const input = term.onData((data) => {
-      if (socket.readyState === WebSocket.OPEN) {
+      if (socket && socket.readyState === WebSocket.OPEN) {
         socket.send(encoder.encode(data));
       }
     });
     const resize = () => fit.fit();
     window.addEventListener("resize", resize);
     return () => {
+      closed = true;
       window.removeEventListener("resize", resize);
       input.dispose();
-      socket.close();
+      socket?.close();
       term.dispose();
     };
   }, [name]);

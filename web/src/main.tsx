@@ -2,7 +2,9 @@
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError, SessionInfo } from "./api";
+import { EventsPage } from "./events";
 import { FrontPage } from "./front";
+import { SlaPage } from "./sla";
 import { disconnect } from "./live";
 import { VmPage } from "./vm";
 import "./app.css";
@@ -39,6 +41,10 @@ function Shell({ session, onSignOut }: { session: SessionInfo; onSignOut: () => 
   let page;
   if (route[0] === "vms" && route[1] && route[2] === "console") {
     page = <Console name={route[1]} />;
+  } else if (route[0] === "events") {
+    page = <EventsPage />;
+  } else if (route[0] === "sla") {
+    page = <SlaPage />;
   } else if (route[0] === "vms" && route[1]) {
     page = <VmPage name={route[1]} session={session} />;
   } else {
@@ -51,7 +57,7 @@ function Shell({ session, onSignOut }: { session: SessionInfo; onSignOut: () => 
           Keel
         </a>
         <nav aria-label="Pages">
-          <a href="#/">Front page</a>
+          <a href="#/">Front page</a> <a href="#/events">Events</a> <a href="#/sla">SLA evidence</a>
         </nav>
         <span class="who">
           {session.actor} ({session.role})

@@ -72,13 +72,41 @@ pub fn summarise(v: &api::events::LedgerVerification) -> Option<String> {
     ))
 }
 
+/// The front page's `ledger` check: the daemon's last verification, when and how it went.
+pub fn health_check(v: &api::events::LedgerVerification, anchored: bool) -> api::host::HealthCheck {
+    let when = crate::time::rfc3339(crate::time::now_ms());
+    api::host::HealthCheck {
+        name: "ledger".into(),
+        ok: v.ok && anchored,
+        detail: if v.ok {
+            format!(
+                "{} rows verified at {when}{}; head {}:{}",
+                v.rows,
+                if anchored {
+                    " against the signed anchor"
+                } else {
+                    ", with no usable anchor"
+                },
+                v.head_seq,
+                v.head_hash
+            )
+        } else {
+            format!(
+                "the ledger does NOT verify ({} problem(s) at {when}); keel ledger verify names them",
+                v.problems.len()
+            )
+        },
+    }
+}
+
 /// Checks the ledger against its anchor before the daemon writes anything, makes numbering
-/// resume after rows cut from the end, and starts anchoring. Returns what to raise.
+/// resume after rows cut from the end, and starts anchoring. Returns what to raise, and the
+/// front page's ledger check.
 pub fn check_at_start(
     store: &mut Store,
     state_dir: &Path,
     keys: &Keys,
-) -> store::Result<Vec<String>> {
+) -> store::Result<(Vec<String>, api::host::HealthCheck)> {
     let mut findings: Vec<String> = keys.problem.iter().cloned().collect();
     let last = ledger::last_row(store.connection())?;
     let expected: Option<ExpectedHead> = match anchor::read(state_dir, keys.public.as_ref()) {
@@ -121,9 +149,11 @@ pub fn check_at_start(
     {
         ledger::set_resume(store.connection(), head.seq.unwrap_or(0), &head.hash)?;
     }
+    // A first start has no anchor to check against, and needs none.
+    let check = health_check(&verified, expected.is_some() || last.is_none());
     let state_dir = state_dir.to_path_buf();
     store.chain.start(last, state_dir, keys.key.clone());
-    Ok(findings)
+    Ok((findings, check))
 }
 
 /// Raises each finding as an incident, unless one with the same summary was raised before
@@ -178,6 +208,7 @@ pub async fn verify_all(sup: &Arc<Supervisor>, keys: &Keys) {
     let expected = anchor::read(&sup.state_dir, keys.public.as_ref())
         .ok()
         .map(|a| a.expected());
+    let anchored = expected.is_some();
     let checked = sup
         .with_reader(move |conn| match &expected {
             Some(head) => ledger::verify_against(conn, head),
@@ -185,7 +216,10 @@ pub async fn verify_all(sup: &Arc<Supervisor>, keys: &Keys) {
         })
         .await;
     match checked {
-        Ok(Ok(v)) => raise(sup, summarise(&v).into_iter().collect()),
+        Ok(Ok(v)) => {
+            sup.set_ledger_check(health_check(&v, anchored));
+            raise(sup, summarise(&v).into_iter().collect())
+        }
         Ok(Err(e)) => tracing::error!("verifying the ledger: {e}"),
         Err(e) => tracing::error!("verifying the ledger: {e}"),
     }

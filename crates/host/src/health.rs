@@ -82,6 +82,8 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
             },
         ),
     ];
+    let mut checks = checks;
+    checks.extend(sup.ledger_check());
     let warnings = auth::expiry_warnings(&tokens, now_ms());
     let health = if !checks[0].ok {
         HostHealth::Failing

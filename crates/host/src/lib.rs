@@ -5,6 +5,7 @@
 pub mod anchor;
 pub mod auth;
 pub mod console;
+pub mod console_log;
 pub mod evidence;
 pub mod health;
 pub mod host_key;

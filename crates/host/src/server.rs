@@ -207,7 +207,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         .await
         .map_err(|e| store::Error::Reader(e.to_string()))?
     };
-    let findings = findings?;
+    let (findings, ledger_check) = findings?;
     // When the previous daemon last wrote: VMMs that ended unwatched ended after this.
     let unwatched_since: i64 = store
         .connection()
@@ -265,6 +265,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
             ),
         ))
     })?;
+    sup.set_ledger_check(ledger_check);
     crate::evidence::raise(&sup, findings);
     let (adopted, lost) = sup.recover(host_booted).await?;
     sup.sweep_cgroups();

@@ -197,14 +197,25 @@ pub(super) struct SlaParams {
     to: String,
     /// Credit tiers like 99.95:10,99:25 (below 99.95% availability, 10% credit; ...).
     credits: Option<String>,
+    /// `json` (default) or `csv` (as `keel sla report --format csv` prints it).
+    #[param(inline)]
+    format: Option<SlaFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum SlaFormat {
+    Json,
+    Csv,
 }
 
 #[utoipa::path(get, path = "/sla", params(SlaParams),
-    responses((status = 200, body = SlaReport), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = SlaReport, description = "The report (JSON); with format=csv, one line per VM as text/csv"),
+        (status = 400, body = ErrorBody)))]
 pub(super) async fn sla_report(
     State(app): State<App>,
     Params(params): Params<SlaParams>,
-) -> Result<Json<SlaReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let from = parse_rfc3339(&params.from).map_err(|e| bad_request(format!("from: {e}")))?;
     let to = parse_rfc3339(&params.to).map_err(|e| bad_request(format!("to: {e}")))?;
     if to <= from {
@@ -222,5 +233,12 @@ pub(super) async fn sla_report(
         .with_reader(move |conn| sla::report_from_ledger(conn, &vms, from, to, &tiers))
         .await?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(report))
+    if params.format == Some(SlaFormat::Csv) {
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            sla::to_csv(&report),
+        )
+            .into_response());
+    }
+    Ok(Json(report).into_response())
 }

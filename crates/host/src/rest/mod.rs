@@ -45,6 +45,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(stop_vm))
         .routes(routes!(reboot_vm))
         .routes(routes!(crate::console::attach))
+        .routes(routes!(crate::console_log::log_tail))
         .routes(routes!(ledger_routes::list_events))
         .routes(routes!(ledger_routes::follow_events))
         .routes(routes!(ledger_routes::verify_ledger))
@@ -95,7 +96,8 @@ fn need_of(method: &Method, path: &str) -> Need {
     if path.starts_with("/tokens") {
         return Need::Admin;
     }
-    if is_console(path) {
+    // The console, live or its scrollback, is the guest's operator's.
+    if is_console(path) || path.ends_with("/console/log") {
         return Need::Operate;
     }
     // Signing in and out is for every role.

@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 18);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 19);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()
@@ -37,6 +37,7 @@ fn what_a_request_needs() {
     assert_eq!(need_of(&Method::GET, "/vms/a/console"), Need::Operate);
     assert_eq!(need_of(&Method::GET, "/vms/a/console/"), Need::Operate);
     assert_eq!(need_of(&Method::GET, "/vms/console"), Need::Read);
+    assert_eq!(need_of(&Method::GET, "/vms/a/console/log"), Need::Operate);
     assert!(is_console("/vms/a/console") && !is_console("/vms/console"));
     assert_eq!(vm_of_path("/vms/a/start").as_deref(), Some("a"));
     assert_eq!(vm_of_path("/vms"), None);

@@ -100,6 +100,8 @@ pub struct Supervisor {
     pub unwatched_since_ms: std::sync::atomic::AtomicI64,
     /// The host key that signs the ledger's heads and exports, when it could be read.
     pub host_key: std::sync::OnceLock<Arc<crate::host_key::HostKey>>,
+    /// The daemon's last verification of the ledger, as the front page shows it.
+    ledger_check: Mutex<Option<api::host::HealthCheck>>,
     store_path: PathBuf,
     /// Whole-ledger reads running at once (each on a blocking thread of its own).
     readers: tokio::sync::Semaphore,
@@ -147,6 +149,7 @@ impl Supervisor {
             identity: std::sync::OnceLock::new(),
             host_key: std::sync::OnceLock::new(),
             unwatched_since_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            ledger_check: Mutex::new(None),
             store_path: store.path().to_path_buf(),
             readers: tokio::sync::Semaphore::new(LEDGER_READERS),
             id_locks: Mutex::new(HashMap::new()),
@@ -158,6 +161,14 @@ impl Supervisor {
             running: Mutex::new(HashMap::new()),
             failures: Mutex::new(std::collections::VecDeque::new()),
         })
+    }
+
+    pub fn set_ledger_check(&self, check: api::host::HealthCheck) {
+        *lock(&self.ledger_check) = Some(check);
+    }
+
+    pub fn ledger_check(&self) -> Option<api::host::HealthCheck> {
+        lock(&self.ledger_check).clone()
     }
 
     /// Runs `f` on the store (short, synchronous work only).

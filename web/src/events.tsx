@@ -1,0 +1,97 @@
+// The ledger's newest rows, filtered by VM and kind; new rows appear as they are committed.
+import { useCallback, useEffect, useState } from "preact/hooks";
+import { api, Event } from "./api";
+import { message } from "./format";
+import { useLive } from "./live";
+
+const KINDS = ["all", "state", "audit", "host"];
+
+export function EventsPage() {
+  const [vm, setVm] = useState("");
+  const [kind, setKind] = useState("all");
+  const [rows, setRows] = useState<Event[]>([]);
+  const [error, setError] = useState<string | null>(null);
+  const matches = useCallback(
+    (e: Event) => (vm.trim() === "" || e.vm === vm.trim()) && (kind === "all" || e.kind === kind),
+    [vm, kind],
+  );
+  const load = useCallback(async () => {
+    const query = new URLSearchParams({ limit: "200" });
+    if (vm.trim() !== "") query.set("vm", vm.trim());
+    if (kind !== "all") query.set("kind", kind);
+    try {
+      setRows((await api.events(query.toString())).slice().reverse());
+      setError(null);
+    } catch (e) {
+      setError(message(e));
+    }
+  }, [vm, kind]);
+  useEffect(() => {
+    load();
+  }, [load]);
+  useLive(
+    useCallback(
+      (row) => {
+        if (row === null) {
+          load();
+        } else if (matches(row)) {
+          setRows((old) => (old.some((e) => e.seq === row.seq) ? old : [row, ...old].slice(0, 500)));
+        }
+      },
+      [load, matches],
+    ),
+  );
+  return (
+    <>
+      <h1>Events</h1>
+      <div class="filters">
+        <label>
+          VM <input value={vm} onChange={(e) => setVm((e.target as HTMLInputElement).value)} />
+        </label>
+        <label>
+          Kind{" "}
+          <select value={kind} onChange={(e) => setKind((e.target as HTMLSelectElement).value)}>
+            {KINDS.map((k) => (
+              <option key={k} value={k}>
+                {k}
+              </option>
+            ))}
+          </select>
+        </label>
+      </div>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      <table class="events">
+        <thead>
+          <tr>
+            <th scope="col">#</th>
+            <th scope="col">Time</th>
+            <th scope="col">Kind</th>
+            <th scope="col">VM</th>
+            <th scope="col">Change</th>
+            <th scope="col">Cause</th>
+            <th scope="col">Who</th>
+            <th scope="col">Detail</th>
+          </tr>
+        </thead>
+        <tbody>
+          {rows.map((e) => (
+            <tr key={e.seq}>
+              <td>{e.seq}</td>
+              <td>{e.time}</td>
+              <td>{e.kind}</td>
+              <td>{e.vm ?? ""}</td>
+              <td>{e.to ? `${e.from ?? ""} → ${e.to}` : ""}</td>
+              <td>{e.cause}</td>
+              <td>{e.actor}</td>
+              <td>{e.detail}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </>
+  );
+}

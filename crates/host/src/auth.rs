@@ -95,6 +95,8 @@ pub struct Access {
     pub sessions: crate::session::Sessions,
     /// The TCP listener speaks TLS (session cookies are then `Secure`).
     pub tls: bool,
+    /// API answers by status, for `/metrics`.
+    pub answers: crate::metrics::ApiCounters,
 }
 
 pub use api::host::Role;

@@ -258,6 +258,7 @@ mod tests {
             refusals: Default::default(),
             sessions: Default::default(),
             tls: false,
+            answers: Default::default(),
         });
         let root = axum::extract::ConnectInfo(crate::auth::Peer::Unix { uid: 0, pid: 1 });
         let router = crate::rest::router(app.clone(), access).layer(axum::Extension(root));

@@ -13,6 +13,7 @@ pub mod images;
 pub mod jail_id;
 pub mod ledger;
 pub mod listen;
+pub mod metrics;
 pub mod refusals;
 pub mod rest;
 pub mod server;

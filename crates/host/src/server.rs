@@ -314,6 +314,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         refusals: refusals.clone(),
         sessions: Default::default(),
         tls: config.tls.is_some(),
+        answers: Default::default(),
     });
     let app = crate::rest::router(sup.clone(), access)
         .merge(crate::ui::router())

@@ -38,6 +38,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
     utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(host_status))
         .routes(routes!(openapi))
+        .routes(routes!(metrics))
         .routes(routes!(list_vms, create_vm))
         .routes(routes!(show_vm, delete_vm))
         .routes(routes!(start_vm))
@@ -78,10 +79,42 @@ pub fn router(app: App, access: Arc<auth::Access>) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(
-            (app.clone(), access),
+            (app.clone(), access.clone()),
             guard,
         ))
+        .layer(axum::middleware::from_fn_with_state(access, count_answer))
         .with_state(app)
+}
+
+/// Counts every API answer by status (refusals included), for `/metrics`.
+async fn count_answer(
+    State(access): State<Arc<auth::Access>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(req).await;
+    access.answers.answered(response.status().as_u16());
+    response
+}
+
+/// Prometheus metrics (OpenMetrics text): VMs, host, ledger and API answers.
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "OpenMetrics text format (Prometheus scrapes it); viewer role", content_type = "application/openmetrics-text")))]
+async fn metrics(
+    State(app): State<App>,
+    Extension(access): Extension<Arc<auth::Access>>,
+) -> Result<Response, ApiError> {
+    let text = crate::metrics::render(&app, &access.answers)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// A console attach: a GET (the WebSocket upgrade), but control of the guest.

@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 19);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 20);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()
@@ -62,6 +62,7 @@ fn fixture(tag: &str) -> (std::path::PathBuf, Router) {
         refusals: Default::default(),
         sessions: Default::default(),
         tls: false,
+        answers: Default::default(),
     });
     (dir, router(app, access))
 }

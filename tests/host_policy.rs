@@ -118,7 +118,16 @@ fn host_totals_refuse_new_starts_and_leave_running_vms_alone() {
     assert!(refused.contains("the most this host allows"), "{refused}");
     assert_eq!(d.state("two"), "stopped");
     assert_eq!(d.state("one"), "running");
+    // The front page warns before a start is refused, and stops when there is room again.
+    let host = d.json(&["host"]);
+    assert!(
+        host["warnings"]
+            .to_string()
+            .contains("1 of at most 1 VMs run (keel serve --max-vms)"),
+        "{host}"
+    );
     d.ok(&["vm", "stop", "one"]);
+    assert!(!d.json(&["host"])["warnings"].to_string().contains("--max-vms"));
     d.ok(&["vm", "start", "two"]);
     d.wait_state("two", "running", Duration::from_secs(10));
     d.ok(&["vm", "stop", "two"]);

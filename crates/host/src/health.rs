@@ -32,6 +32,35 @@ fn kvm_check() -> Result<String, String> {
         .map_err(|e| format!("/dev/kvm cannot be opened ({e}): no VM can start on this host"))
 }
 
+/// Below this share of its file system free, the state directory is warned about.
+const LOW_SPACE_PERCENT: u64 = 10;
+/// ... or below this many bytes.
+const LOW_SPACE_BYTES: u64 = 1 << 30;
+
+/// A warning when the state directory's file system runs low: the store, the ledger and
+/// the VMs' console logs live there.
+fn free_space_warning(state_dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(state_dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct it is given; the path is NUL-terminated.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
+        return None;
+    }
+    let block = fs.f_frsize;
+    let (free, total) = (fs.f_bavail * block, fs.f_blocks * block);
+    if total == 0 || (free * 100 >= total * LOW_SPACE_PERCENT && free >= LOW_SPACE_BYTES) {
+        return None;
+    }
+    Some(format!(
+        "the state directory {} has {} MiB free of {} MiB: the store, the ledger and console logs need room",
+        state_dir.display(),
+        free >> 20,
+        total >> 20
+    ))
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -84,7 +113,9 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
     ];
     let mut checks = checks;
     checks.extend(sup.ledger_check());
-    let warnings = auth::expiry_warnings(&tokens, now_ms());
+    let mut warnings = auth::expiry_warnings(&tokens, now_ms());
+    warnings.extend(sup.capacity_warnings(&vms));
+    warnings.extend(free_space_warning(&sup.state_dir));
     let health = if !checks[0].ok {
         HostHealth::Failing
     } else if !incidents.is_empty() || !warnings.is_empty() || checks.iter().any(|c| !c.ok) {

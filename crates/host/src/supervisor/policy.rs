@@ -66,8 +66,32 @@ pub const DEFAULT_CONSOLE_LOG_MAX: u64 = 8 << 20;
 pub const DEFAULT_MAX_VMS: usize = 512;
 /// Share of host RAM VMs may have unless the operator says otherwise, percent.
 pub const DEFAULT_MEMORY_SHARE: u32 = 90;
+/// Share of a host total past which the front page warns (new starts are refused at 100%).
+const NEAR_LIMIT_PERCENT: u64 = 90;
 
 impl Supervisor {
+    /// Warnings for the front page: running VMs or their memory near the host's totals.
+    pub fn capacity_warnings(&self, vms: &[VmRow]) -> Vec<String> {
+        let running: Vec<&VmRow> = vms.iter().filter(|r| r.state.has_vmm()).collect();
+        let mut warnings = Vec::new();
+        let max = self.limits.max_vms as u64;
+        if max > 0 && running.len() as u64 * 100 >= max * NEAR_LIMIT_PERCENT {
+            warnings.push(format!(
+                "{} of at most {max} VMs run (keel serve --max-vms): new starts are refused at {max}",
+                running.len()
+            ));
+        }
+        let used: u64 = running.iter().map(|r| r.spec.memory_mib).sum();
+        let allowed = self.limits.memory_mib;
+        if allowed > 0 && allowed != u64::MAX && used * 100 >= allowed * NEAR_LIMIT_PERCENT {
+            warnings.push(format!(
+                "running VMs have {used} of the {allowed} MiB Keel may give VMs ({}% of host RAM, keel serve --memory-share): starts that need more are refused",
+                self.limits.memory_share_percent
+            ));
+        }
+        warnings
+    }
+
     /// Host totals before a new start: running VMs within the count and the share of host
     /// RAM the operator allows. Never consulted for a VM that runs (promise 1).
     pub(super) fn check_capacity(&self, spec: &VmSpec) -> Result<()> {

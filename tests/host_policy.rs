@@ -127,7 +127,9 @@ fn host_totals_refuse_new_starts_and_leave_running_vms_alone() {
         "{host}"
     );
     d.ok(&["vm", "stop", "one"]);
-    assert!(!d.json(&["host"])["warnings"].to_string().contains("--max-vms"));
+    assert!(!d.json(&["host"])["warnings"]
+        .to_string()
+        .contains("--max-vms"));
     d.ok(&["vm", "start", "two"]);
     d.wait_state("two", "running", Duration::from_secs(10));
     d.ok(&["vm", "stop", "two"]);

@@ -439,6 +439,35 @@ export interface components {
              */
             tls_fingerprint?: string | null;
         };
+        /** @description What the host has and what its VMs take. */
+        HostResources: {
+            /** Format: int32 */
+            cpus: number;
+            /**
+             * Format: double
+             * @description Load average over the last minute.
+             */
+            load_1m: number;
+            /**
+             * Format: int64
+             * @description What the kernel says new work could have without swapping (MemAvailable).
+             */
+            memory_available_bytes: number;
+            /** Format: int64 */
+            memory_total_bytes: number;
+            /** Format: int64 */
+            vm_memory_allowed_mib: number;
+            /**
+             * Format: int64
+             * @description Guest RAM of the running VMs, and the most Keel may give them (MiB).
+             */
+            vm_memory_mib: number;
+            /**
+             * Format: int64
+             * @description VMM processes the daemon watches.
+             */
+            vmm_processes: number;
+        };
         /** @description What `GET /` answers: problems first, then the rest. */
         HostStatus: {
             checks: components["schemas"]["HealthCheck"][];
@@ -448,6 +477,12 @@ export interface components {
             hostname: string;
             identity?: components["schemas"]["HostIdentity"];
             incidents: components["schemas"]["Incident"][];
+            /**
+             * @description When there is nothing on the front page: since when (RFC 3339): the last incident's
+             *     acknowledgement, or the start of the host's ledger.
+             */
+            quiet_since?: string | null;
+            resources?: components["schemas"]["HostResources"];
             version: string;
             /** Format: int64 */
             vms_running: number;

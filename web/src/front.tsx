@@ -21,7 +21,10 @@ function Problems({ status, session, reload }: { status: HostStatus; session: Se
     return (
       <section class="allwell" aria-labelledby="problems">
         <h2 id="problems">Problems</h2>
-        <p>All is well: no open incidents, no failed operations, no warnings.</p>
+        <p>
+          All is well{status.quiet_since ? ` since ${status.quiet_since}` : ""}: no open incidents, no failed operations, no
+          warnings.
+        </p>
       </section>
     );
   }
@@ -100,6 +103,10 @@ function Problems({ status, session, reload }: { status: HostStatus; session: Se
   );
 }
 
+function gib(bytes: number): string {
+  return (bytes / 1073741824).toFixed(1);
+}
+
 function Health({ status }: { status: HostStatus }) {
   return (
     <section aria-labelledby="health">
@@ -108,6 +115,14 @@ function Health({ status }: { status: HostStatus }) {
         Health: <strong class={`health-${status.health}`}>{status.health}</strong>; {status.vms_running} of{" "}
         {status.vms_total} VMs running; keel {status.version}
       </p>
+      {status.resources && (
+        <p>
+          {status.resources.cpus} CPUs, load {status.resources.load_1m.toFixed(2)};{" "}
+          {gib(status.resources.memory_available_bytes)} of {gib(status.resources.memory_total_bytes)} GiB memory
+          available; running VMs have {status.resources.vm_memory_mib} of {status.resources.vm_memory_allowed_mib} MiB
+          Keel may give them; {status.resources.vmm_processes} VMM process(es) watched
+        </p>
+      )}
       <table>
         <caption>Checks</caption>
         <tbody>

@@ -64,7 +64,7 @@ pub struct HostIdentity {
 }
 
 /// What `GET /` answers: problems first, then the rest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HostStatus {
     pub health: HostHealth,
     pub incidents: Vec<Incident>,
@@ -80,6 +80,28 @@ pub struct HostStatus {
     pub vms_running: u64,
     #[serde(default)]
     pub identity: HostIdentity,
+    /// When there is nothing on the front page: since when (RFC 3339): the last incident's
+    /// acknowledgement, or the start of the host's ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_since: Option<String>,
+    #[serde(default)]
+    pub resources: HostResources,
+}
+
+/// What the host has and what its VMs take.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostResources {
+    pub cpus: u32,
+    /// Load average over the last minute.
+    pub load_1m: f64,
+    pub memory_total_bytes: u64,
+    /// What the kernel says new work could have without swapping (MemAvailable).
+    pub memory_available_bytes: u64,
+    /// VMM processes the daemon watches.
+    pub vmm_processes: u64,
+    /// Guest RAM of the running VMs, and the most Keel may give them (MiB).
+    pub vm_memory_mib: u64,
+    pub vm_memory_allowed_mib: u64,
 }
 
 /// What a caller may do; each role includes the ones before it.

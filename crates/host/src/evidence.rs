@@ -78,7 +78,9 @@ pub fn health_check(v: &api::events::LedgerVerification, anchored: bool) -> api:
     api::host::HealthCheck {
         name: "ledger".into(),
         ok: v.ok && anchored,
-        detail: if v.ok {
+        detail: if v.ok && v.rows == 0 {
+            format!("the ledger is empty (checked at {when}): a new host")
+        } else if v.ok {
             format!(
                 "{} rows verified at {when}{}; head {}:{}",
                 v.rows,

@@ -32,6 +32,35 @@ fn kvm_check() -> Result<String, String> {
         .map_err(|e| format!("/dev/kvm cannot be opened ({e}): no VM can start on this host"))
 }
 
+/// A value of /proc/meminfo, in bytes.
+fn meminfo(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn resources(sup: &Supervisor, vms: &[store::VmRow]) -> api::host::HostResources {
+    let meminfo_text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let load_1m = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let running: Vec<&store::VmRow> = vms.iter().filter(|v| v.state.has_vmm()).collect();
+    api::host::HostResources {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as u32),
+        load_1m,
+        memory_total_bytes: meminfo(&meminfo_text, "MemTotal"),
+        memory_available_bytes: meminfo(&meminfo_text, "MemAvailable"),
+        vmm_processes: running
+            .iter()
+            .filter(|v| sup.is_watched(&v.spec.name))
+            .count() as u64,
+        vm_memory_mib: running.iter().map(|v| v.spec.memory_mib).sum(),
+        vm_memory_allowed_mib: sup.memory_allowed_mib(),
+    }
+}
+
 /// Below this share of its file system free, the state directory is warned about.
 const LOW_SPACE_PERCENT: u64 = 10;
 /// ... or below this many bytes.
@@ -68,14 +97,16 @@ pub fn hostname() -> String {
 }
 
 pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
-    let (vms, incidents, tokens, schema) = sup.with_store(|s| -> Result<_, store::Error> {
-        Ok((
-            s.vms()?,
-            s.open_incidents()?,
-            s.tokens()?,
-            s.schema_version()?,
-        ))
-    })?;
+    let (vms, incidents, tokens, schema, quiet) =
+        sup.with_store(|s| -> Result<_, store::Error> {
+            Ok((
+                s.vms()?,
+                s.open_incidents()?,
+                s.tokens()?,
+                s.schema_version()?,
+                s.quiet_since_ms()?,
+            ))
+        })?;
     let unwatched: Vec<&str> = vms
         .iter()
         .filter(|v| {
@@ -134,5 +165,7 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
         vms_total: vms.len() as u64,
         vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u64,
         identity: sup.identity.get().cloned().unwrap_or_default(),
+        quiet_since: quiet.map(crate::time::rfc3339),
+        resources: resources(sup, &vms),
     })
 }

@@ -578,6 +578,19 @@ impl Store {
         Ok(recorded)
     }
 
+    /// Since when nothing has needed attention: the last incident's acknowledgement, else the
+    /// ledger's first row (the host's history began then). None for an empty ledger.
+    pub fn quiet_since_ms(&self) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE((SELECT MAX(closed_ms) FROM incidents),
+                                 (SELECT time_ms FROM ledger ORDER BY seq LIMIT 1))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql("finding when the host was last quiet"))
+    }
+
     /// Whether an incident (open or closed) has this summary.
     pub fn incident_raised(&self, summary: &str) -> Result<bool> {
         self.conn

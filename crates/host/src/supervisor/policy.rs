@@ -70,6 +70,11 @@ pub const DEFAULT_MEMORY_SHARE: u32 = 90;
 const NEAR_LIMIT_PERCENT: u64 = 90;
 
 impl Supervisor {
+    /// The most guest RAM Keel may give running VMs, MiB.
+    pub fn memory_allowed_mib(&self) -> u64 {
+        self.limits.memory_mib
+    }
+
     /// Warnings for the front page: running VMs or their memory near the host's totals.
     pub fn capacity_warnings(&self, vms: &[VmRow]) -> Vec<String> {
         let running: Vec<&VmRow> = vms.iter().filter(|r| r.state.has_vmm()).collect();

@@ -34,7 +34,40 @@ fn metrics_describe_the_vms_the_host_and_the_api() {
         return;
     }
     let daemon = Daemon::start("metrics");
-    daemon.create_probe_vm("m", &["--start"]);
+    // A VM that writes 8 records, each flushed, to its disk, then waits.
+    std::fs::create_dir_all(daemon.images()).unwrap();
+    let disk = daemon.images().join("m.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let kernel = common::probe_elf();
+    daemon.ok(&[
+        "vm",
+        "create",
+        "m",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "probe.blk_records=8 probe.blk_nodiscard probe.power_button",
+        "--memory",
+        "64",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--start",
+    ]);
+    let log = daemon.json(&["vm", "show", "m"])["console_log"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("PROBE acked 7")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe did not write its records"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     daemon.ok(&["vm", "list"]);
     let answer = get(&daemon, "/metrics");
     let (head, text) = answer.split_once("\r\n\r\n").unwrap();
@@ -90,6 +123,20 @@ fn metrics_describe_the_vms_the_host_and_the_api() {
         assert!(used > 0.0 && used < limit, "{used} of {limit}");
     }
     assert!(sample(text, "keel_ledger_rows").is_some_and(|n| n >= 4.0));
+    // The disk's counters come from inside the VMM: 8 records of 512 bytes, each flushed.
+    let disk_series = |name: &str| {
+        format!(
+            r#"keel_vm_disk_{name}_total{{vm="m",disk="0",path="{}"}}"#,
+            disk.display()
+        )
+    };
+    assert!(
+        sample(text, &disk_series("write_requests")).is_some_and(|n| n >= 8.0),
+        "{text}"
+    );
+    assert!(sample(text, &disk_series("write_bytes")).is_some_and(|n| n >= 8.0 * 512.0));
+    assert!(sample(text, &disk_series("flush_requests")).is_some_and(|n| n >= 8.0));
+    assert_eq!(sample(text, &disk_series("failed_requests")), Some(0.0));
     assert!(sample(text, r#"keel_api_requests_total{status="200"}"#).is_some_and(|n| n >= 1.0));
     // A refused request is counted too.
     let before = sample(text, r#"keel_api_requests_total{status="404"}"#).unwrap_or(0.0);

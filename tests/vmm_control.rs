@@ -301,6 +301,7 @@ fn garbage_gets_an_error_and_the_connection_stays_usable() {
             Response::Status(_) => "status",
             Response::Error { .. } => "error",
             Response::Done => "done",
+            Response::Metrics(_) => "metrics",
         });
     }
     assert_eq!(kinds, ["status", "error", "status"]);

@@ -32,12 +32,15 @@ pub enum Request {
     PowerButton,
     /// Power the VM off now (the VMM exits).
     Stop,
+    /// The devices' counters.
+    Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "kebab-case")]
 pub enum Response {
     Status(VmmStatus),
+    Metrics(VmmMetrics),
     Done,
     Error { message: String },
 }
@@ -51,6 +54,41 @@ pub struct VmmStatus {
     pub running: bool,
     /// Power button presses so far.
     pub power_button_presses: u64,
+}
+
+/// What the VMM's devices have done since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmMetrics {
+    /// In the order of the VM's definition.
+    pub disks: Vec<DiskMetrics>,
+    pub nets: Vec<NetMetrics>,
+}
+
+/// One disk: requests taken from its ring and their data bytes, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskMetrics {
+    pub read_requests: u64,
+    pub read_bytes: u64,
+    pub write_requests: u64,
+    pub write_bytes: u64,
+    pub flush_requests: u64,
+    pub other_requests: u64,
+    /// Answered with an error status.
+    pub failed_requests: u64,
+    /// Times the rate limiter made a request wait.
+    pub throttled: u64,
+}
+
+/// One NIC: frames and bytes each way, frames dropped, rate-limiter holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetMetrics {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub throttled: u64,
 }
 
 /// Why a VMM ended, as it recorded it in `exit.json`.

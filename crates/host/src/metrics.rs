@@ -29,6 +29,21 @@ struct VmStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DiskLabels {
+    vm: String,
+    /// Its place in the VM's definition, from 0.
+    disk: String,
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NicLabels {
+    vm: String,
+    nic: String,
+    tap: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
 }
@@ -108,6 +123,37 @@ fn ledger_counts(conn: &rusqlite::Connection) -> rusqlite::Result<(i64, StateCou
     Ok((rows, counts))
 }
 
+/// How long a VMM gets to report its devices' counters.
+const DEVICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Each running VM's device counters, asked of its VMM on its control socket (in parallel; a
+/// VMM that does not answer in time, or an older one that does not know the request, is
+/// left out).
+async fn device_metrics(
+    sup: &Supervisor,
+    vms: &[crate::store::VmRow],
+) -> Vec<(usize, api::control::VmmMetrics)> {
+    let asks = vms
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.state.has_vmm())
+        .map(|(i, v)| {
+            let run_dir = sup.run_dir(&v.spec.name);
+            async move {
+                let asked = crate::vmm_process::control(&run_dir, &api::control::Request::Metrics);
+                match tokio::time::timeout(DEVICE_TIMEOUT, asked).await {
+                    Ok(Ok(api::control::Response::Metrics(m))) => Some((i, m)),
+                    _ => None,
+                }
+            }
+        });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// The metrics text, read now.
 pub async fn render(sup: &std::sync::Arc<Supervisor>, api: &ApiCounters) -> Result<String, String> {
     let (vms, incidents) = sup
@@ -119,7 +165,10 @@ pub async fn render(sup: &std::sync::Arc<Supervisor>, api: &ApiCounters) -> Resu
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("counting the ledger: {e}"))?;
 
+    let devices = device_metrics(sup, &vms).await;
+
     let mut registry = Registry::with_prefix("keel");
+    register_devices(&mut registry, &vms, &devices);
     let state = Family::<VmStateLabels, Gauge>::default();
     let vcpu = Family::<VmLabel, FloatCounter>::default();
     let vmm_cpu = Family::<VmLabel, FloatCounter>::default();
@@ -230,6 +279,125 @@ pub async fn render(sup: &std::sync::Arc<Supervisor>, api: &ApiCounters) -> Resu
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| e.to_string())?;
     Ok(text)
+}
+
+/// One counter family per device figure, labelled by VM and device.
+fn register_devices(
+    registry: &mut Registry,
+    vms: &[crate::store::VmRow],
+    devices: &[(usize, api::control::VmmMetrics)],
+) {
+    type DiskFigure = (
+        &'static str,
+        &'static str,
+        fn(&api::control::DiskMetrics) -> u64,
+    );
+    let disk_figures: [DiskFigure; 8] = [
+        (
+            "vm_disk_read_requests",
+            "Read requests taken from the disk's ring",
+            |d| d.read_requests,
+        ),
+        ("vm_disk_read_bytes", "Bytes the guest asked to read", |d| {
+            d.read_bytes
+        }),
+        (
+            "vm_disk_write_requests",
+            "Write requests taken from the disk's ring",
+            |d| d.write_requests,
+        ),
+        (
+            "vm_disk_write_bytes",
+            "Bytes the guest asked to write",
+            |d| d.write_bytes,
+        ),
+        (
+            "vm_disk_flush_requests",
+            "Flush requests (each an fdatasync)",
+            |d| d.flush_requests,
+        ),
+        (
+            "vm_disk_other_requests",
+            "Discard, write-zeroes, get-id and unsupported requests",
+            |d| d.other_requests,
+        ),
+        (
+            "vm_disk_failed_requests",
+            "Requests answered with an error status",
+            |d| d.failed_requests,
+        ),
+        (
+            "vm_disk_throttled",
+            "Times the disk's rate limiter made a request wait",
+            |d| d.throttled,
+        ),
+    ];
+    for (name, help, figure) in disk_figures {
+        let family = Family::<DiskLabels, Counter>::default();
+        for (i, m) in devices {
+            let vm = &vms[*i].spec;
+            for (n, d) in m.disks.iter().enumerate() {
+                let labels = DiskLabels {
+                    vm: vm.name.clone(),
+                    disk: n.to_string(),
+                    path: vm.disks.get(n).map(|s| s.path.clone()).unwrap_or_default(),
+                };
+                family.get_or_create(&labels).inc_by(figure(d));
+            }
+        }
+        registry.register(name, help, family);
+    }
+    type NetFigure = (
+        &'static str,
+        &'static str,
+        fn(&api::control::NetMetrics) -> u64,
+    );
+    let net_figures: [NetFigure; 7] = [
+        ("vm_nic_tx_frames", "Frames the guest sent", |n| n.tx_frames),
+        (
+            "vm_nic_tx_bytes",
+            "Bytes of the frames the guest sent",
+            |n| n.tx_bytes,
+        ),
+        (
+            "vm_nic_tx_dropped",
+            "Frames the guest sent that the tap did not take",
+            |n| n.tx_dropped,
+        ),
+        ("vm_nic_rx_frames", "Frames delivered to the guest", |n| {
+            n.rx_frames
+        }),
+        (
+            "vm_nic_rx_bytes",
+            "Bytes of the frames delivered to the guest",
+            |n| n.rx_bytes,
+        ),
+        (
+            "vm_nic_rx_dropped",
+            "Frames the tap could not give the guest",
+            |n| n.rx_dropped,
+        ),
+        (
+            "vm_nic_throttled",
+            "Times the NIC's rate limiter made frames wait",
+            |n| n.throttled,
+        ),
+    ];
+    for (name, help, figure) in net_figures {
+        let family = Family::<NicLabels, Counter>::default();
+        for (i, m) in devices {
+            let vm = &vms[*i].spec;
+            for (n, counters) in m.nets.iter().enumerate() {
+                let labels = NicLabels {
+                    vm: vm.name.clone(),
+                    nic: n.to_string(),
+                    tap: vm.nets.get(n).map(|s| s.tap.clone()).unwrap_or_default(),
+                };
+                family.get_or_create(&labels).inc_by(figure(counters));
+            }
+        }
+        registry.register(name, help, family);
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub enum VmCommand {
     ConsoleQuit,
     /// The vCPUs have started (sent by the VM builder once).
     Started,
+    /// Report the devices' counters.
+    Metrics,
 }
 
 impl VmCommand {
@@ -44,6 +46,7 @@ impl VmCommand {
                 from: "control socket",
             },
             Request::Stop => VmCommand::Stop(StopBy::ControlSocket),
+            Request::Metrics => VmCommand::Metrics,
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Controller {
     exit: Arc<ExitSignal>,
     power_button_presses: u64,
     running: bool,
+    counters: crate::virtio_devices::DeviceCounters,
 }
 
 impl Controller {
@@ -120,7 +124,14 @@ impl Controller {
             exit,
             power_button_presses: 0,
             running: false,
+            counters: Default::default(),
         }
+    }
+
+    /// The devices whose counters `metrics` reports.
+    pub fn with_counters(mut self, counters: crate::virtio_devices::DeviceCounters) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Applies one command: the only code that changes the VM's state from outside the guest.
@@ -148,6 +159,7 @@ impl Controller {
                 self.exit.report(VmExit::Stopped(by));
                 Response::Done
             }
+            VmCommand::Metrics => Response::Metrics(self.counters.snapshot()),
             VmCommand::ConsoleQuit => {
                 self.exit.report(VmExit::ConsoleQuit);
                 Response::Done

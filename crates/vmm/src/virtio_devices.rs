@@ -60,9 +60,58 @@ fn limiter(config: &RateLimitConfig) -> Result<RateLimiter, Error> {
 
 pub struct VirtioDevices {
     slots: Vec<Slot>,
+    counters: DeviceCounters,
+}
+
+/// The devices' counters, shared with the thread that answers `metrics` requests.
+#[derive(Clone, Default)]
+pub struct DeviceCounters {
+    disks: Vec<Arc<devices::virtio::block::BlockStats>>,
+    nets: Vec<Arc<devices::virtio::net::NetCounters>>,
+}
+
+impl DeviceCounters {
+    /// What they say now.
+    pub fn snapshot(&self) -> api::control::VmmMetrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        api::control::VmmMetrics {
+            disks: self
+                .disks
+                .iter()
+                .map(|d| api::control::DiskMetrics {
+                    read_requests: d.read_requests.load(Relaxed),
+                    read_bytes: d.read_bytes.load(Relaxed),
+                    write_requests: d.write_requests.load(Relaxed),
+                    write_bytes: d.write_bytes.load(Relaxed),
+                    flush_requests: d.flush_requests.load(Relaxed),
+                    other_requests: d.other_requests.load(Relaxed),
+                    failed_requests: d.failed.load(Relaxed),
+                    throttled: d.throttled.load(Relaxed),
+                })
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|n| api::control::NetMetrics {
+                    tx_frames: n.tx_frames.load(Relaxed),
+                    tx_bytes: n.tx_bytes.load(Relaxed),
+                    tx_dropped: n.tx_dropped.load(Relaxed),
+                    rx_frames: n.rx_frames.load(Relaxed),
+                    rx_bytes: n.rx_bytes.load(Relaxed),
+                    rx_dropped: n.rx_dropped.load(Relaxed),
+                    throttled: n.throttled.load(Relaxed),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl VirtioDevices {
+    /// The devices' counters, for `metrics` requests.
+    pub fn counters(&self) -> DeviceCounters {
+        self.counters.clone()
+    }
+
     /// The devices `config` asks for, in a fixed order: disks, NICs, the rng, vsock.
     /// `disks` and `taps` are open already ([`crate::HostFiles`]), one per entry of
     /// `config`, in its order.
@@ -75,6 +124,7 @@ impl VirtioDevices {
         vsock_listener: Option<UnixListener>,
     ) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        let mut counters = DeviceCounters::default();
         for (i, (d, file)) in config.disks.iter().zip(disks).enumerate() {
             let raw = disk::RawDisk::from_file(file, &d.path, d.read_only, d.direct)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
@@ -93,14 +143,17 @@ impl VirtioDevices {
                     if d.direct { ", direct I/O" } else { "" }
                 );
             }
+            counters.disks.push(block.stats());
             devices.push(Box::new(block));
         }
         for (n, tap) in config.nets.iter().zip(taps) {
-            devices.push(Box::new(Net::new(
+            let net = Net::new(
                 tap,
                 n.mac.unwrap_or_else(|| mac_for(&n.tap)),
                 limiter(&n.rate_limit)?,
-            )));
+            );
+            counters.nets.push(net.counters.clone());
+            devices.push(Box::new(net));
         }
         if config.rng {
             devices.push(Box::new(Rng));
@@ -136,7 +189,7 @@ impl VirtioDevices {
                 transport: Arc::new(Mutex::new(transport)),
             });
         }
-        Ok(Self { slots })
+        Ok(Self { slots, counters })
     }
 
     /// The devices as the DSDT describes them.

@@ -286,7 +286,8 @@ impl EventLoop {
                 events.add_subscriber(Box::new(console));
                 let socket = ControlSocket::new(wiring.control_socket)
                     .map_err(io_err("setting up the control socket"))?;
-                let controller = Controller::new(wiring.name, ged.clone(), exit.clone());
+                let controller = Controller::new(wiring.name, ged.clone(), exit.clone())
+                    .with_counters(virtio.counters());
                 ControlLoop::new(controller, queue, Some(socket), Some(wiring.signals))
             }
         };

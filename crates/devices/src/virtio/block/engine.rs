@@ -176,10 +176,11 @@ impl Block {
                 match parse_into(&self.scratch.descs, mem, &mut self.scratch.segments) {
                     Ok(req) if !self.limiter.consume(req.data_len, 1) => {
                         // Over the limit: the request waits in the ring until the timer fires.
+                        BlockStats::add(&self.stats.throttled, 1);
                         queue.go_to_previous_position();
                         break;
                     }
-                    Ok(req) => match self.start(head, &req, mem) {
+                    Ok(req) => match self.counted_start(head, &req, mem) {
                         Start::Queued => continue,
                         Start::Done(status, written) => (status, written, Some(req.status)),
                     },
@@ -193,6 +194,12 @@ impl Block {
         }
         used |= self.answer_failed(index, queue, mem)?;
         Ok(used)
+    }
+
+    /// Counts `req` for the operator's metrics, then [`Self::start`]s it.
+    fn counted_start(&mut self, head: u16, req: &Parsed, mem: &GuestMemoryMmap) -> Start {
+        self.stats.taken(&req.kind, req.data_len);
+        self.start(head, req, mem)
     }
 
     /// Executes `req` or starts it on the ring.

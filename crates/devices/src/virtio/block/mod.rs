@@ -143,11 +143,39 @@ pub struct BlockStats {
     pub failed: AtomicU64,
     /// Turns the device yielded with requests left, its synchronous budget spent.
     pub yielded: AtomicU64,
+    /// Requests taken from the ring, and their data bytes, by kind (for the operator's
+    /// metrics; failed ones included, counted again in `failed`).
+    pub read_requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_requests: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_requests: AtomicU64,
+    /// Discard, write-zeroes, get-id and unsupported requests.
+    pub other_requests: AtomicU64,
+    /// Times the rate limiter made a request wait in the ring.
+    pub throttled: AtomicU64,
 }
 
 impl BlockStats {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request taken from the ring.
+    fn taken(&self, kind: &request::RequestKind, bytes: u64) {
+        use request::RequestKind as K;
+        match kind {
+            K::Read => {
+                Self::add(&self.read_requests, 1);
+                Self::add(&self.read_bytes, bytes);
+            }
+            K::Write => {
+                Self::add(&self.write_requests, 1);
+                Self::add(&self.write_bytes, bytes);
+            }
+            K::Flush => Self::add(&self.flush_requests, 1),
+            _ => Self::add(&self.other_requests, 1),
+        }
     }
 }
 

@@ -8,6 +8,8 @@ pub mod tap;
 mod tests;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -38,13 +40,22 @@ pub const TX_QUEUE: usize = 1;
 const TAP_READABLE: u32 = 0;
 const RATE_LIMIT_TIMER: u32 = 1;
 
-/// Frames the device had to drop, by reason (for the operator; the guest sees lost frames).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Frames and bytes the device moved and dropped, and the rate limiter's holds: for the
+/// operator's metrics, read from another thread while the device runs.
+#[derive(Debug, Default)]
 pub struct NetCounters {
-    pub tx_frames: u64,
-    pub tx_dropped: u64,
-    pub rx_frames: u64,
-    pub rx_dropped: u64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    /// Times the rate limiter made frames wait.
+    pub throttled: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 pub struct Net {
@@ -57,7 +68,7 @@ pub struct Net {
     acked: u64,
     /// The tap may hold frames that found no receive buffer; deliver when buffers arrive.
     rx_pending: bool,
-    pub counters: NetCounters,
+    pub counters: Arc<NetCounters>,
 }
 
 impl Net {
@@ -87,7 +98,7 @@ impl Net {
             config,
             acked: 0,
             rx_pending: true,
-            counters: NetCounters::default(),
+            counters: Arc::new(NetCounters::default()),
         }
     }
 
@@ -112,6 +123,7 @@ impl Net {
         loop {
             if self.limiter.is_blocked() {
                 // Over the limit: frames wait in the tap until the timer fires.
+                add(&self.counters.throttled, 1);
                 self.rx_pending = true;
                 break;
             }
@@ -133,7 +145,8 @@ impl Net {
                 Ok(Some(len)) => {
                     self.limiter.charge(len as u64, 1);
                     queue.add_used(mem, head, len as u32).map_err(queue_err)?;
-                    self.counters.rx_frames += 1;
+                    add(&self.counters.rx_frames, 1);
+                    add(&self.counters.rx_bytes, len as u64);
                     used_any = true;
                 }
                 Ok(None) => {
@@ -143,7 +156,7 @@ impl Net {
                 }
                 Err(_) => {
                     queue.go_to_previous_position();
-                    self.counters.rx_dropped += 1;
+                    add(&self.counters.rx_dropped, 1);
                     break;
                 }
             }
@@ -159,6 +172,7 @@ impl Net {
             let len = segments.as_ref().map_or(0, |segs| chain::total_len(segs));
             if !self.limiter.consume(len, 1) {
                 // Over the limit: the frame waits in the ring until the timer fires.
+                add(&self.counters.throttled, 1);
                 queue.go_to_previous_position();
                 break;
             }
@@ -167,9 +181,10 @@ impl Net {
                 .and_then(|segs| chain::iovecs(mem, &segs))
                 .is_some_and(|iov| self.tap.write_frame(&iov).is_ok());
             if sent {
-                self.counters.tx_frames += 1;
+                add(&self.counters.tx_frames, 1);
+                add(&self.counters.tx_bytes, len);
             } else {
-                self.counters.tx_dropped += 1;
+                add(&self.counters.tx_dropped, 1);
             }
             queue.add_used(mem, head, 0).map_err(queue_err)?;
             used_any = true;

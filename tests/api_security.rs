@@ -188,6 +188,42 @@ fn an_operators_ca_signed_certificate_is_trusted_through_the_ca_file() {
         stderr_of(&refused)
     );
     drop(daemon);
+
+    // A certificate past its end is warned about on the front page; nothing stops working
+    // that pins it (promise 1), but browsers would refuse it.
+    let old_key = rcgen::KeyPair::generate().unwrap();
+    let mut old_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    old_params.not_before = rcgen::date_time_ymd(1999, 1, 1);
+    old_params.not_after = rcgen::date_time_ymd(2000, 1, 1);
+    let old_cert = old_params.signed_by(&old_key, &ca).unwrap();
+    std::fs::write(&cert, old_cert.pem()).unwrap();
+    std::fs::write(&key, old_key.serialize_pem()).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start_with(
+        "ca-old",
+        &[],
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let host = daemon.json(&["host"]);
+    assert!(
+        host["warnings"]
+            .to_string()
+            .contains("expired at 2000-01-01T00:00:00.000Z"),
+        "{host}"
+    );
+    assert_eq!(
+        host["identity"]["tls_not_after"],
+        "2000-01-01T00:00:00.000Z"
+    );
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -433,11 +433,14 @@ export interface components {
         HostIdentity: {
             /** @description The Ed25519 public key (hex) that signs the ledger's anchored heads and exports. */
             ledger_public_key?: string | null;
+            /** @description The TLS certificate's file, and (RFC 3339) the end of its validity. */
+            tls_certificate?: string | null;
             /**
              * @description SHA-256 fingerprint of the TCP API's TLS certificate ("AB:CD:..."), when TCP is served
              *     with TLS: what `keel --fingerprint` pins.
              */
             tls_fingerprint?: string | null;
+            tls_not_after?: string | null;
         };
         /** @description What the host has and what its VMs take. */
         HostResources: {

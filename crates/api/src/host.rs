@@ -58,6 +58,14 @@ pub struct HostIdentity {
     /// with TLS: what `keel --fingerprint` pins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
+    /// The TLS certificate's file, and (RFC 3339) the end of its validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_not_after: Option<String>,
+    /// The same, in ms since the epoch (for the daemon's own warning; not sent).
+    #[serde(skip)]
+    pub tls_not_after_ms: Option<i64>,
     /// The Ed25519 public key (hex) that signs the ledger's anchored heads and exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger_public_key: Option<String>,

@@ -147,6 +147,17 @@ pub fn status(sup: &Supervisor) -> Result<HostStatus, store::Error> {
     let mut warnings = auth::expiry_warnings(&tokens, now_ms());
     warnings.extend(sup.capacity_warnings(&vms));
     warnings.extend(free_space_warning(&sup.state_dir));
+    if let Some(identity) = sup.identity.get() {
+        if let (Some(cert), Some(not_after)) =
+            (&identity.tls_certificate, identity.tls_not_after_ms)
+        {
+            warnings.extend(crate::tls::expiry_warning(
+                std::path::Path::new(cert),
+                not_after,
+                now_ms(),
+            ));
+        }
+    }
     let health = if !checks[0].ok {
         HostHealth::Failing
     } else if !incidents.is_empty() || !warnings.is_empty() || checks.iter().any(|c| !c.ok) {

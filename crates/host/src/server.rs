@@ -101,11 +101,18 @@ fn bind_private_socket(path: &Path, mode: u32) -> Result<UnixListener, Error> {
     bound
 }
 
+/// What the front page says of the TCP listener's certificate.
+struct TlsShown {
+    fingerprint: String,
+    cert_path: PathBuf,
+    not_after_ms: Option<i64>,
+}
+
 /// The TCP listener, with TLS unless plain HTTP was asked for on a loopback address.
 async fn tcp_listener(
     addr: SocketAddr,
     config: &ServeConfig,
-) -> Result<(Listener, Option<String>), Error> {
+) -> Result<(Listener, Option<TlsShown>), Error> {
     let tls = match &config.tls {
         None if !addr.ip().is_loopback() => return Err(Error::PlainHttpOffLoopback(addr)),
         None => None,
@@ -114,7 +121,11 @@ async fn tcp_listener(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(io("listening on", Path::new(&addr.to_string())))?;
-    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    let shown = tls.as_ref().map(|t| TlsShown {
+        fingerprint: t.fingerprint.clone(),
+        cert_path: t.cert_path.clone(),
+        not_after_ms: t.not_after_ms,
+    });
     if let Some(t) = &tls {
         tracing::info!(
             "TLS certificate {}{}; SHA-256 fingerprint {}",
@@ -133,7 +144,7 @@ async fn tcp_listener(
             listener,
             tls: acceptor,
         },
-        fingerprint,
+        shown,
     ))
 }
 
@@ -304,8 +315,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     if let Some(key) = &keys.key {
         let _ = sup.host_key.set(key.clone());
     }
+    let shown = tcp.as_ref().and_then(|(_, s)| s.as_ref());
     let _ = sup.identity.set(api::host::HostIdentity {
-        tls_fingerprint: tcp.as_ref().and_then(|(_, f)| f.clone()),
+        tls_fingerprint: shown.map(|s| s.fingerprint.clone()),
+        tls_certificate: shown.map(|s| s.cert_path.display().to_string()),
+        tls_not_after: shown.and_then(|s| s.not_after_ms).map(crate::time::rfc3339),
+        tls_not_after_ms: shown.and_then(|s| s.not_after_ms),
         ledger_public_key: keys.key.as_ref().map(|k| k.public_hex()),
     });
     let refusals = Arc::new(Refusals::default());
@@ -329,8 +344,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         stop_rx.clone(),
     ));
     let mut listening = config.socket.display().to_string();
-    if let Some((listener, fingerprint)) = tcp {
-        if let (Some(addr), Some(fp)) = (config.listen, &fingerprint) {
+    if let Some((listener, shown)) = tcp {
+        if let (Some(addr), Some(fp)) = (config.listen, shown.as_ref().map(|s| &s.fingerprint)) {
             listening =
                 format!("{listening} and https://{addr} (certificate SHA-256 fingerprint {fp})");
         } else if let Some(addr) = config.listen {

@@ -62,6 +62,36 @@ pub struct ServerTls {
     pub cert_path: PathBuf,
     /// Made on this start.
     pub generated: bool,
+    /// When the leaf certificate stops being valid, ms since the epoch (a record for the
+    /// front page's warning; nothing in Keel refuses it then).
+    pub not_after_ms: Option<i64>,
+}
+
+/// The end of a DER certificate's validity, ms since the epoch.
+pub fn not_after_ms(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.validity().not_after.timestamp().checked_mul(1000)
+}
+
+/// How long ahead an expiring certificate is warned about.
+pub const EXPIRY_WARNING_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// The front page's warning about the TLS certificate, if it expires within 30 days or has.
+pub fn expiry_warning(cert: &Path, not_after_ms: i64, now_ms: i64) -> Option<String> {
+    let when = crate::time::rfc3339(not_after_ms);
+    if now_ms >= not_after_ms {
+        Some(format!(
+            "the TLS certificate {} expired at {when}: browsers and clients that check dates refuse it (the CLI pinning its fingerprint does not); give keel serve a new one with --tls-cert and --tls-key",
+            cert.display()
+        ))
+    } else if not_after_ms - now_ms <= EXPIRY_WARNING_MS {
+        Some(format!(
+            "the TLS certificate {} expires at {when}; give keel serve a new one with --tls-cert and --tls-key before then",
+            cert.display()
+        ))
+    } else {
+        None
+    }
 }
 
 /// The SHA-256 fingerprint of a DER certificate, upper-case hex pairs joined by colons.
@@ -187,6 +217,7 @@ pub fn server(state_dir: &Path, source: &Source, listen: SocketAddr) -> Result<S
     let chain = certificates(&cert_path)?;
     let key = private_key(&key_path)?;
     let fingerprint = fingerprint(&chain[0]);
+    let not_after_ms = not_after_ms(&chain[0]);
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -197,6 +228,7 @@ pub fn server(state_dir: &Path, source: &Source, listen: SocketAddr) -> Result<S
         fingerprint,
         cert_path,
         generated,
+        not_after_ms,
     })
 }
 
@@ -232,6 +264,16 @@ mod tests {
         let again = server(&dir, &Source::SelfSigned, listen).unwrap();
         assert!(!again.generated);
         assert_eq!(first.fingerprint, again.fingerprint);
+        // The generated certificate outlives any date a host will see.
+        let year_4000_ms = 64_060_588_800_000;
+        assert!(first.not_after_ms.unwrap() > year_4000_ms);
+        assert!(expiry_warning(&first.cert_path, first.not_after_ms.unwrap(), 0).is_none());
+        assert!(expiry_warning(Path::new("c.pem"), 1_000, 2_000)
+            .unwrap()
+            .contains("expired"));
+        assert!(expiry_warning(Path::new("c.pem"), 2_000, 1_000)
+            .unwrap()
+            .contains("expires at"));
         use std::os::unix::fs::PermissionsExt;
         let key = std::fs::metadata(dir.join(DIR).join(KEY_FILE)).unwrap();
         assert_eq!(key.permissions().mode() & 0o777, 0o600);

@@ -121,6 +121,23 @@ fn tls_is_the_default_and_the_cli_pins_the_certificate() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// A daemon serving TLS on `listen` with the operator's certificate and key.
+fn daemon_with_certificate(tag: &str, listen: &str, cert: &Path, key: &Path) -> Daemon {
+    Daemon::start_with(
+        tag,
+        &[],
+        &[
+            "--listen",
+            listen,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 #[test]
 fn an_operators_ca_signed_certificate_is_trusted_through_the_ca_file() {
     let dir = std::env::temp_dir().join(format!("kd-cafiles-{}", std::process::id()));
@@ -146,19 +163,7 @@ fn an_operators_ca_signed_certificate_is_trusted_through_the_ca_file() {
     std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
 
     let listen = format!("127.0.0.1:{}", free_port());
-    let daemon = Daemon::start_with(
-        "ca",
-        &[],
-        &[
-            "--listen",
-            &listen,
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let daemon = daemon_with_certificate("ca", &listen, &cert, &key);
     let (api, _) = daemon.https(&listen);
     let token = daemon
         .ok(&["token", "create", "watcher", "--role", "viewer"])
@@ -199,19 +204,7 @@ fn an_operators_ca_signed_certificate_is_trusted_through_the_ca_file() {
     std::fs::write(&cert, old_cert.pem()).unwrap();
     std::fs::write(&key, old_key.serialize_pem()).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let daemon = Daemon::start_with(
-        "ca-old",
-        &[],
-        &[
-            "--listen",
-            &listen,
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let daemon = daemon_with_certificate("ca-old", &listen, &cert, &key);
     let host = daemon.json(&["host"]);
     assert!(
         host["warnings"]

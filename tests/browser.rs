@@ -106,6 +106,15 @@ async fn wait_text(c: &Client, what: &str) {
     }
 }
 
+/// Waits until an element matching `css` is on the page.
+async fn shown(c: &Client, css: &str) {
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("nothing matches '{css}': {e}"));
+}
+
 async fn sign_in(c: &Client, base: &str, token: &str) {
     c.goto(base).await.unwrap();
     let field = c.wait().for_element(Locator::Id("token")).await.unwrap();
@@ -315,11 +324,7 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
         .await
         .unwrap();
     let row = "tr[data-vm=web] td.state-running";
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css(row))
-        .await
-        .unwrap();
+    shown(&c, row).await;
 
     // Its page, then its console: what is typed reaches the guest, whose answer shows.
     c.goto(&format!("{base}#/vms/web")).await.unwrap();
@@ -353,29 +358,17 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
     c.wait().for_element(Locator::Css(row)).await.unwrap();
     click_button(&c, "Shut down web").await;
     c.accept_alert().await.unwrap();
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("tr[data-vm=web] td.state-stopped"))
-        .await
-        .unwrap();
+    shown(&c, "tr[data-vm=web] td.state-stopped").await;
 
     // Start it again, then kill its VMM behind the daemon's back: the incident appears on
     // the page without a reload (pushed), and is acknowledged from there.
     // This time with the keyboard alone: Tab through the page to the button, then Enter.
     press_with_keyboard(&c, "Start web").await;
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css(row))
-        .await
-        .unwrap();
+    shown(&c, row).await;
     let pid = daemon.json(&["vm", "show", "web"])["pid"].as_u64().unwrap();
     // SAFETY: kill(2) with a pid the daemon reports for its VMM.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("tr.incident"))
-        .await
-        .unwrap();
+    shown(&c, "tr.incident").await;
     wait_text(&c, "vmm-crash").await;
     screenshot(&c, "front-page-incident").await;
     let problems = accessibility_problems(&c).await;

@@ -2,6 +2,7 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, Event } from "./api";
 import { message } from "./format";
+import { EventsTable } from "./events-table";
 import { useLive } from "./live";
 
 const KINDS = ["all", "state", "audit", "host"];
@@ -64,34 +65,7 @@ export function EventsPage() {
           {error}
         </p>
       )}
-      <table class="events">
-        <thead>
-          <tr>
-            <th scope="col">#</th>
-            <th scope="col">Time</th>
-            <th scope="col">Kind</th>
-            <th scope="col">VM</th>
-            <th scope="col">Change</th>
-            <th scope="col">Cause</th>
-            <th scope="col">Who</th>
-            <th scope="col">Detail</th>
-          </tr>
-        </thead>
-        <tbody>
-          {rows.map((e) => (
-            <tr key={e.seq}>
-              <td>{e.seq}</td>
-              <td>{e.time}</td>
-              <td>{e.kind}</td>
-              <td>{e.vm ?? ""}</td>
-              <td>{e.to ? `${e.from ?? ""} → ${e.to}` : ""}</td>
-              <td>{e.cause}</td>
-              <td>{e.actor}</td>
-              <td>{e.detail}</td>
-            </tr>
-          ))}
-        </tbody>
-      </table>
+      <EventsTable rows={rows} showVm={true} />
     </>
   );
 }

@@ -3,6 +3,7 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, Event, may, SessionInfo, SlaReport, VmInfo } from "./api";
 import { message, monthStart, since } from "./format";
+import { EventsTable } from "./events-table";
 import { useLive } from "./live";
 import { Actions } from "./vms";
 
@@ -99,32 +100,7 @@ export function VmPage({ name, session }: { name: string; session: SessionInfo }
       </section>
       <section aria-labelledby="events">
         <h2 id="events">Events</h2>
-        <table>
-          <thead>
-            <tr>
-              <th scope="col">#</th>
-              <th scope="col">Time</th>
-              <th scope="col">Kind</th>
-              <th scope="col">Change</th>
-              <th scope="col">Cause</th>
-              <th scope="col">Who</th>
-              <th scope="col">Detail</th>
-            </tr>
-          </thead>
-          <tbody>
-            {events.map((e) => (
-              <tr key={e.seq}>
-                <td>{e.seq}</td>
-                <td>{e.time}</td>
-                <td>{e.kind}</td>
-                <td>{e.to ? `${e.from ?? ""} → ${e.to}` : ""}</td>
-                <td>{e.cause}</td>
-                <td>{e.actor}</td>
-                <td>{e.detail}</td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
+        <EventsTable rows={events} showVm={false} />
       </section>
     </>
   );

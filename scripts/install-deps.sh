@@ -6,8 +6,9 @@ set -euo pipefail
 # make and binutils build the probe guest; the rest are used by guest/linux/build.sh
 # (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv,
 # faketime; iasl from acpica-tools decompiles Keel's DSDT; mke2fs and sfdisk build boot disks;
-# chromium and chromium-driver run the web console's browser tests).
-needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver)
+# chromium and chromium-driver run the web console's browser tests; qemu-img and qemu-io
+# (qemu-utils) make the VMDK images Keel's reader is checked against).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver qemu-utils)
 missing=()
 for pkg in "${needed[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

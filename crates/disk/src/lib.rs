@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod direct;
 pub mod uring;
+pub mod vmdk;
 
 use direct::{DioAlign, Refusal, BOUNCE_CHUNK};
 

@@ -163,9 +163,31 @@ fn effective_header(src: &(impl Source + ?Sized)) -> Result<SparseHeader, Sparse
 pub fn convert(
     src: &(impl Source + ?Sized),
     dst: &mut impl Sink,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Converted, SparseError> {
     let header = effective_header(src)?;
+    let capacity = header.capacity_sectors * SECTOR;
+    dst.set_len(capacity).map_err(|source| SparseError::Write {
+        offset: capacity,
+        source,
+    })?;
+    convert_at(src, &header, dst, 0, progress)
+}
+
+/// The header of the sparse extent in `src` (the footer's for a streamOptimized one).
+pub fn extent_header(src: &(impl Source + ?Sized)) -> Result<SparseHeader, SparseError> {
+    effective_header(src)
+}
+
+/// Converts the sparse extent in `src`, whose header is `header`, into `dst` from byte
+/// `base` on (one extent of a split disk); `dst` is long enough already.
+pub fn convert_at(
+    src: &(impl Source + ?Sized),
+    header: &SparseHeader,
+    dst: &mut impl Sink,
+    base: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Converted, SparseError> {
     let file_len = src.size();
     let capacity = header.capacity_sectors * SECTOR;
     let gd_entries = header.gd_entries();
@@ -175,10 +197,6 @@ pub fn convert(
     within("grain directory", gd_at, gd_entries * 4, file_len)?;
     let mut gd = vec![0u8; (gd_entries * 4) as usize];
     read(src, "grain directory", &mut gd, gd_at)?;
-    dst.set_len(capacity).map_err(|source| SparseError::Write {
-        offset: capacity,
-        source,
-    })?;
 
     let gtes = u64::from(header.gtes_per_gt);
     let grain_bytes = header.grain_bytes();
@@ -220,7 +238,7 @@ pub fn convert(
                 if grain[..here].iter().all(|b| *b == 0) {
                     continue;
                 }
-                let offset = lba * SECTOR;
+                let offset = base + lba * SECTOR;
                 dst.write_all_at(&grain[..here], offset)
                     .map_err(|source| SparseError::Write { offset, source })?;
                 done.grains_written += 1;

@@ -97,15 +97,7 @@ pub fn convert_file(
         return convert_sparse_file(path, &file, dst, progress);
     }
     let text = read_descriptor(path, &file)?;
-    let descriptor = Descriptor::parse(&text).map_err(|source| ImageError::Descriptor {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if descriptor.has_parent() {
-        return Err(ImageError::Snapshot {
-            path: path.to_path_buf(),
-        });
-    }
+    let descriptor = parse_descriptor(path, &text)?;
     let capacity = descriptor.capacity_bytes();
     dst.set_len(capacity).map_err(|source| ImageError::Write {
         offset: capacity,
@@ -159,6 +151,20 @@ pub fn convert_file(
     Ok(disk)
 }
 
+/// The descriptor of `path`; a snapshot's is refused (its contents need its parent's).
+fn parse_descriptor(path: &Path, text: &[u8]) -> Result<Descriptor, ImageError> {
+    let descriptor = Descriptor::parse(text).map_err(|source| ImageError::Descriptor {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if descriptor.has_parent() {
+        return Err(ImageError::Snapshot {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(descriptor)
+}
+
 fn written(done: &Converted, header: &SparseHeader) -> u64 {
     done.grains_written * header.grain_bytes()
 }
@@ -185,16 +191,7 @@ fn convert_sparse_file(
                 path: path.to_path_buf(),
                 source,
             })?;
-        let descriptor = Descriptor::parse(&text).map_err(|source| ImageError::Descriptor {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if descriptor.has_parent() {
-            return Err(ImageError::Snapshot {
-                path: path.to_path_buf(),
-            });
-        }
-        create_type = descriptor.create_type;
+        create_type = parse_descriptor(path, &text)?.create_type;
     }
     let capacity = header.capacity_sectors * SECTOR;
     let done = sparse::convert(file, dst, |d, all| {
@@ -209,14 +206,18 @@ fn convert_sparse_file(
     })
 }
 
-fn read_descriptor(path: &Path, file: &File) -> Result<Vec<u8>, ImageError> {
-    let len = file
+fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
+    Ok(file
         .metadata()
         .map_err(|source| ImageError::Read {
             path: path.to_path_buf(),
             source,
         })?
-        .len();
+        .len())
+}
+
+fn read_descriptor(path: &Path, file: &File) -> Result<Vec<u8>, ImageError> {
+    let len = file_len(path, file)?;
     if len > MAX_BYTES as u64 {
         return Err(ImageError::Descriptor {
             path: path.to_path_buf(),
@@ -259,13 +260,7 @@ fn copy_flat(
     base: u64,
 ) -> Result<u64, ImageError> {
     const CHUNK: u64 = 1 << 20;
-    let len = src
-        .metadata()
-        .map_err(|source| ImageError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let len = file_len(path, src)?;
     let needed = from.saturating_add(bytes);
     if needed > len {
         return Err(ImageError::FlatShort {

@@ -135,18 +135,22 @@ impl Layout {
         })
     }
 
-    /// Removes the empty cgroups whose names start with `prefix` (those of `keel run`s that
-    /// were killed before they could remove their own). A cgroup that holds a process, or a
-    /// fresh one another start is about to join, stays or is made again by it.
+    /// Removes the empty cgroups whose names start with `prefix` (those of VMMs that were
+    /// killed before they could remove their own). A cgroup that holds a process stays; a
+    /// fresh one another start made and has not joined yet is empty too, so a caller that can
+    /// race with such a start uses [`Layout::sweep_empty_where`] to spare it.
     pub fn sweep_empty(&self, prefix: &str) {
+        self.sweep_empty_where(|name| name.starts_with(prefix));
+    }
+
+    /// Removes the empty cgroups whose name `stale` picks (a cgroup with a process in it is
+    /// never removed: the kernel refuses).
+    pub fn sweep_empty_where(&self, stale: impl Fn(&str) -> bool) {
         let mut parents = vec![&self.memory, &self.pids];
         parents.extend(self.cpu.as_ref());
         for parent in parents {
             for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-                let stale = entry
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(prefix));
+                let stale = entry.file_name().to_str().is_some_and(&stale);
                 if stale && entry.path().is_dir() {
                     let _ = std::fs::remove_dir(entry.path());
                 }

@@ -93,7 +93,13 @@ pub fn spec_for_run(
         .collect();
     let limits = limits_for(config.cpus, config.memory_bytes());
     let layout = jail::cgroup::Layout::detect()?;
-    layout.sweep_empty("run-");
+    // Only the cgroups of `keel run`s that are gone: another one may have made its own and not
+    // joined it yet (it is empty until then).
+    layout.sweep_empty_where(|name| {
+        name.strip_prefix("run-")
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
     let cgroups = cgroup_of(&layout, &format!("run-{pid}"), &limits);
     Ok((
         JailSpec {

@@ -370,6 +370,17 @@ pub struct Seed<T> {
     pub expect: T,
 }
 
+impl<T> Seed<T> {
+    /// A seed whose input is text (a descriptor, a configuration file).
+    pub fn text(name: &'static str, text: &str, expect: T) -> Self {
+        Seed {
+            name,
+            input: text.as_bytes().to_vec(),
+            expect,
+        }
+    }
+}
+
 /// With `KEEL_FUZZ_WRITE_SEEDS=DIR` in the environment: runs every seed of `target`, checks it
 /// gives what it claims, writes it to `DIR/<target>/<name>` and exits. Otherwise does nothing.
 /// Called from each target's libFuzzer initialization.

@@ -4,6 +4,7 @@ import { api, Event } from "./api";
 import { message } from "./format";
 import { EventsTable } from "./events-table";
 import { useLive } from "./live";
+import { Alert } from "./alert";
 
 const KINDS = ["all", "state", "audit", "host"];
 
@@ -60,11 +61,7 @@ export function EventsPage() {
           </select>
         </label>
       </div>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       <EventsTable rows={rows} showVm={true} />
     </>
   );

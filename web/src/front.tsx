@@ -5,6 +5,7 @@ import { api, HostStatus, may, SessionInfo, VmInfo } from "./api";
 import { message, monthStart } from "./format";
 import { useLive } from "./live";
 import { Availability, CreateVm, VmList } from "./vms";
+import { Alert } from "./alert";
 
 function Problems({ status, session, reload }: { status: HostStatus; session: SessionInfo; reload: () => void }) {
   const [error, setError] = useState<string | null>(null);
@@ -31,11 +32,7 @@ function Problems({ status, session, reload }: { status: HostStatus; session: Se
   return (
     <section class="problems" aria-labelledby="problems">
       <h2 id="problems">Problems</h2>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       {status.incidents.length > 0 && (
         <table>
           <caption>Open incidents</caption>
@@ -164,11 +161,7 @@ export function FrontPage({ session }: { session: SessionInfo }) {
   return (
     <>
       {session.warning && <p class="warning">{session.warning}</p>}
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       {status && (
         <>
           <Problems status={status} session={session} reload={load} />

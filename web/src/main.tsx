@@ -8,6 +8,7 @@ import { SlaPage } from "./sla";
 import { disconnect } from "./live";
 import { VmPage } from "./vm";
 import "./app.css";
+import { Alert } from "./alert";
 
 /// The console page, loaded when first shown (the terminal is most of the console's bytes).
 function Console({ name }: { name: string }) {
@@ -103,11 +104,7 @@ function SignIn({ onSignedIn }: { onSignedIn: (s: SessionInfo) => void }) {
         <button type="submit" disabled={busy}>
           Sign in
         </button>
-        {error && (
-          <p role="alert" class="error">
-            {error}
-          </p>
-        )}
+        <Alert text={error} />
       </form>
     </main>
   );

@@ -4,6 +4,7 @@
 import { useEffect, useState } from "preact/hooks";
 import { api, LedgerVerification, SlaReport } from "./api";
 import { message } from "./format";
+import { Alert } from "./alert";
 
 const DAY_MS = 86_400_000;
 
@@ -133,11 +134,7 @@ export function SlaPage() {
         </label>
         <button type="submit">Report</button>
       </form>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       {report && (
         <>
           <p>

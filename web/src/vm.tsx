@@ -6,6 +6,7 @@ import { message, monthStart, since } from "./format";
 import { EventsTable } from "./events-table";
 import { useLive } from "./live";
 import { Actions } from "./vms";
+import { Alert } from "./alert";
 
 export function VmPage({ name, session }: { name: string; session: SessionInfo }) {
   const [vm, setVm] = useState<VmInfo | null>(null);
@@ -38,13 +39,7 @@ export function VmPage({ name, session }: { name: string; session: SessionInfo }
     ),
   );
   if (!vm) {
-    return error ? (
-      <p role="alert" class="error">
-        {error}
-      </p>
-    ) : (
-      <p>Loading {name}…</p>
-    );
+    return error ? <Alert text={error} /> : <p>Loading {name}…</p>;
   }
   const availability = sla?.vms.find((v) => v.vm === name);
   return (
@@ -56,11 +51,7 @@ export function VmPage({ name, session }: { name: string; session: SessionInfo }
         {vm.state} for {since(vm.since)}
         {vm.reason ? ` (${vm.reason})` : ""}
       </p>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       <p>
         <Actions
           vm={vm}

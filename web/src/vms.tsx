@@ -3,6 +3,7 @@
 import { useState } from "preact/hooks";
 import { api, may, Role, VmInfo, VmSpec } from "./api";
 import { message, since } from "./format";
+import { Alert } from "./alert";
 
 export type Availability = Record<string, number>;
 
@@ -127,11 +128,7 @@ export function VmList({
           </select>
         </label>
       </div>
-      {error && (
-        <p role="alert" class="error">
-          {error}
-        </p>
-      )}
+      <Alert text={error} />
       {vms.length === 0 ? (
         <p>No VM is defined yet.</p>
       ) : (
@@ -244,11 +241,7 @@ export function CreateVm({ onCreated }: { onCreated: (name: string) => void }) {
           <input name="start" type="checkbox" /> Start it now
         </label>
         <button type="submit">Define</button>
-        {error && (
-          <p role="alert" class="error">
-            {error}
-          </p>
-        )}
+        <Alert text={error} />
       </form>
     </section>
   );

@@ -24,6 +24,9 @@ pub struct Keys {
     /// Made on this start.
     pub created: bool,
     pub problem: Option<String>,
+    /// The head last written down durably: an idle host does not sync the anchor again every
+    /// minute.
+    durable_head: std::sync::Mutex<Option<(i64, String)>>,
 }
 
 pub fn load_key(state_dir: &Path) -> Keys {
@@ -35,6 +38,7 @@ pub fn load_key(state_dir: &Path) -> Keys {
                 public,
                 created,
                 problem: None,
+                durable_head: Default::default(),
             }
         }
         Err(e) => Keys {
@@ -42,6 +46,7 @@ pub fn load_key(state_dir: &Path) -> Keys {
             public: None,
             created: false,
             problem: Some(e.to_string()),
+            durable_head: Default::default(),
         },
     }
 }
@@ -182,22 +187,31 @@ pub fn raise(sup: &Supervisor, findings: Vec<String>) {
 pub fn every_minute(sup: &Supervisor, keys: &Keys) {
     let mut findings = sup.with_store(|s| s.chain.take_tampered());
     let head = sup.with_store(|s| ledger::last_row(s.connection()));
-    match anchor::read(&sup.state_dir, keys.public.as_ref()) {
-        Ok(_) => {}
-        Err(Problem::Missing(_)) if matches!(head, Ok(None)) => {}
-        Err(e) => findings.push(format!(
-            "{e} while the daemon ran; it is written again now from the daemon's own head"
-        )),
-    }
+    let intact = match anchor::read(&sup.state_dir, keys.public.as_ref()) {
+        Ok(_) => true,
+        Err(Problem::Missing(_)) if matches!(head, Ok(None)) => true,
+        Err(e) => {
+            findings.push(format!(
+                "{e} while the daemon ran; it is written again now from the daemon's own head"
+            ));
+            false
+        }
+    };
     raise(sup, findings);
     match head {
-        Ok(Some((seq, hash))) => {
-            let anchor = Anchor::new(seq, &hash, keys.key.as_deref());
-            if let Err(e) = anchor::write(&sup.state_dir, &anchor, true) {
-                tracing::error!(
+        Ok(Some(head)) => {
+            let mut durable = keys.durable_head.lock().unwrap_or_else(|e| e.into_inner());
+            // No row since the last durable write, and the file is as written: nothing to do.
+            if intact && durable.as_ref() == Some(&head) {
+                return;
+            }
+            let anchor = Anchor::new(head.0, &head.1, keys.key.as_deref());
+            match anchor::write(&sup.state_dir, &anchor, true) {
+                Ok(()) => *durable = Some(head),
+                Err(e) => tracing::error!(
                     "writing the ledger anchor {}: {e}",
                     anchor::path(&sup.state_dir).display()
-                );
+                ),
             }
         }
         Ok(None) => {}

@@ -34,10 +34,7 @@ fn kvm_check() -> Result<String, String> {
 
 /// A value of /proc/meminfo, in bytes.
 fn meminfo(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+    crate::supervisor::meminfo_kib(text, key).map_or(0, |kib| kib * 1024)
 }
 
 fn resources(sup: &Supervisor, vms: &[store::VmRow]) -> api::host::HostResources {

@@ -8,8 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 /// Where a generated pair is kept, under the state directory.
@@ -230,6 +234,93 @@ pub fn server(state_dir: &Path, source: &Source, listen: SocketAddr) -> Result<S
         generated,
         not_after_ms,
     })
+}
+
+// Clients that pin a certificate by its fingerprint (the CLI, tests) rather than trust a CA.
+
+/// What the handshake saw, for the error message when it is refused.
+#[derive(Debug, Default)]
+pub struct Seen(Mutex<Option<String>>);
+
+impl Seen {
+    pub fn fingerprint(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Accepts exactly one certificate, by fingerprint (None: accepts none, but records what it
+/// saw so the refusal can tell the operator what to check).
+#[derive(Debug)]
+pub struct Pinned {
+    expected: Option<String>,
+    seen: Arc<Seen>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Pinned {
+    /// Trusts the certificate whose fingerprint is `expected`; what it sees goes to `seen`.
+    pub fn new(expected: Option<String>, seen: Arc<Seen>) -> Pinned {
+        Pinned {
+            expected,
+            seen,
+            provider: provider(),
+        }
+    }
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let seen = fingerprint(end_entity);
+        *self.seen.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen.clone());
+        if self.expected.as_deref() == Some(seen.as_str()) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "certificate fingerprint not trusted".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 #[cfg(test)]

@@ -4,13 +4,12 @@
 //! certificate that no longer matches is refused with what was expected and what was seen.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use host::tls::{Pinned, Seen};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 /// How one server is trusted.
@@ -66,80 +65,6 @@ impl ClientConfig {
     }
 }
 
-/// What the handshake saw, for the error message when it is refused.
-#[derive(Debug, Default)]
-pub struct Seen(Mutex<Option<String>>);
-
-impl Seen {
-    pub fn fingerprint(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// Accepts exactly one certificate, by fingerprint (None: accepts none, but records what it
-/// saw so the refusal can tell the operator what to check).
-#[derive(Debug)]
-struct Pinned {
-    expected: Option<String>,
-    seen: Arc<Seen>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let seen = host::tls::fingerprint(end_entity);
-        *self.seen.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen.clone());
-        if self.expected.as_deref() == Some(seen.as_str()) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "certificate fingerprint not trusted".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A TLS connector for `trust`, and what its handshake saw.
 pub fn connector(trust: &Trust) -> Result<(tokio_rustls::TlsConnector, Arc<Seen>)> {
     let provider = host::tls::provider();
@@ -166,11 +91,7 @@ pub fn connector(trust: &Trust) -> Result<(tokio_rustls::TlsConnector, Arc<Seen>
         }
         (None, expected) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                expected: expected.clone(),
-                seen: seen.clone(),
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Pinned::new(expected.clone(), seen.clone())))
             .with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

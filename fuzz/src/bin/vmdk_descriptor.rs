@@ -51,11 +51,7 @@ fn run(data: &[u8]) -> Outcome {
 }
 
 fn seeds() -> Vec<Seed<Outcome>> {
-    let seed = |name, text: &str, expect| Seed {
-        name,
-        input: text.as_bytes().to_vec(),
-        expect,
-    };
+    let seed = Seed::text;
     vec![
         seed(
             "split_sparse",

@@ -55,7 +55,8 @@ mod jailing;
 mod policy;
 
 pub use policy::{
-    HostLimits, HostPolicy, DEFAULT_CONSOLE_LOG_MAX, DEFAULT_MAX_VMS, DEFAULT_MEMORY_SHARE,
+    meminfo_kib, HostLimits, HostPolicy, DEFAULT_CONSOLE_LOG_MAX, DEFAULT_MAX_VMS,
+    DEFAULT_MEMORY_SHARE,
 };
 
 /// How long a VMM may take from spawn to answering on its control socket.

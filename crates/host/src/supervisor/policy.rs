@@ -16,19 +16,20 @@ pub struct HostLimits {
     pub memory_mib: u64,
 }
 
+/// A value of /proc/meminfo's text, in KiB.
+pub fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl HostLimits {
     pub fn new(max_vms: usize, memory_share_percent: u32) -> HostLimits {
-        let host_mib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(u64::MAX, |kib| kib / 1024);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let host_mib = meminfo_kib(&meminfo, "MemTotal").map_or(u64::MAX, |kib| kib / 1024);
         HostLimits {
             max_vms,
             memory_share_percent,

@@ -108,11 +108,13 @@ async fn wait_text(c: &Client, what: &str) {
 
 /// Waits until an element matching `css` is on the page.
 async fn shown(c: &Client, css: &str) {
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("nothing matches '{css}': {e}"));
+    if let Err(e) = c.wait().at_most(WAIT).for_element(Locator::Css(css)).await {
+        let text = match c.find(Locator::Css("body")).await {
+            Ok(body) => body.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        panic!("nothing matches '{css}': {e}; the page shows:\n{text}");
+    }
 }
 
 async fn sign_in(c: &Client, base: &str, token: &str) {

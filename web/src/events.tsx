@@ -3,7 +3,7 @@ import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, Event } from "./api";
 import { message } from "./format";
 import { EventsTable } from "./events-table";
-import { useLive } from "./live";
+import { useLive, useTickets } from "./live";
 import { Alert } from "./alert";
 
 const KINDS = ["all", "state", "audit", "host"];
@@ -17,17 +17,24 @@ export function EventsPage() {
     (e: Event) => (vm.trim() === "" || e.vm === vm.trim()) && (kind === "all" || e.kind === kind),
     [vm, kind],
   );
+  const tickets = useTickets();
   const load = useCallback(async () => {
+    const ticket = tickets.take();
     const query = new URLSearchParams({ limit: "200" });
     if (vm.trim() !== "") query.set("vm", vm.trim());
     if (kind !== "all") query.set("kind", kind);
     try {
-      setRows((await api.events(query.toString())).slice().reverse());
-      setError(null);
+      const rows = await api.events(query.toString());
+      if (tickets.isNewest(ticket)) {
+        setRows(rows.slice().reverse());
+        setError(null);
+      }
     } catch (e) {
-      setError(message(e));
+      if (tickets.isNewest(ticket)) {
+        setError(message(e));
+      }
     }
-  }, [vm, kind]);
+  }, [vm, kind, tickets]);
   useEffect(() => {
     load();
   }, [load]);

@@ -3,7 +3,7 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, HostStatus, may, SessionInfo, VmInfo } from "./api";
 import { message, monthStart } from "./format";
-import { useLive } from "./live";
+import { useLive, useTickets } from "./live";
 import { Availability, CreateVm, VmList } from "./vms";
 import { Alert } from "./alert";
 
@@ -141,18 +141,25 @@ export function FrontPage({ session }: { session: SessionInfo }) {
   const [vms, setVms] = useState<VmInfo[]>([]);
   const [availability, setAvailability] = useState<Availability>({});
   const [error, setError] = useState<string | null>(null);
+  const tickets = useTickets();
   const load = useCallback(async () => {
+    const ticket = tickets.take();
     try {
       const window = new URLSearchParams({ from: monthStart(), to: new Date().toISOString() }).toString();
       const [s, v, sla] = await Promise.all([api.host(), api.vms(), api.sla(window)]);
+      if (!tickets.isNewest(ticket)) {
+        return;
+      }
       setStatus(s);
       setVms(v);
       setAvailability(Object.fromEntries(sla.vms.map((a) => [a.vm, a.availability_percent])));
       setError(null);
     } catch (e) {
-      setError(message(e));
+      if (tickets.isNewest(ticket)) {
+        setError(message(e));
+      }
     }
-  }, []);
+  }, [tickets]);
   useEffect(() => {
     load();
   }, [load]);

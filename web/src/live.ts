@@ -1,6 +1,6 @@
 // New ledger rows pushed by the daemon (GET /events/stream, server-sent events): pages that
 // show state refresh when a row arrives instead of polling. The browser reconnects by itself.
-import { useEffect } from "preact/hooks";
+import { useEffect, useRef } from "preact/hooks";
 import type { Event } from "./api";
 
 type Listener = (row: Event | null) => void;
@@ -44,4 +44,16 @@ export function useLive(onRow: Listener) {
 export function disconnect() {
   source?.close();
   source = null;
+}
+
+/// Loads overlap when rows arrive in quick succession, and an older load's answer may come
+/// back last: each load takes a ticket, and only the newest ticket's answer is shown.
+export function useTickets() {
+  // One object for the component's life: loads that depend on it are not remade each render.
+  const tickets = useRef<{ take: () => number; isNewest: (ticket: number) => boolean } | null>(null);
+  if (tickets.current === null) {
+    let newest = 0;
+    tickets.current = { take: () => ++newest, isNewest: (ticket) => ticket === newest };
+  }
+  return tickets.current;
 }

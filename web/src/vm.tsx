@@ -4,7 +4,7 @@ import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, Event, may, SessionInfo, SlaReport, VmInfo } from "./api";
 import { message, monthStart, since } from "./format";
 import { EventsTable } from "./events-table";
-import { useLive } from "./live";
+import { useLive, useTickets } from "./live";
 import { Actions } from "./vms";
 import { Alert } from "./alert";
 
@@ -13,18 +13,25 @@ export function VmPage({ name, session }: { name: string; session: SessionInfo }
   const [events, setEvents] = useState<Event[]>([]);
   const [sla, setSla] = useState<SlaReport | null>(null);
   const [error, setError] = useState<string | null>(null);
+  const tickets = useTickets();
   const load = useCallback(async () => {
+    const ticket = tickets.take();
     try {
       const query = new URLSearchParams({ vm: name, limit: "50" }).toString();
       const window = new URLSearchParams({ vm: name, from: monthStart(), to: new Date().toISOString() }).toString();
       const [v, e, s] = await Promise.all([api.vm(name), api.events(query), api.sla(window)]);
+      if (!tickets.isNewest(ticket)) {
+        return;
+      }
       setVm(v);
       setEvents(e.slice().reverse());
       setSla(s);
     } catch (e) {
-      setError(message(e));
+      if (tickets.isNewest(ticket)) {
+        setError(message(e));
+      }
     }
-  }, [name]);
+  }, [name, tickets]);
   useEffect(() => {
     load();
   }, [load]);

@@ -38,25 +38,61 @@ struct Trial {
     lost: Vec<u64>,
 }
 
-/// Boots the probe writing records, kills the VMM after `delay`, checks the file. The disk
-/// is opened with `O_DIRECT` when `direct` is set.
-fn trial(index: u64, delay: Duration, direct: bool) -> Trial {
+/// The disk a trial writes.
+#[derive(Clone, Copy, PartialEq)]
+enum DiskKind {
+    Raw,
+    /// Raw, opened with `O_DIRECT`.
+    Direct,
+    /// A qcow2 overlay on a raw base (every first write to a cluster allocates it and copies
+    /// the rest of it up from the base).
+    Qcow2Overlay,
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is needed (apt install qemu-utils; scripts/install-deps.sh does)")
+}
+
+/// Boots the probe writing records, kills the VMM after `delay`, checks the file.
+fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
     let dir = std::env::temp_dir().join(format!("keel-crash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let disk = dir.join(format!("trial{index}.img"));
-    std::fs::File::create(&disk)
+    let base = dir.join(format!("trial{index}.img"));
+    std::fs::File::create(&base)
         .unwrap()
         .set_len(RECORDS * 512)
         .unwrap();
+    let disk = if kind == DiskKind::Qcow2Overlay {
+        let overlay = dir.join(format!("trial{index}.qcow2"));
+        let out = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        overlay
+    } else {
+        base.clone()
+    };
+    let options = match kind {
+        DiskKind::Raw => "",
+        DiskKind::Direct => ",direct=on",
+        DiskKind::Qcow2Overlay => ",format=qcow2",
+    };
     let mut child = Command::new(KEEL)
         .args(["run", "--kernel"])
         .arg(probe_elf())
         .arg("--disk")
-        .arg(format!(
-            "path={}{}",
-            disk.display(),
-            if direct { ",direct=on" } else { "" }
-        ))
+        .arg(format!("path={}{options}", disk.display()))
         .args([
             "--cmdline",
             &format!("probe.blk_records={RECORDS} probe.blk_nodiscard probe.poweroff"),
@@ -89,9 +125,35 @@ fn trial(index: u64, delay: Duration, direct: bool) -> Trial {
         acked.iter().copied().eq(0..acked.len() as u64),
         "acknowledgements out of order: {acked:?}"
     );
-    let image = std::fs::read(&disk).unwrap();
+    let image = if kind == DiskKind::Qcow2Overlay {
+        // No corruption and no leaked cluster, as QEMU checks it; then the guest's view.
+        let check = qemu_img(&["check", "-f", "qcow2", disk.to_str().unwrap()]);
+        assert!(
+            check.status.success(),
+            "qemu-img check after the kill: status {:?}\n{}",
+            check.status.code(),
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let raw = dir.join(format!("trial{index}.out"));
+        let out = qemu_img(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            disk.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let bytes = std::fs::read(&raw).unwrap();
+        let _ = std::fs::remove_file(&raw);
+        bytes
+    } else {
+        std::fs::read(&disk).unwrap()
+    };
     let lost = records::bad_records(&image, 0..acked.len() as u64);
     let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&base);
     Trial {
         acknowledged: acked.len() as u64,
         lost,
@@ -119,7 +181,7 @@ fn sigkill_loses_no_acknowledged_record() {
     for i in 0..trials {
         // Between 20 ms (boot, before any record) and 400 ms (hundreds of records).
         let delay = Duration::from_millis(20 + random.next() % 380);
-        let t = trial(i, delay, false);
+        let t = trial(i, delay, DiskKind::Raw);
         if t.acknowledged > 0 && t.acknowledged < RECORDS {
             killed_mid_stream += 1;
         }
@@ -147,7 +209,7 @@ fn sigkill_loses_no_acknowledged_record_with_direct_io() {
     }
     // One trial, killed once records are flowing (each is a direct write and an fdatasync).
     let delay = Duration::from_millis(300);
-    let t = trial(1000, delay, true);
+    let t = trial(1000, delay, DiskKind::Direct);
     println!(
         "direct=on: killed after {delay:?}, {} acknowledged, {} lost",
         t.acknowledged,
@@ -159,5 +221,32 @@ fn sigkill_loses_no_acknowledged_record_with_direct_io() {
         "the kill did not come while records were written ({} acknowledged): the test proved \
          nothing",
         t.acknowledged
+    );
+}
+
+#[test]
+fn sigkill_loses_no_acknowledged_record_on_a_qcow2_overlay() {
+    if !kvm_available("sigkill_loses_no_acknowledged_record_on_a_qcow2_overlay") {
+        return;
+    }
+    // Killed at a few moments while records flow; each trial's image must pass qemu-img
+    // check and hold every acknowledged record.
+    let mut killed_mid_stream = 0;
+    for (i, ms) in [150u64, 300, 450].into_iter().enumerate() {
+        let delay = Duration::from_millis(ms);
+        let t = trial(2000 + i as u64, delay, DiskKind::Qcow2Overlay);
+        println!(
+            "qcow2 overlay: killed after {delay:?}, {} acknowledged, {} lost",
+            t.acknowledged,
+            t.lost.len()
+        );
+        assert!(t.lost.is_empty(), "acknowledged records lost: {:?}", t.lost);
+        if t.acknowledged > 0 && t.acknowledged < RECORDS {
+            killed_mid_stream += 1;
+        }
+    }
+    assert!(
+        killed_mid_stream > 0,
+        "no trial killed the VMM while it was writing: the test proved nothing"
     );
 }

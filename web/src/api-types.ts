@@ -356,7 +356,13 @@ export interface components {
             /** Format: double */
             credit_percent: number;
         };
-        /** @description A virtio-blk disk on a raw file. */
+        /**
+         * @description A disk image's format. Always named, never guessed from the file: a raw image whose guest
+         *     wrote a qcow2 header stays raw.
+         * @enum {string}
+         */
+        DiskFormat: "raw" | "qcow2";
+        /** @description A virtio-blk disk on an image file. */
         DiskSpec: {
             /**
              * @description Direct I/O: the image is opened with `O_DIRECT`, bypassing the host's page cache (as
@@ -365,6 +371,8 @@ export interface components {
              *     `O_DIRECT` or needs direct I/O aligned to more than 512 bytes. Default false.
              */
             direct?: boolean;
+            /** @description The image's format; raw when absent. */
+            format?: components["schemas"]["DiskFormat"];
             /** @description Rate limits; unlimited when absent. */
             limits?: components["schemas"]["RateLimits"];
             path: string;

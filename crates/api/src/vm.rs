@@ -56,11 +56,32 @@ fn default_memory_mib() -> u64 {
     256
 }
 
-/// A virtio-blk disk on a raw file.
+/// A disk image's format. Always named, never guessed from the file: a raw image whose guest
+/// wrote a qcow2 header stays raw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    /// qcow2 (versions 2 and 3); its backing files must name their format and lie in the
+    /// host's image directories.
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn is_raw(&self) -> bool {
+        *self == DiskFormat::Raw
+    }
+}
+
+/// A virtio-blk disk on an image file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: String,
+    /// The image's format; raw when absent.
+    #[serde(default, skip_serializing_if = "DiskFormat::is_raw")]
+    pub format: DiskFormat,
     #[serde(default)]
     pub readonly: bool,
     /// Direct I/O: the image is opened with `O_DIRECT`, bypassing the host's page cache (as

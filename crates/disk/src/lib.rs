@@ -6,8 +6,12 @@
 
 pub mod boot;
 pub mod direct;
+pub mod image;
+pub mod qcow2;
 pub mod uring;
 pub mod vmdk;
+
+pub use image::{Format, Image, ImageFiles};
 
 use direct::{DioAlign, Refusal, BOUNCE_CHUNK};
 

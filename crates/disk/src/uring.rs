@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
-use crate::{RawDisk, IOV_MAX};
+use crate::{Image, IOV_MAX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("the io_uring engine serves raw images, not {0}")]
+    NotRaw(crate::Format),
     #[error("creating an io_uring failed: {0}; io_uring may be disabled (sysctl kernel.io_uring_disabled, a seccomp filter) or RLIMIT_MEMLOCK too low")]
     Setup(#[source] io::Error),
     #[error("this kernel's io_uring cannot probe its operations: {0}; it is older than Linux 5.6")]
@@ -39,7 +41,9 @@ pub struct Uring {
     ring: IoUring,
     /// Written by the kernel for each completion.
     eventfd: File,
-    disk: Arc<RawDisk>,
+    /// Held so that `fd` stays open while operations may be in flight.
+    _disk: Arc<Image>,
+    fd: RawFd,
     /// Queued operations not yet handed to the kernel.
     unsubmitted: usize,
 }
@@ -56,7 +60,8 @@ impl std::fmt::Debug for Uring {
 impl Uring {
     /// A ring on `disk` with room for `entries` queued operations (a power of two) and
     /// twice as many completions.
-    pub fn new(disk: Arc<RawDisk>, entries: u32) -> Result<Self, Error> {
+    pub fn new(disk: Arc<Image>, entries: u32) -> Result<Self, Error> {
+        let disk_fd = disk.raw_fd().ok_or(Error::NotRaw(disk.format()))?;
         // Created disabled, restricted to the operations it serves, then enabled: seccomp
         // does not see what the kernel does for a ring, so the ring itself is limited.
         let ring = IoUring::builder()
@@ -102,7 +107,8 @@ impl Uring {
         Ok(Self {
             ring,
             eventfd,
-            disk,
+            fd: disk_fd,
+            _disk: disk,
             unsubmitted: 0,
         })
     }
@@ -124,7 +130,7 @@ impl Uring {
         offset: u64,
         user_data: u64,
     ) -> io::Result<()> {
-        let fd = types::Fd(self.disk.as_raw_fd());
+        let fd = types::Fd(self.fd);
         let count = iov.len().min(IOV_MAX) as u32;
         let entry = opcode::Readv::new(fd, iov.as_ptr(), count)
             .offset(offset)
@@ -145,7 +151,7 @@ impl Uring {
         offset: u64,
         user_data: u64,
     ) -> io::Result<()> {
-        let fd = types::Fd(self.disk.as_raw_fd());
+        let fd = types::Fd(self.fd);
         let count = iov.len().min(IOV_MAX) as u32;
         let entry = opcode::Writev::new(fd, iov.as_ptr(), count)
             .offset(offset)
@@ -158,7 +164,7 @@ impl Uring {
     /// Queues an `fdatasync` of the disk. It covers what was written to the file before it
     /// starts, not operations still queued or in flight beside it: the caller orders it.
     pub fn fdatasync(&mut self, user_data: u64) -> io::Result<()> {
-        let fd = types::Fd(self.disk.as_raw_fd());
+        let fd = types::Fd(self.fd);
         let entry = opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()
@@ -259,17 +265,17 @@ mod tests {
     use crate::iov;
     use std::io::Write;
 
-    fn disk(name: &str, bytes: usize) -> (std::path::PathBuf, Arc<RawDisk>) {
+    fn disk(name: &str, bytes: usize) -> (std::path::PathBuf, Arc<Image>) {
         let path = std::env::temp_dir().join(format!("keel-uring-{}-{name}", std::process::id()));
         std::fs::File::create(&path)
             .unwrap()
             .write_all(&vec![0x55; bytes])
             .unwrap();
-        let disk = Arc::new(RawDisk::open(&path, false).unwrap());
+        let disk = Arc::new(Image::Raw(crate::RawDisk::open(&path, false).unwrap()));
         (path, disk)
     }
 
-    fn ring(disk: &Arc<RawDisk>) -> Uring {
+    fn ring(disk: &Arc<Image>) -> Uring {
         Uring::new(disk.clone(), 8).expect("io_uring is needed for this test")
     }
 
@@ -350,7 +356,7 @@ mod restriction_tests {
             .unwrap()
             .write_all(&[0x55; 4096])
             .unwrap();
-        let disk = Arc::new(RawDisk::open(&path, false).unwrap());
+        let disk = Arc::new(Image::Raw(crate::RawDisk::open(&path, false).unwrap()));
         let mut ring = Uring::new(disk, 8).expect("io_uring is needed for this test");
         // An openat through the ring (which seccomp would not see), a plain read, a nop.
         let name = c"/etc/passwd";
@@ -366,7 +372,7 @@ mod restriction_tests {
         }
         // Its own operation goes through; with an SQE flag (a link) it is refused.
         ring.fdatasync(3).unwrap();
-        let linked = opcode::Fsync::new(types::Fd(ring.disk.as_raw_fd()))
+        let linked = opcode::Fsync::new(types::Fd(ring.fd))
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data(4);

@@ -327,7 +327,8 @@ const HANDED_FIRST_FD: i32 = 3;
 
 /// The descriptors of the files a VM uses, in the order the VMM takes them: kernel,
 /// initrd, boot image (disk boot's reader: the first disk, read-only, no `O_DIRECT`),
-/// disks; each opened beneath the host's image directories. Writable disks are locked
+/// disks (a qcow2 disk followed by its backing chain); each opened beneath the host's image
+/// directories. Writable disks are locked
 /// against any other writer, read-only ones against writers; a disk in use fails the start.
 pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> {
     let refused = |e: &dyn std::fmt::Display| Error::Refused {
@@ -364,7 +365,24 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
             .or_else(|_| images.open("disk", &d.path, access | direct))
             .map_err(|e| refused(&e))?;
         disk::lock(&file, Path::new(&d.path), d.readonly).map_err(|e| refused(&e))?;
-        fds.push(OwnedFd::from(file));
+        // A qcow2 disk's backing chain, by the names its headers give, each beneath the
+        // image directories, read-only; the VMM walks the same headers to take them.
+        let format = match d.format {
+            api::vm::DiskFormat::Raw => disk::Format::Raw,
+            api::vm::DiskFormat::Qcow2 => disk::Format::Qcow2,
+        };
+        let files = disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
+            let path = p.to_str().ok_or("its name is not UTF-8")?;
+            images
+                .open("backing file", path, libc::O_RDONLY)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| refused(&e))?;
+        fds.push(OwnedFd::from(files.top));
+        for layer in files.backing {
+            disk::lock(&layer.file, &layer.path, true).map_err(|e| refused(&e))?;
+            fds.push(OwnedFd::from(layer.file));
+        }
     }
     Ok(fds)
 }

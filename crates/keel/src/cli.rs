@@ -193,6 +193,7 @@ impl CreateArgs {
             .map(|d| {
                 Ok(DiskSpec {
                     path: absolute(&d.path)?,
+                    format: d.spec_format(),
                     readonly: d.read_only,
                     direct: d.direct,
                     serial: d.serial.clone(),

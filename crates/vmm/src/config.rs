@@ -32,6 +32,8 @@ pub struct VmConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
+    /// The image's format, as named (raw when not): never guessed from the file.
+    pub format: disk::Format,
     pub read_only: bool,
     /// Open the image with `O_DIRECT`: the host's page cache is bypassed (QEMU's
     /// `cache=none`).
@@ -51,11 +53,22 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+impl DiskConfig {
+    /// The format as a definition names it.
+    pub fn spec_format(&self) -> api::vm::DiskFormat {
+        match self.format {
+            disk::Format::Raw => api::vm::DiskFormat::Raw,
+            disk::Format::Qcow2 => api::vm::DiskFormat::Qcow2,
+        }
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
     fn from_str(spec: &str) -> Result<Self, String> {
         let mut path = None;
+        let mut format = disk::Format::Raw;
         let mut read_only = false;
         let mut direct = false;
         let mut serial = None;
@@ -63,7 +76,7 @@ impl std::str::FromStr for DiskConfig {
         for part in spec.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| {
                 format!(
-                    "'{part}': expected key=value (path=, readonly=, direct=, serial=, bw=, iops=)"
+                    "'{part}': expected key=value (path=, format=, readonly=, direct=, serial=, bw=, iops=)"
                 )
             })?;
             if rate_limit
@@ -75,6 +88,7 @@ impl std::str::FromStr for DiskConfig {
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "path" => return Err("path= is empty".into()),
+                "format" => format = value.parse()?,
                 "readonly" => read_only = on_off(key, value)?,
                 "direct" => direct = on_off(key, value)?,
                 "serial" if value.len() <= MAX_SERIAL_BYTES && value.is_ascii() => {
@@ -87,7 +101,7 @@ impl std::str::FromStr for DiskConfig {
                 }
                 other => {
                     return Err(format!(
-                        "unknown disk option '{other}' (known: path, readonly, direct, serial, {})",
+                        "unknown disk option '{other}' (known: path, format, readonly, direct, serial, {})",
                         RateLimitConfig::KEYS.join(", ")
                     ))
                 }
@@ -97,6 +111,7 @@ impl std::str::FromStr for DiskConfig {
         rate_limit.validate().map_err(|e| e.to_string())?;
         Ok(DiskConfig {
             path,
+            format,
             read_only,
             direct,
             serial,
@@ -253,6 +268,8 @@ pub enum Error {
     MemoryBeyondHost { asked: u64, host: u64 },
     #[error("kernel {path}: {reason}")]
     Kernel { path: PathBuf, reason: String },
+    #[error("disk boot reads raw boot disks; {path} is {format}: give the VM a kernel file, or convert the disk to raw")]
+    DiskBootFormat { path: PathBuf, format: disk::Format },
     #[error("no kernel and no disk: give --kernel FILE, or a --disk that holds a kernel to boot from it")]
     NothingToBoot,
     #[error(
@@ -345,6 +362,10 @@ impl VmConfig {
                 }
                 Ok(DiskConfig {
                     path: d.path.clone().into(),
+                    format: match d.format {
+                        api::vm::DiskFormat::Raw => disk::Format::Raw,
+                        api::vm::DiskFormat::Qcow2 => disk::Format::Qcow2,
+                    },
                     read_only: d.readonly,
                     direct: d.direct,
                     serial: d.serial.clone(),
@@ -433,6 +454,12 @@ impl VmConfig {
             Some(_) => {}
             None if self.disks.is_empty() => return Err(Error::NothingToBoot),
             None if self.initrd.is_some() => return Err(Error::InitrdWithoutKernel),
+            None if self.disks[0].format != disk::Format::Raw => {
+                return Err(Error::DiskBootFormat {
+                    path: self.disks[0].path.clone(),
+                    format: self.disks[0].format,
+                })
+            }
             None => {}
         }
         if self.disks.len() > arch::layout::MAX_VIRTIO_DEVICES {
@@ -551,6 +578,7 @@ mod tests {
             d,
             DiskConfig {
                 path: "/tmp/a.img".into(),
+                format: disk::Format::Raw,
                 read_only: true,
                 direct: false,
                 serial: Some("disk-0".into()),
@@ -675,6 +703,7 @@ mod tests {
             c.disks,
             vec![DiskConfig {
                 path: "/d.img".into(),
+                format: disk::Format::Raw,
                 read_only: true,
                 direct: true,
                 serial: Some("s1".into()),

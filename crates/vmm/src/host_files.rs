@@ -30,7 +30,8 @@ pub struct HostFiles {
     /// Disk boot's reader reads this: the first disk, read-only, never `O_DIRECT` (the
     /// reader's reads are not aligned).
     pub boot_image: Option<NamedFile>,
-    pub disks: Vec<File>,
+    /// Each disk's files: the image and, for qcow2, its backing chain.
+    pub disks: Vec<disk::ImageFiles>,
     pub taps: Vec<Tap>,
     /// vsock's host-side listener, bound where the definition says (before the jail: the
     /// jailed user may not create files there).
@@ -54,7 +55,8 @@ pub enum Error {
 }
 
 /// The first descriptor a launcher hands over; the files follow in the order kernel,
-/// initrd, boot image, disks (each present only when the definition has it).
+/// initrd, boot image, disks (each present only when the definition has it; a qcow2 disk
+/// is followed by its backing chain, nearest first).
 pub const FIRST_HANDED_FD: RawFd = 3;
 
 /// Whether disk boot's reader needs its own view of the first disk.
@@ -95,7 +97,7 @@ impl HostFiles {
         let disks = config
             .disks
             .iter()
-            .map(|d| disk::RawDisk::open_file(&d.path, d.read_only, d.direct))
+            .map(|d| disk::ImageFiles::open(&d.path, d.format, d.read_only, d.direct))
             .collect::<Result<Vec<_>, _>>()
             .map_err(virtio_devices::Error::from)?;
         Self::with_devices(config, [kernel, initrd, boot_image], disks, None)
@@ -106,7 +108,7 @@ impl HostFiles {
     fn with_devices(
         config: &VmConfig,
         [kernel, initrd, boot_image]: [Option<NamedFile>; 3],
-        disks: Vec<File>,
+        disks: Vec<disk::ImageFiles>,
         jail_id_lock: Option<File>,
     ) -> Result<Self, crate::Error> {
         Ok(Self {
@@ -131,7 +133,12 @@ impl HostFiles {
         {
             fds.push(named.file.as_raw_fd());
         }
-        fds.extend(self.disks.iter().map(|d| d.as_raw_fd()));
+        fds.extend(
+            self.disks
+                .iter()
+                .flat_map(|d| d.files())
+                .map(|f| f.as_raw_fd()),
+        );
         fds.extend(self.taps.iter().map(|t| t.as_raw_fd()));
         fds.extend(self.vsock_listener.iter().map(|l| l.as_raw_fd()));
         fds.extend(self.jail_id_lock.iter().map(|l| l.as_raw_fd()));
@@ -177,11 +184,17 @@ impl HostFiles {
             )),
             _ => None,
         };
-        let disks = config
-            .disks
-            .iter()
-            .map(|d| take(format!("disk {}", d.path.display())))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Each disk, then its backing chain: the daemon walked the same headers to open
+        // them in this order.
+        let mut disks = Vec::new();
+        for d in &config.disks {
+            let top = take(format!("disk {}", d.path.display()))?;
+            let files = disk::ImageFiles::with_backing(top, &d.path, d.format, &mut |p| {
+                take(format!("backing file {}", p.display())).map_err(|e| e.to_string())
+            })
+            .map_err(virtio_devices::Error::from)?;
+            disks.push(files);
+        }
         // The daemon's lock of the jail id, when it handed one.
         let jail_id_lock = take("the jail id's lock".into()).ok();
         Self::with_devices(config, [kernel, initrd, boot_image], disks, jail_id_lock)

@@ -35,8 +35,7 @@ fn file_size_limit(files: &HostFiles) -> u64 {
     files
         .disks
         .iter()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
+        .map(|f| f.write_limit())
         .max()
         .unwrap_or(0)
         .max(LOGS)

@@ -2,7 +2,6 @@
 //! interrupt and an ioeventfd per queue; guest MMIO accesses reach its transport from the
 //! vCPU threads, queue work runs on the event-loop thread.
 
-use std::fs::File;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +28,8 @@ use crate::config::VmConfig;
 pub enum Error {
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    #[error(transparent)]
+    Image(#[from] disk::image::Error),
     #[error("rate limiter: {0}")]
     RateLimiter(String),
     #[error("--vsock: {0}")]
@@ -119,16 +120,16 @@ impl VirtioDevices {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         config: &VmConfig,
-        disks: Vec<File>,
+        disks: Vec<disk::ImageFiles>,
         taps: Vec<Tap>,
         vsock_listener: Option<UnixListener>,
     ) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         let mut counters = DeviceCounters::default();
-        for (i, (d, file)) in config.disks.iter().zip(disks).enumerate() {
-            let raw = disk::RawDisk::from_file(file, &d.path, d.read_only, d.direct)?;
+        for (i, (d, files)) in config.disks.iter().zip(disks).enumerate() {
+            let image = disk::Image::from_image_files(files, d.read_only, d.direct)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
-            let block = Block::new(raw, &serial, limiter(&d.rate_limit)?);
+            let block = Block::new(image, &serial, limiter(&d.rate_limit)?);
             if let Some(why) = block.fallback_reason() {
                 eprintln!(
                     "keel: disk {}: {why}; serving it with the {} engine",

@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use disk::uring::Uring;
-use disk::RawDisk;
+use disk::Image;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -192,7 +192,7 @@ struct Scratch {
 }
 
 pub struct Block {
-    disk: Arc<RawDisk>,
+    disk: Arc<Image>,
     /// None: the synchronous engine.
     ring: Option<Uring>,
     /// Why the hybrid engine was asked for and not given.
@@ -236,16 +236,17 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
 impl Block {
     /// A device on `disk` with the hybrid engine, or the synchronous one where no io_uring
     /// can be made ([`Block::engine`] says which).
-    pub fn new(disk: RawDisk, serial: &str, limiter: RateLimiter) -> Self {
+    pub fn new(disk: impl Into<Image>, serial: &str, limiter: RateLimiter) -> Self {
         Self::with_engine(disk, serial, limiter, EngineChoice::Hybrid)
     }
 
     pub fn with_engine(
-        disk: RawDisk,
+        disk: impl Into<Image>,
         serial: &str,
         limiter: RateLimiter,
         choice: EngineChoice,
     ) -> Self {
+        let disk: Image = disk.into();
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -259,11 +260,15 @@ impl Block {
             features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let config = build_config(disk.size() >> SECTOR_SHIFT);
-        // With direct I/O there is no page cache to read from.
-        let nowait = disk.direct().is_none();
+        // With direct I/O there is no page cache to read from; other formats than raw map
+        // guest offsets to file offsets first.
+        let nowait = disk.raw().is_some() && disk.direct().is_none();
         let disk = Arc::new(disk);
         let (ring, fallback) = match choice {
             EngineChoice::Synchronous => (None, None),
+            // The ring reads and writes file offsets: raw images only. Others are served
+            // synchronously by choice, not as a fallback.
+            EngineChoice::Hybrid if disk.raw().is_none() => (None, None),
             EngineChoice::Hybrid => match Uring::new(disk.clone(), u32::from(QUEUE_SIZE)) {
                 Ok(ring) => (Some(ring), None),
                 Err(e) => (None, Some(e.to_string())),

@@ -1,0 +1,267 @@
+//! The file under a qcow2 image, as the format driver (imago) sees it, and the write order
+//! that makes a flush mean what it says.
+//!
+//! The driver keeps L2 tables and refcount blocks in write-back caches and writes them
+//! refcounts first when allocating, L2 entries first when freeing, but without a sync in
+//! between: on a power cut the disk may keep any subset of unsynced writes, so an L2 entry
+//! could survive without the refcount that owns its cluster, or without the data it points
+//! at. Keel gives the driver two views of one file: a data view (guest data, copy-on-write
+//! copies, zeroes) and a metadata view. A metadata write first makes everything written
+//! before it durable (one `fdatasync`, only when something is unsynced), so on the disk
+//! every table update lands after the data and tables it depends on. Metadata is written
+//! only when the caches are flushed (a guest flush) or evicted, so a guest that overwrites
+//! allocated clusters pays no extra sync, and one that allocates pays a few per flush.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+use imago::Storage;
+
+/// What one view writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Data,
+    Metadata,
+}
+
+#[derive(Debug)]
+struct Shared {
+    file: File,
+    name: String,
+    /// Something was written since the last `fdatasync`.
+    unsynced: AtomicBool,
+    /// The file's size, kept as writes extend it (the driver asks often).
+    size: AtomicU64,
+    /// `fdatasync` calls made, for the benchmark's account of where time goes.
+    syncs: AtomicU64,
+}
+
+/// One view of an image file.
+#[derive(Debug)]
+pub struct ImageFile {
+    shared: Arc<Shared>,
+    role: Role,
+    helper: CommonStorageHelper,
+}
+
+impl ImageFile {
+    /// The data and metadata views of `file` (named `name` in messages).
+    pub fn views(file: File, name: &str) -> io::Result<(ImageFile, ImageFile)> {
+        let size = file.metadata()?.len();
+        let shared = Arc::new(Shared {
+            file,
+            name: name.to_string(),
+            unsynced: AtomicBool::new(false),
+            size: AtomicU64::new(size),
+            syncs: AtomicU64::new(0),
+        });
+        let view = |role| ImageFile {
+            shared: shared.clone(),
+            role,
+            helper: CommonStorageHelper::default(),
+        };
+        Ok((view(Role::Data), view(Role::Metadata)))
+    }
+
+    /// Which file this is a view of (the same for both views of one file).
+    pub fn file_id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// `fdatasync` calls made on the file so far (both views).
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.shared.file.as_raw_fd()
+    }
+
+    fn sync_now(&self) -> io::Result<()> {
+        // Cleared first: a write racing the sync marks the file unsynced again.
+        self.shared.unsynced.store(false, Ordering::Release);
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.shared.file.sync_data() {
+            self.shared.unsynced.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn wrote(&self, end: u64) {
+        self.shared.unsynced.store(true, Ordering::Release);
+        self.shared.size.fetch_max(end, Ordering::Relaxed);
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(&self.shared.file, mode, offset, len)
+    }
+}
+
+fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(at), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::other("range past what a file can hold"));
+    };
+    // SAFETY: fallocate on an open descriptor with plain integer arguments.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, at, n) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Gives the host file system back the space of `len` bytes at `offset` of `file` (clusters
+/// an image freed; they read as zeroes until reused).
+pub fn punch(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+impl fmt::Display for ImageFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.shared.name)
+    }
+}
+
+fn offset_of(offset: u64) -> io::Result<i64> {
+    i64::try_from(offset).map_err(|_| io::Error::other("offset past what a file can hold"))
+}
+
+impl Storage for ImageFile {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.shared.size.load(Ordering::Relaxed))
+    }
+
+    unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        while !bufv.is_empty() {
+            // SAFETY: the iovecs describe `bufv`'s buffers, which live across the call.
+            let iov = unsafe { bufv.as_iovec() };
+            let batch = &iov[..iov.len().min(crate::IOV_MAX)];
+            // SAFETY: every iovec points at a live buffer of its length; the kernel writes
+            // only inside them.
+            let n = unsafe {
+                libc::preadv(
+                    self.fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset_of(offset)?,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                // Past the end of the file: clusters not written yet read as zeroes.
+                bufv.fill(0);
+                break;
+            }
+            bufv = bufv.split_tail_at(n as u64);
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_writev(&self, mut bufv: IoVector<'_>, mut offset: u64) -> io::Result<()> {
+        if self.role == Role::Metadata && self.shared.unsynced.load(Ordering::Acquire) {
+            self.sync_now()?;
+        }
+        while !bufv.is_empty() {
+            // SAFETY: as for reads.
+            let iov = unsafe { bufv.as_iovec() };
+            let batch = &iov[..iov.len().min(crate::IOV_MAX)];
+            // SAFETY: every iovec points at a live buffer of its length; the kernel only
+            // reads them.
+            let n = unsafe {
+                libc::pwritev(
+                    self.fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    offset_of(offset)?,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write made no progress",
+                ));
+            }
+            bufv = bufv.split_tail_at(n as u64);
+            offset += n as u64;
+            self.wrote(offset);
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        // Zeroes are what a new table or cluster starts as: nothing refers to them yet.
+        let end = offset.saturating_add(length);
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, length)
+            .is_ok()
+        {
+            self.wrote(end);
+            return Ok(());
+        }
+        let zeroes = vec![0u8; length.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(zeroes.len() as u64) as usize;
+            // SAFETY: `zeroes` lives across the call.
+            unsafe { self.pure_writev(IoVector::from(&zeroes[..n]), at) }?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        // SAFETY: the same contract.
+        unsafe { self.pure_write_zeroes(offset, length) }
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        punch(&self.shared.file, offset, length)?;
+        self.wrote(0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Nothing is buffered here.
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.shared.unsynced.load(Ordering::Acquire) {
+            self.sync_now()?;
+        }
+        Ok(())
+    }
+
+    unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+}

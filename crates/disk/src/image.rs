@@ -89,7 +89,8 @@ impl ImageFiles {
     pub fn open(path: &Path, format: Format, read_only: bool, direct: bool) -> Result<Self, Error> {
         let top = RawDisk::open_file(path, read_only, direct && format == Format::Raw)?;
         Self::with_backing(top, path, format, &mut |p| {
-            File::open(p).map_err(|e| format!("opening it failed: {e}"))
+            File::open(p)
+                .map_err(|e| format!("backing file {}: opening it failed: {e}", p.display()))
         })
     }
 

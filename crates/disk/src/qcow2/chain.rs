@@ -81,7 +81,7 @@ pub fn resolve(path: &Path, name: &str) -> PathBuf {
 
 /// Opens the backing chain below the qcow2 image `top` (at `path`), nearest first: for each
 /// backing file its header names, `open` is given the resolved path and returns the file
-/// opened read-only, or why it may not be. A missing backing format, an unknown one, a loop
+/// opened read-only, or why it may not be (a message that names the file). A missing backing format, an unknown one, a loop
 /// or a chain deeper than [`MAX_CHAIN`] is refused.
 pub fn open_backing(
     top: &File,

@@ -55,7 +55,8 @@ pub enum Error {
     TooDeep { path: PathBuf },
     #[error("disk {path}: its backing chain comes back to an image already in it ({backing})")]
     Loop { path: PathBuf, backing: PathBuf },
-    #[error("disk {path}: its backing file {backing}: {reason}")]
+    /// `reason` names the backing file (as its opener saw it).
+    #[error("disk {path}: {reason}")]
     Backing {
         path: PathBuf,
         backing: String,

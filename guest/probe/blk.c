@@ -159,19 +159,28 @@ static bool zero_test(u32 type, u64 sector, u32 count, const char *name)
 	return true;
 }
 
-static bool records(u32 n, bool discard)
+static bool records(u32 n, bool discard, u32 spread, u32 batch)
 {
 	u32 i, bad = n;
 
 	for (i = 0; i < n; i++) {
 		make_record(dma.rec, i);
-		if (!req_ok(T_OUT, i, dma.rec, SECTOR, false))
+		if (!req_ok(T_OUT, (u64)i * spread, dma.rec, SECTOR, false))
 			return false;
+		if ((i + 1) % batch && i + 1 < n)
+			continue;
 		if ((features & BLK_F_FLUSH) && !req_ok(T_FLUSH, 0, 0, 0, false))
 			return false;
-		pr("PROBE acked %u\n", i);
+		for (u32 k = i - i % batch; k <= i; k++)
+			pr("PROBE acked %u\n", k);
 	}
-	for (i = 0; i < n && bad == n; i += READ_SECTORS) {
+	for (i = 0; i < n && bad == n && spread > 1; i++) {
+		if (!req_ok(T_IN, (u64)i * spread, dma.buf, SECTOR, true))
+			return false;
+		if (!record_ok(dma.buf, i))
+			bad = i;
+	}
+	for (i = 0; i < n && bad == n && spread == 1; i += READ_SECTORS) {
 		u32 count = n - i < READ_SECTORS ? n - i : READ_SECTORS;
 
 		if (!req_ok(T_IN, i, dma.buf, count * SECTOR, true))
@@ -259,8 +268,17 @@ void blk_run(void)
 			return;
 		pr("PROBE blk_write_status %u\n", s);
 	}
-	if (n)
-		ok = records(n, !has_word("probe.blk_nodiscard"));
+	if (n) {
+		u64 spread = 1, batch = 1;
+		const char *sv = cmdline_arg("probe.blk_spread=", 0);
+		const char *bv = cmdline_arg("probe.blk_batch=", 0);
+
+		if (sv && (!parse_num(&sv, &spread, false) || spread < 1 || spread > 4096))
+			spread = 1;
+		if (bv && (!parse_num(&bv, &batch, false) || batch < 1 || batch > 4096))
+			batch = 1;
+		ok = records(n, !has_word("probe.blk_nodiscard"), spread, batch);
+	}
 	if (ok)
 		pr("PROBE blk_done\n");
 }

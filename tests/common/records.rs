@@ -21,10 +21,16 @@ pub fn record(i: u64) -> Vec<u8> {
 }
 
 /// Indices in `range` whose sector in `image` is not the expected record.
+#[allow(dead_code)] // not every test that includes this module uses it
 pub fn bad_records(image: &[u8], range: std::ops::Range<u64>) -> Vec<u64> {
+    bad_spread_records(image, range, 1)
+}
+
+/// [`bad_records`] for records written `spread` sectors apart (`probe.blk_spread`).
+pub fn bad_spread_records(image: &[u8], range: std::ops::Range<u64>, spread: u64) -> Vec<u64> {
     range
         .filter(|&i| {
-            let start = i as usize * RECORD_BYTES;
+            let start = (i * spread) as usize * RECORD_BYTES;
             image.get(start..start + RECORD_BYTES) != Some(record(i).as_slice())
         })
         .collect()

@@ -73,6 +73,12 @@ pub struct Header {
     pub backing: Option<Backing>,
     /// The image was not closed cleanly with lazy refcounts: its refcounts need repair.
     pub dirty: bool,
+    /// Where the L1 table lies, and its entries (8 bytes each).
+    pub l1_offset: u64,
+    pub l1_entries: u32,
+    /// Where the refcount table lies, and its clusters.
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +238,10 @@ impl Header {
             cluster_bits,
             backing,
             dirty,
+            l1_entries: be32(bytes, 36),
+            l1_offset: be64(bytes, 40),
+            refcount_table_offset: be64(bytes, 48),
+            refcount_table_clusters: be32(bytes, 56),
         })
     }
 }

@@ -66,25 +66,59 @@ pub enum Error {
     Direct { path: PathBuf },
 }
 
-/// Opens one layer of an image over the layer below it; also says which file it is (see
-/// [`ImageFile::file_id`]).
+/// An open layer: the driver's access, which file it is (see [`ImageFile::file_id`]), and
+/// what completes its flushes.
+struct OpenLayer {
+    access: FormatAccess<ImageFile>,
+    file_id: usize,
+    durability: storage::Durability,
+}
+
+/// Where a qcow2 file's driver writes without its caches: the header's cluster, the L1
+/// table, the refcount table (see [`storage`]).
+fn held_ranges(header: &header::Header) -> Vec<std::ops::Range<u64>> {
+    let cluster = 1u64 << header.cluster_bits;
+    let l1_end = header
+        .l1_offset
+        .saturating_add(u64::from(header.l1_entries) * 8);
+    let rt_end = header
+        .refcount_table_offset
+        .saturating_add(u64::from(header.refcount_table_clusters) * cluster);
+    vec![
+        0..cluster,
+        header.l1_offset..l1_end,
+        header.refcount_table_offset..rt_end,
+    ]
+}
+
+/// Opens one layer of an image over the layer below it.
 fn open_layer(
     layer: Layer,
     writable: bool,
     below: Option<FormatAccess<ImageFile>>,
-) -> Result<(FormatAccess<ImageFile>, usize), Error> {
+) -> Result<OpenLayer, Error> {
     let path = layer.path.clone();
     let failed = |source| Error::Open {
         path: path.clone(),
         source,
     };
     let name = layer.path.display().to_string();
-    let (data, metadata) = ImageFile::views(layer.file, &name).map_err(failed)?;
-    let id = data.file_id();
+    let held = match layer.format {
+        Format::Qcow2 if writable => held_ranges(&chain::read_header(&layer.file, &layer.path)?),
+        _ => Vec::new(),
+    };
+    let (data, metadata) = ImageFile::views(layer.file, &name, held).map_err(failed)?;
+    let file_id = data.file_id();
+    let durability = data.durability();
+    let open = |access| OpenLayer {
+        access,
+        file_id,
+        durability,
+    };
     match layer.format {
         Format::Raw => {
             let raw = Raw::open_image(data, writable).map_err(failed)?;
-            Ok((FormatAccess::new(raw), id))
+            Ok(open(FormatAccess::new(raw)))
         }
         Format::Qcow2 => {
             let mut image = Qcow2::<ImageFile>::open_image(metadata, writable).map_err(failed)?;
@@ -92,7 +126,21 @@ fn open_layer(
             // external data file (the header check refuses those), so offsets are the same.
             image.set_data_file(Some(data));
             image.set_backing(below);
-            Ok((FormatAccess::new(image), id))
+            Ok(open(FormatAccess::new(image)))
+        }
+    }
+}
+
+impl Drop for Qcow2Disk {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            eprintln!(
+                "keel: disk {}: flushing it at close failed: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -113,6 +161,8 @@ pub struct Qcow2Disk {
     top_file: usize,
     /// The image's own file, to give freed clusters' space back.
     punch_file: File,
+    /// Completes a flush of the image's own file.
+    durability: storage::Durability,
 }
 
 impl Qcow2Disk {
@@ -132,23 +182,24 @@ impl Qcow2Disk {
         let has_backing = !backing.is_empty();
         let mut below = None;
         for layer in backing.into_iter().rev() {
-            below = Some(open_layer(layer, false, below)?.0);
+            below = Some(open_layer(layer, false, below)?.access);
         }
         let layer = Layer {
             file: top,
             format: Format::Qcow2,
             path: path.to_path_buf(),
         };
-        let (access, top_file) = open_layer(layer, !read_only, below)?;
+        let top = open_layer(layer, !read_only, below)?;
         Ok(Qcow2Disk {
-            size: access.size(),
-            access: RwLock::new(access),
+            size: top.access.size(),
+            access: RwLock::new(top.access),
             read_only,
             path: path.to_path_buf(),
             cluster_size: 1 << header.cluster_bits,
             has_backing,
-            top_file,
+            top_file: top.file_id,
             punch_file,
+            durability: top.durability,
         })
     }
 
@@ -222,7 +273,8 @@ impl Qcow2Disk {
     pub fn flush(&self) -> io::Result<()> {
         let access = self.shared();
         access.flush()?;
-        access.sync()
+        access.sync()?;
+        self.durability.commit()
     }
 
     /// Frees the clusters of the range: they read back as zeroes, and the space of those the

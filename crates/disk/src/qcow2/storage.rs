@@ -11,6 +11,12 @@
 //! every table update lands after the data and tables it depends on. Metadata is written
 //! only when the caches are flushed (a guest flush) or evicted, so a guest that overwrites
 //! allocated clusters pays no extra sync, and one that allocates pays a few per flush.
+//!
+//! The driver writes a few things at once rather than through its caches: the L1 entry of a
+//! new L2 table (whose refcount is still in the cache: a crash, even a VMM kill, would leave
+//! a table in use with refcount 0), the refcount table and the header. Writes to those
+//! ranges are held here (reads see them) and written by [`Durability::commit`], after the
+//! caches, when the image is flushed.
 
 use std::fmt;
 use std::fs::File;
@@ -30,10 +36,40 @@ pub enum Role {
     Metadata,
 }
 
+/// Writes held back until the image is flushed (see the module documentation).
+#[derive(Debug, Default)]
+struct Held {
+    /// Byte ranges of the file whose writes are held: the header's cluster, the L1 table,
+    /// the refcount table.
+    ranges: Vec<std::ops::Range<u64>>,
+    /// The held writes, in order.
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl Held {
+    fn holds(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.ranges.iter().any(|r| offset < r.end && r.start < end)
+    }
+
+    /// Lays the held writes over `buf`, read from `offset`.
+    fn overlay(&self, buf: &mut [u8], offset: u64) {
+        let end = offset + buf.len() as u64;
+        for (at, data) in &self.writes {
+            let (start, stop) = ((*at).max(offset), (at + data.len() as u64).min(end));
+            if start < stop {
+                buf[(start - offset) as usize..(stop - offset) as usize]
+                    .copy_from_slice(&data[(start - at) as usize..(stop - at) as usize]);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     file: File,
     name: String,
+    held: std::sync::Mutex<Held>,
     /// Something was written since the last `fdatasync`.
     unsynced: AtomicBool,
     /// The file's size, kept as writes extend it (the driver asks often).
@@ -51,12 +87,21 @@ pub struct ImageFile {
 }
 
 impl ImageFile {
-    /// The data and metadata views of `file` (named `name` in messages).
-    pub fn views(file: File, name: &str) -> io::Result<(ImageFile, ImageFile)> {
+    /// The data and metadata views of `file` (named `name` in messages); metadata writes to
+    /// `held` ranges wait for [`Durability::commit`].
+    pub fn views(
+        file: File,
+        name: &str,
+        held: Vec<std::ops::Range<u64>>,
+    ) -> io::Result<(ImageFile, ImageFile)> {
         let size = file.metadata()?.len();
         let shared = Arc::new(Shared {
             file,
             name: name.to_string(),
+            held: std::sync::Mutex::new(Held {
+                ranges: held,
+                writes: Vec::new(),
+            }),
             unsynced: AtomicBool::new(false),
             size: AtomicU64::new(size),
             syncs: AtomicU64::new(0),
@@ -67,6 +112,11 @@ impl ImageFile {
             helper: CommonStorageHelper::default(),
         };
         Ok((view(Role::Data), view(Role::Metadata)))
+    }
+
+    /// What flushes the file: held writes and syncs.
+    pub fn durability(&self) -> Durability {
+        Durability(self.shared.clone())
     }
 
     /// Which file this is a view of (the same for both views of one file).
@@ -91,6 +141,14 @@ impl ImageFile {
             self.shared.unsynced.store(true, Ordering::Release);
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` to the file now.
+    fn write_through(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.shared.file.write_all_at(data, offset)?;
+        self.wrote(offset + data.len() as u64);
         Ok(())
     }
 
@@ -127,6 +185,68 @@ pub fn punch(file: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+impl Shared {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The end of a flush of one image file: held writes go to the file after everything they
+/// depend on is durable, and are made durable themselves.
+#[derive(Debug, Clone)]
+pub struct Durability(Arc<Shared>);
+
+impl Durability {
+    /// Writes the held writes (after a sync, when anything is unsynced) and syncs.
+    pub fn commit(&self) -> io::Result<()> {
+        let writes = std::mem::take(&mut self.0.held().writes);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let view = ImageFile {
+            shared: self.0.clone(),
+            role: Role::Data,
+            helper: CommonStorageHelper::default(),
+        };
+        if self.0.unsynced.load(Ordering::Acquire) {
+            view.sync_now()?;
+        }
+        for (at, data) in &writes {
+            if let Err(e) = view.write_through(data, *at) {
+                // Put them back: a later flush tries again.
+                let mut held = self.0.held();
+                let later = std::mem::take(&mut held.writes);
+                held.writes = writes;
+                held.writes.extend(later);
+                return Err(e);
+            }
+        }
+        view.sync_now()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The image is closed: what the driver wrote last (at its own close) is written now.
+        let writes = std::mem::take(&mut self.held().writes);
+        if writes.is_empty() {
+            return;
+        }
+        let _ = self.file.sync_data();
+        for (at, data) in &writes {
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = self.file.write_all_at(data, *at) {
+                eprintln!(
+                    "keel: disk {}: writing its tables at close failed: {e}",
+                    self.name
+                );
+                return;
+            }
+        }
+        let _ = self.file.sync_data();
+    }
+}
+
 impl fmt::Display for ImageFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.shared.name)
@@ -143,6 +263,31 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        if self.role == Role::Metadata {
+            let held = self.shared.held();
+            if !held.writes.is_empty() && held.holds(offset, bufv.len()) {
+                // Read into a buffer, lay the held writes over it, copy out.
+                let mut buf = vec![0u8; bufv.len() as usize];
+                drop(held);
+                use std::os::unix::fs::FileExt;
+                let mut done = 0;
+                while done < buf.len() {
+                    match self
+                        .shared
+                        .file
+                        .read_at(&mut buf[done..], offset + done as u64)
+                    {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.shared.held().overlay(&mut buf, offset);
+                bufv.copy_from_slice(&buf);
+                return Ok(());
+            }
+        }
         while !bufv.is_empty() {
             // SAFETY: the iovecs describe `bufv`'s buffers, which live across the call.
             let iov = unsafe { bufv.as_iovec() };
@@ -176,6 +321,15 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_writev(&self, mut bufv: IoVector<'_>, mut offset: u64) -> io::Result<()> {
+        if self.role == Role::Metadata {
+            let mut held = self.shared.held();
+            if held.holds(offset, bufv.len()) {
+                let mut data = vec![0u8; bufv.len() as usize];
+                bufv.copy_into_slice(&mut data);
+                held.writes.push((offset, data));
+                return Ok(());
+            }
+        }
         if self.role == Role::Metadata && self.shared.unsynced.load(Ordering::Acquire) {
             self.sync_now()?;
         }

@@ -8,6 +8,7 @@
 //! - what the VMM serves: [`Qcow2Disk`] takes guest iovecs as the raw disk does.
 
 pub mod chain;
+pub mod create;
 pub mod header;
 pub mod storage;
 

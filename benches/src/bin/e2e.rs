@@ -269,7 +269,9 @@ impl Rig {
                             disk.push(self.raw_image.as_deref().context("no raw image")?);
                         } else {
                             disk.push(image()?);
-                            disk.push(format!(",format={}", self.format.name()));
+                            if self.format != ImageFormat::Raw {
+                                disk.push(format!(",format={}", self.format.name()));
+                            }
                         }
                         if config == Config::KeelDirect {
                             disk.push(",direct=on");
@@ -721,6 +723,8 @@ mod tests {
             qemu: "/q".into(),
             probe: "/p.elf".into(),
             image: Some("/img".into()),
+            raw_image: None,
+            format: ImageFormat::Raw,
             ns: None,
             vsock_socket: "/s".into(),
             qd: 32,

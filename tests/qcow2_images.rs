@@ -392,3 +392,40 @@ fn a_raw_image_whose_guest_wrote_a_qcow2_header_stays_raw() {
     assert_eq!(image.size(), 4 * MIB);
     assert_eq!(read(&image, 0, 4096), header[..4096]);
 }
+
+#[test]
+fn keel_makes_thin_overlays_that_qemu_reads() {
+    let d = dir("overlay");
+    let base = d.join("base.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "32M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 0 1M", s(&base)]);
+    let top = d.join("clone.qcow2");
+    let started = std::time::Instant::now();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&top)
+        .unwrap();
+    disk::qcow2::create::create_overlay(file, &top, 64 * MIB, Some(("base.qcow2", Format::Qcow2)))
+        .unwrap();
+    let made_in = started.elapsed();
+    let made_bytes = std::fs::metadata(&top).unwrap().len();
+    let info = run("qemu-img", &["info", "--output=json", s(&top)]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    // A clone larger than its base reads the base, then zeroes; writes stay on top.
+    let image = Image::open(&top, Format::Qcow2, false, false).unwrap();
+    assert_eq!(read(&image, 0, 4096), vec![0x77u8; 4096]);
+    assert_eq!(read(&image, 48 * MIB, 4096), vec![0u8; 4096]);
+    let mut model = vec![0u8; (64 * MIB) as usize];
+    model[..MIB as usize].fill(0x77);
+    random_writes(&image, &mut model, 99, 100);
+    image.flush().unwrap();
+    drop(image);
+    check(&top);
+    assert!(qemu_raw(&top, &d.join("out.raw")) == model);
+    println!("a 64 MiB overlay made in {made_in:?}, {made_bytes} bytes before any write");
+}

@@ -137,3 +137,157 @@ fn a_vm_runs_on_a_qcow2_overlay_and_backing_files_stay_in_the_image_directories(
     assert_eq!(d.state("escape"), "stopped");
     let _ = std::fs::remove_file(&outside);
 }
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn the_library_imports_clones_and_keeps_what_is_used() {
+    if !common::kvm_available("the_library_imports_clones_and_keeps_what_is_used") {
+        return;
+    }
+    let d = Daemon::start("images-library");
+    let incoming = d.images().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let raw = incoming.join("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "64M"]);
+    let io = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 2M",
+            "-c",
+            "write -P 0xc3 40M 64k",
+        ])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(io.status.success(), "{io:?}");
+    let vmdk = incoming.join("vmware.vmdk");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&vmdk),
+    ]);
+    let qcow2 = incoming.join("q.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&qcow2),
+    ]);
+
+    // Imports: raw as it is, the VMDK converted (byte-identical to the raw it came from),
+    // qcow2 as it is.
+    let out = d.ok(&["image", "import", s(&raw)]);
+    assert!(out.contains("base: imported, 64.0 MiB raw"), "{out}");
+    d.ok(&["image", "import", s(&vmdk), "--name", "fromvmware"]);
+    d.ok(&["image", "import", s(&qcow2)]);
+    let list = d.json(&["image", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "fromvmware", "q"]);
+    let converted = list[1]["path"].as_str().unwrap();
+    assert_eq!(sha256_of(Path::new(converted)), sha256_of(&raw));
+    assert_eq!(list[1]["format"], "raw");
+    assert_eq!(list[2]["format"], "qcow2");
+    // Sparse where the source was: 2 MiB + 64 KiB of data in 64 MiB.
+    assert!(
+        list[1]["allocated_bytes"].as_u64().unwrap() < 8 << 20,
+        "{}",
+        list[1]
+    );
+
+    // Refused: a source outside the image directories, a name in use, no format.
+    let outside = std::env::temp_dir().join(format!("keel-lib-{}.raw", std::process::id()));
+    std::fs::write(&outside, vec![0u8; 1 << 20]).unwrap();
+    let e = d.fails(&["image", "import", s(&outside), "--name", "x"]);
+    assert!(e.contains("only under its image directories"), "{e}");
+    let _ = std::fs::remove_file(&outside);
+    let e = d.fails(&["image", "import", s(&raw)]);
+    assert!(e.contains("exists"), "{e}");
+    let odd = incoming.join("disk.bin");
+    std::fs::write(&odd, vec![0u8; 1 << 20]).unwrap();
+    let e = d.fails(&["image", "import", s(&odd)]);
+    assert!(e.contains("say its format"), "{e}");
+
+    // Following an import without waiting: the operation, then the image.
+    let op = d.json(&["image", "import", s(&raw), "--name", "later", "--no-wait"]);
+    assert_eq!(op["kind"], "image-import");
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while d.keel(&["image", "show", "later"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the import never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A thin clone: defined in milliseconds, the probe writes and verifies records on it,
+    // the image stays as it was.
+    let image_before = sha256_of(Path::new(list[0]["path"].as_str().unwrap()));
+    let kernel = common::probe_elf();
+    let started = Instant::now();
+    d.ok(&[
+        "vm",
+        "create",
+        "thin",
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64",
+        "--disk",
+        "image=base,size=128M",
+        "--cmdline",
+        "probe.blk_records=128 probe.poweroff",
+    ]);
+    println!(
+        "vm create with a clone of a 64 MiB image: {:?}",
+        started.elapsed()
+    );
+    let disk = &d.json(&["vm", "show", "thin"])["spec"]["disks"][0];
+    assert_eq!(disk["image"], "base");
+    assert_eq!(disk["format"], "qcow2");
+    assert_eq!(disk["size"], 128 << 20);
+    let clone = disk["path"].as_str().unwrap().to_string();
+    assert!(clone.ends_with("/vms/thin/disk0.qcow2"), "{clone}");
+    d.ok(&["vm", "start", "thin"]);
+    let out = wait_console(&d, "thin", "PROBE blk_done");
+    assert!(out.contains("PROBE blk_verify ok 128"), "{out}");
+    d.wait_state("thin", "stopped", STATE_TIMEOUT);
+    let check = qemu_img(&["check", "-f", "qcow2", &clone]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert_eq!(
+        sha256_of(Path::new(list[0]["path"].as_str().unwrap())),
+        image_before
+    );
+
+    // Used images stay; once the VM is gone, its clone goes and the image can be removed.
+    let e = d.fails(&["image", "rm", "base"]);
+    assert!(e.contains("used by VM(s) thin"), "{e}");
+    d.ok(&["vm", "rm", "thin"]);
+    assert!(!Path::new(&clone).exists(), "the VM's clone outlived it");
+    d.ok(&["image", "rm", "base"]);
+    assert!(!Path::new(list[0]["path"].as_str().unwrap()).exists());
+    let e = d.fails(&["image", "show", "base"]);
+    assert!(e.contains("no image named 'base'"), "{e}");
+}

@@ -397,8 +397,14 @@ fn a_raw_image_whose_guest_wrote_a_qcow2_header_stays_raw() {
 fn keel_makes_thin_overlays_that_qemu_reads() {
     let d = dir("overlay");
     let base = d.join("base.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "32M"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 0 1M", s(&base)]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&base), "32M"],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x77 0 1M", s(&base)],
+    );
     let top = d.join("clone.qcow2");
     let started = std::time::Instant::now();
     let file = std::fs::OpenOptions::new()

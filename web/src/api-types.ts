@@ -59,6 +59,38 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/images": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_images"];
+        put?: never;
+        post: operations["import_image"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/images/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["show_image"];
+        put?: never;
+        post?: never;
+        delete: operations["remove_image"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/incidents/{id}/ack": {
         parameters: {
             query?: never;
@@ -132,6 +164,38 @@ export interface paths {
             cookie?: never;
         };
         get: operations["openapi"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/operations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_operations"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/operations/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["show_operation"];
         put?: never;
         post?: never;
         delete?: never;
@@ -373,11 +437,27 @@ export interface components {
             direct?: boolean;
             /** @description The image's format; raw when absent. */
             format?: components["schemas"]["DiskFormat"];
+            /**
+             * @description A thin clone of this library image: when the VM is defined, the daemon makes a qcow2
+             *     overlay on the image for it (in `vms/NAME/` of the first image directory), in
+             *     milliseconds whatever the image's size. Kept in the definition to say where the disk
+             *     came from.
+             */
+            image?: string | null;
             /** @description Rate limits; unlimited when absent. */
             limits?: components["schemas"]["RateLimits"];
-            path: string;
+            /**
+             * @description The image file (absolute). Left empty when `image` names a library image: the
+             *     daemon then makes the disk and fills this in.
+             */
+            path?: string;
             readonly?: boolean;
             serial?: string | null;
+            /**
+             * Format: int64
+             * @description The clone's size in bytes (at least the image's; the image's when absent).
+             */
+            size?: number | null;
         };
         /** @description The body of every 4xx and 5xx answer: one sentence that says what failed and what to do. */
         ErrorBody: {
@@ -502,6 +582,41 @@ export interface components {
             /** @description Things that will need attention (a token about to expire, ...). */
             warnings: string[];
         };
+        /** @description An image of the library. */
+        ImageInfo: {
+            /**
+             * Format: int64
+             * @description The space its file takes on the host, bytes.
+             */
+            allocated_bytes: number;
+            /** @description When it was imported (RFC 3339). */
+            created: string;
+            /** @description How it is stored. */
+            format: components["schemas"]["DiskFormat"];
+            name: string;
+            /** @description Its file, in the library directory. */
+            path: string;
+            /** @description What it was imported from, and in which format. */
+            source: string;
+            /** @description VMs whose disks are this image or a clone of it: it cannot be removed while any is. */
+            used_by: string[];
+            /**
+             * Format: int64
+             * @description The disk size a VM sees, bytes.
+             */
+            virtual_size: number;
+        };
+        /** @description An image to import into the library. */
+        ImportRequest: {
+            format?: null | components["schemas"]["SourceFormat"];
+            /** @description The image's name in the library (the rule of VM names). */
+            name: string;
+            /**
+             * @description The file to import: an absolute path in the host's image directories (for a VMDK,
+             *     its descriptor or its one file).
+             */
+            source: string;
+        };
         /** @description Something went wrong and nobody has acknowledged it yet. */
         Incident: {
             cause: components["schemas"]["Cause"];
@@ -558,6 +673,43 @@ export interface components {
             secret: string;
             token: components["schemas"]["TokenInfo"];
         };
+        /** @description A long operation (an import, a copy): poll `GET /operations/{id}` to follow it. */
+        Operation: {
+            /**
+             * Format: int64
+             * @description Bytes done and to do (of the source's data; sparse regions are skipped and count as
+             *     done).
+             */
+            done_bytes: number;
+            /** @description Why it failed. */
+            error?: string | null;
+            /**
+             * Format: double
+             * @description Seconds left at that rate, while running.
+             */
+            eta_secs?: number | null;
+            finished?: string | null;
+            /** Format: int64 */
+            id: number;
+            /** @description What it does: `image-import`, `vm-clone`. */
+            kind: string;
+            /**
+             * Format: double
+             * @description Bytes per second so far.
+             */
+            rate: number;
+            started: string;
+            state: components["schemas"]["OperationState"];
+            /** @description What it works on (an image's or a VM's name). */
+            target: string;
+            /** Format: int64 */
+            total_bytes: number;
+        };
+        /**
+         * @description Where a long operation is.
+         * @enum {string}
+         */
+        OperationState: "running" | "done" | "failed";
         /** @description Token-bucket limits of a disk or NIC; absent means unlimited. */
         RateLimits: {
             /**
@@ -602,6 +754,13 @@ export interface components {
             to: string;
             vms: components["schemas"]["VmAvailability"][];
         };
+        /**
+         * @description The format of a file to import. VMDK files (every subformat Keel reads: monolithicSparse,
+         *     streamOptimized, monolithicFlat, twoGbMaxExtentSparse and twoGbMaxExtentFlat) are
+         *     converted to a sparse raw image.
+         * @enum {string}
+         */
+        SourceFormat: "raw" | "qcow2" | "vmdk";
         /** @description A token as listed (its secret is never shown again after creation). */
         TokenInfo: {
             created: string;
@@ -947,6 +1106,326 @@ export interface operations {
             };
         };
     };
+    list_images: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImageInfo"][];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    import_image: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ImportRequest"];
+            };
+        };
+        responses: {
+            /** @description The import started: follow it at /operations/{id}; the image is listed once the operation is done */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Operation"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body did not arrive within 30 s */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is over 2 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is not JSON (Content-Type: application/json) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    show_image: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImageInfo"];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    remove_image: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A VM uses the image */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     ack_incident: {
         parameters: {
             query?: never;
@@ -1238,6 +1717,136 @@ export interface operations {
             };
             /** @description the caller's role does not allow this, or its token expired (new work only) */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_operations: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description This daemon's long operations, newest first (the finished ones: the latest 64) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Operation"][];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    show_operation: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Operation"];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -78,7 +78,11 @@ pub fn qcow2_image(raw: &Path) -> Result<PathBuf> {
         .arg(&qcow2)
         .status()
         .context("running qemu-img (apt install qemu-utils)")?;
-    anyhow::ensure!(status.success(), "qemu-img convert to {} failed", qcow2.display());
+    anyhow::ensure!(
+        status.success(),
+        "qemu-img convert to {} failed",
+        qcow2.display()
+    );
     Ok(qcow2)
 }
 

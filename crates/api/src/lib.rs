@@ -5,6 +5,7 @@
 pub mod control;
 pub mod events;
 pub mod host;
+pub mod image;
 pub mod vm;
 
 pub use events::{Cause, Event, EventKind, SlaReport};

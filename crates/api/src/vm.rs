@@ -78,10 +78,22 @@ impl DiskFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
+    /// The image file (absolute). Left empty when `image` names a library image: the
+    /// daemon then makes the disk and fills this in.
+    #[serde(default)]
     pub path: String,
     /// The image's format; raw when absent.
     #[serde(default, skip_serializing_if = "DiskFormat::is_raw")]
     pub format: DiskFormat,
+    /// A thin clone of this library image: when the VM is defined, the daemon makes a qcow2
+    /// overlay on the image for it (in `vms/NAME/` of the first image directory), in
+    /// milliseconds whatever the image's size. Kept in the definition to say where the disk
+    /// came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The clone's size in bytes (at least the image's; the image's when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     #[serde(default)]
     pub readonly: bool,
     /// Direct I/O: the image is opened with `O_DIRECT`, bypassing the host's page cache (as
@@ -167,6 +179,8 @@ pub enum SpecError {
     RelativePath { what: &'static str, path: String },
     #[error("cpu_limit_percent {0}: give 1 to {max} (percent of one CPU, up to every vCPU's whole time)", max = MAX_CPUS * 100)]
     BadCpuLimit(u32),
+    #[error("image name '{0}' is not allowed: image names follow the rule of VM names")]
+    BadImageName(String),
 }
 
 /// Checks a VM name against the rule in [`VmSpec::name`].
@@ -226,7 +240,14 @@ impl VmSpec {
             check_path("initrd", initrd)?;
         }
         for disk in &self.disks {
-            check_path("disk", &disk.path)?;
+            match &disk.image {
+                // Made by the daemon at definition; the path is its own.
+                Some(image) if disk.path.is_empty() => {
+                    check_name(image).map_err(|_| SpecError::BadImageName(image.clone()))?
+                }
+                Some(_) => check_path("disk", &disk.path)?,
+                None => check_path("disk", &disk.path)?,
+            }
         }
         Ok(())
     }

@@ -95,6 +95,11 @@ impl ImageDirs {
         Ok(ImageDirs { dirs: opened })
     }
 
+    /// The first image directory: the library and the VMs' own disks live there.
+    pub fn first(&self) -> &Path {
+        &self.dirs[0].0
+    }
+
     /// The directories, as the refusals name them.
     pub fn describe(&self) -> String {
         self.dirs

@@ -241,8 +241,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
     let images = crate::images::ImageDirs::new(&images, &config.state_dir)
         .map_err(supervisor::Error::from)?;
     tracing::info!("image directories: {}", images.describe());
+    let library = crate::library::Library::open(images.first())
+        .map_err(|e| crate::images::Error::BadDir {
+            path: images.first().join("library"),
+            why: format!("making the image library there failed: {e}"),
+        })
+        .map_err(supervisor::Error::from)?;
     let policy = supervisor::HostPolicy {
         cgroups,
+        library,
         images,
         limits: supervisor::HostLimits::new(config.max_vms, config.memory_share_percent),
         console_log_max: config.console_log_max,

@@ -192,8 +192,14 @@ impl CreateArgs {
             .iter()
             .map(|d| {
                 Ok(DiskSpec {
-                    path: absolute(&d.path)?,
+                    path: if d.image.is_some() {
+                        String::new()
+                    } else {
+                        absolute(&d.path)?
+                    },
                     format: d.spec_format(),
+                    image: d.image.clone(),
+                    size: d.size,
                     readonly: d.read_only,
                     direct: d.direct,
                     serial: d.serial.clone(),

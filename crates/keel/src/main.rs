@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod client_tls;
 mod console_attach;
+mod image_cli;
 mod ledger_cli;
 mod machine_args;
 
@@ -85,6 +86,13 @@ enum Command {
     /// Print the API's OpenAPI 3.1 document (what GET /openapi.json answers), for client
     /// generators; no daemon needed.
     Openapi,
+    /// The image library: disk images VMs' disks are cloned from.
+    Image {
+        #[command(subcommand)]
+        command: image_cli::ImageCommand,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
     /// API tokens for TCP clients.
     Token {
         #[command(subcommand)]
@@ -206,6 +214,7 @@ fn main() -> ExitCode {
             api,
         } => client_command(cli::sla_report(args, api)),
         Command::Token { command, api } => client_command(cli::token(command, api)),
+        Command::Image { command, api } => client_command(image_cli::run(command, api)),
         Command::Openapi => match serde_json::to_string_pretty(host::rest::openapi_document()) {
             Ok(text) => {
                 println!("{text}");

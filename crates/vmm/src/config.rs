@@ -34,6 +34,11 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// The image's format, as named (raw when not): never guessed from the file.
     pub format: disk::Format,
+    /// A library image this disk is to be a thin clone of (`keel vm create` only: the daemon
+    /// makes the disk; `path` is then empty).
+    pub image: Option<String>,
+    /// The clone's size, bytes.
+    pub size: Option<u64>,
     pub read_only: bool,
     /// Open the image with `O_DIRECT`: the host's page cache is bypassed (QEMU's
     /// `cache=none`).
@@ -53,6 +58,30 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+/// A disk size: a whole number of bytes with an optional binary suffix, as qemu-img takes
+/// it (K, M, G, T: 2^10.. 2^40; Ki, Mi, Gi, Ti the same).
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit: u64 = match &value[digits.len()..] {
+        "" => 1,
+        "K" | "Ki" | "k" => 1 << 10,
+        "M" | "Mi" => 1 << 20,
+        "G" | "Gi" => 1 << 30,
+        "T" | "Ti" => 1 << 40,
+        other => {
+            return Err(format!(
+                "size={value}: unknown unit '{other}' (K, M, G or T)"
+            ))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("size={value}: expected a positive size like 20G"))
+}
+
 impl DiskConfig {
     /// The format as a definition names it.
     pub fn spec_format(&self) -> api::vm::DiskFormat {
@@ -68,6 +97,8 @@ impl std::str::FromStr for DiskConfig {
 
     fn from_str(spec: &str) -> Result<Self, String> {
         let mut path = None;
+        let mut image = None;
+        let mut size = None;
         let mut format = disk::Format::Raw;
         let mut read_only = false;
         let mut direct = false;
@@ -76,7 +107,7 @@ impl std::str::FromStr for DiskConfig {
         for part in spec.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| {
                 format!(
-                    "'{part}': expected key=value (path=, format=, readonly=, direct=, serial=, bw=, iops=)"
+                    "'{part}': expected key=value (path=, image=, size=, format=, readonly=, direct=, serial=, bw=, iops=)"
                 )
             })?;
             if rate_limit
@@ -89,6 +120,13 @@ impl std::str::FromStr for DiskConfig {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "path" => return Err("path= is empty".into()),
                 "format" => format = value.parse()?,
+                "image" => {
+                    api::vm::check_name(value).map_err(|_| {
+                        format!("image={value}: image names follow the rule of VM names")
+                    })?;
+                    image = Some(value.to_string())
+                }
+                "size" => size = Some(parse_size(value)?),
                 "readonly" => read_only = on_off(key, value)?,
                 "direct" => direct = on_off(key, value)?,
                 "serial" if value.len() <= MAX_SERIAL_BYTES && value.is_ascii() => {
@@ -101,16 +139,30 @@ impl std::str::FromStr for DiskConfig {
                 }
                 other => {
                     return Err(format!(
-                        "unknown disk option '{other}' (known: path, format, readonly, direct, serial, {})",
+                        "unknown disk option '{other}' (known: path, image, size, format, readonly, direct, serial, {})",
                         RateLimitConfig::KEYS.join(", ")
                     ))
                 }
             }
         }
-        let path = path.ok_or("path= is missing")?;
+        let path = match (path, &image) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "path= and image= together: a disk is a file or a clone of an image".into(),
+                )
+            }
+            (Some(p), None) => p,
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => return Err("path= (or image=, for keel vm create) is missing".into()),
+        };
+        if size.is_some() && image.is_none() {
+            return Err("size= goes with image= (the size of a clone)".into());
+        }
         rate_limit.validate().map_err(|e| e.to_string())?;
         Ok(DiskConfig {
             path,
+            image,
+            size,
             format,
             read_only,
             direct,
@@ -362,6 +414,8 @@ impl VmConfig {
                 }
                 Ok(DiskConfig {
                     path: d.path.clone().into(),
+                    image: None,
+                    size: None,
                     format: match d.format {
                         api::vm::DiskFormat::Raw => disk::Format::Raw,
                         api::vm::DiskFormat::Qcow2 => disk::Format::Qcow2,
@@ -486,6 +540,12 @@ impl VmConfig {
             })?;
         }
         for disk in &self.disks {
+            if let Some(image) = &disk.image {
+                return Err(Error::Disk {
+                    path: disk.path.clone(),
+                    reason: format!("image={image}: images are kept by keel serve (keel vm create --disk image=...); keel run takes path="),
+                });
+            }
             check_file(&disk.path).map_err(|reason| Error::Disk {
                 path: disk.path.clone(),
                 reason,
@@ -579,6 +639,8 @@ mod tests {
             DiskConfig {
                 path: "/tmp/a.img".into(),
                 format: disk::Format::Raw,
+                image: None,
+                size: None,
                 read_only: true,
                 direct: false,
                 serial: Some("disk-0".into()),
@@ -600,12 +662,40 @@ mod tests {
             .contains("direct=always: expected on or off"));
         assert_eq!(
             "readonly=on".parse::<DiskConfig>().unwrap_err(),
-            "path= is missing"
+            "path= (or image=, for keel vm create) is missing"
         );
         assert!("path=/x,cache=none"
             .parse::<DiskConfig>()
             .unwrap_err()
             .contains("unknown disk option 'cache'"));
+        // Formats, and clones of library images with their size.
+        let q: DiskConfig = "path=/x.qcow2,format=qcow2".parse().unwrap();
+        assert_eq!(q.format, disk::Format::Qcow2);
+        assert!("path=/x,format=vmdk"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("expected raw or qcow2"));
+        let c: DiskConfig = "image=debian,size=20G".parse().unwrap();
+        assert_eq!(
+            (c.image.as_deref(), c.size, c.path.as_os_str().is_empty()),
+            (Some("debian"), Some(20 << 30), true)
+        );
+        assert!("image=a,path=/x"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("together"));
+        assert!("path=/x,size=1G"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("size= goes with image="));
+        assert!("image=a,size=12Q"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!("image=../etc"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("rule of VM names"));
         assert!("path=/x,readonly=maybe"
             .parse::<DiskConfig>()
             .unwrap_err()
@@ -704,6 +794,8 @@ mod tests {
             vec![DiskConfig {
                 path: "/d.img".into(),
                 format: disk::Format::Raw,
+                image: None,
+                size: None,
                 read_only: true,
                 direct: true,
                 serial: Some("s1".into()),

@@ -62,15 +62,12 @@ pub enum ImageError {
 }
 
 /// Opens an extent beside its descriptor, following no link.
-fn open_extent(path: &Path) -> Result<File, ImageError> {
+/// Opens a file of the disk read-only, not through a symbolic link.
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|source| ImageError::Open {
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 /// What converting a whole disk did.
@@ -88,8 +85,26 @@ pub struct Disk {
 pub fn convert_file(
     path: &Path,
     dst: &mut File,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Disk, ImageError> {
+    convert_file_with(path, dst, progress, &open_nofollow)
+}
+
+/// [`convert_file`], with `open` opening each file of the disk read-only (the descriptor or
+/// single file at `path`, and the extents it names, beside it): a daemon opens them beneath
+/// its image directories.
+pub fn convert_file_with(
+    path: &Path,
+    dst: &mut File,
+    mut progress: impl FnMut(u64, u64),
+    open: &dyn Fn(&Path) -> std::io::Result<File>,
+) -> Result<Disk, ImageError> {
+    let open_extent = |p: &Path| {
+        open(p).map_err(|source| ImageError::Open {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     let file = open_extent(path)?;
     let mut magic = [0u8; 4];
     let is_sparse = file.read_exact_at(&mut magic, 0).is_ok() && u32::from_le_bytes(magic) == MAGIC;

@@ -11,5 +11,5 @@ pub mod sparse;
 
 pub use descriptor::{Descriptor, DescriptorError};
 pub use header::{HeaderError, SparseHeader};
-pub use image::{convert_file, Disk, ImageError};
+pub use image::{convert_file, convert_file_with, Disk, ImageError};
 pub use sparse::{convert, Converted, Sink, Source, SparseError};

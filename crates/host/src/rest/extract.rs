@@ -39,8 +39,35 @@ impl From<supervisor::Error> for ApiError {
                 }
                 crate::images::Error::BadDir { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            E::Library(l) => return ApiError::from_library(l),
         };
         ApiError(status, e.to_string())
+    }
+}
+
+impl ApiError {
+    fn from_library(e: &crate::library::Error) -> ApiError {
+        use crate::library::Error as L;
+        let status = match e {
+            L::BadName(_) | L::NoFormat { .. } => StatusCode::BAD_REQUEST,
+            L::Exists(_) | L::InUse { .. } => StatusCode::CONFLICT,
+            L::NotFound(_) => StatusCode::NOT_FOUND,
+            L::Policy(p) => match p {
+                crate::images::Error::Outside { .. } | crate::images::Error::Escapes { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            },
+            L::Import { .. } | L::Clone { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            L::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<crate::library::Error> for ApiError {
+    fn from(e: crate::library::Error) -> Self {
+        ApiError::from_library(&e)
     }
 }
 

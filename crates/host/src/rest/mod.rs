@@ -56,6 +56,10 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(tokens::list_tokens, tokens::create_token))
         .routes(routes!(tokens::delete_token))
         .routes(routes!(sessions::create, sessions::show, sessions::end))
+        .routes(routes!(images::list_images, images::import_image))
+        .routes(routes!(images::show_image, images::remove_image))
+        .routes(routes!(images::list_operations))
+        .routes(routes!(images::show_operation))
 }
 
 /// The OpenAPI document of [`router`]'s routes.
@@ -139,7 +143,8 @@ fn need_of(method: &Method, path: &str) -> Need {
     }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
-        Method::POST if path == "/vms" => Need::Create,
+        // Both name host files (a VM's, an image's source).
+        Method::POST if path == "/vms" || path == "/images" => Need::Create,
         Method::DELETE => Need::Create,
         _ => Need::Operate,
     }
@@ -511,12 +516,16 @@ async fn ack_incident(
         SlaReport,
         TokenInfo,
         TokenRequest,
-        NewToken
+        NewToken,
+        api::image::ImageInfo,
+        api::image::ImportRequest,
+        api::image::Operation
     ))
 )]
 pub struct ApiDoc;
 
 mod doc;
+mod images;
 mod ledger_routes;
 mod sessions;
 mod tokens;

@@ -76,6 +76,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE jail_ids (vm TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);",
     // 5: numbers of rows cut from the ledger's end are never used again.
     ledger::RESUME_SCHEMA,
+    // 6: the image library.
+    images::SCHEMA,
 ];
 
 /// The uids and gids of jailed VMMs: one per VM from this range, recorded in the store.
@@ -730,5 +732,7 @@ fn open_incident(
 }
 
 pub mod chain;
+pub mod images;
+pub use images::ImageRow;
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,8 @@ pub enum Error {
     Policy(#[from] images::Error),
     #[error("not started: {0}")]
     Capacity(String),
+    #[error(transparent)]
+    Library(#[from] crate::library::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -86,7 +88,11 @@ pub struct Supervisor {
     /// Where VMs' cgroups go; None when VMMs run unjailed (a daemon that is not root).
     cgroups: Option<jail::cgroup::Layout>,
     /// What VMs may touch and how many may run.
-    images: ImageDirs,
+    pub(crate) images: ImageDirs,
+    /// The image library and the VMs' own disks.
+    pub library: crate::library::Library,
+    /// Long operations (imports) and their progress.
+    pub operations: Arc<crate::operations::Operations>,
     limits: HostLimits,
     console_log_max: u64,
     /// Per VM, the daemon's copy of its jail id's lock while its VMM runs.
@@ -143,6 +149,8 @@ impl Supervisor {
     ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             cgroups: policy.cgroups,
+            library: policy.library,
+            operations: Arc::default(),
             images: policy.images,
             limits: policy.limits,
             console_log_max: policy.console_log_max,
@@ -219,15 +227,25 @@ impl Supervisor {
 
     pub fn create(&self, spec: &VmSpec, actor: &str) -> Result<VmRow> {
         spec.validate()?;
-        self.with_store(|s| {
+        if self.with_store(|s| s.vm(&spec.name))?.is_some() {
+            return Err(Error::Exists(spec.name.clone()));
+        }
+        // Disks cloned from library images are made first (milliseconds each), outside the
+        // store's lock; a definition that is not stored takes them away again.
+        let (spec, made) = self.make_image_disks(spec)?;
+        let created = self.with_store(|s| {
             if s.vm(&spec.name)?.is_some() {
                 return Err(Error::Exists(spec.name.clone()));
             }
-            self.images.check_spec(spec)?;
+            self.images.check_spec(&spec)?;
             let others = s.vms()?;
-            images::check_taps(spec, others.iter().map(|r| &r.spec))?;
-            Ok(s.create_vm(spec, actor)?)
-        })
+            images::check_taps(&spec, others.iter().map(|r| &r.spec))?;
+            Ok(s.create_vm(&spec, actor)?)
+        });
+        if created.is_err() && !made.is_empty() {
+            self.remove_vm_disks(&spec.name);
+        }
+        created
     }
 
     pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
@@ -252,6 +270,7 @@ impl Supervisor {
             Ok(())
         })?;
         let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
+        self.remove_vm_disks(name);
         Ok(())
     }
 

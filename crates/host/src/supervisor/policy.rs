@@ -42,6 +42,8 @@ impl HostLimits {
 pub struct HostPolicy {
     pub cgroups: Option<jail::cgroup::Layout>,
     pub images: ImageDirs,
+    /// The image library, in the first image directory.
+    pub library: crate::library::Library,
     pub limits: HostLimits,
     /// Most bytes each VM's console.log keeps.
     pub console_log_max: u64,
@@ -50,9 +52,13 @@ pub struct HostPolicy {
 impl HostPolicy {
     /// Unjailed VMMs, files from `state_dir/images`, default totals (the unit tests').
     pub fn unjailed(state_dir: &std::path::Path) -> Result<HostPolicy> {
+        let images = ImageDirs::new(&[state_dir.join("images")], state_dir)?;
+        let library = crate::library::Library::open(images.first())
+            .map_err(|e| Error::Capacity(format!("the image library: {e}")))?;
         Ok(HostPolicy {
             cgroups: None,
-            images: ImageDirs::new(&[state_dir.join("images")], state_dir)?,
+            library,
+            images,
             limits: HostLimits::new(DEFAULT_MAX_VMS, DEFAULT_MEMORY_SHARE),
             console_log_max: DEFAULT_CONSOLE_LOG_MAX,
         })

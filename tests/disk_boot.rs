@@ -120,6 +120,68 @@ fn keel_run_boots_debians_kernel_link_with_the_root_it_was_found_on() {
 }
 
 #[test]
+fn keel_run_boots_through_a_qcow2_overlay() {
+    if !kvm_available("keel_run_boots_through_a_qcow2_overlay") {
+        return;
+    }
+    // The partitioned disk converted to qcow2, under an overlay: the reader finds the newest
+    // entry through two qcow2 layers.
+    let raw = bls_disk("qcow2-base");
+    let base = raw.with_extension("qcow2");
+    let overlay = raw.with_extension("overlay.qcow2");
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img (apt install qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+    };
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+    ]);
+    let disk = format!("path={},format=qcow2", overlay.display());
+    let cmd = keel_run(&[
+        "--disk",
+        &disk,
+        "--memory",
+        "64",
+        "--cmdline",
+        "probe.poweroff",
+    ]);
+    let run = run_with(cmd, None, Duration::from_secs(60), None);
+    let ctx = run.context();
+    assert_eq!(run.code(), Some(0), "{ctx}");
+    let p = run.probe();
+    assert_eq!(p["boot"], ["linux64"], "{ctx}");
+    assert_eq!(
+        p["cmdline"],
+        ["root=/dev/vda2 probe.from_disk probe.poweroff"],
+        "{ctx}"
+    );
+    for f in [raw, base, overlay] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
 fn a_disk_without_a_kernel_is_refused_with_what_was_searched() {
     if !kvm_available("a_disk_without_a_kernel_is_refused_with_what_was_searched") {
         return;

@@ -128,6 +128,26 @@ impl ImageFiles {
         }
     }
 
+    /// The same files on new descriptors (the same open files: locks are shared with them).
+    pub fn try_clone(&self) -> std::io::Result<ImageFiles> {
+        Ok(ImageFiles {
+            top: self.top.try_clone()?,
+            path: self.path.clone(),
+            format: self.format,
+            backing: self
+                .backing
+                .iter()
+                .map(|l| {
+                    Ok(Layer {
+                        file: l.file.try_clone()?,
+                        format: l.format,
+                        path: l.path.clone(),
+                    })
+                })
+                .collect::<std::io::Result<_>>()?,
+        })
+    }
+
     /// Every file, the image first: the order in which a launcher hands them over.
     pub fn files(&self) -> impl Iterator<Item = &File> {
         std::iter::once(&self.top).chain(self.backing.iter().map(|l| &l.file))
@@ -193,6 +213,24 @@ impl Image {
                     top, path, read_only, backing,
                 )?))
             }
+        }
+    }
+
+    /// A read-only view of the image for disk boot's reader, on descriptors of files a VM
+    /// holds (see [`ImageFiles::try_clone`]): no lock is taken, so the VM's own lock on the
+    /// same open files is left as it is.
+    pub fn reader(files: ImageFiles) -> Result<Image, Error> {
+        match files.format {
+            Format::Raw => Ok(Image::Raw(RawDisk::unlocked_reader(
+                files.top,
+                &files.path,
+            )?)),
+            Format::Qcow2 => Ok(Image::Qcow2(Qcow2Disk::open(
+                files.top,
+                &files.path,
+                true,
+                files.backing,
+            )?)),
         }
     }
 
@@ -301,5 +339,16 @@ impl Image {
     /// The file descriptor of a raw image (for the io_uring engine).
     pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         self.raw().map(|r| r.as_raw_fd())
+    }
+}
+
+/// Disk boot reads the guest's disk through its format.
+impl crate::boot::Image for Image {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        Image::read_at(self, &[crate::iov(buf.as_mut_ptr(), buf.len())], offset)
     }
 }

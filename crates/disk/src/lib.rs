@@ -238,6 +238,24 @@ impl RawDisk {
         })
     }
 
+    /// A read-only disk on `file` without taking its lock (disk boot's view of a disk whose
+    /// VM holds the lock on the same open file).
+    pub fn unlocked_reader(file: File, path: &Path) -> Result<Self, Error> {
+        let size = file
+            .metadata()
+            .map_err(|source| Error::Size {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        Ok(Self {
+            file,
+            size,
+            read_only: true,
+            direct: None,
+        })
+    }
+
     /// The direct-I/O alignment, when the file was opened with `O_DIRECT`.
     pub fn direct(&self) -> Option<DioAlign> {
         self.direct

@@ -347,8 +347,10 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
     if let Some(initrd) = &spec.initrd {
         fds.push(plain("initrd", initrd)?);
     }
+    // Disk boot's plain view of a raw first disk (another format is read through it, on the
+    // disk's own files).
     if spec.kernel.is_none() {
-        if let Some(first) = spec.disks.first() {
+        if let Some(first) = spec.disks.first().filter(|d| d.format.is_raw()) {
             fds.push(plain("boot disk", &first.path)?);
         }
     }

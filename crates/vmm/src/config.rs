@@ -508,12 +508,6 @@ impl VmConfig {
             Some(_) => {}
             None if self.disks.is_empty() => return Err(Error::NothingToBoot),
             None if self.initrd.is_some() => return Err(Error::InitrdWithoutKernel),
-            None if self.disks[0].format != disk::Format::Raw => {
-                return Err(Error::DiskBootFormat {
-                    path: self.disks[0].path.clone(),
-                    format: self.disks[0].format,
-                })
-            }
             None => {}
         }
         if self.disks.len() > arch::layout::MAX_VIRTIO_DEVICES {

@@ -52,6 +52,22 @@ pub enum Error {
 /// Finds what the disk at `path` boots, reading at most `max_bytes` of kernel and initrds,
 /// in a sandboxed child process.
 pub fn find(image: File, name: &str, max_bytes: u64) -> Result<BootFiles, Error> {
+    let fd = image.as_raw_fd();
+    let image = FileImage::new(image).map_err(|source| Error::Open {
+        path: name.to_string(),
+        source,
+    })?;
+    find_in(Rc::new(image), vec![fd], name, max_bytes)
+}
+
+/// [`find`] on a disk read through its format (a qcow2 image and its backing files): the
+/// child may read only the descriptors `fds` (the image's files).
+pub fn find_in(
+    image: Rc<dyn disk::boot::Image>,
+    fds: Vec<RawFd>,
+    name: &str,
+    max_bytes: u64,
+) -> Result<BootFiles, Error> {
     let name = name.to_string();
     let reader_err = |reason: String| Error::Reader {
         path: name.clone(),
@@ -64,10 +80,6 @@ pub fn find(image: File, name: &str, max_bytes: u64) -> Result<BootFiles, Error>
             threads.map_or("an unknown number of".to_string(), |n| n.to_string())
         )));
     }
-    let image = FileImage::new(image).map_err(|source| Error::Open {
-        path: name.clone(),
-        source,
-    })?;
     let kernel_limit = max_bytes.min(MAX_KERNEL_BYTES);
     let limits = Limits {
         address_space: address_space_now()
@@ -78,10 +90,9 @@ pub fn find(image: File, name: &str, max_bytes: u64) -> Result<BootFiles, Error>
         wall: WALL_LIMIT,
     };
     let answer_limit = max_bytes.saturating_add(4 * MAX_TEXT_BYTES + 64);
-    let image_fd = image.as_raw_fd();
     let answer = isolated(
-        move |out: &mut File| send(out, disk::boot::find(Rc::new(image), max_bytes)),
-        &[image_fd],
+        move |out: &mut File| send(out, disk::boot::find(image, max_bytes)),
+        &fds,
         &limits,
         answer_limit,
     )
@@ -206,7 +217,7 @@ fn child(
     close_all_but(&kept);
     set_limit(libc::RLIMIT_AS, limits.address_space);
     set_limit(libc::RLIMIT_CPU, limits.cpu_secs);
-    let Ok(filters) = sandbox(keep.first().copied().unwrap_or(-1), out_fd) else {
+    let Ok(filters) = sandbox(keep, out_fd) else {
         return 2;
     };
     for filter in &filters {
@@ -271,13 +282,21 @@ fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendErro
 /// Two filters (the kernel applies the stricter answer): an allow-list whose other calls
 /// kill the process, and one that makes a few allowed-listed calls fail with EPERM instead:
 /// writing anywhere but the pipe, and the file lookups a panic or backtrace makes.
-fn sandbox(image: RawFd, pipe: RawFd) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
+fn sandbox(images: &[RawFd], pipe: RawFd) -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as u64;
     let any = Vec::new;
     let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    // Only the image is read, only this process signalled, only anonymous memory mapped.
-    allowed.insert(libc::SYS_pread64, vec![arg_is(0, image as u64)?]);
+    // Only the image's files are read (positioned reads: a qcow2 image is read with preadv),
+    // only this process signalled, only anonymous memory mapped.
+    let readable = || {
+        images
+            .iter()
+            .map(|fd| arg_is(0, *fd as u64))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    allowed.insert(libc::SYS_pread64, readable()?);
+    allowed.insert(libc::SYS_preadv, readable()?);
     allowed.insert(libc::SYS_tgkill, vec![arg_is(0, me)?]);
     allowed.insert(libc::SYS_mmap, vec![arg_is(4, u64::from(u32::MAX))?]);
     for nr in [

@@ -59,9 +59,14 @@ pub enum Error {
 /// is followed by its backing chain, nearest first).
 pub const FIRST_HANDED_FD: RawFd = 3;
 
-/// Whether disk boot's reader needs its own view of the first disk.
+/// Whether disk boot's reader needs its own view of the first disk: a raw one (another
+/// format is read through its format, on the disk's own files).
 fn needs_boot_image(config: &VmConfig) -> bool {
-    config.kernel.is_none() && !config.disks.is_empty()
+    config.kernel.is_none()
+        && config
+            .disks
+            .first()
+            .is_some_and(|d| d.format == disk::Format::Raw)
 }
 
 impl HostFiles {

@@ -111,13 +111,44 @@ pub struct Boot {
 pub fn find_disk_boot(
     config: &VmConfig,
     image: Option<NamedFile>,
+    disks: &[disk::ImageFiles],
 ) -> Result<Option<BootFiles>, Error> {
     if config.kernel.is_some() {
         return Ok(None);
     }
-    let image = image.ok_or(Error::NoBootDisk)?;
-    let found = crate::disk_boot::find(image.file, &image.name, config.memory_bytes())?;
-    eprintln!("keel: booting from disk {}: {}", image.name, found.source);
+    let (found, name) = match (image, disks.first()) {
+        // A raw disk: its own plain read-only view.
+        (Some(image), _) => (
+            crate::disk_boot::find(image.file, &image.name, config.memory_bytes())?,
+            image.name,
+        ),
+        // Another format: read through it, on new descriptors of the VM's own files.
+        (None, Some(files)) => {
+            let name = files.path.display().to_string();
+            let boot_err = |reason: String| crate::disk_boot::Error::Reader {
+                path: name.clone(),
+                reason,
+            };
+            let view = files
+                .try_clone()
+                .map_err(|e| boot_err(format!("duplicating its descriptors: {e}")))?;
+            let fds: Vec<std::os::fd::RawFd> =
+                view.files().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            let image =
+                disk::Image::reader(view).map_err(|e| boot_err(format!("opening it: {e}")))?;
+            (
+                crate::disk_boot::find_in(
+                    std::rc::Rc::new(image),
+                    fds,
+                    &name,
+                    config.memory_bytes(),
+                )?,
+                name,
+            )
+        }
+        (None, None) => return Err(Error::NoBootDisk),
+    };
+    eprintln!("keel: booting from disk {name}: {}", found.source);
     Ok(Some(found))
 }
 

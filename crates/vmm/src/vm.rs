@@ -80,7 +80,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
     let mem_size = config.memory_bytes();
     // Disk boot reads the guest's disk in a forked, sandboxed child: before any thread, VM
     // or guest memory exists.
-    let from_disk = loader::find_disk_boot(config, boot_image)?;
+    let from_disk = loader::find_disk_boot(config, boot_image, &disks)?;
 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory

@@ -160,8 +160,10 @@ pub struct Qcow2Disk {
     has_backing: bool,
     /// [`ImageFile::file_id`] of the image's own file: clusters it maps there are its own.
     top_file: usize,
-    /// The image's own file, to give freed clusters' space back.
-    punch_file: File,
+    /// The image's own file, to give freed clusters' space back (a writable image's only:
+    /// a read-only one holds no descriptor but its files', which disk boot's sandboxed
+    /// reader counts on).
+    punch_file: Option<File>,
     /// Completes a flush of the image's own file.
     durability: storage::Durability,
 }
@@ -176,10 +178,14 @@ impl Qcow2Disk {
         backing: Vec<Layer>,
     ) -> Result<Qcow2Disk, Error> {
         let header = chain::read_header(&top, path)?;
-        let punch_file = top.try_clone().map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let punch_file = if read_only {
+            None
+        } else {
+            Some(top.try_clone().map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?)
+        };
         let has_backing = !backing.is_empty();
         let mut below = None;
         for layer in backing.into_iter().rev() {
@@ -295,8 +301,10 @@ impl Qcow2Disk {
             }
             result => result?,
         }
-        for (at, n) in freed {
-            storage::punch(&self.punch_file, at, n)?;
+        if let Some(file) = &self.punch_file {
+            for (at, n) in freed {
+                storage::punch(file, at, n)?;
+            }
         }
         Ok(())
     }

@@ -91,6 +91,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/imports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["import_vm"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/incidents/{id}/ack": {
         parameters: {
             query?: never;
@@ -694,12 +710,21 @@ export interface components {
             /** @description What it does: `image-import`, `vm-clone`. */
             kind: string;
             /**
+             * @description What the operator should know: for a VM import, each thing not carried over and what
+             *     to do about it.
+             */
+            notes?: string[];
+            /**
              * Format: double
              * @description Bytes per second so far.
              */
             rate: number;
+            /** @description What it made, once done (the imported VM's name). */
+            result?: string | null;
             started: string;
             state: components["schemas"]["OperationState"];
+            /** @description What it is doing now, for operations of several steps ("converting disk 1 of 2"). */
+            step?: string | null;
             /** @description What it works on (an image's or a VM's name). */
             target: string;
             /** Format: int64 */
@@ -814,6 +839,24 @@ export interface components {
              * @description The window's length in seconds.
              */
             window_seconds: number;
+        };
+        /**
+         * @description A VMware VM to import: a `.vmx` (with its VMDKs beside it), an `.ovf` (with its disks
+         *     beside it) or an `.ova`, in the host's image directories. Its disks go into the image
+         *     library (`VM-disk0`, ...) and the VM is defined on thin clones of them, booting from its
+         *     first disk.
+         */
+        VmImportRequest: {
+            /** @description The VM's name (default: VMware's display name, made a Keel name). */
+            name?: string | null;
+            source: string;
+            /** @description Start the VM once it is defined. */
+            start?: boolean;
+            /**
+             * @description Taps for the VM's NICs, in order; each NIC keeps its MAC address. NICs without a tap
+             *     are listed as not carried over.
+             */
+            taps?: string[];
         };
         /** @description A VM as the API shows it: its definition and what it is doing now. */
         VmInfo: {
@@ -1399,6 +1442,116 @@ export interface operations {
             };
             /** @description A VM uses the image */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    import_vm: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VmImportRequest"];
+            };
+        };
+        responses: {
+            /** @description The import started: follow it at /operations/{id}; once done, its result names the VM and its notes list what was not carried over */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Operation"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body did not arrive within 30 s */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is over 2 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is not JSON (Content-Type: application/json) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -99,4 +99,34 @@ pub struct Operation {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What it is doing now, for operations of several steps ("converting disk 1 of 2").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// What it made, once done (the imported VM's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// What the operator should know: for a VM import, each thing not carried over and what
+    /// to do about it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// A VMware VM to import: a `.vmx` (with its VMDKs beside it), an `.ovf` (with its disks
+/// beside it) or an `.ova`, in the host's image directories. Its disks go into the image
+/// library (`VM-disk0`, ...) and the VM is defined on thin clones of them, booting from its
+/// first disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmImportRequest {
+    pub source: String,
+    /// The VM's name (default: VMware's display name, made a Keel name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Taps for the VM's NICs, in order; each NIC keeps its MAC address. NICs without a tap
+    /// are listed as not carried over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<String>,
+    /// Start the VM once it is defined.
+    #[serde(default)]
+    pub start: bool,
 }

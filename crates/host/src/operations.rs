@@ -46,6 +46,9 @@ impl Operations {
             started: rfc3339(now_ms()),
             finished: None,
             error: None,
+            step: None,
+            result: None,
+            notes: Vec::new(),
         };
         lock(self).insert(
             id,
@@ -101,6 +104,24 @@ impl Progress {
             e.info.rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
             e.info.eta_secs =
                 (e.info.rate > 0.0).then(|| total.saturating_sub(done) as f64 / e.info.rate);
+        }
+    }
+
+    /// Names the step the operation is at (its bytes start again from 0).
+    pub fn step(&self, step: impl Into<String>) {
+        if let Some(e) = lock(&self.ops).get_mut(&self.id) {
+            e.info.step = Some(step.into());
+            e.info.done_bytes = 0;
+            e.info.total_bytes = 0;
+            e.started = Instant::now();
+        }
+    }
+
+    /// Sets what the operation made and what the operator should know.
+    pub fn outcome(&self, result: Option<String>, notes: Vec<String>) {
+        if let Some(e) = lock(&self.ops).get_mut(&self.id) {
+            e.info.result = result;
+            e.info.notes = notes;
         }
     }
 

@@ -5,6 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::plan::{keel_name, BUSES};
+pub use crate::plan::{Plan, PlannedDisk, PlannedNic};
+
 /// The largest VMX read (VMware's are a few KiB).
 pub const MAX_BYTES: usize = 1 << 20;
 
@@ -55,62 +58,6 @@ impl Vmx {
     fn is_true(&self, key: &str) -> bool {
         self.get(key)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-    }
-}
-
-/// A disk of the VM, as its VMX attaches it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedDisk {
-    /// "scsi0:0", "sata0:1", ...
-    pub slot: String,
-    /// The VMDK's file name, beside the VMX.
-    pub file: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedNic {
-    /// "ethernet0", ...
-    pub slot: String,
-    pub mac: Option<String>,
-}
-
-/// What the VM becomes, and what it leaves behind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub name: String,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    /// In controller order: SCSI, SATA, NVMe, IDE; by controller, then unit.
-    pub disks: Vec<PlannedDisk>,
-    pub nics: Vec<PlannedNic>,
-    /// Each thing not carried over, with what to do about it.
-    pub not_carried: Vec<String>,
-}
-
-/// Controller kinds in the order their disks are given to the VM.
-const BUSES: [&str; 4] = ["scsi", "sata", "nvme", "ide"];
-
-/// A name Keel accepts, from VMware's display name.
-fn keel_name(display: &str) -> String {
-    let mut name: String = display
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    name = name
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
-    name.truncate(63);
-    if name.is_empty() {
-        "imported".into()
-    } else {
-        name
     }
 }
 

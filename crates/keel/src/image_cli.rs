@@ -214,3 +214,80 @@ pub async fn run(command: ImageCommand, api: ApiArgs) -> Result<()> {
         }
     }
 }
+
+/// `keel import`: a VMware VM becomes a Keel VM.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// A .vmx (its VMDKs beside it), an .ovf (its disks beside it) or an .ova, in the host's
+    /// image directories.
+    file: std::path::PathBuf,
+    /// The VM's name (default: VMware's display name, made a Keel name).
+    #[arg(long)]
+    name: Option<String>,
+    /// A tap for the VM's next NIC (in the VM's order; each keeps its MAC address):
+    /// tap=NAME. Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME", value_parser = parse_tap)]
+    taps: Vec<String>,
+    /// Start the VM once it is defined.
+    #[arg(long)]
+    start: bool,
+}
+
+fn parse_tap(s: &str) -> Result<String, String> {
+    s.strip_prefix("tap=")
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| format!("'{s}': expected tap=NAME"))
+}
+
+pub async fn import_vm(args: ImportArgs, api: ApiArgs) -> Result<()> {
+    let client = api.client()?;
+    let request = api::image::VmImportRequest {
+        source: std::path::absolute(&args.file)?.display().to_string(),
+        name: args.name,
+        taps: args.taps,
+        start: false,
+    };
+    let op: Operation = client
+        .send(
+            Method::POST,
+            "/imports",
+            Some(serde_json::to_value(&request)?),
+        )
+        .await?;
+    let op = follow(&client, op, api.json).await?;
+    if op.state == OperationState::Failed {
+        bail!(
+            "importing {} failed: {}",
+            request.source,
+            op.error.unwrap_or_else(|| "no reason given".into())
+        );
+    }
+    let vm = op.result.clone().unwrap_or_default();
+    if args.start {
+        let _: serde_json::Value = client
+            .send(
+                Method::POST,
+                &format!("/vms/{}/start", crate::client::query_value(&vm)),
+                None,
+            )
+            .await?;
+    }
+    if api.json {
+        return print_json(&op);
+    }
+    outln!(
+        "{vm}: imported from {}{}",
+        request.source,
+        if args.start { ", started" } else { "" }
+    );
+    if op.notes.is_empty() {
+        outln!("everything was carried over");
+    } else {
+        outln!("not carried over:");
+        for note in &op.notes {
+            outln!("  - {note}");
+        }
+    }
+    Ok(())
+}

@@ -93,6 +93,15 @@ enum Command {
         #[command(flatten)]
         api: cli::ApiArgs,
     },
+    /// Bring a VMware VM over: its .vmx, .ovf or .ova becomes a Keel VM (disks converted into
+    /// the image library, the VM on thin clones of them), with the list of what could not be
+    /// carried over.
+    Import {
+        #[command(flatten)]
+        args: image_cli::ImportArgs,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
     /// API tokens for TCP clients.
     Token {
         #[command(subcommand)]
@@ -215,6 +224,7 @@ fn main() -> ExitCode {
         } => client_command(cli::sla_report(args, api)),
         Command::Token { command, api } => client_command(cli::token(command, api)),
         Command::Image { command, api } => client_command(image_cli::run(command, api)),
+        Command::Import { args, api } => client_command(image_cli::import_vm(args, api)),
         Command::Openapi => match serde_json::to_string_pretty(host::rest::openapi_document()) {
             Ok(text) => {
                 println!("{text}");

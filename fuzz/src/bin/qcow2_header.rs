@@ -8,7 +8,7 @@
 //!
 //! Input: the image's first bytes. Seeds: headers as `qemu-img create` writes them (version 2,
 //! version 3 with a backing file and its format), and ones with a backing name past the
-//! first cluster or an extension that runs past it.
+//! first cluster or at the end of the address space, or an extension that runs past it.
 
 #![no_main]
 
@@ -82,6 +82,8 @@ fn header(version: u32, backing: Option<(&str, Option<&str>)>) -> Vec<u8> {
 fn seeds() -> Vec<Seed<Outcome>> {
     let mut past_cluster = header(3, Some(("base.qcow2", Some("qcow2"))));
     past_cluster[8..16].copy_from_slice(&65_530u64.to_be_bytes());
+    let mut offset_at_the_end = header(3, Some(("base.qcow2", Some("qcow2"))));
+    offset_at_the_end[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
     let mut long_extension = header(3, Some(("base.raw", Some("raw"))));
     long_extension[108..112].copy_from_slice(&0x00ff_ffffu32.to_be_bytes());
     vec![
@@ -104,6 +106,12 @@ fn seeds() -> Vec<Seed<Outcome>> {
         Seed {
             name: "backing_past_cluster",
             input: past_cluster,
+            expect: Outcome::Refused,
+        },
+        // Once an arithmetic overflow (found by this target).
+        Seed {
+            name: "backing_offset_at_the_end",
+            input: offset_at_the_end,
             expect: Outcome::Refused,
         },
         Seed {

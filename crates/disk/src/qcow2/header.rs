@@ -220,10 +220,12 @@ impl Header {
                 return Err(bad);
             }
             let start = usize::try_from(backing_offset).map_err(|_| bad.clone())?;
-            let end = start + backing_len as usize;
-            if end > cluster {
+            let Some(end) = start
+                .checked_add(backing_len as usize)
+                .filter(|end| *end <= cluster)
+            else {
                 return Err(bad);
-            }
+            };
             if end > bytes.len() {
                 return Err(short(end));
             }
@@ -326,6 +328,11 @@ mod tests {
         ));
         assert!(matches!(
             with(16, &2000u32.to_be_bytes()),
+            Err(Error::BackingName { .. })
+        ));
+        // An offset at the end of the address space (found by the fuzz target).
+        assert!(matches!(
+            with(8, &u64::MAX.to_be_bytes()),
             Err(Error::BackingName { .. })
         ));
         // An extension that claims to run past the cluster.

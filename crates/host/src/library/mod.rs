@@ -5,6 +5,7 @@
 //! (written to a partial file, synced, renamed).
 
 mod copy;
+pub mod vm_import;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -74,11 +75,14 @@ impl Library {
                 .mode(0o700)
                 .create(dir)?;
         }
+        // What an import cut short by a stop left: partial images, unpacked OVAs.
         for entry in std::fs::read_dir(&library.dir)?.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') && name.ends_with(".partial") {
                 let _ = std::fs::remove_file(entry.path());
+            } else if name.starts_with(".import-") {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
         Ok(library)

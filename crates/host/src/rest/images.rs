@@ -67,3 +67,17 @@ pub(super) async fn show_operation(
         )
     })
 }
+
+#[utoipa::path(post, path = "/imports", request_body = api::image::VmImportRequest,
+    responses(
+        (status = 202, body = Operation, description = "The import started: follow it at /operations/{id}; once done, its result names the VM and its notes list what was not carried over"),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn import_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Body(request): Body<api::image::VmImportRequest>,
+) -> Result<(StatusCode, Json<Operation>), ApiError> {
+    let op = app.import_vm(request, &caller.actor)?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}

@@ -58,6 +58,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(sessions::create, sessions::show, sessions::end))
         .routes(routes!(images::list_images, images::import_image))
         .routes(routes!(images::show_image, images::remove_image))
+        .routes(routes!(images::import_vm))
         .routes(routes!(images::list_operations))
         .routes(routes!(images::show_operation))
 }
@@ -143,8 +144,8 @@ fn need_of(method: &Method, path: &str) -> Need {
     }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
-        // Both name host files (a VM's, an image's source).
-        Method::POST if path == "/vms" || path == "/images" => Need::Create,
+        // These name host files (a VM's, an image's or an import's source).
+        Method::POST if path == "/vms" || path == "/images" || path == "/imports" => Need::Create,
         Method::DELETE => Need::Create,
         _ => Need::Operate,
     }
@@ -519,7 +520,8 @@ async fn ack_incident(
         NewToken,
         api::image::ImageInfo,
         api::image::ImportRequest,
-        api::image::Operation
+        api::image::Operation,
+        api::image::VmImportRequest
     ))
 )]
 pub struct ApiDoc;

@@ -7,8 +7,9 @@ set -euo pipefail
 # (which downloads Debian's kernel and busybox itself) and by the tests (unshare, setpriv,
 # faketime; iasl from acpica-tools decompiles Keel's DSDT; mke2fs and sfdisk build boot disks;
 # chromium and chromium-driver run the web console's browser tests; qemu-img and qemu-io
-# (qemu-utils) make the VMDK images Keel's reader is checked against).
-needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver qemu-utils)
+# (qemu-utils) make the VMDK and qcow2 images Keel is checked against; mtools reads back the
+# cloud-init seed Keel makes).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver qemu-utils mtools)
 missing=()
 for pkg in "${needed[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

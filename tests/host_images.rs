@@ -291,3 +291,100 @@ fn the_library_imports_clones_and_keeps_what_is_used() {
     let e = d.fails(&["image", "show", "base"]);
     assert!(e.contains("no image named 'base'"), "{e}");
 }
+
+fn mtools(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (apt install mtools): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cloud_init_data_reaches_the_vm_as_a_nocloud_seed() {
+    if !common::kvm_available("cloud_init_data_reaches_the_vm_as_a_nocloud_seed") {
+        return;
+    }
+    let d = Daemon::start("images-cidata");
+    let work = d.state_dir.join("ci");
+    std::fs::create_dir_all(&work).unwrap();
+    let user = work.join("user-data");
+    let network = work.join("network-config");
+    std::fs::write(&user, "#cloud-config\nhostname: web\npackages: [nginx]\n").unwrap();
+    std::fs::write(
+        &network,
+        "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n",
+    )
+    .unwrap();
+    let kernel = common::probe_elf();
+    let option = format!(
+        "user-data={},network-config={}",
+        user.display(),
+        network.display()
+    );
+    d.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64",
+        "--cloud-init",
+        &option,
+        "--cmdline",
+        "probe.power_button",
+    ]);
+    let spec = &d.json(&["vm", "show", "web"])["spec"];
+    assert_eq!(
+        spec["cloud_init"]["user_data"],
+        "#cloud-config\nhostname: web\npackages: [nginx]\n"
+    );
+    d.ok(&["vm", "start", "web"]);
+    // The VMM got the seed as its last disk, read-only.
+    let run_dir = d.state_dir.join("vms").join("web");
+    let vm_json = std::fs::read_to_string(run_dir.join("vm.json")).unwrap_or_default();
+    let seed = d.images().join("vms").join("web").join("cidata.img");
+    assert!(vm_json.contains(s(&seed)), "{vm_json}");
+    // Read back with Debian's own FAT tools.
+    let image = format!("{}", seed.display());
+    let label = mtools("mlabel", &["-s", "-i", &image, "::"]);
+    assert!(label.contains("CIDATA"), "{label}");
+    let listing = mtools("mdir", &["-b", "-i", &image, "::"]);
+    for f in ["user-data", "meta-data", "network-config"] {
+        assert!(
+            listing.to_ascii_lowercase().contains(f),
+            "{f} missing:\n{listing}"
+        );
+    }
+    assert_eq!(
+        mtools("mtype", &["-i", &image, "::user-data"]),
+        std::fs::read_to_string(&user).unwrap()
+    );
+    assert_eq!(
+        mtools("mtype", &["-i", &image, "::meta-data"]),
+        "instance-id: web\nlocal-hostname: web\n"
+    );
+    d.ok(&["vm", "stop", "web"]);
+    d.ok(&["vm", "rm", "web"]);
+    assert!(!seed.exists(), "the seed outlived its VM");
+    // Refused: user-data too large for a definition.
+    std::fs::write(&user, "x".repeat(api::vm::MAX_CLOUD_INIT_BYTES + 1)).unwrap();
+    let option = format!("user-data={}", user.display());
+    let e = d.fails(&[
+        "vm",
+        "create",
+        "big",
+        "--kernel",
+        s(&kernel),
+        "--cloud-init",
+        &option,
+    ]);
+    assert!(e.contains("at most 1 MiB"), "{e}");
+}

@@ -429,6 +429,15 @@ export interface components {
          * @enum {string}
          */
         Cause: "operator" | "guest" | "vmm-crash" | "host-boot" | "daemon-restart" | "oom-kill" | "tamper";
+        /** @description The files of a cloud-init NoCloud seed, their contents inline (at most 1 MiB together). */
+        CloudInit: {
+            /** @description `meta-data`; when absent, `instance-id` and `local-hostname` are the VM's name. */
+            meta_data?: string | null;
+            /** @description `network-config` (version 1 or 2), when the guest's network is not DHCP. */
+            network_config?: string | null;
+            /** @description `user-data`: a `#cloud-config` document or a script. */
+            user_data: string;
+        };
         /** @description A credit tier: below `below_percent` availability, `credit_percent` of the fee is owed. */
         CreditTier: {
             /** Format: double */
@@ -883,6 +892,7 @@ export interface components {
         VmSpec: {
             /** @description Start this VM when the daemon starts. */
             autostart?: boolean;
+            cloud_init?: null | components["schemas"]["CloudInit"];
             /** @description Kernel command line; with disk boot, added after the disk's own options. */
             cmdline?: string;
             /**

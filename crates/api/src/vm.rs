@@ -46,7 +46,29 @@ pub struct VmSpec {
     /// the VM's cgroup; absent: no CPU limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_limit_percent: Option<u32>,
+    /// cloud-init NoCloud data: the daemon gives the VM a read-only seed disk (a FAT
+    /// filesystem labelled `cidata`) holding it, after its other disks, made anew from the
+    /// definition at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 }
+
+/// The files of a cloud-init NoCloud seed, their contents inline (at most 1 MiB together).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    /// `user-data`: a `#cloud-config` document or a script.
+    pub user_data: String,
+    /// `meta-data`; when absent, `instance-id` and `local-hostname` are the VM's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<String>,
+    /// `network-config` (version 1 or 2), when the guest's network is not DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+}
+
+/// Most bytes of cloud-init data a definition carries.
+pub const MAX_CLOUD_INIT_BYTES: usize = 1 << 20;
 
 fn default_cpus() -> u32 {
     1
@@ -181,6 +203,10 @@ pub enum SpecError {
     BadCpuLimit(u32),
     #[error("image name '{0}' is not allowed: image names follow the rule of VM names")]
     BadImageName(String),
+    #[error("cloud-init data of {0} bytes: at most 1 MiB (user-data, meta-data and network-config together)")]
+    CloudInitTooLarge(usize),
+    #[error("cloud-init user-data is empty: give a #cloud-config document or a script")]
+    CloudInitEmpty,
 }
 
 /// Checks a VM name against the rule in [`VmSpec::name`].
@@ -238,6 +264,17 @@ impl VmSpec {
         }
         if let Some(initrd) = &self.initrd {
             check_path("initrd", initrd)?;
+        }
+        if let Some(ci) = &self.cloud_init {
+            let total = ci.user_data.len()
+                + ci.meta_data.as_ref().map_or(0, String::len)
+                + ci.network_config.as_ref().map_or(0, String::len);
+            if total > MAX_CLOUD_INIT_BYTES {
+                return Err(SpecError::CloudInitTooLarge(total));
+            }
+            if ci.user_data.trim().is_empty() {
+                return Err(SpecError::CloudInitEmpty);
+            }
         }
         for disk in &self.disks {
             match &disk.image {

@@ -4,6 +4,7 @@
 
 pub mod anchor;
 pub mod auth;
+pub mod cloud_init;
 pub mod console;
 pub mod console_log;
 pub mod evidence;

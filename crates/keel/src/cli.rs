@@ -30,10 +30,7 @@ pub(crate) fn write_out(args: std::fmt::Arguments) {
 }
 
 use anyhow::{bail, Context, Result};
-use api::{
-    DiskSpec, Event, HostStatus, NetSpec, NewToken, RateLimits, SlaReport, TokenInfo, VmInfo,
-    VmSpec, VsockSpec,
-};
+use api::{Event, HostStatus, NewToken, RateLimits, SlaReport, TokenInfo, VmInfo};
 use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::json;
@@ -41,7 +38,7 @@ use serde_json::json;
 use crate::client::{query_value, Client, Endpoint, DEFAULT_SOCKET};
 use crate::client_tls::Trust;
 use crate::console_attach;
-use crate::machine_args::MachineArgs;
+pub use crate::create_args::CreateArgs;
 
 /// Where the API is and who the caller is; shared by every client command.
 #[derive(Args, Clone)]
@@ -120,7 +117,8 @@ pub enum VmCommand {
     Stop { name: String },
     /// Power-cycle the VM (stop, then start).
     Reboot { name: String },
-    /// Delete a stopped VM's definition (its disk files are kept).
+    /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
+    /// cloud-init seed the daemon made for it).
     Rm { name: String },
     /// List the VMs.
     List,
@@ -129,36 +127,6 @@ pub enum VmCommand {
     /// Attach to the VM's serial console through the API (Ctrl-A x detaches); on TCP it needs
     /// an operator token.
     Console { name: String },
-}
-
-#[derive(Args)]
-pub struct CreateArgs {
-    name: String,
-    #[command(flatten)]
-    machine: MachineArgs,
-    /// A virtio-vsock device with this guest CID; its host side is vsock.sock in the VM's run
-    /// directory (`keel vm show` names it).
-    #[arg(long, value_name = "CID")]
-    vsock_cid: Option<u64>,
-    /// Start the VM whenever the host boots (when keel serve first starts on a boot).
-    #[arg(long)]
-    autostart: bool,
-    /// At most this much CPU time, in percent of one CPU (150: one and a half CPUs).
-    #[arg(long, value_name = "PERCENT")]
-    cpu_limit: Option<u32>,
-    /// Start it now.
-    #[arg(long)]
-    start: bool,
-}
-
-/// `bw=`, `iops=`... as parsed for `keel run`, in the API's form.
-fn limits_of(config: &devices::rate_limiter::RateLimitConfig) -> RateLimits {
-    RateLimits {
-        bw: config.bytes_per_sec.map(|v| v.get()),
-        bw_burst: config.bytes_burst.map(|v| v.get()),
-        iops: config.ops_per_sec.map(|v| v.get()),
-        iops_burst: config.ops_burst.map(|v| v.get()),
-    }
 }
 
 fn describe_limits(limits: &RateLimits) -> String {
@@ -175,69 +143,6 @@ fn describe_limits(limits: &RateLimits) -> String {
         String::new()
     } else {
         format!(" ({})", parts.join(", "))
-    }
-}
-
-fn absolute(path: &std::path::Path) -> Result<String> {
-    let abs =
-        std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))?;
-    Ok(abs.display().to_string())
-}
-
-impl CreateArgs {
-    fn spec(&self) -> Result<VmSpec> {
-        let disks = self
-            .machine
-            .disks
-            .iter()
-            .map(|d| {
-                Ok(DiskSpec {
-                    path: if d.image.is_some() {
-                        String::new()
-                    } else {
-                        absolute(&d.path)?
-                    },
-                    format: d.spec_format(),
-                    image: d.image.clone(),
-                    size: d.size,
-                    readonly: d.read_only,
-                    direct: d.direct,
-                    serial: d.serial.clone(),
-                    limits: limits_of(&d.rate_limit),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let nets = self
-            .machine
-            .nets
-            .iter()
-            .map(|n| NetSpec {
-                tap: n.tap.clone(),
-                mac: n.mac.map(|m| {
-                    m.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":")
-                }),
-                limits: limits_of(&n.rate_limit),
-            })
-            .collect();
-        let spec = VmSpec {
-            name: self.name.clone(),
-            kernel: self.machine.kernel.as_deref().map(absolute).transpose()?,
-            initrd: self.machine.initrd.as_deref().map(absolute).transpose()?,
-            cmdline: self.machine.cmdline.clone(),
-            cpus: self.machine.cpus,
-            memory_mib: self.machine.memory,
-            disks,
-            nets,
-            rng: self.machine.rng,
-            vsock: self.vsock_cid.map(|cid| VsockSpec { cid }),
-            autostart: self.autostart,
-            cpu_limit_percent: self.cpu_limit,
-        };
-        spec.validate()?;
-        Ok(spec)
     }
 }
 
@@ -399,8 +304,13 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 rows.push((
                     "disk",
                     format!(
-                        "{}{}{}{}",
+                        "{}{}{}{}{}",
                         d.path,
+                        match (&d.format, &d.image) {
+                            (_, Some(image)) => format!(" (qcow2, a clone of image {image})"),
+                            (api::vm::DiskFormat::Qcow2, None) => " (qcow2)".into(),
+                            (api::vm::DiskFormat::Raw, None) => String::new(),
+                        },
                         if d.readonly { " (read-only)" } else { "" },
                         if d.direct { " (direct I/O)" } else { "" },
                         describe_limits(&d.limits)
@@ -416,6 +326,25 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 rows.push((
                     "net",
                     format!("tap {}{mac}{}", n.tap, describe_limits(&n.limits)),
+                ));
+            }
+            if let Some(ci) = &s.cloud_init {
+                rows.push((
+                    "cloud-init",
+                    format!(
+                        "NoCloud seed disk after the others: user-data ({} bytes){}{}",
+                        ci.user_data.len(),
+                        if ci.meta_data.is_some() {
+                            ", meta-data"
+                        } else {
+                            ""
+                        },
+                        if ci.network_config.is_some() {
+                            ", network-config"
+                        } else {
+                            ""
+                        }
+                    ),
                 ));
             }
             if s.rng {

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod client_tls;
 mod console_attach;
+mod create_args;
 mod image_cli;
 mod ledger_cli;
 mod machine_args;

@@ -256,6 +256,7 @@ impl Supervisor {
             vsock: None,
             autostart: false,
             cpu_limit_percent: None,
+            cloud_init: None,
         };
         self.create(&spec, actor)
             .map_err(|e| import_err(path, e.to_string()))?;

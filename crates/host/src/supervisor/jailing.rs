@@ -114,6 +114,11 @@ impl Supervisor {
                 Some(j) => (Some(j.options), Some(j.id_lock)),
                 None => (None, None),
             };
+            // cloud-init's seed, made from the definition now, is the VMM's last disk.
+            let spec = crate::cloud_init::with_seed(&spec, &this.library.vm_dir(&spec.name))
+                .map_err(|e| vmm_process::Error::Refused {
+                    reason: format!("making its cloud-init seed disk failed: {e}"),
+                })?;
             run_dir.prepare(&spec, options.map(|o| o.uid))?;
             run_dir.remove_exit_record();
             let mut files = vmm_process::open_vm_files(&spec, &this.images)?;

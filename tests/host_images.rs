@@ -388,3 +388,88 @@ fn cloud_init_data_reaches_the_vm_as_a_nocloud_seed() {
     ]);
     assert!(e.contains("at most 1 MiB"), "{e}");
 }
+
+#[test]
+fn a_stopped_vm_is_cloned_with_its_disks() {
+    if !common::kvm_available("a_stopped_vm_is_cloned_with_its_disks") {
+        return;
+    }
+    let d = Daemon::start("images-clone");
+    let incoming = d.images().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let raw = incoming.join("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "32M"]);
+    d.ok(&["image", "import", s(&raw)]);
+    let data = d.images().join("data.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&data), "8M"]);
+    let kernel = common::probe_elf();
+    let data_disk = format!("path={}", data.display());
+    d.ok(&[
+        "vm",
+        "create",
+        "a",
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64",
+        "--disk",
+        "image=base",
+        "--disk",
+        &data_disk,
+        "--cmdline",
+        "probe.blk_records=64 probe.poweroff",
+    ]);
+    d.ok(&["vm", "start", "a"]);
+    d.wait_state("a", "stopped", STATE_TIMEOUT);
+    // Running VMs are not cloned.
+    d.ok(&[
+        "vm",
+        "create",
+        "busy",
+        "--kernel",
+        s(&kernel),
+        "--memory",
+        "64",
+        "--cmdline",
+        "probe.power_button",
+    ]);
+    d.ok(&["vm", "start", "busy"]);
+    let e = d.fails(&["vm", "clone", "busy", "busy2"]);
+    assert!(e.contains("stop it first"), "{e}");
+    d.ok(&["vm", "stop", "busy"]);
+
+    d.ok(&["vm", "clone", "a", "b"]);
+    let a = d.json(&["vm", "show", "a"]);
+    let b = d.json(&["vm", "show", "b"]);
+    assert_eq!(b["spec"]["disks"][0]["image"], "base");
+    let (a0, b0) = (
+        a["spec"]["disks"][0]["path"].as_str().unwrap().to_string(),
+        b["spec"]["disks"][0]["path"].as_str().unwrap().to_string(),
+    );
+    let (a1, b1) = (
+        a["spec"]["disks"][1]["path"].as_str().unwrap().to_string(),
+        b["spec"]["disks"][1]["path"].as_str().unwrap().to_string(),
+    );
+    assert!(
+        b0.ends_with("/vms/b/disk0.qcow2") && b1.ends_with("/vms/b/disk1.raw"),
+        "{b0} {b1}"
+    );
+    // The copies hold what the VM wrote: the overlay as QEMU reads it, the raw disk byte for byte.
+    let as_raw = |p: &str, out: &str| {
+        let out = d.state_dir.join(out);
+        qemu_img(&["convert", "-q", "-f", "qcow2", "-O", "raw", p, s(&out)]);
+        sha256_of(&out)
+    };
+    assert_eq!(as_raw(&a0, "a0.raw"), as_raw(&b0, "b0.raw"));
+    assert_eq!(sha256_of(Path::new(&a1)), sha256_of(Path::new(&b1)));
+    let check = qemu_img(&["check", "-f", "qcow2", &b0]);
+    assert!(check.contains("No errors were found"), "{check}");
+    // Both are clones of the image now.
+    let e = d.fails(&["image", "rm", "base"]);
+    assert!(e.contains("a, b"), "{e}");
+    // The copy runs.
+    d.ok(&["vm", "start", "b"]);
+    d.wait_state("b", "stopped", STATE_TIMEOUT);
+    let e = d.fails(&["vm", "clone", "a", "b"]);
+    assert!(e.contains("exists"), "{e}");
+}

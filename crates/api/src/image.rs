@@ -130,3 +130,16 @@ pub struct VmImportRequest {
     #[serde(default)]
     pub start: bool,
 }
+
+/// A copy of a stopped VM under a new name: its definition, and its disks copied into the
+/// clone's own directory (holes kept; a disk cloned from a library image stays a clone of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCloneRequest {
+    /// The new VM's name.
+    pub name: String,
+    /// Taps for the clone's NICs, in order (a tap belongs to one VM); the clone's MACs are
+    /// derived from them. NICs without a tap are left out, and listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<String>,
+}

@@ -120,6 +120,15 @@ pub enum VmCommand {
     /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
     /// cloud-init seed the daemon made for it).
     Rm { name: String },
+    /// Copy a stopped VM under a new name: its definition and its disks (holes kept; a clone
+    /// of a library image stays one), with progress.
+    Clone {
+        name: String,
+        new_name: String,
+        /// A tap for the copy's next NIC (a tap belongs to one VM): tap=NAME. Repeatable.
+        #[arg(long = "net", value_name = "tap=NAME", value_parser = crate::image_cli::parse_tap)]
+        taps: Vec<String>,
+    },
     /// List the VMs.
     List,
     /// Show one VM.
@@ -239,6 +248,11 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 .send(Method::POST, &vm_path(&name, "/reboot"), None)
                 .await?,
         ),
+        VmCommand::Clone {
+            name,
+            new_name,
+            taps,
+        } => crate::image_cli::clone_vm(&client, &name, new_name, taps, api.json).await,
         VmCommand::Rm { name } => {
             client
                 .call(Method::DELETE, &vm_path(&name, ""), None)

@@ -233,7 +233,7 @@ pub struct ImportArgs {
     start: bool,
 }
 
-fn parse_tap(s: &str) -> Result<String, String> {
+pub fn parse_tap(s: &str) -> Result<String, String> {
     s.strip_prefix("tap=")
         .filter(|t| !t.is_empty())
         .map(str::to_string)
@@ -288,6 +288,39 @@ pub async fn import_vm(args: ImportArgs, api: ApiArgs) -> Result<()> {
         for note in &op.notes {
             outln!("  - {note}");
         }
+    }
+    Ok(())
+}
+
+/// `keel vm clone`: follows the copy and says what was left out.
+pub async fn clone_vm(
+    client: &Client,
+    source: &str,
+    name: String,
+    taps: Vec<String>,
+    json: bool,
+) -> Result<()> {
+    let request = api::image::VmCloneRequest { name, taps };
+    let op: Operation = client
+        .send(
+            Method::POST,
+            &format!("/vms/{}/clone", crate::client::query_value(source)),
+            Some(serde_json::to_value(&request)?),
+        )
+        .await?;
+    let op = follow(client, op, json).await?;
+    if op.state == OperationState::Failed {
+        bail!(
+            "cloning {source} failed: {}",
+            op.error.unwrap_or_else(|| "no reason given".into())
+        );
+    }
+    if json {
+        return print_json(&op);
+    }
+    outln!("{}: a copy of {source}", request.name);
+    for note in &op.notes {
+        outln!("  - {note}");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! (written to a partial file, synced, renamed).
 
 mod copy;
+pub mod vm_clone;
 pub mod vm_import;
 
 use std::fs::File;

@@ -81,3 +81,18 @@ pub(super) async fn import_vm(
     let op = app.import_vm(request, &caller.actor)?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
+
+#[utoipa::path(post, path = "/vms/{name}/clone", params(("name" = String, Path)),
+    request_body = api::image::VmCloneRequest,
+    responses(
+        (status = 202, body = Operation, description = "The copy started: follow it at /operations/{id}; once done, its result names the new VM"),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn clone_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+    Body(request): Body<api::image::VmCloneRequest>,
+) -> Result<(StatusCode, Json<Operation>), ApiError> {
+    let op = app.clone_vm(&name, request, &caller.actor)?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}

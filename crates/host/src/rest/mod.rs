@@ -59,6 +59,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(images::list_images, images::import_image))
         .routes(routes!(images::show_image, images::remove_image))
         .routes(routes!(images::import_vm))
+        .routes(routes!(images::clone_vm))
         .routes(routes!(images::list_operations))
         .routes(routes!(images::show_operation))
 }
@@ -521,7 +522,8 @@ async fn ack_incident(
         api::image::ImageInfo,
         api::image::ImportRequest,
         api::image::Operation,
-        api::image::VmImportRequest
+        api::image::VmImportRequest,
+        api::image::VmCloneRequest
     ))
 )]
 pub struct ApiDoc;

@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 25);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 26);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()
@@ -33,6 +33,7 @@ fn what_a_request_needs() {
     assert_eq!(need_of(&Method::DELETE, "/vms/a"), Need::Create);
     assert_eq!(need_of(&Method::POST, "/images"), Need::Create);
     assert_eq!(need_of(&Method::POST, "/imports"), Need::Create);
+    assert_eq!(need_of(&Method::POST, "/vms/a/clone"), Need::Create);
     assert_eq!(need_of(&Method::DELETE, "/images/base"), Need::Create);
     assert_eq!(need_of(&Method::GET, "/operations/1"), Need::Read);
     assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);

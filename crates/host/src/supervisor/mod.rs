@@ -208,7 +208,7 @@ impl Supervisor {
         RunDir::new(&self.state_dir, name)
     }
 
-    fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.locks)
             .entry(name.to_string())
             .or_default()

@@ -442,6 +442,35 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
         "axe-core on the SLA page: {problems:#?}"
     );
 
+    // The image library: an image imported (here by the CLI) is listed, then removed from
+    // the page after a confirmation.
+    let library_file = images.join("lib.raw");
+    std::fs::write(&library_file, vec![0u8; 1 << 20]).unwrap();
+    daemon.ok(&[
+        "image",
+        "import",
+        library_file.to_str().unwrap(),
+        "--name",
+        "lib",
+    ]);
+    c.goto(&format!("{base}#/images")).await.unwrap();
+    shown(&c, "tr[data-image=lib]").await;
+    wait_text(&c, "no VM").await;
+    screenshot(&c, "images").await;
+    click_button(&c, "Remove lib").await;
+    c.accept_alert().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while c.find(Locator::Css("tr[data-image=lib]")).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the removed image is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(daemon
+        .fails(&["image", "show", "lib"])
+        .contains("no image named"));
+
     // A viewer sees the VMs but no button that would change anything.
     sign_out(&c).await;
     sign_in(&c, &base, &viewer).await;

@@ -156,6 +156,7 @@ fn keel_writes_what_qemu_reads_on_versions_2_and_3() {
             "compat={compat} cluster={cluster}: QEMU reads other bytes than Keel wrote"
         );
     }
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -223,6 +224,7 @@ fn a_backing_chain_reads_through_and_writes_stay_on_top() {
             && std::fs::read(&middle).unwrap() == middle_before,
         "a backing file changed"
     );
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -253,6 +255,7 @@ fn discard_frees_clusters_and_reads_zeroes() {
         "discarding 12 MiB freed only {} bytes ({full} -> {after})",
         full.saturating_sub(after)
     );
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -354,6 +357,7 @@ fn backing_files_name_their_format_and_lie_where_allowed() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("comes back"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -391,6 +395,7 @@ fn a_raw_image_whose_guest_wrote_a_qcow2_header_stays_raw() {
     assert_eq!(image.format(), Format::Raw);
     assert_eq!(image.size(), 4 * MIB);
     assert_eq!(read(&image, 0, 4096), header[..4096]);
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -434,4 +439,5 @@ fn keel_makes_thin_overlays_that_qemu_reads() {
     check(&top);
     assert!(qemu_raw(&top, &d.join("out.raw")) == model);
     println!("a 64 MiB overlay made in {made_in:?}, {made_bytes} bytes before any write");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -47,6 +47,9 @@ async function call<T>(method: string, path: string, body?: unknown): Promise<T>
 }
 
 export type VmSpec = Schemas["VmSpec"];
+export type ImageInfo = Schemas["ImageInfo"];
+export type Operation = Schemas["Operation"];
+export type ImportRequest = Schemas["ImportRequest"];
 export type Event = Schemas["Event"];
 export type SlaReport = Schemas["SlaReport"];
 export type LedgerVerification = Schemas["LedgerVerification"];
@@ -76,6 +79,11 @@ export const api = {
   shutdown: (name: string) => call<VmInfo>("POST", vm(name, "/shutdown?wait=false")),
   remove: (name: string) => call<void>("DELETE", vm(name)),
   events: (query: string) => call<Event[]>("GET", `/events?${query}`),
+  images: () => call<ImageInfo[]>("GET", "/images"),
+  importImage: (request: ImportRequest) => call<Operation>("POST", "/images", request),
+  removeImage: (name: string) => call<void>("DELETE", `/images/${encodeURIComponent(name)}`),
+  operations: () => call<Operation[]>("GET", "/operations"),
+  operation: (id: number) => call<Operation>("GET", `/operations/${id}`),
   sla: (query: string) => call<SlaReport>("GET", `/sla?${query}`),
   verify: () => call<LedgerVerification>("GET", "/ledger/verify"),
 };

@@ -1,4 +1,5 @@
 // Keel's web console: sign in with an API token, then the front page, problems first.
+import { ImagesPage } from "./images";
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError, SessionInfo } from "./api";
@@ -46,6 +47,8 @@ function Shell({ session, onSignOut }: { session: SessionInfo; onSignOut: () => 
     page = <EventsPage />;
   } else if (route[0] === "sla") {
     page = <SlaPage />;
+  } else if (route[0] === "images") {
+    page = <ImagesPage session={session} />;
   } else if (route[0] === "vms" && route[1]) {
     page = <VmPage name={route[1]} session={session} />;
   } else {
@@ -58,7 +61,8 @@ function Shell({ session, onSignOut }: { session: SessionInfo; onSignOut: () => 
           Keel
         </a>
         <nav aria-label="Pages">
-          <a href="#/">Front page</a> <a href="#/events">Events</a> <a href="#/sla">SLA evidence</a>
+          <a href="#/">Front page</a> <a href="#/images">Images</a> <a href="#/events">Events</a>{" "}
+          <a href="#/sla">SLA evidence</a>
         </nav>
         <span class="who">
           {session.actor} ({session.role})

@@ -8,8 +8,8 @@ set -euo pipefail
 # faketime; iasl from acpica-tools decompiles Keel's DSDT; mke2fs and sfdisk build boot disks;
 # chromium and chromium-driver run the web console's browser tests; qemu-img and qemu-io
 # (qemu-utils) make the VMDK and qcow2 images Keel is checked against; mtools reads back the
-# cloud-init seed Keel makes).
-needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver qemu-utils mtools)
+# cloud-init seed Keel makes; debootstrap builds the Debian server image, guest/debian/build.sh).
+needed=(make binutils gcc util-linux cpio gzip lz4 xz-utils zstd acpica-tools faketime e2fsprogs fdisk chromium chromium-driver qemu-utils mtools debootstrap)
 missing=()
 for pkg in "${needed[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

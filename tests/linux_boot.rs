@@ -159,3 +159,68 @@ fn debian_kernel_boots_from_a_disk() {
         assert_eq!(run.code(), Some(0), "{ctx}");
     }
 }
+
+/// Builds (or finds in its cache) the Debian server image; its path.
+fn debian_image() -> PathBuf {
+    let script = workspace_root().join("guest/debian/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run guest/debian/build.sh");
+    assert!(
+        out.status.success(),
+        "guest/debian/build.sh failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = Command::new("bash")
+        .arg(&script)
+        .arg("--print-path")
+        .output()
+        .expect("image path");
+    PathBuf::from(String::from_utf8_lossy(&path.stdout).trim())
+}
+
+#[test]
+fn the_debian_server_image_boots_from_its_qcow2_disk() {
+    if !kvm_available("the_debian_server_image_boots_from_its_qcow2_disk") {
+        return;
+    }
+    let image = debian_image();
+    let operator = "earlyprintk=serial,ttyS0,115200";
+    let mut cmd = Command::new(KEEL);
+    cmd.arg("run")
+        .arg("--disk")
+        .arg(format!("path={},format=qcow2,readonly=on", image.display()))
+        .args(["--memory", &MEMORY_MIB.to_string(), "--cpus", "2"])
+        .args(["--cmdline", operator]);
+    let pvm = pvm_host();
+    let run = if pvm {
+        run_until(cmd, None, Duration::from_secs(180), e820_map_printed)
+    } else {
+        run_until(cmd, None, Duration::from_secs(180), |out| {
+            out.contains("login:")
+        })
+    };
+    let ctx = run.context();
+    assert!(
+        run.stderr
+            .contains("partition 1: /boot/loader/entries/debian.conf"),
+        "the image's Boot Loader Specification entry was not used\n{ctx}"
+    );
+    assert!(
+        run.stdout.contains("Linux version") && run.stdout.contains("cloud-amd64"),
+        "Debian's cloud kernel did not start\n{ctx}"
+    );
+    assert!(
+        run.stdout.contains(&format!(
+            "Command line: root=LABEL=keel-root ro console=ttyS0 net.ifnames=0 {operator}"
+        )),
+        "the kernel did not get the image's options and the operator's\n{ctx}"
+    );
+    if pvm {
+        eprintln!("NOTE: PVM host: the Debian image booted as far as this host allows");
+    } else {
+        assert!(run.stdout.contains("login:"), "no login prompt\n{ctx}");
+    }
+}

@@ -24,6 +24,10 @@ pub enum OvaError {
     BadName(String),
     #[error("the OVA holds '{0}' twice")]
     Twice(String),
+    #[error(
+        "the OVA's entry '{name}' is cut short: {read} of its {size} bytes are in the archive"
+    )]
+    CutShort { name: String, read: u64, size: u64 },
     #[error("the OVA holds {0} OVF descriptors; it must hold exactly one")]
     Descriptors(usize),
     #[error("writing the OVA's entry '{name}' failed: {source}")]
@@ -60,6 +64,16 @@ pub fn unpack(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Unpacked, OvaError> {
     let total = archive.metadata().map_err(OvaError::Read)?.len();
+    unpack_from(archive, total, dir, progress)
+}
+
+/// [`unpack`] from any reader of `total` bytes (the fuzz target's archives are in memory).
+pub fn unpack_from(
+    archive: impl Read,
+    total: u64,
+    dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Unpacked, OvaError> {
     let mut tar = tar::Archive::new(archive);
     let mut files = Vec::new();
     let mut done = 0u64;
@@ -99,6 +113,7 @@ pub fn unpack(
             .open(&path)
             .map_err(write_err)?;
         let mut buf = vec![0u8; 1 << 20];
+        let mut copied = 0u64;
         loop {
             let n = entry.read(&mut buf).map_err(OvaError::Read)?;
             if n == 0 {
@@ -113,9 +128,19 @@ pub fn unpack(
                 std::io::Write::write_all(&mut out, &buf[..n]).map_err(write_err)?;
             }
             done += n as u64;
+            copied += n as u64;
             progress(done.min(total), total);
         }
         let len = entry.header().size().map_err(OvaError::Read)?;
+        // An archive cut short ends an entry early without an error: its header's size would
+        // make a file of bytes the archive never had.
+        if copied != len {
+            return Err(OvaError::CutShort {
+                name,
+                read: copied,
+                size: len,
+            });
+        }
         out.set_len(len).map_err(write_err)?;
         files.push(path);
     }

@@ -145,8 +145,15 @@ fn need_of(method: &Method, path: &str) -> Need {
     }
     match *method {
         Method::GET | Method::HEAD => Need::Read,
-        // These name host files (a VM's, an image's or an import's source).
-        Method::POST if path == "/vms" || path == "/images" || path == "/imports" => Need::Create,
+        // These name host files (a VM's, an image's or an import's source) or make a VM.
+        Method::POST
+            if path == "/vms"
+                || path == "/images"
+                || path == "/imports"
+                || (path.starts_with("/vms/") && path.ends_with("/clone")) =>
+        {
+            Need::Create
+        }
         Method::DELETE => Need::Create,
         _ => Need::Operate,
     }

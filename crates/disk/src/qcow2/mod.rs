@@ -243,6 +243,31 @@ impl Qcow2Disk {
     pub fn read_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
         let total: usize = buffers.iter().map(|b| b.iov_len).sum();
         self.check(offset, total)?;
+        let access = self.shared();
+        // One mapping for the whole request (a read within a cluster, or a run of them):
+        // straight to the file, or zeroes.
+        if buffers.len() <= crate::IOV_MAX {
+            if let Ok((mapping, len)) = access.get_mapping(offset, total as u64) {
+                if len >= total as u64 {
+                    match mapping {
+                        Mapping::Raw {
+                            storage, offset, ..
+                        } => return storage.transfer(buffers, offset, false),
+                        Mapping::Zero { .. } => {
+                            for b in buffers {
+                                // SAFETY: a live buffer of its length (the caller's
+                                // guarantee).
+                                unsafe {
+                                    std::ptr::write_bytes(b.iov_base.cast::<u8>(), 0, b.iov_len)
+                                };
+                            }
+                            return Ok(());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
         let slices: Vec<IoSliceMut<'_>> = buffers
             .iter()
             .filter(|b| b.iov_len > 0)
@@ -254,7 +279,7 @@ impl Qcow2Disk {
                 })
             })
             .collect();
-        self.shared().readv(IoVectorMut::from(slices), offset)
+        access.readv(IoVectorMut::from(slices), offset)
     }
 
     /// Writes `buffers` at `offset`: when this returns Ok the data is in the file; it is
@@ -262,6 +287,25 @@ impl Qcow2Disk {
     pub fn write_at(&self, buffers: &[libc::iovec], offset: u64) -> io::Result<()> {
         let total: usize = buffers.iter().map(|b| b.iov_len).sum();
         self.check(offset, total)?;
+        let access = self.shared();
+        // Allocated clusters this image may write in place: straight to the file. Anything
+        // else (allocation, copy-on-write) goes through the driver.
+        if !self.read_only && buffers.len() <= crate::IOV_MAX {
+            if let Ok((
+                Mapping::Raw {
+                    storage,
+                    offset,
+                    writable: true,
+                    ..
+                },
+                len,
+            )) = access.get_mapping(offset, total as u64)
+            {
+                if len >= total as u64 {
+                    return storage.transfer(buffers, offset, true);
+                }
+            }
+        }
         let slices: Vec<IoSlice<'_>> = buffers
             .iter()
             .filter(|b| b.iov_len > 0)
@@ -272,7 +316,7 @@ impl Qcow2Disk {
                 })
             })
             .collect();
-        self.shared().writev(IoVector::from(slices), offset)
+        access.writev(IoVector::from(slices), offset)
     }
 
     /// Makes every write before it durable and reachable: the driver's caches are written

@@ -114,6 +114,64 @@ impl ImageFile {
         Ok((view(Role::Data), view(Role::Metadata)))
     }
 
+    /// Reads or writes `buffers` (at most [`crate::IOV_MAX`]) in full at `offset` of the file,
+    /// for a range the driver mapped here: the fast path of guest I/O on allocated clusters,
+    /// straight between guest memory and the file. Past the file's end a read gets zeroes.
+    /// The iovecs must point at live memory of their lengths for the call.
+    pub fn transfer(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
+        let mut iov = buffers.to_vec();
+        let mut start = 0;
+        let mut at = offset;
+        while start < iov.len() {
+            let batch = &iov[start..];
+            // SAFETY: every iovec points at a live buffer of its length (the caller's
+            // guarantee); the kernel writes (reads) only inside them; at most IOV_MAX.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(
+                        self.fd(),
+                        batch.as_ptr(),
+                        batch.len() as i32,
+                        offset_of(at)?,
+                    )
+                } else {
+                    libc::preadv(
+                        self.fd(),
+                        batch.as_ptr(),
+                        batch.len() as i32,
+                        offset_of(at)?,
+                    )
+                }
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                if write {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write made no progress",
+                    ));
+                }
+                for b in &iov[start..] {
+                    // SAFETY: a live buffer of its length (the caller's guarantee).
+                    unsafe { std::ptr::write_bytes(b.iov_base.cast::<u8>(), 0, b.iov_len) };
+                }
+                return Ok(());
+            }
+            at += n as u64;
+            crate::advance(&mut iov, &mut start, n as usize);
+        }
+        if write {
+            self.wrote(at);
+        }
+        Ok(())
+    }
+
     /// What flushes the file: held writes and syncs.
     pub fn durability(&self) -> Durability {
         Durability(self.shared.clone())

@@ -126,10 +126,12 @@ fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
         "acknowledgements out of order: {acked:?}"
     );
     let image = if kind == DiskKind::Qcow2Overlay {
-        // No corruption and no leaked cluster, as QEMU checks it; then the guest's view.
+        // No corruption, as QEMU checks it (status 3, leaked clusters only, is space lost to
+        // a kill between a refcount update and the table that uses it, not data); then the
+        // guest's view.
         let check = qemu_img(&["check", "-f", "qcow2", disk.to_str().unwrap()]);
         assert!(
-            check.status.success(),
+            matches!(check.status.code(), Some(0) | Some(3)),
             "qemu-img check after the kill: status {:?}\n{}",
             check.status.code(),
             String::from_utf8_lossy(&check.stdout)

@@ -3,9 +3,10 @@
 //! memory. The probe writes records, flushing after each, and says `PROBE acked N` once the
 //! flush completed; the test kills the VMM, cuts the power (dropping every unsynced write,
 //! or keeping a random subset of them in order, as a disk that reorders its cache may), and
-//! checks the durable files: each acknowledged record intact and, for qcow2, `qemu-img
-//! check` clean. Keeping a random subset is what would catch a table written to disk before
-//! the data or refcounts it depends on.
+//! checks the durable files: each acknowledged record intact and, for qcow2, no corruption
+//! by `qemu-img check` (leaked clusters, space and not data, are allowed). Keeping a random
+//! subset is what would catch a table written to disk before the data or refcounts it
+//! depends on.
 //!
 //! Needs /dev/fuse and root, and qemu-img.
 
@@ -240,8 +241,10 @@ fn trial(
     let image = if qcow2 {
         let overlay = after.join("overlay.qcow2");
         let check = qemu_img(&["check", "-f", "qcow2", s(&overlay)]);
+        // 0: clean; 3: leaked clusters only (a cut between a refcount update and the table
+        // that uses it), which is space, not data. 2 would be corruption.
         assert!(
-            check.status.success(),
+            matches!(check.status.code(), Some(0) | Some(3)),
             "trial {index} ({cut:?}): qemu-img check after the power cut: status {:?}\n{}{}",
             check.status.code(),
             String::from_utf8_lossy(&check.stdout),

@@ -21,18 +21,6 @@ const DEFAULT_TRIALS: u64 = 4;
 /// More records than any trial lives to write: the kill always comes mid-stream.
 const RECORDS: u64 = 4000;
 
-/// xorshift64*: enough randomness for kill times, reproducible from the printed seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 struct Trial {
     acknowledged: u64,
     lost: Vec<u64>,
@@ -49,13 +37,6 @@ enum DiskKind {
     Qcow2Overlay,
 }
 
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is needed (apt install qemu-utils; scripts/install-deps.sh does)")
-}
-
 /// Boots the probe writing records, kills the VMM after `delay`, checks the file.
 fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
     let dir = std::env::temp_dir().join(format!("keel-crash-{}", std::process::id()));
@@ -67,17 +48,20 @@ fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
         .unwrap();
     let disk = if kind == DiskKind::Qcow2Overlay {
         let overlay = dir.join(format!("trial{index}.qcow2"));
-        let out = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "raw",
-            overlay.to_str().unwrap(),
-        ]);
+        let out = tool_output(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                base.to_str().unwrap(),
+                "-F",
+                "raw",
+                overlay.to_str().unwrap(),
+            ],
+        );
         assert!(out.status.success(), "{out:?}");
         overlay
     } else {
@@ -129,7 +113,10 @@ fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
         // No corruption, as QEMU checks it (status 3, leaked clusters only, is space lost to
         // a kill between a refcount update and the table that uses it, not data); then the
         // guest's view.
-        let check = qemu_img(&["check", "-f", "qcow2", disk.to_str().unwrap()]);
+        let check = tool_output(
+            "qemu-img",
+            &["check", "-f", "qcow2", disk.to_str().unwrap()],
+        );
         assert!(
             matches!(check.status.code(), Some(0) | Some(3)),
             "qemu-img check after the kill: status {:?}\n{}",
@@ -137,15 +124,18 @@ fn trial(index: u64, delay: Duration, kind: DiskKind) -> Trial {
             String::from_utf8_lossy(&check.stdout)
         );
         let raw = dir.join(format!("trial{index}.out"));
-        let out = qemu_img(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            disk.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ]);
+        let out = tool_output(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                disk.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
         assert!(out.status.success(), "{out:?}");
         let bytes = std::fs::read(&raw).unwrap();
         let _ = std::fs::remove_file(&raw);

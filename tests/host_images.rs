@@ -9,26 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use common::{qemu_img, s, tool as mtools};
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is needed (apt install qemu-utils; scripts/install-deps.sh does)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Waits until the console log holds `text`; the log's contents.
 fn wait_console(d: &Daemon, vm: &str, text: &str) -> String {
@@ -290,20 +273,6 @@ fn the_library_imports_clones_and_keeps_what_is_used() {
     assert!(!Path::new(list[0]["path"].as_str().unwrap()).exists());
     let e = d.fails(&["image", "show", "base"]);
     assert!(e.contains("no image named 'base'"), "{e}");
-}
-
-fn mtools(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (apt install mtools): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -14,25 +14,32 @@ use common::*;
 
 const MEMORY_MIB: u64 = 512;
 
-/// Builds (or finds in its cache) the Linux guest; returns its directory.
-fn linux_guest() -> PathBuf {
-    let script = workspace_root().join("guest/linux/build.sh");
+/// Runs a guest build script (which reuses its cache), then asks it where the result is
+/// (`print`: its flag for that).
+fn built(script: &str, print: &str) -> PathBuf {
+    let script = workspace_root().join(script);
     let out = Command::new("bash")
         .arg(&script)
         .output()
-        .expect("run guest/linux/build.sh");
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     assert!(
         out.status.success(),
-        "guest/linux/build.sh failed:\n{}{}",
+        "{} failed:\n{}{}",
+        script.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = Command::new("bash")
+    let path = Command::new("bash")
         .arg(&script)
-        .arg("--print-dir")
+        .arg(print)
         .output()
-        .expect("guest dir");
-    PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim())
+        .expect("the build's output path");
+    PathBuf::from(String::from_utf8_lossy(&path.stdout).trim())
+}
+
+/// Builds (or finds in its cache) the Linux guest; returns its directory.
+fn linux_guest() -> PathBuf {
+    built("guest/linux/build.sh", "--print-dir")
 }
 
 /// The early log is complete once an e820 line is followed by some other kernel line.
@@ -162,23 +169,7 @@ fn debian_kernel_boots_from_a_disk() {
 
 /// Builds (or finds in its cache) the Debian server image; its path.
 fn debian_image() -> PathBuf {
-    let script = workspace_root().join("guest/debian/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run guest/debian/build.sh");
-    assert!(
-        out.status.success(),
-        "guest/debian/build.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = Command::new("bash")
-        .arg(&script)
-        .arg("--print-path")
-        .output()
-        .expect("image path");
-    PathBuf::from(String::from_utf8_lossy(&path.stdout).trim())
+    built("guest/debian/build.sh", "--print-path")
 }
 
 #[test]

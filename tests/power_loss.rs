@@ -26,35 +26,12 @@ use common::*;
 /// More records than any trial lives to write: the kill comes mid-stream.
 const RECORDS: u64 = 1000;
 
-/// xorshift64*: reproducible from the printed seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn seed() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
         | 1
-}
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is needed (apt install qemu-utils; scripts/install-deps.sh does)")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 struct Outcome {
@@ -93,7 +70,7 @@ fn replay_cuts(
             bytes.save(&dir.join(name));
         }
         let overlay = dir.join("overlay.qcow2");
-        let check = qemu_img(&["check", "-f", "qcow2", s(&overlay)]);
+        let check = tool_output("qemu-img", &["check", "-f", "qcow2", s(&overlay)]);
         match check.status.code() {
             Some(0) => {}
             // Leaked clusters only.
@@ -147,17 +124,20 @@ fn trial(
         let base_path = scratch.join("base.img");
         base.save(&base_path);
         let overlay = scratch.join("overlay.qcow2");
-        let out = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.img",
-            "-F",
-            "raw",
-            s(&overlay),
-        ]);
+        let out = tool_output(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.img",
+                "-F",
+                "raw",
+                s(&overlay),
+            ],
+        );
         assert!(out.status.success(), "{out:?}");
         let files = vec![
             ("base.img".to_string(), base),
@@ -240,7 +220,7 @@ fn trial(
     drop(mounted);
     let image = if qcow2 {
         let overlay = after.join("overlay.qcow2");
-        let check = qemu_img(&["check", "-f", "qcow2", s(&overlay)]);
+        let check = tool_output("qemu-img", &["check", "-f", "qcow2", s(&overlay)]);
         // 0: clean; 3: leaked clusters only (a cut between a refcount update and the table
         // that uses it), which is space, not data. 2 would be corruption.
         assert!(
@@ -251,7 +231,10 @@ fn trial(
             String::from_utf8_lossy(&check.stderr)
         );
         let raw = after.join("out.raw");
-        let out = qemu_img(&["convert", "-f", "qcow2", "-O", "raw", s(&overlay), s(&raw)]);
+        let out = tool_output(
+            "qemu-img",
+            &["convert", "-f", "qcow2", "-O", "raw", s(&overlay), s(&raw)],
+        );
         assert!(out.status.success(), "{out:?}");
         std::fs::read(&raw).unwrap()
     } else {

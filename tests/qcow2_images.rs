@@ -10,47 +10,16 @@ use std::process::Command;
 
 use disk::{Format, Image};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{s, tool as run, Random};
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{program} is needed (apt install qemu-utils; scripts/install-deps.sh does): {e}"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+const MIB: u64 = 1 << 20;
 
 fn dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keel-qcow2-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// xorshift64*: reproducible offsets and patterns.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 fn iov(buf: &mut [u8]) -> libc::iovec {

@@ -6,30 +6,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::s;
+
+fn run(program: &str, args: &[&str]) {
+    common::tool(program, args);
+}
 use disk::boot::image::{ext4, partitioned, Node, Table};
 
 const MIB: u64 = 1 << 20;
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (scripts/install-deps.sh): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A GPT disk whose second partition boots the probe (ELF, PVH) with power-off, as a raw
 /// image at `path`.

@@ -265,3 +265,50 @@ pub fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
             Some((pid, entry.path()))
         })
 }
+
+/// Runs a tool the tests need from Debian (qemu-img, qemu-io, tar, mtools...), which must
+/// succeed; its stdout.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = tool_output(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a tool the tests need, whatever its status.
+pub fn tool_output(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} is needed (scripts/install-deps.sh installs it): {e}")
+        })
+}
+
+/// `qemu-img ARGS`, which must succeed; its stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    tool("qemu-img", args)
+}
+
+/// A path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// xorshift64*: enough randomness for kill times, offsets and patterns, reproducible from the
+/// seed a test prints.
+pub struct Random(pub u64);
+
+impl Random {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}

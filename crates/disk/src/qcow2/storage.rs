@@ -114,16 +114,16 @@ impl ImageFile {
         Ok((view(Role::Data), view(Role::Metadata)))
     }
 
-    /// Reads or writes `buffers` (at most [`crate::IOV_MAX`]) in full at `offset` of the file,
-    /// for a range the driver mapped here: the fast path of guest I/O on allocated clusters,
-    /// straight between guest memory and the file. Past the file's end a read gets zeroes.
-    /// The iovecs must point at live memory of their lengths for the call.
+    /// Reads or writes `buffers` in full at `offset` of the file: the driver's own I/O, and
+    /// the direct path of guest I/O on clusters mapped here, straight between guest memory
+    /// and the file. Past the file's end a read gets zeroes (clusters not written yet). The
+    /// iovecs must point at live memory of their lengths for the call.
     pub fn transfer(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
         let mut iov = buffers.to_vec();
         let mut start = 0;
         let mut at = offset;
         while start < iov.len() {
-            let batch = &iov[start..];
+            let batch = &iov[start..iov.len().min(start + crate::IOV_MAX)];
             // SAFETY: every iovec points at a live buffer of its length (the caller's
             // guarantee); the kernel writes (reads) only inside them; at most IOV_MAX.
             let n = unsafe {
@@ -320,7 +320,7 @@ impl Storage for ImageFile {
         Ok(self.shared.size.load(Ordering::Relaxed))
     }
 
-    unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+    unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
         if self.role == Role::Metadata {
             let held = self.shared.held();
             if !held.writes.is_empty() && held.holds(offset, bufv.len()) {
@@ -346,39 +346,11 @@ impl Storage for ImageFile {
                 return Ok(());
             }
         }
-        while !bufv.is_empty() {
-            // SAFETY: the iovecs describe `bufv`'s buffers, which live across the call.
-            let iov = unsafe { bufv.as_iovec() };
-            let batch = &iov[..iov.len().min(crate::IOV_MAX)];
-            // SAFETY: every iovec points at a live buffer of its length; the kernel writes
-            // only inside them.
-            let n = unsafe {
-                libc::preadv(
-                    self.fd(),
-                    batch.as_ptr(),
-                    batch.len() as i32,
-                    offset_of(offset)?,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                // Past the end of the file: clusters not written yet read as zeroes.
-                bufv.fill(0);
-                break;
-            }
-            bufv = bufv.split_tail_at(n as u64);
-            offset += n as u64;
-        }
-        Ok(())
+        // SAFETY: the iovecs describe `bufv`'s buffers, which live across the call.
+        self.transfer(unsafe { bufv.as_iovec() }, offset, false)
     }
 
-    unsafe fn pure_writev(&self, mut bufv: IoVector<'_>, mut offset: u64) -> io::Result<()> {
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
         if self.role == Role::Metadata {
             let mut held = self.shared.held();
             if held.holds(offset, bufv.len()) {
@@ -391,38 +363,8 @@ impl Storage for ImageFile {
         if self.role == Role::Metadata && self.shared.unsynced.load(Ordering::Acquire) {
             self.sync_now()?;
         }
-        while !bufv.is_empty() {
-            // SAFETY: as for reads.
-            let iov = unsafe { bufv.as_iovec() };
-            let batch = &iov[..iov.len().min(crate::IOV_MAX)];
-            // SAFETY: every iovec points at a live buffer of its length; the kernel only
-            // reads them.
-            let n = unsafe {
-                libc::pwritev(
-                    self.fd(),
-                    batch.as_ptr(),
-                    batch.len() as i32,
-                    offset_of(offset)?,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "write made no progress",
-                ));
-            }
-            bufv = bufv.split_tail_at(n as u64);
-            offset += n as u64;
-            self.wrote(offset);
-        }
-        Ok(())
+        // SAFETY: as for reads.
+        self.transfer(unsafe { bufv.as_iovec() }, offset, true)
     }
 
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {

@@ -406,3 +406,29 @@ pub fn write_seeds<T: PartialEq + Debug>(
     }
     std::process::exit(0);
 }
+
+/// What the VM-import targets (`vmx_plan`, `ovf_plan`) make of an input.
+#[derive(Debug, PartialEq)]
+pub enum PlanOutcome {
+    Planned {
+        disks: usize,
+        nics: usize,
+        left: usize,
+    },
+    Refused,
+}
+
+impl PlanOutcome {
+    /// Checks what every plan must be (a Keel name, vCPUs and memory within Keel's limits)
+    /// and sums it up; each target checks its disks itself.
+    pub fn of(p: &import::Plan) -> PlanOutcome {
+        assert!(api::vm::check_name(&p.name).is_ok(), "name {:?}", p.name);
+        assert!((1..=api::vm::MAX_CPUS).contains(&p.cpus));
+        assert!(p.memory_mib >= api::vm::MIN_MEMORY_MIB);
+        PlanOutcome::Planned {
+            disks: p.disks.len(),
+            nics: p.nics.len(),
+            left: p.not_carried.len(),
+        }
+    }
+}

@@ -5,10 +5,12 @@
 //! carries a transfer whose buffers do not meet them.
 
 pub mod boot;
+pub mod copy;
 pub mod direct;
 pub mod image;
 pub mod qcow2;
 pub mod uring;
+pub mod vectored;
 pub mod vmdk;
 
 pub use image::{Format, Image, ImageFiles};
@@ -366,71 +368,13 @@ impl RawDisk {
     }
 
     fn vectored(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
-        // The common case, every byte in one call, needs no copy of the iovecs; a partial
-        // transfer goes on with a copy it can trim.
-        let first = &buffers[..buffers.len().min(IOV_MAX)];
-        let total: usize = buffers.iter().map(|b| b.iov_len).sum();
-        let n = loop {
-            match self.transfer(first, offset, write) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                result => break result?,
-            }
-        };
-        if n == total {
-            return Ok(());
-        }
-        let mut iov = buffers.to_vec();
-        let mut start = 0;
-        let mut done = n;
-        let mut offset = offset;
-        loop {
-            offset += done as u64;
-            advance(&mut iov, &mut start, done);
-            if start == iov.len() {
-                return Ok(());
-            }
-            let batch = &iov[start..iov.len().min(start + IOV_MAX)];
-            done = match self.transfer(batch, offset, write) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                result => result?,
-            };
-        }
-    }
-
-    /// One `preadv` or `pwritev` of at most IOV_MAX iovecs; no progress at all (the end of
-    /// the file) is an error.
-    fn transfer(&self, batch: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
-        if batch.iter().all(|b| b.iov_len == 0) {
-            return Ok(0);
-        }
-        // SAFETY: every iovec points at a live guest buffer of its length (the caller's
-        // guarantee); the kernel reads or writes only inside them. `batch` has at most
-        // IOV_MAX entries.
-        let n = unsafe {
-            if write {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    batch.as_ptr(),
-                    batch.len() as i32,
-                    offset as i64,
-                )
-            } else {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    batch.as_ptr(),
-                    batch.len() as i32,
-                    offset as i64,
-                )
-            }
-        };
-        match n {
-            n if n < 0 => Err(io::Error::last_os_error()),
-            0 => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "past the end of the disk",
-            )),
-            n => Ok(n as usize),
-        }
+        vectored::transfer_all(
+            self.file.as_raw_fd(),
+            buffers,
+            offset,
+            write,
+            vectored::PastEnd::Error,
+        )
     }
 
     /// Makes written data durable.

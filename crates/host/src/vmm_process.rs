@@ -369,10 +369,7 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
         disk::lock(&file, Path::new(&d.path), d.readonly).map_err(|e| refused(&e))?;
         // A qcow2 disk's backing chain, by the names its headers give, each beneath the
         // image directories, read-only; the VMM walks the same headers to take them.
-        let format = match d.format {
-            api::vm::DiskFormat::Raw => disk::Format::Raw,
-            api::vm::DiskFormat::Qcow2 => disk::Format::Qcow2,
-        };
+        let format = crate::library::image_format(d.format);
         let files = disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
             let path = p.to_str().ok_or("its name is not UTF-8")?;
             images

@@ -12,6 +12,7 @@
 #![no_main]
 
 use import::ovf::Ovf;
+use keel_fuzz::PlanOutcome as Outcome;
 use keel_fuzz::Seed;
 
 libfuzzer_sys::fuzz_target!(
@@ -21,24 +22,11 @@ libfuzzer_sys::fuzz_target!(
     }
 );
 
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    Planned {
-        disks: usize,
-        nics: usize,
-        left: usize,
-    },
-    Refused,
-}
-
 fn run(data: &[u8]) -> Outcome {
     let Ok(ovf) = Ovf::parse(data) else {
         return Outcome::Refused;
     };
     let p = ovf.plan;
-    assert!(api::vm::check_name(&p.name).is_ok(), "name {:?}", p.name);
-    assert!((1..=api::vm::MAX_CPUS).contains(&p.cpus));
-    assert!(p.memory_mib >= api::vm::MIN_MEMORY_MIB);
     for d in &p.disks {
         assert!(
             !d.file.contains('/') && !d.file.contains('\\') && !d.file.starts_with('.'),
@@ -51,11 +39,7 @@ fn run(data: &[u8]) -> Outcome {
             assert_eq!(mac.len(), 17, "{mac}");
         }
     }
-    Outcome::Planned {
-        disks: p.disks.len(),
-        nics: p.nics.len(),
-        left: p.not_carried.len(),
-    }
+    Outcome::of(&p)
 }
 
 const EXPORT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>

@@ -92,11 +92,13 @@ fn held_ranges(header: &header::Header) -> Vec<std::ops::Range<u64>> {
     ]
 }
 
-/// Opens one layer of an image over the layer below it.
+/// Opens one layer of an image over the layer below it; its metadata writes to `held`
+/// ranges wait for the flush (see [`storage`]).
 fn open_layer(
     layer: Layer,
     writable: bool,
     below: Option<FormatAccess<ImageFile>>,
+    held: Vec<std::ops::Range<u64>>,
 ) -> Result<OpenLayer, Error> {
     let path = layer.path.clone();
     let failed = |source| Error::Open {
@@ -104,10 +106,6 @@ fn open_layer(
         source,
     };
     let name = layer.path.display().to_string();
-    let held = match layer.format {
-        Format::Qcow2 if writable => held_ranges(&chain::read_header(&layer.file, &layer.path)?),
-        _ => Vec::new(),
-    };
     let (data, metadata) = ImageFile::views(layer.file, &name, held).map_err(failed)?;
     let file_id = data.file_id();
     let durability = data.durability();
@@ -189,14 +187,19 @@ impl Qcow2Disk {
         let has_backing = !backing.is_empty();
         let mut below = None;
         for layer in backing.into_iter().rev() {
-            below = Some(open_layer(layer, false, below)?.access);
+            below = Some(open_layer(layer, false, below, Vec::new())?.access);
         }
         let layer = Layer {
             file: top,
             format: Format::Qcow2,
             path: path.to_path_buf(),
         };
-        let top = open_layer(layer, !read_only, below)?;
+        let held = if read_only {
+            Vec::new()
+        } else {
+            held_ranges(&header)
+        };
+        let top = open_layer(layer, !read_only, below, held)?;
         Ok(Qcow2Disk {
             size: top.access.size(),
             access: RwLock::new(top.access),

@@ -119,55 +119,16 @@ impl ImageFile {
     /// and the file. Past the file's end a read gets zeroes (clusters not written yet). The
     /// iovecs must point at live memory of their lengths for the call.
     pub fn transfer(&self, buffers: &[libc::iovec], offset: u64, write: bool) -> io::Result<()> {
-        let mut iov = buffers.to_vec();
-        let mut start = 0;
-        let mut at = offset;
-        while start < iov.len() {
-            let batch = &iov[start..iov.len().min(start + crate::IOV_MAX)];
-            // SAFETY: every iovec points at a live buffer of its length (the caller's
-            // guarantee); the kernel writes (reads) only inside them; at most IOV_MAX.
-            let n = unsafe {
-                if write {
-                    libc::pwritev(
-                        self.fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        offset_of(at)?,
-                    )
-                } else {
-                    libc::preadv(
-                        self.fd(),
-                        batch.as_ptr(),
-                        batch.len() as i32,
-                        offset_of(at)?,
-                    )
-                }
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                if write {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "write made no progress",
-                    ));
-                }
-                for b in &iov[start..] {
-                    // SAFETY: a live buffer of its length (the caller's guarantee).
-                    unsafe { std::ptr::write_bytes(b.iov_base.cast::<u8>(), 0, b.iov_len) };
-                }
-                return Ok(());
-            }
-            at += n as u64;
-            crate::advance(&mut iov, &mut start, n as usize);
-        }
+        let end = offset + buffers.iter().map(|b| b.iov_len as u64).sum::<u64>();
+        crate::vectored::transfer_all(
+            self.fd(),
+            buffers,
+            offset,
+            write,
+            crate::vectored::PastEnd::Zeroes,
+        )?;
         if write {
-            self.wrote(at);
+            self.wrote(end);
         }
         Ok(())
     }
@@ -309,10 +270,6 @@ impl fmt::Display for ImageFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.shared.name)
     }
-}
-
-fn offset_of(offset: u64) -> io::Result<i64> {
-    i64::try_from(offset).map_err(|_| io::Error::other("offset past what a file can hold"))
 }
 
 impl Storage for ImageFile {

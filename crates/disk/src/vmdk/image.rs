@@ -248,22 +248,6 @@ fn read_descriptor(path: &Path, file: &File) -> Result<Vec<u8>, ImageError> {
     Ok(text)
 }
 
-/// Where the next data at or after `offset` begins (None: only holes after it). A file
-/// system that cannot tell says `offset` itself, so everything is read.
-fn next_data(file: &File, offset: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let at = libc::off_t::try_from(offset).ok()?;
-    // SAFETY: lseek on a descriptor this function borrows; no memory is passed.
-    let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-    if data >= 0 {
-        return Some(data as u64);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::ENXIO) => None,
-        _ => Some(offset),
-    }
-}
-
 /// Copies `bytes` of a flat extent from byte `from` of `src` to `base` of `dst`, leaving
 /// all-zero stretches as holes. Returns the bytes written.
 fn copy_flat(
@@ -274,7 +258,6 @@ fn copy_flat(
     dst: &mut File,
     base: u64,
 ) -> Result<u64, ImageError> {
-    const CHUNK: u64 = 1 << 20;
     let len = file_len(path, src)?;
     let needed = from.saturating_add(bytes);
     if needed > len {
@@ -284,36 +267,11 @@ fn copy_flat(
             len,
         });
     }
-    let mut buf = vec![0u8; CHUNK.min(bytes) as usize];
-    let mut done = 0;
-    let mut written = 0;
-    while done < bytes {
-        // Holes of the source are skipped without reading them (SEEK_DATA).
-        match next_data(src, from + done) {
-            Some(data) if data >= from + bytes => break,
-            Some(data) if data > from + done => {
-                done = data - from;
-                continue;
-            }
-            Some(_) => {}
-            None => break,
-        }
-        let n = CHUNK.min(bytes - done) as usize;
-        src.read_exact_at(&mut buf[..n], from + done)
-            .map_err(|source| ImageError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            Sink::write_all_at(dst, &buf[..n], base + done).map_err(|source| {
-                ImageError::Write {
-                    offset: base + done,
-                    source,
-                }
-            })?;
-            written += n as u64;
-        }
-        done += n as u64;
-    }
-    Ok(written)
+    crate::copy::copy_sparse(src, from, bytes, dst, base, &mut |_| {}).map_err(|e| match e {
+        crate::copy::Error::Read { source, .. } => ImageError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+        crate::copy::Error::Write { offset, source } => ImageError::Write { offset, source },
+    })
 }

@@ -3,8 +3,7 @@
 //! library, checked, synced and renamed into place.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use api::image::SourceFormat;
@@ -14,58 +13,13 @@ use crate::images::ImageDirs;
 use crate::store::ImageRow;
 use crate::time::now_ms;
 
-/// Bytes copied at a time.
-const CHUNK: usize = 1 << 20;
-
-/// Where the next data at or after `at` starts, and where it ends (`SEEK_DATA`,
-/// `SEEK_HOLE`); None past the last data. A file system without them has data everywhere.
-fn next_data(file: &File, at: u64, len: u64) -> (u64, u64) {
-    let seek = |whence| {
-        // SAFETY: lseek on an open descriptor with plain integer arguments.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), at as i64, whence) };
-        (r >= 0).then_some(r as u64)
-    };
-    match seek(libc::SEEK_DATA) {
-        Some(start) => {
-            let end = {
-                // SAFETY: as above.
-                let r = unsafe { libc::lseek(file.as_raw_fd(), start as i64, libc::SEEK_HOLE) };
-                if r >= 0 {
-                    r as u64
-                } else {
-                    len
-                }
-            };
-            (start, end.min(len))
-        }
-        // ENXIO: no data after `at`; EINVAL: no SEEK_DATA here (copy everything).
-        None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => (len, len),
-        None => (at, len),
-    }
-}
-
-/// Copies `src` to `dst` (empty), leaving holes where `src` has them; `progress` hears
-/// (position, length).
+/// Copies `src` to `dst` (empty), leaving holes where `src` has them (`disk::copy`);
+/// `progress` hears (position, length).
 pub fn copy_sparse(src: &File, dst: &File, progress: &dyn Fn(u64, u64)) -> std::io::Result<()> {
     let len = src.metadata()?.len();
     dst.set_len(len)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = 0;
-    while at < len {
-        let (start, end) = next_data(src, at, len);
-        at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(CHUNK);
-            src.read_exact_at(&mut buf[..n], at)?;
-            // Zeroes stay holes.
-            if buf[..n].iter().any(|b| *b != 0) {
-                dst.write_all_at(&buf[..n], at)?;
-            }
-            at += n as u64;
-            progress(at, len);
-        }
-    }
-    progress(len, len);
+    disk::copy::copy_sparse(src, 0, len, dst, 0, &mut |done| progress(done, len))
+        .map_err(std::io::Error::other)?;
     Ok(())
 }
 

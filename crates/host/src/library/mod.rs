@@ -40,6 +40,8 @@ pub enum Error {
     Policy(#[from] crate::images::Error),
     #[error("importing {path}: {why}")]
     Import { path: String, why: String },
+    #[error("copying VM '{vm}': {why}")]
+    Copy { vm: String, why: String },
     #[error("disk {index} of VM '{vm}': {why}")]
     Clone {
         vm: String,
@@ -92,6 +94,14 @@ impl Library {
     /// The directory of VM `vm`'s own disks.
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         self.vms.join(vm)
+    }
+}
+
+/// The disk crate's name for a format of a definition.
+pub fn image_format(format: DiskFormat) -> disk::Format {
+    match format {
+        DiskFormat::Raw => disk::Format::Raw,
+        DiskFormat::Qcow2 => disk::Format::Qcow2,
     }
 }
 
@@ -291,10 +301,7 @@ impl Supervisor {
                     .open(&path)
                     .map_err(|e| failed(format!("creating {}: {e}", path.display())))?;
                 made.push(path.clone());
-                let base_format = match disk_format(&row.format) {
-                    DiskFormat::Qcow2 => disk::Format::Qcow2,
-                    DiskFormat::Raw => disk::Format::Raw,
-                };
+                let base_format = image_format(disk_format(&row.format));
                 disk::qcow2::create::create_overlay(
                     file,
                     &path,

@@ -17,8 +17,8 @@ use crate::supervisor::Supervisor;
 pub const VM_CLONE: &str = "vm-clone";
 
 fn clone_err(vm: &str, why: String) -> Error {
-    Error::Import {
-        path: format!("VM '{vm}'"),
+    Error::Copy {
+        vm: vm.to_string(),
         why,
     }
 }

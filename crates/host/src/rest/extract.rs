@@ -58,7 +58,7 @@ impl ApiError {
                 }
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             },
-            L::Import { .. } | L::Clone { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            L::Import { .. } | L::Copy { .. } | L::Clone { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             L::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())

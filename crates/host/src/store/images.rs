@@ -32,14 +32,25 @@ pub struct ImageRow {
 
 impl Store {
     pub fn images(&self) -> Result<Vec<ImageRow>> {
+        self.select_images("ORDER BY name", None)
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRow>> {
+        Ok(self.select_images("WHERE name = ?1", Some(name))?.pop())
+    }
+
+    /// The image rows `clause` picks (with `name` as its one parameter, if any).
+    fn select_images(&self, clause: &str, name: Option<&str>) -> Result<Vec<ImageRow>> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT name, format, file, virtual_size, created_ms, source FROM images ORDER BY name",
-            )
+            .prepare(&format!(
+                "SELECT name, format, file, virtual_size, created_ms, source FROM images {clause}"
+            ))
             .map_err(sql("listing images"))?;
+        let params: Vec<&dyn rusqlite::ToSql> =
+            name.iter().map(|n| n as &dyn rusqlite::ToSql).collect();
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params.as_slice(), |r| {
                 Ok(ImageRow {
                     name: r.get(0)?,
                     format: r.get(1)?,
@@ -52,10 +63,6 @@ impl Store {
             .map_err(sql("listing images"))?;
         rows.collect::<std::result::Result<Vec<_>, _>>()
             .map_err(sql("reading an image row"))
-    }
-
-    pub fn image(&self, name: &str) -> Result<Option<ImageRow>> {
-        Ok(self.images()?.into_iter().find(|i| i.name == name))
     }
 
     /// Adds `image`, recording `event` with it.

@@ -5,181 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::io::{BufRead, Write};
+use std::process::{Child, Command, Stdio};
 
-use api::control::{files, ExitReason, ExitRecord, Response, VmmStatus};
+use api::control::{files, ExitReason, Response};
+use common::vmm::*;
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A run directory in /tmp (short, so the socket paths fit), removed on drop.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(tag: &str, spec: &serde_json::Value) -> Self {
-        let dir = std::env::temp_dir().join(format!("keel-vmm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(files::SPEC), spec.to_string()).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(name)).unwrap_or_default()
-    }
-
-    fn exit_record(&self) -> ExitRecord {
-        let text = std::fs::read_to_string(self.path(files::EXIT_RECORD))
-            .unwrap_or_else(|e| panic!("no exit.json: {e}\n{}", self.context()));
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("exit.json is not an ExitRecord ({e}): {text}"))
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "--- vmm.log\n{}\n--- console.log\n{}",
-            self.read(files::VMM_LOG),
-            self.read(files::CONSOLE_LOG)
-        )
-    }
-
-    fn sockets_gone(&self) -> bool {
-        !self.path(files::CONTROL_SOCKET).exists() && !self.path(files::CONSOLE_SOCKET).exists()
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn spec(name: &str, cmdline: &str) -> serde_json::Value {
-    serde_json::json!({
-        "name": name,
-        "kernel": probe_elf().to_str().expect("utf-8 path"),
-        "cmdline": cmdline,
-        "memory_mib": 64,
-    })
-}
-
-/// Starts `keel vmm` the way the daemon does: no terminal, stderr to vmm.log.
-fn start(dir: &RunDir) -> Child {
-    let log = std::fs::File::create(dir.path(files::VMM_LOG)).unwrap();
-    Command::new(KEEL)
-        .args(["vmm", "--dir"])
-        .arg(&dir.0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn keel vmm")
-}
-
-/// Waits for the process to end by itself; kills it and fails past the deadline.
-fn wait_exit(child: &mut Child, dir: &RunDir) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keel vmm did not end\n{}", dir.context());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_until(what: &str, dir: &RunDir, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out waiting for {what}\n{}",
-            dir.context()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A client of the control socket.
-struct Control {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Control {
-    fn connect(dir: &RunDir) -> Self {
-        let path = dir.path(files::CONTROL_SOCKET);
-        let mut stream = None;
-        wait_until("the control socket", dir, || {
-            stream = UnixStream::connect(&path).ok();
-            stream.is_some()
-        });
-        let stream = stream.unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Self { stream, reader }
-    }
-
-    /// Sends one line (newline added) and reads one response line.
-    fn ask(&mut self, line: &[u8]) -> Response {
-        self.stream.write_all(line).unwrap();
-        self.stream.write_all(b"\n").unwrap();
-        let mut answer = String::new();
-        self.reader.read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not a response ({e}): {answer:?}"))
-    }
-
-    fn status(&mut self) -> VmmStatus {
-        match self.ask(br#"{"request":"status"}"#) {
-            Response::Status(status) => status,
-            other => panic!("status answered {other:?}"),
-        }
-    }
-}
-
-/// A client of the console socket, collecting what it receives.
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Console {
-    fn attach(dir: &RunDir) -> Self {
-        let path = dir.path(files::CONSOLE_SOCKET);
-        let mut stream = None;
-        wait_until("the console socket", dir, || {
-            stream = UnixStream::connect(&path).ok();
-            stream.is_some()
-        });
-        let mut stream = stream.unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self(seen)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 #[test]
 fn power_button_over_the_control_socket_powers_the_probe_off() {
@@ -302,6 +133,7 @@ fn garbage_gets_an_error_and_the_connection_stays_usable() {
             Response::Error { .. } => "error",
             Response::Done => "done",
             Response::Metrics(_) => "metrics",
+            Response::Paused(_) | Response::Resumed(_) => "pause",
         });
     }
     assert_eq!(kinds, ["status", "error", "status"]);

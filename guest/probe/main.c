@@ -207,6 +207,7 @@ void probe_main(u32 kind, u64 info)
 	vsock_run();
 	bench_run();
 	console_flood();
+	churn_run();
 	pr("PROBE ready\n");
 
 	if (poweroff) {

@@ -199,6 +199,8 @@ void garbage_run(void);
 
 /* bench.c: the probe.bench_* switches (README.md), after the exercises */
 void bench_run(void);
+/* churn.c: probe.churn=SIZE, memory kept changing and checked; runs for ever */
+void churn_run(void);
 
 /* user.c, ring3.S: ring 3. user_init once (new GDT, TSS, IDT for vectors
  * 0-31), user_map for every range ring 3 touches (sets the U bit on its

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod vmm;
 
 use std::collections::BTreeMap;
 use std::io::Read;

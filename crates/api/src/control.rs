@@ -34,6 +34,10 @@ pub enum Request {
     Stop,
     /// The devices' counters.
     Metrics,
+    /// Stop the vCPUs at an instruction boundary and quiesce the devices.
+    Pause,
+    /// Let a paused VM run on.
+    Resume,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,8 @@ pub enum Request {
 pub enum Response {
     Status(VmmStatus),
     Metrics(VmmMetrics),
+    Paused(PauseReport),
+    Resumed(ResumeReport),
     Done,
     Error { message: String },
 }
@@ -54,6 +60,25 @@ pub struct VmmStatus {
     pub running: bool,
     /// Power button presses so far.
     pub power_button_presses: u64,
+    /// Whether the VM is paused (its vCPUs stopped, its devices quiet).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// How a pause went, as the VMM measured it (monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseReport {
+    /// From the request to the last vCPU stopped, in microseconds.
+    pub vcpus_stopped_us: u64,
+    /// Then until every device had finished the requests it had taken.
+    pub devices_settled_us: u64,
+}
+
+/// How long the guest stood still, as the VMM measured it (monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeReport {
+    /// From the last vCPU stopped to the vCPUs let go, in microseconds.
+    pub paused_us: u64,
 }
 
 /// What the VMM's devices have done since it started.

@@ -8,8 +8,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use api::control::{Request, Response, VmmStatus};
+use api::control::{PauseReport, Request, Response, ResumeReport, VmmStatus};
 use arch::layout::GED_EVENT_POWER_BUTTON;
 use devices::legacy::Ged;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -18,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::control_socket::{ControlSocket, Incoming};
 use crate::exit::{ExitSignal, StopBy, VmExit};
+use crate::pause::PauseGate;
 use crate::signals::Signals;
+use crate::virtio_devices::VirtioDevices;
 
 /// Something to do to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,10 @@ pub enum VmCommand {
     Started,
     /// Report the devices' counters.
     Metrics,
+    /// Stop the vCPUs and quiesce the devices.
+    Pause,
+    /// Let a paused VM run on.
+    Resume,
 }
 
 impl VmCommand {
@@ -47,8 +54,47 @@ impl VmCommand {
             },
             Request::Stop => VmCommand::Stop(StopBy::ControlSocket),
             Request::Metrics => VmCommand::Metrics,
+            Request::Pause => VmCommand::Pause,
+            Request::Resume => VmCommand::Resume,
         }
     }
+
+    /// Whether the command may be applied to a VM in `state`: the one table of what is
+    /// allowed when. `Err` says why not, for the answer.
+    pub fn allowed_in(&self, state: RunState) -> Result<(), &'static str> {
+        use RunState::*;
+        match (self, state) {
+            (VmCommand::Status | VmCommand::Metrics, _) => Ok(()),
+            (VmCommand::Stop(_) | VmCommand::ConsoleQuit, _) => Ok(()),
+            (VmCommand::Started, Booting) => Ok(()),
+            (VmCommand::Started, _) => Err("the vCPUs have started already"),
+            (VmCommand::PowerButton { .. }, Booting | Running) => Ok(()),
+            (VmCommand::PowerButton { .. }, Paused) => {
+                Err("the VM is paused: resume it first, or stop it")
+            }
+            (VmCommand::Pause, Running) => Ok(()),
+            (VmCommand::Pause, Booting) => Err("the VM has not started yet"),
+            (VmCommand::Pause, Paused) => Err("the VM is paused already"),
+            (VmCommand::Resume, Paused) => Ok(()),
+            (VmCommand::Resume, _) => Err("the VM is not paused"),
+        }
+    }
+}
+
+/// Where the VM is, as the control loop sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Built; the vCPUs have not started.
+    Booting,
+    Running,
+    /// vCPUs stopped, devices quiet.
+    Paused,
+}
+
+/// What a pause acts on: the vCPUs' gate and the devices.
+pub struct Pausable {
+    pub gate: Arc<PauseGate>,
+    pub devices: Arc<VirtioDevices>,
 }
 
 /// Where the answer to a command goes.
@@ -112,7 +158,10 @@ pub struct Controller {
     ged: Arc<Ged>,
     exit: Arc<ExitSignal>,
     power_button_presses: u64,
-    running: bool,
+    state: RunState,
+    /// When the last vCPU stopped, while paused.
+    paused_at: Option<Instant>,
+    pausable: Option<Pausable>,
     counters: crate::virtio_devices::DeviceCounters,
 }
 
@@ -123,9 +172,17 @@ impl Controller {
             ged,
             exit,
             power_button_presses: 0,
-            running: false,
+            state: RunState::Booting,
+            paused_at: None,
+            pausable: None,
             counters: Default::default(),
         }
+    }
+
+    /// What `pause` stops.
+    pub fn with_pause(mut self, pausable: Pausable) -> Self {
+        self.pausable = Some(pausable);
+        self
     }
 
     /// The devices whose counters `metrics` reports.
@@ -136,12 +193,18 @@ impl Controller {
 
     /// Applies one command: the only code that changes the VM's state from outside the guest.
     pub fn apply(&mut self, command: VmCommand) -> Response {
+        if let Err(why) = command.allowed_in(self.state) {
+            return Response::Error {
+                message: why.to_string(),
+            };
+        }
         match command {
             VmCommand::Status => Response::Status(VmmStatus {
                 name: self.name.clone(),
                 pid: std::process::id(),
-                running: self.running,
+                running: self.state != RunState::Booting,
                 power_button_presses: self.power_button_presses,
+                paused: self.state == RunState::Paused,
             }),
             VmCommand::PowerButton { from } => match self.ged.notify(GED_EVENT_POWER_BUTTON) {
                 Ok(()) => {
@@ -165,11 +228,66 @@ impl Controller {
                 Response::Done
             }
             VmCommand::Started => {
-                self.running = true;
+                self.state = RunState::Running;
                 Response::Done
             }
+            VmCommand::Pause => self.pause(),
+            VmCommand::Resume => self.resume(),
         }
     }
+
+    fn pause(&mut self) -> Response {
+        let Some(p) = &self.pausable else {
+            return Response::Error {
+                message: "this VMM cannot pause its VM".into(),
+            };
+        };
+        let asked = Instant::now();
+        let stopped = match p.gate.pause() {
+            Ok(took) => took,
+            Err(e) => {
+                return Response::Error {
+                    message: format!("pausing failed: {e}"),
+                }
+            }
+        };
+        let stopped_at = asked + stopped;
+        if let Err(e) = p.devices.pause() {
+            p.gate.resume();
+            return Response::Error {
+                message: format!("pausing failed: {e}; the VM runs on"),
+            };
+        }
+        self.state = RunState::Paused;
+        self.paused_at = Some(stopped_at);
+        Response::Paused(PauseReport {
+            vcpus_stopped_us: micros(stopped),
+            devices_settled_us: micros(stopped_at.elapsed()),
+        })
+    }
+
+    fn resume(&mut self) -> Response {
+        let Some(p) = &self.pausable else {
+            return Response::Error {
+                message: "this VMM cannot pause its VM".into(),
+            };
+        };
+        p.devices.resume();
+        p.gate.resume();
+        self.state = RunState::Running;
+        let paused = self
+            .paused_at
+            .take()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        Response::Resumed(ResumeReport {
+            paused_us: micros(paused),
+        })
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The control loop: an event-loop subscriber that drains the command channel, and also

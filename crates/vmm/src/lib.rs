@@ -16,6 +16,7 @@ pub mod host_files;
 pub mod jailing;
 pub mod loader;
 mod memory;
+mod pause;
 pub mod service;
 mod signals;
 pub mod test_hooks;

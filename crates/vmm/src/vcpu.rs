@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::exit::{CrashReport, ExitSignal, VmExit};
+use crate::pause::{self, PauseGate};
 use crate::virtio_devices::VirtioDevices;
 use devices::legacy::LegacyBus;
 
@@ -36,6 +37,8 @@ pub struct VcpuShared {
     pub virtio: Arc<VirtioDevices>,
     pub ged: Arc<Ged>,
     pub exit: Arc<ExitSignal>,
+    /// Where the vCPUs stop for a pause.
+    pub pause: Arc<PauseGate>,
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
     /// still being set up.
     pub ready: Barrier,
@@ -75,6 +78,7 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
     };
     // Whatever became of the filter: the main thread waits for every vCPU thread here, then
     // installs its own.
+    shared.pause.register(id);
     shared.filtered.wait();
     shared.all_filtered.wait();
     let configured = filtered.and_then(|()| configure(id, &shared));
@@ -82,6 +86,7 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
     let mut vcpu = match configured {
         Ok(v) => v,
         Err(why) => {
+            shared.pause.gone(id);
             shared
                 .exit
                 .report(VmExit::Failed(format!("setting up vCPU {id}: {why}")));
@@ -94,12 +99,20 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
             process_cpu_micros()
         );
     }
+    pause::enter(vcpu.get_kvm_run());
     let exit = run_loop(id, &mut vcpu, &shared);
+    shared.pause.gone(id);
+    pause::leave();
     shared.exit.report(exit);
 }
 
 fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
     loop {
+        // A pause asked for between two exits: the entry below returns at once (after
+        // finishing the instruction whose I/O exited to us) instead of running on.
+        if shared.pause.requested() {
+            vcpu.set_kvm_immediate_exit(1);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => shared.bus.read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -153,7 +166,13 @@ fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
                 let detail = format!("{other:?}");
                 return crash(id, vcpu, shared, "unexpected VM exit", Some(detail));
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked (or told not to enter): stopped at an instruction boundary.
+                vcpu.set_kvm_immediate_exit(0);
+                if shared.pause.requested() {
+                    shared.pause.park();
+                }
+            }
             Err(e) => return VmExit::Failed(format!("KVM_RUN on vCPU {id} failed: {e}")),
         }
     }

@@ -36,7 +36,7 @@ pub enum Error {
     Vsock(#[from] devices::virtio::vsock::Error),
     #[error("--net: {0}")]
     Tap(#[from] devices::virtio::net::tap::Error),
-    #[error("setting up virtio device {index}: {what} failed: {reason}")]
+    #[error("virtio device {index}: {what} failed: {reason}")]
     Setup {
         index: usize,
         what: &'static str,
@@ -239,6 +239,29 @@ impl VirtioDevices {
                 true
             }
             None => false,
+        }
+    }
+
+    /// The vCPUs are stopped: every device finishes what it took and takes nothing more.
+    /// On a failure the devices paused so far are resumed.
+    pub fn pause(&self) -> Result<(), Error> {
+        for (index, slot) in self.slots.iter().enumerate() {
+            if let Err(e) = lock(&slot.transport).pause() {
+                self.resume();
+                return Err(Error::Setup {
+                    index,
+                    what: "pausing it",
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every device serves its queues again (each once now: see `MmioTransport::resume`).
+    pub fn resume(&self) {
+        for slot in &self.slots {
+            lock(&slot.transport).resume();
         }
     }
 

@@ -19,10 +19,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{self, VmConfig, MAX_VCPUS};
 use crate::console::{EscapeParser, RawTerminal, StdoutWriter};
 use crate::console_socket::{ConsoleClients, ConsoleOutput, ConsoleServer};
-use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, VmCommand};
+use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, Pausable, VmCommand};
 use crate::control_socket::ControlSocket;
 use crate::exit::{ExitSignal, VmExit};
 use crate::host_files::HostFiles;
+use crate::pause::PauseGate;
 use crate::service::Wiring;
 use crate::vcpu::{run_vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
@@ -180,7 +181,24 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         Frontend::Terminal => RawTerminal::enter()?,
         Frontend::Service(_) => None,
     };
-    let mut event_loop = EventLoop::new(&bus, &virtio, &ged, &exit, frontend, console_clients)?;
+    crate::pause::install_kick_handler().map_err(|e| Error::EventLoop {
+        what: "preparing pauses",
+        reason: e.to_string(),
+    })?;
+    let pause_gate = Arc::new(PauseGate::new(config.cpus));
+    let pausable = Pausable {
+        gate: pause_gate.clone(),
+        devices: virtio.clone(),
+    };
+    let mut event_loop = EventLoop::new(
+        &bus,
+        &virtio,
+        &ged,
+        &exit,
+        frontend,
+        console_clients,
+        pausable,
+    )?;
     // One pass before the guest runs: console clients already waiting are attached and see
     // its first byte.
     event_loop.turn(0)?;
@@ -196,6 +214,7 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         virtio: virtio.clone(),
         ged: ged.clone(),
         exit: exit.clone(),
+        pause: pause_gate,
         ready: Barrier::new(config.cpus as usize),
         filtered: Barrier::new(config.cpus as usize + 1),
         all_filtered: Barrier::new(config.cpus as usize + 1),
@@ -244,6 +263,7 @@ impl EventLoop {
         exit: &Arc<ExitSignal>,
         frontend: Frontend,
         console_clients: Arc<ConsoleClients>,
+        pausable: Pausable,
     ) -> Result<Self> {
         let ended = Arc::new(AtomicBool::new(false));
         let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
@@ -265,7 +285,8 @@ impl EventLoop {
                     commands: queue.sender(),
                     escape: EscapeParser::default(),
                 }));
-                let controller = Controller::new(String::new(), ged.clone(), exit.clone());
+                let controller =
+                    Controller::new(String::new(), ged.clone(), exit.clone()).with_pause(pausable);
                 ControlLoop::new(controller, queue, None, None)
             }
             Frontend::Service(wiring) => {
@@ -287,7 +308,8 @@ impl EventLoop {
                 let socket = ControlSocket::new(wiring.control_socket)
                     .map_err(io_err("setting up the control socket"))?;
                 let controller = Controller::new(wiring.name, ged.clone(), exit.clone())
-                    .with_counters(virtio.counters());
+                    .with_counters(virtio.counters())
+                    .with_pause(pausable);
                 ControlLoop::new(controller, queue, Some(socket), Some(wiring.signals))
             }
         };

@@ -24,6 +24,8 @@ pub enum DeviceError {
     Queue { queue: usize, reason: String },
     #[error("activating the device failed: {0}")]
     Activate(String),
+    #[error("quiescing the device failed: {0}")]
+    Settle(String),
 }
 
 impl DeviceError {
@@ -65,6 +67,18 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError>;
     /// Back to the state before activation (the driver wrote 0 to status).
     fn reset(&mut self);
+
+    /// The VM is pausing: finish every request already taken, with its answer in the used
+    /// ring, and take none. Returns a bit mask of the queues that got used entries. The
+    /// transport calls no other method until the pause ends, then serves every queue and
+    /// event source once (their notifications may have come and gone meanwhile).
+    fn quiesce(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<u64, DeviceError> {
+        Ok(0)
+    }
 
     /// The VMM is exiting: release what outlives the process (socket files). The process
     /// exits without dropping devices that vCPU threads still reference.

@@ -112,6 +112,8 @@ pub struct MmioTransport {
     driver_features_select: u32,
     driver_features: u64,
     status: u32,
+    /// The VM is paused: the device takes no requests (see [`MmioTransport::pause`]).
+    paused: bool,
 }
 
 /// Why a transport could not be built.
@@ -146,6 +148,7 @@ impl MmioTransport {
             driver_features_select: 0,
             driver_features: 0,
             status: 0,
+            paused: false,
         })
     }
 
@@ -361,22 +364,52 @@ impl MmioTransport {
         self.device.event_sources()
     }
 
+    /// The VM is pausing (its vCPUs are stopped): requests already taken complete, with their
+    /// interrupts; no new one is taken until [`Self::resume`].
+    pub fn pause(&mut self) -> Result<(), DeviceError> {
+        self.paused = true;
+        if !self.activated() {
+            return Ok(());
+        }
+        let used = self.device.quiesce(&mut self.queues, &self.mem)?;
+        self.interrupt_for(used);
+        Ok(())
+    }
+
+    /// The pause is over: every queue and event source is served once, since their
+    /// notifications were not acted on meanwhile.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        for index in 0..self.queues.len() {
+            self.process_queue(index);
+        }
+        for (_, token) in self.device.event_sources() {
+            self.process_event(token);
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn interrupt_for(&mut self, used: u64) {
+        for (i, queue) in self.queues.iter_mut().enumerate() {
+            if used & (1 << i) != 0 && wants_interrupt(queue, &self.mem) {
+                self.interrupt.raise(INTERRUPT_USED_BUFFER);
+            }
+        }
+    }
+
     /// Serves event source `token` of the device (on the device event loop).
     pub fn process_event(&mut self, token: u32) {
-        if !self.activated() {
+        if !self.activated() || self.paused {
             return;
         }
         match self
             .device
             .process_event(token, &mut self.queues, &self.mem)
         {
-            Ok(used) => {
-                for (i, queue) in self.queues.iter_mut().enumerate() {
-                    if used & (1 << i) != 0 && wants_interrupt(queue, &self.mem) {
-                        self.interrupt.raise(INTERRUPT_USED_BUFFER);
-                    }
-                }
-            }
+            Ok(used) => self.interrupt_for(used),
             Err(_) => self.needs_reset(),
         }
     }
@@ -390,7 +423,7 @@ impl MmioTransport {
     /// stay off while the device waits for something else (see
     /// [`VirtioDevice::process_queue`]).
     pub fn process_queue(&mut self, index: usize) {
-        if !self.activated() {
+        if !self.activated() || self.paused {
             return;
         }
         let Some(queue) = self.queues.get_mut(index) else {

@@ -57,6 +57,9 @@ const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // A wait interrupted by a signal or by io_uring's task work (a pause's kick, a disk
+    // completion) goes on with the arguments the filter already let through.
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,

@@ -569,6 +569,40 @@ impl Block {
 
     /// Waits at most `wait` for the kernel to finish every operation, dropping their
     /// completions; orphans what is left. Held flushes are dropped at once.
+    /// The VM is pausing: every request in the kernel completes and is answered in the used
+    /// ring (held flushes go as their writes finish); chains not yet taken stay in the ring.
+    /// Returns whether anything went in the used ring; fails if requests are still in flight
+    /// after `wait` (they complete later, as usual).
+    pub(super) fn settle(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        wait: std::time::Duration,
+    ) -> Result<bool, DeviceError> {
+        let deadline = Instant::now() + wait;
+        let mut used = false;
+        loop {
+            self.release_flushes();
+            self.submit();
+            used |= self.complete(0, queue, mem)?;
+            let Some(ring) = self.ring.as_ref() else {
+                return Ok(used);
+            };
+            // Orphans of a reset are no request of the guest's any more: not waited for.
+            let left = self.inflight.unanswered();
+            if left == 0 && self.scratch.failed.is_empty() {
+                return Ok(used);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DeviceError::Settle(format!(
+                    "{left} disk requests still in flight after {wait:?}"
+                )));
+            }
+            ring.wait(remaining);
+        }
+    }
+
     pub(super) fn quiesce(&mut self, wait: std::time::Duration) {
         let Some(ring) = self.ring.as_mut() else {
             return;

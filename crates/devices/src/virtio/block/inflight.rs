@@ -277,6 +277,14 @@ impl Inflight {
             .count()
     }
 
+    /// Requests of the guest not answered yet: submitted or held.
+    pub fn unanswered(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, State::Submitted | State::Held))
+            .count()
+    }
+
     /// A reset: held flushes are freed (they never reached the kernel), and the flush order
     /// starts over: writes still in the kernel no longer hold anything back.
     pub fn drop_held(&mut self) {

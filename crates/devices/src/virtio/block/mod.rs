@@ -101,6 +101,8 @@ pub const RESUME: u32 = 2;
 
 /// Longest a reset waits for requests in flight before orphaning them.
 pub const RESET_WAIT: Duration = Duration::from_secs(5);
+/// How long a pause waits for the disk requests in flight to complete.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Which engine to try; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +373,13 @@ impl VirtioDevice for Block {
         self.held_back = false;
         self.quiesce(self.reset_wait);
         self.limiter.forgive_debt();
+    }
+
+    fn quiesce(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<u64, DeviceError> {
+        let Some(queue) = queues.get_mut(0) else {
+            return Ok(0);
+        };
+        Ok(u64::from(self.settle(queue, mem, SETTLE_WAIT)?))
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {

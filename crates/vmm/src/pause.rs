@@ -1,0 +1,253 @@
+//! Stopping every vCPU at an instruction boundary, and letting them go on.
+//!
+//! The control loop asks for a pause through the [`PauseGate`]: it raises the request, then
+//! kicks each vCPU thread with [`KICK_SIGNAL`]. The signal's handler sets the thread's
+//! `kvm_run.immediate_exit`, so a `KVM_RUN` in progress returns `EINTR` and one about to start
+//! returns at once, after KVM has finished any port or MMIO instruction that exited to the
+//! VMM (KVM completes pending I/O before it looks at `immediate_exit`). The vCPU thread then
+//! parks on the gate until the pause ends. A vCPU that sees the request between two exits
+//! sets `immediate_exit` itself, so no kick is ever lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+
+/// The real-time signal that kicks a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// How long a pause waits for every vCPU to stop before it gives up.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a vCPU that has not stopped yet is kicked again.
+const KICK_AGAIN: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("installing the vCPU kick signal's handler failed: {0}")]
+    Handler(#[source] std::io::Error),
+    #[error("{stopped} of {total} vCPUs stopped within {PAUSE_TIMEOUT:?}; the VM runs on")]
+    Timeout { stopped: u32, total: u32 },
+}
+
+thread_local! {
+    /// This vCPU thread's `kvm_run`, for the kick signal's handler; null on other threads.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_signal: libc::c_int) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by `enter` and valid
+        // while the vCPU's descriptor lives (the thread clears it before dropping it); a
+        // volatile byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick signal's handler (once per process, before the vCPU threads start).
+pub fn install_kick_handler() -> Result<(), Error> {
+    // SAFETY: sigaction is plain data, filled in below.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: `action.sa_mask` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: installs a handler that only does a volatile store to thread-local memory.
+    if unsafe { libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) } != 0 {
+        return Err(Error::Handler(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Makes the calling thread's `kvm_run` the one its kick signal stops.
+pub fn enter(run: &mut kvm_run) {
+    KVM_RUN.with(|cell| cell.set(run));
+}
+
+/// Forgets the calling thread's `kvm_run` (its vCPU is about to be dropped).
+pub fn leave() {
+    KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    /// vCPUs parked on the gate.
+    parked: u32,
+    /// vCPU threads that ended (the VM is ending): they count as stopped.
+    gone: u32,
+    /// Each vCPU thread, once it runs, for kicking.
+    threads: Vec<Option<libc::pthread_t>>,
+}
+
+/// Where the control loop and the vCPU threads meet for a pause.
+pub struct PauseGate {
+    requested: AtomicBool,
+    state: Mutex<GateState>,
+    changed: Condvar,
+    total: u32,
+}
+
+impl PauseGate {
+    pub fn new(vcpus: u32) -> Self {
+        Self {
+            requested: AtomicBool::new(false),
+            state: Mutex::new(GateState {
+                threads: vec![None; vcpus as usize],
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            total: vcpus,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// vCPU `id`'s thread says where it is, so that a pause can kick it.
+    pub fn register(&self, id: u32) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if let Some(slot) = self.lock().threads.get_mut(id as usize) {
+            *slot = Some(me);
+        }
+    }
+
+    /// Whether a pause is asked for: the vCPU loop checks before every entry.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Stops every vCPU; returns how long that took. On a timeout the vCPUs that stopped run
+    /// on and the VM is as it was.
+    pub fn pause(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let mut state = self.lock();
+        state.paused = true;
+        self.requested.store(true, Ordering::Release);
+        loop {
+            if state.parked + state.gone >= self.total {
+                return Ok(started.elapsed());
+            }
+            let waited = started.elapsed();
+            if waited >= PAUSE_TIMEOUT {
+                let stopped = state.parked + state.gone;
+                drop(state);
+                self.resume();
+                return Err(Error::Timeout {
+                    stopped,
+                    total: self.total,
+                });
+            }
+            for thread in state.threads.iter().flatten() {
+                // SAFETY: each id is of a live vCPU thread: a thread takes its id out (`gone`,
+                // under this lock) before it ends, and this loop holds the lock.
+                unsafe { libc::pthread_kill(*thread, kick_signal()) };
+            }
+            let wait = KICK_AGAIN.min(PAUSE_TIMEOUT - waited);
+            state = self
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets every parked vCPU go on.
+    pub fn resume(&self) {
+        let mut state = self.lock();
+        state.paused = false;
+        self.requested.store(false, Ordering::Release);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that stopped for the pause: waits until it ends.
+    pub fn park(&self) {
+        let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
+    }
+
+    /// Called by a vCPU thread that is ending: a pause no longer waits for it.
+    pub fn gone(&self, id: u32) {
+        let mut state = self.lock();
+        state.gone += 1;
+        if let Some(slot) = state.threads.get_mut(id as usize) {
+            *slot = None;
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Threads that poll the gate like vCPU loops park within the pause and go on after it.
+    #[test]
+    fn pause_waits_for_every_thread_and_resume_lets_them_go() {
+        let gate = Arc::new(PauseGate::new(3));
+        let spins = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|id| {
+                let (gate, spins) = (gate.clone(), spins.clone());
+                std::thread::spawn(move || {
+                    gate.register(id);
+                    for _ in 0..200_000 {
+                        if gate.requested() {
+                            gate.park();
+                        }
+                        spins.fetch_add(1, Ordering::Relaxed);
+                        std::thread::yield_now();
+                    }
+                    gate.gone(id);
+                })
+            })
+            .collect();
+        install_kick_handler().unwrap();
+        gate.pause().unwrap();
+        let frozen = spins.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            spins.load(Ordering::Relaxed),
+            frozen,
+            "nothing ran while paused"
+        );
+        gate.resume();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(spins.load(Ordering::Relaxed), 600_000);
+        gate.pause().expect("ended threads count as stopped");
+    }
+
+    #[test]
+    fn a_thread_that_never_stops_times_the_pause_out_and_leaves_it_running() {
+        let gate = PauseGate::new(1);
+        install_kick_handler().unwrap();
+        let e = gate.pause().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Timeout {
+                    stopped: 0,
+                    total: 1
+                }
+            ),
+            "{e}"
+        );
+        assert!(!gate.requested());
+    }
+}

@@ -355,9 +355,16 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
     second.close().await.unwrap();
     screenshot(&c, "console").await;
 
-    // Shut it down from the list (a confirmation first).
+    // Pause and resume it from the list (no confirmation: nothing is lost).
     c.goto(&base).await.unwrap();
     c.wait().for_element(Locator::Css(row)).await.unwrap();
+    click_button(&c, "Pause web").await;
+    shown(&c, "tr[data-vm=web] td.state-paused").await;
+    assert_eq!(daemon.state("web"), "paused");
+    click_button(&c, "Resume web").await;
+    shown(&c, row).await;
+
+    // Shut it down from the list (a confirmation first).
     click_button(&c, "Shut down web").await;
     c.accept_alert().await.unwrap();
     shown(&c, "tr[data-vm=web] td.state-stopped").await;

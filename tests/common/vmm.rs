@@ -123,7 +123,17 @@ impl Control {
             stream = UnixStream::connect(&path).ok();
             stream.is_some()
         });
-        let stream = stream.unwrap();
+        Self::over(stream.unwrap())
+    }
+
+    /// A client of the control socket at `path`, which must be there.
+    pub fn connect_to(path: &std::path::Path) -> Self {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+        Self::over(stream)
+    }
+
+    fn over(stream: UnixStream) -> Self {
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         Self { stream, reader }

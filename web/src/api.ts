@@ -76,6 +76,8 @@ export const api = {
   start: (name: string) => call<VmInfo>("POST", vm(name, "/start")),
   stop: (name: string) => call<VmInfo>("POST", vm(name, "/stop")),
   reboot: (name: string) => call<VmInfo>("POST", vm(name, "/reboot")),
+  pause: (name: string) => call<VmInfo>("POST", vm(name, "/pause")),
+  resume: (name: string) => call<VmInfo>("POST", vm(name, "/resume")),
   shutdown: (name: string) => call<VmInfo>("POST", vm(name, "/shutdown?wait=false")),
   remove: (name: string) => call<void>("DELETE", vm(name)),
   events: (query: string) => call<Event[]>("GET", `/events?${query}`),

@@ -7,7 +7,8 @@ import { Alert } from "./alert";
 
 export type Availability = Record<string, number>;
 
-const UP = new Set(["running", "starting", "shutting-down"]);
+/// States with a VMM: a stop ends it.
+const UP = new Set(["running", "starting", "shutting-down", "paused"]);
 
 /// What each action does, and whether it asks first.
 const ACTIONS: { name: string; label: string; when: (state: string) => boolean; confirm?: string }[] = [
@@ -19,6 +20,8 @@ const ACTIONS: { name: string; label: string; when: (state: string) => boolean; 
     confirm: "Press the power button of {vm}? The guest decides how to shut down.",
   },
   { name: "reboot", label: "Reboot", when: (s) => s === "running", confirm: "Power-cycle {vm}? Unsaved work in the guest is lost." },
+  { name: "pause", label: "Pause", when: (s) => s === "running" },
+  { name: "resume", label: "Resume", when: (s) => s === "paused" },
   { name: "stop", label: "Stop", when: (s) => UP.has(s), confirm: "Power {vm} off now? Unsaved work in the guest is lost." },
   {
     name: "delete",
@@ -38,6 +41,12 @@ export async function act(action: string, vm: string): Promise<void> {
       return;
     case "reboot":
       await api.reboot(vm);
+      return;
+    case "pause":
+      await api.pause(vm);
+      return;
+    case "resume":
+      await api.resume(vm);
       return;
     case "stop":
       await api.stop(vm);

@@ -290,7 +290,8 @@ impl VmSpec {
     }
 }
 
-/// Where a VM is in its life. `running` and `shutting-down` count as up in SLA reports.
+/// Where a VM is in its life. `running` and `shutting-down` count as up in SLA reports;
+/// `paused` is down time, excluded from availability when an operator paused the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
@@ -304,6 +305,9 @@ pub enum VmState {
     ShuttingDown,
     /// The VMM or the guest died without being asked to: an incident is open.
     Crashed,
+    /// The VMM holds the guest stopped (its vCPUs and devices still); it runs on when
+    /// resumed.
+    Paused,
 }
 
 impl VmState {
@@ -314,6 +318,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::ShuttingDown => "shutting-down",
             VmState::Crashed => "crashed",
+            VmState::Paused => "paused",
         }
     }
 
@@ -321,7 +326,7 @@ impl VmState {
     pub fn has_vmm(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::ShuttingDown
+            VmState::Starting | VmState::Running | VmState::ShuttingDown | VmState::Paused
         )
     }
 }
@@ -342,6 +347,7 @@ impl std::str::FromStr for VmState {
             VmState::Running,
             VmState::ShuttingDown,
             VmState::Crashed,
+            VmState::Paused,
         ]
         .into_iter()
         .find(|state| state.as_str() == s)

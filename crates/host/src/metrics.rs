@@ -184,6 +184,7 @@ pub async fn render(sup: &std::sync::Arc<Supervisor>, api: &ApiCounters) -> Resu
         VmState::Running,
         VmState::ShuttingDown,
         VmState::Crashed,
+        VmState::Paused,
     ]
     .iter()
     .map(|s| (s.as_str(), 0))

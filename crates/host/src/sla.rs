@@ -5,7 +5,8 @@
 //! - Only `state` rows count. A VM's state at instant `t` is the `to` of its last state row
 //!   at or before `t` (rows ordered by time, then by `seq`). Its state before its first state
 //!   row is *not yet defined*.
-//! - **Up** is `running` or `shutting-down`. Every other state is down.
+//! - **Up** is `running` or `shutting-down`. Every other state is down, `paused` included:
+//!   a paused guest runs no instruction.
 //! - An **unplanned outage** begins when a VM goes from up to a down state (`stopped`,
 //!   `starting`, `crashed`) with cause `vmm-crash`, `host-boot` or `daemon-restart`; the
 //!   outage carries that cause. It lasts until the VM is up again, or until an operator puts
@@ -14,7 +15,7 @@
 //!   leaves the VM down with the outage's first cause until it is running.
 //! - **Excluded** time (not counted against availability): before the VM's first state row;
 //!   down time that began with cause `operator` or `guest` (the operator's or the guest's own
-//!   choice: a stop, a power-off, a reboot, a guest kernel crash); and down time that did not
+//!   choice: a stop, a pause, a power-off, a reboot, a guest kernel crash); and down time that did not
 //!   begin by leaving an up state (a VM that was defined but never started, or that fails
 //!   while it is being started from stopped).
 //! - Rows before the window set the VM's state at its start; everything is clipped to

@@ -117,6 +117,10 @@ pub enum VmCommand {
     Stop { name: String },
     /// Power-cycle the VM (stop, then start).
     Reboot { name: String },
+    /// Hold a running VM still: its vCPUs stop, its devices finish what they took.
+    Pause { name: String },
+    /// Let a paused VM run on.
+    Resume { name: String },
     /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
     /// cloud-init seed the daemon made for it).
     Rm { name: String },
@@ -246,6 +250,16 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
         VmCommand::Reboot { name } => show(
             client
                 .send(Method::POST, &vm_path(&name, "/reboot"), None)
+                .await?,
+        ),
+        VmCommand::Pause { name } => show(
+            client
+                .send(Method::POST, &vm_path(&name, "/pause"), None)
+                .await?,
+        ),
+        VmCommand::Resume { name } => show(
+            client
+                .send(Method::POST, &vm_path(&name, "/resume"), None)
                 .await?,
         ),
         VmCommand::Clone {

@@ -484,12 +484,12 @@ fn unparsable_rows_are_problems_and_errors_not_panics() {
     let conn = db();
     five(&conn);
     unlock(&conn);
-    conn.execute("UPDATE ledger SET to_state = 'paused' WHERE seq = 3", [])
+    conn.execute("UPDATE ledger SET to_state = 'hibernating' WHERE seq = 3", [])
         .unwrap();
     let v = verify(&conn).unwrap();
     assert_eq!(problem_seqs(&v), [3]);
     assert!(
-        v.problems.iter().any(|p| p.problem.contains("paused")),
+        v.problems.iter().any(|p| p.problem.contains("hibernating")),
         "{v:?}"
     );
     let err = list(&conn, &EventFilter::default()).unwrap_err();

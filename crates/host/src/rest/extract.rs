@@ -24,7 +24,7 @@ impl From<supervisor::Error> for ApiError {
         use supervisor::Error as E;
         let status = match &e {
             E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::Exists(_) | E::WrongState { .. } => StatusCode::CONFLICT,
+            E::Exists(_) | E::WrongState { .. } | E::VmmRefused { .. } => StatusCode::CONFLICT,
             E::StartFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::Spec(_) => StatusCode::BAD_REQUEST,
             E::Store(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -45,6 +45,8 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(shutdown_vm))
         .routes(routes!(stop_vm))
         .routes(routes!(reboot_vm))
+        .routes(routes!(moves::pause_vm))
+        .routes(routes!(moves::resume_vm))
         .routes(routes!(crate::console::attach))
         .routes(routes!(crate::console_log::log_tail))
         .routes(routes!(ledger_routes::list_events))
@@ -538,6 +540,7 @@ pub struct ApiDoc;
 mod doc;
 mod images;
 mod ledger_routes;
+mod moves;
 mod sessions;
 mod tokens;
 

@@ -20,6 +20,7 @@ use crate::store::{self, StopIntent, Store, Transition, VmRow};
 use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
 
 mod judge;
+mod moves;
 mod recovery;
 use judge::{judge_end, Judged};
 
@@ -49,6 +50,8 @@ pub enum Error {
     Capacity(String),
     #[error(transparent)]
     Library(#[from] crate::library::Error),
+    #[error("VM '{name}': its VMM refused: {message}")]
+    VmmRefused { name: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -17,8 +17,9 @@ use crate::vmm_process::{self, ProcessHandle, RunDir};
 
 /// What recovery found of a VM's VMM.
 enum Found {
-    /// It answered on its control socket: re-adopted with this pidfd.
-    Live(u32, ProcessHandle),
+    /// It answered on its control socket: re-adopted with this pidfd; whether it holds its
+    /// guest paused.
+    Live(u32, ProcessHandle, bool),
     /// No process.
     Absent,
     /// Its process never answered within the start timeout and was killed.
@@ -93,21 +94,32 @@ impl Supervisor {
         };
         let live = self.find_live_vmm(name, &run_dir, has_process).await;
         match (row.state.has_vmm(), live) {
-            (_, Found::Live(pid, handle)) => {
+            (_, Found::Live(pid, handle, paused)) => {
                 outcome = Recovered::Adopted;
+                // What the VMM says wins: the dead daemon may have paused or resumed it and
+                // died before it recorded so.
+                let seen = if paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
                 let known = row.pid == Some(pid)
-                    && matches!(row.state, VmState::Running | VmState::ShuttingDown);
+                    && match row.state {
+                        VmState::Running | VmState::ShuttingDown => !paused,
+                        VmState::Paused => paused,
+                        _ => false,
+                    };
                 if !known {
                     // Started just before the daemon died, or running unknown to it.
                     self.transition(
                         name,
                         Transition {
-                            to: VmState::Running,
+                            to: seen,
                             pid: Some(pid),
                             cause: Cause::DaemonRestart,
                             actor: "keel",
                             detail: &format!(
-                                "re-adopted running VMM pid {pid} after a daemon restart"
+                                "re-adopted {seen} VMM pid {pid} after a daemon restart"
                             ),
                             time_ms: None,
                         },
@@ -205,7 +217,7 @@ impl Supervisor {
             if let Ok(status) = vmm_process::status(run_dir).await {
                 if status.name == name {
                     if let Ok(handle) = ProcessHandle::open(status.pid) {
-                        return Found::Live(status.pid, handle);
+                        return Found::Live(status.pid, handle, status.paused);
                     }
                 }
             }

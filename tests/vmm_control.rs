@@ -133,7 +133,7 @@ fn garbage_gets_an_error_and_the_connection_stays_usable() {
             Response::Error { .. } => "error",
             Response::Done => "done",
             Response::Metrics(_) => "metrics",
-            Response::Paused(_) | Response::Resumed(_) => "pause",
+            Response::Paused(_) | Response::Resumed(_) | Response::Snapshot(_) => "pause",
         });
     }
     assert_eq!(kinds, ["status", "error", "status"]);

@@ -38,6 +38,14 @@ pub enum Request {
     Pause,
     /// Let a paused VM run on.
     Resume,
+    /// Save the VM's state into `NAME/state` and `NAME/memory` of the run directory (both
+    /// made, empty, by the caller: a jailed VMM makes no file). A running VM is paused for
+    /// it and runs on after, unless `stay_paused`; a paused one stays paused.
+    Snapshot {
+        name: String,
+        #[serde(default)]
+        stay_paused: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +55,7 @@ pub enum Response {
     Metrics(VmmMetrics),
     Paused(PauseReport),
     Resumed(ResumeReport),
+    Snapshot(SnapshotReport),
     Done,
     Error { message: String },
 }
@@ -72,6 +81,18 @@ pub struct PauseReport {
     pub vcpus_stopped_us: u64,
     /// Then until every device had finished the requests it had taken.
     pub devices_settled_us: u64,
+}
+
+/// What a snapshot wrote and how long the guest stood still for it (monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// From the request to the VM running again (0 when it stays paused), microseconds.
+    pub paused_us: u64,
+    /// Writing the state and memory files, synced, microseconds.
+    pub write_us: u64,
+    /// Bytes of guest memory written (pages the guest touched, not all zero).
+    pub memory_bytes_written: u64,
+    pub state_bytes: u64,
 }
 
 /// How long the guest stood still, as the VMM measured it (monotonic clock).

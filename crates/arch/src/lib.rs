@@ -4,9 +4,11 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu_state;
 pub mod cpuid;
 pub mod layout;
 pub mod regs;
+pub mod vm_state;
 
 pub use boot::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
 

@@ -42,6 +42,8 @@ pub enum VmCommand {
     Pause,
     /// Let a paused VM run on.
     Resume,
+    /// Save the VM into the run directory's `name` (see [`Request::Snapshot`]).
+    Snapshot { name: String, stay_paused: bool },
 }
 
 impl VmCommand {
@@ -56,6 +58,7 @@ impl VmCommand {
             Request::Metrics => VmCommand::Metrics,
             Request::Pause => VmCommand::Pause,
             Request::Resume => VmCommand::Resume,
+            Request::Snapshot { name, stay_paused } => VmCommand::Snapshot { name, stay_paused },
         }
     }
 
@@ -77,6 +80,8 @@ impl VmCommand {
             (VmCommand::Pause, Paused) => Err("the VM is paused already"),
             (VmCommand::Resume, Paused) => Ok(()),
             (VmCommand::Resume, _) => Err("the VM is not paused"),
+            (VmCommand::Snapshot { .. }, Running | Paused) => Ok(()),
+            (VmCommand::Snapshot { .. }, Booting) => Err("the VM has not started yet"),
         }
     }
 }
@@ -91,10 +96,41 @@ pub enum RunState {
     Paused,
 }
 
-/// What a pause acts on: the vCPUs' gate and the devices.
-pub struct Pausable {
+/// What pauses and snapshots act on: the vCPUs' gate, the devices, the VM and its memory.
+pub struct Machine {
     pub gate: Arc<PauseGate>,
     pub devices: Arc<VirtioDevices>,
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    pub memory: vm_memory::GuestMemoryMmap,
+    pub memory_bytes: u64,
+    pub bus: Arc<devices::legacy::LegacyBus>,
+    pub ged: Arc<Ged>,
+    /// The VM's definition (none for `keel run`).
+    pub spec: Option<api::VmSpec>,
+    /// Where snapshots are written (none for `keel run`).
+    pub run_dir: Option<std::path::PathBuf>,
+}
+
+impl Machine {
+    pub fn legacy_state(&self) -> devices::legacy::persist::LegacyState {
+        let lock = |m| m;
+        let serial = lock(&self.bus.serial)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save();
+        let (cmos_index, cmos) = self
+            .bus
+            .rtc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save();
+        devices::legacy::persist::LegacyState {
+            serial,
+            cmos_index,
+            cmos,
+            ged_events: self.ged.pending(),
+        }
+    }
 }
 
 /// Where the answer to a command goes.
@@ -161,7 +197,7 @@ pub struct Controller {
     state: RunState,
     /// When the last vCPU stopped, while paused.
     paused_at: Option<Instant>,
-    pausable: Option<Pausable>,
+    machine: Option<Machine>,
     counters: crate::virtio_devices::DeviceCounters,
 }
 
@@ -174,14 +210,14 @@ impl Controller {
             power_button_presses: 0,
             state: RunState::Booting,
             paused_at: None,
-            pausable: None,
+            machine: None,
             counters: Default::default(),
         }
     }
 
     /// What `pause` stops.
-    pub fn with_pause(mut self, pausable: Pausable) -> Self {
-        self.pausable = Some(pausable);
+    pub fn with_pause(mut self, machine: Machine) -> Self {
+        self.machine = Some(machine);
         self
     }
 
@@ -233,11 +269,12 @@ impl Controller {
             }
             VmCommand::Pause => self.pause(),
             VmCommand::Resume => self.resume(),
+            VmCommand::Snapshot { name, stay_paused } => self.snapshot(&name, stay_paused),
         }
     }
 
     fn pause(&mut self) -> Response {
-        let Some(p) = &self.pausable else {
+        let Some(p) = &self.machine else {
             return Response::Error {
                 message: "this VMM cannot pause its VM".into(),
             };
@@ -266,8 +303,62 @@ impl Controller {
         })
     }
 
+    fn snapshot(&mut self, name: &str, stay_paused: bool) -> Response {
+        let asked = Instant::now();
+        let was_running = self.state == RunState::Running;
+        if was_running {
+            if let Response::Error { message } = self.pause() {
+                return Response::Error { message };
+            }
+        }
+        let written = self.write_snapshot(name);
+        let paused_us = if was_running && !stay_paused {
+            self.resume();
+            micros(asked.elapsed())
+        } else {
+            0
+        };
+        match written {
+            Ok(c) => Response::Snapshot(api::control::SnapshotReport {
+                paused_us,
+                write_us: c.took_us,
+                memory_bytes_written: c.memory_bytes_written,
+                state_bytes: c.state_bytes,
+            }),
+            Err(message) => Response::Error {
+                message: format!("snapshot failed: {message}"),
+            },
+        }
+    }
+
+    fn write_snapshot(&self, name: &str) -> Result<crate::snapshot::Captured, String> {
+        let machine = self.machine.as_ref().ok_or("this VMM cannot save its VM")?;
+        let dir = machine
+            .run_dir
+            .as_ref()
+            .ok_or("this VMM has no run directory to save its VM in")?;
+        let (state_path, memory_path) =
+            crate::service::snapshot_files(dir, name).map_err(|e| e.to_string())?;
+        let open = |path: &std::path::Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| {
+                    format!(
+                        "opening {} failed: {e} (the caller makes it, empty, before asking)",
+                        path.display()
+                    )
+                })
+        };
+        let (state, memory) = (open(&state_path)?, open(&memory_path)?);
+        crate::snapshot::capture(machine, &state, &memory).map_err(|e| e.to_string())
+    }
+
     fn resume(&mut self) -> Response {
-        let Some(p) = &self.pausable else {
+        let Some(p) = &self.machine else {
             return Response::Error {
                 message: "this VMM cannot pause its VM".into(),
             };

@@ -29,9 +29,11 @@ fn cgroup_of(
     }
 }
 
-/// The largest file offset the VMM may write at: its largest disk, or its logs.
-fn file_size_limit(files: &HostFiles) -> u64 {
+/// The largest file offset the VMM may write at: its largest disk, its logs, or a snapshot's
+/// memory file (a header page and the guest's memory).
+fn file_size_limit(files: &HostFiles, memory_bytes: u64) -> u64 {
     const LOGS: u64 = 1 << 30;
+    let snapshot = memory_bytes + crate::snapshot::file::MEMORY_HEADER_BYTES;
     files
         .disks
         .iter()
@@ -39,6 +41,7 @@ fn file_size_limit(files: &HostFiles) -> u64 {
         .max()
         .unwrap_or(0)
         .max(LOGS)
+        .max(snapshot)
 }
 
 /// The jail of a daemon-started VMM: its run directory is all it sees.
@@ -46,6 +49,7 @@ pub fn spec_for_service(
     dir: &Path,
     options: &LaunchOptions,
     files: &HostFiles,
+    memory_bytes: u64,
     also_keep: &[std::os::fd::RawFd],
 ) -> Result<JailSpec, jail::Error> {
     let layout = jail::cgroup::Layout::detect()?;
@@ -61,7 +65,7 @@ pub fn spec_for_service(
             options.limits,
         )),
         rlimits: Rlimits {
-            file_size: file_size_limit(files),
+            file_size: file_size_limit(files, memory_bytes),
             open_files: OPEN_FILES,
         },
         hostname: "keel-vm".into(),
@@ -107,7 +111,7 @@ pub fn spec_for_run(
             binds,
             cgroup: Some((cgroups.clone(), limits)),
             rlimits: Rlimits {
-                file_size: file_size_limit(files),
+                file_size: file_size_limit(files, config.memory_bytes()),
                 open_files: OPEN_FILES,
             },
             hostname: "keel-vm".into(),

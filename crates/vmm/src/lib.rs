@@ -19,6 +19,7 @@ mod memory;
 mod pause;
 pub mod service;
 mod signals;
+pub mod snapshot;
 pub mod test_hooks;
 mod vcpu;
 mod virtio_devices;
@@ -67,6 +68,8 @@ pub enum Error {
     },
     #[error("{what} failed: {reason}")]
     EventLoop { what: &'static str, reason: String },
+    #[error("restoring the snapshot failed: {0}")]
+    Restore(String),
     #[error("setting up vCPU {vcpu} failed: {message}")]
     VcpuSetup { vcpu: u32, message: String },
 }

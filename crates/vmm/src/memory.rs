@@ -25,6 +25,8 @@ pub enum Error {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("mapping the snapshot's memory at guest address {addr:#x} failed: {reason}")]
+    MapFile { addr: u64, reason: String },
     #[error("registering guest memory slot {slot} at {addr:#x} with KVM failed: {source}")]
     Register {
         slot: u32,
@@ -72,6 +74,97 @@ fn advise_huge_pages(mem: &GuestMemoryMmap) {
             return;
         }
     }
+}
+
+/// Where a guest memory region lies in a snapshot's memory file: after a header page, the
+/// regions one after the other, at their offset in guest RAM order.
+pub fn file_offsets(mem_size: u64, header: u64) -> Vec<(GuestAddress, usize, u64)> {
+    let mut offset = header;
+    ram_regions(mem_size)
+        .into_iter()
+        .map(|(start, len)| {
+            let at = offset;
+            offset += len;
+            (GuestAddress(start), len as usize, at)
+        })
+        .collect()
+}
+
+/// Maps guest memory privately from a snapshot's memory file: a page loads from the file
+/// when the guest first touches it, and the guest's writes stay in this process.
+pub fn map_private(
+    mem_size: u64,
+    file: &std::fs::File,
+    header: u64,
+) -> Result<GuestMemoryMmap, Error> {
+    let mut regions = Vec::new();
+    for (addr, len, at) in file_offsets(mem_size, header) {
+        let fail = |e: String| Error::MapFile {
+            addr: addr.raw_value(),
+            reason: e,
+        };
+        let shared = file.try_clone().map_err(|e| fail(e.to_string()))?;
+        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
+            .with_file_offset(vm_memory::FileOffset::new(shared, at))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        regions.push(
+            vm_memory::GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| fail("the region does not fit the address space".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::MapFile {
+        addr: 0,
+        reason: e.to_string(),
+    })
+}
+
+/// Writes every page of `mem` that the guest touched and that is not all zeroes into `file`
+/// at its place (see [`file_offsets`]), leaving holes elsewhere; returns the bytes written.
+/// Pages the guest never touched are not even read: `mincore` says which are resident.
+pub fn write_touched(
+    mem: &GuestMemoryMmap,
+    file: &std::fs::File,
+    header: u64,
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let mut written = 0;
+    let mut offset = header;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let base = region.as_ptr();
+        let mut resident = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: `base` and `len` are one whole mapping owned by `mem`; mincore writes one
+        // byte per page into a vector of that many bytes.
+        if unsafe { libc::mincore(base.cast(), len, resident.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is live for `mem`'s lifetime and the guest is paused: nothing
+        // writes it while this reads it.
+        let bytes = unsafe { std::slice::from_raw_parts(base, len) };
+        let mut page = 0;
+        while page < resident.len() {
+            let wanted = |p: usize| {
+                resident[p] & 1 != 0 && bytes[p * PAGE..(p + 1) * PAGE].iter().any(|&b| b != 0)
+            };
+            if !wanted(page) {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < resident.len() && wanted(page) {
+                page += 1;
+            }
+            let run = &bytes[first * PAGE..page * PAGE];
+            file.write_all_at(run, offset + (first * PAGE) as u64)?;
+            written += run.len() as u64;
+        }
+        offset += len as u64;
+    }
+    Ok(written)
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {

@@ -73,9 +73,16 @@ pub fn leave() {
     KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
 }
 
+/// What a parked vCPU is asked to save, and what it gave.
+type Saved = Result<arch::cpu_state::VcpuState, String>;
+
 #[derive(Default)]
 struct GateState {
     paused: bool,
+    /// vCPUs asked to save their state while parked...
+    save_asked: Vec<bool>,
+    /// ... and what they saved.
+    saved: Vec<Option<Saved>>,
     /// vCPUs parked on the gate.
     parked: u32,
     /// vCPU threads that ended (the VM is ending): they count as stopped.
@@ -98,6 +105,8 @@ impl PauseGate {
             requested: AtomicBool::new(false),
             state: Mutex::new(GateState {
                 threads: vec![None; vcpus as usize],
+                save_asked: vec![false; vcpus as usize],
+                saved: (0..vcpus).map(|_| None).collect(),
                 ..Default::default()
             }),
             changed: Condvar::new(),
@@ -167,15 +176,54 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread that stopped for the pause: waits until it ends.
-    pub fn park(&self) {
+    /// Called by vCPU `id`'s thread once it stopped for the pause: waits until the pause
+    /// ends, saving its state with `save` whenever it is asked to meanwhile.
+    pub fn park(&self, id: u32, save: &mut dyn FnMut() -> Saved) {
+        let id = id as usize;
         let mut state = self.lock();
         state.parked += 1;
         self.changed.notify_all();
         while state.paused {
+            if state.save_asked.get(id).copied().unwrap_or(false) {
+                state.save_asked[id] = false;
+                state.saved[id] = Some(save());
+                self.changed.notify_all();
+                continue;
+            }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         state.parked -= 1;
+    }
+
+    /// Every vCPU's state, saved by its own thread while parked. Only while paused.
+    pub fn save_vcpus(&self) -> Result<Vec<arch::cpu_state::VcpuState>, String> {
+        let mut state = self.lock();
+        if !state.paused || state.gone > 0 || state.parked < self.total {
+            return Err("the vCPUs are not all parked".into());
+        }
+        for i in 0..self.total as usize {
+            state.save_asked[i] = true;
+            state.saved[i] = None;
+        }
+        self.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while state.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || state.gone > 0 {
+                state.save_asked.iter_mut().for_each(|a| *a = false);
+                return Err("a vCPU did not save its state in time".into());
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state
+            .saved
+            .iter_mut()
+            .map(|s| s.take().unwrap_or_else(|| Err("not saved".into())))
+            .collect()
     }
 
     /// Called by a vCPU thread that is ending: a pause no longer waits for it.
@@ -207,7 +255,7 @@ mod tests {
                     gate.register(id);
                     for _ in 0..200_000 {
                         if gate.requested() {
-                            gate.park();
+                            gate.park(id, &mut || Err("no vCPU here".into()));
                         }
                         spins.fetch_add(1, Ordering::Relaxed);
                         std::thread::yield_now();

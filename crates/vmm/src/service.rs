@@ -22,7 +22,8 @@ use crate::config::{self, VmConfig};
 use crate::exit::VmExit;
 use crate::host_files::HostFiles;
 use crate::signals::Signals;
-use crate::vm::{self, Frontend};
+use crate::snapshot;
+use crate::vm::{self, Frontend, Restore};
 
 /// Longest path a Unix socket address holds (sun_path less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -68,11 +69,23 @@ pub enum Error {
     Vm(#[from] crate::Error),
     #[error(transparent)]
     Jail(#[from] jail::Error),
+    #[error("snapshot name '{0}' is not a plain name of a directory in the run directory")]
+    SnapshotName(String),
+    #[error("{path}: {source}")]
+    Snapshot {
+        path: PathBuf,
+        #[source]
+        source: snapshot::file::Error,
+    },
 }
 
 /// What the VM front end of `keel vmm` is handed: the run directory's open files and sockets.
 pub(crate) struct Wiring {
     pub name: String,
+    /// The run directory: snapshots are written in it.
+    pub run_dir: PathBuf,
+    /// The VM's definition, saved with its snapshots.
+    pub spec: api::VmSpec,
     pub console_log: File,
     /// Most bytes `console.log` keeps (the oldest output goes first).
     pub console_log_max: u64,
@@ -91,6 +104,8 @@ pub struct Launch {
     pub jail: Option<jail::LaunchOptions>,
     /// Most bytes `console.log` keeps.
     pub console_log_max: u64,
+    /// Restore from the snapshot in this subdirectory of the run directory.
+    pub restore: Option<String>,
 }
 
 /// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
@@ -116,7 +131,7 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
             println!("{child}");
             return Ok(None);
         }
-        Ok(Prepared::Inside(spec, config, host_files)) => {
+        Ok(Prepared::Inside(spec, config, host_files, restore)) => {
             exit_file = api::control::AtomicFile::create(&dir.join(files::EXIT_RECORD), 0o644).ok();
             start(
                 dir,
@@ -125,6 +140,7 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
                 host_files,
                 signals,
                 launch.console_log_max,
+                restore,
             )
         }
         Err(e) => Err(e),
@@ -162,7 +178,12 @@ enum Prepared {
     /// Outside the jail, which `child` runs in.
     Outside { child: u32 },
     /// The process that runs the VM (in its jail, when there is one).
-    Inside(Box<api::VmSpec>, Box<VmConfig>, HostFiles),
+    Inside(
+        Box<api::VmSpec>,
+        Box<VmConfig>,
+        HostFiles,
+        Option<Box<Restore>>,
+    ),
 }
 
 /// Reads the definition, opens what the VM uses of the host and enters the jail.
@@ -182,8 +203,20 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
     } else {
         HostFiles::open(&config)?
     };
+    // The snapshot is read and checked before the jail: a bad one is refused before any VM
+    // exists, and its memory file is open for the jailed VMM.
+    let restore = match &launch.restore {
+        Some(name) => Some(Box::new(open_restore(dir, name)?)),
+        None => None,
+    };
     if let Some(options) = &launch.jail {
-        let jail = crate::jailing::spec_for_service(dir, options, &host_files, &[signals_fd])?;
+        let jail = crate::jailing::spec_for_service(
+            dir,
+            options,
+            &host_files,
+            config.memory_bytes(),
+            &[signals_fd],
+        )?;
         if let jail::Entered::Parent { child } = jail::enter(&jail)? {
             return Ok(Prepared::Outside { child });
         }
@@ -196,6 +229,7 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
         Box::new(spec),
         Box::new(config),
         host_files,
+        restore,
     ))
 }
 
@@ -206,6 +240,7 @@ fn start(
     host_files: HostFiles,
     signals: Signals,
     console_log_max: u64,
+    restore: Option<Box<Restore>>,
 ) -> Result<VmExit, Error> {
     let log_path = dir.join(files::CONSOLE_LOG);
     // Not O_APPEND: the cap moves the log's newest part to its start with positioned writes.
@@ -224,13 +259,67 @@ fn start(
         })?;
     let wiring = Wiring {
         name: spec.name.clone(),
+        spec: spec.clone(),
+        run_dir: dir.to_path_buf(),
         console_log,
         console_log_max,
         console_socket: bind(&dir.join(files::CONSOLE_SOCKET))?,
         control_socket: bind(&dir.join(files::CONTROL_SOCKET))?,
         signals,
     };
-    Ok(vm::run_with(config, host_files, Frontend::Service(wiring))?)
+    Ok(vm::run_with(
+        config,
+        host_files,
+        Frontend::Service(Box::new(wiring)),
+        restore.map(|r| *r),
+    )?)
+}
+
+/// A snapshot's files in the run directory: `NAME/state` and `NAME/memory`.
+pub fn snapshot_files(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), Error> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
+    if !plain {
+        return Err(Error::SnapshotName(name.to_string()));
+    }
+    let sub = dir.join(name);
+    Ok((sub.join(SNAPSHOT_STATE), sub.join(SNAPSHOT_MEMORY)))
+}
+
+/// The state file of a snapshot's name.
+pub const SNAPSHOT_STATE: &str = "state";
+/// Its memory file.
+pub const SNAPSHOT_MEMORY: &str = "memory";
+
+fn open_restore(dir: &Path, name: &str) -> Result<Restore, Error> {
+    let (state_path, memory_path) = snapshot_files(dir, name)?;
+    let open = |path: &Path, what| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|source| Error::File {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    let state_file = open(&state_path, "opening the snapshot's state file")?;
+    let memory = open(&memory_path, "opening the snapshot's memory file")?;
+    let state = snapshot::file::read_state(&state_file).map_err(|e| Error::Snapshot {
+        path: state_path,
+        source: e,
+    })?;
+    snapshot::file::check_memory(&memory, &state.id, state.memory_bytes).map_err(|e| {
+        Error::Snapshot {
+            path: memory_path,
+            source: e,
+        }
+    })?;
+    Ok(Restore { state, memory })
 }
 
 /// Binds a fresh socket at `path`, removing what a previous run left there.
@@ -272,7 +361,7 @@ pub fn exit_reason(exit: &VmExit) -> ExitReason {
 }
 
 /// Wall-clock milliseconds, for the record only: nothing decides from it.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::exit::{CrashReport, ExitSignal, VmExit};
 use crate::pause::{self, PauseGate};
 use crate::virtio_devices::VirtioDevices;
+use arch::cpu_state::VcpuState;
 use devices::legacy::LegacyBus;
 
 /// KVM's `kvm_run.internal.suberror` for an instruction it could not emulate.
@@ -39,6 +40,10 @@ pub struct VcpuShared {
     pub exit: Arc<ExitSignal>,
     /// Where the vCPUs stop for a pause.
     pub pause: Arc<PauseGate>,
+    /// The MSRs a vCPU's saved state holds (those KVM lists).
+    pub msr_indices: Arc<Vec<u32>>,
+    /// The vCPUs' states when the VM is restored from a snapshot, in vCPU order.
+    pub restore: Option<Vec<VcpuState>>,
     /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
     /// still being set up.
     pub ready: Barrier,
@@ -60,6 +65,13 @@ fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
     arch::cpuid::filter_entries(cpuid.as_mut_slice(), id, shared.cpu_count);
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| format!("setting CPUID: {e}"))?;
+    if let Some(states) = &shared.restore {
+        let state = states
+            .get(id as usize)
+            .ok_or_else(|| format!("the snapshot has no state for vCPU {id}"))?;
+        state.restore(&vcpu, id).map_err(|e| e.to_string())?;
+        return Ok(vcpu);
+    }
     arch::regs::setup_msrs(&vcpu, id).map_err(|e| e.to_string())?;
     arch::regs::setup_fpu(&vcpu, id).map_err(|e| e.to_string())?;
     arch::regs::setup_lapic(&vcpu, id).map_err(|e| e.to_string())?;
@@ -170,7 +182,10 @@ fn run_loop(id: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> VmExit {
                 // Kicked (or told not to enter): stopped at an instruction boundary.
                 vcpu.set_kvm_immediate_exit(0);
                 if shared.pause.requested() {
-                    shared.pause.park();
+                    let msrs = &shared.msr_indices;
+                    shared.pause.park(id, &mut || {
+                        VcpuState::save(vcpu, id, msrs).map_err(|e| e.to_string())
+                    });
                 }
             }
             Err(e) => return VmExit::Failed(format!("KVM_RUN on vCPU {id} failed: {e}")),

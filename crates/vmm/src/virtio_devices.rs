@@ -265,6 +265,40 @@ impl VirtioDevices {
         }
     }
 
+    /// Every device's transport state, in the VM's device order (while paused).
+    pub fn save(&self) -> Vec<devices::virtio::persist::TransportState> {
+        self.slots
+            .iter()
+            .map(|s| lock(&s.transport).save())
+            .collect()
+    }
+
+    /// Puts saved transport states into these fresh devices, which must be the same ones in
+    /// the same order; they are left paused (see [`Self::resume`]).
+    pub fn restore(&self, saved: &[devices::virtio::persist::TransportState]) -> Result<(), Error> {
+        if saved.len() != self.slots.len() {
+            return Err(Error::Setup {
+                index: saved.len().min(self.slots.len()),
+                what: "restoring it",
+                reason: format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    saved.len(),
+                    self.slots.len()
+                ),
+            });
+        }
+        for (index, (slot, state)) in self.slots.iter().zip(saved).enumerate() {
+            lock(&slot.transport)
+                .restore(state)
+                .map_err(|e| Error::Setup {
+                    index,
+                    what: "restoring it",
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
     /// The VMM is exiting: devices release what would outlive it.
     pub fn shutdown(&self) {
         for slot in &self.slots {

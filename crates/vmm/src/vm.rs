@@ -19,12 +19,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{self, VmConfig, MAX_VCPUS};
 use crate::console::{EscapeParser, RawTerminal, StdoutWriter};
 use crate::console_socket::{ConsoleClients, ConsoleOutput, ConsoleServer};
-use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, Pausable, VmCommand};
+use crate::control::{CommandQueue, CommandSender, ControlLoop, Controller, Machine, VmCommand};
 use crate::control_socket::ControlSocket;
 use crate::exit::{ExitSignal, VmExit};
 use crate::host_files::HostFiles;
 use crate::pause::PauseGate;
 use crate::service::Wiring;
+use crate::snapshot::{self, MachineState};
 use crate::vcpu::{run_vcpu, VcpuShared};
 use crate::virtio_devices::VirtioDevices;
 use crate::{host, loader, memory, test_hooks, Error, Result};
@@ -45,17 +46,29 @@ pub(crate) enum Frontend {
     /// the Ctrl-A escapes.
     Terminal,
     /// `keel vmm`: the console log and socket, the control socket, stop signals.
-    Service(Wiring),
+    Service(Box<Wiring>),
 }
 
 /// Boots the VM described by `config` with its console on the terminal (`keel run`) and runs
 /// it until it ends; returns why it ended. Errors are failures to start it.
 pub fn run(config: &VmConfig, files: HostFiles) -> Result<VmExit> {
-    run_with(config, files, Frontend::Terminal)
+    run_with(config, files, Frontend::Terminal, None)
 }
 
-/// Boots the VM described by `config`, wired to `frontend`, and runs it until it ends.
-pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) -> Result<VmExit> {
+/// A snapshot to restore instead of booting: its checked state and its memory file.
+pub(crate) struct Restore {
+    pub state: MachineState,
+    pub memory: std::fs::File,
+}
+
+/// Boots the VM described by `config` (or restores it from `restore`), wired to `frontend`,
+/// and runs it until it ends.
+pub(crate) fn run_with(
+    config: &VmConfig,
+    files: HostFiles,
+    frontend: Frontend,
+    restore: Option<Restore>,
+) -> Result<VmExit> {
     let HostFiles {
         kvm,
         kernel,
@@ -79,15 +92,24 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         .into());
     }
     let mem_size = config.memory_bytes();
+    if let Some(r) = &restore {
+        check_restorable(config, &r.state)?;
+    }
     // Disk boot reads the guest's disk in a forked, sandboxed child: before any thread, VM
     // or guest memory exists.
-    let from_disk = loader::find_disk_boot(config, boot_image, &disks)?;
+    let from_disk = match restore {
+        Some(_) => None,
+        None => loader::find_disk_boot(config, boot_image, &disks)?,
+    };
 
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
     // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
     let direct_disk = config.disks.iter().any(|d| d.direct);
-    let guest_memory = memory::create(mem_size, direct_disk)?;
+    let guest_memory = match &restore {
+        Some(r) => memory::map_private(mem_size, &r.memory, snapshot::file::MEMORY_HEADER_BYTES)?,
+        None => memory::create(mem_size, direct_disk)?,
+    };
     memory::register(&vm, &guest_memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("setting the TSS address"))?;
@@ -100,11 +122,6 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
     vm.create_pit2(pit)
         .map_err(kvm_err("creating the in-kernel PIT"))?;
 
-    let loader::Boot {
-        kernel,
-        initrd,
-        mut cmdline,
-    } = loader::load(&guest_memory, config, mem_size, from_disk, kernel, initrd)?;
     let virtio = Arc::new(VirtioDevices::new(
         &vm,
         &guest_memory,
@@ -113,23 +130,24 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         taps,
         vsock_listener,
     )?);
-    // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
-    if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {
-        cmdline = format!("{cmdline} {}", virtio.cmdline_entries());
-    }
-    arch::boot::write_cmdline(&guest_memory, &cmdline)?;
-    match kernel.entry {
-        BootEntry::Pvh { .. } => arch::boot::write_pvh_start_info(&guest_memory, mem_size, initrd)?,
-        BootEntry::Linux64 { .. } => arch::boot::write_boot_params(
-            &guest_memory,
-            mem_size,
-            kernel.setup_header,
-            cmdline.len(),
-            initrd,
-        )?,
-    }
-    arch::regs::write_boot_tables(&guest_memory, kernel.entry)?;
-    arch::acpi::write_tables(&guest_memory, config.cpus as u8, &virtio.acpi_slots())?;
+    let entry = match &restore {
+        // The boot data and tables are in the restored memory already.
+        Some(r) => {
+            r.state.vm.restore(&vm).map_err(restore_err)?;
+            virtio.restore(&r.state.virtio).map_err(restore_err)?;
+            BootEntry::Pvh { entry: 0 }
+        }
+        None => {
+            let boot = loader::load(&guest_memory, config, mem_size, from_disk, kernel, initrd)?;
+            write_boot_data(&guest_memory, config, mem_size, boot, &virtio)?
+        }
+    };
+    let msr_indices = Arc::new(
+        kvm.get_msr_index_list()
+            .map_err(kvm_err("listing the MSRs KVM saves"))?
+            .as_slice()
+            .to_vec(),
+    );
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("reading the supported CPUID"))?;
@@ -164,10 +182,20 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
             console_clients.clone(),
         )),
     };
+    let mut rtc = CmosRtc::new(low_mem, high_mem);
+    let serial = match &restore {
+        Some(r) => {
+            let legacy = &r.state.legacy;
+            rtc.restore(legacy.cmos_index, &legacy.cmos)
+                .map_err(|e| Error::Restore(format!("the CMOS: {e}")))?;
+            SerialDevice::restore(&legacy.serial, serial_irq, serial_out).map_err(restore_err)?
+        }
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
     let bus = Arc::new(LegacyBus {
-        serial: Mutex::new(SerialDevice::new(serial_irq, serial_out)),
+        serial: Mutex::new(serial),
         i8042: Mutex::new(I8042::new(ResetTrigger(requests.clone()))),
-        rtc: Mutex::new(CmosRtc::new(low_mem, high_mem)),
+        rtc: Mutex::new(rtc),
         acpi_pm: AcpiPmDevice::new(ACPI_S5_SLEEP_TYPE, ACPI_RESET_VALUE, requests),
     });
 
@@ -176,6 +204,10 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
     vm.register_irqfd(&ged_irq, GED_IRQ)
         .map_err(kvm_err("wiring the power button's interrupt"))?;
     let ged = Arc::new(Ged::new(ged_irq));
+    if let Some(r) = &restore {
+        ged.set_pending(r.state.legacy.ged_events);
+    }
+    let vm = Arc::new(vm);
 
     let _terminal = match frontend {
         Frontend::Terminal => RawTerminal::enter()?,
@@ -186,9 +218,20 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         reason: e.to_string(),
     })?;
     let pause_gate = Arc::new(PauseGate::new(config.cpus));
-    let pausable = Pausable {
+    let (spec, run_dir) = match &frontend {
+        Frontend::Service(wiring) => (Some(wiring.spec.clone()), Some(wiring.run_dir.clone())),
+        Frontend::Terminal => (None, None),
+    };
+    let machine = Machine {
         gate: pause_gate.clone(),
         devices: virtio.clone(),
+        vm: vm.clone(),
+        memory: guest_memory.clone(),
+        memory_bytes: mem_size,
+        bus: bus.clone(),
+        ged: ged.clone(),
+        spec,
+        run_dir,
     };
     let mut event_loop = EventLoop::new(
         &bus,
@@ -197,17 +240,17 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         &exit,
         frontend,
         console_clients,
-        pausable,
+        machine,
     )?;
     // One pass before the guest runs: console clients already waiting are attached and see
     // its first byte.
     event_loop.turn(0)?;
     let shared = Arc::new(VcpuShared {
-        vm: Arc::new(vm),
+        vm: vm.clone(),
         memory: guest_memory,
         cpuid,
         cpu_count: config.cpus,
-        boot: kernel.entry,
+        boot: entry,
         trace_startup: config.trace_startup,
         seccomp: config.seccomp,
         bus: bus.clone(),
@@ -215,10 +258,17 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         ged: ged.clone(),
         exit: exit.clone(),
         pause: pause_gate,
+        msr_indices,
+        restore: restore.map(|r| r.state.vcpus),
         ready: Barrier::new(config.cpus as usize),
         filtered: Barrier::new(config.cpus as usize + 1),
         all_filtered: Barrier::new(config.cpus as usize + 1),
     });
+    // A restored VM's devices were left paused: they serve every queue once now, since the
+    // guest's notifications before the snapshot may have been suppressed.
+    if shared.restore.is_some() {
+        virtio.resume();
+    }
     for id in 0..config.cpus {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -248,6 +298,64 @@ pub(crate) fn run_with(config: &VmConfig, files: HostFiles, frontend: Frontend) 
         .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
 }
 
+fn restore_err(e: impl std::fmt::Display) -> Error {
+    Error::Restore(e.to_string())
+}
+
+/// Refuses a snapshot that does not fit the VM it is restored into, before anything is built.
+fn check_restorable(config: &VmConfig, state: &MachineState) -> Result<()> {
+    let refuse = |why: String| Err(Error::Restore(why));
+    if state.memory_bytes != config.memory_bytes() {
+        return refuse(format!(
+            "the snapshot holds {} MiB of memory, the VM has {} MiB",
+            state.memory_bytes >> 20,
+            config.memory_bytes() >> 20
+        ));
+    }
+    if state.vcpus.len() != config.cpus as usize {
+        return refuse(format!(
+            "the snapshot has {} vCPUs, the VM {}",
+            state.vcpus.len(),
+            config.cpus
+        ));
+    }
+    Ok(())
+}
+
+/// Writes what a booting guest reads: the command line, the boot protocol's data, the boot
+/// page tables and the ACPI tables. Returns where the guest starts.
+fn write_boot_data(
+    guest_memory: &vm_memory::GuestMemoryMmap,
+    config: &VmConfig,
+    mem_size: u64,
+    boot: loader::Boot,
+    virtio: &VirtioDevices,
+) -> Result<BootEntry> {
+    let loader::Boot {
+        kernel,
+        initrd,
+        mut cmdline,
+    } = boot;
+    // A kernel without ACPI (told so with acpi=off) learns of the devices from its command line.
+    if cmdline.split_whitespace().any(|w| w == "acpi=off") && !virtio.acpi_slots().is_empty() {
+        cmdline = format!("{cmdline} {}", virtio.cmdline_entries());
+    }
+    arch::boot::write_cmdline(guest_memory, &cmdline)?;
+    match kernel.entry {
+        BootEntry::Pvh { .. } => arch::boot::write_pvh_start_info(guest_memory, mem_size, initrd)?,
+        BootEntry::Linux64 { .. } => arch::boot::write_boot_params(
+            guest_memory,
+            mem_size,
+            kernel.setup_header,
+            cmdline.len(),
+            initrd,
+        )?,
+    }
+    arch::regs::write_boot_tables(guest_memory, kernel.entry)?;
+    arch::acpi::write_tables(guest_memory, config.cpus as u8, &virtio.acpi_slots())?;
+    Ok(kernel.entry)
+}
+
 /// The event-loop thread's loop: devices, the console and the control loop.
 struct EventLoop {
     events: EventManager<Box<dyn MutEventSubscriber + Send>>,
@@ -263,7 +371,7 @@ impl EventLoop {
         exit: &Arc<ExitSignal>,
         frontend: Frontend,
         console_clients: Arc<ConsoleClients>,
-        pausable: Pausable,
+        machine: Machine,
     ) -> Result<Self> {
         let ended = Arc::new(AtomicBool::new(false));
         let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
@@ -286,7 +394,7 @@ impl EventLoop {
                     escape: EscapeParser::default(),
                 }));
                 let controller =
-                    Controller::new(String::new(), ged.clone(), exit.clone()).with_pause(pausable);
+                    Controller::new(String::new(), ged.clone(), exit.clone()).with_pause(machine);
                 ControlLoop::new(controller, queue, None, None)
             }
             Frontend::Service(wiring) => {
@@ -309,7 +417,7 @@ impl EventLoop {
                     .map_err(io_err("setting up the control socket"))?;
                 let controller = Controller::new(wiring.name, ged.clone(), exit.clone())
                     .with_counters(virtio.counters())
-                    .with_pause(pausable);
+                    .with_pause(machine);
                 ControlLoop::new(controller, queue, Some(socket), Some(wiring.signals))
             }
         };

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
 pub struct Ged {
-    events: AtomicU8,
+    pub(super) events: AtomicU8,
     irqfd: EventFd,
 }
 

@@ -4,6 +4,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod ged;
 pub mod i8042;
+pub mod persist;
 pub mod rtc;
 pub mod serial;
 

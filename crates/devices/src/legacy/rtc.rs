@@ -76,8 +76,8 @@ fn bcd(value: u8) -> u8 {
 }
 
 pub struct CmosRtc {
-    index: u8,
-    nvram: [u8; 128],
+    pub(super) index: u8,
+    pub(super) nvram: [u8; 128],
     now: fn() -> i64,
 }
 

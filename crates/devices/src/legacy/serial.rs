@@ -37,8 +37,8 @@ pub struct SerialInputReady {
 }
 
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
-    pending: VecDeque<u8>,
+    pub(super) serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    pub(super) pending: VecDeque<u8>,
 }
 
 impl SerialDevice {

@@ -26,6 +26,8 @@ pub enum DeviceError {
     Activate(String),
     #[error("quiescing the device failed: {0}")]
     Settle(String),
+    #[error("restoring the device failed: {0}")]
+    Restore(String),
 }
 
 impl DeviceError {
@@ -78,6 +80,24 @@ pub trait VirtioDevice: Send {
         _mem: &GuestMemoryMmap,
     ) -> Result<u64, DeviceError> {
         Ok(0)
+    }
+
+    /// What the device keeps beyond its transport and queues, for a snapshot (plain data:
+    /// no descriptor, path or instant). Most devices keep nothing.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Takes back what [`Self::save_state`] gave, before the transport re-activates the
+    /// device. It came from a file: anything it does not expect is refused.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        if state.is_null() {
+            Ok(())
+        } else {
+            Err(DeviceError::Restore(format!(
+                "this device keeps no state, but the snapshot has {state}"
+            )))
+        }
     }
 
     /// The VMM is exiting: release what outlives the process (socket files). The process

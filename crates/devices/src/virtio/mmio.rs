@@ -75,8 +75,16 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
-    fn status(&self) -> u32 {
+    pub(super) fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
+    }
+
+    /// A restored VM's pending bits: the guest's driver may not have seen them yet.
+    pub(super) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+        if bits != 0 {
+            let _ = self.irqfd.write(1);
+        }
     }
 
     fn clear(&self) {
@@ -100,20 +108,20 @@ fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 }
 
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) queues: Vec<Queue>,
     /// One notification eventfd per queue (KVM ioeventfds); QueueNotify writes that reach
     /// the VMM are forwarded to them so device work stays off the vCPU threads.
     queue_events: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queue_select: u32,
+    pub(super) device_features_select: u32,
+    pub(super) driver_features_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
     /// The VM is paused: the device takes no requests (see [`MmioTransport::pause`]).
-    paused: bool,
+    pub(super) paused: bool,
 }
 
 /// Why a transport could not be built.

@@ -6,6 +6,7 @@ pub mod device;
 pub mod driver;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 #[cfg(test)]
 mod tests;

@@ -484,8 +484,11 @@ fn unparsable_rows_are_problems_and_errors_not_panics() {
     let conn = db();
     five(&conn);
     unlock(&conn);
-    conn.execute("UPDATE ledger SET to_state = 'hibernating' WHERE seq = 3", [])
-        .unwrap();
+    conn.execute(
+        "UPDATE ledger SET to_state = 'hibernating' WHERE seq = 3",
+        [],
+    )
+    .unwrap();
     let v = verify(&conn).unwrap();
     assert_eq!(problem_seqs(&v), [3]);
     assert!(

@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_fpu, kvm_lapic_state, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
@@ -32,6 +34,24 @@ ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+// A vCPU's state for snapshots: saved by its own thread while paused, set at a restore.
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
+ioctl_io_nr!(KVM_SET_TSC_KHZ, KVMIO, 0xa2);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
+// The VM's interrupt controllers, PIT and clock, saved by the event loop for a snapshot.
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 
 /// O_TMPFILE's own bit (libc's O_TMPFILE includes O_DIRECTORY, which plain opens of a
 /// directory may carry).
@@ -127,6 +147,8 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_unlinkat,
     libc::SYS_eventfd2,
     libc::SYS_wait4,
+    // A snapshot asks which guest pages are resident: only those are written.
+    libc::SYS_mincore,
 ];
 
 fn arg_eq(index: u8, len: SeccompCmpArgLen, value: u64) -> SeccompRule {
@@ -168,14 +190,33 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
         KVM_GET_LAPIC(),
         KVM_SET_LAPIC(),
         KVM_SET_CPUID2(),
+        KVM_GET_MSRS(),
+        KVM_GET_MP_STATE(),
+        KVM_SET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_SET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_SET_DEBUGREGS(),
+        KVM_SET_TSC_KHZ(),
+        KVM_GET_TSC_KHZ(),
+        KVM_GET_XSAVE(),
+        KVM_SET_XSAVE(),
+        KVM_GET_XCRS(),
+        KVM_SET_XCRS(),
     ];
     let mut list: Vec<u64> = vec![TUNSETOFFLOAD, TUNSETVNETHDRSZ];
     match kind {
         ThreadKind::Vcpu => list.extend(vcpu),
         // The terminal of `keel run`: its modes are restored when the VM ends.
-        ThreadKind::EventLoop => {
-            list.extend([libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::FIONBIO])
-        }
+        ThreadKind::EventLoop => list.extend([
+            libc::TCGETS,
+            libc::TCSETS,
+            libc::TCSETSW,
+            libc::FIONBIO,
+            KVM_GET_IRQCHIP(),
+            KVM_GET_CLOCK(),
+            KVM_GET_PIT2(),
+        ]),
     }
     list
 }

@@ -71,6 +71,10 @@ struct VmmArgs {
     /// Most bytes RUN_DIR/console.log keeps; past it the oldest output is dropped.
     #[arg(long, value_name = "BYTES", default_value_t = vmm::DEFAULT_CONSOLE_LOG_MAX)]
     console_log_max: u64,
+    /// Restore the VM from the snapshot in RUN_DIR/NAME (its `state` and `memory` files)
+    /// instead of booting it.
+    #[arg(long, value_name = "NAME")]
+    restore: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -191,6 +195,7 @@ fn vmm(args: VmmArgs) -> ExitCode {
         handed_files: args.handed_files,
         jail: args.jail,
         console_log_max: args.console_log_max,
+        restore: args.restore,
     };
     match vmm::service::run(&args.dir, &launch) {
         // Outside the jail: the jailed VMM runs on.

@@ -43,6 +43,7 @@
 mod engine;
 pub mod errors;
 pub mod inflight;
+mod persist;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -380,6 +381,14 @@ impl VirtioDevice for Block {
             return Ok(0);
         };
         Ok(u64::from(self.settle(queue, mem, SETTLE_WAIT)?))
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceError> {
+        self.restore(state)
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u32)> {

@@ -405,6 +405,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/vms/{name}/restore": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was. */
+        post: operations["restore_vm"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/vms/{name}/resume": {
         parameters: {
             query?: never;
@@ -433,6 +450,39 @@ export interface paths {
         put?: never;
         post: operations["shutdown_vm"];
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/vms/{name}/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_snapshots"];
+        put?: never;
+        /** @description Snapshots a running or paused VM: its state, the memory its guest touched, and a copy of each writable disk at that instant (a reflink where the file system shares blocks, else a sparse copy, while the guest stands still). The pause is recorded with cause `maintenance` and counts as down time in SLA reports. */
+        post: operations["take_snapshot"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/vms/{name}/snapshots/{snapshot}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete: operations["remove_snapshot"];
         options?: never;
         head?: never;
         patch?: never;
@@ -478,7 +528,7 @@ export interface components {
          * @description Why something happened.
          * @enum {string}
          */
-        Cause: "operator" | "guest" | "vmm-crash" | "host-boot" | "daemon-restart" | "oom-kill" | "tamper";
+        Cause: "operator" | "guest" | "vmm-crash" | "host-boot" | "daemon-restart" | "oom-kill" | "tamper" | "maintenance";
         /** @description The files of a cloud-init NoCloud seed, their contents inline (at most 1 MiB together). */
         CloudInit: {
             /** @description `meta-data`; when absent, `instance-id` and `local-hostname` are the VM's name. */
@@ -814,6 +864,11 @@ export interface components {
             /** Format: int64 */
             iops_burst?: number | null;
         };
+        /** @description `POST /vms/{name}/restore`. */
+        RestoreRequest: {
+            /** @description The snapshot of this VM to restore. */
+            snapshot: string;
+        };
         /**
          * @description What a caller may do; each role includes the ones before it.
          * @enum {string}
@@ -837,6 +892,46 @@ export interface components {
             tiers: components["schemas"]["CreditTier"][];
             to: string;
             vms: components["schemas"]["VmAvailability"][];
+        };
+        /** @description One disk of a snapshot: the VM's disk as it was, or (read-only) where it still is. */
+        SnapshotDisk: {
+            /** @description The copy in the snapshot's directory; none for a read-only disk, which is not copied. */
+            copy?: string | null;
+            /** @description How the copy was made: `reflink` (shared blocks, instant) or `copy` (sparse). */
+            how?: string | null;
+            /** @description The VM's disk, as its definition names it. */
+            path: string;
+        };
+        /** @description A snapshot, as `snapshot.json` in its directory records it. */
+        SnapshotInfo: {
+            /** @description Where its files are on the host. */
+            dir: string;
+            disks: components["schemas"]["SnapshotDisk"][];
+            /** Format: int64 */
+            memory_bytes: number;
+            /**
+             * Format: int64
+             * @description Bytes of guest memory stored (the pages the guest had touched).
+             */
+            memory_stored_bytes: number;
+            name: string;
+            /**
+             * Format: double
+             * @description How long the guest stood still for it, seconds (0 when it was paused already).
+             */
+            paused_seconds: number;
+            /** @description The VM's definition when it was taken. */
+            spec: components["schemas"]["VmSpec"];
+            /** Format: int64 */
+            state_bytes: number;
+            /** @description When it was taken (RFC 3339, UTC): a record; nothing expires. */
+            taken: string;
+            vm: string;
+        };
+        /** @description `POST /vms/{name}/snapshots`. */
+        SnapshotRequest: {
+            /** @description The snapshot's name (letters, digits, `-`, `_`, `.`); `snap-N` when absent. */
+            name?: string | null;
         };
         /**
          * @description The format of a file to import. VMDK files (every subformat Keel reads: monolithicSparse,
@@ -3344,6 +3439,126 @@ export interface operations {
             };
         };
     };
+    restore_vm: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RestoreRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmInfo"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body did not arrive within 30 s */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is over 2 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is not JSON (Content-Type: application/json) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     resume_vm: {
         parameters: {
             query?: never;
@@ -3457,6 +3672,282 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["VmInfo"];
                 };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_snapshots: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotInfo"][];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    take_snapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["SnapshotRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotInfo"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body did not arrive within 30 s */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is over 2 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is not JSON (Content-Type: application/json) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is JSON of the wrong shape */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    remove_snapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+                snapshot: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description a value in the path, query or body is not acceptable */
             400: {

@@ -29,10 +29,13 @@ pub enum Cause {
     OomKill,
     /// The ledger or its anchor was changed outside keel (an incident, never a state change).
     Tamper,
+    /// Keel held the VM still for work an operator asked of it (a snapshot, an upgrade of
+    /// its VMM, a migration): counted as down time in SLA reports, however short.
+    Maintenance,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 7] = [
+    pub const ALL: [Cause; 8] = [
         Cause::Operator,
         Cause::Guest,
         Cause::VmmCrash,
@@ -40,6 +43,7 @@ impl Cause {
         Cause::DaemonRestart,
         Cause::OomKill,
         Cause::Tamper,
+        Cause::Maintenance,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Cause {
             Cause::DaemonRestart => "daemon-restart",
             Cause::OomKill => "oom-kill",
             Cause::Tamper => "tamper",
+            Cause::Maintenance => "maintenance",
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod events;
 pub mod host;
 pub mod image;
+pub mod snapshot;
 pub mod vm;
 
 pub use events::{Cause, Event, EventKind, SlaReport};

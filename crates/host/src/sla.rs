@@ -7,22 +7,25 @@
 //!   row is *not yet defined*.
 //! - **Up** is `running` or `shutting-down`. Every other state is down, `paused` included:
 //!   a paused guest runs no instruction.
-//! - An **unplanned outage** begins when a VM goes from up to a down state (`stopped`,
-//!   `starting`, `crashed`) with cause `vmm-crash`, `host-boot` or `daemon-restart`; the
-//!   outage carries that cause. It lasts until the VM is up again, or until an operator puts
-//!   it in `stopped` (cause `operator`): from then on the down time is planned. Nothing else
-//!   ends it: an operator's or the daemon's `starting` during the outage, or another crash,
-//!   leaves the VM down with the outage's first cause until it is running.
+//! - An **outage** begins when a VM goes from up to a down state (`stopped`, `starting`,
+//!   `crashed`, `paused`) with cause `vmm-crash`, `oom-kill`, `host-boot` or
+//!   `daemon-restart` (unplanned), or `maintenance` (Keel held the VM still for work an
+//!   operator asked of it: a snapshot, an upgrade, a migration; the guest stood still, so it
+//!   counts however short); the outage carries that cause. It lasts until the VM is up
+//!   again, or until an operator puts it in `stopped` (cause `operator`): from then on the
+//!   down time is planned. Nothing else ends it: an operator's or the daemon's `starting`
+//!   during the outage, or another crash, leaves the VM down with the outage's first cause
+//!   until it is running.
 //! - **Excluded** time (not counted against availability): before the VM's first state row;
-//!   down time that began with cause `operator` or `guest` (the operator's or the guest's own
-//!   choice: a stop, a pause, a power-off, a reboot, a guest kernel crash); and down time that did not
-//!   begin by leaving an up state (a VM that was defined but never started, or that fails
-//!   while it is being started from stopped).
+//!   down time that began with cause `operator` or `guest` (the operator's or the guest's
+//!   own choice: a stop, a pause, a power-off, a reboot, a guest kernel crash); and down time
+//!   that did not begin by leaving an up state (a VM that was defined but never started, or
+//!   that fails while it is being started from stopped).
 //! - Rows before the window set the VM's state at its start; everything is clipped to
 //!   `[from, to)`. A row at exactly `to` is outside. An outage that began before `from` counts
 //!   its down time inside the window but not in `outages`.
-//! - `downtime_by_cause` always has the three keys `vmm-crash`, `host-boot` and
-//!   `daemon-restart`. Times are computed in milliseconds and reported in seconds.
+//! - `downtime_by_cause` always has the five keys `vmm-crash`, `oom-kill`, `host-boot`,
+//!   `daemon-restart` and `maintenance`. Times are computed in milliseconds and reported in seconds.
 //! - `availability_percent` = 100 × (1 − downtime ÷ (window − excluded)); 100 when
 //!   window − excluded is 0 (nothing was expected of the VM). A window with `to` ≤ `from`
 //!   is empty.
@@ -43,11 +46,12 @@ use crate::ledger;
 use crate::time::rfc3339;
 
 /// The causes of unplanned down time, in report and CSV column order.
-pub const UNPLANNED: [Cause; 4] = [
+pub const UNPLANNED: [Cause; 5] = [
     Cause::VmmCrash,
     Cause::OomKill,
     Cause::HostBoot,
     Cause::DaemonRestart,
+    Cause::Maintenance,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -395,6 +399,7 @@ mod tests {
             ("oom-kill".to_string(), 0.0),
             ("host-boot".to_string(), host),
             ("daemon-restart".to_string(), daemon),
+            ("maintenance".to_string(), 0.0),
         ]
         .into_iter()
         .collect()
@@ -565,6 +570,30 @@ mod tests {
             assert_eq!(r.vms[0].window_seconds, 0.0);
             assert_eq!(r.vms[0].availability_percent, 100.0);
         }
+    }
+
+    /// An operator's pause is excluded; Keel's own (a snapshot's) is down time, counted.
+    #[test]
+    fn pauses_by_the_operator_and_for_maintenance() {
+        let from = t("2030-01-01T00:00:00Z");
+        let at = |ms: i64| {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis((from + ms) as u64),
+            )
+            .to_string()
+        };
+        let mut l = Ledger(Vec::new());
+        l.row(&at(0), "a", Running, Operator)
+            .row(&at(10_000), "a", Paused, Operator)
+            .row(&at(20_000), "a", Running, Operator)
+            .row(&at(30_000), "a", Paused, Maintenance)
+            .row(&at(30_025), "a", Running, Maintenance);
+        let r = report(&l.0, &[], from, from + 100_000, &[]);
+        let a = &r.vms[0];
+        assert_eq!(a.excluded_seconds, 10.0);
+        assert_eq!(a.downtime_by_cause["maintenance"], 0.025);
+        assert_eq!(a.outages, 1);
+        assert_eq!(a.downtime_seconds, 0.025);
     }
 
     #[test]
@@ -758,12 +787,12 @@ mod tests {
         let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
         assert_eq!(
             lines[0],
-            "vm,window_seconds,excluded_seconds,downtime_seconds,availability_percent,credit_percent,outages,downtime_vmm-crash,downtime_oom-kill,downtime_host-boot,downtime_daemon-restart"
+            "vm,window_seconds,excluded_seconds,downtime_seconds,availability_percent,credit_percent,outages,downtime_vmm-crash,downtime_oom-kill,downtime_host-boot,downtime_daemon-restart,downtime_maintenance"
         );
         assert_eq!(
             lines[1],
             format!(
-                "web,86400,3600,907,{},25,2,607,0,300,0",
+                "web,86400,3600,907,{},25,2,607,0,300,0,0",
                 100.0 * (1.0 - 907.0 / 82_800.0)
             )
         );

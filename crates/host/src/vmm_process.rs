@@ -177,6 +177,8 @@ pub struct Launch<'a> {
     pub files: Vec<OwnedFd>,
     /// Most bytes the VM's console.log keeps.
     pub console_log_max: u64,
+    /// Restore from the snapshot in this subdirectory of the run directory.
+    pub restore: Option<&'a str>,
 }
 
 /// Environment variables a VMM gets from the daemon's (the rest is not passed on).
@@ -242,6 +244,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         .arg("--handed-files")
         .arg("--console-log-max")
         .arg(launch.console_log_max.to_string())
+        .args(launch.restore.iter().flat_map(|r| ["--restore", r]))
         .env_clear()
         .stdin(Stdio::null())
         .stdout(if launch.jail.is_some() {
@@ -421,11 +424,28 @@ pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
 
 /// One request to a VMM's control socket, with a timeout.
 pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
-    control_with_peer(run_dir, request).await.map(|(r, _)| r)
+    control_with_peer(run_dir, request, CONTROL_TIMEOUT)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// [`control`] for a request that takes long (a snapshot writes all the guest's memory).
+pub async fn control_waiting(
+    run_dir: &RunDir,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response> {
+    control_with_peer(run_dir, request, timeout)
+        .await
+        .map(|(r, _)| r)
 }
 
 /// [`control`], with the pid of the socket's owner as the kernel reports it.
-async fn control_with_peer(run_dir: &RunDir, request: &Request) -> Result<(Response, Option<u32>)> {
+async fn control_with_peer(
+    run_dir: &RunDir,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(Response, Option<u32>)> {
     let path = run_dir.control_socket();
     let fail = |reason: String| Error::Control {
         path: path.clone(),
@@ -457,15 +477,15 @@ async fn control_with_peer(run_dir: &RunDir, request: &Request) -> Result<(Respo
             .map(|r| (r, peer))
             .map_err(|e| fail(format!("unreadable answer {answer:?} ({e})")))
     };
-    tokio::time::timeout(CONTROL_TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| fail(format!("no answer within {CONTROL_TIMEOUT:?}")))?
+        .map_err(|_| fail(format!("no answer within {timeout:?}")))?
 }
 
 /// The VMM's status, if a VMM answers on the socket. Its pid is the one the kernel gives
 /// for the socket's owner, in the daemon's PID namespace (a jailed VMM is PID 1 of its own).
 pub async fn status(run_dir: &RunDir) -> Result<VmmStatus> {
-    let (response, peer) = control_with_peer(run_dir, &Request::Status).await?;
+    let (response, peer) = control_with_peer(run_dir, &Request::Status, CONTROL_TIMEOUT).await?;
     match response {
         Response::Status(mut status) => {
             if let Some(pid) = peer {

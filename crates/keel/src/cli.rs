@@ -121,6 +121,21 @@ pub enum VmCommand {
     Pause { name: String },
     /// Let a paused VM run on.
     Resume { name: String },
+    /// Snapshot a running or paused VM: its state, its touched memory and its disks as they
+    /// are now (the guest stands still while they are copied).
+    Snapshot {
+        name: String,
+        /// The snapshot's name (default: snap-N).
+        #[arg(long = "name", value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
+    },
+    /// The VM's snapshots.
+    Snapshots { name: String },
+    /// Restore a stopped VM from one of its snapshots: its disks go back to that instant and
+    /// the guest runs on from where it was.
+    Restore { name: String, snapshot: String },
+    /// Delete one of the VM's snapshots.
+    SnapshotRm { name: String, snapshot: String },
     /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
     /// cloud-init seed the daemon made for it).
     Rm { name: String },
@@ -262,6 +277,16 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 .send(Method::POST, &vm_path(&name, "/resume"), None)
                 .await?,
         ),
+        VmCommand::Snapshot { name, snapshot } => {
+            crate::snapshot_cli::take(&client, &api, &name, snapshot).await
+        }
+        VmCommand::Snapshots { name } => crate::snapshot_cli::list(&client, &api, &name).await,
+        VmCommand::Restore { name, snapshot } => {
+            show(crate::snapshot_cli::restore(&client, &name, &snapshot).await?)
+        }
+        VmCommand::SnapshotRm { name, snapshot } => {
+            crate::snapshot_cli::remove(&client, &api, &name, &snapshot).await
+        }
         VmCommand::Clone {
             name,
             new_name,

@@ -10,6 +10,7 @@ mod create_args;
 mod image_cli;
 mod ledger_cli;
 mod machine_args;
+mod snapshot_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -210,12 +210,15 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
         None => None,
     };
     if let Some(options) = &launch.jail {
+        // The snapshot's memory file is mapped inside the jail: it stays open across it.
+        let mut keep = vec![signals_fd];
+        keep.extend(restore.as_ref().map(|r| r.memory.as_raw_fd()));
         let jail = crate::jailing::spec_for_service(
             dir,
             options,
             &host_files,
             config.memory_bytes(),
-            &[signals_fd],
+            &keep,
         )?;
         if let jail::Entered::Parent { child } = jail::enter(&jail)? {
             return Ok(Prepared::Outside { child });

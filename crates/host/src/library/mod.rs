@@ -4,7 +4,7 @@
 //! thread as an operation whose progress clients poll; the image appears when it is whole
 //! (written to a partial file, synced, renamed).
 
-mod copy;
+pub(crate) mod copy;
 pub mod vm_clone;
 pub mod vm_import;
 

@@ -1,10 +1,11 @@
-//! Holding a VM still over the API: pause and resume.
+//! VMs that stand still or go back over the API: pause and resume, snapshots and restores.
 
+use api::snapshot::{RestoreRequest, SnapshotInfo, SnapshotRequest};
 use api::{ErrorBody, VmInfo};
 use axum::extract::State;
 use axum::{Extension, Json};
 
-use super::{load_vm, ApiError, App, PathArg};
+use super::{load_vm, ApiError, App, Body, PathArg};
 use crate::auth::Caller;
 
 #[utoipa::path(post, path = "/vms/{name}/pause", params(("name" = String, Path)),
@@ -28,5 +29,55 @@ pub(super) async fn resume_vm(
     PathArg(name): PathArg<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
     app.resume(&name, &caller.actor).await?;
+    Ok(Json(load_vm(&app, &name)?))
+}
+
+#[utoipa::path(post, path = "/vms/{name}/snapshots", params(("name" = String, Path)),
+    request_body = SnapshotRequest,
+    description = "Snapshots a running or paused VM: its state, the memory its guest touched, and a copy of each writable disk at that instant (a reflink where the file system shares blocks, else a sparse copy, while the guest stands still). The pause is recorded with cause `maintenance` and counts as down time in SLA reports.",
+    responses((status = 200, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn take_snapshot(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+    Body(request): Body<SnapshotRequest>,
+) -> Result<Json<SnapshotInfo>, ApiError> {
+    Ok(Json(
+        app.snapshot(&name, request.name, &caller.actor).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/vms/{name}/snapshots", params(("name" = String, Path)),
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 404, body = ErrorBody)))]
+pub(super) async fn list_snapshots(
+    State(app): State<App>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<Vec<SnapshotInfo>>, ApiError> {
+    Ok(Json(app.list_snapshots(&name)?))
+}
+
+#[utoipa::path(delete, path = "/vms/{name}/snapshots/{snapshot}",
+    params(("name" = String, Path), ("snapshot" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn remove_snapshot(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg((name, snapshot)): PathArg<(String, String)>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    app.remove_snapshot(&name, &snapshot, &caller.actor)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/vms/{name}/restore", params(("name" = String, Path)),
+    request_body = RestoreRequest,
+    description = "Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was.",
+    responses((status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn restore_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+    Body(request): Body<RestoreRequest>,
+) -> Result<Json<VmInfo>, ApiError> {
+    app.restore(&name, &request.snapshot, &caller.actor).await?;
     Ok(Json(load_vm(&app, &name)?))
 }

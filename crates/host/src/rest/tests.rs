@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 28);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 31);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()

@@ -104,6 +104,7 @@ impl Supervisor {
         spec: &VmSpec,
         run_dir: &RunDir,
         jail: Option<Jail>,
+        restore: Option<&'static str>,
     ) -> std::result::Result<u32, vmm_process::Error> {
         let name = &spec.name;
         let ooms = self.cgroup(name).map_or(0, |c| c.oom_kills());
@@ -130,6 +131,7 @@ impl Supervisor {
                 jail: options,
                 files,
                 console_log_max: this.console_log_max,
+                restore,
             })
         })
         .await

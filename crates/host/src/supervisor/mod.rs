@@ -22,6 +22,7 @@ use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
 mod judge;
 mod moves;
 mod recovery;
+mod snapshots;
 use judge::{judge_end, Judged};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,8 @@ pub enum Error {
     Library(#[from] crate::library::Error),
     #[error("VM '{name}': its VMM refused: {message}")]
     VmmRefused { name: String, message: String },
+    #[error("snapshot of VM '{vm}': {why}")]
+    Snapshot { vm: String, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -63,6 +66,9 @@ pub use policy::{
     meminfo_kib, HostLimits, HostPolicy, DEFAULT_CONSOLE_LOG_MAX, DEFAULT_MAX_VMS,
     DEFAULT_MEMORY_SHARE,
 };
+
+/// Where in a VM's run directory the files of a snapshot being restored are put.
+pub const RESTORE_DIR: &str = "restore";
 
 /// How long a VMM may take from spawn to answering on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -307,6 +313,18 @@ impl Supervisor {
     }
 
     async fn start_locked(self: &Arc<Self>, name: &str, cause: Cause, actor: &str) -> Result<()> {
+        self.start_from(name, cause, actor, None).await
+    }
+
+    /// Starts the VM, booting it, or restoring it from `restore` (a snapshot's name, whose
+    /// files are in the run directory's [`RESTORE_DIR`]).
+    async fn start_from(
+        self: &Arc<Self>,
+        name: &str,
+        cause: Cause,
+        actor: &str,
+        restore: Option<&str>,
+    ) -> Result<()> {
         let row = self.get(name)?;
         if row.state.has_vmm() {
             return Err(Error::WrongState {
@@ -322,7 +340,10 @@ impl Supervisor {
                 pid: None,
                 cause,
                 actor,
-                detail: "starting",
+                detail: &match restore {
+                    Some(snapshot) => format!("restoring snapshot {snapshot}"),
+                    None => "starting".into(),
+                },
                 time_ms: None,
             },
         )?;
@@ -338,7 +359,9 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        let spawned = self.launch(&row.spec, &run_dir, jail).await;
+        let spawned = self
+            .launch(&row.spec, &run_dir, jail, restore.map(|_| RESTORE_DIR))
+            .await;
         let pid = match spawned {
             Ok(pid) => pid,
             Err(vmm_process::Error::Refused { reason }) => {

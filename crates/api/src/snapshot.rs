@@ -1,0 +1,56 @@
+//! Snapshots over the API: what one is and how to ask for one.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::vm::VmSpec;
+
+/// `POST /vms/{name}/snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's name (letters, digits, `-`, `_`, `.`); `snap-N` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /vms/{name}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot of this VM to restore.
+    pub snapshot: String,
+}
+
+/// One disk of a snapshot: the VM's disk as it was, or (read-only) where it still is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotDisk {
+    /// The VM's disk, as its definition names it.
+    pub path: String,
+    /// The copy in the snapshot's directory; none for a read-only disk, which is not copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
+    /// How the copy was made: `reflink` (shared blocks, instant) or `copy` (sparse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<String>,
+}
+
+/// A snapshot, as `snapshot.json` in its directory records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    pub vm: String,
+    pub name: String,
+    /// Where its files are on the host.
+    pub dir: String,
+    /// When it was taken (RFC 3339, UTC): a record; nothing expires.
+    pub taken: String,
+    /// The VM's definition when it was taken.
+    pub spec: VmSpec,
+    pub memory_bytes: u64,
+    /// Bytes of guest memory stored (the pages the guest had touched).
+    pub memory_stored_bytes: u64,
+    pub state_bytes: u64,
+    pub disks: Vec<SnapshotDisk>,
+    /// How long the guest stood still for it, seconds (0 when it was paused already).
+    pub paused_seconds: f64,
+}

@@ -1,0 +1,425 @@
+//! Snapshots of running VMs and restores from them. A snapshot lives in
+//! `STATE/snapshots/VM/NAME/`: the VMM's state and memory files, a copy of each writable
+//! disk as it was at that instant (a reflink where the file system shares blocks, else a
+//! sparse copy), and `snapshot.json`. The VM stands still from the VMM's pause until its
+//! disks are copied; the ledger records that pause with cause `maintenance`, which SLA
+//! reports count. A restore puts the disks back, then starts a VMM on the snapshot's state.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::control::{Request, Response};
+use api::snapshot::{SnapshotDisk, SnapshotInfo};
+use api::{Cause, VmState};
+
+use super::{Error, Result, Supervisor, RESTORE_DIR};
+use crate::ledger::NewEvent;
+use crate::store::Transition;
+use crate::vmm_process;
+
+/// Where the VMM writes a snapshot in its run directory before the daemon moves it.
+const WRITING_DIR: &str = "snapshot-new";
+/// The longest a VMM may take to write a snapshot (all of a large guest's memory).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
+const MANIFEST: &str = "snapshot.json";
+/// `FICLONE`: the destination shares the source's blocks (btrfs, XFS).
+const FICLONE: libc::c_ulong = 0x4004_9409;
+
+fn snap_err(vm: &str, why: impl std::fmt::Display) -> Error {
+    Error::Snapshot {
+        vm: vm.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Copies `from` into the new file `to`: a reflink if the file system can, else sparse.
+fn copy_disk(from: &File, to: &File) -> std::io::Result<&'static str> {
+    // SAFETY: FICLONE takes the source descriptor as its argument; both are open files.
+    if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) } == 0 {
+        return Ok("reflink");
+    }
+    crate::library::copy::copy_sparse(from, to, &|_, _| {})?;
+    to.sync_all()?;
+    Ok("copy")
+}
+
+/// Makes `path` (a file or directory in a VM's run directory) its jailed VMM's, like the
+/// directory itself, so that the VMM can write it.
+fn owned_like(path: &Path, dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(dir)?;
+    std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid()))
+}
+
+impl Supervisor {
+    fn snapshots_of(&self, vm: &str) -> PathBuf {
+        self.state_dir.join("snapshots").join(vm)
+    }
+
+    /// The VM's snapshots, oldest first.
+    pub fn list_snapshots(&self, vm: &str) -> Result<Vec<SnapshotInfo>> {
+        self.get(vm)?;
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.snapshots_of(vm)) else {
+            return Ok(found);
+        };
+        for entry in entries.flatten() {
+            if let Ok(info) = read_manifest(&entry.path()) {
+                found.push(info);
+            }
+        }
+        found.sort_by(|a, b| a.taken.cmp(&b.taken).then(a.name.cmp(&b.name)));
+        Ok(found)
+    }
+
+    /// Snapshots a running or paused VM; a running one runs on after its disks are copied.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        vm: &str,
+        name: Option<String>,
+        actor: &str,
+    ) -> Result<SnapshotInfo> {
+        let guard = self.vm_lock(vm);
+        let _held = guard.lock().await;
+        let row = self.get(vm)?;
+        if !matches!(row.state, VmState::Running | VmState::Paused) {
+            return Err(Error::WrongState {
+                name: vm.into(),
+                state: row.state,
+                hint: "only a running or paused VM can be snapshotted",
+            });
+        }
+        let taken = self.list_snapshots(vm)?;
+        let name = name.unwrap_or_else(|| {
+            (1..)
+                .map(|n| format!("snap-{n}"))
+                .find(|n| !taken.iter().any(|t| &t.name == n))
+                .unwrap_or_default()
+        });
+        api::vm::check_name(&name).map_err(|_| {
+            snap_err(
+                vm,
+                format!(
+                    "'{name}' is not a name for a snapshot: use letters, digits, '-', '_' and '.'"
+                ),
+            )
+        })?;
+        let dir = self.snapshots_of(vm).join(&name);
+        if dir.exists() {
+            return Err(snap_err(
+                vm,
+                format!("it has a snapshot named '{name}' already"),
+            ));
+        }
+        let run_dir = self.run_dir(vm);
+        let writing = run_dir.file(WRITING_DIR);
+        let _ = std::fs::remove_dir_all(&writing);
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&writing)?;
+            owned_like(&writing, &run_dir.0)?;
+            for file in ["state", "memory"] {
+                let path = writing.join(file);
+                File::create(&path)?;
+                owned_like(&path, &run_dir.0)?;
+            }
+            Ok(())
+        })();
+        made.map_err(|e| snap_err(vm, format!("making {}: {e}", writing.display())))?;
+
+        let was_running = row.state == VmState::Running;
+        let asked = Instant::now();
+        let request = Request::Snapshot {
+            name: WRITING_DIR.into(),
+            stay_paused: true,
+        };
+        let report = match vmm_process::control_waiting(&run_dir, &request, WRITE_TIMEOUT).await? {
+            Response::Snapshot(report) => report,
+            Response::Error { message } => {
+                let _ = std::fs::remove_dir_all(&writing);
+                return Err(Error::VmmRefused {
+                    name: vm.into(),
+                    message,
+                });
+            }
+            other => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
+        };
+        if was_running {
+            self.transition(
+                vm,
+                Transition {
+                    to: VmState::Paused,
+                    pid: row.pid,
+                    cause: Cause::Maintenance,
+                    actor,
+                    detail: &format!("paused for snapshot {name}"),
+                    time_ms: None,
+                },
+            )?;
+        }
+        // The disks as they are now, while the guest stands still.
+        let copied = self.copy_disks(vm, &row.spec, &dir).await;
+        let paused = asked.elapsed();
+        if was_running {
+            self.resume_after(vm, row.pid, actor, &name, paused).await?;
+        }
+        let disks = match copied {
+            Ok(disks) => disks,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&writing);
+                return Err(e);
+            }
+        };
+        let moved = ["state", "memory"].iter().try_for_each(|file| {
+            let to = dir.join(file);
+            std::fs::rename(writing.join(file), &to)?;
+            // The snapshot is the host's now: the VM's jailed user may no longer change it.
+            std::os::unix::fs::lchown(&to, Some(0), Some(0)).or_else(|e| {
+                // A daemon that is not root keeps its own files.
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        });
+        let _ = std::fs::remove_dir_all(&writing);
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(snap_err(vm, format!("moving its files: {e}")));
+        }
+        let info = SnapshotInfo {
+            vm: vm.into(),
+            name: name.clone(),
+            dir: dir.display().to_string(),
+            taken: crate::time::rfc3339(crate::time::now_ms()),
+            spec: row.spec.clone(),
+            memory_bytes: row.spec.memory_mib << 20,
+            memory_stored_bytes: report.memory_bytes_written,
+            state_bytes: report.state_bytes,
+            disks,
+            paused_seconds: if was_running {
+                paused.as_secs_f64()
+            } else {
+                0.0
+            },
+        };
+        let json = serde_json::to_vec_pretty(&info).map_err(|e| snap_err(vm, e))?;
+        api::control::write_atomically(&dir.join(MANIFEST), &json, 0o600)
+            .map_err(|e| snap_err(vm, format!("writing its {MANIFEST}: {e}")))?;
+        self.with_store(|s| {
+            s.record(&NewEvent::host(
+                Some(vm),
+                Cause::Operator,
+                actor,
+                format!(
+                    "snapshot {name} taken: {} MiB of memory stored, {} disk(s), the guest stood still {:.3} s",
+                    report.memory_bytes_written >> 20,
+                    info.disks.len(),
+                    info.paused_seconds
+                ),
+            ))
+        })?;
+        Ok(info)
+    }
+
+    /// Lets the VM run on after a snapshot paused it; the ledger says how long it stood still.
+    async fn resume_after(
+        &self,
+        vm: &str,
+        pid: Option<u32>,
+        actor: &str,
+        name: &str,
+        paused: Duration,
+    ) -> Result<()> {
+        match vmm_process::control(&self.run_dir(vm), &Request::Resume).await? {
+            Response::Resumed(_) => {}
+            Response::Error { message } => {
+                return Err(Error::VmmRefused {
+                    name: vm.into(),
+                    message,
+                })
+            }
+            other => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
+        }
+        self.transition(
+            vm,
+            Transition {
+                to: VmState::Running,
+                pid,
+                cause: Cause::Maintenance,
+                actor,
+                detail: &format!(
+                    "resumed after snapshot {name}: stood still {:.3} s",
+                    paused.as_secs_f64()
+                ),
+                time_ms: None,
+            },
+        )
+    }
+
+    /// Copies each writable disk of `spec` into `dir` (made here); read-only ones are named.
+    async fn copy_disks(
+        self: &Arc<Self>,
+        vm: &str,
+        spec: &api::VmSpec,
+        dir: &Path,
+    ) -> Result<Vec<SnapshotDisk>> {
+        let (this, vm, spec, dir) = (
+            self.clone(),
+            vm.to_string(),
+            spec.clone(),
+            dir.to_path_buf(),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| snap_err(&vm, format!("making {}: {e}", dir.display())))?;
+            let mut disks = Vec::new();
+            for (i, disk) in spec.disks.iter().enumerate() {
+                if disk.readonly {
+                    disks.push(SnapshotDisk {
+                        path: disk.path.clone(),
+                        copy: None,
+                        how: None,
+                    });
+                    continue;
+                }
+                let from = this.images.open("disk", &disk.path, libc::O_RDONLY)?;
+                let copy = dir.join(format!("disk{i}"));
+                let to = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&copy)
+                    .map_err(|e| snap_err(&vm, format!("making {}: {e}", copy.display())))?;
+                let how = copy_disk(&from, &to)
+                    .map_err(|e| snap_err(&vm, format!("copying {}: {e}", disk.path)))?;
+                disks.push(SnapshotDisk {
+                    path: disk.path.clone(),
+                    copy: Some(copy.display().to_string()),
+                    how: Some(how.into()),
+                });
+            }
+            Ok(disks)
+        })
+        .await
+        .unwrap_or_else(|e| Err(snap_err("?", e)))
+    }
+
+    /// Restores a stopped VM from one of its snapshots: its disks go back to that instant,
+    /// then a VMM starts on the snapshot's state and the guest runs on from there.
+    pub async fn restore(self: &Arc<Self>, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
+        let guard = self.vm_lock(vm);
+        let _held = guard.lock().await;
+        let row = self.get(vm)?;
+        if row.state.has_vmm() {
+            return Err(Error::WrongState {
+                name: vm.into(),
+                state: row.state,
+                hint: "stop it first: a restore replaces the running guest and its disks",
+            });
+        }
+        api::vm::check_name(snapshot)
+            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
+        let dir = self.snapshots_of(vm).join(snapshot);
+        let info = read_manifest(&dir).map_err(|e| {
+            snap_err(
+                vm,
+                format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
+            )
+        })?;
+        check_same_machine(&info.spec, &row.spec).map_err(|why| {
+            snap_err(vm, format!("its definition changed since snapshot {snapshot}: {why}; a snapshot restores only into the VM it was taken of"))
+        })?;
+        self.put_disks_back(vm, &info).await?;
+        let run_dir = self.run_dir(vm);
+        let restore = run_dir.file(RESTORE_DIR);
+        let _ = std::fs::remove_dir_all(&restore);
+        let linked = std::fs::create_dir_all(&restore).and_then(|()| {
+            ["state", "memory"].iter().try_for_each(|file| {
+                let (from, to) = (dir.join(file), restore.join(file));
+                std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+            })
+        });
+        linked.map_err(|e| snap_err(vm, format!("putting the snapshot's files in place: {e}")))?;
+        let started = self
+            .start_from(vm, Cause::Operator, actor, Some(snapshot))
+            .await;
+        // The VMM has its memory file mapped (or failed): the links are not needed.
+        let _ = std::fs::remove_dir_all(&restore);
+        started
+    }
+
+    async fn put_disks_back(self: &Arc<Self>, vm: &str, info: &SnapshotInfo) -> Result<()> {
+        let (this, vm, info) = (self.clone(), vm.to_string(), info.clone());
+        tokio::task::spawn_blocking(move || {
+            for disk in &info.disks {
+                let Some(copy) = &disk.copy else { continue };
+                let from =
+                    File::open(copy).map_err(|e| snap_err(&vm, format!("opening {copy}: {e}")))?;
+                let to = this.images.open("disk", &disk.path, libc::O_WRONLY)?;
+                to.set_len(0)
+                    .and_then(|()| copy_disk(&from, &to).map(|_| ()))
+                    .map_err(|e| snap_err(&vm, format!("putting {} back: {e}", disk.path)))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(snap_err("?", e)))
+    }
+
+    /// Deletes a snapshot's directory.
+    pub fn remove_snapshot(&self, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
+        api::vm::check_name(snapshot)
+            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
+        let dir = self.snapshots_of(vm).join(snapshot);
+        read_manifest(&dir)
+            .map_err(|_| snap_err(vm, format!("it has no snapshot '{snapshot}'")))?;
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| snap_err(vm, format!("removing {}: {e}", dir.display())))?;
+        self.with_store(|s| {
+            s.record(&NewEvent::host(
+                Some(vm),
+                Cause::Operator,
+                actor,
+                format!("snapshot {snapshot} removed"),
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+fn read_manifest(dir: &Path) -> std::result::Result<SnapshotInfo, String> {
+    let bytes = api::control::read_run_file(&dir.join(MANIFEST)).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// A snapshot restores into the machine it was taken of: the same memory, vCPUs and devices.
+fn check_same_machine(then: &api::VmSpec, now: &api::VmSpec) -> std::result::Result<(), String> {
+    let differs = |what: &str, a: String, b: String| Err(format!("{what} was {a}, is {b}"));
+    if then.memory_mib != now.memory_mib {
+        return differs(
+            "memory",
+            then.memory_mib.to_string(),
+            now.memory_mib.to_string(),
+        );
+    }
+    if then.cpus != now.cpus {
+        return differs("vCPUs", then.cpus.to_string(), now.cpus.to_string());
+    }
+    let paths = |s: &api::VmSpec| s.disks.iter().map(|d| d.path.clone()).collect::<Vec<_>>();
+    if paths(then) != paths(now) {
+        return differs(
+            "disks",
+            format!("{:?}", paths(then)),
+            format!("{:?}", paths(now)),
+        );
+    }
+    if then.nets.len() != now.nets.len() || then.rng != now.rng || then.vsock != now.vsock {
+        return Err("its NICs, rng or vsock device changed".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `keel vm snapshot|snapshots|restore` through the daemon, with jailed VMMs: a probe writing
+//! disk records is snapshotted mid-way and runs on; after a stop, the restore puts its disk
+//! back and the probe goes on from the snapshot's record and verifies every one, then its
+//! memory churn starts and checks. The ledger records the pause (`maintenance`, counted by
+//! the SLA report) and the restore.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::*;
+
+const RECORDS: u64 = 200;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn wait_for(log: &std::path::Path, text: &str, from: usize) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let all = std::fs::read_to_string(log).unwrap_or_default();
+        let tail = all.get(from..).unwrap_or_default();
+        if tail.contains(text) {
+            return tail.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {text:?} in: {tail}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
+    if !kvm_available("a_snapshot_restores_the_guest_and_its_disk_to_that_instant") {
+        return;
+    }
+    let daemon = Daemon::start("snap");
+    std::fs::create_dir_all(daemon.images()).unwrap();
+    let disk = daemon.images().join("records.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let kernel = probe_elf();
+    let cmdline = format!(
+        "probe.blk_records={RECORDS} probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200"
+    );
+    daemon.ok(&[
+        "vm",
+        "create",
+        "s1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "128",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]);
+    let from = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    daemon.ok(&["vm", "start", "s1"]);
+    let log = std::path::PathBuf::from(
+        daemon.json(&["vm", "show", "s1"])["console_log"]
+            .as_str()
+            .unwrap(),
+    );
+    wait_for(&log, "PROBE acked 40\n", 0);
+    let refused = daemon.fails(&["vm", "restore", "s1", "nope"]);
+    assert!(refused.contains("stop it first"), "{refused}");
+
+    let snap = daemon.json(&["vm", "snapshot", "s1", "--name", "mid"]);
+    assert_eq!(snap["name"], "mid", "{snap}");
+    assert_eq!(snap["disks"][0]["how"], "copy", "ext4 here: no reflink");
+    let stored = snap["memory_stored_bytes"].as_u64().unwrap();
+    assert!(stored < 16 << 20, "only touched memory is stored: {snap}");
+    assert_eq!(daemon.state("s1"), "running");
+    let listed = daemon.ok(&["vm", "snapshots", "s1"]);
+    assert!(listed.contains("mid"), "{listed}");
+    // The VM ran on: all records, then the churn.
+    let first = wait_for(&log, "PROBE churn tick 1 ", 0);
+    assert!(
+        first.contains(&format!("PROBE blk_verify ok {RECORDS}")),
+        "{first}"
+    );
+    daemon.ok(&["vm", "stop", "s1"]);
+
+    // The restore: the disk goes back to the snapshot's instant, the guest on from there.
+    let mark = std::fs::read_to_string(&log).unwrap().len();
+    let restored = daemon.json(&["vm", "restore", "s1", "mid"]);
+    assert_eq!(restored["state"], "running", "{restored}");
+    let after = wait_for(&log, "PROBE churn tick 1 ", mark);
+    assert!(!after.contains("PROBE start"), "it booted again: {after}");
+    assert!(
+        after.contains(&format!("PROBE blk_verify ok {RECORDS}")),
+        "{after}"
+    );
+    let resumed_at: u64 = after
+        .lines()
+        .find_map(|l| l.strip_prefix("PROBE acked "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("records acked after the restore");
+    assert!(
+        (40..RECORDS).contains(&resumed_at),
+        "the guest went on from record {resumed_at}"
+    );
+    // A tick comes only after every page was checked good since the last one.
+    let churned = wait_for(&log, "PROBE churn tick 2 ", mark);
+    assert!(!churned.contains("check bad"), "{churned}");
+
+    // The ledger: the snapshot's pause (maintenance) and the restore.
+    let rows = daemon.json(&["events", "--vm", "s1", "--limit", "30"]);
+    let details: Vec<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["to"].as_str().unwrap_or("-"),
+                r["cause"].as_str().unwrap(),
+                r["detail"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let has = |text: &str| details.iter().any(|d| d.contains(text));
+    assert!(
+        has("paused maintenance paused for snapshot mid"),
+        "{details:#?}"
+    );
+    assert!(
+        has("running maintenance resumed after snapshot mid"),
+        "{details:#?}"
+    );
+    assert!(has("snapshot mid taken"), "{details:#?}");
+    assert!(
+        has("starting operator restoring snapshot mid"),
+        "{details:#?}"
+    );
+    let to = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = daemon.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "s1"]);
+    let counted = report["vms"][0]["downtime_by_cause"]["maintenance"]
+        .as_f64()
+        .unwrap();
+    assert!(counted > 0.0, "the snapshot's pause is counted: {report}");
+
+    daemon.ok(&["vm", "stop", "s1"]);
+    daemon.ok(&["vm", "snapshot-rm", "s1", "mid"]);
+    let listed = daemon.ok(&["vm", "snapshots", "s1"]);
+    assert!(listed.contains("no snapshots"), "{listed}");
+    let refused = daemon.fails(&["vm", "restore", "s1", "mid"]);
+    assert!(refused.contains("no snapshot 'mid'"), "{refused}");
+}

@@ -9,6 +9,7 @@
 //! QEMU).
 
 pub mod blk;
+pub mod moves;
 pub mod procfs;
 pub mod report;
 pub mod runner;

@@ -88,7 +88,7 @@ pub struct PauseReport {
 pub struct SnapshotReport {
     /// From the request to the VM running again (0 when it stays paused), microseconds.
     pub paused_us: u64,
-    /// Writing the state and memory files, synced, microseconds.
+    /// Saving the state and writing both files (not counting their sync), microseconds.
     pub write_us: u64,
     /// Bytes of guest memory written (pages the guest touched, not all zero).
     pub memory_bytes_written: u64,

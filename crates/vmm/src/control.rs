@@ -312,13 +312,16 @@ impl Controller {
             }
         }
         let written = self.write_snapshot(name);
+        // The files hold their contents in the page cache now: the guest runs on while they
+        // are synced, and the answer waits for the sync.
         let paused_us = if was_running && !stay_paused {
             self.resume();
             micros(asked.elapsed())
         } else {
             0
         };
-        match written {
+        let synced = written.and_then(|c| c.sync().map(|()| c).map_err(|e| e.to_string()));
+        match synced {
             Ok(c) => Response::Snapshot(api::control::SnapshotReport {
                 paused_us,
                 write_us: c.took_us,

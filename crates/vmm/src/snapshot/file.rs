@@ -65,14 +65,13 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Writes `state` into `file` (an existing file: a jailed VMM makes none) and syncs it.
+/// Writes `state` into `file` (an existing file: a jailed VMM makes none); the caller syncs.
 pub fn write_state(file: &File, state: &MachineState) -> Result<u64, Error> {
     let body = serde_json::to_vec(state).map_err(Error::Body)?;
     let bytes = frame(&body);
     file.set_len(0).map_err(io("emptying the state file"))?;
     file.write_all_at(&bytes, 0)
         .map_err(io("writing the state file"))?;
-    file.sync_all().map_err(io("syncing the state file"))?;
     Ok(bytes.len() as u64)
 }
 

@@ -53,11 +53,23 @@ pub enum Error {
     NoSpec,
 }
 
-/// What a snapshot took, for the answer.
+/// What a snapshot took, for the answer; its files, written but not yet synced.
 pub struct Captured {
     pub memory_bytes_written: u64,
     pub state_bytes: u64,
     pub took_us: u64,
+    files: [File; 2],
+}
+
+impl Captured {
+    /// Syncs both files. Their contents are in the page cache already: the guest may run
+    /// while this waits for the disk, and nothing it does changes them.
+    pub fn sync(&self) -> Result<(), Error> {
+        for file in &self.files {
+            file.sync_all().map_err(Error::Memory)?;
+        }
+        Ok(())
+    }
 }
 
 /// A fresh snapshot id: 16 random bytes, in hex.
@@ -73,7 +85,7 @@ fn new_id() -> String {
 }
 
 /// Saves the paused VM into `state_file` and `memory_file` (both exist and are writable;
-/// their contents are replaced). Both are synced before this returns.
+/// their contents are replaced). They are not synced yet: see [`Captured::sync`].
 pub fn capture(
     machine: &Machine,
     state_file: &File,
@@ -93,7 +105,6 @@ pub fn capture(
     file::write_memory_header(memory_file, &id, machine.memory_bytes)?;
     let written = memory::write_touched(&machine.memory, memory_file, file::MEMORY_HEADER_BYTES)
         .map_err(Error::Memory)?;
-    memory_file.sync_all().map_err(Error::Memory)?;
     let state = MachineState {
         id,
         spec,
@@ -109,5 +120,9 @@ pub fn capture(
         memory_bytes_written: written,
         state_bytes,
         took_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        files: [
+            state_file.try_clone().map_err(Error::Memory)?,
+            memory_file.try_clone().map_err(Error::Memory)?,
+        ],
     })
 }

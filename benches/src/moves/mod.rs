@@ -1,0 +1,5 @@
+//! What the `moves` benchmark (pause, snapshot, restore against QEMU) needs beyond the
+//! shared runner: a QMP client and a watch for a console log's first write.
+
+pub mod qmp;
+pub mod watch;

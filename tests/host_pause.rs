@@ -27,7 +27,7 @@ fn churning_vm(daemon: &Daemon, name: &str) -> std::path::PathBuf {
     daemon.ok(&["vm", "start", name]);
     let shown = daemon.json(&["vm", "show", name]);
     let log = std::path::PathBuf::from(shown["console_log"].as_str().unwrap());
-    wait_for(&log, "PROBE churn tick 1 ", 0);
+    wait_for(&log, "PROBE churn start", 0);
     log
 }
 

@@ -41,7 +41,7 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         .unwrap();
     let kernel = probe_elf();
     let cmdline = format!(
-        "probe.blk_records={RECORDS} probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200"
+        "probe.blk_records={RECORDS} probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000"
     );
     daemon.ok(&[
         "vm",

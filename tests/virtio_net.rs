@@ -6,55 +6,14 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const TAP: &str = "ktap0";
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-
-/// Echoes the probe's frames (payload "KEEL-PROBE i") back as "KEEL-ECHO i" until `stop`.
-fn echo_frames(ns: &netns::NetNs, stop: &AtomicBool) -> usize {
-    ns.enter();
-    let start = Instant::now();
-    let sock = loop {
-        match netns::packet_socket(TAP) {
-            Ok(s) => break s,
-            Err(_)
-                if start.elapsed() < Duration::from_secs(30) && !stop.load(Ordering::Acquire) =>
-            {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("tap {TAP} never appeared: {e}"),
-        }
-    };
-    let mut echoed = 0;
-    while !stop.load(Ordering::Acquire) {
-        let mut buf = [0u8; 2048];
-        // SAFETY: recv into a live buffer of the given length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 14 || buf[12..14] != ETHERTYPE || !buf[14..n as usize].starts_with(b"KEEL-PROBE ") {
-            continue;
-        }
-        let frame = &buf[..n as usize];
-        let mut reply = Vec::with_capacity(frame.len());
-        reply.extend_from_slice(&frame[6..12]);
-        reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-        reply.extend_from_slice(&ETHERTYPE);
-        reply.extend_from_slice(b"KEEL-ECHO ");
-        reply.extend_from_slice(&frame[14 + b"KEEL-PROBE ".len()..]);
-        // SAFETY: send from a live buffer of the given length.
-        let sent = unsafe { libc::send(sock.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
-        if sent == reply.len() as isize {
-            echoed += 1;
-        }
-    }
-    echoed
-}
 
 /// Runs the probe with a NIC in a fresh namespace while the test echoes its frames; returns
 /// the run and how many frames the host side echoed. None when no namespace can be made.
@@ -73,7 +32,7 @@ fn run_with_echo(test: &str, cmdline: &str) -> Option<(Run, usize)> {
     let stop = Arc::new(AtomicBool::new(false));
     let echo = {
         let (ns, stop) = (ns.clone(), stop.clone());
-        std::thread::spawn(move || echo_frames(&ns, &stop))
+        std::thread::spawn(move || netns::echo_frames(&ns, TAP, &stop))
     };
     let mut cmd = ns.command(KEEL);
     cmd.args(["run", "--kernel"]).arg(probe_elf()).args([

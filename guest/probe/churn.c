@@ -28,7 +28,7 @@
 #define CHURN_MEM    0x2000000UL	/* 32 MiB */
 #define USER_STACK   (CHURN_MEM - 0x1000)
 #define PAGE         4096UL
-#define GAP_US       1000UL		/* a stall in ring 3 */
+#define GAP_US       1000UL		/* a stall in ring 3 (probe.churn_gap_us) */
 #define AWAY_US      50000UL		/* a stall around ring 0's printing */
 #define LAPIC_SVR    0x0f0
 #define LAPIC_LVT_TIMER 0x320
@@ -202,7 +202,7 @@ void churn_run(void)
 		return;
 	c.rate_per_ms = arg_or("probe.churn_rate=", 1, false);
 	c.tsc_khz = tsc_khz();
-	c.gap_ticks = GAP_US * c.tsc_khz / 1000;
+	c.gap_ticks = arg_or("probe.churn_gap_us=", GAP_US, false) * c.tsc_khz / 1000;
 	c.away_ticks = AWAY_US * c.tsc_khz / 1000;
 	c.ticks_per_page = c.rate_per_ms ? c.tsc_khz / c.rate_per_ms : 0;
 	c.period_ticks = arg_or("probe.churn_report_ms=", 1000, false) * c.tsc_khz;

@@ -3,6 +3,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 pub struct NetNs {
     pub name: String,
@@ -123,4 +125,46 @@ pub fn packet_socket(name: &str) -> Result<OwnedFd, String> {
         );
         Ok(fd)
     }
+}
+
+/// The probe's `probe.net_echo` frames carry this EtherType.
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+/// Echoes the probe's frames (payload "KEEL-PROBE i") back as "KEEL-ECHO i" until `stop`.
+pub fn echo_frames(ns: &NetNs, tap: &str, stop: &AtomicBool) -> usize {
+    ns.enter();
+    let start = Instant::now();
+    let sock = loop {
+        match packet_socket(tap) {
+            Ok(s) => break s,
+            Err(_)
+                if start.elapsed() < Duration::from_secs(30) && !stop.load(Ordering::Acquire) =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("tap {tap} never appeared: {e}"),
+        }
+    };
+    let mut echoed = 0;
+    while !stop.load(Ordering::Acquire) {
+        let mut buf = [0u8; 2048];
+        // SAFETY: recv into a live buffer of the given length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 14 || buf[12..14] != ETHERTYPE || !buf[14..n as usize].starts_with(b"KEEL-PROBE ") {
+            continue;
+        }
+        let frame = &buf[..n as usize];
+        let mut reply = Vec::with_capacity(frame.len());
+        reply.extend_from_slice(&frame[6..12]);
+        reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        reply.extend_from_slice(&ETHERTYPE);
+        reply.extend_from_slice(b"KEEL-ECHO ");
+        reply.extend_from_slice(&frame[14 + b"KEEL-PROBE ".len()..]);
+        // SAFETY: send from a live buffer of the given length.
+        let sent = unsafe { libc::send(sock.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
+        if sent == reply.len() as isize {
+            echoed += 1;
+        }
+    }
+    echoed
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::*;
@@ -31,18 +31,8 @@ fn churning_vm(daemon: &Daemon, name: &str) -> std::path::PathBuf {
     log
 }
 
-/// Waits until the console log holds `text` after byte `from`; returns the log from there.
 fn wait_for(log: &std::path::Path, text: &str, from: usize) -> String {
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    loop {
-        let all = std::fs::read_to_string(log).unwrap_or_default();
-        let tail = all.get(from..).unwrap_or_default();
-        if tail.contains(text) {
-            return tail.to_string();
-        }
-        assert!(Instant::now() < deadline, "no {text:?} in: {tail}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::daemon::wait_for_output(log, text, from, STATE_TIMEOUT)
 }
 
 fn log_len(log: &std::path::Path) -> usize {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::*;
@@ -15,16 +15,7 @@ const RECORDS: u64 = 200;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn wait_for(log: &std::path::Path, text: &str, from: usize) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let all = std::fs::read_to_string(log).unwrap_or_default();
-        let tail = all.get(from..).unwrap_or_default();
-        if tail.contains(text) {
-            return tail.to_string();
-        }
-        assert!(Instant::now() < deadline, "no {text:?} in: {tail}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::daemon::wait_for_output(log, text, from, TIMEOUT)
 }
 
 #[test]

@@ -13,16 +13,6 @@ use api::control::{files, Response, SnapshotReport};
 use common::vmm::*;
 use common::*;
 
-/// The files a snapshot named `name` is written to, made empty first (a jailed VMM makes
-/// none).
-fn make_snapshot_files(dir: &RunDir, name: &str) {
-    let sub = dir.path(name);
-    std::fs::create_dir_all(&sub).unwrap();
-    for file in ["state", "memory"] {
-        std::fs::File::create(sub.join(file)).unwrap();
-    }
-}
-
 fn snapshot(control: &mut Control, name: &str, stay_paused: bool) -> SnapshotReport {
     let request =
         serde_json::json!({"request": "snapshot", "name": name, "stay_paused": stay_paused});
@@ -137,18 +127,13 @@ fn disk_records_written_across_a_snapshot_are_all_there_after_the_restore() {
         return;
     }
     const RECORDS: u64 = 800;
-    let disk_dir = std::env::temp_dir().join(format!("keel-snap-disk-{}", std::process::id()));
-    std::fs::create_dir_all(&disk_dir).unwrap();
-    let disk = disk_dir.join("disk.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let scratch = ScratchDisk::new("snap", 16 << 20);
+    let disk = &scratch.path;
     let mut spec = spec(
         "snap-disk",
         &format!("probe.blk_records={RECORDS} probe.blk_nodiscard probe.rng probe.poweroff"),
     );
-    spec["disks"] = serde_json::json!([{ "path": disk.to_str().unwrap() }]);
+    spec["disks"] = scratch.spec();
     spec["rng"] = true.into();
     let dir = RunDir::new("snap-disk", &spec);
     let mut child = KillOnDrop(start(&dir));
@@ -159,8 +144,8 @@ fn disk_records_written_across_a_snapshot_are_all_there_after_the_restore() {
     make_snapshot_files(&dir, "s");
     snapshot(&mut control, "s", true);
     // The disk as it was at that instant: the VM is paused, its requests all answered.
-    let frozen = disk_dir.join("frozen.raw");
-    std::fs::copy(&disk, &frozen).unwrap();
+    let frozen = scratch.dir.join("frozen.raw");
+    std::fs::copy(disk, &frozen).unwrap();
     let before = dir.read(files::CONSOLE_LOG);
     assert!(
         !before.contains("blk_verify"),
@@ -170,7 +155,7 @@ fn disk_records_written_across_a_snapshot_are_all_there_after_the_restore() {
     wait_exit(&mut child, &dir);
 
     // Restored onto the frozen disk, the probe writes the rest and verifies every record.
-    std::fs::rename(&frozen, &disk).unwrap();
+    std::fs::rename(&frozen, disk).unwrap();
     let mark = before.len();
     let mut restored = start_restore(&dir, "s");
     wait_exit(&mut restored, &dir);
@@ -181,7 +166,6 @@ fn disk_records_written_across_a_snapshot_are_all_there_after_the_restore() {
         dir.context()
     );
     assert!(!after.contains("PROBE start"), "it booted again: {after}");
-    let _ = std::fs::remove_dir_all(&disk_dir);
 }
 
 /// A snapshot made and then damaged in `damage`; the restore must fail with `expected` in its
@@ -294,18 +278,12 @@ fn the_format_1_fixture_still_reads() {
 #[test]
 #[ignore = "makes the format-1 fixture: run by hand when the format changes"]
 fn make_the_fixture() {
-    let disk_dir = std::env::temp_dir().join(format!("keel-fixture-{}", std::process::id()));
-    std::fs::create_dir_all(&disk_dir).unwrap();
-    let disk = disk_dir.join("disk.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let disk = ScratchDisk::new("fixture", 1 << 20);
     let mut spec = spec(
         "fixture",
         "probe.blk_records=3 probe.rng probe.power_button",
     );
-    spec["disks"] = serde_json::json!([{ "path": disk.to_str().unwrap() }]);
+    spec["disks"] = disk.spec();
     spec["rng"] = true.into();
     let dir = RunDir::new("fixture", &spec);
     let mut child = KillOnDrop(start(&dir));

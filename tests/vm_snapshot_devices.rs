@@ -68,13 +68,8 @@ fn every_device_type_restores_and_the_date_does_not_matter() {
             return;
         }
     };
-    let disk_dir = std::env::temp_dir().join(format!("keel-snapdev-{}", std::process::id()));
-    std::fs::create_dir_all(&disk_dir).unwrap();
-    let disk = disk_dir.join("disk.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let scratch = ScratchDisk::new("snapdev", 16 << 20);
+    let disk = &scratch.path;
     let mut spec = spec(
         "snapdev",
         &format!(
@@ -82,7 +77,7 @@ fn every_device_type_restores_and_the_date_does_not_matter() {
         ),
     );
     spec["memory_mib"] = 128.into();
-    spec["disks"] = serde_json::json!([{ "path": disk.to_str().unwrap() }]);
+    spec["disks"] = scratch.spec();
     spec["nets"] = serde_json::json!([{ "tap": TAP, "mac": "52:54:00:12:34:56" }]);
     spec["rng"] = true.into();
     spec["vsock"] = serde_json::json!({ "cid": 42 });
@@ -94,17 +89,13 @@ fn every_device_type_restores_and_the_date_does_not_matter() {
     wait_until("the first records", &dir, || {
         dir.read(files::CONSOLE_LOG).contains("PROBE acked 20\n")
     });
-    let sub = dir.path("s");
-    std::fs::create_dir_all(&sub).unwrap();
-    for f in ["state", "memory"] {
-        std::fs::File::create(sub.join(f)).unwrap();
-    }
+    make_snapshot_files(&dir, "s");
     let request = br#"{"request":"snapshot","name":"s","stay_paused":true}"#;
     assert!(matches!(control.ask(request), Response::Snapshot(_)));
-    std::fs::copy(&disk, disk_dir.join("frozen.raw")).unwrap();
+    std::fs::copy(disk, scratch.dir.join("frozen.raw")).unwrap();
     assert_eq!(control.ask(br#"{"request":"stop"}"#), Response::Done);
     wait_exit(&mut child, &dir);
-    std::fs::rename(disk_dir.join("frozen.raw"), &disk).unwrap();
+    std::fs::rename(scratch.dir.join("frozen.raw"), disk).unwrap();
 
     // Restored by a VMM whose clock says 2100.
     let mark = dir.read(files::CONSOLE_LOG).len();
@@ -140,5 +131,4 @@ fn every_device_type_restores_and_the_date_does_not_matter() {
     let mut control = Control::connect(&dir);
     assert_eq!(control.ask(br#"{"request":"stop"}"#), Response::Done);
     wait_exit(&mut restored, &dir);
-    let _ = std::fs::remove_dir_all(&disk_dir);
 }

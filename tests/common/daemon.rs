@@ -329,3 +329,18 @@ impl Drop for Daemon {
         let _ = std::fs::remove_file(self.log_path());
     }
 }
+
+/// Waits until the console log at `log` holds `text` after byte `from`; returns the log from
+/// there. Panics with what it holds after `timeout`.
+pub fn wait_for_output(log: &Path, text: &str, from: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = std::fs::read_to_string(log).unwrap_or_default();
+        let tail = all.get(from..).unwrap_or_default();
+        if tail.contains(text) {
+            return tail.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {text:?} in: {tail}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -222,3 +222,44 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A sparse raw disk of `bytes` in a directory of its own, removed with it.
+pub struct ScratchDisk {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl ScratchDisk {
+    pub fn new(tag: &str, bytes: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("keel-disk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        Self { dir, path }
+    }
+
+    /// The definition's `disks` entry for it.
+    pub fn spec(&self) -> serde_json::Value {
+        serde_json::json!([{ "path": self.path.to_str().unwrap() }])
+    }
+}
+
+impl Drop for ScratchDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The files a snapshot named `name` is written to, made empty first (a jailed VMM makes
+/// none).
+pub fn make_snapshot_files(dir: &RunDir, name: &str) {
+    let sub = dir.path(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    for file in ["state", "memory"] {
+        std::fs::File::create(sub.join(file)).unwrap();
+    }
+}

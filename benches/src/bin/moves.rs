@@ -196,15 +196,7 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         .sum();
     stop(vmm);
 
-    let written = Written::watch(&console)?;
-    let spawned = Instant::now();
-    let restored = keel_vmm(keel, dir, Some("snap"))?;
-    let came = written.wait(DEADLINE);
-    let restore_ms = ms(spawned.elapsed());
-    stop(restored);
-    if !came {
-        bail!("keel restore: no guest output within {DEADLINE:?}");
-    }
+    let restore_ms = time_restore(&console, "keel", || keel_vmm(keel, dir, Some("snap")))?;
     Ok(Sample {
         pause_ms,
         snapshot_ms,
@@ -212,6 +204,21 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         stored_mib: stored as f64 / f64::from(1 << 20),
         restore_ms,
     })
+}
+
+/// Starts a restoring VMM with `spawn`; milliseconds from just before the spawn to the
+/// guest's first write into `console`. The VMM is stopped after.
+fn time_restore(console: &Path, vmm: &str, spawn: impl FnOnce() -> Result<Child>) -> Result<f64> {
+    let written = Written::watch(console)?;
+    let spawned = Instant::now();
+    let restored = spawn()?;
+    let came = written.wait(DEADLINE);
+    let restore_ms = ms(spawned.elapsed());
+    stop(restored);
+    if !came {
+        bail!("{vmm} restore: no guest output within {DEADLINE:?}");
+    }
+    Ok(restore_ms)
 }
 
 fn qemu_vm(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<&Path>) -> Result<Child> {
@@ -286,15 +293,7 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     stop(vm);
 
     let _ = std::fs::remove_file(dir.join("qmp.sock"));
-    let written = Written::watch(&console)?;
-    let spawned = Instant::now();
-    let restored = qemu_vm(qemu, probe, dir, Some(&state))?;
-    let came = written.wait(DEADLINE);
-    let restore_ms = ms(spawned.elapsed());
-    stop(restored);
-    if !came {
-        bail!("qemu restore: no guest output within {DEADLINE:?}");
-    }
+    let restore_ms = time_restore(&console, "qemu", || qemu_vm(qemu, probe, dir, Some(&state)))?;
     Ok(Sample {
         pause_ms,
         snapshot_ms,

@@ -131,9 +131,7 @@ fn garbage_gets_an_error_and_the_connection_stays_usable() {
         kinds.push(match serde_json::from_str::<Response>(&line).unwrap() {
             Response::Status(_) => "status",
             Response::Error { .. } => "error",
-            Response::Done => "done",
-            Response::Metrics(_) => "metrics",
-            Response::Paused(_) | Response::Resumed(_) | Response::Snapshot(_) => "pause",
+            _ => "other",
         });
     }
     assert_eq!(kinds, ["status", "error", "status"]);

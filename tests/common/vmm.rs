@@ -54,7 +54,24 @@ impl RunDir {
 }
 
 impl Drop for RunDir {
+    /// Every `keel vmm` of the directory is killed, however it was started (through
+    /// faketime or nsenter, whose own process a test's kill does not reach), then the
+    /// directory goes.
     fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        for (pid, proc_dir) in super::processes() {
+            let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+                continue;
+            };
+            let words: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect();
+            if words.iter().any(|w| w == "vmm") && words.contains(&dir) {
+                // SAFETY: kill(2) on a pid read from /proc just now; at worst it has exited.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -46,6 +46,9 @@ pub enum Request {
         #[serde(default)]
         stay_paused: bool,
     },
+    /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
+    /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
+    HandOver,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,7 @@ pub enum Response {
     Paused(PauseReport),
     Resumed(ResumeReport),
     Snapshot(SnapshotReport),
+    HandedOver(HandOverReport),
     Done,
     Error { message: String },
 }
@@ -93,6 +97,14 @@ pub struct SnapshotReport {
     /// Bytes of guest memory written (pages the guest touched, not all zero).
     pub memory_bytes_written: u64,
     pub state_bytes: u64,
+}
+
+/// A handover, as the old VMM measured it (monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOverReport {
+    /// From the vCPUs stopped to `go` sent to the new VMM, microseconds; the new VMM starts
+    /// the vCPUs right after it reads `go`.
+    pub paused_us: u64,
 }
 
 /// How long the guest stood still, as the VMM measured it (monotonic clock).
@@ -200,6 +212,14 @@ pub struct AtomicFile {
     path: std::path::PathBuf,
     tmp: std::path::PathBuf,
     file: std::fs::File,
+}
+
+impl Drop for AtomicFile {
+    /// Never committed (its writer had nothing to record after all): the temporary file
+    /// goes. After a commit it is renamed away already.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
 }
 
 impl AtomicFile {

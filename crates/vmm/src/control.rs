@@ -44,6 +44,8 @@ pub enum VmCommand {
     Resume,
     /// Save the VM into the run directory's `name` (see [`Request::Snapshot`]).
     Snapshot { name: String, stay_paused: bool },
+    /// Hand the guest to a new VMM (see [`crate::handover`]).
+    HandOver,
 }
 
 impl VmCommand {
@@ -59,6 +61,7 @@ impl VmCommand {
             Request::Pause => VmCommand::Pause,
             Request::Resume => VmCommand::Resume,
             Request::Snapshot { name, stay_paused } => VmCommand::Snapshot { name, stay_paused },
+            Request::HandOver => VmCommand::HandOver,
         }
     }
 
@@ -82,6 +85,8 @@ impl VmCommand {
             (VmCommand::Resume, _) => Err("the VM is not paused"),
             (VmCommand::Snapshot { .. }, Running | Paused) => Ok(()),
             (VmCommand::Snapshot { .. }, Booting) => Err("the VM has not started yet"),
+            (VmCommand::HandOver, Running | Paused) => Ok(()),
+            (VmCommand::HandOver, Booting) => Err("the VM has not started yet"),
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct Machine {
     pub devices: Arc<VirtioDevices>,
     pub vm: Arc<kvm_ioctls::VmFd>,
     pub memory: vm_memory::GuestMemoryMmap,
+    /// The memfd holding guest memory (none for a VM restored from a snapshot's file).
+    pub memfd: Option<std::fs::File>,
     pub memory_bytes: u64,
     pub bus: Arc<devices::legacy::LegacyBus>,
     pub ged: Arc<Ged>,
@@ -270,6 +277,7 @@ impl Controller {
             VmCommand::Pause => self.pause(),
             VmCommand::Resume => self.resume(),
             VmCommand::Snapshot { name, stay_paused } => self.snapshot(&name, stay_paused),
+            VmCommand::HandOver => self.hand_over(),
         }
     }
 
@@ -331,6 +339,39 @@ impl Controller {
             Err(message) => Response::Error {
                 message: format!("snapshot failed: {message}"),
             },
+        }
+    }
+
+    /// Pauses the VM (if it runs), hands it to the new VMM, and on success ends this one;
+    /// on failure the guest runs on here as before.
+    fn hand_over(&mut self) -> Response {
+        let was_running = self.state == RunState::Running;
+        if was_running {
+            if let Response::Error { message } = self.pause() {
+                return Response::Error { message };
+            }
+        }
+        let stopped_at = self.paused_at.unwrap_or_else(Instant::now);
+        let handed = self
+            .machine
+            .as_ref()
+            .ok_or("this VMM cannot hand its VM over".to_string())
+            .and_then(crate::handover::hand_over_machine);
+        match handed {
+            Ok(()) => {
+                self.exit.report(VmExit::HandedOver);
+                Response::HandedOver(api::control::HandOverReport {
+                    paused_us: micros(stopped_at.elapsed()),
+                })
+            }
+            Err(why) => {
+                if was_running {
+                    self.resume();
+                }
+                Response::Error {
+                    message: format!("handing the VM over failed: {why}; it runs on here"),
+                }
+            }
         }
     }
 

@@ -72,6 +72,8 @@ pub enum VmExit {
     Crash(CrashReport),
     /// A vCPU could not be set up or KVM failed under it.
     Failed(String),
+    /// The guest was handed to a new VMM (an upgrade): this one ends, the VM runs on.
+    HandedOver,
 }
 
 impl fmt::Display for VmExit {
@@ -83,6 +85,7 @@ impl fmt::Display for VmExit {
             VmExit::Stopped(by) => write!(f, "stopped {by}"),
             VmExit::Crash(report) => report.fmt(f),
             VmExit::Failed(why) => write!(f, "VM failed: {why}"),
+            VmExit::HandedOver => write!(f, "the guest was handed to a new VMM"),
         }
     }
 }
@@ -108,6 +111,14 @@ impl ExitSignal {
             // If the write fails the counter is already non-zero: the loop wakes anyway.
             let _ = self.event.write(1);
         }
+    }
+
+    /// Whether a reason was reported (without taking it).
+    pub fn is_reported(&self) -> bool {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     pub fn take(&self) -> Option<VmExit> {

@@ -71,7 +71,7 @@ fn needs_boot_image(config: &VmConfig) -> bool {
 
 impl HostFiles {
     /// Opens everything by the paths in `config` (`keel run`, or `keel vmm` by hand).
-    pub fn open(config: &VmConfig) -> Result<Self, crate::Error> {
+    pub fn open(config: &VmConfig, open_taps: bool) -> Result<Self, crate::Error> {
         config.validate()?;
         let open = |what: &'static str, path: &Path| {
             File::open(path)
@@ -105,7 +105,7 @@ impl HostFiles {
             .map(|d| disk::ImageFiles::open(&d.path, d.format, d.read_only, d.direct))
             .collect::<Result<Vec<_>, _>>()
             .map_err(virtio_devices::Error::from)?;
-        Self::with_devices(config, [kernel, initrd, boot_image], disks, None)
+        Self::with_devices(config, [kernel, initrd, boot_image], disks, None, open_taps)
     }
 
     /// The files opened so far and what every VMM opens itself: /dev/kvm, the taps, vsock's
@@ -115,6 +115,7 @@ impl HostFiles {
         [kernel, initrd, boot_image]: [Option<NamedFile>; 3],
         disks: Vec<disk::ImageFiles>,
         jail_id_lock: Option<File>,
+        open_taps: bool,
     ) -> Result<Self, crate::Error> {
         Ok(Self {
             kvm: host::open_kvm()?,
@@ -122,7 +123,35 @@ impl HostFiles {
             initrd,
             boot_image,
             disks,
-            taps: open_taps(config)?,
+            taps: if open_taps {
+                self::open_taps(config)?
+            } else {
+                Vec::new()
+            },
+            vsock_listener: listen_vsock(config)?,
+            jail_id_lock,
+        })
+    }
+
+    /// What a VMM taking a guest over opens itself: /dev/kvm and vsock's listener. The
+    /// disks and taps come from the old VMM; no kernel is loaded. A daemon's launch hands
+    /// only the jail id's lock.
+    pub fn for_takeover(config: &VmConfig, handed: bool) -> Result<Self, crate::Error> {
+        let jail_id_lock = if handed {
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            let open = unsafe { libc::fcntl(FIRST_HANDED_FD, libc::F_GETFD) } >= 0;
+            // SAFETY: the launcher handed this descriptor to this process alone.
+            open.then(|| unsafe { File::from_raw_fd(FIRST_HANDED_FD) })
+        } else {
+            None
+        };
+        Ok(Self {
+            kvm: host::open_kvm()?,
+            kernel: None,
+            initrd: None,
+            boot_image: None,
+            disks: Vec::new(),
+            taps: Vec::new(),
             vsock_listener: listen_vsock(config)?,
             jail_id_lock,
         })
@@ -152,7 +181,7 @@ impl HostFiles {
 
     /// Takes the files a launcher handed over from [`FIRST_HANDED_FD`] on, in the order the
     /// definition names them; opens /dev/kvm and the taps.
-    pub fn handed(config: &VmConfig) -> Result<Self, crate::Error> {
+    pub fn handed(config: &VmConfig, open_taps: bool) -> Result<Self, crate::Error> {
         config.validate_machine()?;
         let mut next = FIRST_HANDED_FD;
         let mut take = |what: String| -> Result<File, Error> {
@@ -202,7 +231,13 @@ impl HostFiles {
         }
         // The daemon's lock of the jail id, when it handed one.
         let jail_id_lock = take("the jail id's lock".into()).ok();
-        Self::with_devices(config, [kernel, initrd, boot_image], disks, jail_id_lock)
+        Self::with_devices(
+            config,
+            [kernel, initrd, boot_image],
+            disks,
+            jail_id_lock,
+            open_taps,
+        )
     }
 }
 

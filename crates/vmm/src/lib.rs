@@ -11,6 +11,7 @@ mod control;
 mod control_socket;
 mod disk_boot;
 mod exit;
+pub mod handover;
 pub mod host;
 pub mod host_files;
 pub mod jailing;
@@ -70,6 +71,9 @@ pub enum Error {
     EventLoop { what: &'static str, reason: String },
     #[error("restoring the snapshot failed: {0}")]
     Restore(String),
+    /// A handover that did not happen: the old VMM keeps the guest, this one ran nothing.
+    #[error("taking the guest over failed: {0}; the old VMM keeps it")]
+    TakeoverAborted(String),
     #[error("setting up vCPU {vcpu} failed: {message}")]
     VcpuSetup { vcpu: u32, message: String },
 }

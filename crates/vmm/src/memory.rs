@@ -1,6 +1,12 @@
-//! Guest memory: anonymous mappings (reserved lazily, so only what the guest touches costs
-//! host RAM) registered with KVM as memory slots.
+//! Guest memory: shared mappings of one memfd (reserved lazily, so only what the guest
+//! touches costs host RAM) registered with KVM as memory slots. A memfd, not anonymous
+//! memory, so that another process can map the same pages: an upgrade hands the guest to a
+//! new VMM without copying its memory. Region `i` lies in the memfd at the offset it has in a
+//! snapshot's memory file less its header ([`file_offsets`]).
 //!
+//! Transparent huge pages on a memfd need the host's
+//! `/sys/kernel/mm/transparent_hugepage/shmem_enabled` to be `advise` or `always` (this
+//! development host: `never`, so guest memory is in 4 KiB pages whatever is advised).
 //! With a `direct=on` disk the mappings are also advised `MADV_HUGEPAGE`, as QEMU and Cloud
 //! Hypervisor advise all guest RAM: a direct read or write pins the guest pages it uses and
 //! builds its bios from them, one segment for each physically contiguous run. A 1 MiB
@@ -11,6 +17,8 @@
 //! disk: buffered I/O copies through the page cache and gained nothing measurable, while
 //! every 2 MiB the guest touches becomes resident whole (the idle probe: RssAnon 0.4 ->
 //! 2.3 MiB).
+
+use std::fs::File;
 
 use arch::layout::ram_regions;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -25,6 +33,8 @@ pub enum Error {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("making the guest's memory file (memfd) failed: {0}")]
+    Memfd(String),
     #[error("mapping the snapshot's memory at guest address {addr:#x} failed: {reason}")]
     MapFile { addr: u64, reason: String },
     #[error("registering guest memory slot {slot} at {addr:#x} with KVM failed: {source}")]
@@ -36,21 +46,39 @@ pub enum Error {
     },
 }
 
-/// Maps `mem_size` bytes of guest memory; `huge_pages` asks for transparent huge pages on it
-/// (see the module documentation).
-pub fn create(mem_size: u64, huge_pages: bool) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
-        mib: mem_size >> 20,
-        source,
-    })?;
+/// Makes `mem_size` bytes of guest memory in a new memfd and maps it; `huge_pages` asks for
+/// transparent huge pages on it (see the module documentation). Returns the memfd too.
+pub fn create(mem_size: u64, huge_pages: bool) -> Result<(GuestMemoryMmap, File), Error> {
+    // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"keel-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: `fd` was just made by memfd_create and nothing else owns it.
+    let memfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    memfd
+        .set_len(mem_size)
+        .map_err(|e| Error::Memfd(format!("sizing it to {mem_size} bytes: {e}")))?;
+    let mem = map_shared(mem_size, &memfd)?;
     if huge_pages {
         advise_huge_pages(&mem);
     }
-    Ok(mem)
+    Ok((mem, memfd))
+}
+
+/// Maps the guest memory held in `memfd` (made by [`create`], here or in another VMM).
+pub fn map_shared(mem_size: u64, memfd: &File) -> Result<GuestMemoryMmap, Error> {
+    let ranges = file_offsets(mem_size, 0)
+        .into_iter()
+        .map(|(addr, len, at)| {
+            let file = memfd.try_clone().map_err(|e| Error::Memfd(e.to_string()))?;
+            Ok((addr, len, Some(vm_memory::FileOffset::new(file, at))))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|source| Error::Map {
+        mib: mem_size >> 20,
+        source,
+    })
 }
 
 /// `madvise(MADV_HUGEPAGE)` on every region. Only a hint: where it fails (a kernel without
@@ -223,7 +251,7 @@ mod tests {
             }
             panic!("guest memory at {addr:#x} is not in /proc/self/smaps");
         };
-        assert!(flagged(&create(16 << 20, true).unwrap()));
-        assert!(!flagged(&create(16 << 20, false).unwrap()));
+        assert!(flagged(&create(16 << 20, true).unwrap().0));
+        assert!(!flagged(&create(16 << 20, false).unwrap().0));
     }
 }

@@ -23,7 +23,7 @@ use crate::exit::VmExit;
 use crate::host_files::HostFiles;
 use crate::signals::Signals;
 use crate::snapshot;
-use crate::vm::{self, Frontend, Restore};
+use crate::vm::{self, Frontend, Restore, RestoredMemory};
 
 /// Longest path a Unix socket address holds (sun_path less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -106,6 +106,9 @@ pub struct Launch {
     pub console_log_max: u64,
     /// Restore from the snapshot in this subdirectory of the run directory.
     pub restore: Option<String>,
+    /// Take the running guest over from the VMM now serving this run directory (an
+    /// upgrade): listen on `takeover.sock` for it (see [`crate::handover`]).
+    pub takeover: bool,
 }
 
 /// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
@@ -116,7 +119,7 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     // Before anything else: no thread exists yet, so all later ones inherit the mask.
     let signals = Signals::take_over().map_err(Error::Signals)?;
     let control_path = dir.join(files::CONTROL_SOCKET);
-    if UnixStream::connect(&control_path).is_ok() {
+    if !launch.takeover && UnixStream::connect(&control_path).is_ok() {
         return Err(Error::AlreadyRunning(control_path));
     }
     remove_if_present(&dir.join(files::EXIT_RECORD)).map_err(|source| Error::RunDir {
@@ -126,12 +129,21 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     // The exit record's file is made now, while the process may still make files (its
     // seccomp filters forbid it later); it is filled in when the VM ends.
     let mut exit_file = None;
-    let started = match prepare(dir, launch, signals.as_raw_fd()) {
+    // Taking a guest over, the listener is bound first (before the jail, which makes no
+    // file): while it exists the guest is not ours, and nothing of the run directory is
+    // touched on the way out.
+    let takeover_path = dir.join(crate::handover::TAKEOVER_SOCKET);
+    let takeover = if launch.takeover {
+        Some(bind(&takeover_path)?)
+    } else {
+        None
+    };
+    let started = match prepare(dir, launch, signals.as_raw_fd(), takeover) {
         Ok(Prepared::Outside { child }) => {
             println!("{child}");
             return Ok(None);
         }
-        Ok(Prepared::Inside(spec, config, host_files, restore)) => {
+        Ok(Prepared::Inside(spec, config, host_files, origin)) => {
             exit_file = api::control::AtomicFile::create(&dir.join(files::EXIT_RECORD), 0o644).ok();
             start(
                 dir,
@@ -140,11 +152,25 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
                 host_files,
                 signals,
                 launch.console_log_max,
-                restore,
+                origin,
             )
         }
         Err(e) => Err(e),
     };
+    // A guest handed on, or one never taken over: the VM did not end here, and the run
+    // directory's sockets are the other VMM's. No exit record.
+    if matches!(started, Ok(VmExit::HandedOver)) {
+        // Everything of the run directory is the new VMM's now, its sockets included.
+        return started.map(Some);
+    }
+    if started.is_err() && launch.takeover && takeover_path.exists() {
+        // Never taken over: only this VMM's own sockets go.
+        for name in [files::CONTROL_SOCKET, files::CONSOLE_SOCKET] {
+            let _ = remove_if_present(&dir.join(taking_over(name)));
+        }
+        let _ = remove_if_present(&takeover_path);
+        return started.map(Some);
+    }
     let ended = match &started {
         Ok(exit) => ExitRecord {
             reason: exit_reason(exit),
@@ -178,16 +204,26 @@ enum Prepared {
     /// Outside the jail, which `child` runs in.
     Outside { child: u32 },
     /// The process that runs the VM (in its jail, when there is one).
-    Inside(
-        Box<api::VmSpec>,
-        Box<VmConfig>,
-        HostFiles,
-        Option<Box<Restore>>,
-    ),
+    Inside(Box<api::VmSpec>, Box<VmConfig>, HostFiles, Origin),
+}
+
+/// Where the guest comes from.
+enum Origin {
+    /// A fresh boot.
+    Boot,
+    /// A snapshot in the run directory.
+    Snapshot(Box<Restore>),
+    /// Another VMM, which connects to this listener to hand it over.
+    Takeover(UnixListener),
 }
 
 /// Reads the definition, opens what the VM uses of the host and enters the jail.
-fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, Error> {
+fn prepare(
+    dir: &Path,
+    launch: &Launch,
+    signals_fd: RawFd,
+    takeover: Option<UnixListener>,
+) -> Result<Prepared, Error> {
     let spec_path = dir.join(files::SPEC);
     let text = api::control::read_run_file(&spec_path).map_err(|source| Error::ReadSpec {
         path: spec_path.clone(),
@@ -198,10 +234,14 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
         source,
     })?;
     let config = VmConfig::from_spec(&spec, &dir.join(files::VSOCK_SOCKET))?;
-    let host_files = if launch.handed_files {
-        HostFiles::handed(&config)?
+    // A guest taken over comes with the old VMM's disks and taps (their locks, and a tap's
+    // one holder, go with the descriptors).
+    let host_files = if takeover.is_some() {
+        HostFiles::for_takeover(&config, launch.handed_files)?
+    } else if launch.handed_files {
+        HostFiles::handed(&config, true)?
     } else {
-        HostFiles::open(&config)?
+        HostFiles::open(&config, true)?
     };
     // The snapshot is read and checked before the jail: a bad one is refused before any VM
     // exists, and its memory file is open for the jailed VMM.
@@ -212,7 +252,8 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
     if let Some(options) = &launch.jail {
         // The snapshot's memory file is mapped inside the jail: it stays open across it.
         let mut keep = vec![signals_fd];
-        keep.extend(restore.as_ref().map(|r| r.memory.as_raw_fd()));
+        keep.extend(restore.as_ref().map(|r| r.memory.file().as_raw_fd()));
+        keep.extend(takeover.as_ref().map(|l| l.as_raw_fd()));
         let jail = crate::jailing::spec_for_service(
             dir,
             options,
@@ -232,7 +273,11 @@ fn prepare(dir: &Path, launch: &Launch, signals_fd: RawFd) -> Result<Prepared, E
         Box::new(spec),
         Box::new(config),
         host_files,
-        restore,
+        match (restore, takeover) {
+            (_, Some(listener)) => Origin::Takeover(listener),
+            (Some(restore), None) => Origin::Snapshot(restore),
+            (None, None) => Origin::Boot,
+        },
     ))
 }
 
@@ -243,7 +288,7 @@ fn start(
     host_files: HostFiles,
     signals: Signals,
     console_log_max: u64,
-    restore: Option<Box<Restore>>,
+    origin: Origin,
 ) -> Result<VmExit, Error> {
     let log_path = dir.join(files::CONSOLE_LOG);
     // Not O_APPEND: the cap moves the log's newest part to its start with positioned writes.
@@ -260,22 +305,106 @@ fn start(
             path: log_path,
             source,
         })?;
+    let socket_name = |name: &str| match origin {
+        Origin::Takeover(_) => taking_over(name),
+        _ => name.to_string(),
+    };
     let wiring = Wiring {
         name: spec.name.clone(),
         spec: spec.clone(),
         run_dir: dir.to_path_buf(),
         console_log,
         console_log_max,
-        console_socket: bind(&dir.join(files::CONSOLE_SOCKET))?,
-        control_socket: bind(&dir.join(files::CONTROL_SOCKET))?,
+        console_socket: bind(&dir.join(socket_name(files::CONSOLE_SOCKET)))?,
+        control_socket: bind(&dir.join(socket_name(files::CONTROL_SOCKET)))?,
         signals,
+    };
+    let (host_files, restore) = match origin {
+        Origin::Takeover(listener) => take_over(dir, config, host_files, &listener)?,
+        Origin::Snapshot(restore) => (host_files, Some(*restore)),
+        Origin::Boot => (host_files, None),
     };
     Ok(vm::run_with(
         config,
         host_files,
         Frontend::Service(Box::new(wiring)),
-        restore.map(|r| *r),
+        restore,
     )?)
+}
+
+/// While taking a guest over, the VMM's sockets are bound under these names and renamed
+/// into place on the old VMM's go.
+fn taking_over(name: &str) -> String {
+    format!("{name}.new")
+}
+
+/// Receives the guest from the old VMM: its memory's memfd, its taps, its state.
+fn take_over(
+    dir: &Path,
+    config: &VmConfig,
+    mut host_files: HostFiles,
+    listener: &UnixListener,
+) -> Result<(HostFiles, Option<Restore>), Error> {
+    let incoming = crate::handover::receive(listener)
+        .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?;
+    if incoming.taps.len() != config.nets.len() || incoming.disks.len() != config.disks.len() {
+        return Err(crate::Error::TakeoverAborted(format!(
+            "{} taps and {} disks handed over for {} NICs and {} disks",
+            incoming.taps.len(),
+            incoming.disks.len(),
+            config.nets.len(),
+            config.disks.len()
+        ))
+        .into());
+    }
+    let restore = Restore {
+        state: incoming.state.clone(),
+        memory: RestoredMemory::Memfd(
+            incoming
+                .memfd
+                .try_clone()
+                .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?,
+        ),
+        takeover: None,
+    };
+    host_files.disks = incoming
+        .disks
+        .iter()
+        .zip(&config.disks)
+        .map(|(files, d)| {
+            let mut rest = files.iter().skip(1);
+            let top = files[0].try_clone().map_err(|e| e.to_string())?;
+            disk::ImageFiles::with_backing(top, &d.path, d.format, &mut |p| {
+                rest.next()
+                    .ok_or_else(|| format!("no file handed over for {}", p.display()))?
+                    .try_clone()
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())
+        })
+        .collect::<std::result::Result<_, String>>()
+        .map_err(crate::Error::TakeoverAborted)?;
+    host_files.taps = incoming
+        .taps
+        .iter()
+        .zip(&config.nets)
+        .map(|(file, net)| {
+            file.try_clone()
+                .map(|f| devices::virtio::net::tap::Tap::from_attached(f, &net.tap))
+        })
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?;
+    let renames = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
+        .iter()
+        .map(|name| (dir.join(taking_over(name)), dir.join(name)))
+        .collect();
+    Ok((
+        host_files,
+        Some(Restore {
+            takeover: Some(vm::Takeover { incoming, renames }),
+            ..restore
+        }),
+    ))
 }
 
 /// A snapshot's files in the run directory: `NAME/state` and `NAME/memory`.
@@ -322,7 +451,11 @@ fn open_restore(dir: &Path, name: &str) -> Result<Restore, Error> {
             source: e,
         }
     })?;
-    Ok(Restore { state, memory })
+    Ok(Restore {
+        state,
+        memory: RestoredMemory::SnapshotFile(memory),
+        takeover: None,
+    })
 }
 
 /// Binds a fresh socket at `path`, removing what a previous run left there.
@@ -360,6 +493,8 @@ pub fn exit_reason(exit: &VmExit) -> ExitReason {
         VmExit::ConsoleQuit | VmExit::Stopped(_) => ExitReason::Stopped,
         VmExit::Crash(_) => ExitReason::GuestCrash,
         VmExit::Failed(_) => ExitReason::Failed,
+        // Never recorded: the VM did not end.
+        VmExit::HandedOver => ExitReason::Stopped,
     }
 }
 

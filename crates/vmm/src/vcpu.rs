@@ -44,9 +44,15 @@ pub struct VcpuShared {
     pub msr_indices: Arc<Vec<u32>>,
     /// The vCPUs' states when the VM is restored from a snapshot, in vCPU order.
     pub restore: Option<Vec<VcpuState>>,
-    /// Every vCPU is configured before any runs, so no INIT or SIPI reaches an AP that is
-    /// still being set up.
-    pub ready: Barrier,
+    /// Every vCPU thread and the main thread meet here once each vCPU is configured (or
+    /// failed to be)...
+    pub configured: Barrier,
+    /// ... and here when the main thread lets them run: no vCPU runs before every one is
+    /// set up (no INIT or SIPI reaches an AP being set up), and a new VMM taking a guest
+    /// over runs none before the old one said go.
+    pub go: Barrier,
+    /// Set before `go` when the vCPUs must not run after all (a handover that failed).
+    pub abort: std::sync::atomic::AtomicBool,
     /// Every vCPU thread and the main thread meet here once each vCPU thread has its
     /// seccomp filter (the main thread spawned them all unfiltered: a filtered thread may
     /// not clone)...
@@ -94,7 +100,12 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
     shared.filtered.wait();
     shared.all_filtered.wait();
     let configured = filtered.and_then(|()| configure(id, &shared));
-    shared.ready.wait();
+    shared.configured.wait();
+    shared.go.wait();
+    if shared.abort.load(std::sync::atomic::Ordering::Acquire) {
+        shared.pause.gone(id);
+        return;
+    }
     let mut vcpu = match configured {
         Ok(v) => v,
         Err(why) => {

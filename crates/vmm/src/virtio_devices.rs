@@ -62,6 +62,8 @@ fn limiter(config: &RateLimitConfig) -> Result<RateLimiter, Error> {
 pub struct VirtioDevices {
     slots: Vec<Slot>,
     counters: DeviceCounters,
+    /// Each disk's files (shared descriptions, with their locks), kept to hand over.
+    disk_files: Vec<disk::ImageFiles>,
 }
 
 /// The devices' counters, shared with the thread that answers `metrics` requests.
@@ -126,7 +128,13 @@ impl VirtioDevices {
     ) -> Result<Self, Error> {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         let mut counters = DeviceCounters::default();
+        let mut disk_files = Vec::new();
         for (i, (d, files)) in config.disks.iter().zip(disks).enumerate() {
+            disk_files.push(files.try_clone().map_err(|e| Error::Setup {
+                index: i,
+                what: "keeping its files",
+                reason: e.to_string(),
+            })?);
             let image = disk::Image::from_image_files(files, d.read_only, d.direct)?;
             let serial = d.serial.clone().unwrap_or_else(|| format!("keel-disk-{i}"));
             let block = Block::new(image, &serial, limiter(&d.rate_limit)?);
@@ -190,7 +198,11 @@ impl VirtioDevices {
                 transport: Arc::new(Mutex::new(transport)),
             });
         }
-        Ok(Self { slots, counters })
+        Ok(Self {
+            slots,
+            counters,
+            disk_files,
+        })
     }
 
     /// The devices as the DSDT describes them.
@@ -263,6 +275,23 @@ impl VirtioDevices {
         for slot in &self.slots {
             lock(&slot.transport).resume();
         }
+    }
+
+    /// The descriptors a new VMM takes over with the devices: the taps, in device order, and
+    /// each disk's files (image, then backing chain).
+    pub fn handover_fds(&self) -> (Vec<RawFd>, Vec<Vec<RawFd>>) {
+        use std::os::fd::AsRawFd;
+        let taps = self
+            .slots
+            .iter()
+            .flat_map(|s| lock(&s.transport).handover_fds())
+            .collect();
+        let disks = self
+            .disk_files
+            .iter()
+            .map(|d| d.files().map(|f| f.as_raw_fd()).collect())
+            .collect();
+        (taps, disks)
     }
 
     /// Every device's transport state, in the VM's device order (while paused).

@@ -58,7 +58,52 @@ pub fn run(config: &VmConfig, files: HostFiles) -> Result<VmExit> {
 /// A snapshot to restore instead of booting: its checked state and its memory file.
 pub(crate) struct Restore {
     pub state: MachineState,
-    pub memory: std::fs::File,
+    pub memory: RestoredMemory,
+    /// A guest handed over by another VMM (an upgrade): the link to it.
+    pub takeover: Option<Takeover>,
+}
+
+/// Where a restored guest's memory is.
+pub(crate) enum RestoredMemory {
+    /// A snapshot's memory file, mapped privately.
+    SnapshotFile(std::fs::File),
+    /// The memfd another VMM ran the guest in, mapped shared.
+    Memfd(std::fs::File),
+}
+
+impl RestoredMemory {
+    pub fn file(&self) -> &std::fs::File {
+        match self {
+            RestoredMemory::SnapshotFile(f) | RestoredMemory::Memfd(f) => f,
+        }
+    }
+}
+
+/// The new VMM's end of a handover, and the sockets it renames into place on `go`.
+pub(crate) struct Takeover {
+    pub incoming: crate::handover::Incoming,
+    pub renames: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Takeover {
+    /// Tells the old VMM the guest is ready here, waits for its go, then takes over its
+    /// sockets' names.
+    fn switch(&self) -> Result<()> {
+        self.incoming
+            .ready()
+            .map_err(|e| Error::TakeoverAborted(e.to_string()))?;
+        for (from, to) in &self.renames {
+            // Once the guest is ours, a socket that did not move only costs clients.
+            if let Err(e) = std::fs::rename(from, to) {
+                eprintln!("keel: taking over {} failed: {e}", to.display());
+            }
+        }
+        // Its absence says the guest is this VMM's now (see service::run).
+        if let Some(dir) = self.renames.first().and_then(|(_, to)| to.parent()) {
+            let _ = std::fs::remove_file(dir.join(crate::handover::TAKEOVER_SOCKET));
+        }
+        Ok(())
+    }
 }
 
 /// Boots the VM described by `config` (or restores it from `restore`), wired to `frontend`,
@@ -106,9 +151,30 @@ pub(crate) fn run_with(
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
     // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
     let direct_disk = config.disks.iter().any(|d| d.direct);
-    let guest_memory = match &restore {
-        Some(r) => memory::map_private(mem_size, &r.memory, snapshot::file::MEMORY_HEADER_BYTES)?,
-        None => memory::create(mem_size, direct_disk)?,
+    // A restored VM's memory is the snapshot's file, mapped privately (no memfd to hand on).
+    let (guest_memory, memfd) = match &restore {
+        Some(Restore {
+            memory: RestoredMemory::SnapshotFile(file),
+            ..
+        }) => (
+            memory::map_private(mem_size, file, snapshot::file::MEMORY_HEADER_BYTES)?,
+            None,
+        ),
+        Some(Restore {
+            memory: RestoredMemory::Memfd(memfd),
+            ..
+        }) => (
+            memory::map_shared(mem_size, memfd)?,
+            Some(
+                memfd
+                    .try_clone()
+                    .map_err(io_err("keeping the guest's memfd"))?,
+            ),
+        ),
+        None => {
+            let (memory, memfd) = memory::create(mem_size, direct_disk)?;
+            (memory, Some(memfd))
+        }
     };
     memory::register(&vm, &guest_memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -227,6 +293,7 @@ pub(crate) fn run_with(
         devices: virtio.clone(),
         vm: vm.clone(),
         memory: guest_memory.clone(),
+        memfd,
         memory_bytes: mem_size,
         bus: bus.clone(),
         ged: ged.clone(),
@@ -259,16 +326,13 @@ pub(crate) fn run_with(
         exit: exit.clone(),
         pause: pause_gate,
         msr_indices,
-        restore: restore.map(|r| r.state.vcpus),
-        ready: Barrier::new(config.cpus as usize),
+        restore: restore.as_ref().map(|r| r.state.vcpus.clone()),
+        configured: Barrier::new(config.cpus as usize + 1),
+        go: Barrier::new(config.cpus as usize + 1),
+        abort: AtomicBool::new(false),
         filtered: Barrier::new(config.cpus as usize + 1),
         all_filtered: Barrier::new(config.cpus as usize + 1),
     });
-    // A restored VM's devices were left paused: they serve every queue once now, since the
-    // guest's notifications before the snapshot may have been suppressed.
-    if shared.restore.is_some() {
-        virtio.resume();
-    }
     for id in 0..config.cpus {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -286,16 +350,39 @@ pub(crate) fn run_with(
     // The vCPU threads go on only now (whatever became of the filter: they must not wait
     // for ever; a failed install ends the VM below).
     shared.all_filtered.wait();
+    shared.configured.wait();
+    // A guest taken over from another VMM runs here only once that VMM said go.
+    let started = match restore.as_ref().and_then(|r| r.takeover.as_ref()) {
+        Some(_) if exit.is_reported() => {
+            Err(Error::TakeoverAborted("a vCPU could not be set up".into()))
+        }
+        Some(takeover) => takeover.switch(),
+        None => Ok(()),
+    };
+    if started.is_err() || filtered.is_err() {
+        shared.abort.store(true, Ordering::Release);
+    }
+    shared.go.wait();
     filtered?;
+    started?;
+    // A restored VM's devices were left paused: they serve every queue once now, since the
+    // guest's notifications before the snapshot may have been suppressed.
+    if restore.is_some() {
+        virtio.resume();
+    }
     event_loop.commands.send(VmCommand::Started);
     test_hooks::after_start();
 
     let looped = event_loop.run();
-    virtio.shutdown();
-    looped?;
-    Ok(exit
+    let ended = exit
         .take()
-        .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into())))
+        .unwrap_or_else(|| VmExit::Failed("the VM stopped without a reason".into()));
+    // Handed over, the devices' files are the new VMM's: nothing is released.
+    if ended != VmExit::HandedOver {
+        virtio.shutdown();
+    }
+    looped?;
+    Ok(ended)
 }
 
 fn restore_err(e: impl std::fmt::Display) -> Error {

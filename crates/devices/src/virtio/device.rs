@@ -100,6 +100,12 @@ pub trait VirtioDevice: Send {
         }
     }
 
+    /// Descriptors another VMM needs to take this device over and cannot open itself (a
+    /// tap admits one holder), in a fixed order.
+    fn handover_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
     /// The VMM is exiting: release what outlives the process (socket files). The process
     /// exits without dropping devices that vCPU threads still reference.
     fn shutdown(&mut self) {}

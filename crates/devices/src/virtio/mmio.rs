@@ -367,6 +367,11 @@ impl MmioTransport {
         self.device.shutdown();
     }
 
+    /// See [`VirtioDevice::handover_fds`].
+    pub fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.device.handover_fds()
+    }
+
     /// The device's own event sources (see [`VirtioDevice::event_sources`]).
     pub fn event_sources(&self) -> Vec<(std::os::fd::RawFd, u32)> {
         self.device.event_sources()

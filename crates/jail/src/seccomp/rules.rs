@@ -271,6 +271,29 @@ pub(crate) fn allowed(kind: ThreadKind, own_pid: u32) -> BTreeMap<i64, Vec<Secco
             .expect("one condition")],
         );
     }
+    // A receive timeout on its own socket: a handover waits for the new VMM so long only.
+    if kind == ThreadKind::EventLoop {
+        map.insert(
+            libc::SYS_setsockopt,
+            vec![SeccompRule::new(vec![
+                SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::SOL_SOCKET as u64,
+                )
+                .expect("argument index below 6"),
+                SeccompCondition::new(
+                    2,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::SO_RCVTIMEO as u64,
+                )
+                .expect("argument index below 6"),
+            ])
+            .expect("two conditions")],
+        );
+    }
     // Unix sockets only: vsock's connections to host programs.
     if kind == ThreadKind::EventLoop {
         map.insert(

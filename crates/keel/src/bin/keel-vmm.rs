@@ -73,8 +73,12 @@ struct VmmArgs {
     console_log_max: u64,
     /// Restore the VM from the snapshot in RUN_DIR/NAME (its `state` and `memory` files)
     /// instead of booting it.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "takeover")]
     restore: Option<String>,
+    /// Take the running guest over from the VMM serving RUN_DIR (an upgrade): listen on
+    /// RUN_DIR/takeover.sock until it hands the guest over (keel vmm's hand-over request).
+    #[arg(long)]
+    takeover: bool,
 }
 
 #[derive(clap::Args)]
@@ -121,7 +125,7 @@ fn run(args: RunArgs) -> ExitCode {
     if vmm::host::is_pvm_host() {
         eprintln!("keel: {}", vmm::host::PVM_HOST_NOTE);
     }
-    let files = match vmm::HostFiles::open(&config) {
+    let files = match vmm::HostFiles::open(&config, true) {
         Ok(files) => files,
         Err(e) => return exit_status(Err(e.to_string())),
     };
@@ -174,9 +178,11 @@ fn exit_status(result: Result<VmExit, String>) -> ExitCode {
         Ok(exit) => {
             eprintln!("keel: {exit}");
             match exit {
-                VmExit::PowerOff | VmExit::Reboot | VmExit::ConsoleQuit | VmExit::Stopped(_) => {
-                    ExitCode::SUCCESS
-                }
+                VmExit::PowerOff
+                | VmExit::Reboot
+                | VmExit::ConsoleQuit
+                | VmExit::Stopped(_)
+                | VmExit::HandedOver => ExitCode::SUCCESS,
                 VmExit::Crash(_) | VmExit::Failed(_) => ExitCode::from(EXIT_GUEST_CRASHED),
             }
         }
@@ -196,6 +202,7 @@ fn vmm(args: VmmArgs) -> ExitCode {
         jail: args.jail,
         console_log_max: args.console_log_max,
         restore: args.restore,
+        takeover: args.takeover,
     };
     match vmm::service::run(&args.dir, &launch) {
         // Outside the jail: the jailed VMM runs on.

@@ -84,6 +84,20 @@ fn new_id() -> String {
     hex::encode(bytes)
 }
 
+/// Everything of the paused VM but its memory.
+pub fn machine_state(machine: &Machine) -> Result<MachineState, Error> {
+    Ok(MachineState {
+        id: new_id(),
+        spec: machine.spec.clone().ok_or(Error::NoSpec)?,
+        memory_bytes: machine.memory_bytes,
+        vcpus: machine.gate.save_vcpus().map_err(Error::Vcpus)?,
+        vm: arch::vm_state::VmState::save(&machine.vm)?,
+        legacy: machine.legacy_state(),
+        virtio: machine.devices.save(),
+        taken_ms: crate::service::now_ms(),
+    })
+}
+
 /// Saves the paused VM into `state_file` and `memory_file` (both exist and are writable;
 /// their contents are replaced). They are not synced yet: see [`Captured::sync`].
 pub fn capture(
@@ -92,29 +106,14 @@ pub fn capture(
     memory_file: &File,
 ) -> Result<Captured, Error> {
     let started = Instant::now();
-    let spec = machine.spec.clone().ok_or(Error::NoSpec)?;
-    let vcpus = machine.gate.save_vcpus().map_err(Error::Vcpus)?;
-    let vm = arch::vm_state::VmState::save(&machine.vm)?;
-    let legacy = machine.legacy_state();
-    let virtio = machine.devices.save();
-    let id = new_id();
+    let state = machine_state(machine)?;
     memory_file
         .set_len(0)
         .and_then(|()| memory_file.set_len(file::MEMORY_HEADER_BYTES + machine.memory_bytes))
         .map_err(Error::Memory)?;
-    file::write_memory_header(memory_file, &id, machine.memory_bytes)?;
+    file::write_memory_header(memory_file, &state.id, machine.memory_bytes)?;
     let written = memory::write_touched(&machine.memory, memory_file, file::MEMORY_HEADER_BYTES)
         .map_err(Error::Memory)?;
-    let state = MachineState {
-        id,
-        spec,
-        memory_bytes: machine.memory_bytes,
-        vcpus,
-        vm,
-        legacy,
-        virtio,
-        taken_ms: crate::service::now_ms(),
-    };
     let state_bytes = file::write_state(state_file, &state)?;
     Ok(Captured {
         memory_bytes_written: written,

@@ -198,6 +198,11 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
 
+    fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        vec![self.tap.as_raw_fd()]
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }

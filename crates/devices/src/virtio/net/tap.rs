@@ -69,6 +69,15 @@ fn ioctl_int(fd: RawFd, request: libc::c_ulong, value: libc::c_int) -> io::Resul
 }
 
 impl Tap {
+    /// A tap descriptor another VMM attached and handed over (an upgrade): it keeps its
+    /// attachment, header size and flags.
+    pub fn from_attached(file: File, name: &str) -> Self {
+        Self {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// Attaches to (or creates) the tap `name`, non-blocking, with a 12-byte virtio-net
     /// header on every frame.
     pub fn open(name: &str, vnet_hdr_len: usize) -> Result<Self, Error> {

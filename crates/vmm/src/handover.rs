@@ -1,0 +1,284 @@
+//! Handing a running guest to a new VMM process (an upgrade), over a Unix socket in the run
+//! directory. The new VMM (`keel vmm --takeover`) listens on [`TAKEOVER_SOCKET`]; the old one,
+//! asked to hand over, connects and sends a fixed-size header with the descriptors the new
+//! one cannot open itself (the memfd of guest memory; the taps, which admit one holder; the
+//! disks' files, whose open-file-description locks go with them), then the paused VM's
+//! state and which descriptor is what, as JSON. Guest memory is never copied: both map the same
+//! memfd. The switch has two phases, so that the guest runs in exactly one of them:
+//!
+//! 1. the new VMM builds the VM from the state, paused, and answers `ready` (or `failed: why`,
+//!    or nothing: then the old one resumes the guest and goes on);
+//! 2. the old one answers `go` and ends without touching anything the new one uses; the new
+//!    one starts the vCPUs only on `go` (on anything else it ends, having run nothing).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::snapshot::MachineState;
+
+/// The socket the new VMM listens on, in the run directory.
+pub const TAKEOVER_SOCKET: &str = "takeover.sock";
+/// How long either side waits for the other at each step.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const MAGIC: &[u8; 8] = b"KEELHAND";
+const VERSION: u32 = 1;
+/// magic, version, descriptor count, body length.
+const HEADER_BYTES: usize = 8 + 4 + 4 + 8;
+/// Most descriptors a handover carries (the memfd, taps, disks and their backing files).
+const MAX_FDS: usize = 253;
+/// Largest state accepted.
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} failed: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the other VMM sent {0}")]
+    Protocol(String),
+    #[error("the new VMM refused the guest: {0}")]
+    Refused(String),
+    #[error("encoding the VM's state failed: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Sends the paused `machine` to the new VMM in its run directory (see [`hand_over`]).
+pub fn hand_over_machine(machine: &crate::control::Machine) -> Result<(), String> {
+    let memfd = machine.memfd.as_ref().ok_or(
+        "its memory is a private map of the snapshot it was restored from, which no other process can share: stop and start it to upgrade it",
+    )?;
+    let dir = machine
+        .run_dir
+        .as_ref()
+        .ok_or("this VMM has no run directory")?;
+    let state = crate::snapshot::machine_state(machine).map_err(|e| e.to_string())?;
+    let (taps, disks) = machine.devices.handover_fds();
+    hand_over(
+        &dir.join(TAKEOVER_SOCKET),
+        &state,
+        memfd.as_raw_fd(),
+        &taps,
+        &disks,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Which of the descriptors after the memfd are what: the taps, then each disk's files
+/// (its image, then its backing chain, nearest first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Layout {
+    taps: usize,
+    disks: Vec<usize>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Body {
+    layout: Layout,
+    state: MachineState,
+}
+
+/// What the new VMM received.
+pub struct Incoming {
+    pub state: MachineState,
+    pub memfd: File,
+    /// Attached tap descriptors, in the VM's NIC order.
+    pub taps: Vec<File>,
+    /// Each disk's files (image, then backing chain), in the VM's disk order.
+    pub disks: Vec<Vec<File>>,
+    link: UnixStream,
+}
+
+/// The old VMM's side: sends the paused VM to the new VMM listening at `socket`, waits for it
+/// to be ready and tells it to go. On `Ok` the guest is the new VMM's: this process must end
+/// without touching the devices' files or the run directory's sockets.
+pub fn hand_over(
+    socket: &Path,
+    state: &MachineState,
+    memfd: RawFd,
+    taps: &[RawFd],
+    disks: &[Vec<RawFd>],
+) -> Result<(), Error> {
+    let layout = Layout {
+        taps: taps.len(),
+        disks: disks.iter().map(Vec::len).collect(),
+    };
+    let body = serde_json::to_vec(&Body {
+        layout,
+        state: state.clone(),
+    })
+    .map_err(Error::Encode)?;
+    let mut fds = vec![memfd];
+    fds.extend_from_slice(taps);
+    fds.extend(disks.iter().flatten());
+    if fds.len() > MAX_FDS {
+        return Err(Error::Protocol(format!(
+            "{} descriptors to send",
+            fds.len()
+        )));
+    }
+    let link = UnixStream::connect(socket).map_err(io("connecting to the new VMM"))?;
+    link.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(io("setting a timeout"))?;
+    let mut header = Vec::with_capacity(HEADER_BYTES);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&(fds.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    link.send_with_fds(&[&header[..]], &fds)
+        .map_err(|e| Error::Io {
+            what: "sending the descriptors",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    (&link).write_all(&body).map_err(io("sending the state"))?;
+    let mut reader = BufReader::new(&link);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(io("waiting for the new VMM"))?;
+    match line.trim_end() {
+        "ready" => {}
+        "" => return Err(Error::Refused("it ended without a word".into())),
+        other => {
+            return Err(Error::Refused(
+                other.strip_prefix("failed: ").unwrap_or(other).to_string(),
+            ))
+        }
+    }
+    (&link)
+        .write_all(b"go\n")
+        .map_err(io("telling the new VMM to go"))
+}
+
+/// The new VMM's side: takes the one connection to `listener` (within [`STEP_TIMEOUT`]) and
+/// reads the descriptors and the state, checking them as the hostile input they may be.
+pub fn receive(listener: &UnixListener) -> Result<Incoming, Error> {
+    let link = accept_within(listener, STEP_TIMEOUT)?;
+    link.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(io("setting a timeout"))?;
+    let mut header = [0u8; HEADER_BYTES];
+    let mut fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: header.len(),
+    }];
+    // SAFETY: the iovec points at `header`, which may take any bytes.
+    let (read, fd_count) =
+        unsafe { link.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| Error::Io {
+            what: "receiving the descriptors",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    // SAFETY: the first `fd_count` entries are descriptors this process now owns; each is
+    // wrapped once, so they close on every path below.
+    let mut files: Vec<File> = fds[..fd_count]
+        .iter()
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    (&link)
+        .read_exact(&mut header[read..])
+        .map_err(io("reading the handover's header"))?;
+    if &header[..8] != MAGIC {
+        return Err(Error::Protocol("no handover header".into()));
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    if word(8) != VERSION {
+        return Err(Error::Protocol(format!("handover version {}", word(8))));
+    }
+    if word(12) as usize != files.len() || files.is_empty() {
+        return Err(Error::Protocol(format!(
+            "{} descriptors where the header says {}",
+            files.len(),
+            word(12)
+        )));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[16..24]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_STATE_BYTES {
+        return Err(Error::Protocol(format!("a state of {len} bytes")));
+    }
+    let mut body = vec![0u8; len as usize];
+    (&link)
+        .read_exact(&mut body)
+        .map_err(io("reading the VM's state"))?;
+    let Body { layout, state } = serde_json::from_slice(&body)
+        .map_err(|e| Error::Protocol(format!("a state that is not a VM's: {e}")))?;
+    let described = 1 + layout.taps + layout.disks.iter().sum::<usize>();
+    if described != files.len() || layout.disks.contains(&0) {
+        return Err(Error::Protocol(format!(
+            "{} descriptors laid out as {layout:?}",
+            files.len()
+        )));
+    }
+    let memfd = files.remove(0);
+    let mut rest = files.into_iter();
+    let taps = rest.by_ref().take(layout.taps).collect();
+    let disks = layout
+        .disks
+        .iter()
+        .map(|&n| rest.by_ref().take(n).collect())
+        .collect();
+    Ok(Incoming {
+        state,
+        memfd,
+        taps,
+        disks,
+        link,
+    })
+}
+
+impl Incoming {
+    /// The VM is built (paused): tells the old VMM and waits for its `go`. An error means the
+    /// guest stays the old VMM's: this process must end without running it.
+    pub fn ready(&self) -> Result<(), Error> {
+        (&self.link)
+            .write_all(b"ready\n")
+            .map_err(io("telling the old VMM we are ready"))?;
+        let mut line = String::new();
+        BufReader::new(&self.link)
+            .read_line(&mut line)
+            .map_err(io("waiting for the old VMM's go"))?;
+        if line.trim_end() == "go" {
+            Ok(())
+        } else {
+            Err(Error::Protocol(format!("{line:?} instead of go")))
+        }
+    }
+}
+
+fn accept_within(listener: &UnixListener, timeout: Duration) -> Result<UnixStream, Error> {
+    let deadline = Instant::now() + timeout;
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Protocol(format!(
+                "nothing: no VMM handed a guest over within {timeout:?}"
+            )));
+        }
+        // SAFETY: polls one live pollfd for at most `left`.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            let (stream, _) = listener.accept().map_err(io("accepting the old VMM"))?;
+            return Ok(stream);
+        }
+    }
+}

@@ -59,6 +59,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/host/upgrade": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description Upgrades every running VM's VMM, one after the other (see `POST /vms/{name}/upgrade`). Admin role. */
+        post: operations["upgrade_host"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/images": {
         parameters: {
             query?: never;
@@ -520,6 +537,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/vms/{name}/upgrade": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description Hands the running guest to a new VMM process of the installed keel binary, in the same jail: guest memory is shared, the devices' descriptors are handed over, and only the vCPUs' and devices' state crosses as data. The guest stands still for the handover only (recorded with cause `maintenance`). On any failure the guest runs on in its old VMM. */
+        post: operations["upgrade_vm"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -956,6 +990,25 @@ export interface components {
             name: string;
             role: components["schemas"]["Role"];
         };
+        /** @description One VM of `POST /host/upgrade`: upgraded, or why not (it runs on in its old VMM). */
+        UpgradeOutcome: {
+            error?: string | null;
+            upgraded?: null | components["schemas"]["UpgradeReport"];
+            vm: string;
+        };
+        /** @description A VM handed to a new VMM process (`POST /vms/{name}/upgrade`). */
+        UpgradeReport: {
+            /** Format: int32 */
+            new_pid: number;
+            /** Format: int32 */
+            old_pid: number;
+            /**
+             * Format: double
+             * @description How long the guest stood still, as the old VMM measured it (ms).
+             */
+            paused_ms: number;
+            vm: string;
+        };
         /** @description Availability of one VM over a window, from the ledger. */
         VmAvailability: {
             /**
@@ -1278,6 +1331,61 @@ export interface operations {
                 };
                 content: {
                     "text/event-stream": unknown;
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    upgrade_host: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UpgradeOutcome"][];
                 };
             };
             /** @description no API token, or one not known here (TCP) */
@@ -4119,6 +4227,88 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["VmInfo"];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    upgrade_vm: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UpgradeReport"];
                 };
             };
             /** @description a value in the path, query or body is not acceptable */

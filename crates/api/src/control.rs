@@ -21,6 +21,9 @@ pub mod files {
     pub const VSOCK_SOCKET: &str = "vsock.sock";
     /// The VMM's own stderr.
     pub const VMM_LOG: &str = "vmm.log";
+    /// Where a new VMM (`keel vmm --takeover`) waits for the running one to hand it the
+    /// guest; it is gone once the new VMM has it.
+    pub const TAKEOVER_SOCKET: &str = "takeover.sock";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -54,3 +54,23 @@ pub struct SnapshotInfo {
     /// How long the guest stood still for it, seconds (0 when it was paused already).
     pub paused_seconds: f64,
 }
+
+/// A VM handed to a new VMM process (`POST /vms/{name}/upgrade`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpgradeReport {
+    pub vm: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// How long the guest stood still, as the old VMM measured it (ms).
+    pub paused_ms: f64,
+}
+
+/// One VM of `POST /host/upgrade`: upgraded, or why not (it runs on in its old VMM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpgradeOutcome {
+    pub vm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded: Option<UpgradeReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -179,6 +179,8 @@ pub struct Launch<'a> {
     pub console_log_max: u64,
     /// Restore from the snapshot in this subdirectory of the run directory.
     pub restore: Option<&'a str>,
+    /// Take the running guest over from the VMM now serving the run directory.
+    pub takeover: bool,
 }
 
 /// Environment variables a VMM gets from the daemon's (the rest is not passed on).
@@ -245,6 +247,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         .arg("--console-log-max")
         .arg(launch.console_log_max.to_string())
         .args(launch.restore.iter().flat_map(|r| ["--restore", r]))
+        .args(launch.takeover.then_some("--takeover"))
         .env_clear()
         .stdin(Stdio::null())
         .stdout(if launch.jail.is_some() {

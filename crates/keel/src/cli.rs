@@ -136,6 +136,9 @@ pub enum VmCommand {
     Restore { name: String, snapshot: String },
     /// Delete one of the VM's snapshots.
     SnapshotRm { name: String, snapshot: String },
+    /// Hand the running guest to a new VMM process of the installed keel binary: it stands
+    /// still for the handover only; on any failure it runs on in its old VMM.
+    Upgrade { name: String },
     /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
     /// cloud-init seed the daemon made for it).
     Rm { name: String },
@@ -278,15 +281,16 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 .await?,
         ),
         VmCommand::Snapshot { name, snapshot } => {
-            crate::snapshot_cli::take(&client, &api, &name, snapshot).await
+            crate::moves_cli::take(&client, &api, &name, snapshot).await
         }
-        VmCommand::Snapshots { name } => crate::snapshot_cli::list(&client, &api, &name).await,
+        VmCommand::Snapshots { name } => crate::moves_cli::list(&client, &api, &name).await,
         VmCommand::Restore { name, snapshot } => {
-            show(crate::snapshot_cli::restore(&client, &name, &snapshot).await?)
+            show(crate::moves_cli::restore(&client, &name, &snapshot).await?)
         }
         VmCommand::SnapshotRm { name, snapshot } => {
-            crate::snapshot_cli::remove(&client, &api, &name, &snapshot).await
+            crate::moves_cli::remove(&client, &api, &name, &snapshot).await
         }
+        VmCommand::Upgrade { name } => crate::moves_cli::upgrade(&client, &api, &name).await,
         VmCommand::Clone {
             name,
             new_name,
@@ -447,16 +451,23 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
 pub enum HostCommand {
     /// Acknowledge (close) an open incident.
     Ack { id: i64 },
+    /// Hand every running VM to a new VMM process of the installed keel binary, one after
+    /// the other (each guest stands still for its handover only).
+    Upgrade,
 }
 
 pub async fn host(command: Option<HostCommand>, api: ApiArgs) -> Result<()> {
     let client = api.client()?;
-    if let Some(HostCommand::Ack { id }) = command {
-        client
-            .call(Method::POST, &format!("/incidents/{id}/ack"), None)
-            .await?;
-        outln!("incident {id} acknowledged");
-        return Ok(());
+    match command {
+        Some(HostCommand::Ack { id }) => {
+            client
+                .call(Method::POST, &format!("/incidents/{id}/ack"), None)
+                .await?;
+            outln!("incident {id} acknowledged");
+            return Ok(());
+        }
+        Some(HostCommand::Upgrade) => return crate::moves_cli::upgrade_host(&client, &api).await,
+        None => {}
     }
     let status: HostStatus = client.get("/").await?;
     if api.json {

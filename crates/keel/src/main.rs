@@ -10,7 +10,7 @@ mod create_args;
 mod image_cli;
 mod ledger_cli;
 mod machine_args;
-mod snapshot_cli;
+mod moves_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -23,7 +23,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::snapshot::MachineState;
 
 /// The socket the new VMM listens on, in the run directory.
-pub const TAKEOVER_SOCKET: &str = "takeover.sock";
+pub use api::control::files::TAKEOVER_SOCKET;
 /// How long either side waits for the other at each step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAGIC: &[u8; 8] = b"KEELHAND";

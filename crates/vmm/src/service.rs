@@ -134,7 +134,19 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     // touched on the way out.
     let takeover_path = dir.join(crate::handover::TAKEOVER_SOCKET);
     let takeover = if launch.takeover {
-        Some(bind(&takeover_path)?)
+        let listener = bind(&takeover_path)?;
+        // Bound as root by a jailed VMM's launcher: the old VMM, jailed as the same user,
+        // must be able to connect.
+        if let Some(jail) = &launch.jail {
+            std::os::unix::fs::chown(&takeover_path, Some(jail.uid), Some(jail.gid)).map_err(
+                |source| Error::File {
+                    what: "giving the takeover socket to the VM's user",
+                    path: takeover_path.clone(),
+                    source,
+                },
+            )?;
+        }
+        Some(listener)
     } else {
         None
     };

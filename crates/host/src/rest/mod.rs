@@ -50,6 +50,8 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(moves::take_snapshot, moves::list_snapshots))
         .routes(routes!(moves::remove_snapshot))
         .routes(routes!(moves::restore_vm))
+        .routes(routes!(moves::upgrade_vm))
+        .routes(routes!(moves::upgrade_host))
         .routes(routes!(crate::console::attach))
         .routes(routes!(crate::console_log::log_tail))
         .routes(routes!(ledger_routes::list_events))
@@ -137,7 +139,8 @@ fn is_console(path: &str) -> bool {
 
 /// What a request needs, from its method and path.
 fn need_of(method: &Method, path: &str) -> Need {
-    if path.starts_with("/tokens") {
+    // Tokens, and upgrading every VM of the host at once.
+    if path.starts_with("/tokens") || path == "/host/upgrade" {
         return Need::Admin;
     }
     // The console, live or its scrollback, is the guest's operator's.

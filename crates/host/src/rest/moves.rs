@@ -1,6 +1,6 @@
 //! VMs that stand still or go back over the API: pause and resume, snapshots and restores.
 
-use api::snapshot::{RestoreRequest, SnapshotInfo, SnapshotRequest};
+use api::snapshot::{RestoreRequest, SnapshotInfo, SnapshotRequest, UpgradeOutcome, UpgradeReport};
 use api::{ErrorBody, VmInfo};
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -80,4 +80,52 @@ pub(super) async fn restore_vm(
 ) -> Result<Json<VmInfo>, ApiError> {
     app.restore(&name, &request.snapshot, &caller.actor).await?;
     Ok(Json(load_vm(&app, &name)?))
+}
+
+fn report(vm: &str, u: &crate::supervisor::Upgraded) -> UpgradeReport {
+    UpgradeReport {
+        vm: vm.to_string(),
+        old_pid: u.old_pid,
+        new_pid: u.new_pid,
+        paused_ms: u.paused.as_secs_f64() * 1000.0,
+    }
+}
+
+#[utoipa::path(post, path = "/vms/{name}/upgrade", params(("name" = String, Path)),
+    description = "Hands the running guest to a new VMM process of the installed keel binary, in the same jail: guest memory is shared, the devices' descriptors are handed over, and only the vCPUs' and devices' state crosses as data. The guest stands still for the handover only (recorded with cause `maintenance`). On any failure the guest runs on in its old VMM.",
+    responses((status = 200, body = UpgradeReport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn upgrade_vm(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    PathArg(name): PathArg<String>,
+) -> Result<Json<UpgradeReport>, ApiError> {
+    let upgraded = app.upgrade(&name, &caller.actor).await?;
+    Ok(Json(report(&name, &upgraded)))
+}
+
+#[utoipa::path(post, path = "/host/upgrade",
+    description = "Upgrades every running VM's VMM, one after the other (see `POST /vms/{name}/upgrade`). Admin role.",
+    responses((status = 200, body = Vec<UpgradeOutcome>)))]
+pub(super) async fn upgrade_host(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<UpgradeOutcome>>, ApiError> {
+    let outcomes = app.upgrade_all(&caller.actor).await?;
+    Ok(Json(
+        outcomes
+            .into_iter()
+            .map(|(vm, outcome)| match outcome {
+                Ok(u) => UpgradeOutcome {
+                    upgraded: Some(report(&vm, &u)),
+                    error: None,
+                    vm,
+                },
+                Err(error) => UpgradeOutcome {
+                    vm,
+                    upgraded: None,
+                    error: Some(error),
+                },
+            })
+            .collect(),
+    ))
 }

@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 31);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 33);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()
@@ -39,6 +39,8 @@ fn what_a_request_needs() {
     assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);
     assert_eq!(need_of(&Method::POST, "/vms/a/pause"), Need::Operate);
     assert_eq!(need_of(&Method::POST, "/vms/a/resume"), Need::Operate);
+    assert_eq!(need_of(&Method::POST, "/vms/a/upgrade"), Need::Operate);
+    assert_eq!(need_of(&Method::POST, "/host/upgrade"), Need::Admin);
     assert_eq!(need_of(&Method::GET, "/tokens"), Need::Admin);
     // The console's WebSocket upgrade is a GET, but it controls the guest.
     assert_eq!(need_of(&Method::GET, "/vms/a/console"), Need::Operate);

@@ -16,6 +16,23 @@ pub(super) struct Jail {
     id_lock: std::os::fd::OwnedFd,
 }
 
+impl Jail {
+    /// Identity `id` with the limits `spec` asks for, held by `id_lock`.
+    pub(super) fn new(id: u32, spec: &VmSpec, id_lock: std::os::fd::OwnedFd) -> Jail {
+        Jail {
+            options: jail::LaunchOptions {
+                uid: id,
+                gid: id,
+                limits: jail::CgroupLimits {
+                    cpu_percent: spec.cpu_limit_percent,
+                    ..jail::limits_for(spec.cpus, spec.memory_mib << 20)
+                },
+            },
+            id_lock,
+        }
+    }
+}
+
 impl Supervisor {
     /// A start that ended before its VMM ran: what was kept for its end goes, and its cgroup
     /// (if the launcher made one) is removed.
@@ -83,17 +100,39 @@ impl Supervisor {
         if let Ok(copy) = id_lock.try_clone() {
             lock(&self.id_locks).insert(name.to_string(), copy);
         }
-        Ok(Some(Jail {
-            options: jail::LaunchOptions {
-                uid: id,
-                gid: id,
-                limits: jail::CgroupLimits {
-                    cpu_percent: spec.cpu_limit_percent,
-                    ..jail::limits_for(spec.cpus, spec.memory_mib << 20)
-                },
-            },
-            id_lock,
-        }))
+        Ok(Some(Jail::new(id, spec, id_lock)))
+    }
+
+    /// Starts a VMM that takes VM's running guest over (`keel vmm --takeover`, jailed with
+    /// `jail`, handed only the jail's lock); its pid.
+    pub(super) async fn launch_takeover(
+        self: &Arc<Self>,
+        run_dir: &RunDir,
+        jail: Option<Jail>,
+    ) -> std::result::Result<u32, vmm_process::Error> {
+        let (this, run_dir) = (self.clone(), run_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            let (options, id_lock) = match jail {
+                Some(j) => (Some(j.options), Some(j.id_lock)),
+                None => (None, None),
+            };
+            vmm_process::spawn(vmm_process::Launch {
+                vmm_exe: &this.vmm_exe,
+                run_dir: &run_dir,
+                jail: options,
+                files: id_lock.into_iter().collect(),
+                console_log_max: this.console_log_max,
+                restore: None,
+                takeover: true,
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(vmm_process::Error::Spawn {
+                exe: self.vmm_exe.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
     }
 
     /// Starts the VM's VMM (jailed with `jail`), off the async workers: fsyncs of the
@@ -132,6 +171,7 @@ impl Supervisor {
                 files,
                 console_log_max: this.console_log_max,
                 restore,
+                takeover: false,
             })
         })
         .await

@@ -23,7 +23,9 @@ mod judge;
 mod moves;
 mod recovery;
 mod snapshots;
+mod upgrade;
 use judge::{judge_end, Judged};
+pub use upgrade::Upgraded;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +57,8 @@ pub enum Error {
     VmmRefused { name: String, message: String },
     #[error("snapshot of VM '{vm}': {why}")]
     Snapshot { vm: String, why: String },
+    #[error("upgrade of VM '{vm}': {why}")]
+    Upgrade { vm: String, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -92,6 +96,8 @@ pub struct Supervisor {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     intents: Mutex<HashMap<String, StopIntent>>,
     running: Mutex<HashMap<String, Running>>,
+    /// VMMs that handed their guest to a new one: their end is no VM's end.
+    handed_over: Mutex<std::collections::HashSet<u32>>,
     /// The latest failed API operations, newest first, for the front page.
     failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
     /// Where VMs' cgroups go; None when VMMs run unjailed (a daemon that is not root).
@@ -177,6 +183,7 @@ impl Supervisor {
             locks: Mutex::new(HashMap::new()),
             intents: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            handed_over: Mutex::new(std::collections::HashSet::new()),
             failures: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -484,13 +491,25 @@ impl Supervisor {
             if let Err(e) = this.record_end(&name, handle.pid, end) {
                 tracing::error!("recording the end of VM {name}'s VMM failed: {e}");
             }
-            lock(&this.running).remove(&name);
+            // Only its own entry: after an upgrade the name is the new VMM's.
+            let mut running = lock(&this.running);
+            if running
+                .get(&name)
+                .is_some_and(|r| r.handle.pid == handle.pid)
+            {
+                running.remove(&name);
+            }
+            drop(running);
             let _ = tx.send(true);
         });
     }
 
     /// Records the end of a VM's VMM from its exit record and what the daemon intended.
     fn record_end(self: &Arc<Self>, name: &str, pid: u32, end: ProcessEnd) -> Result<()> {
+        // A VMM that handed its guest to a new one (an upgrade) ended; the VM did not.
+        if lock(&self.handed_over).remove(&pid) {
+            return Ok(());
+        }
         let run_dir = self.run_dir(name);
         let record = run_dir.exit_record();
         let intent = lock(&self.intents).remove(name);

@@ -1,4 +1,5 @@
-//! `keel vm snapshot|snapshots|restore|snapshot-rm`: a VM's snapshots through the daemon.
+//! `keel vm snapshot|snapshots|restore|snapshot-rm|upgrade` and `keel host upgrade`: VMs that stand
+//! still, go back or change VMM, through the daemon.
 
 use anyhow::Result;
 use api::snapshot::SnapshotInfo;
@@ -87,6 +88,60 @@ pub async fn remove(client: &Client, api: &ApiArgs, vm: &str, snapshot: &str) ->
         .await?;
     if !api.json {
         outln!("{vm}: snapshot {snapshot} removed");
+    }
+    Ok(())
+}
+
+fn say_upgraded(r: &api::snapshot::UpgradeReport) {
+    outln!(
+        "{}: VMM upgraded, pid {} -> {}; the guest stood still {:.3} ms",
+        r.vm,
+        r.old_pid,
+        r.new_pid,
+        r.paused_ms
+    );
+}
+
+pub async fn upgrade(client: &Client, api: &ApiArgs, vm: &str) -> Result<()> {
+    let report: api::snapshot::UpgradeReport = client
+        .send(
+            Method::POST,
+            &format!("/vms/{}/upgrade", query_value(vm)),
+            None,
+        )
+        .await?;
+    if api.json {
+        return print_json(&report);
+    }
+    say_upgraded(&report);
+    Ok(())
+}
+
+pub async fn upgrade_host(client: &Client, api: &ApiArgs) -> Result<()> {
+    let outcomes: Vec<api::snapshot::UpgradeOutcome> =
+        client.send(Method::POST, "/host/upgrade", None).await?;
+    if api.json {
+        return print_json(&outcomes);
+    }
+    if outcomes.is_empty() {
+        outln!("no VM runs: nothing to upgrade");
+    }
+    let mut failed = 0;
+    for o in &outcomes {
+        match (&o.upgraded, &o.error) {
+            (Some(r), _) => say_upgraded(r),
+            (None, Some(e)) => {
+                failed += 1;
+                outln!("{}: not upgraded: {e}", o.vm);
+            }
+            (None, None) => outln!("{}: ?", o.vm),
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} VMs were not upgraded (they run on in their old VMMs)",
+            outcomes.len()
+        );
     }
     Ok(())
 }

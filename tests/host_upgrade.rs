@@ -1,0 +1,169 @@
+//! `keel vm upgrade` and `keel host upgrade` through the daemon, with jailed VMMs: a probe
+//! writing disk records and then churning its memory is handed to new VMM processes again
+//! and again and loses nothing; the daemon watches the new process (a stop ends it, a daemon
+//! restart re-adopts it), the ledger records each handover as `maintenance`, which the SLA
+//! report counts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{wait_for_output, Daemon};
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn create(daemon: &Daemon, name: &str, cmdline: &str, disk: Option<&std::path::Path>) {
+    let kernel = probe_elf();
+    let mut args = vec![
+        "vm".to_string(),
+        "create".into(),
+        name.into(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        cmdline.into(),
+        "--memory".into(),
+        "128".into(),
+    ];
+    if let Some(d) = disk {
+        args.extend(["--disk".into(), format!("path={}", d.display())]);
+    }
+    daemon.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+fn pid(daemon: &Daemon, vm: &str) -> u64 {
+    daemon.json(&["vm", "show", vm])["pid"].as_u64().unwrap()
+}
+
+#[test]
+fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
+    if !kvm_available("upgrades_hand_running_guests_to_new_vmms_and_lose_nothing") {
+        return;
+    }
+    let mut daemon = Daemon::start("upgrade");
+    std::fs::create_dir_all(daemon.images()).unwrap();
+    let disk = daemon.images().join("records.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    create(
+        &daemon,
+        "u1",
+        "probe.blk_records=200 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        Some(&disk),
+    );
+    create(
+        &daemon,
+        "u2",
+        "probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        None,
+    );
+    let from = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    daemon.ok(&["vm", "start", "u1"]);
+    daemon.ok(&["vm", "start", "u2"]);
+    let log = |vm: &str| {
+        std::path::PathBuf::from(
+            daemon.json(&["vm", "show", vm])["console_log"]
+                .as_str()
+                .unwrap(),
+        )
+    };
+    let (log1, log2) = (log("u1"), log("u2"));
+    wait_for_output(&log1, "PROBE acked 5\n", 0, TIMEOUT);
+
+    // Three upgrades of u1 during its disk records.
+    for _ in 0..3 {
+        let before = pid(&daemon, "u1");
+        let report = daemon.json(&["vm", "upgrade", "u1"]);
+        assert_eq!(report["old_pid"].as_u64(), Some(before), "{report}");
+        let after = report["new_pid"].as_u64().unwrap();
+        assert_ne!(after, before);
+        assert_eq!(pid(&daemon, "u1"), after);
+        assert_eq!(daemon.state("u1"), "running");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{before}/status")).exists() || {
+                std::thread::sleep(Duration::from_millis(200));
+                !std::path::Path::new(&format!("/proc/{before}/status")).exists()
+            }
+        );
+    }
+    // Every VM at once.
+    wait_for_output(&log2, "PROBE churn start", 0, TIMEOUT);
+    let text = daemon.ok(&["host", "upgrade"]);
+    assert!(
+        text.contains("u1: VMM upgraded") && text.contains("u2: VMM upgraded"),
+        "{text}"
+    );
+    // The guests lost nothing.
+    let u1 = wait_for_output(&log1, "PROBE churn tick 2 ", 0, TIMEOUT);
+    assert!(u1.contains("PROBE blk_verify ok 200"), "{u1}");
+    assert!(!u1.contains("check bad"), "{u1}");
+    let mark = std::fs::read_to_string(&log2).unwrap().len();
+    wait_for_output(&log2, "PROBE churn tick", mark, TIMEOUT);
+    assert!(!std::fs::read_to_string(&log2)
+        .unwrap()
+        .contains("check bad"));
+    assert_eq!(
+        std::fs::read_to_string(&log1)
+            .unwrap()
+            .matches("PROBE start")
+            .count(),
+        1
+    );
+
+    // A restarted daemon re-adopts the new VMM; a stop ends it.
+    let current = pid(&daemon, "u1");
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(daemon.state("u1"), "running");
+    assert_eq!(pid(&daemon, "u1"), current);
+
+    // The ledger: each handover is a maintenance pause, counted by the SLA report.
+    let rows = daemon.json(&["events", "--vm", "u1", "--limit", "40"]);
+    let details: Vec<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["cause"].as_str().unwrap(),
+                r["detail"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let upgrades = details
+        .iter()
+        .filter(|d| d.starts_with("maintenance resumed in its new VMM"))
+        .count();
+    assert_eq!(upgrades, 4, "{details:#?}");
+    assert!(
+        details.iter().any(|d| d.contains("VMM upgraded: pid")),
+        "{details:#?}"
+    );
+    let to = daemon.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = daemon.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "u1"]);
+    let vm = &report["vms"][0];
+    assert_eq!(vm["outages"], 4, "{report}");
+    assert!(
+        vm["availability_percent"].as_f64().unwrap() < 100.0,
+        "{report}"
+    );
+
+    daemon.ok(&["vm", "stop", "u1"]);
+    daemon.ok(&["vm", "stop", "u2"]);
+    assert!(daemon.vmm_pids().is_empty(), "{:?}", daemon.vmm_pids());
+    let refused = daemon.fails(&["vm", "upgrade", "u1"]);
+    assert!(
+        refused.contains("only a running VM is upgraded"),
+        "{refused}"
+    );
+}

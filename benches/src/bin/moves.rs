@@ -25,7 +25,6 @@ use clap::Parser;
 use keel_benches::moves::qmp::Qmp;
 use keel_benches::moves::watch::Written;
 use keel_benches::report::{cell, Host};
-use keel_benches::runner::MEMORY_MIB;
 use keel_benches::stats::{summarize, Summary};
 use keel_benches::tools::VmmPaths;
 use serde_json::{json, Value};
@@ -45,9 +44,18 @@ struct Args {
     runs: u32,
     #[command(flatten)]
     vmm: VmmPaths,
+    /// Guest memory of both VMMs, MiB (the probe churns 4 MiB of it whatever its size).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=16384))]
+    memory: u64,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+static MEMORY_MIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(256);
+
+fn memory_mib() -> u64 {
+    MEMORY_MIB.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// One run's figures, in milliseconds and MiB.
@@ -58,12 +66,14 @@ struct Sample {
     snapshot_pause_ms: f64,
     stored_mib: f64,
     restore_ms: f64,
+    upgrade_pause_ms: f64,
+    upgrade_seen_ms: f64,
 }
 
 /// A metric: its JSON key, its label, and how it is read from a sample.
 type MetricDef = (&'static str, &'static str, fn(&Sample) -> f64);
 
-const METRICS: [MetricDef; 5] = [
+const METRICS: [MetricDef; 7] = [
     ("pause_ms", "Pause: request to answer (ms)", |s| s.pause_ms),
     (
         "snapshot_ms",
@@ -82,6 +92,16 @@ const METRICS: [MetricDef; 5] = [
         "restore_ms",
         "Restore: process start to the guest's next output (ms)",
         |s| s.restore_ms,
+    ),
+    (
+        "upgrade_pause_ms",
+        "Upgrade (Keel) / local migration (QEMU, unix socket): guest stood still (ms)",
+        |s| s.upgrade_pause_ms,
+    ),
+    (
+        "upgrade_seen_ms",
+        "... the longest stall the guest saw around it, by its clock (ms)",
+        |s| s.upgrade_seen_ms,
     ),
 ];
 
@@ -168,7 +188,7 @@ fn keel_vmm(keel: &Path, dir: &Path, restore: Option<&str>) -> Result<Child> {
 fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     fresh_dir(dir)?;
     let spec = json!({
-        "name": "moves", "kernel": probe, "cmdline": CHURN, "memory_mib": MEMORY_MIB, "cpus": 1,
+        "name": "moves", "kernel": probe, "cmdline": CHURN, "memory_mib": memory_mib(), "cpus": 1,
     });
     std::fs::write(dir.join("vm.json"), spec.to_string())?;
     let console = dir.join("console.log");
@@ -194,7 +214,34 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         .iter()
         .map(|f| std::fs::metadata(snap.join(f)).map_or(0, |m| m.blocks() * 512))
         .sum();
+
+    // The upgrade: a new VMM takes the guest over.
+    let mut takeover = Command::new(keel);
+    takeover
+        .args(["vmm", "--dir"])
+        .arg(dir)
+        .arg("--takeover")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("vmm.log"))?,
+        );
+    let new = takeover.spawn()?;
+    let deadline = Instant::now() + DEADLINE;
+    while !dir.join("takeover.sock").exists() {
+        if Instant::now() > deadline {
+            bail!("keel vmm --takeover did not listen");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mark = std::fs::metadata(&console)?.len() as usize;
+    let report = control.ask(json!({"request": "hand-over"}))?;
+    let upgrade_pause_ms = report["paused_us"].as_f64().unwrap_or(0.0) / 1000.0;
+    let upgrade_seen_ms = longest_stall(&console, mark);
     stop(vmm);
+    stop(new);
 
     let restore_ms = time_restore(&console, "keel", || keel_vmm(keel, dir, Some("snap")))?;
     Ok(Sample {
@@ -203,6 +250,8 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         snapshot_pause_ms,
         stored_mib: stored as f64 / f64::from(1 << 20),
         restore_ms,
+        upgrade_pause_ms,
+        upgrade_seen_ms,
     })
 }
 
@@ -222,6 +271,19 @@ fn time_restore(console: &Path, vmm: &str, spawn: impl FnOnce() -> Result<Child>
 }
 
 fn qemu_vm(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<&Path>) -> Result<Child> {
+    qemu_vm_with(
+        qemu,
+        probe,
+        dir,
+        incoming.map(|state| format!("exec:cat {}", state.display())),
+    )
+}
+
+fn qemu_vm_incoming(qemu: &Path, probe: &Path, dir: &Path, uri: &str) -> Result<Child> {
+    qemu_vm_with(qemu, probe, dir, Some(uri.to_string()))
+}
+
+fn qemu_vm_with(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<String>) -> Result<Child> {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-M",
@@ -231,7 +293,7 @@ fn qemu_vm(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<&Path>) -> Re
         "-cpu",
         "host,-arch-capabilities",
     ])
-    .args(["-m", &MEMORY_MIB.to_string(), "-smp", "1"])
+    .args(["-m", &memory_mib().to_string(), "-smp", "1"])
     .args(["-nodefaults", "-no-user-config", "-display", "none"])
     .arg("-chardev")
     .arg(format!(
@@ -247,9 +309,8 @@ fn qemu_vm(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<&Path>) -> Re
     .arg("-kernel")
     .arg(probe)
     .args(["-append", CHURN]);
-    if let Some(state) = incoming {
-        cmd.arg("-incoming")
-            .arg(format!("exec:cat {}", state.display()));
+    if let Some(uri) = incoming {
+        cmd.arg("-incoming").arg(uri);
     }
     Ok(cmd
         .stdin(Stdio::null())
@@ -289,8 +350,52 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     let snapshot_pause_ms = info["downtime"].as_f64().unwrap_or(0.0);
     qmp.execute("cont", Value::Null)?;
     let stored = std::fs::metadata(&state).map_or(0, |m| m.blocks() * 512);
+
+    // Local migration to a second QEMU over a Unix socket: QEMU's way to a new process.
+    let target_dir = dir.join("target");
+    fresh_dir(&target_dir)?;
+    std::fs::File::create(target_dir.join("console.log"))?;
+    let socket = dir.join("migrate.sock");
+    let target = qemu_vm_incoming(
+        qemu,
+        probe,
+        &target_dir,
+        &format!("unix:{}", socket.display()),
+    )?;
+    let deadline = Instant::now() + DEADLINE;
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("qemu -incoming did not listen");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // The socket file appears at bind, a moment before QEMU listens: a refused connection
+    // is tried again.
+    let mut attempts = 0;
+    let info = 'migrated: loop {
+        qmp.execute(
+            "migrate",
+            json!({"uri": format!("unix:{}", socket.display())}),
+        )?;
+        loop {
+            let info = qmp.execute("query-migrate", Value::Null)?;
+            match info["status"].as_str() {
+                Some("completed") => break 'migrated info,
+                Some("failed") if attempts < 5 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                    break;
+                }
+                Some("failed") | Some("cancelled") => bail!("qemu local migrate: {info}"),
+                _ => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    };
+    let upgrade_pause_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    let upgrade_seen_ms = longest_stall(&target_dir.join("console.log"), 0);
     let _ = qmp.execute("quit", Value::Null);
     stop(vm);
+    stop(target);
 
     let _ = std::fs::remove_file(dir.join("qmp.sock"));
     let restore_ms = time_restore(&console, "qemu", || qemu_vm(qemu, probe, dir, Some(&state)))?;
@@ -300,7 +405,22 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         snapshot_pause_ms,
         stored_mib: stored as f64 / f64::from(1 << 20),
         restore_ms,
+        upgrade_pause_ms,
+        upgrade_seen_ms,
     })
+}
+
+/// The longest `PROBE churn gap` (us) the guest printed in `console` after byte `from`,
+/// within 300 ms, in ms; 0 when it saw no stall of 1 ms or more.
+fn longest_stall(console: &Path, from: usize) -> f64 {
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read(console).unwrap_or_default();
+    String::from_utf8_lossy(text.get(from..).unwrap_or_default())
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE churn gap "))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .fold(0.0, f64::max)
+        / 1000.0
 }
 
 fn render(host: &Host, keel: &[Sample], qemu: &[Sample], failures: &[String], json: bool) {
@@ -359,6 +479,7 @@ fn render(host: &Host, keel: &[Sample], qemu: &[Sample], failures: &[String], js
 }
 
 fn run(args: Args) -> Result<bool> {
+    MEMORY_MIB.store(args.memory, std::sync::atomic::Ordering::Relaxed);
     let prepared = args.vmm.prepare()?;
     let setup = &prepared.setup;
     let root = std::env::temp_dir().join(format!("keel-moves-{}", std::process::id()));

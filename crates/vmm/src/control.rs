@@ -342,21 +342,32 @@ impl Controller {
         }
     }
 
-    /// Pauses the VM (if it runs), hands it to the new VMM, and on success ends this one;
-    /// on failure the guest runs on here as before.
+    /// Offers the guest to the new VMM (which prepares its VM while the guest runs), pauses
+    /// it, hands it over, and on success ends this VMM; on failure the guest runs on here.
     fn hand_over(&mut self) -> Response {
-        let was_running = self.state == RunState::Running;
-        if was_running {
-            if let Response::Error { message } = self.pause() {
-                return Response::Error { message };
-            }
-        }
-        let stopped_at = self.paused_at.unwrap_or_else(Instant::now);
-        let handed = self
+        let failed = |why: String| Response::Error {
+            message: format!("handing the VM over failed: {why}; it runs on here"),
+        };
+        let outgoing = match self
             .machine
             .as_ref()
             .ok_or("this VMM cannot hand its VM over".to_string())
-            .and_then(crate::handover::hand_over_machine);
+            .and_then(crate::handover::offer_machine)
+        {
+            Ok(outgoing) => outgoing,
+            Err(why) => return failed(why),
+        };
+        let was_running = self.state == RunState::Running;
+        if was_running {
+            if let Response::Error { message } = self.pause() {
+                return failed(message);
+            }
+        }
+        let stopped_at = self.paused_at.unwrap_or_else(Instant::now);
+        let handed = match self.machine.as_ref() {
+            Some(machine) => crate::handover::hand_over_machine(outgoing, machine),
+            None => Err("this VMM cannot hand its VM over".into()),
+        };
         match handed {
             Ok(()) => {
                 self.exit.report(VmExit::HandedOver);
@@ -368,9 +379,7 @@ impl Controller {
                 if was_running {
                     self.resume();
                 }
-                Response::Error {
-                    message: format!("handing the VM over failed: {why}; it runs on here"),
-                }
+                failed(why)
             }
         }
     }

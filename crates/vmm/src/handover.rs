@@ -1,13 +1,16 @@
 //! Handing a running guest to a new VMM process (an upgrade), over a Unix socket in the run
 //! directory. The new VMM (`keel vmm --takeover`) listens on [`TAKEOVER_SOCKET`]; the old one,
-//! asked to hand over, connects and sends a fixed-size header with the descriptors the new
-//! one cannot open itself (the memfd of guest memory; the taps, which admit one holder; the
-//! disks' files, whose open-file-description locks go with them), then the paused VM's
-//! state and which descriptor is what, as JSON. Guest memory is never copied: both map the same
-//! memfd. The switch has two phases, so that the guest runs in exactly one of them:
+//! asked to hand over, connects and, while the guest still runs, sends a fixed-size header
+//! and a layout with the descriptors the new one cannot open itself (the memfd of guest
+//! memory; the taps, which admit one holder; the disks' files, whose open-file-description
+//! locks go with them). Guest memory is never copied: both map the same memfd. The new VMM
+//! builds what costs time and does not depend on the guest's state (the KVM VM, its memory
+//! slots, irqchip and PIT: milliseconds for gigabytes) and says `prepared`; only then is the
+//! guest paused and its state sent. The switch then has two phases, so that the guest runs
+//! in exactly one of them:
 //!
-//! 1. the new VMM builds the VM from the state, paused, and answers `ready` (or `failed: why`,
-//!    or nothing: then the old one resumes the guest and goes on);
+//! 1. the new VMM builds the rest of the VM from the state, paused, and answers `ready` (or
+//!    nothing: then the old one resumes the guest and goes on);
 //! 2. the old one answers `go` and ends without touching anything the new one uses; the new
 //!    one starts the vCPUs only on `go` (on anything else it ends, having run nothing).
 
@@ -27,13 +30,13 @@ pub use api::control::files::TAKEOVER_SOCKET;
 /// How long either side waits for the other at each step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAGIC: &[u8; 8] = b"KEELHAND";
-const VERSION: u32 = 1;
-/// magic, version, descriptor count, body length.
+const VERSION: u32 = 2;
+/// magic, version, descriptor count, layout length.
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8;
 /// Most descriptors a handover carries (the memfd, taps, disks and their backing files).
 const MAX_FDS: usize = 253;
-/// Largest state accepted.
-const MAX_STATE_BYTES: u64 = 16 << 20;
+/// Largest layout or state accepted.
+const MAX_BODY_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,27 +58,6 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// Sends the paused `machine` to the new VMM in its run directory (see [`hand_over`]).
-pub fn hand_over_machine(machine: &crate::control::Machine) -> Result<(), String> {
-    let memfd = machine.memfd.as_ref().ok_or(
-        "its memory is a private map of the snapshot it was restored from, which no other process can share: stop and start it to upgrade it",
-    )?;
-    let dir = machine
-        .run_dir
-        .as_ref()
-        .ok_or("this VMM has no run directory")?;
-    let state = crate::snapshot::machine_state(machine).map_err(|e| e.to_string())?;
-    let (taps, disks) = machine.devices.handover_fds();
-    hand_over(
-        &dir.join(TAKEOVER_SOCKET),
-        &state,
-        memfd.as_raw_fd(),
-        &taps,
-        &disks,
-    )
-    .map_err(|e| e.to_string())
-}
-
 /// Which of the descriptors after the memfd are what: the taps, then each disk's files
 /// (its image, then its backing chain, nearest first).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,40 +66,22 @@ struct Layout {
     disks: Vec<usize>,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Body {
-    layout: Layout,
-    state: MachineState,
-}
-
-/// What the new VMM received.
-pub struct Incoming {
-    pub state: MachineState,
-    pub memfd: File,
-    /// Attached tap descriptors, in the VM's NIC order.
-    pub taps: Vec<File>,
-    /// Each disk's files (image, then backing chain), in the VM's disk order.
-    pub disks: Vec<Vec<File>>,
+/// The old VMM's side of a handover under way: the descriptors are sent and the new VMM
+/// has prepared the VM; the guest still runs.
+pub struct Outgoing {
     link: UnixStream,
 }
 
-/// The old VMM's side: sends the paused VM to the new VMM listening at `socket`, waits for it
-/// to be ready and tells it to go. On `Ok` the guest is the new VMM's: this process must end
-/// without touching the devices' files or the run directory's sockets.
-pub fn hand_over(
+/// Connects to the new VMM at `socket`, sends the descriptors and waits for it to prepare.
+pub fn offer(
     socket: &Path,
-    state: &MachineState,
     memfd: RawFd,
     taps: &[RawFd],
     disks: &[Vec<RawFd>],
-) -> Result<(), Error> {
-    let layout = Layout {
+) -> Result<Outgoing, Error> {
+    let layout = serde_json::to_vec(&Layout {
         taps: taps.len(),
         disks: disks.iter().map(Vec::len).collect(),
-    };
-    let body = serde_json::to_vec(&Body {
-        layout,
-        state: state.clone(),
     })
     .map_err(Error::Encode)?;
     let mut fds = vec![memfd];
@@ -136,35 +100,90 @@ pub fn hand_over(
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&(fds.len() as u32).to_le_bytes());
-    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(layout.len() as u64).to_le_bytes());
     link.send_with_fds(&[&header[..]], &fds)
         .map_err(|e| Error::Io {
             what: "sending the descriptors",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-    (&link).write_all(&body).map_err(io("sending the state"))?;
-    let mut reader = BufReader::new(&link);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .map_err(io("waiting for the new VMM"))?;
-    match line.trim_end() {
-        "ready" => {}
-        "" => return Err(Error::Refused("it ended without a word".into())),
-        other => {
-            return Err(Error::Refused(
-                other.strip_prefix("failed: ").unwrap_or(other).to_string(),
-            ))
+    (&link)
+        .write_all(&layout)
+        .map_err(io("sending the descriptors' layout"))?;
+    let outgoing = Outgoing { link };
+    outgoing.expect("prepared")?;
+    Ok(outgoing)
+}
+
+impl Outgoing {
+    fn expect(&self, word: &str) -> Result<(), Error> {
+        let mut line = String::new();
+        BufReader::new(&self.link)
+            .read_line(&mut line)
+            .map_err(io("waiting for the new VMM"))?;
+        match line.trim_end() {
+            w if w == word => Ok(()),
+            "" => Err(Error::Refused("it ended without a word".into())),
+            other => Err(Error::Refused(other.to_string())),
         }
     }
-    (&link)
-        .write_all(b"go\n")
-        .map_err(io("telling the new VMM to go"))
+
+    /// Sends the paused guest's state, waits for the new VMM to be ready and tells it to
+    /// go. On `Ok` the guest is the new VMM's: this process must end without touching the
+    /// devices' files or the run directory's sockets.
+    pub fn hand_over(self, state: &MachineState) -> Result<(), Error> {
+        let body = serde_json::to_vec(state).map_err(Error::Encode)?;
+        (&self.link)
+            .write_all(&(body.len() as u64).to_le_bytes())
+            .and_then(|()| (&self.link).write_all(&body))
+            .map_err(io("sending the state"))?;
+        self.expect("ready")?;
+        (&self.link)
+            .write_all(b"go\n")
+            .map_err(io("telling the new VMM to go"))
+    }
+}
+
+/// Sends the paused `machine`'s state over `outgoing` (see [`Outgoing::hand_over`]).
+pub fn hand_over_machine(
+    outgoing: Outgoing,
+    machine: &crate::control::Machine,
+) -> Result<(), String> {
+    let state = crate::snapshot::machine_state(machine).map_err(|e| e.to_string())?;
+    outgoing.hand_over(&state).map_err(|e| e.to_string())
+}
+
+/// Offers the running `machine` to the new VMM in its run directory (see [`offer`]).
+pub fn offer_machine(machine: &crate::control::Machine) -> Result<Outgoing, String> {
+    let memfd = machine.memfd.as_ref().ok_or(
+        "its memory is a private map of the snapshot it was restored from, which no other process can share: stop and start it to upgrade it",
+    )?;
+    let dir = machine
+        .run_dir
+        .as_ref()
+        .ok_or("this VMM has no run directory")?;
+    let (taps, disks) = machine.devices.handover_fds();
+    offer(&dir.join(TAKEOVER_SOCKET), memfd.as_raw_fd(), &taps, &disks).map_err(|e| e.to_string())
+}
+
+/// The new VMM's side, once it has the descriptors.
+pub struct Offered {
+    pub memfd: File,
+    /// Attached tap descriptors, in the VM's NIC order.
+    pub taps: Vec<File>,
+    /// Each disk's files (image, then backing chain), in the VM's disk order.
+    pub disks: Vec<Vec<File>>,
+    link: UnixStream,
+}
+
+/// What the new VMM received in all.
+pub struct Incoming {
+    pub state: MachineState,
+    link: UnixStream,
 }
 
 /// The new VMM's side: takes the one connection to `listener` (within [`STEP_TIMEOUT`]) and
-/// reads the descriptors and the state, checking them as the hostile input they may be.
-pub fn receive(listener: &UnixListener) -> Result<Incoming, Error> {
+/// reads the descriptors, checking them as the hostile input they may be.
+pub fn receive(listener: &UnixListener) -> Result<Offered, Error> {
     let link = accept_within(listener, STEP_TIMEOUT)?;
     link.set_read_timeout(Some(STEP_TIMEOUT))
         .map_err(io("setting a timeout"))?;
@@ -207,16 +226,8 @@ pub fn receive(listener: &UnixListener) -> Result<Incoming, Error> {
     }
     let mut len = [0u8; 8];
     len.copy_from_slice(&header[16..24]);
-    let len = u64::from_le_bytes(len);
-    if len > MAX_STATE_BYTES {
-        return Err(Error::Protocol(format!("a state of {len} bytes")));
-    }
-    let mut body = vec![0u8; len as usize];
-    (&link)
-        .read_exact(&mut body)
-        .map_err(io("reading the VM's state"))?;
-    let Body { layout, state } = serde_json::from_slice(&body)
-        .map_err(|e| Error::Protocol(format!("a state that is not a VM's: {e}")))?;
+    let layout: Layout = serde_json::from_slice(&read_body(&link, u64::from_le_bytes(len))?)
+        .map_err(|e| Error::Protocol(format!("a layout that is not one: {e}")))?;
     let described = 1 + layout.taps + layout.disks.iter().sum::<usize>();
     if described != files.len() || layout.disks.contains(&0) {
         return Err(Error::Protocol(format!(
@@ -232,13 +243,45 @@ pub fn receive(listener: &UnixListener) -> Result<Incoming, Error> {
         .iter()
         .map(|&n| rest.by_ref().take(n).collect())
         .collect();
-    Ok(Incoming {
-        state,
+    Ok(Offered {
         memfd,
         taps,
         disks,
         link,
     })
+}
+
+fn read_body(link: &UnixStream, len: u64) -> Result<Vec<u8>, Error> {
+    if len > MAX_BODY_BYTES {
+        return Err(Error::Protocol(format!("a body of {len} bytes")));
+    }
+    let mut body = vec![0u8; len as usize];
+    let mut reader = link;
+    reader
+        .read_exact(&mut body)
+        .map_err(io("reading from the old VMM"))?;
+    Ok(body)
+}
+
+impl Offered {
+    /// The VM is prepared: tells the old VMM, which pauses the guest and sends its state.
+    pub fn prepared(self) -> Result<Incoming, Error> {
+        (&self.link)
+            .write_all(b"prepared\n")
+            .map_err(io("telling the old VMM we are prepared"))?;
+        let mut len = [0u8; 8];
+        let mut reader = &self.link;
+        reader
+            .read_exact(&mut len)
+            .map_err(io("reading the state's length"))?;
+        let body = read_body(&self.link, u64::from_le_bytes(len))?;
+        let state = serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("a state that is not a VM's: {e}")))?;
+        Ok(Incoming {
+            state,
+            link: self.link,
+        })
+    }
 }
 
 impl Incoming {

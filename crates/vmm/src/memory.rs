@@ -19,6 +19,7 @@
 //! 2.3 MiB).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 
 use arch::layout::ram_regions;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -149,45 +150,86 @@ pub fn map_private(
     })
 }
 
+/// Which pages of the region at `base` (`len` bytes) the guest touched: the memfd's data
+/// extents at `at` when guest memory is one (`SEEK_DATA` skips holes without looking at
+/// them), else what `mincore` says is resident (a snapshot's private map).
+fn touched_pages(
+    memfd: Option<&std::fs::File>,
+    at: u64,
+    base: *const u8,
+    len: usize,
+) -> std::io::Result<Vec<bool>> {
+    const PAGE: u64 = 4096;
+    let pages = len.div_ceil(PAGE as usize);
+    let Some(memfd) = memfd else {
+        let mut resident = vec![0u8; pages];
+        // SAFETY: `base` and `len` are one whole mapping owned by the caller's memory;
+        // mincore writes one byte per page into a vector of that many bytes.
+        if unsafe { libc::mincore(base.cast_mut().cast(), len, resident.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(resident.iter().map(|r| r & 1 != 0).collect());
+    };
+    let mut touched = vec![false; pages];
+    let end = at + len as u64;
+    let mut pos = at;
+    while pos < end {
+        let seek = |whence, from: u64| {
+            // SAFETY: lseek on a descriptor the caller holds; no memory is passed.
+            unsafe { libc::lseek(memfd.as_raw_fd(), from as libc::off_t, whence) }
+        };
+        let data = seek(libc::SEEK_DATA, pos);
+        if data < 0 {
+            // ENXIO: no data after `pos`.
+            break;
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        let hole = (seek(libc::SEEK_HOLE, data).max(0) as u64).clamp(data + 1, end);
+        for page in (data - at) / PAGE..(hole - at).div_ceil(PAGE) {
+            touched[page as usize] = true;
+        }
+        pos = hole;
+    }
+    Ok(touched)
+}
+
 /// Writes every page of `mem` that the guest touched and that is not all zeroes into `file`
 /// at its place (see [`file_offsets`]), leaving holes elsewhere; returns the bytes written.
-/// Pages the guest never touched are not even read: `mincore` says which are resident.
+/// Pages the guest never touched are not even read (see [`touched_pages`]).
 pub fn write_touched(
     mem: &GuestMemoryMmap,
+    memfd: Option<&std::fs::File>,
     file: &std::fs::File,
     header: u64,
 ) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     const PAGE: usize = 4096;
     let mut written = 0;
-    let mut offset = header;
+    let mut offset = 0;
     for region in mem.iter() {
         let len = region.len() as usize;
         let base = region.as_ptr();
-        let mut resident = vec![0u8; len.div_ceil(PAGE)];
-        // SAFETY: `base` and `len` are one whole mapping owned by `mem`; mincore writes one
-        // byte per page into a vector of that many bytes.
-        if unsafe { libc::mincore(base.cast(), len, resident.as_mut_ptr()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let touched = touched_pages(memfd, offset, base, len)?;
         // SAFETY: the mapping is live for `mem`'s lifetime and the guest is paused: nothing
         // writes it while this reads it.
         let bytes = unsafe { std::slice::from_raw_parts(base, len) };
         let mut page = 0;
-        while page < resident.len() {
-            let wanted = |p: usize| {
-                resident[p] & 1 != 0 && bytes[p * PAGE..(p + 1) * PAGE].iter().any(|&b| b != 0)
-            };
+        while page < touched.len() {
+            let wanted =
+                |p: usize| touched[p] && bytes[p * PAGE..(p + 1) * PAGE].iter().any(|&b| b != 0);
             if !wanted(page) {
                 page += 1;
                 continue;
             }
             let first = page;
-            while page < resident.len() && wanted(page) {
+            while page < touched.len() && wanted(page) {
                 page += 1;
             }
             let run = &bytes[first * PAGE..page * PAGE];
-            file.write_all_at(run, offset + (first * PAGE) as u64)?;
+            file.write_all_at(run, header + offset + (first * PAGE) as u64)?;
             written += run.len() as u64;
         }
         offset += len as u64;

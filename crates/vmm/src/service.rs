@@ -350,36 +350,27 @@ fn taking_over(name: &str) -> String {
     format!("{name}.new")
 }
 
-/// Receives the guest from the old VMM: its memory's memfd, its taps, its state.
+/// Receives the guest from the old VMM: its memory's memfd, taps and disks (then builds
+/// the VM's slow parts while the old VMM still runs the guest), then its state.
 fn take_over(
     dir: &Path,
     config: &VmConfig,
     mut host_files: HostFiles,
     listener: &UnixListener,
 ) -> Result<(HostFiles, Option<Restore>), Error> {
-    let incoming = crate::handover::receive(listener)
-        .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?;
-    if incoming.taps.len() != config.nets.len() || incoming.disks.len() != config.disks.len() {
+    let aborted = |e: &dyn std::fmt::Display| crate::Error::TakeoverAborted(e.to_string());
+    let offered = crate::handover::receive(listener).map_err(|e| aborted(&e))?;
+    if offered.taps.len() != config.nets.len() || offered.disks.len() != config.disks.len() {
         return Err(crate::Error::TakeoverAborted(format!(
             "{} taps and {} disks handed over for {} NICs and {} disks",
-            incoming.taps.len(),
-            incoming.disks.len(),
+            offered.taps.len(),
+            offered.disks.len(),
             config.nets.len(),
             config.disks.len()
         ))
         .into());
     }
-    let restore = Restore {
-        state: incoming.state.clone(),
-        memory: RestoredMemory::Memfd(
-            incoming
-                .memfd
-                .try_clone()
-                .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?,
-        ),
-        takeover: None,
-    };
-    host_files.disks = incoming
+    host_files.disks = offered
         .disks
         .iter()
         .zip(&config.disks)
@@ -396,7 +387,7 @@ fn take_over(
         })
         .collect::<std::result::Result<_, String>>()
         .map_err(crate::Error::TakeoverAborted)?;
-    host_files.taps = incoming
+    host_files.taps = offered
         .taps
         .iter()
         .zip(&config.nets)
@@ -405,7 +396,13 @@ fn take_over(
                 .map(|f| devices::virtio::net::tap::Tap::from_attached(f, &net.tap))
         })
         .collect::<std::io::Result<_>>()
-        .map_err(|e| crate::Error::TakeoverAborted(e.to_string()))?;
+        .map_err(|e| aborted(&e))?;
+    // The slow part (the KVM VM, its memory slots, irqchip and PIT), while the old VMM
+    // still runs the guest.
+    let prebuilt = vm::prebuild(&host_files.kvm, config.memory_bytes(), &offered.memfd)
+        .map_err(|e| aborted(&e))?;
+    let memfd = offered.memfd.try_clone().map_err(|e| aborted(&e))?;
+    let incoming = offered.prepared().map_err(|e| aborted(&e))?;
     let renames = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
         .iter()
         .map(|name| (dir.join(taking_over(name)), dir.join(name)))
@@ -413,8 +410,10 @@ fn take_over(
     Ok((
         host_files,
         Some(Restore {
+            state: incoming.state.clone(),
+            memory: RestoredMemory::Memfd(memfd),
             takeover: Some(vm::Takeover { incoming, renames }),
-            ..restore
+            prebuilt: Some(prebuilt),
         }),
     ))
 }
@@ -467,6 +466,7 @@ fn open_restore(dir: &Path, name: &str) -> Result<Restore, Error> {
         state,
         memory: RestoredMemory::SnapshotFile(memory),
         takeover: None,
+        prebuilt: None,
     })
 }
 

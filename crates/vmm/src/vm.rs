@@ -61,6 +61,56 @@ pub(crate) struct Restore {
     pub memory: RestoredMemory,
     /// A guest handed over by another VMM (an upgrade): the link to it.
     pub takeover: Option<Takeover>,
+    /// What was built before the guest's state came (a guest taken over).
+    pub prebuilt: Option<Prebuilt>,
+}
+
+/// The parts of a VM that take time to make and do not depend on the guest's state: the
+/// KVM VM with its memory slots, irqchip and PIT, and the guest memory they map.
+pub(crate) struct Prebuilt {
+    vm: kvm_ioctls::VmFd,
+    memory: vm_memory::GuestMemoryMmap,
+    memfd: Option<std::fs::File>,
+}
+
+/// Builds a VM over the guest memory in `memfd` (a guest being taken over).
+pub(crate) fn prebuild(
+    kvm: &kvm_ioctls::Kvm,
+    mem_size: u64,
+    memfd: &std::fs::File,
+) -> Result<Prebuilt> {
+    let memory = memory::map_shared(mem_size, memfd)?;
+    Ok(Prebuilt {
+        vm: create_machine(kvm, &memory)?,
+        memory,
+        memfd: Some(
+            memfd
+                .try_clone()
+                .map_err(io_err("keeping the guest's memfd"))?,
+        ),
+    })
+}
+
+/// A KVM VM with `memory` registered, its TSS, in-kernel irqchip and PIT.
+fn create_machine(
+    kvm: &kvm_ioctls::Kvm,
+    memory: &vm_memory::GuestMemoryMmap,
+) -> Result<kvm_ioctls::VmFd> {
+    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    // Memory goes in before the irqchip and PIT: registered after them, the first memory
+    // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
+    memory::register(&vm, memory)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("creating the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("creating the in-kernel PIT"))?;
+    Ok(vm)
 }
 
 /// Where a restored guest's memory is.
@@ -112,7 +162,7 @@ pub(crate) fn run_with(
     config: &VmConfig,
     files: HostFiles,
     frontend: Frontend,
-    restore: Option<Restore>,
+    mut restore: Option<Restore>,
 ) -> Result<VmExit> {
     let HostFiles {
         kvm,
@@ -147,46 +197,47 @@ pub(crate) fn run_with(
         None => loader::find_disk_boot(config, boot_image, &disks)?,
     };
 
-    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-    // Memory goes in before the irqchip and PIT: registered after them, the first memory
-    // slot took ~5 ms on the PVM host (measured with strace), registered first ~0.2 ms.
     let direct_disk = config.disks.iter().any(|d| d.direct);
     // A restored VM's memory is the snapshot's file, mapped privately (no memfd to hand on).
-    let (guest_memory, memfd) = match &restore {
-        Some(Restore {
-            memory: RestoredMemory::SnapshotFile(file),
-            ..
-        }) => (
-            memory::map_private(mem_size, file, snapshot::file::MEMORY_HEADER_BYTES)?,
-            None,
-        ),
-        Some(Restore {
-            memory: RestoredMemory::Memfd(memfd),
-            ..
-        }) => (
-            memory::map_shared(mem_size, memfd)?,
-            Some(
-                memfd
-                    .try_clone()
-                    .map_err(io_err("keeping the guest's memfd"))?,
-            ),
-        ),
+    let Prebuilt {
+        vm,
+        memory: guest_memory,
+        memfd,
+    } = match restore.as_mut().and_then(|r| r.prebuilt.take()) {
+        // A guest taken over: built while the old VMM still ran it.
+        Some(prebuilt) => prebuilt,
         None => {
-            let (memory, memfd) = memory::create(mem_size, direct_disk)?;
-            (memory, Some(memfd))
+            let (guest_memory, memfd) = match &restore {
+                Some(Restore {
+                    memory: RestoredMemory::SnapshotFile(file),
+                    ..
+                }) => (
+                    memory::map_private(mem_size, file, snapshot::file::MEMORY_HEADER_BYTES)?,
+                    None,
+                ),
+                Some(Restore {
+                    memory: RestoredMemory::Memfd(memfd),
+                    ..
+                }) => (
+                    memory::map_shared(mem_size, memfd)?,
+                    Some(
+                        memfd
+                            .try_clone()
+                            .map_err(io_err("keeping the guest's memfd"))?,
+                    ),
+                ),
+                None => {
+                    let (memory, memfd) = memory::create(mem_size, direct_disk)?;
+                    (memory, Some(memfd))
+                }
+            };
+            Prebuilt {
+                vm: create_machine(&kvm, &guest_memory)?,
+                memory: guest_memory,
+                memfd,
+            }
         }
     };
-    memory::register(&vm, &guest_memory)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(kvm_err("setting the TSS address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("creating the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(kvm_err("creating the in-kernel PIT"))?;
 
     let virtio = Arc::new(VirtioDevices::new(
         &vm,

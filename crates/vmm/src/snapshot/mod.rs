@@ -112,8 +112,13 @@ pub fn capture(
         .and_then(|()| memory_file.set_len(file::MEMORY_HEADER_BYTES + machine.memory_bytes))
         .map_err(Error::Memory)?;
     file::write_memory_header(memory_file, &state.id, machine.memory_bytes)?;
-    let written = memory::write_touched(&machine.memory, memory_file, file::MEMORY_HEADER_BYTES)
-        .map_err(Error::Memory)?;
+    let written = memory::write_touched(
+        &machine.memory,
+        machine.memfd.as_ref(),
+        memory_file,
+        file::MEMORY_HEADER_BYTES,
+    )
+    .map_err(Error::Memory)?;
     let state_bytes = file::write_state(state_file, &state)?;
     Ok(Captured {
         memory_bytes_written: written,

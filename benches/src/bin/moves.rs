@@ -134,9 +134,19 @@ fn fresh_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))
 }
 
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+fn stop(child: Stopped) {
+    drop(child);
+}
+
+/// A VMM process, killed when dropped: a run that fails half-way leaves nothing running to
+/// skew the next ones.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Keel's control socket, one request at a time.
@@ -192,7 +202,7 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     });
     std::fs::write(dir.join("vm.json"), spec.to_string())?;
     let console = dir.join("console.log");
-    let vmm = keel_vmm(keel, dir, None)?;
+    let vmm = Stopped(keel_vmm(keel, dir, None)?);
     wait_for_text(&console, READY, 0, "keel boot")?;
     let mut control = Control::connect(dir)?;
     let asked = Instant::now();
@@ -228,7 +238,7 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
                 .append(true)
                 .open(dir.join("vmm.log"))?,
         );
-    let new = takeover.spawn()?;
+    let new = Stopped(takeover.spawn()?);
     let deadline = Instant::now() + DEADLINE;
     while !dir.join("takeover.sock").exists() {
         if Instant::now() > deadline {
@@ -260,7 +270,7 @@ fn keel_run(keel: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
 fn time_restore(console: &Path, vmm: &str, spawn: impl FnOnce() -> Result<Child>) -> Result<f64> {
     let written = Written::watch(console)?;
     let spawned = Instant::now();
-    let restored = spawn()?;
+    let restored = Stopped(spawn()?);
     let came = written.wait(DEADLINE);
     let restore_ms = ms(spawned.elapsed());
     stop(restored);
@@ -323,7 +333,7 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     fresh_dir(dir)?;
     let console = dir.join("console.log");
     std::fs::File::create(&console)?;
-    let vm = qemu_vm(qemu, probe, dir, None)?;
+    let vm = Stopped(qemu_vm(qemu, probe, dir, None)?);
     let mut qmp = Qmp::connect(&dir.join("qmp.sock"))?;
     wait_for_text(&console, READY, 0, "qemu boot")?;
     let asked = Instant::now();
@@ -356,12 +366,12 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
     fresh_dir(&target_dir)?;
     std::fs::File::create(target_dir.join("console.log"))?;
     let socket = dir.join("migrate.sock");
-    let target = qemu_vm_incoming(
+    let target = Stopped(qemu_vm_incoming(
         qemu,
         probe,
         &target_dir,
         &format!("unix:{}", socket.display()),
-    )?;
+    )?);
     let deadline = Instant::now() + DEADLINE;
     while !socket.exists() {
         if Instant::now() > deadline {

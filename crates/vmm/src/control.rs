@@ -5,7 +5,7 @@
 //! outside the guest.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control_socket::{ControlSocket, Incoming};
+use crate::control_socket::{ConnectionId, ControlSocket, Incoming};
 use crate::exit::{ExitSignal, StopBy, VmExit};
 use crate::pause::PauseGate;
 use crate::signals::Signals;
@@ -144,8 +144,9 @@ impl Machine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReplyTo {
     Nobody,
-    /// A control-socket connection, by its file descriptor.
-    Connection(RawFd),
+    /// A control-socket connection (never a bare descriptor number, which a later
+    /// connection may reuse).
+    Connection(ConnectionId),
 }
 
 struct Envelope {
@@ -463,8 +464,8 @@ impl ControlLoop {
     fn drain(&mut self, ops: &mut EventOps) {
         while let Ok(envelope) = self.queue.rx.try_recv() {
             let response = self.controller.apply(envelope.command);
-            if let (ReplyTo::Connection(fd), Some(socket)) = (envelope.reply_to, &mut self.socket) {
-                socket.respond(fd, &response, ops);
+            if let (ReplyTo::Connection(id), Some(socket)) = (envelope.reply_to, &mut self.socket) {
+                socket.respond(id, &response, ops);
             }
         }
     }
@@ -474,17 +475,21 @@ impl ControlLoop {
             return;
         };
         let fd = events.fd();
-        for incoming in socket.process(events, ops) {
+        let incoming = socket.process(events, ops);
+        let Some(id) = socket.id_of(fd) else {
+            return;
+        };
+        for incoming in incoming {
             match incoming {
                 Incoming::Request(request) => {
                     let sender = self.queue.sender();
-                    sender.send_for(VmCommand::from_request(request), ReplyTo::Connection(fd));
+                    sender.send_for(VmCommand::from_request(request), ReplyTo::Connection(id));
                     // Drained at once so that answers leave in the order the lines came.
                     self.drain(ops);
                 }
                 Incoming::Garbage(message) => {
                     if let Some(socket) = &mut self.socket {
-                        socket.respond(fd, &Response::Error { message }, ops);
+                        socket.respond(id, &Response::Error { message }, ops);
                     }
                 }
             }

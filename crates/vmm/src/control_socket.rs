@@ -74,7 +74,17 @@ pub fn parse_line(line: &[u8]) -> Option<Incoming> {
     })
 }
 
+/// One connection, for as long as it lives: its descriptor and a serial number no later
+/// connection reuses (a descriptor number is reused as soon as it is closed). An answer that
+/// comes for a connection gone is dropped, never sent to the next one on the same number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId {
+    fd: RawFd,
+    serial: u64,
+}
+
 struct Connection {
+    serial: u64,
     stream: UnixStream,
     lines: LineBuffer,
     output: Vec<u8>,
@@ -89,6 +99,7 @@ struct Connection {
 pub struct ControlSocket {
     listener: UnixListener,
     connections: HashMap<RawFd, Connection>,
+    next_serial: u64,
 }
 
 impl ControlSocket {
@@ -97,6 +108,7 @@ impl ControlSocket {
         Ok(Self {
             listener,
             connections: HashMap::new(),
+            next_serial: 0,
         })
     }
 
@@ -144,9 +156,23 @@ impl ControlSocket {
         incoming
     }
 
-    /// Queues `response` for connection `fd` and writes what the socket takes now.
-    pub fn respond(&mut self, fd: RawFd, response: &Response, ops: &mut EventOps) {
-        let Some(conn) = self.connections.get_mut(&fd) else {
+    /// The connection now on descriptor `fd`, if one is.
+    pub fn id_of(&self, fd: RawFd) -> Option<ConnectionId> {
+        self.connections.get(&fd).map(|c| ConnectionId {
+            fd,
+            serial: c.serial,
+        })
+    }
+
+    /// Queues `response` for connection `id` (if it is still there) and writes what the
+    /// socket takes now.
+    pub fn respond(&mut self, id: ConnectionId, response: &Response, ops: &mut EventOps) {
+        let fd = id.fd;
+        let Some(conn) = self
+            .connections
+            .get_mut(&fd)
+            .filter(|c| c.serial == id.serial)
+        else {
             return;
         };
         match serde_json::to_vec(response) {
@@ -210,9 +236,11 @@ impl ControlSocket {
             if ops.add(Events::new(&stream, watching)).is_err() {
                 continue;
             }
+            self.next_serial += 1;
             self.connections.insert(
                 stream.as_raw_fd(),
                 Connection {
+                    serial: self.next_serial,
                     stream,
                     lines: LineBuffer::default(),
                     output: Vec::new(),

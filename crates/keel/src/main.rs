@@ -11,6 +11,7 @@ mod image_cli;
 mod ledger_cli;
 mod machine_args;
 mod moves_cli;
+mod vm_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,7 +54,7 @@ enum Command {
     /// Define, start, stop and inspect VMs (through keel serve).
     Vm {
         #[command(subcommand)]
-        command: cli::VmCommand,
+        command: vm_cli::VmCommand,
         #[command(flatten)]
         api: cli::ApiArgs,
     },
@@ -198,7 +199,7 @@ fn main() -> ExitCode {
         Command::Run { args } => exec_vmm("run".into(), args),
         Command::Vmm { args } => exec_vmm("vmm".into(), args),
         Command::Serve(args) => client_command(serve(args)),
-        Command::Vm { command, api } => client_command(cli::vm(command, api)),
+        Command::Vm { command, api } => client_command(vm_cli::vm(command, api)),
         Command::Events { args, api } => client_command(cli::events(args, api)),
         Command::Host { command, api } => client_command(cli::host(command, api)),
         Command::Ledger {

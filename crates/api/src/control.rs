@@ -49,6 +49,10 @@ pub enum Request {
         #[serde(default)]
         stay_paused: bool,
     },
+    /// Turn KVM's log of the pages the guest writes on or off.
+    DirtyLog { on: bool },
+    /// How many pages the guest wrote since the last such request (the log must be on).
+    DirtyPages,
     /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
     /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
     HandOver,
@@ -63,6 +67,7 @@ pub enum Response {
     Resumed(ResumeReport),
     Snapshot(SnapshotReport),
     HandedOver(HandOverReport),
+    DirtyPages { pages: u64 },
     Done,
     Error { message: String },
 }

@@ -46,6 +46,10 @@ pub enum VmCommand {
     Snapshot { name: String, stay_paused: bool },
     /// Hand the guest to a new VMM (see [`crate::handover`]).
     HandOver,
+    /// Turn the dirty-page log on or off.
+    DirtyLog { on: bool },
+    /// Count the pages written since the last count.
+    DirtyPages,
 }
 
 impl VmCommand {
@@ -62,6 +66,8 @@ impl VmCommand {
             Request::Resume => VmCommand::Resume,
             Request::Snapshot { name, stay_paused } => VmCommand::Snapshot { name, stay_paused },
             Request::HandOver => VmCommand::HandOver,
+            Request::DirtyLog { on } => VmCommand::DirtyLog { on },
+            Request::DirtyPages => VmCommand::DirtyPages,
         }
     }
 
@@ -87,6 +93,10 @@ impl VmCommand {
             (VmCommand::Snapshot { .. }, Booting) => Err("the VM has not started yet"),
             (VmCommand::HandOver, Running | Paused) => Ok(()),
             (VmCommand::HandOver, Booting) => Err("the VM has not started yet"),
+            (VmCommand::DirtyLog { .. } | VmCommand::DirtyPages, Running | Paused) => Ok(()),
+            (VmCommand::DirtyLog { .. } | VmCommand::DirtyPages, Booting) => {
+                Err("the VM has not started yet")
+            }
         }
     }
 }
@@ -203,6 +213,8 @@ pub struct Controller {
     exit: Arc<ExitSignal>,
     power_button_presses: u64,
     state: RunState,
+    /// KVM logs the pages the guest writes.
+    dirty_logging: bool,
     /// When the last vCPU stopped, while paused.
     paused_at: Option<Instant>,
     machine: Option<Machine>,
@@ -217,6 +229,7 @@ impl Controller {
             exit,
             power_button_presses: 0,
             state: RunState::Booting,
+            dirty_logging: false,
             paused_at: None,
             machine: None,
             counters: Default::default(),
@@ -279,6 +292,8 @@ impl Controller {
             VmCommand::Resume => self.resume(),
             VmCommand::Snapshot { name, stay_paused } => self.snapshot(&name, stay_paused),
             VmCommand::HandOver => self.hand_over(),
+            VmCommand::DirtyLog { on } => self.dirty_log(on),
+            VmCommand::DirtyPages => self.dirty_pages(),
         }
     }
 
@@ -382,6 +397,46 @@ impl Controller {
                 }
                 failed(why)
             }
+        }
+    }
+
+    fn dirty_log(&mut self, on: bool) -> Response {
+        let Some(m) = &self.machine else {
+            return Response::Error {
+                message: "this VMM keeps no dirty-page log".into(),
+            };
+        };
+        match crate::memory::log_dirty_pages(&m.vm, &m.memory, on) {
+            Ok(()) => {
+                self.dirty_logging = on;
+                Response::Done
+            }
+            Err(e) => Response::Error {
+                message: format!(
+                    "turning the dirty-page log {} failed: {e}",
+                    if on { "on" } else { "off" }
+                ),
+            },
+        }
+    }
+
+    fn dirty_pages(&self) -> Response {
+        let Some(m) = self.machine.as_ref().filter(|_| self.dirty_logging) else {
+            return Response::Error {
+                message: "the dirty-page log is off: turn it on first".into(),
+            };
+        };
+        match crate::memory::dirty_pages(&m.vm, &m.memory) {
+            Ok(maps) => Response::DirtyPages {
+                pages: maps
+                    .iter()
+                    .flatten()
+                    .map(|w| u64::from(w.count_ones()))
+                    .sum(),
+            },
+            Err(e) => Response::Error {
+                message: format!("reading the dirty-page log failed: {e}"),
+            },
         }
     }
 

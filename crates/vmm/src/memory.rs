@@ -238,6 +238,40 @@ pub fn write_touched(
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    register_with(vm, mem, 0)
+}
+
+/// Turns KVM's log of the pages the guest writes on or off for every slot (the groundwork
+/// of a live migration's pre-copy). Writes the VMM's devices make are not in it.
+pub fn log_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), Error> {
+    register_with(
+        vm,
+        mem,
+        if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    )
+}
+
+/// The pages the guest wrote since the last reading (a reading clears the log), one bitmap
+/// per slot, a bit per 4 KiB page; the log must be on.
+pub fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Error> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            vm.get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| Error::Register {
+                    slot: slot as u32,
+                    addr: region.start_addr().raw_value(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+fn register_with(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let addr = region.start_addr().raw_value();
@@ -253,7 +287,7 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
             guest_phys_addr: addr,
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the region describes a live mapping owned by `mem`, which outlives the VM:
         // the VMM keeps guest memory until the process exits.

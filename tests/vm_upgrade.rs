@@ -61,6 +61,7 @@ fn twenty_handovers_in_a_row_lose_nothing() {
     spec["memory_mib"] = 128.into();
     spec["cpus"] = 2.into();
     spec["disks"] = disk.spec();
+    spec["vsock"] = serde_json::json!({ "cid": 42 });
     let dir = RunDir::new("upgrade", &spec);
     let mut current = KillOnDrop(start(&dir));
     wait_until("the first records", &dir, || {
@@ -105,6 +106,11 @@ fn twenty_handovers_in_a_row_lose_nothing() {
     );
     assert!(!console.contains("check bad"), "{console}");
     assert_eq!(console.matches("PROBE start").count(), 1, "booted again");
+    // The vsock device's host side moved with the guest.
+    assert!(
+        std::os::unix::net::UnixStream::connect(dir.path(files::VSOCK_SOCKET)).is_ok(),
+        "nothing listens on vsock.sock after the handovers"
+    );
     pauses.sort_unstable();
     eprintln!(
         "20 handovers: pause median {} us, max {} us (old VMM's measure, debug build)",

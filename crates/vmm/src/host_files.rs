@@ -152,7 +152,16 @@ impl HostFiles {
             boot_image: None,
             disks: Vec::new(),
             taps: Vec::new(),
-            vsock_listener: listen_vsock(config)?,
+            // The running VMM still listens at the socket's name: this one takes it over
+            // on the old VMM's go (see `takeover_name`).
+            vsock_listener: config
+                .vsock
+                .as_ref()
+                .map(|v| {
+                    devices::virtio::vsock::unix::listen(&takeover_name(&v.socket))
+                        .map_err(|e| crate::Error::from(virtio_devices::Error::from(e)))
+                })
+                .transpose()?,
             jail_id_lock,
         })
     }
@@ -239,6 +248,14 @@ impl HostFiles {
             open_taps,
         )
     }
+}
+
+/// Where a VMM taking a guest over binds a socket whose name the running VMM holds, until
+/// it renames it into place.
+pub fn takeover_name(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    name.into()
 }
 
 fn listen_vsock(config: &VmConfig) -> Result<Option<UnixListener>, crate::Error> {

@@ -177,7 +177,11 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     }
     if started.is_err() && launch.takeover && takeover_path.exists() {
         // Never taken over: only this VMM's own sockets go.
-        for name in [files::CONTROL_SOCKET, files::CONSOLE_SOCKET] {
+        for name in [
+            files::CONTROL_SOCKET,
+            files::CONSOLE_SOCKET,
+            files::VSOCK_SOCKET,
+        ] {
             let _ = remove_if_present(&dir.join(taking_over(name)));
         }
         let _ = remove_if_present(&takeover_path);
@@ -403,10 +407,16 @@ fn take_over(
         .map_err(|e| aborted(&e))?;
     let memfd = offered.memfd.try_clone().map_err(|e| aborted(&e))?;
     let incoming = offered.prepared().map_err(|e| aborted(&e))?;
-    let renames = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
+    let mut renames: Vec<_> = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
         .iter()
         .map(|name| (dir.join(taking_over(name)), dir.join(name)))
         .collect();
+    if let Some(v) = &config.vsock {
+        renames.push((
+            crate::host_files::takeover_name(&v.socket),
+            v.socket.clone(),
+        ));
+    }
     Ok((
         host_files,
         Some(Restore {

@@ -198,3 +198,49 @@ fn failed_handovers_leave_the_guest_running_in_the_old_vmm() {
     );
     wait_exit(&mut old, &dir);
 }
+
+/// A VM with a direct=on disk wants transparent huge pages; where this host gives shared
+/// memory none (shmem_enabled never), its memory is anonymous and a handover is refused with
+/// why; where it gives some, the memory is a memfd and the handover goes through.
+#[test]
+fn a_direct_disk_vm_hands_over_only_where_shared_memory_gets_huge_pages() {
+    if !kvm_available("a_direct_disk_vm_hands_over_only_where_shared_memory_gets_huge_pages") {
+        return;
+    }
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let huge = !(shmem.contains("[never]") || shmem.contains("[deny]") || shmem.is_empty());
+    let disk = ScratchDisk::new("upgrade-direct", 16 << 20);
+    let mut spec = spec(
+        "upgrade-direct",
+        "probe.churn=1M probe.churn_rate=2 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+    );
+    spec["disks"] = serde_json::json!([{ "path": disk.path.to_str().unwrap(), "direct": true }]);
+    let dir = RunDir::new("upgrade-direct", &spec);
+    let mut old = KillOnDrop(start(&dir));
+    wait_until("the churn", &dir, || {
+        dir.read(files::CONSOLE_LOG).contains("PROBE churn start")
+    });
+    let mut next = takeover(&dir);
+    match (huge, hand_over(&dir)) {
+        (false, Response::Error { message }) => {
+            assert!(message.contains("shmem_enabled"), "{message}");
+            wait_exit(&mut next, &dir);
+            assert_eq!(Control::connect(&dir).status().pid, old.id());
+            assert_eq!(
+                Control::connect(&dir).ask(br#"{"request":"stop"}"#),
+                Response::Done
+            );
+            wait_exit(&mut old, &dir);
+        }
+        (true, Response::HandedOver(_)) => {
+            wait_exit(&mut old, &dir);
+            assert_eq!(
+                Control::connect(&dir).ask(br#"{"request":"stop"}"#),
+                Response::Done
+            );
+            wait_exit(&mut next, &dir);
+        }
+        (huge, other) => panic!("shmem huge pages {huge}: hand-over answered {other:?}"),
+    }
+}

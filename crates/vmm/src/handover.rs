@@ -155,7 +155,7 @@ pub fn hand_over_machine(
 /// Offers the running `machine` to the new VMM in its run directory (see [`offer`]).
 pub fn offer_machine(machine: &crate::control::Machine) -> Result<Outgoing, String> {
     let memfd = machine.memfd.as_ref().ok_or(
-        "its memory is a private map of the snapshot it was restored from, which no other process can share: stop and start it to upgrade it",
+        "its memory is not a memfd another process can map: it was restored from a snapshot (mapped privately: stop and start it to upgrade it), or it has a direct=on disk on a host whose /sys/kernel/mm/transparent_hugepage/shmem_enabled gives shared memory no huge pages (set it to advise to have both)",
     )?;
     let dir = machine
         .run_dir

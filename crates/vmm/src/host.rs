@@ -50,6 +50,20 @@ pub const PVM_HOST_NOTE: &str = "note: this host's KVM is the software PVM modul
 unmodified guest kernels run their ring-0 code emulated, very slowly; kernels built as PVM \
 guests (CONFIG_PVM_GUEST) run at full speed";
 
+/// Whether transparent huge pages can back shared memory (a memfd) on this host:
+/// `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is not `never` or `deny`. Read before
+/// the jail, which has no /sys.
+pub fn shmem_huge_pages() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .ok()
+        .and_then(|s| {
+            let start = s.find('[')?;
+            let end = s[start..].find(']')?;
+            Some(s[start + 1..start + end].to_string())
+        })
+        .is_some_and(|chosen| !matches!(chosen.as_str(), "never" | "deny"))
+}
+
 /// Most vCPUs this host's KVM allows in one VM.
 pub fn max_vcpus(kvm: &Kvm) -> u32 {
     kvm.get_max_vcpus() as u32

@@ -39,6 +39,8 @@ pub struct HostFiles {
     /// The host-wide lock of the VMM's jail id, handed over by the daemon after the disks:
     /// held, never used, until the VMM ends.
     pub jail_id_lock: Option<File>,
+    /// Transparent huge pages can back a memfd here (see [`host::shmem_huge_pages`]).
+    pub shmem_huge_pages: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,7 @@ impl HostFiles {
             },
             vsock_listener: listen_vsock(config)?,
             jail_id_lock,
+            shmem_huge_pages: host::shmem_huge_pages(),
         })
     }
 
@@ -163,6 +166,7 @@ impl HostFiles {
                 })
                 .transpose()?,
             jail_id_lock,
+            shmem_huge_pages: host::shmem_huge_pages(),
         })
     }
 

@@ -47,9 +47,28 @@ pub enum Error {
     },
 }
 
-/// Makes `mem_size` bytes of guest memory in a new memfd and maps it; `huge_pages` asks for
-/// transparent huge pages on it (see the module documentation). Returns the memfd too.
-pub fn create(mem_size: u64, huge_pages: bool) -> Result<(GuestMemoryMmap, File), Error> {
+/// Makes `mem_size` bytes of guest memory and maps it; `huge_pages` asks for transparent
+/// huge pages on it (see the module documentation). Guest memory is a new memfd (returned
+/// too), except when huge pages are asked for and this host gives none to shared memory
+/// (`shmem_huge_pages` false): then it is anonymous, as a direct disk's speed needs them
+/// more than an upgrade needs a memfd (such a VM cannot be handed to a new VMM).
+pub fn create(
+    mem_size: u64,
+    huge_pages: bool,
+    shmem_huge_pages: bool,
+) -> Result<(GuestMemoryMmap, Option<File>), Error> {
+    if huge_pages && !shmem_huge_pages {
+        let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
+            mib: mem_size >> 20,
+            source,
+        })?;
+        advise_huge_pages(&mem);
+        return Ok((mem, None));
+    }
     // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
     let fd = unsafe { libc::memfd_create(c"keel-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -64,7 +83,7 @@ pub fn create(mem_size: u64, huge_pages: bool) -> Result<(GuestMemoryMmap, File)
     if huge_pages {
         advise_huge_pages(&mem);
     }
-    Ok((mem, memfd))
+    Ok((mem, Some(memfd)))
 }
 
 /// Maps the guest memory held in `memfd` (made by [`create`], here or in another VMM).
@@ -327,7 +346,13 @@ mod tests {
             }
             panic!("guest memory at {addr:#x} is not in /proc/self/smaps");
         };
-        assert!(flagged(&create(16 << 20, true).unwrap().0));
-        assert!(!flagged(&create(16 << 20, false).unwrap().0));
+        for shmem in [false, true] {
+            assert!(flagged(&create(16 << 20, true, shmem).unwrap().0));
+            assert!(!flagged(&create(16 << 20, false, shmem).unwrap().0));
+        }
+        // Anonymous only when huge pages are asked for where shared memory gets none.
+        assert!(create(16 << 20, true, false).unwrap().1.is_none());
+        assert!(create(16 << 20, true, true).unwrap().1.is_some());
+        assert!(create(16 << 20, false, false).unwrap().1.is_some());
     }
 }

@@ -173,6 +173,7 @@ pub(crate) fn run_with(
         taps,
         vsock_listener,
         jail_id_lock: _jail_id_lock,
+        shmem_huge_pages,
     } = files;
     if config.seccomp {
         jail::seccomp::install_violation_report()?;
@@ -226,10 +227,7 @@ pub(crate) fn run_with(
                             .map_err(io_err("keeping the guest's memfd"))?,
                     ),
                 ),
-                None => {
-                    let (memory, memfd) = memory::create(mem_size, direct_disk)?;
-                    (memory, Some(memfd))
-                }
+                None => memory::create(mem_size, direct_disk, shmem_huge_pages)?,
             };
             Prebuilt {
                 vm: create_machine(&kvm, &guest_memory)?,

@@ -96,6 +96,7 @@ static u64 churn_loop(void *arg)
 	 * when the whole time away is far longer than printing ever takes. */
 	if (c.left && start - c.left >= c.away_ticks) {
 		c.last_gap = start - c.left;
+		c.left = 0;	/* reported once */
 		return 0;
 	}
 	for (;;) {

@@ -134,7 +134,15 @@ pub fn run(dir: &Path, launch: &Launch) -> Result<Option<VmExit>, Error> {
     // touched on the way out.
     let takeover_path = dir.join(crate::handover::TAKEOVER_SOCKET);
     let takeover = if launch.takeover {
-        let listener = bind(&takeover_path)?;
+        // Bound under another name and renamed: the name appears only once the socket
+        // listens (between bind and listen a connection is refused).
+        let binding = dir.join(taking_over(crate::handover::TAKEOVER_SOCKET));
+        let listener = bind(&binding)?;
+        std::fs::rename(&binding, &takeover_path).map_err(|source| Error::File {
+            what: "naming the takeover socket",
+            path: takeover_path.clone(),
+            source,
+        })?;
         // Bound as root by a jailed VMM's launcher: the old VMM, jailed as the same user,
         // must be able to connect.
         if let Some(jail) = &launch.jail {

@@ -179,12 +179,13 @@ fn failed_handovers_leave_the_guest_running_in_the_old_vmm() {
     other["memory_mib"] = 64.into();
     std::fs::write(dir.path(files::SPEC), other.to_string()).unwrap();
     let mut refusing = takeover(&dir);
-    std::fs::write(dir.path(files::SPEC), &original).unwrap();
     match hand_over(&dir) {
         Response::Error { message } => assert!(message.contains("refused"), "{message}"),
         other => panic!("{other:?}"),
     }
     wait_exit(&mut refusing, &dir);
+    // Put back only now: the new VMM reads the definition after it starts listening.
+    std::fs::write(dir.path(files::SPEC), &original).unwrap();
     assert!(
         dir.read(files::VMM_LOG).contains("64 MiB"),
         "the new VMM says why: {}",

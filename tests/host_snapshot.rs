@@ -139,6 +139,22 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         .unwrap();
     assert!(counted > 0.0, "the snapshot's pause is counted: {report}");
 
+    // The same snapshot as a new VM, beside the first (which still runs): its own copy of
+    // the disk, the guest on from the same record.
+    let s2 = daemon.json(&["vm", "restore", "s1", "mid", "--as", "s2"]);
+    assert_eq!(s2["state"], "running", "{s2}");
+    assert_ne!(
+        s2["spec"]["disks"][0]["path"], snap["disks"][0]["path"],
+        "{s2}"
+    );
+    let log2 = std::path::PathBuf::from(s2["console_log"].as_str().unwrap());
+    let second = wait_for(&log2, "PROBE churn tick 1 ", 0);
+    assert!(!second.contains("PROBE start"), "it booted: {second}");
+    assert!(
+        second.contains(&format!("PROBE blk_verify ok {RECORDS}")),
+        "{second}"
+    );
+    daemon.ok(&["vm", "stop", "s2"]);
     daemon.ok(&["vm", "stop", "s1"]);
     daemon.ok(&["vm", "snapshot-rm", "s1", "mid"]);
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);

@@ -431,7 +431,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** @description Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was. */
+        /** @description Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was. With `as`, the snapshot is restored as a new VM of that name instead (its disks copied into the new VM's directory; not for a snapshot with NICs), and the answer is the new VM. */
         post: operations["restore_vm"];
         delete?: never;
         options?: never;
@@ -900,6 +900,11 @@ export interface components {
         };
         /** @description `POST /vms/{name}/restore`. */
         RestoreRequest: {
+            /**
+             * @description Restore it as a new VM of this name (its disks copied), beside this one, instead of
+             *     into this VM (which must then be stopped).
+             */
+            as?: string | null;
             /** @description The snapshot of this VM to restore. */
             snapshot: string;
         };

@@ -20,6 +20,10 @@ pub struct SnapshotRequest {
 pub struct RestoreRequest {
     /// The snapshot of this VM to restore.
     pub snapshot: String,
+    /// Restore it as a new VM of this name (its disks copied), beside this one, instead of
+    /// into this VM (which must then be stopped).
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub as_vm: Option<String>,
 }
 
 /// One disk of a snapshot: the VM's disk as it was, or (read-only) where it still is.

@@ -67,8 +67,13 @@ pub async fn list(client: &Client, api: &ApiArgs, vm: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn restore(client: &Client, vm: &str, snapshot: &str) -> Result<api::VmInfo> {
-    let body = serde_json::json!({ "snapshot": snapshot });
+pub async fn restore(
+    client: &Client,
+    vm: &str,
+    snapshot: &str,
+    as_vm: Option<String>,
+) -> Result<api::VmInfo> {
+    let body = serde_json::json!({ "snapshot": snapshot, "as": as_vm });
     client
         .send(
             Method::POST,

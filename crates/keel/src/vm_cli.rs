@@ -50,7 +50,13 @@ pub enum VmCommand {
     Snapshots { name: String },
     /// Restore a stopped VM from one of its snapshots: its disks go back to that instant and
     /// the guest runs on from where it was.
-    Restore { name: String, snapshot: String },
+    Restore {
+        name: String,
+        snapshot: String,
+        /// Restore it as a new VM of this name (its disks copied), beside this one.
+        #[arg(long = "as", value_name = "NEW")]
+        as_vm: Option<String>,
+    },
     /// Delete one of the VM's snapshots.
     SnapshotRm { name: String, snapshot: String },
     /// Hand the running guest to a new VMM process of the installed keel binary: it stands
@@ -167,9 +173,11 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
             crate::moves_cli::take(&client, &api, &name, snapshot).await
         }
         VmCommand::Snapshots { name } => crate::moves_cli::list(&client, &api, &name).await,
-        VmCommand::Restore { name, snapshot } => {
-            show(crate::moves_cli::restore(&client, &name, &snapshot).await?)
-        }
+        VmCommand::Restore {
+            name,
+            snapshot,
+            as_vm,
+        } => show(crate::moves_cli::restore(&client, &name, &snapshot, as_vm).await?),
         VmCommand::SnapshotRm { name, snapshot } => {
             crate::moves_cli::remove(&client, &api, &name, &snapshot).await
         }

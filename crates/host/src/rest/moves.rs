@@ -70,7 +70,7 @@ pub(super) async fn remove_snapshot(
 
 #[utoipa::path(post, path = "/vms/{name}/restore", params(("name" = String, Path)),
     request_body = RestoreRequest,
-    description = "Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was.",
+    description = "Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was. With `as`, the snapshot is restored as a new VM of that name instead (its disks copied into the new VM's directory; not for a snapshot with NICs), and the answer is the new VM.",
     responses((status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn restore_vm(
     State(app): State<App>,
@@ -78,8 +78,18 @@ pub(super) async fn restore_vm(
     PathArg(name): PathArg<String>,
     Body(request): Body<RestoreRequest>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    app.restore(&name, &request.snapshot, &caller.actor).await?;
-    Ok(Json(load_vm(&app, &name)?))
+    let restored = match &request.as_vm {
+        Some(new) => {
+            app.restore_as(&name, &request.snapshot, new, &caller.actor)
+                .await?;
+            new.clone()
+        }
+        None => {
+            app.restore(&name, &request.snapshot, &caller.actor).await?;
+            name
+        }
+    };
+    Ok(Json(load_vm(&app, &restored)?))
 }
 
 fn report(vm: &str, u: &crate::supervisor::Upgraded) -> UpgradeReport {

@@ -335,8 +335,19 @@ impl Supervisor {
             snap_err(vm, format!("its definition changed since snapshot {snapshot}: {why}; a snapshot restores only into the VM it was taken of"))
         })?;
         self.put_disks_back(vm, &info).await?;
-        let run_dir = self.run_dir(vm);
-        let restore = run_dir.file(RESTORE_DIR);
+        self.start_restored(vm, snapshot, &dir, actor).await
+    }
+
+    /// Starts VM `vm` on snapshot `snapshot` (files in `dir`): its state and memory are
+    /// linked into the run directory for the VMM, then the links go.
+    async fn start_restored(
+        self: &Arc<Self>,
+        vm: &str,
+        snapshot: &str,
+        dir: &Path,
+        actor: &str,
+    ) -> Result<()> {
+        let restore = self.run_dir(vm).file(RESTORE_DIR);
         let _ = std::fs::remove_dir_all(&restore);
         let linked = std::fs::create_dir_all(&restore).and_then(|()| {
             ["state", "memory"].iter().try_for_each(|file| {
@@ -351,6 +362,90 @@ impl Supervisor {
         // The VMM has its memory file mapped (or failed): the links are not needed.
         let _ = std::fs::remove_dir_all(&restore);
         started
+    }
+
+    /// Restores snapshot `snapshot` of VM `vm` as a new VM `new`: the snapshot's definition
+    /// under the new name, with copies of its disks in the new VM's directory; the guest runs
+    /// on from where it was, beside the first VM (which may run meanwhile).
+    pub async fn restore_as(
+        self: &Arc<Self>,
+        vm: &str,
+        snapshot: &str,
+        new: &str,
+        actor: &str,
+    ) -> Result<()> {
+        api::vm::check_name(new)
+            .map_err(|_| snap_err(vm, format!("'{new}' is not a name for a VM")))?;
+        api::vm::check_name(snapshot)
+            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
+        let dir = self.snapshots_of(vm).join(snapshot);
+        let info = read_manifest(&dir).map_err(|e| {
+            snap_err(
+                vm,
+                format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
+            )
+        })?;
+        if !info.spec.nets.is_empty() {
+            return Err(snap_err(
+                vm,
+                "its snapshot has NICs, whose taps and MACs belong to the first VM: restore it into that VM instead",
+            ));
+        }
+        if self.with_store(|s| s.vm(new))?.is_some() {
+            return Err(Error::Exists(new.to_string()));
+        }
+        let guard = self.vm_lock(new);
+        let _held = guard.lock().await;
+        let mut spec = info.spec.clone();
+        spec.name = new.to_string();
+        spec.autostart = false;
+        let target = self.library.vm_dir(new);
+        let copied = {
+            let (target, info) = (target.clone(), info.clone());
+            tokio::task::spawn_blocking(
+                move || -> std::result::Result<Vec<Option<String>>, String> {
+                    std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+                    info.disks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, disk)| {
+                            let Some(copy) = &disk.copy else {
+                                return Ok(None);
+                            };
+                            let from = File::open(copy).map_err(|e| format!("{copy}: {e}"))?;
+                            let path = target.join(format!("disk{i}"));
+                            let to = File::options()
+                                .read(true)
+                                .write(true)
+                                .create_new(true)
+                                .open(&path)
+                                .map_err(|e| format!("{}: {e}", path.display()))?;
+                            copy_disk(&from, &to).map_err(|e| format!("copying {copy}: {e}"))?;
+                            Ok(Some(path.display().to_string()))
+                        })
+                        .collect()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        };
+        let copies = match copied {
+            Ok(copies) => copies,
+            Err(why) => {
+                let _ = std::fs::remove_dir_all(&target);
+                return Err(snap_err(vm, why));
+            }
+        };
+        for (disk, copy) in spec.disks.iter_mut().zip(copies) {
+            if let Some(path) = copy {
+                disk.path = path;
+            }
+        }
+        if let Err(e) = self.create(&spec, actor) {
+            let _ = std::fs::remove_dir_all(&target);
+            return Err(e);
+        }
+        self.start_restored(new, snapshot, &dir, actor).await
     }
 
     async fn put_disks_back(self: &Arc<Self>, vm: &str, info: &SnapshotInfo) -> Result<()> {

@@ -130,8 +130,9 @@ pub struct Machine {
 
 impl Machine {
     pub fn legacy_state(&self) -> devices::legacy::persist::LegacyState {
-        let lock = |m| m;
-        let serial = lock(&self.bus.serial)
+        let serial = self
+            .bus
+            .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save();

@@ -175,9 +175,8 @@ pub struct Offered {
     link: UnixStream,
 }
 
-/// What the new VMM received in all.
+/// The new VMM's side once it has the guest's state: the link on which it says ready.
 pub struct Incoming {
-    pub state: MachineState,
     link: UnixStream,
 }
 
@@ -199,11 +198,14 @@ pub fn receive(listener: &UnixListener) -> Result<Offered, Error> {
             what: "receiving the descriptors",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-    // SAFETY: the first `fd_count` entries are descriptors this process now owns; each is
-    // wrapped once, so they close on every path below.
+    // Each received descriptor is wrapped once, so they close on every path below.
     let mut files: Vec<File> = fds[..fd_count]
         .iter()
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .map(|&fd| {
+            // SAFETY: the first `fd_count` entries are descriptors this process now owns,
+            // and nothing else wraps them.
+            unsafe { File::from_raw_fd(fd) }
+        })
         .collect();
     (&link)
         .read_exact(&mut header[read..])
@@ -265,7 +267,7 @@ fn read_body(link: &UnixStream, len: u64) -> Result<Vec<u8>, Error> {
 
 impl Offered {
     /// The VM is prepared: tells the old VMM, which pauses the guest and sends its state.
-    pub fn prepared(self) -> Result<Incoming, Error> {
+    pub fn prepared(self) -> Result<(MachineState, Incoming), Error> {
         (&self.link)
             .write_all(b"prepared\n")
             .map_err(io("telling the old VMM we are prepared"))?;
@@ -277,10 +279,7 @@ impl Offered {
         let body = read_body(&self.link, u64::from_le_bytes(len))?;
         let state = serde_json::from_slice(&body)
             .map_err(|e| Error::Protocol(format!("a state that is not a VM's: {e}")))?;
-        Ok(Incoming {
-            state,
-            link: self.link,
-        })
+        Ok((state, Incoming { link: self.link }))
     }
 }
 

@@ -23,7 +23,7 @@ use crate::exit::VmExit;
 use crate::host_files::HostFiles;
 use crate::signals::Signals;
 use crate::snapshot;
-use crate::vm::{self, Frontend, Restore, RestoredMemory};
+use crate::vm::{self, Frontend, Restore};
 
 /// Longest path a Unix socket address holds (sun_path less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -276,7 +276,12 @@ fn prepare(
     if let Some(options) = &launch.jail {
         // The snapshot's memory file is mapped inside the jail: it stays open across it.
         let mut keep = vec![signals_fd];
-        keep.extend(restore.as_ref().map(|r| r.memory.file().as_raw_fd()));
+        keep.extend(
+            restore
+                .as_ref()
+                .and_then(|r| r.snapshot_memory.as_ref())
+                .map(|f| f.as_raw_fd()),
+        );
         keep.extend(takeover.as_ref().map(|l| l.as_raw_fd()));
         let jail = crate::jailing::spec_for_service(
             dir,
@@ -413,8 +418,7 @@ fn take_over(
     // still runs the guest.
     let prebuilt = vm::prebuild(&host_files.kvm, config.memory_bytes(), &offered.memfd)
         .map_err(|e| aborted(&e))?;
-    let memfd = offered.memfd.try_clone().map_err(|e| aborted(&e))?;
-    let incoming = offered.prepared().map_err(|e| aborted(&e))?;
+    let (state, incoming) = offered.prepared().map_err(|e| aborted(&e))?;
     let mut renames: Vec<_> = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
         .iter()
         .map(|name| (dir.join(taking_over(name)), dir.join(name)))
@@ -428,8 +432,8 @@ fn take_over(
     Ok((
         host_files,
         Some(Restore {
-            state: incoming.state.clone(),
-            memory: RestoredMemory::Memfd(memfd),
+            state,
+            snapshot_memory: None,
             takeover: Some(vm::Takeover { incoming, renames }),
             prebuilt: Some(prebuilt),
         }),
@@ -482,7 +486,7 @@ fn open_restore(dir: &Path, name: &str) -> Result<Restore, Error> {
     })?;
     Ok(Restore {
         state,
-        memory: RestoredMemory::SnapshotFile(memory),
+        snapshot_memory: Some(memory),
         takeover: None,
         prebuilt: None,
     })

@@ -55,10 +55,12 @@ pub fn run(config: &VmConfig, files: HostFiles) -> Result<VmExit> {
     run_with(config, files, Frontend::Terminal, None)
 }
 
-/// A snapshot to restore instead of booting: its checked state and its memory file.
+/// A guest to restore instead of booting: its checked state, and its memory: a snapshot's
+/// memory file, or (a guest taken over from another VMM) the VM built over its memfd.
 pub(crate) struct Restore {
     pub state: MachineState,
-    pub memory: RestoredMemory,
+    /// A snapshot's memory file, mapped privately.
+    pub snapshot_memory: Option<std::fs::File>,
     /// A guest handed over by another VMM (an upgrade): the link to it.
     pub takeover: Option<Takeover>,
     /// What was built before the guest's state came (a guest taken over).
@@ -111,22 +113,6 @@ fn create_machine(
     vm.create_pit2(pit)
         .map_err(kvm_err("creating the in-kernel PIT"))?;
     Ok(vm)
-}
-
-/// Where a restored guest's memory is.
-pub(crate) enum RestoredMemory {
-    /// A snapshot's memory file, mapped privately.
-    SnapshotFile(std::fs::File),
-    /// The memfd another VMM ran the guest in, mapped shared.
-    Memfd(std::fs::File),
-}
-
-impl RestoredMemory {
-    pub fn file(&self) -> &std::fs::File {
-        match self {
-            RestoredMemory::SnapshotFile(f) | RestoredMemory::Memfd(f) => f,
-        }
-    }
 }
 
 /// The new VMM's end of a handover, and the sockets it renames into place on `go`.
@@ -208,24 +194,11 @@ pub(crate) fn run_with(
         // A guest taken over: built while the old VMM still ran it.
         Some(prebuilt) => prebuilt,
         None => {
-            let (guest_memory, memfd) = match &restore {
-                Some(Restore {
-                    memory: RestoredMemory::SnapshotFile(file),
-                    ..
-                }) => (
+            let snapshot_memory = restore.as_ref().and_then(|r| r.snapshot_memory.as_ref());
+            let (guest_memory, memfd) = match snapshot_memory {
+                Some(file) => (
                     memory::map_private(mem_size, file, snapshot::file::MEMORY_HEADER_BYTES)?,
                     None,
-                ),
-                Some(Restore {
-                    memory: RestoredMemory::Memfd(memfd),
-                    ..
-                }) => (
-                    memory::map_shared(mem_size, memfd)?,
-                    Some(
-                        memfd
-                            .try_clone()
-                            .map_err(io_err("keeping the guest's memfd"))?,
-                    ),
                 ),
                 None => memory::create(mem_size, direct_disk, shmem_huge_pages)?,
             };

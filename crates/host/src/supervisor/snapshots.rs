@@ -322,15 +322,7 @@ impl Supervisor {
                 hint: "stop it first: a restore replaces the running guest and its disks",
             });
         }
-        api::vm::check_name(snapshot)
-            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
-        let dir = self.snapshots_of(vm).join(snapshot);
-        let info = read_manifest(&dir).map_err(|e| {
-            snap_err(
-                vm,
-                format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
-            )
-        })?;
+        let (dir, info) = self.find_snapshot(vm, snapshot)?;
         check_same_machine(&info.spec, &row.spec).map_err(|why| {
             snap_err(vm, format!("its definition changed since snapshot {snapshot}: {why}; a snapshot restores only into the VM it was taken of"))
         })?;
@@ -376,15 +368,7 @@ impl Supervisor {
     ) -> Result<()> {
         api::vm::check_name(new)
             .map_err(|_| snap_err(vm, format!("'{new}' is not a name for a VM")))?;
-        api::vm::check_name(snapshot)
-            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
-        let dir = self.snapshots_of(vm).join(snapshot);
-        let info = read_manifest(&dir).map_err(|e| {
-            snap_err(
-                vm,
-                format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
-            )
-        })?;
+        let (dir, info) = self.find_snapshot(vm, snapshot)?;
         if !info.spec.nets.is_empty() {
             return Err(snap_err(
                 vm,
@@ -464,6 +448,20 @@ impl Supervisor {
         })
         .await
         .unwrap_or_else(|e| Err(snap_err("?", e)))
+    }
+
+    /// Snapshot `snapshot` of VM `vm`: its directory and what its manifest says.
+    fn find_snapshot(&self, vm: &str, snapshot: &str) -> Result<(PathBuf, SnapshotInfo)> {
+        api::vm::check_name(snapshot)
+            .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
+        let dir = self.snapshots_of(vm).join(snapshot);
+        let info = read_manifest(&dir).map_err(|e| {
+            snap_err(
+                vm,
+                format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
+            )
+        })?;
+        Ok((dir, info))
     }
 
     /// Deletes a snapshot's directory.

@@ -58,10 +58,13 @@ fn resources(sup: &Supervisor, vms: &[store::VmRow]) -> api::host::HostResources
     }
 }
 
-/// Below this share of its file system free, the state directory is warned about.
-const LOW_SPACE_PERCENT: u64 = 10;
-/// ... or below this many bytes.
-const LOW_SPACE_BYTES: u64 = 1 << 30;
+/// Below this share of its file system free, the state directory is warned about: ext4
+/// keeps 5% for root besides, so what is left is the last of it. A large share (10%) made
+/// a host with tens of GiB free report itself degraded.
+const LOW_SPACE_PERCENT: u64 = 5;
+/// ... or below this many bytes, whatever the share: a snapshot's memory and disk copies
+/// land in the state directory.
+const LOW_SPACE_BYTES: u64 = 2 << 30;
 
 /// A warning when the state directory's file system runs low: the store, the ledger and
 /// the VMs' console logs live there.

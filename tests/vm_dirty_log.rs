@@ -13,7 +13,7 @@ use common::*;
 
 fn dirty(control: &mut Control) -> u64 {
     match control.ask(br#"{"request":"dirty-pages"}"#) {
-        Response::DirtyPages { pages } => pages,
+        Response::DirtyPages { pages, .. } => pages,
         other => panic!("dirty-pages answered {other:?}"),
     }
 }

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 pub mod hybrid;
 
+use arch::GuestMemoryMmap;
 use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::{Block, EngineChoice, ENGINE_HYBRID};
 use devices::virtio::chain::{Descriptor, Segment};
 pub use devices::virtio::driver::{Buffer, Driver, DATA_START};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory of every target (the harness needs at least 2 MiB).
 pub const MEM_SIZE: u64 = 2 << 20;

@@ -20,13 +20,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use arch::GuestMemoryMmap;
 use devices::virtio::block::request::{parse, Request, RequestKind, SECTOR_SHIFT};
 use devices::virtio::chain;
 use devices::virtio::device::{read_config_bytes, DeviceError, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use devices::virtio::VirtioDevice;
 use io_uring::{opcode, squeue, types, IoUring};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_S_OK: u8 = 0;

@@ -51,8 +51,18 @@ pub enum Request {
     },
     /// Turn KVM's log of the pages the guest writes on or off.
     DirtyLog { on: bool },
-    /// How many pages the guest wrote since the last such request (the log must be on).
+    /// The pages written since the last such request (the log must be on): by the guest
+    /// (KVM's log) and, once a migration started, by the VMM's devices.
     DirtyPages,
+    /// Start a live migration's tracking: KVM's log goes on and what the devices wrote so far
+    /// is forgotten. The answer names the memfd holding guest memory (a descriptor of this
+    /// process, which the daemon opens through /proc).
+    MigrationStart,
+    /// The paused VM's state, for a live migration's last step.
+    MachineState,
+    /// Take (`held`) or release the locks on the VM's disks, paused only: a VM migrating away
+    /// releases them for the VMM that takes it over, and takes them again if it stays.
+    DiskLocks { held: bool },
     /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
     /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
     HandOver,
@@ -67,9 +77,30 @@ pub enum Response {
     Resumed(ResumeReport),
     Snapshot(SnapshotReport),
     HandedOver(HandOverReport),
-    DirtyPages { pages: u64 },
+    /// Pages written, and which: bit `i` of the bitmap (64 pages a word, lowest bit first)
+    /// is the page at offset `i * 4096` of guest RAM, its regions one after the other.
+    DirtyPages {
+        pages: u64,
+        #[serde(default)]
+        bitmap: Vec<u64>,
+    },
+    MigrationStarted(MigrationStart),
+    /// The VM's state as the VMM saves it (opaque to the daemon, which forwards it).
+    MachineState {
+        state: serde_json::Value,
+    },
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+    },
+}
+
+/// Where a migrating VM's memory is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStart {
+    /// The VMM's descriptor of the memfd holding guest RAM.
+    pub memfd: i32,
+    pub memory_bytes: u64,
 }
 
 /// What a VMM says about itself. The daemon checks `name` and `pid` before it adopts one.

@@ -2,6 +2,7 @@
 //! MADT (one local APIC per vCPU and the IO APIC) and a DSDT with `\_S5_` (so `poweroff`
 //! reaches the VMM), COM1 and the CMOS RTC. Built with the `acpi_tables` crate.
 
+use crate::GuestMemoryMmap;
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -12,7 +13,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::{Error, Result};
@@ -380,7 +381,7 @@ mod tests {
             assert_eq!(irq[0], 0x89);
             assert_eq!(u32::from_le_bytes(irq[5..9].try_into().unwrap()), slot.irq);
         }
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_tables(&mem, 32, &slots).unwrap();
     }
 
@@ -458,7 +459,7 @@ mod tests {
 
     #[test]
     fn tables_fit_in_the_acpi_area_for_32_cpus() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write_tables(&mem, 32, &[]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(ACPI_START)).unwrap();

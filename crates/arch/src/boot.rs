@@ -1,11 +1,12 @@
 //! Boot data for both x86 boot protocols: the e820 map, PVH `hvm_start_info` (32-bit PVH
 //! entry) and Linux `boot_params` (64-bit Linux entry), and the command line.
 
+use crate::GuestMemoryMmap;
 use linux_loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::{Error, Result};
@@ -182,7 +183,7 @@ pub fn initrd_ceiling(mem_size: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::GuestMemoryMmap;
 
     fn memory(size: u64) -> GuestMemoryMmap {
         let ranges: Vec<_> = ram_regions(size)

@@ -12,6 +12,15 @@ pub mod vm_state;
 
 pub use boot::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
 
+/// Guest memory as every crate sees it: vm-memory's mmap backend with a dirty-page bitmap.
+/// What the VMM itself writes into the guest (virtio rings, disk reads, received frames) is
+/// not in KVM's dirty log; a live migration learns of it from this bitmap.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// The bitmap part of a slice of [`GuestMemoryMmap`].
+pub type GuestBitmapSlice<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// Errors from setting up the guest's boot state.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

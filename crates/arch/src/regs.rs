@@ -1,9 +1,10 @@
 //! Initial vCPU state: general and segment registers, the boot GDT and identity-mapping page
 //! tables, FPU, MSRs and the local APIC's LINT pins.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::{Error, Result};
@@ -295,7 +296,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_the_first_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         write_boot_tables(&mem, BootEntry::Linux64 { entry: 0 }).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPTE_START);

@@ -152,6 +152,27 @@ impl ImageFiles {
     pub fn files(&self) -> impl Iterator<Item = &File> {
         std::iter::once(&self.top).chain(self.backing.iter().map(|l| &l.file))
     }
+
+    /// Takes the locks a VM holds on its disk (see [`crate::lock`]): the image exclusively
+    /// unless `read_only`, its backing files shared.
+    pub fn lock(&self, read_only: bool) -> Result<(), Error> {
+        crate::lock(&self.top, &self.path, read_only)?;
+        for layer in &self.backing {
+            crate::lock(&layer.file, &layer.path, true)?;
+        }
+        Ok(())
+    }
+
+    /// Releases every lock [`ImageFiles::lock`] took (a VM leaving for another host gives
+    /// its disks to the VMM there).
+    pub fn unlock(&self) -> Result<(), Error> {
+        for (file, path) in std::iter::once((&self.top, &self.path))
+            .chain(self.backing.iter().map(|l| (&l.file, &l.path)))
+        {
+            crate::unlock(file, path)?;
+        }
+        Ok(())
+    }
 }
 
 impl Image {

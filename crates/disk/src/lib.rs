@@ -141,6 +141,22 @@ pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), Error> {
     }
 }
 
+/// Releases the lock [`lock`] took on `file`'s open file description.
+pub fn unlock(file: &File, path: &Path) -> Result<(), Error> {
+    // SAFETY: flock is plain data; zeroed is a valid value to fill in.
+    let mut region: libc::flock = unsafe { std::mem::zeroed() };
+    region.l_type = libc::F_UNLCK as libc::c_short;
+    region.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads one flock, which lives across the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &region) } == 0 {
+        return Ok(());
+    }
+    Err(Error::Lock {
+        path: path.to_path_buf(),
+        source: io::Error::last_os_error(),
+    })
+}
+
 impl RawDisk {
     /// Opens the image through the host's page cache. It is opened with `O_NOATIME` where
     /// the caller may (it owns the file, or has CAP_FOWNER): a guest's reads then do not

@@ -23,6 +23,8 @@ use crate::pause::PauseGate;
 use crate::signals::Signals;
 use crate::virtio_devices::VirtioDevices;
 
+mod migration;
+
 /// Something to do to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmCommand {
@@ -50,6 +52,12 @@ pub enum VmCommand {
     DirtyLog { on: bool },
     /// Count the pages written since the last count.
     DirtyPages,
+    /// Start a live migration's tracking (see [`Request::MigrationStart`]).
+    MigrationStart,
+    /// Report the paused VM's state.
+    MachineState,
+    /// Take or release the disks' locks.
+    DiskLocks { held: bool },
 }
 
 impl VmCommand {
@@ -68,6 +76,9 @@ impl VmCommand {
             Request::HandOver => VmCommand::HandOver,
             Request::DirtyLog { on } => VmCommand::DirtyLog { on },
             Request::DirtyPages => VmCommand::DirtyPages,
+            Request::MigrationStart => VmCommand::MigrationStart,
+            Request::MachineState => VmCommand::MachineState,
+            Request::DiskLocks { held } => VmCommand::DiskLocks { held },
         }
     }
 
@@ -94,8 +105,14 @@ impl VmCommand {
             (VmCommand::HandOver, Running | Paused) => Ok(()),
             (VmCommand::HandOver, Booting) => Err("the VM has not started yet"),
             (VmCommand::DirtyLog { .. } | VmCommand::DirtyPages, Running | Paused) => Ok(()),
-            (VmCommand::DirtyLog { .. } | VmCommand::DirtyPages, Booting) => {
-                Err("the VM has not started yet")
+            (
+                VmCommand::DirtyLog { .. } | VmCommand::DirtyPages | VmCommand::MigrationStart,
+                Booting,
+            ) => Err("the VM has not started yet"),
+            (VmCommand::MigrationStart, Running | Paused) => Ok(()),
+            (VmCommand::MachineState | VmCommand::DiskLocks { .. }, Paused) => Ok(()),
+            (VmCommand::MachineState | VmCommand::DiskLocks { .. }, _) => {
+                Err("the VM is not paused: pause it first")
             }
         }
     }
@@ -116,7 +133,7 @@ pub struct Machine {
     pub gate: Arc<PauseGate>,
     pub devices: Arc<VirtioDevices>,
     pub vm: Arc<kvm_ioctls::VmFd>,
-    pub memory: vm_memory::GuestMemoryMmap,
+    pub memory: arch::GuestMemoryMmap,
     /// The memfd holding guest memory (none for a VM restored from a snapshot's file).
     pub memfd: Option<std::fs::File>,
     pub memory_bytes: u64,
@@ -295,6 +312,9 @@ impl Controller {
             VmCommand::HandOver => self.hand_over(),
             VmCommand::DirtyLog { on } => self.dirty_log(on),
             VmCommand::DirtyPages => self.dirty_pages(),
+            VmCommand::MigrationStart => self.migration_start(),
+            VmCommand::MachineState => self.machine_state(),
+            VmCommand::DiskLocks { held } => self.disk_locks(held),
         }
     }
 
@@ -427,13 +447,10 @@ impl Controller {
                 message: "the dirty-page log is off: turn it on first".into(),
             };
         };
-        match crate::memory::dirty_pages(&m.vm, &m.memory) {
-            Ok(maps) => Response::DirtyPages {
-                pages: maps
-                    .iter()
-                    .flatten()
-                    .map(|w| u64::from(w.count_ones()))
-                    .sum(),
+        match crate::memory::dirty_bitmap(&m.vm, &m.memory) {
+            Ok(bitmap) => Response::DirtyPages {
+                pages: bitmap.iter().map(|w| u64::from(w.count_ones())).sum(),
+                bitmap,
             },
             Err(e) => Response::Error {
                 message: format!("reading the dirty-page log failed: {e}"),

@@ -8,11 +8,12 @@ use std::io::{Cursor, Read, Seek, SeekFrom};
 use arch::boot::{initrd_ceiling, InitrdPlacement};
 use arch::layout::HIGH_MEMORY_START;
 use arch::regs::BootEntry;
+use arch::GuestMemoryMmap;
 use linux_loader::bootparam::setup_header;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{GuestAddress, ReadVolatile};
 
 use crate::config::VmConfig;
 use disk::boot::BootFiles;

@@ -22,9 +22,10 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use arch::layout::ram_regions;
+use arch::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -152,14 +153,17 @@ pub fn map_private(
             reason: e,
         };
         let shared = file.try_clone().map_err(|e| fail(e.to_string()))?;
-        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
+        // The bitmap is sized here: the builder's default one is empty and records nothing.
+        let bitmap =
+            <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(len);
+        let region = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_file_offset(vm_memory::FileOffset::new(shared, at))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| fail(e.to_string()))?;
         regions.push(
-            vm_memory::GuestRegionMmap::new(region, addr)
+            arch::GuestRegionMmap::new(region, addr)
                 .ok_or_else(|| fail("the region does not fit the address space".into()))?,
         );
     }
@@ -289,6 +293,51 @@ pub fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Er
         })
         .collect()
 }
+
+/// Forgets what the VMM's devices wrote so far (a migration's tracking starts from here).
+pub fn reset_device_writes(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        std::ops::Deref::deref(region).bitmap().reset();
+    }
+}
+
+/// Every page written since the last reading, by the vCPUs (KVM's log, which must be on) or
+/// by the VMM's devices (vm-memory's bitmap), as one bitmap over guest RAM in order (the
+/// regions one after the other, as in the memfd): bit `i` is the page at RAM offset
+/// `i * 4096`. Reading clears both.
+pub fn dirty_bitmap(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, Error> {
+    let total_pages: usize = mem.iter().map(|r| r.len() as usize / PAGE).sum();
+    let mut out = vec![0u64; total_pages.div_ceil(64)];
+    let mut first = 0usize;
+    for (region, kvm) in mem.iter().zip(dirty_pages(vm, mem)?) {
+        let pages = region.len() as usize / PAGE;
+        let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        if first.is_multiple_of(64) {
+            // Regions are whole MiB: their words line up with the output's.
+            for (i, out) in out[first / 64..]
+                .iter_mut()
+                .take(pages.div_ceil(64))
+                .enumerate()
+            {
+                *out |= kvm.get(i).copied().unwrap_or(0) | devices.get(i).copied().unwrap_or(0);
+            }
+            first += pages;
+            continue;
+        }
+        for page in 0..pages {
+            let (w, b) = (page / 64, page % 64);
+            let set = |words: &[u64]| words.get(w).is_some_and(|x| x >> b & 1 == 1);
+            if set(&kvm) || set(&devices) {
+                let at = first + page;
+                out[at / 64] |= 1 << (at % 64);
+            }
+        }
+        first += pages;
+    }
+    Ok(out)
+}
+
+const PAGE: usize = 4096;
 
 fn register_with(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {

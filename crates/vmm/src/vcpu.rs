@@ -5,10 +5,11 @@ use std::sync::{Arc, Barrier};
 
 use arch::layout::{GED_MMIO_SIZE, GED_MMIO_START};
 use arch::regs::BootEntry;
+use arch::GuestMemoryMmap;
 use devices::legacy::Ged;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::exit::{CrashReport, ExitSignal, VmExit};
 use crate::pause::{self, PauseGate};

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arch::acpi::VirtioSlot;
 use arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
+use arch::GuestMemoryMmap;
 use devices::rate_limiter::{RateLimitConfig, RateLimiter};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
@@ -18,7 +19,6 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -292,6 +292,19 @@ impl VirtioDevices {
             .map(|d| d.files().map(|f| f.as_raw_fd()).collect())
             .collect();
         (taps, disks)
+    }
+
+    /// Takes or releases the locks on every disk's files (`read_only` per disk, in order):
+    /// a VM migrating away gives them to the VMM that takes it over.
+    pub fn disk_locks(&self, held: bool, read_only: &[bool]) -> Result<(), disk::image::Error> {
+        for (i, files) in self.disk_files.iter().enumerate() {
+            if held {
+                files.lock(read_only.get(i).copied().unwrap_or(false))?;
+            } else {
+                files.unlock()?;
+            }
+        }
+        Ok(())
     }
 
     /// Every device's transport state, in the VM's device order (while paused).

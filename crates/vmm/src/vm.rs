@@ -71,7 +71,7 @@ pub(crate) struct Restore {
 /// KVM VM with its memory slots, irqchip and PIT, and the guest memory they map.
 pub(crate) struct Prebuilt {
     vm: kvm_ioctls::VmFd,
-    memory: vm_memory::GuestMemoryMmap,
+    memory: arch::GuestMemoryMmap,
     memfd: Option<std::fs::File>,
 }
 
@@ -96,7 +96,7 @@ pub(crate) fn prebuild(
 /// A KVM VM with `memory` registered, its TSS, in-kernel irqchip and PIT.
 fn create_machine(
     kvm: &kvm_ioctls::Kvm,
-    memory: &vm_memory::GuestMemoryMmap,
+    memory: &arch::GuestMemoryMmap,
 ) -> Result<kvm_ioctls::VmFd> {
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
     // Memory goes in before the irqchip and PIT: registered after them, the first memory
@@ -434,7 +434,7 @@ fn check_restorable(config: &VmConfig, state: &MachineState) -> Result<()> {
 /// Writes what a booting guest reads: the command line, the boot protocol's data, the boot
 /// page tables and the ACPI tables. Returns where the guest starts.
 fn write_boot_data(
-    guest_memory: &vm_memory::GuestMemoryMmap,
+    guest_memory: &arch::GuestMemoryMmap,
     config: &VmConfig,
     mem_size: u64,
     boot: loader::Boot,

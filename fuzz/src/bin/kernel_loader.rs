@@ -12,8 +12,9 @@
 
 use std::sync::OnceLock;
 
+use arch::GuestMemoryMmap;
 use keel_fuzz::{Encoder, Input, Seed};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 libfuzzer_sys::fuzz_target!(
     init: keel_fuzz::write_seeds("kernel_loader", seeds, run),

@@ -10,10 +10,10 @@
 
 #![no_main]
 
+use arch::GuestMemoryMmap;
 use devices::virtio::chain::{self, Descriptor, Segment};
 use devices::virtio::net::frame::{self, FrameError, MAX_FRAME_LEN, VNET_HDR_LEN};
 use keel_fuzz::{Encoder, Input, Seed, ADDR_DATA, ADDR_RAW, WRITABLE};
-use vm_memory::GuestMemoryMmap;
 
 libfuzzer_sys::fuzz_target!(
     init: keel_fuzz::write_seeds("net_frame", seeds, run),

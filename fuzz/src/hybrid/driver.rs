@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use arch::GuestMemoryMmap;
 use devices::virtio::block::{Block, COMPLETIONS};
 use devices::virtio::driver::ring_addresses;
 use devices::virtio::mmio::{REG_QUEUE_NOTIFY, REG_STATUS, STATUS_DRIVER_OK, STATUS_NEEDS_RESET};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{
     totals, trace, Outcome, Run, DRAIN_LIMIT, SENTINEL, VIRTIO_RING_F_EVENT_IDX,

@@ -1,8 +1,10 @@
 //! Descriptor chains as flat lists, and guest buffers as host iovecs: what every device's
 //! request parser starts from.
 
+use arch::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::device::DeviceError;
 
@@ -127,13 +129,34 @@ pub fn pop_into(
     Ok(Some(head))
 }
 
-/// The host iovec for one guest buffer; None if any part lies outside guest RAM.
+/// The host iovec for one guest buffer; None if any part lies outside guest RAM. The buffer
+/// is marked written in guest memory's dirty bitmap: the kernel may write through the iovec
+/// (a read from a disk or tap) where vm-memory cannot see it. The synchronous users write in
+/// the same turn of the event loop; an asynchronous one marks again when the write completed
+/// ([`mark_written`]).
 pub fn iovec(mem: &GuestMemoryMmap, segment: &Segment) -> Option<libc::iovec> {
     let slice = mem.get_slice(segment.addr, segment.len as usize).ok()?;
+    slice.bitmap().mark_dirty(0, segment.len as usize);
     Some(libc::iovec {
         iov_base: slice.ptr_guard_mut().as_ptr().cast(),
         iov_len: segment.len as usize,
     })
+}
+
+/// Marks the guest memory behind host iovecs (made by [`iovec`]) as written, once an
+/// asynchronous transfer into them has completed: a live migration must send those pages
+/// again, and KVM's log sees only what the vCPUs write.
+pub fn mark_written(mem: &GuestMemoryMmap, iov: &[libc::iovec]) {
+    for v in iov {
+        let start = v.iov_base as usize;
+        for region in mem.iter() {
+            let base = region.as_ptr() as usize;
+            if start >= base && start - base < region.len() as usize {
+                region.bitmap().mark_dirty(start - base, v.iov_len);
+                break;
+            }
+        }
+    }
 }
 
 /// Host iovecs for guest buffers; None if any part lies outside guest RAM.

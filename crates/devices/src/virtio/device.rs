@@ -3,8 +3,8 @@
 
 use std::os::fd::RawFd;
 
+use arch::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: Keel's devices are modern (virtio 1.x) only.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -4,8 +4,9 @@
 use std::io;
 use std::time::Instant;
 
+use arch::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::errors::ExecuteError;
 use super::inflight::{Inflight, Op, State};
@@ -470,6 +471,7 @@ impl Block {
                 break;
             }
             for &(user_data, result) in &reaped {
+                self.mark_read_done(user_data, mem);
                 if let Some(f) = self.on_completion(user_data, result) {
                     let r = finish(
                         index,
@@ -496,6 +498,15 @@ impl Block {
         match first_error {
             Some(e) => Err(e),
             None => Ok(used),
+        }
+    }
+
+    /// The kernel wrote a read's buffers out of vm-memory's sight: they are marked for a
+    /// live migration (see [`chain::mark_written`]), whatever the result.
+    fn mark_read_done(&self, user_data: u64, mem: &GuestMemoryMmap) {
+        let slot = Inflight::index(user_data).and_then(|i| self.inflight.get(i));
+        if let Some(slot) = slot.filter(|s| s.op == Op::Read) {
+            chain::mark_written(mem, &slot.iov.0);
         }
     }
 

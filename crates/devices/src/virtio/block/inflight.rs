@@ -17,7 +17,8 @@
 
 use std::collections::VecDeque;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use arch::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 use super::request::Segment;
 use crate::virtio::chain;

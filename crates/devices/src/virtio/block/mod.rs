@@ -53,10 +53,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arch::GuestMemoryMmap;
 use disk::uring::Uring;
 use disk::Image;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use self::errors::ErrorLog;
 use self::inflight::{Inflight, IoVecs};

@@ -6,7 +6,8 @@
 //! data (device-readable for writes, device-writable for reads), then one device-writable
 //! status byte, which is the last writable byte of the chain.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use arch::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::virtio::chain::total_len;
 pub use crate::virtio::chain::{Descriptor, Segment};

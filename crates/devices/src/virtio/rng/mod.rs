@@ -1,8 +1,9 @@
 //! virtio-rng: fills every device-writable buffer the guest offers with bytes from the host
 //! kernel's random number generator (getrandom).
 
+use arch::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::chain;
 use super::device::{DeviceError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};

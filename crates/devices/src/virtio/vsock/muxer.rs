@@ -16,8 +16,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use arch::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -407,7 +407,7 @@ impl Muxer {
     fn fill(
         &mut self,
         id: u64,
-        buf: &mut packet::RxBuffer<'_, ()>,
+        buf: &mut packet::RxBuffer<'_, arch::GuestBitmapSlice<'_>>,
         now: Instant,
         linger: Duration,
     ) -> Option<u32> {

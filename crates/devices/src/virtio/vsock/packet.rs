@@ -7,10 +7,11 @@
 
 use std::ops::Deref;
 
+use arch::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{GuestMemoryMmap, VolatileSlice};
+use vm_memory::VolatileSlice;
 
 pub use virtio_vsock::packet::PKT_HEADER_SIZE;
 
@@ -124,7 +125,7 @@ pub struct TxPacket<'a, B: BitmapSlice> {
 pub fn parse_tx<'a, T>(
     mem: &'a GuestMemoryMmap,
     chain: &mut DescriptorChain<T>,
-) -> Result<TxPacket<'a, ()>, Error>
+) -> Result<TxPacket<'a, arch::GuestBitmapSlice<'a>>, Error>
 where
     T: Deref,
     T::Target: vm_memory::GuestMemory,
@@ -150,7 +151,7 @@ pub struct RxBuffer<'a, B: BitmapSlice> {
 pub fn parse_rx<'a, T>(
     mem: &'a GuestMemoryMmap,
     chain: &mut DescriptorChain<T>,
-) -> Result<RxBuffer<'a, ()>, Error>
+) -> Result<RxBuffer<'a, arch::GuestBitmapSlice<'a>>, Error>
 where
     T: Deref,
     T::Target: vm_memory::GuestMemory,

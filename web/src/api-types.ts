@@ -189,6 +189,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/migrations/incoming": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description The target's end of a live migration: a WebSocket the source daemon opens (`keel vm migrate` on the source host does it). The VM is defined here once its disks are shown to be the files this host sees; it runs here when the source lets go. Operator role; refused to expired tokens. */
+        get: operations["incoming"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/openapi.json": {
         parameters: {
             query?: never;
@@ -384,6 +401,41 @@ export interface paths {
         put?: never;
         post?: never;
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/vms/{name}/migrate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** @description Starts moving the running VM to another host's daemon (`to`, with a token of that daemon and its certificate's fingerprint). Memory is copied in rounds while the guest runs, until what is left fits `max_downtime_ms`; then the guest is paused, the rest and its state cross, and the target runs it. Its disks must be on storage both hosts see at the same paths (checked before anything is sent). Answers at once (202); `GET /vms/{name}/migration` follows it. On any failure before the switch the VM runs on here. Operator role; refused to expired tokens. */
+        post: operations["migrate_vm"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/vms/{name}/migration": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description The VM's migration under way (rounds, bytes sent, the guest's dirty rate, the link's rate, the downtime the switch would cause now), or the last one's outcome since the daemon started. A VM that has migrated away is no longer here: its last progress stays readable until the daemon restarts. */
+        get: operations["show_migration"];
+        put?: never;
+        post?: never;
+        /** @description Cancels the VM's migration: it ends before the switch and the VM runs on here (a cancel that comes after the switch began has no effect). */
+        delete: operations["cancel_migration"];
         options?: never;
         head?: never;
         patch?: never;
@@ -818,6 +870,89 @@ export interface components {
             problems: components["schemas"]["LedgerProblem"][];
             /** Format: int64 */
             rows: number;
+        };
+        /** @description `POST /vms/{name}/migrate`. */
+        MigrateRequest: {
+            /**
+             * @description The SHA-256 fingerprint of the target's TLS certificate (its `keel serve` prints it;
+             *     `keel host` there shows it).
+             */
+            fingerprint: string;
+            /**
+             * Format: int64
+             * @description At most this many MiB/s on the link (default: as fast as it goes).
+             */
+            max_bandwidth_mib_s?: number | null;
+            /**
+             * Format: int64
+             * @description The longest the guest may stand still at the switch, in ms (default 50): memory is
+             *     copied in rounds while the guest runs until what is left fits this budget.
+             */
+            max_downtime_ms?: number | null;
+            /** @description The target daemon's API, `https://HOST:PORT`. */
+            to: string;
+            /** @description An API token of the target daemon with the operator role or above. */
+            token: string;
+        };
+        /**
+         * @description Where a migration is.
+         * @enum {string}
+         */
+        MigrationPhase: "connecting" | "copying" | "switching" | "done" | "failed" | "cancelled";
+        /** @description `GET /vms/{name}/migration`: a migration under way, or the last one's outcome. */
+        MigrationProgress: {
+            /**
+             * Format: double
+             * @description The link's rate as measured, MiB/s.
+             */
+            bandwidth_mib_s: number;
+            /**
+             * Format: int64
+             * @description Memory bytes sent so far (pages; all-zero pages of the first round are not sent).
+             */
+            bytes_sent: number;
+            /**
+             * Format: int64
+             * @description Pages the guest wrote during the last round.
+             */
+            dirty_pages: number;
+            /**
+             * Format: double
+             * @description The guest's writing rate during the last round, MiB/s.
+             */
+            dirty_rate_mib_s: number;
+            /**
+             * Format: double
+             * @description Done: how long the guest stood still, from its pause here to its run there, ms.
+             */
+            downtime_ms?: number | null;
+            /**
+             * Format: double
+             * @description Since the migration began, ms (a monotonic clock).
+             */
+            elapsed_ms: number;
+            /** @description Failed: why, and that the VM runs on here. */
+            error?: string | null;
+            /**
+             * Format: double
+             * @description How long the switch would stand the guest still if it began now, ms.
+             */
+            expected_downtime_ms: number;
+            /** Format: int64 */
+            max_downtime_ms: number;
+            /**
+             * Format: int64
+             * @description Guest memory the VM has.
+             */
+            memory_bytes: number;
+            phase: components["schemas"]["MigrationPhase"];
+            /**
+             * Format: int32
+             * @description Copy rounds so far (the first copies every page the guest touched).
+             */
+            rounds: number;
+            to: string;
+            vm: string;
         };
         /** @description A virtio-net NIC on a tap device. */
         NetSpec: {
@@ -2123,6 +2258,69 @@ export interface operations {
             };
         };
     };
+    incoming: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Switching Protocols: the migration's link is open */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description not a WebSocket upgrade request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the token's role is below operator */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     openapi: {
         parameters: {
             query?: never;
@@ -3361,6 +3559,291 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    migrate_vm: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MigrateRequest"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MigrationProgress"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body did not arrive within 30 s */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is over 2 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is not JSON (Content-Type: application/json) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the body is JSON of the wrong shape */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    show_migration: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MigrationProgress"];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description a fault of the host itself (the store cannot be written) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    cancel_migration: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MigrationProgress"];
+                };
+            };
+            /** @description a value in the path, query or body is not acceptable */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description no API token, or one not known here (TCP) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description the caller's role does not allow this, or its token expired (new work only) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,11 +1,13 @@
 //! The types Keel's processes speak: the REST API of `keel serve` (and so the CLI), and the
-//! control socket of each `keel vmm`. Serde types, and the one way their state files are
+//! control socket of each `keel vmm` and the handover of a guest between VMMs. Serde types, and the one way their state files are
 //! written (`control::write_atomically`). The OpenAPI document is generated from them (utoipa).
 
 pub mod control;
 pub mod events;
+pub mod handover;
 pub mod host;
 pub mod image;
+pub mod migration;
 pub mod snapshot;
 pub mod vm;
 

@@ -80,6 +80,10 @@ pub struct ImageFiles {
     pub path: std::path::PathBuf,
     pub format: Format,
     pub backing: Vec<Layer>,
+    /// The VM takes no lock on these files when it builds its disk: a live migration's
+    /// target, whose daemon takes them (on the same open files) only when the source's VMM
+    /// has let go.
+    pub lock_deferred: bool,
 }
 
 impl ImageFiles {
@@ -111,6 +115,7 @@ impl ImageFiles {
             path: path.to_path_buf(),
             format,
             backing,
+            lock_deferred: false,
         })
     }
 
@@ -145,6 +150,7 @@ impl ImageFiles {
                     })
                 })
                 .collect::<std::io::Result<_>>()?,
+            lock_deferred: self.lock_deferred,
         })
     }
 
@@ -194,13 +200,13 @@ impl Image {
         read_only: bool,
         direct: bool,
     ) -> Result<Image, Error> {
-        Self::from_files(
+        Self::build(
             files.top,
             &files.path,
             files.format,
-            read_only,
-            direct,
+            (read_only, direct),
             files.backing,
+            !files.lock_deferred,
         )
     }
 
@@ -215,9 +221,20 @@ impl Image {
         direct: bool,
         backing: Vec<Layer>,
     ) -> Result<Image, Error> {
+        Self::build(top, path, format, (read_only, direct), backing, true)
+    }
+
+    fn build(
+        top: File,
+        path: &Path,
+        format: Format,
+        (read_only, direct): (bool, bool),
+        backing: Vec<Layer>,
+        lock: bool,
+    ) -> Result<Image, Error> {
         match format {
-            Format::Raw => Ok(Image::Raw(RawDisk::from_file(
-                top, path, read_only, direct,
+            Format::Raw => Ok(Image::Raw(RawDisk::from_file_locking(
+                top, path, read_only, direct, lock,
             )?)),
             Format::Qcow2 => {
                 if direct {
@@ -226,9 +243,11 @@ impl Image {
                     }
                     .into());
                 }
-                crate::lock(&top, path, read_only)?;
-                for layer in &backing {
-                    crate::lock(&layer.file, &layer.path, true)?;
+                if lock {
+                    crate::lock(&top, path, read_only)?;
+                    for layer in &backing {
+                        crate::lock(&layer.file, &layer.path, true)?;
+                    }
                 }
                 Ok(Image::Qcow2(Qcow2Disk::open(
                     top, path, read_only, backing,

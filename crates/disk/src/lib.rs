@@ -214,7 +214,21 @@ impl RawDisk {
         read_only: bool,
         direct: bool,
     ) -> Result<Self, Error> {
-        lock(&file, path, read_only)?;
+        Self::from_file_locking(file, path, read_only, direct, true)
+    }
+
+    /// [`RawDisk::from_file`], taking the lock only when `take_lock` (see
+    /// [`image::ImageFiles::lock_deferred`]).
+    pub fn from_file_locking(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        take_lock: bool,
+    ) -> Result<Self, Error> {
+        if take_lock {
+            lock(&file, path, read_only)?;
+        }
         let direct = if direct {
             let report = direct::statx_dioalign(file.as_raw_fd());
             let align = direct::alignment(report).map_err(|refusal| match refusal {

@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod library;
 pub mod listen;
 pub mod metrics;
+pub mod migration;
 pub mod operations;
 pub mod refusals;
 pub mod rest;

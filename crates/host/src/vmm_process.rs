@@ -181,6 +181,8 @@ pub struct Launch<'a> {
     pub restore: Option<&'a str>,
     /// Take the running guest over from the VMM now serving the run directory.
     pub takeover: bool,
+    /// ... of a guest migrating in from another host (`--incoming`).
+    pub incoming: bool,
 }
 
 /// Environment variables a VMM gets from the daemon's (the rest is not passed on).
@@ -248,6 +250,7 @@ pub fn spawn(launch: Launch) -> Result<u32> {
         .arg(launch.console_log_max.to_string())
         .args(launch.restore.iter().flat_map(|r| ["--restore", r]))
         .args(launch.takeover.then_some("--takeover"))
+        .args(launch.incoming.then_some("--incoming"))
         .env_clear()
         .stdin(Stdio::null())
         .stdout(if launch.jail.is_some() {
@@ -392,6 +395,43 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
     Ok(fds)
 }
 
+/// The VM's disks opened for a VMM taking the guest over from another host, without their
+/// locks (the source's VMM holds them until it lets go; see `supervisor::migrate_in`),
+/// each with whether it is read-only.
+pub fn open_disks_unlocked(
+    spec: &VmSpec,
+    images: &ImageDirs,
+) -> Result<Vec<(disk::ImageFiles, bool)>> {
+    let refused = |e: &dyn std::fmt::Display| Error::Refused {
+        reason: e.to_string(),
+    };
+    spec.disks
+        .iter()
+        .map(|d| {
+            let access = if d.readonly {
+                libc::O_RDONLY
+            } else {
+                libc::O_RDWR
+            };
+            let direct = if d.direct { libc::O_DIRECT } else { 0 };
+            let file = images
+                .open("disk", &d.path, access | direct | libc::O_NOATIME)
+                .or_else(|_| images.open("disk", &d.path, access | direct))
+                .map_err(|e| refused(&e))?;
+            let format = crate::library::image_format(d.format);
+            let files =
+                disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
+                    let path = p.to_str().ok_or("its name is not UTF-8")?;
+                    images
+                        .open("backing file", path, libc::O_RDONLY)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| refused(&e))?;
+            Ok((files, d.readonly))
+        })
+        .collect()
+}
+
 /// Every live `keel-vmm vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
 /// (empty cmdline) are not listed.
 pub fn all_processes() -> Vec<(u32, PathBuf)> {
@@ -427,7 +467,22 @@ pub fn processes_of(run_dir: &RunDir) -> Vec<u32> {
 
 /// One request to a VMM's control socket, with a timeout.
 pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
-    control_with_peer(run_dir, request, CONTROL_TIMEOUT)
+    control_with_peer(run_dir, request, CONTROL_TIMEOUT, ANSWER_LIMIT)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// The longest answer a VMM may give, but for [`control_large`]'s.
+const ANSWER_LIMIT: u64 = 64 * 1024;
+
+/// [`control_waiting`] for a request whose answer is large (a migration's dirty-page bitmap
+/// or VM state): up to 64 MiB.
+pub async fn control_large(
+    run_dir: &RunDir,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response> {
+    control_with_peer(run_dir, request, timeout, 64 << 20)
         .await
         .map(|(r, _)| r)
 }
@@ -438,7 +493,7 @@ pub async fn control_waiting(
     request: &Request,
     timeout: Duration,
 ) -> Result<Response> {
-    control_with_peer(run_dir, request, timeout)
+    control_with_peer(run_dir, request, timeout, ANSWER_LIMIT)
         .await
         .map(|(r, _)| r)
 }
@@ -448,6 +503,7 @@ async fn control_with_peer(
     run_dir: &RunDir,
     request: &Request,
     timeout: Duration,
+    limit: u64,
 ) -> Result<(Response, Option<u32>)> {
     let path = run_dir.control_socket();
     let fail = |reason: String| Error::Control {
@@ -471,8 +527,8 @@ async fn control_with_peer(
             .await
             .map_err(|e| fail(format!("sending failed ({e})")))?;
         let mut answer = String::new();
-        // The VMM is hostile: an answer is one line of at most 64 KiB.
-        BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
+        // The VMM is hostile: an answer is one line of at most `limit` bytes.
+        BufReader::new(tokio::io::AsyncReadExt::take(read, limit))
             .read_line(&mut answer)
             .await
             .map_err(|e| fail(format!("reading the answer failed ({e})")))?;
@@ -488,7 +544,8 @@ async fn control_with_peer(
 /// The VMM's status, if a VMM answers on the socket. Its pid is the one the kernel gives
 /// for the socket's owner, in the daemon's PID namespace (a jailed VMM is PID 1 of its own).
 pub async fn status(run_dir: &RunDir) -> Result<VmmStatus> {
-    let (response, peer) = control_with_peer(run_dir, &Request::Status, CONTROL_TIMEOUT).await?;
+    let (response, peer) =
+        control_with_peer(run_dir, &Request::Status, CONTROL_TIMEOUT, ANSWER_LIMIT).await?;
     match response {
         Response::Status(mut status) => {
             if let Some(pid) = peer {

@@ -10,6 +10,7 @@ mod create_args;
 mod image_cli;
 mod ledger_cli;
 mod machine_args;
+mod migrate_cli;
 mod moves_cli;
 mod vm_cli;
 

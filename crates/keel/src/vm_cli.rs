@@ -62,6 +62,12 @@ pub enum VmCommand {
     /// Hand the running guest to a new VMM process of the installed keel binary: it stands
     /// still for the handover only; on any failure it runs on in its old VMM.
     Upgrade { name: String },
+    /// Move the running VM to another host's daemon while it runs: memory is copied in
+    /// rounds until what is left fits --max-downtime, then the guest stands still while the
+    /// rest crosses. Its disks must be on storage both hosts see. Shows progress until done.
+    Migrate(crate::migrate_cli::MigrateArgs),
+    /// The VM's migration under way, or the last one's outcome.
+    Migration { name: String },
     /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
     /// cloud-init seed the daemon made for it).
     Rm { name: String },
@@ -182,6 +188,8 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
             crate::moves_cli::remove(&client, &api, &name, &snapshot).await
         }
         VmCommand::Upgrade { name } => crate::moves_cli::upgrade(&client, &api, &name).await,
+        VmCommand::Migrate(args) => crate::migrate_cli::migrate(&client, &api, args).await,
+        VmCommand::Migration { name } => crate::migrate_cli::show(&client, &api, &name).await,
         VmCommand::Clone {
             name,
             new_name,

@@ -136,10 +136,15 @@ impl HostFiles {
         })
     }
 
-    /// What a VMM taking a guest over opens itself: /dev/kvm and vsock's listener. The
-    /// disks and taps come from the old VMM; no kernel is loaded. A daemon's launch hands
-    /// only the jail id's lock.
-    pub fn for_takeover(config: &VmConfig, handed: bool) -> Result<Self, crate::Error> {
+    /// What a VMM taking a guest over opens itself: /dev/kvm and vsock's listener, and its
+    /// taps when `open_taps` (a guest from another host). The disks (and otherwise the
+    /// taps) come from the old VMM; no kernel is loaded. A daemon's launch hands only the
+    /// jail id's lock.
+    pub fn for_takeover(
+        config: &VmConfig,
+        handed: bool,
+        open_taps: bool,
+    ) -> Result<Self, crate::Error> {
         let jail_id_lock = if handed {
             // SAFETY: F_GETFD only asks whether the descriptor is open.
             let open = unsafe { libc::fcntl(FIRST_HANDED_FD, libc::F_GETFD) } >= 0;
@@ -154,7 +159,11 @@ impl HostFiles {
             initrd: None,
             boot_image: None,
             disks: Vec::new(),
-            taps: Vec::new(),
+            taps: if open_taps {
+                self::open_taps(config)?
+            } else {
+                Vec::new()
+            },
             // The running VMM still listens at the socket's name: this one takes it over
             // on the old VMM's go (see `takeover_name`).
             vsock_listener: config

@@ -109,7 +109,14 @@ pub struct Launch {
     /// Take the running guest over from the VMM now serving this run directory (an
     /// upgrade): listen on `takeover.sock` for it (see [`crate::handover`]).
     pub takeover: bool,
+    /// The guest taken over comes from another host (a live migration, offered by the
+    /// daemon that received its memory): it may take up to [`INCOMING_WAIT`] to come, and
+    /// this VMM opens its own taps.
+    pub incoming: bool,
 }
+
+/// How long a VMM waits for a migrating guest's memory to arrive and its state to follow.
+pub const INCOMING_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Runs the VM defined in `dir/vm.json` until it ends; returns why it ended. An `Err` is a
 /// failure to start; `exit.json` says so too (except when another VMM owns the directory,
@@ -237,8 +244,9 @@ enum Origin {
     Boot,
     /// A snapshot in the run directory.
     Snapshot(Box<Restore>),
-    /// Another VMM, which connects to this listener to hand it over.
-    Takeover(UnixListener),
+    /// Another VMM, which connects to this listener to hand it over (or, when `true`, the
+    /// daemon that received it from another host).
+    Takeover(UnixListener, bool),
 }
 
 /// Reads the definition, opens what the VM uses of the host and enters the jail.
@@ -261,7 +269,7 @@ fn prepare(
     // A guest taken over comes with the old VMM's disks and taps (their locks, and a tap's
     // one holder, go with the descriptors).
     let host_files = if takeover.is_some() {
-        HostFiles::for_takeover(&config, launch.handed_files)?
+        HostFiles::for_takeover(&config, launch.handed_files, launch.incoming)?
     } else if launch.handed_files {
         HostFiles::handed(&config, true)?
     } else {
@@ -303,7 +311,7 @@ fn prepare(
         Box::new(config),
         host_files,
         match (restore, takeover) {
-            (_, Some(listener)) => Origin::Takeover(listener),
+            (_, Some(listener)) => Origin::Takeover(listener, launch.incoming),
             (Some(restore), None) => Origin::Snapshot(restore),
             (None, None) => Origin::Boot,
         },
@@ -335,7 +343,7 @@ fn start(
             source,
         })?;
     let socket_name = |name: &str| match origin {
-        Origin::Takeover(_) => taking_over(name),
+        Origin::Takeover(..) => taking_over(name),
         _ => name.to_string(),
     };
     let wiring = Wiring {
@@ -349,7 +357,9 @@ fn start(
         signals,
     };
     let (host_files, restore) = match origin {
-        Origin::Takeover(listener) => take_over(dir, config, host_files, &listener)?,
+        Origin::Takeover(listener, incoming) => {
+            take_over(dir, config, host_files, &listener, incoming)?
+        }
         Origin::Snapshot(restore) => (host_files, Some(*restore)),
         Origin::Boot => (host_files, None),
     };
@@ -374,15 +384,23 @@ fn take_over(
     config: &VmConfig,
     mut host_files: HostFiles,
     listener: &UnixListener,
+    incoming: bool,
 ) -> Result<(HostFiles, Option<Restore>), Error> {
     let aborted = |e: &dyn std::fmt::Display| crate::Error::TakeoverAborted(e.to_string());
-    let offered = crate::handover::receive(listener).map_err(|e| aborted(&e))?;
-    if offered.taps.len() != config.nets.len() || offered.disks.len() != config.disks.len() {
+    let wait = if incoming {
+        INCOMING_WAIT
+    } else {
+        crate::handover::STEP_TIMEOUT
+    };
+    let offered = crate::handover::receive(listener, wait).map_err(|e| aborted(&e))?;
+    // A guest from another host comes without taps: this VMM opened its own.
+    let taps_expected = if incoming { 0 } else { config.nets.len() };
+    if offered.taps.len() != taps_expected || offered.disks.len() != config.disks.len() {
         return Err(crate::Error::TakeoverAborted(format!(
             "{} taps and {} disks handed over for {} NICs and {} disks",
             offered.taps.len(),
             offered.disks.len(),
-            config.nets.len(),
+            taps_expected,
             config.disks.len()
         ))
         .into());
@@ -394,31 +412,30 @@ fn take_over(
         .map(|(files, d)| {
             let mut rest = files.iter().skip(1);
             let top = files[0].try_clone().map_err(|e| e.to_string())?;
-            disk::ImageFiles::with_backing(top, &d.path, d.format, &mut |p| {
+            let mut image = disk::ImageFiles::with_backing(top, &d.path, d.format, &mut |p| {
                 rest.next()
                     .ok_or_else(|| format!("no file handed over for {}", p.display()))?
                     .try_clone()
                     .map_err(|e| e.to_string())
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+            // An upgrade's disks come locked; a migrating guest's are locked by the daemon
+            // when the source's VMM lets go.
+            image.lock_deferred = incoming;
+            Ok(image)
         })
         .collect::<std::result::Result<_, String>>()
         .map_err(crate::Error::TakeoverAborted)?;
-    host_files.taps = offered
-        .taps
-        .iter()
-        .zip(&config.nets)
-        .map(|(file, net)| {
-            file.try_clone()
-                .map(|f| devices::virtio::net::tap::Tap::from_attached(f, &net.tap))
-        })
-        .collect::<std::io::Result<_>>()
-        .map_err(|e| aborted(&e))?;
+    if !incoming {
+        host_files.taps = take_taps(&offered, config).map_err(|e| aborted(&e))?;
+    }
     // The slow part (the KVM VM, its memory slots, irqchip and PIT), while the old VMM
-    // still runs the guest.
+    // still runs the guest (or, migrating, while its memory arrives).
     let prebuilt = vm::prebuild(&host_files.kvm, config.memory_bytes(), &offered.memfd)
         .map_err(|e| aborted(&e))?;
-    let (state, incoming) = offered.prepared().map_err(|e| aborted(&e))?;
+    let (state, link) = offered.prepared(wait).map_err(|e| aborted(&e))?;
+    let state = serde_json::from_slice(&state)
+        .map_err(|e| aborted(&format!("a state that is not a VM's: {e}")))?;
     let mut renames: Vec<_> = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
         .iter()
         .map(|name| (dir.join(taking_over(name)), dir.join(name)))
@@ -434,10 +451,28 @@ fn take_over(
         Some(Restore {
             state,
             snapshot_memory: None,
-            takeover: Some(vm::Takeover { incoming, renames }),
+            takeover: Some(vm::Takeover {
+                incoming: link,
+                renames,
+            }),
             prebuilt: Some(prebuilt),
         }),
     ))
+}
+
+fn take_taps(
+    offered: &crate::handover::Offered,
+    config: &VmConfig,
+) -> std::io::Result<Vec<devices::virtio::net::tap::Tap>> {
+    offered
+        .taps
+        .iter()
+        .zip(&config.nets)
+        .map(|(file, net)| {
+            file.try_clone()
+                .map(|f| devices::virtio::net::tap::Tap::from_attached(f, &net.tap))
+        })
+        .collect()
 }
 
 /// A snapshot's files in the run directory: `NAME/state` and `NAME/memory`.

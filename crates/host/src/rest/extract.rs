@@ -25,7 +25,7 @@ impl From<supervisor::Error> for ApiError {
         let status = match &e {
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::Exists(_) | E::WrongState { .. } | E::VmmRefused { .. } => StatusCode::CONFLICT,
-            E::Snapshot { .. } | E::Upgrade { .. } => StatusCode::CONFLICT,
+            E::Snapshot { .. } | E::Upgrade { .. } | E::Migration { .. } => StatusCode::CONFLICT,
             E::StartFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::Spec(_) => StatusCode::BAD_REQUEST,
             E::Store(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,

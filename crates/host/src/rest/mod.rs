@@ -52,6 +52,12 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<App> {
         .routes(routes!(moves::restore_vm))
         .routes(routes!(moves::upgrade_vm))
         .routes(routes!(moves::upgrade_host))
+        .routes(routes!(migration_routes::migrate_vm))
+        .routes(routes!(
+            migration_routes::show_migration,
+            migration_routes::cancel_migration
+        ))
+        .routes(routes!(migration_routes::incoming))
         .routes(routes!(crate::console::attach))
         .routes(routes!(crate::console_log::log_tail))
         .routes(routes!(ledger_routes::list_events))
@@ -146,6 +152,10 @@ fn need_of(method: &Method, path: &str) -> Need {
     // The console, live or its scrollback, is the guest's operator's.
     if is_console(path) || path.ends_with("/console/log") {
         return Need::Operate;
+    }
+    // A VM arriving from another host is a new VM here; one leaving goes from this host.
+    if path == "/migrations/incoming" || (path.starts_with("/vms/") && path.ends_with("/migrate")) {
+        return Need::Create;
     }
     // Signing in and out is for every role.
     if path == "/session" {
@@ -546,6 +556,7 @@ pub struct ApiDoc;
 mod doc;
 mod images;
 mod ledger_routes;
+mod migration_routes;
 mod moves;
 mod sessions;
 mod tokens;

@@ -16,7 +16,7 @@ fn the_openapi_document_has_every_schema_it_refers_to() {
             .collect();
         assert!(schemas.contains_key(&name), "dangling reference to {name}");
     }
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 33);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 36);
     let console = &doc["paths"]["/vms/{name}/console"]["get"];
     assert!(console["description"]
         .as_str()
@@ -34,6 +34,9 @@ fn what_a_request_needs() {
     assert_eq!(need_of(&Method::POST, "/images"), Need::Create);
     assert_eq!(need_of(&Method::POST, "/imports"), Need::Create);
     assert_eq!(need_of(&Method::POST, "/vms/a/clone"), Need::Create);
+    assert_eq!(need_of(&Method::POST, "/vms/a/migrate"), Need::Create);
+    assert_eq!(need_of(&Method::GET, "/migrations/incoming"), Need::Create);
+    assert_eq!(need_of(&Method::GET, "/vms/a/migration"), Need::Read);
     assert_eq!(need_of(&Method::DELETE, "/images/base"), Need::Create);
     assert_eq!(need_of(&Method::GET, "/operations/1"), Need::Read);
     assert_eq!(need_of(&Method::POST, "/vms/a/start"), Need::Operate);

@@ -109,13 +109,20 @@ impl Supervisor {
         self: &Arc<Self>,
         run_dir: &RunDir,
         jail: Option<Jail>,
+        incoming: Option<&VmSpec>,
     ) -> std::result::Result<u32, vmm_process::Error> {
         let (this, run_dir) = (self.clone(), run_dir.clone());
+        let incoming = incoming.cloned();
         tokio::task::spawn_blocking(move || {
             let (options, id_lock) = match jail {
                 Some(j) => (Some(j.options), Some(j.id_lock)),
                 None => (None, None),
             };
+            // A guest from another host gets a run directory of its own first.
+            if let Some(spec) = &incoming {
+                run_dir.prepare(spec, options.map(|o| o.uid))?;
+                run_dir.remove_exit_record();
+            }
             vmm_process::spawn(vmm_process::Launch {
                 vmm_exe: &this.vmm_exe,
                 run_dir: &run_dir,
@@ -124,6 +131,7 @@ impl Supervisor {
                 console_log_max: this.console_log_max,
                 restore: None,
                 takeover: true,
+                incoming: incoming.is_some(),
             })
         })
         .await
@@ -172,6 +180,7 @@ impl Supervisor {
                 console_log_max: this.console_log_max,
                 restore,
                 takeover: false,
+                incoming: false,
             })
         })
         .await

@@ -20,6 +20,8 @@ use crate::store::{self, StopIntent, Store, Transition, VmRow};
 use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
 
 mod judge;
+mod migrate_in;
+mod migrate_out;
 mod moves;
 mod recovery;
 mod snapshots;
@@ -59,6 +61,8 @@ pub enum Error {
     Snapshot { vm: String, why: String },
     #[error("upgrade of VM '{vm}': {why}")]
     Upgrade { vm: String, why: String },
+    #[error("migration of VM '{vm}': {why}")]
+    Migration { vm: String, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -98,6 +102,8 @@ pub struct Supervisor {
     running: Mutex<HashMap<String, Running>>,
     /// VMMs that handed their guest to a new one: their end is no VM's end.
     handed_over: Mutex<std::collections::HashSet<u32>>,
+    /// Outgoing live migrations and their progress.
+    pub migrations: crate::migration::Migrations,
     /// The latest failed API operations, newest first, for the front page.
     failures: Mutex<std::collections::VecDeque<api::host::FailedOperation>>,
     /// Where VMs' cgroups go; None when VMMs run unjailed (a daemon that is not root).
@@ -184,6 +190,7 @@ impl Supervisor {
             intents: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             handed_over: Mutex::new(std::collections::HashSet::new()),
+            migrations: crate::migration::Migrations::default(),
             failures: Mutex::new(std::collections::VecDeque::new()),
         })
     }

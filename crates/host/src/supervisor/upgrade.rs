@@ -61,7 +61,7 @@ impl Supervisor {
         let takeover_socket = run_dir.file(api::control::files::TAKEOVER_SOCKET);
         let _ = std::fs::remove_file(&takeover_socket);
         let jail = self.jail_for_upgrade(name, &row.spec)?;
-        let new_pid = self.launch_takeover(&run_dir, jail).await?;
+        let new_pid = self.launch_takeover(&run_dir, jail, None).await?;
         let new = Arc::new(ProcessHandle::open(new_pid)?);
         // The new VMM listens once its jail is set up.
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;

@@ -79,6 +79,11 @@ struct VmmArgs {
     /// RUN_DIR/takeover.sock until it hands the guest over (keel vmm's hand-over request).
     #[arg(long)]
     takeover: bool,
+    /// With --takeover: the guest comes from another host (a live migration), offered by
+    /// keel serve once its memory is arriving; wait up to an hour for it and open the taps
+    /// here.
+    #[arg(long, requires = "takeover")]
+    incoming: bool,
 }
 
 #[derive(clap::Args)]
@@ -203,6 +208,7 @@ fn vmm(args: VmmArgs) -> ExitCode {
         console_log_max: args.console_log_max,
         restore: args.restore,
         takeover: args.takeover,
+        incoming: args.incoming,
     };
     match vmm::service::run(&args.dir, &launch) {
         // Outside the jail: the jailed VMM runs on.

@@ -1,0 +1,416 @@
+//! Taking a VM in from another host's daemon (see [`crate::migration`] for the protocol).
+//! The VM is defined here as the source defined it, once its disks are shown to be the same
+//! files; a jailed VMM is started to take the guest over (`keel vmm --takeover --incoming`)
+//! and offered a memfd this daemon fills with the pages that arrive, and the disks opened
+//! without their locks, which are taken only on the source's `go`.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{Cause, VmSpec, VmState};
+use axum::extract::ws::{Message as WsMessage, WebSocket};
+
+use super::{Error, Supervisor, START_TIMEOUT};
+use crate::ledger::NewEvent;
+use crate::migration::{self as wire, Message, PAGE};
+use crate::store::Transition;
+use crate::vmm_process::{self, ProcessHandle};
+
+/// How long the target waits for the source between messages (the pre-copy included).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A VM arriving: what was set up for it, undone unless it ends running here.
+struct Arriving {
+    name: String,
+    from: String,
+    memfd: File,
+    pages: u64,
+    vmm: Arc<ProcessHandle>,
+    disks: Vec<(disk::ImageFiles, bool)>,
+    offered: Option<api::handover::Outgoing>,
+    ready: Option<api::handover::Ready>,
+}
+
+impl Supervisor {
+    /// Serves one incoming migration on `ws` (the operator's connection from the source
+    /// daemon) until the VM runs here or the migration ends.
+    pub async fn migrate_in(self: &Arc<Self>, mut ws: WebSocket, actor: String) {
+        let hello = match receive(&mut ws).await {
+            Ok(Incoming::Text(m)) => m,
+            Ok(Incoming::Pages(_)) => {
+                let _ = send(&mut ws, &refused("pages before hello")).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let mut arriving = match self.accept(hello, &actor).await {
+            Ok(a) => a,
+            Err(why) => {
+                let _ = send(&mut ws, &Message::Refused { why }).await;
+                return;
+            }
+        };
+        let _ = send(
+            &mut ws,
+            &Message::Accepted {
+                host: crate::health::hostname(),
+            },
+        )
+        .await;
+        match self.arrive(&mut ws, &mut arriving, &actor).await {
+            Ok(()) => {}
+            Err(why) => {
+                let _ = send(&mut ws, &Message::Abort { why: why.clone() }).await;
+                self.turn_away(arriving, &actor, &why);
+            }
+        }
+    }
+
+    /// Checks the VM can come here, defines it and starts the VMM that will take it.
+    async fn accept(self: &Arc<Self>, hello: Message, actor: &str) -> Result<Arriving, String> {
+        let Message::Hello {
+            version,
+            from,
+            spec,
+            memory_bytes,
+            disks,
+        } = hello
+        else {
+            return Err(format!("{hello:?} instead of hello"));
+        };
+        if version != wire::VERSION {
+            return Err(format!(
+                "this host speaks migration version {}, the source {version}",
+                wire::VERSION
+            ));
+        }
+        if memory_bytes != spec.memory_mib << 20 {
+            return Err(format!(
+                "{memory_bytes} bytes of memory for a VM of {} MiB",
+                spec.memory_mib
+            ));
+        }
+        let name = spec.name.clone();
+        self.check_disks(&spec, &disks)?;
+        self.check_capacity(&spec).map_err(|e| e.to_string())?;
+        self.with_store(|s| -> super::Result<()> {
+            if s.vm(&name)?.is_some() {
+                return Err(Error::Exists(name.clone()));
+            }
+            spec.validate()?;
+            self.images.check_spec(&spec)?;
+            let others = s.vms()?;
+            crate::images::check_taps(&spec, others.iter().map(|r| &r.spec))?;
+            s.create_vm(&spec, actor)?;
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        match self.start_arrival(&spec, &from, memory_bytes).await {
+            Ok(a) => Ok(a),
+            Err(why) => {
+                self.forget_arrival(&name, actor, &from, &why);
+                Err(why)
+            }
+        }
+    }
+
+    /// Refuses disks this host does not see as the source does: another file, or none.
+    fn check_disks(&self, spec: &VmSpec, proofs: &[wire::DiskProof]) -> Result<(), String> {
+        if proofs.len() != spec.disks.len() {
+            return Err(format!(
+                "{} disk proofs for {} disks",
+                proofs.len(),
+                spec.disks.len()
+            ));
+        }
+        for (d, proof) in spec.disks.iter().zip(proofs) {
+            let unseen = |e: &dyn std::fmt::Display| {
+                format!("its disk {} is not on storage this host sees: {e}; disks must be on storage both hosts share, at the same path", d.path)
+            };
+            if proof.path != d.path {
+                return Err(format!(
+                    "a proof for {} where the disk is {}",
+                    proof.path, d.path
+                ));
+            }
+            let here = self
+                .images
+                .open("disk", &d.path, libc::O_RDONLY)
+                .map_err(|e| unseen(&e))?;
+            let mut marker = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(
+                    self.images
+                        .open("disk marker", &wire::marker_path(&d.path), libc::O_RDONLY)
+                        .map_err(|e| unseen(&e))?,
+                    64,
+                ),
+                &mut marker,
+            )
+            .map_err(|e| unseen(&e))?;
+            proof.seen(&here, &marker)?;
+        }
+        Ok(())
+    }
+
+    async fn start_arrival(
+        self: &Arc<Self>,
+        spec: &VmSpec,
+        from: &str,
+        memory_bytes: u64,
+    ) -> Result<Arriving, String> {
+        let name = spec.name.clone();
+        let memfd = new_memfd(memory_bytes)?;
+        let disks =
+            vmm_process::open_disks_unlocked(spec, &self.images).map_err(|e| e.to_string())?;
+        let run_dir = self.run_dir(&name);
+        let socket = run_dir.file(api::control::files::TAKEOVER_SOCKET);
+        let jail = self.jail_for(&name, spec).map_err(|e| e.to_string())?;
+        let pid = self
+            .launch_takeover(&run_dir, jail, Some(spec))
+            .await
+            .map_err(|e| e.to_string())?;
+        let vmm = Arc::new(ProcessHandle::open(pid).map_err(|e| e.to_string())?);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !socket.exists() {
+            if vmm.has_ended() || Instant::now() >= deadline {
+                let _ = vmm.kill(libc::SIGKILL);
+                return Err(format!(
+                    "its VMM here (pid {pid}) did not get ready to take it (see {})",
+                    run_dir.file(api::control::files::VMM_LOG).display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let fds: Vec<Vec<i32>> = disks
+            .iter()
+            .map(|(files, _)| files.files().map(|f| f.as_raw_fd()).collect())
+            .collect();
+        let memfd_raw = memfd.as_raw_fd();
+        let offered =
+            tokio::task::block_in_place(|| api::handover::offer(&socket, memfd_raw, &[], &fds));
+        let offered = match offered {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = vmm.kill(libc::SIGKILL);
+                return Err(format!("its VMM here could not prepare the VM: {e}"));
+            }
+        };
+        Ok(Arriving {
+            name,
+            from: from.to_string(),
+            memfd,
+            pages: memory_bytes / PAGE as u64,
+            vmm,
+            disks,
+            offered: Some(offered),
+            ready: None,
+        })
+    }
+
+    /// Takes pages, then the state; on `go`, the disks' locks and the run.
+    async fn arrive(
+        self: &Arc<Self>,
+        ws: &mut WebSocket,
+        a: &mut Arriving,
+        actor: &str,
+    ) -> Result<(), String> {
+        let mut received = 0u64;
+        let began = Instant::now();
+        loop {
+            match receive(ws).await? {
+                Incoming::Pages(batch) => {
+                    let pages = wire::decode_pages(&batch, a.pages).map_err(|e| e.to_string())?;
+                    tokio::task::block_in_place(|| {
+                        for (number, data) in &pages {
+                            a.memfd
+                                .write_all_at(data, number * PAGE as u64)
+                                .map_err(|e| format!("writing guest memory here: {e}"))?;
+                        }
+                        Ok::<_, String>(())
+                    })?;
+                    received += pages.len() as u64;
+                }
+                Incoming::Text(Message::Stopping) => {}
+                Incoming::Text(Message::State { state }) => {
+                    let offered = a.offered.take().ok_or("a second state")?;
+                    let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+                    let ready = tokio::task::block_in_place(|| offered.send_state_and_wait(&body))
+                        .map_err(|e| {
+                            format!(
+                                "its VMM here could not build the guest: {e}{}",
+                                self.vmm_said(&a.name)
+                            )
+                        })?;
+                    a.ready = Some(ready);
+                    send(ws, &Message::Ready).await?;
+                }
+                Incoming::Text(Message::Go) => {
+                    let ready = a.ready.take().ok_or("go before the state")?;
+                    for (files, read_only) in &a.disks {
+                        files.lock(*read_only).map_err(|e| {
+                            format!("its disk is still in use (the source's VMM holds it?): {e}")
+                        })?;
+                    }
+                    ready
+                        .go()
+                        .map_err(|e| format!("its VMM here did not take the go: {e}"))?;
+                    let pid = a.vmm.pid;
+                    self.wait_answering(&a.name, pid).await?;
+                    self.watch(&a.name, a.vmm.clone());
+                    self.arrived(a, actor, received, began.elapsed())
+                        .map_err(|e| e.to_string())?;
+                    send(ws, &Message::Running { pid }).await?;
+                    return Ok(());
+                }
+                Incoming::Text(Message::Abort { why }) => {
+                    return Err(format!("the source gave up: {why}"))
+                }
+                Incoming::Text(other) => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    }
+
+    /// The last line the VMM logged, for an error (its run directory goes with the VM).
+    fn vmm_said(&self, name: &str) -> String {
+        let log = self.run_dir(name).file(api::control::files::VMM_LOG);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::read_to_string(log)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map(str::to_string)
+            })
+            .map(|l| format!(" (it said: {l})"))
+            .unwrap_or_default()
+    }
+
+    /// The new VMM answers on its control socket once it renamed it into place on go.
+    async fn wait_answering(&self, name: &str, pid: u32) -> Result<(), String> {
+        let run_dir = self.run_dir(name);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(status) = vmm_process::status(&run_dir).await {
+                if status.pid == pid {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("its VMM here (pid {pid}) did not answer after go"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn arrived(&self, a: &Arriving, actor: &str, pages: u64, took: Duration) -> super::Result<()> {
+        self.transition(
+            &a.name,
+            Transition {
+                to: VmState::Running,
+                pid: Some(a.vmm.pid),
+                cause: Cause::Maintenance,
+                actor,
+                detail: &format!("migrated in from {} (VMM pid {})", a.from, a.vmm.pid),
+                time_ms: None,
+            },
+        )?;
+        self.with_store(|s| {
+            s.record(&NewEvent::host(
+                Some(&a.name),
+                Cause::Operator,
+                actor,
+                format!(
+                    "migrated-in from {}: {:.1} MiB received in {:.0} ms",
+                    a.from,
+                    (pages * PAGE as u64) as f64 / f64::from(1 << 20),
+                    took.as_secs_f64() * 1000.0
+                ),
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// The VM did not come: its VMM here is killed and its definition forgotten.
+    fn turn_away(&self, a: Arriving, actor: &str, why: &str) {
+        let _ = a.vmm.kill(libc::SIGKILL);
+        drop(a.ready);
+        drop(a.offered);
+        self.forget_arrival(&a.name, actor, &a.from, why);
+    }
+
+    fn forget_arrival(&self, name: &str, actor: &str, from: &str, why: &str) {
+        self.forget_start(name);
+        let _ = self.with_store(|s| -> super::Result<()> {
+            if s.vm(name)?.is_some_and(|r| r.state == VmState::Stopped) {
+                s.delete_vm(name)?;
+            }
+            s.record(&NewEvent::host(
+                Some(name),
+                Cause::Operator,
+                actor,
+                format!("migration in from {from} did not complete: {why}"),
+            ))?;
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
+    }
+}
+
+fn new_memfd(bytes: u64) -> Result<File, String> {
+    // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"keel-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "making guest memory here failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` was just made by memfd_create and nothing else owns it.
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    memfd
+        .set_len(bytes)
+        .map_err(|e| format!("sizing guest memory here to {bytes} bytes failed: {e}"))?;
+    Ok(memfd)
+}
+
+fn refused(why: &str) -> Message {
+    Message::Refused {
+        why: why.to_string(),
+    }
+}
+
+enum Incoming {
+    Text(Message),
+    Pages(Vec<u8>),
+}
+
+async fn receive(ws: &mut WebSocket) -> Result<Incoming, String> {
+    loop {
+        let next = tokio::time::timeout(IDLE_TIMEOUT, ws.recv())
+            .await
+            .map_err(|_| format!("the source sent nothing for {IDLE_TIMEOUT:?}"))?;
+        match next {
+            Some(Ok(WsMessage::Text(text))) => {
+                return serde_json::from_str(text.as_str())
+                    .map(Incoming::Text)
+                    .map_err(|e| format!("the source sent {text:?} ({e})"))
+            }
+            Some(Ok(WsMessage::Binary(bytes))) => return Ok(Incoming::Pages(bytes.to_vec())),
+            Some(Ok(WsMessage::Close(_))) | None => return Err("the source closed the link".into()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("the link to the source broke ({e})")),
+        }
+    }
+}
+
+async fn send(ws: &mut WebSocket, message: &Message) -> Result<(), String> {
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+    ws.send(WsMessage::Text(text.into()))
+        .await
+        .map_err(|e| format!("the link to the source broke ({e})"))
+}

@@ -1,0 +1,770 @@
+//! Moving a running VM to another host's daemon (see [`crate::migration`] for the protocol).
+//! The link is driven from a blocking thread of its own: it reads guest memory from the
+//! VMM's memfd (opened through /proc: the jailed VMM names its descriptor) and writes a
+//! WebSocket over TLS, pinned to the target's certificate. The VMM is asked over its control
+//! socket for what was written since the last round, to pause, for its state and to give up
+//! its disks' locks.
+
+use std::fs::File;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::control::{Request, Response};
+use api::migration::{MigrateRequest, MigrationPhase, MigrationProgress};
+use api::{Cause, VmState};
+use tokio_tungstenite::tungstenite;
+use tungstenite::protocol::WebSocketConfig;
+
+use super::{Error, Result, Supervisor};
+use crate::ledger::NewEvent;
+use crate::migration::{self as wire, Message, Outgoing, BATCH_PAGES, PAGE};
+use crate::store::Transition;
+use crate::vmm_process::{self, RunDir};
+
+/// How long the source waits for the target at each step (its VMM's build included).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Copy rounds after the first before a migration that does not converge gives up.
+const MAX_ROUNDS: u32 = 30;
+/// Rounds in a row that send no less than the best one before a migration gives up.
+const STALLED_ROUNDS: u32 = 5;
+/// The budget's part kept for the state and the switch itself.
+const SWITCH_COST: Duration = Duration::from_millis(2);
+
+type Link = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
+
+fn migration_err(vm: &str, why: impl std::fmt::Display) -> Error {
+    Error::Migration {
+        vm: vm.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Why a migration ended without moving the VM, and whether the guest was left paused.
+struct Failed {
+    why: String,
+    cancelled: bool,
+}
+
+impl<E: std::fmt::Display> From<E> for Failed {
+    fn from(e: E) -> Failed {
+        Failed {
+            why: e.to_string(),
+            cancelled: false,
+        }
+    }
+}
+
+/// What the VMM was made to do so far, to be undone if the migration fails.
+#[derive(Default)]
+struct Undo {
+    tracking: bool,
+    paused: bool,
+    unlocked: bool,
+}
+
+impl Supervisor {
+    /// Starts moving running VM `name` to the daemon at `request.to`; returns at once with
+    /// the migration's first progress (follow it with [`Supervisor::migration`]).
+    pub async fn migrate(
+        self: &Arc<Self>,
+        name: &str,
+        request: MigrateRequest,
+        actor: &str,
+    ) -> Result<MigrationProgress> {
+        let row = self.get(name)?;
+        if row.state != VmState::Running {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "only a running VM migrates (start it, or resume it, first)",
+            });
+        }
+        let addr = request
+            .to
+            .strip_prefix("https://")
+            .map(|a| a.trim_end_matches('/').to_string())
+            .ok_or_else(|| {
+                migration_err(
+                    name,
+                    format!("--to '{}' is not https://HOST:PORT", request.to),
+                )
+            })?;
+        let fingerprint = crate::tls::parse_fingerprint(&request.fingerprint).ok_or_else(|| {
+            migration_err(
+                name,
+                "the target's fingerprint is not a SHA-256 fingerprint (64 hex digits)",
+            )
+        })?;
+        let max_downtime_ms = request.max_downtime_ms.unwrap_or(50);
+        let outgoing = self
+            .migrations
+            .begin(wire::starting(
+                name,
+                &request.to,
+                row.spec.memory_mib << 20,
+                max_downtime_ms,
+            ))
+            .ok_or_else(|| Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint: "it is migrating already (keel vm migrate NAME --cancel stops that)",
+            })?;
+        let first = outgoing.progress();
+        let (this, name, actor) = (self.clone(), name.to_string(), actor.to_string());
+        tokio::spawn(async move {
+            let guard = this.vm_lock(&name);
+            let _held = guard.lock().await;
+            let started = Instant::now();
+            let runtime = tokio::runtime::Handle::current();
+            let target = Target {
+                addr,
+                fingerprint,
+                token: request.token,
+                max_downtime: Duration::from_millis(max_downtime_ms),
+                max_bandwidth: request.max_bandwidth_mib_s.map(|m| m << 20),
+            };
+            let (t, n, o) = (this.clone(), name.clone(), outgoing.clone());
+            let moved = tokio::task::spawn_blocking(move || t.move_out(&runtime, &n, &o, &target))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Failed {
+                        why: format!("the migration's thread failed: {e}"),
+                        cancelled: false,
+                    })
+                });
+            let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+            match moved {
+                Ok((downtime, there)) => {
+                    outgoing.update(|p| {
+                        p.phase = MigrationPhase::Done;
+                        p.downtime_ms = Some(downtime.as_secs_f64() * 1000.0);
+                        p.elapsed_ms = elapsed;
+                    });
+                    if let Err(e) = this.moved_out(&name, &actor, &outgoing.progress(), &there) {
+                        tracing::error!("recording VM {name}'s migration failed: {e}");
+                    }
+                }
+                Err(failed) => {
+                    outgoing.update(|p| {
+                        p.phase = if failed.cancelled {
+                            MigrationPhase::Cancelled
+                        } else {
+                            MigrationPhase::Failed
+                        };
+                        p.error = Some(failed.why.clone());
+                        p.elapsed_ms = elapsed;
+                    });
+                    let _ = this.with_store(|s| {
+                        s.record(&NewEvent::host(
+                            Some(&name),
+                            Cause::Operator,
+                            &actor,
+                            format!(
+                                "migration to {} {}: {}",
+                                outgoing.progress().to,
+                                if failed.cancelled {
+                                    "cancelled"
+                                } else {
+                                    "failed"
+                                },
+                                failed.why
+                            ),
+                        ))
+                    });
+                }
+            }
+        });
+        Ok(first)
+    }
+
+    /// The VM's migration under way, or its last one's outcome.
+    pub fn migration(&self, name: &str) -> Result<MigrationProgress> {
+        self.get(name)?;
+        self.migrations
+            .get(name)
+            .map(|m| m.progress())
+            .ok_or_else(|| migration_err(name, "it has not been migrated since the daemon started"))
+    }
+
+    /// Cancels the VM's migration; it ends before the switch with the VM running here.
+    pub fn cancel_migration(&self, name: &str) -> Result<MigrationProgress> {
+        let m = self
+            .migrations
+            .get(name)
+            .filter(|m| !m.progress().phase.is_over())
+            .ok_or_else(|| migration_err(name, "it is not migrating"))?;
+        m.cancelled
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(m.progress())
+    }
+
+    /// The VM runs on the target: the ledger says so, its VMM here ends, and its definition
+    /// goes (its disk files stay: the target's VMM uses them).
+    fn moved_out(
+        &self,
+        name: &str,
+        actor: &str,
+        progress: &MigrationProgress,
+        there: &str,
+    ) -> Result<()> {
+        let downtime = progress.downtime_ms.unwrap_or(0.0);
+        if let Some((handle, _)) = self.handle(name) {
+            super::lock(&self.handed_over).insert(handle.pid);
+            let _ = handle.kill(libc::SIGKILL);
+        }
+        self.forget_start(name);
+        self.transition(
+            name,
+            Transition {
+                to: VmState::Stopped,
+                pid: None,
+                cause: Cause::Operator,
+                actor,
+                detail: &format!(
+                    "migrated out to {} ({there}): stood still {downtime:.3} ms",
+                    progress.to
+                ),
+                time_ms: None,
+            },
+        )?;
+        self.with_store(|s| -> Result<()> {
+            s.record(&NewEvent::host(
+                Some(name),
+                Cause::Operator,
+                actor,
+                format!(
+                    "migrated-out to {} ({there}) in {:.0} ms, {} rounds, {:.1} MiB sent, stood still {downtime:.3} ms",
+                    progress.to,
+                    progress.elapsed_ms,
+                    progress.rounds,
+                    progress.bytes_sent as f64 / f64::from(1 << 20)
+                ),
+            ))?;
+            s.delete_vm(name)?;
+            Ok(())
+        })?;
+        let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
+        Ok(())
+    }
+
+    /// The whole migration, on a blocking thread: returns how long the guest stood still and
+    /// the target's host name.
+    fn move_out(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        name: &str,
+        outgoing: &Outgoing,
+        target: &Target,
+    ) -> std::result::Result<(Duration, String), Failed> {
+        let run_dir = self.run_dir(name);
+        let vmm = Vmm {
+            runtime,
+            run_dir: &run_dir,
+        };
+        let mut undo = Undo::default();
+        let pid = self.handle(name).map(|(h, _)| h.pid);
+        let moved = self.move_out_steps(&vmm, name, outgoing, target, &mut undo);
+        if let Err(failed) = &moved {
+            // Back to running here, whatever step failed (each undo is for what was done).
+            if undo.unlocked {
+                if let Err(e) = vmm.ask(&Request::DiskLocks { held: true }) {
+                    return Err(Failed {
+                        why: format!("{}; then taking the disks' locks back failed ({e}): the VM is left paused here, and may run on the target: check it there before resuming it here", failed.why),
+                        cancelled: failed.cancelled,
+                    });
+                }
+            }
+            if undo.paused {
+                let _ = vmm.ask(&Request::Resume);
+                // The daemon's record of the pause ends with the resume.
+                let _ = self.transition(
+                    name,
+                    Transition {
+                        to: VmState::Running,
+                        pid,
+                        cause: Cause::Maintenance,
+                        actor: "keel",
+                        detail: "resumed here: the migration did not complete",
+                        time_ms: None,
+                    },
+                );
+            }
+            if undo.tracking {
+                let _ = vmm.ask(&Request::DirtyLog { on: false });
+            }
+        }
+        moved
+    }
+
+    fn move_out_steps(
+        &self,
+        vmm: &Vmm,
+        name: &str,
+        outgoing: &Outgoing,
+        target: &Target,
+        undo: &mut Undo,
+    ) -> std::result::Result<(Duration, String), Failed> {
+        let begun = Instant::now();
+        let spec = self.get(name)?.spec;
+        let pid = self
+            .handle(name)
+            .map(|(h, _)| h.pid)
+            .ok_or("its VMM is not watched by this daemon")?;
+        let disks = disk_proofs(&spec, &self.images)?;
+        let _markers = Markers(disks.clone());
+        let mut link = connect(target)?;
+        let memory = match vmm.ask(&Request::MigrationStart)? {
+            Response::MigrationStarted(m) => m,
+            other => return Err(unexpected(other).into()),
+        };
+        undo.tracking = true;
+        let memfd = open_memfd(pid, memory.memfd, memory.memory_bytes)?;
+        let pages = memory.memory_bytes / PAGE as u64;
+        send(
+            &mut link,
+            &Message::Hello {
+                version: wire::VERSION,
+                from: crate::health::hostname(),
+                spec: Box::new(spec),
+                memory_bytes: memory.memory_bytes,
+                disks,
+            },
+        )?;
+        let there = match receive(&mut link)? {
+            Message::Accepted { host } => host,
+            Message::Refused { why } => return Err(format!("the target refused: {why}").into()),
+            other => return Err(format!("the target answered {other:?}").into()),
+        };
+        outgoing.update(|p| p.phase = MigrationPhase::Copying);
+        let mut sender = Sender {
+            link: &mut link,
+            memfd: &memfd,
+            outgoing,
+            limit: target.max_bandwidth,
+            batch: Vec::new(),
+            sent: 0,
+            since: Instant::now(),
+        };
+        // Round 0: every page the guest ever touched (the memfd's data), zero pages skipped.
+        let mut last_reading = Instant::now();
+        sender.send_extents(pages)?;
+        let mut bandwidth = sender.rate();
+        let (mut fewest, mut stalled) = (u64::MAX, 0);
+        // The last reading of the log, whose pages go with the switch's.
+        let mut pending: Vec<u64>;
+        loop {
+            if outgoing.is_cancelled() {
+                return Err(cancelled());
+            }
+            let bitmap = match vmm.ask(&Request::DirtyPages)? {
+                Response::DirtyPages { bitmap, .. } => bitmap,
+                other => return Err(unexpected(other).into()),
+            };
+            let dirty: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+            let round_time = last_reading.elapsed().as_secs_f64().max(1e-6);
+            last_reading = Instant::now();
+            let bytes = dirty as f64 * PAGE as f64;
+            let expected = Duration::from_secs_f64(bytes / bandwidth.max(1.0)) + SWITCH_COST;
+            outgoing.update(|p| {
+                p.rounds += 1;
+                p.dirty_pages = dirty;
+                p.dirty_rate_mib_s = bytes / round_time / f64::from(1 << 20);
+                p.bandwidth_mib_s = bandwidth / f64::from(1 << 20);
+                p.expected_downtime_ms = expected.as_secs_f64() * 1000.0;
+                p.elapsed_ms = begun.elapsed().as_secs_f64() * 1000.0;
+            });
+            if expected <= target.max_downtime {
+                // The log was read (and cleared): its pages cross with the switch's.
+                pending = bitmap;
+                break;
+            }
+            // Rounds that leave no less to send than the best one so far do not converge.
+            if dirty < fewest {
+                fewest = dirty;
+                stalled = 0;
+            } else {
+                stalled += 1;
+            }
+            let rounds = outgoing.progress().rounds;
+            if rounds > MAX_ROUNDS || stalled >= STALLED_ROUNDS {
+                let p = outgoing.progress();
+                return Err(format!(
+                    "it did not converge in {rounds} rounds: the guest writes {:.1} MiB/s and the link carries {:.1} MiB/s, so the switch would stand it still {:.0} ms, over the {} ms allowed; allow more downtime (--max-downtime), more bandwidth, or migrate when the guest is quieter",
+                    p.dirty_rate_mib_s, p.bandwidth_mib_s, p.expected_downtime_ms, p.max_downtime_ms
+                )
+                .into());
+            }
+            sender.send_pages(wire::set_pages(&bitmap))?;
+            bandwidth = bandwidth.max(sender.rate());
+        }
+        // The switch: the guest stands still from here.
+        if outgoing.is_cancelled() {
+            return Err(cancelled());
+        }
+        outgoing.update(|p| p.phase = MigrationPhase::Switching);
+        send(sender.link, &Message::Stopping)?;
+        let stood_still = Instant::now();
+        match vmm.ask(&Request::Pause)? {
+            Response::Paused(_) => undo.paused = true,
+            other => return Err(unexpected(other).into()),
+        }
+        self.transition(
+            name,
+            Transition {
+                to: VmState::Paused,
+                pid: Some(pid),
+                cause: Cause::Maintenance,
+                actor: "keel",
+                detail: &format!("paused to migrate to {}", outgoing.progress().to),
+                time_ms: None,
+            },
+        )?;
+        let bitmap = match vmm.ask(&Request::DirtyPages)? {
+            Response::DirtyPages { bitmap, .. } => bitmap,
+            other => return Err(unexpected(other).into()),
+        };
+        for (word, last) in pending.iter_mut().zip(&bitmap) {
+            *word |= last;
+        }
+        sender.send_pages(wire::set_pages(&pending))?;
+        let state = match vmm.ask(&Request::MachineState)? {
+            Response::MachineState { state } => state,
+            other => return Err(unexpected(other).into()),
+        };
+        send(sender.link, &Message::State { state })?;
+        match receive(sender.link)? {
+            Message::Ready => {}
+            Message::Abort { why } | Message::Refused { why } => {
+                return Err(format!("the target gave up: {why}").into())
+            }
+            other => return Err(format!("the target answered {other:?}").into()),
+        }
+        if outgoing.is_cancelled() {
+            return Err(cancelled());
+        }
+        match vmm.ask(&Request::DiskLocks { held: false })? {
+            Response::Done => undo.unlocked = true,
+            other => return Err(unexpected(other).into()),
+        }
+        send(sender.link, &Message::Go)?;
+        // From here the target may run the guest: only the disks' locks tell.
+        match receive(sender.link) {
+            Ok(Message::Running { .. }) => Ok((stood_still.elapsed(), there)),
+            outcome => {
+                let why = match outcome {
+                    Ok(other) => format!("the target answered {other:?} to go"),
+                    Err(e) => e,
+                };
+                if spec_has_writable_disk(self, name) {
+                    match vmm.ask(&Request::DiskLocks { held: true }) {
+                        // The target never took the disks: the guest is still ours.
+                        Ok(Response::Done) => {
+                            undo.unlocked = false;
+                            Err(why.into())
+                        }
+                        // It holds them: it runs the guest.
+                        _ => Ok((stood_still.elapsed(), there)),
+                    }
+                } else {
+                    undo.paused = false;
+                    undo.unlocked = false;
+                    Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into())
+                }
+            }
+        }
+    }
+}
+
+fn spec_has_writable_disk(sup: &Supervisor, name: &str) -> bool {
+    sup.get(name)
+        .is_ok_and(|r| r.spec.disks.iter().any(|d| !d.readonly))
+}
+
+fn cancelled() -> Failed {
+    Failed {
+        why: "cancelled by an operator".into(),
+        cancelled: true,
+    }
+}
+
+fn unexpected(answer: Response) -> String {
+    match answer {
+        Response::Error { message } => format!("the VMM refused: {message}"),
+        other => format!("the VMM answered {other:?}"),
+    }
+}
+
+/// The disks' markers, removed when the migration ends either way.
+struct Markers(Vec<wire::DiskProof>);
+
+impl Drop for Markers {
+    fn drop(&mut self) {
+        self.0.iter().for_each(wire::DiskProof::remove);
+    }
+}
+
+/// Where the VM goes.
+struct Target {
+    addr: String,
+    fingerprint: String,
+    token: String,
+    max_downtime: Duration,
+    max_bandwidth: Option<u64>,
+}
+
+/// The VMM's control socket, from the blocking thread.
+struct Vmm<'a> {
+    runtime: &'a tokio::runtime::Handle,
+    run_dir: &'a RunDir,
+}
+
+impl Vmm<'_> {
+    fn ask(&self, request: &Request) -> std::result::Result<Response, String> {
+        self.runtime
+            .block_on(vmm_process::control_large(
+                self.run_dir,
+                request,
+                STEP_TIMEOUT,
+            ))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Each disk's proof that the target sees the same file (a marker written beside it).
+fn disk_proofs(
+    spec: &api::VmSpec,
+    images: &crate::images::ImageDirs,
+) -> std::result::Result<Vec<wire::DiskProof>, String> {
+    spec.disks
+        .iter()
+        .map(|d| {
+            let file = images
+                .open("disk", &d.path, libc::O_RDONLY)
+                .map_err(|e| e.to_string())?;
+            wire::DiskProof::make(&file, &d.path).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// The VMM's memfd, opened through /proc: checked to be a memfd of the guest's size (the
+/// VMM is not trusted to name the right descriptor).
+fn open_memfd(pid: u32, fd: i32, memory_bytes: u64) -> std::result::Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let target = std::fs::read_link(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    if !target.to_string_lossy().starts_with("/memfd:") {
+        return Err(format!("{path} is {}, not guest memory", target.display()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| format!("opening {path}: {e}"))?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    if len != memory_bytes {
+        return Err(format!(
+            "{path} holds {len} bytes, the guest {memory_bytes}"
+        ));
+    }
+    Ok(file)
+}
+
+/// A TLS WebSocket to the target's `GET /migrations/incoming`.
+fn connect(target: &Target) -> std::result::Result<Link, String> {
+    let seen = Arc::new(crate::tls::Seen::default());
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("setting up TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::tls::Pinned::new(
+            Some(target.fingerprint.clone()),
+            seen.clone(),
+        )))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!("cannot reach the target at https://{} ({e})", target.addr)
+    };
+    let socket = target
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| unreachable(&e))?
+        .next()
+        .ok_or_else(|| unreachable(&"no address"))?;
+    let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(10))
+        .map_err(|e| unreachable(&e))?;
+    tcp.set_nodelay(true).map_err(|e| unreachable(&e))?;
+    tcp.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| unreachable(&e))?;
+    let host = target
+        .addr
+        .rsplit_once(':')
+        .map_or(target.addr.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let server = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| format!("'{}' does not name a host: {e}", target.addr))?;
+    let tls = rustls::ClientConnection::new(Arc::new(config), server)
+        .map_err(|e| format!("setting up TLS: {e}"))?;
+    let stream = rustls::StreamOwned::new(tls, tcp);
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "wss://{}/migrations/incoming",
+        target.addr
+    ))
+    .map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", target.token)
+            .parse()
+            .map_err(|_| "the token is not a header value".to_string())?,
+    );
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(wire::MAX_MESSAGE))
+        .max_frame_size(Some(wire::MAX_MESSAGE));
+    match tungstenite::client::client_with_config(request, stream, Some(config)) {
+        Ok((link, _)) => Ok(link),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let message = serde_json::from_str::<api::ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or(body);
+            Err(format!(
+                "the target refused the migration (HTTP {}): {message}",
+                response.status().as_u16()
+            ))
+        }
+        Err(e) => match seen.fingerprint() {
+            Some(fp) if fp != target.fingerprint => Err(format!(
+                "the target's certificate is not the expected one: expected fingerprint {}, saw {fp}",
+                target.fingerprint
+            )),
+            _ => Err(unreachable(&e)),
+        },
+    }
+}
+
+fn send(link: &mut Link, message: &Message) -> std::result::Result<(), String> {
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+    link.send(tungstenite::Message::text(text))
+        .map_err(|e| format!("the link to the target broke ({e})"))
+}
+
+fn receive(link: &mut Link) -> std::result::Result<Message, String> {
+    loop {
+        match link.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                return serde_json::from_str(text.as_str())
+                    .map_err(|e| format!("the target sent {text:?} ({e})"))
+            }
+            Ok(tungstenite::Message::Close(_)) => return Err("the target closed the link".into()),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("the link to the target broke ({e})")),
+        }
+    }
+}
+
+/// Sends guest pages from the memfd in batches, at most at the operator's rate.
+struct Sender<'a> {
+    link: &'a mut Link,
+    memfd: &'a File,
+    outgoing: &'a Outgoing,
+    limit: Option<u64>,
+    batch: Vec<(u64, Vec<u8>)>,
+    sent: u64,
+    since: Instant,
+}
+
+impl Sender<'_> {
+    /// Bytes per second sent since the migration's first page.
+    fn rate(&self) -> f64 {
+        self.sent as f64 / self.since.elapsed().as_secs_f64().max(1e-6)
+    }
+
+    /// Every page of the memfd's data extents that is not all zero (a new memfd on the
+    /// target reads as zeros).
+    fn send_extents(&mut self, pages: u64) -> std::result::Result<(), Failed> {
+        use std::os::fd::AsRawFd;
+        let len = (pages * PAGE as u64) as i64;
+        let fd = self.memfd.as_raw_fd();
+        let mut at = 0i64;
+        let mut chunk = vec![0u8; BATCH_PAGES * PAGE];
+        while at < len {
+            // SAFETY: lseek on a descriptor this process holds; the result is checked.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data after `at`.
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.max(data);
+            let mut offset = data;
+            while offset < hole.min(len) {
+                let n = ((hole.min(len) - offset) as usize).min(chunk.len());
+                self.memfd
+                    .read_exact_at(&mut chunk[..n], offset as u64)
+                    .map_err(|e| format!("reading guest memory: {e}"))?;
+                for (i, page) in chunk[..n].chunks_exact(PAGE).enumerate() {
+                    if page.iter().any(|&b| b != 0) {
+                        let number = offset as u64 / PAGE as u64 + i as u64;
+                        self.push(number, page.to_vec())?;
+                    }
+                }
+                offset += n as i64;
+            }
+            at = hole.max(offset);
+        }
+        self.flush()
+    }
+
+    /// The pages named, read from the memfd now.
+    fn send_pages(&mut self, pages: impl Iterator<Item = u64>) -> std::result::Result<(), Failed> {
+        for number in pages {
+            let mut page = vec![0u8; PAGE];
+            self.memfd
+                .read_exact_at(&mut page, number * PAGE as u64)
+                .map_err(|e| format!("reading guest memory: {e}"))?;
+            self.push(number, page)?;
+        }
+        self.flush()
+    }
+
+    fn push(&mut self, number: u64, page: Vec<u8>) -> std::result::Result<(), Failed> {
+        self.batch.push((number, page));
+        if self.batch.len() == BATCH_PAGES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::result::Result<(), Failed> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if self.outgoing.is_cancelled() {
+            return Err(cancelled());
+        }
+        let pages: Vec<(u64, &[u8])> = self.batch.iter().map(|(n, p)| (*n, &p[..])).collect();
+        let body = wire::encode_pages(&pages);
+        let bytes = (self.batch.len() * PAGE) as u64;
+        self.batch.clear();
+        self.link
+            .send(tungstenite::Message::binary(body))
+            .map_err(|e| format!("the link to the target broke ({e})"))?;
+        self.sent += bytes;
+        self.outgoing.update(|p| p.bytes_sent += bytes);
+        if let Some(limit) = self.limit {
+            // Hold the average at the limit.
+            let due = Duration::from_secs_f64(self.sent as f64 / limit.max(1) as f64);
+            if let Some(wait) = due.checked_sub(self.since.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+}

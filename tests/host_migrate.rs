@@ -1,0 +1,425 @@
+//! `keel vm migrate` between two daemons on this machine: each in a network namespace of its
+//! own, a veth pair the only link between them, the target serving TLS on it. A probe
+//! writing disk records and churning its memory moves from one to the other and loses
+//! nothing; a target that cannot see a disk refuses before anything is sent; a guest that
+//! writes faster than the link carries does not converge; an operator cancels; a target
+//! daemon killed mid-copy leaves the VM running on the source. The ledgers and the SLA
+//! report show each move.
+
+mod common;
+
+#[path = "common/netns.rs"]
+#[allow(dead_code)] // the namespaces only; no frames are echoed here
+mod netns;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::daemon::{free_port, wait_for_output, Daemon};
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth pair: 10.231.0.1 in the first, 10.231.0.2 in the second.
+fn link(a: &netns::NetNs, b: &netns::NetNs) {
+    let (va, vb) = (
+        format!("kma{}", std::process::id() % 100_000),
+        format!("kmb{}", std::process::id() % 100_000),
+    );
+    ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+    ip(&["link", "set", &va, "netns", &a.name]);
+    ip(&["link", "set", &vb, "netns", &b.name]);
+    for (ns, dev, addr) in [(a, &va, "10.231.0.1/24"), (b, &vb, "10.231.0.2/24")] {
+        ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+        ip(&["-n", &ns.name, "link", "set", dev, "up"]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+    }
+}
+
+fn nsenter(ns: &netns::NetNs) -> String {
+    format!("--net=/var/run/netns/{}", ns.name)
+}
+
+fn create(daemon: &Daemon, name: &str, cmdline: &str, disk: Option<&Path>) {
+    let kernel = probe_elf();
+    let mut args = vec![
+        "vm".to_string(),
+        "create".into(),
+        name.into(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        cmdline.into(),
+        "--memory".into(),
+        "128".into(),
+    ];
+    if let Some(d) = disk {
+        args.extend(["--disk".into(), format!("path={}", d.display())]);
+    }
+    daemon.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+fn console_log(daemon: &Daemon, vm: &str) -> PathBuf {
+    PathBuf::from(
+        daemon.json(&["vm", "show", vm])["console_log"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+fn details(daemon: &Daemon, vm: &str) -> Vec<String> {
+    daemon
+        .json(&["events", "--vm", vm, "--limit", "60"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["to"].as_str().unwrap_or("-"),
+                r["cause"].as_str().unwrap(),
+                r["detail"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn raw_disk(path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+}
+
+struct Hosts {
+    source: Daemon,
+    target: Daemon,
+    /// The arguments that say where a VM goes.
+    to: Vec<String>,
+    _token_dir: tempdir::Dir,
+    _ns: (netns::NetNs, netns::NetNs),
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn hosts(only_source: &Path) -> Option<Hosts> {
+    let (a, b) = match (netns::NetNs::new("mig-a"), netns::NetNs::new("mig-b")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            assert!(
+                std::env::var_os("KEEL_REQUIRE_KVM").is_none(),
+                "cannot make network namespaces: {e}"
+            );
+            eprintln!("skipped: cannot make network namespaces: {e}");
+            return None;
+        }
+    };
+    link(&a, &b);
+    let source = Daemon::start_with(
+        "mig-a",
+        &["nsenter", &nsenter(&a)],
+        &["--images", &only_source.display().to_string()],
+        &[],
+    );
+    std::fs::create_dir_all(source.images()).unwrap();
+    let listen = format!("10.231.0.2:{}", free_port());
+    // The target sees the source's image directory (the shared storage), not `only_source`.
+    let target = Daemon::start_with(
+        "mig-b",
+        &["nsenter", &nsenter(&b)],
+        &[
+            "--listen",
+            &listen,
+            "--images",
+            &source.images().display().to_string(),
+        ],
+        &[],
+    );
+    let (url, fingerprint) = target.https(&listen);
+    let token = target
+        .ok(&["token", "create", "mover", "--role", "operator"])
+        .trim()
+        .to_string();
+    let dir = std::env::temp_dir().join(format!("keel-mig-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    Some(Hosts {
+        source,
+        target,
+        to: vec![
+            "--to".into(),
+            url,
+            "--to-token-file".into(),
+            token_file.display().to_string(),
+            "--to-fingerprint".into(),
+            fingerprint,
+        ],
+        _token_dir: tempdir::Dir(dir),
+        _ns: (a, b),
+    })
+}
+
+fn migrate(h: &Hosts, vm: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["vm", "migrate", vm];
+    args.extend(h.to.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    h.source.keel(&args)
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
+    if !kvm_available("a_running_vm_moves_to_another_daemon_and_loses_nothing") {
+        return;
+    }
+    let only_source = std::env::temp_dir().join(format!("keel-mig-local-{}", std::process::id()));
+    let _cleanup = tempdir::Dir(only_source.clone());
+    let Some(h) = hosts(&only_source) else {
+        return;
+    };
+    let (source, target) = (&h.source, &h.target);
+    let disk = source.images().join("records.raw");
+    raw_disk(&disk);
+    create(
+        source,
+        "m1",
+        "probe.blk_records=300 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        Some(&disk),
+    );
+    let from = source.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    source.ok(&["vm", "start", "m1"]);
+    let pid_before = source.json(&["vm", "show", "m1"])["pid"].as_u64().unwrap();
+    wait_for_output(&console_log(source, "m1"), "PROBE acked 20\n", 0, TIMEOUT);
+
+    // Mid-records: it moves.
+    let out = migrate(&h, "m1", &[]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("m1: migrated to https://10.231.0.2:"),
+        "{said}"
+    );
+    assert_eq!(target.state("m1"), "running");
+    let gone = source.fails(&["vm", "show", "m1"]);
+    assert!(gone.contains("no VM named 'm1'"), "{gone}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid_before}/status")).exists() {
+        assert!(Instant::now() < deadline, "the source's VMM still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let progress = source.json(&["vm", "migration", "m1"]);
+    assert_eq!(progress["phase"], "done", "{progress}");
+    let downtime = progress["downtime_ms"].as_f64().unwrap();
+    assert!(progress["rounds"].as_u64().unwrap() >= 1, "{progress}");
+
+    // On the target it goes on from where it was: every record verifies, every page checks.
+    let log = console_log(target, "m1");
+    let out = wait_for_output(&log, "PROBE churn tick 2 ", 0, TIMEOUT);
+    assert!(out.contains("PROBE blk_verify ok 300"), "{out}");
+    assert!(!out.contains("check bad"), "{out}");
+    assert!(
+        !out.contains("PROBE start"),
+        "it did not boot again:\n{out}"
+    );
+
+    // The ledgers: migrated-out with the pause here, migrated-in there.
+    let here = details(source, "m1");
+    assert!(
+        here.iter()
+            .any(|d| d.starts_with("paused maintenance paused to migrate to")),
+        "{here:#?}"
+    );
+    assert!(
+        here.iter()
+            .any(|d| d.starts_with("stopped operator migrated out to")),
+        "{here:#?}"
+    );
+    assert!(
+        here.iter().any(|d| d.contains("migrated-out to")),
+        "{here:#?}"
+    );
+    let there = details(target, "m1");
+    assert!(
+        there
+            .iter()
+            .any(|d| d.starts_with("running maintenance migrated in from")),
+        "{there:#?}"
+    );
+    assert!(
+        there.iter().any(|d| d.contains("migrated-in from")),
+        "{there:#?}"
+    );
+    let to = source.json(&["events", "--limit", "1"])[0]["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = source.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "m1"]);
+    let vm = &report["vms"][0];
+    assert_eq!(vm["outages"], 1, "{report}");
+    let maintenance = vm["downtime_by_cause"]["maintenance"].as_f64().unwrap();
+    assert!(
+        maintenance > 0.0 && maintenance < 5.0,
+        "only the pause counts ({downtime} ms measured): {report}"
+    );
+    eprintln!(
+        "migrated m1 in {} rounds, {:.1} MiB, stood still {downtime:.3} ms",
+        progress["rounds"],
+        progress["bytes_sent"].as_f64().unwrap() / 1048576.0
+    );
+
+    // A guest churning its memory moves mid-churn: every page checks there, after each
+    // period (a stale or lost page would print `check bad` and end the churn).
+    create(
+        source,
+        "c1",
+        "probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        None,
+    );
+    source.ok(&["vm", "start", "c1"]);
+    wait_for_output(
+        &console_log(source, "c1"),
+        "PROBE churn tick 2 ",
+        0,
+        TIMEOUT,
+    );
+    let out = migrate(&h, "c1", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let churned = source.json(&["vm", "migration", "c1"]);
+    // Its console log there begins at the switch.
+    let log = console_log(target, "c1");
+    let deadline = Instant::now() + TIMEOUT;
+    let out = loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        if out.matches("PROBE churn tick").count() >= 3 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!out.contains("check bad"), "{out}");
+    assert!(!out.contains("PROBE start"), "{out}");
+    eprintln!(
+        "migrated c1 (churning 4 MiB at 10 pages/ms) in {} rounds, {:.1} MiB, stood still {:.3} ms",
+        churned["rounds"],
+        churned["bytes_sent"].as_f64().unwrap() / 1048576.0,
+        churned["downtime_ms"].as_f64().unwrap()
+    );
+
+    // A target that does not see a disk refuses before anything is sent; the VM runs on.
+    let local = only_source.join("local.raw");
+    raw_disk(&local);
+    create(
+        source,
+        "m2",
+        "probe.churn=2M probe.churn_rate=2 probe.churn_report_ms=200",
+        Some(&local),
+    );
+    source.ok(&["vm", "start", "m2"]);
+    let out = migrate(&h, "m2", &[]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("is not on storage this host sees"), "{said}");
+    assert_eq!(source.state("m2"), "running");
+    assert!(target.fails(&["vm", "show", "m2"]).contains("no VM named"));
+    assert!(
+        !details(source, "m2")
+            .iter()
+            .any(|d| d.starts_with("paused")),
+        "the guest was never paused"
+    );
+
+    // A guest that writes faster than the link carries does not converge; it runs on here.
+    create(
+        source,
+        "m3",
+        "probe.churn=4M probe.churn_rate=20 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        None,
+    );
+    source.ok(&["vm", "start", "m3"]);
+    let log3 = console_log(source, "m3");
+    wait_for_output(&log3, "PROBE churn start", 0, TIMEOUT);
+    let out = migrate(&h, "m3", &["--bandwidth", "16"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("did not converge"), "{said}");
+    assert_eq!(source.state("m3"), "running");
+    assert!(target.fails(&["vm", "show", "m3"]).contains("no VM named"));
+
+    // An operator cancels one under way.
+    let out = migrate(&h, "m3", &["--bandwidth", "4", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    source.ok(&["vm", "migrate", "m3", "--cancel"]);
+    let deadline = Instant::now() + TIMEOUT;
+    let outcome = loop {
+        let p = source.json(&["vm", "migration", "m3"]);
+        if p["phase"] != "copying" && p["phase"] != "connecting" {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(outcome["phase"], "cancelled", "{outcome}");
+    assert_eq!(source.state("m3"), "running");
+
+    // The target's daemon dies mid-copy: the VM runs on here, its guest unharmed.
+    let out = migrate(&h, "m3", &["--bandwidth", "4", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut target = h.target;
+    target.kill9();
+    let deadline = Instant::now() + TIMEOUT;
+    let outcome = loop {
+        let p = source.json(&["vm", "migration", "m3"]);
+        if p["phase"] == "failed" {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        outcome["error"].as_str().unwrap().contains("link"),
+        "{outcome}"
+    );
+    assert_eq!(source.state("m3"), "running");
+    let mark = std::fs::read_to_string(&log3).unwrap().len();
+    let after = wait_for_output(&log3, "PROBE churn tick", mark, TIMEOUT);
+    assert!(!after.contains("check bad"), "{after}");
+    assert!(!std::fs::read_to_string(&log3)
+        .unwrap()
+        .contains("check bad"));
+    drop(target);
+
+    source.ok(&["vm", "stop", "m2"]);
+    source.ok(&["vm", "stop", "m3"]);
+}

@@ -2,8 +2,8 @@
 //! own, a veth pair the only link between them, the target serving TLS on it. A probe
 //! writing disk records and churning its memory moves from one to the other and loses
 //! nothing; a target that cannot see a disk refuses before anything is sent; a guest that
-//! writes faster than the link carries does not converge; an operator cancels; a target
-//! daemon killed mid-copy leaves the VM running on the source. The ledgers and the SLA
+//! writes faster than the link carries does not converge; an operator cancels; the target's
+//! VMM or daemon killed, or the link cut, mid-copy leave the VM running on the source. The ledgers and the SLA
 //! report show each move.
 
 mod common;
@@ -31,7 +31,8 @@ fn ip(args: &[&str]) {
 }
 
 /// Two namespaces joined by a veth pair: 10.231.0.1 in the first, 10.231.0.2 in the second.
-fn link(a: &netns::NetNs, b: &netns::NetNs) {
+/// Returns the first one's end.
+fn link(a: &netns::NetNs, b: &netns::NetNs) -> String {
     let (va, vb) = (
         format!("kma{}", std::process::id() % 100_000),
         format!("kmb{}", std::process::id() % 100_000),
@@ -44,6 +45,7 @@ fn link(a: &netns::NetNs, b: &netns::NetNs) {
         ip(&["-n", &ns.name, "link", "set", dev, "up"]);
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
     }
+    va
 }
 
 fn nsenter(ns: &netns::NetNs) -> String {
@@ -94,6 +96,51 @@ fn details(daemon: &Daemon, vm: &str) -> Vec<String> {
         .collect()
 }
 
+/// The pid of the process whose command line names `dir` (a VMM's run directory).
+fn wait_for_process(dir: &str) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(" vmm ") && cmdline.contains(&format!("{dir} ")) {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no VMM for {dir}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for the VM's migration to copy memory (the target accepted it).
+fn wait_copying(source: &Daemon, vm: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = source.json(&["vm", "migration", vm]);
+        if p["phase"] == "copying" && p["bytes_sent"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM's migration once it is over.
+fn wait_outcome(source: &Daemon, vm: &str) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = source.json(&["vm", "migration", vm]);
+        if ["done", "failed", "cancelled"].contains(&p["phase"].as_str().unwrap_or("")) {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn raw_disk(path: &Path) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::File::create(path)
@@ -108,6 +155,8 @@ struct Hosts {
     /// The arguments that say where a VM goes.
     to: Vec<String>,
     _token_dir: tempdir::Dir,
+    /// The source's end of the link.
+    veth: String,
     _ns: (netns::NetNs, netns::NetNs),
 }
 
@@ -133,7 +182,7 @@ fn hosts(only_source: &Path) -> Option<Hosts> {
             return None;
         }
     };
-    link(&a, &b);
+    let veth = link(&a, &b);
     let source = Daemon::start_with(
         "mig-a",
         &["nsenter", &nsenter(&a)],
@@ -175,15 +224,16 @@ fn hosts(only_source: &Path) -> Option<Hosts> {
             fingerprint,
         ],
         _token_dir: tempdir::Dir(dir),
+        veth,
         _ns: (a, b),
     })
 }
 
-fn migrate(h: &Hosts, vm: &str, extra: &[&str]) -> std::process::Output {
+fn migrate(source: &Daemon, to: &[String], vm: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["vm", "migrate", vm];
-    args.extend(h.to.iter().map(String::as_str));
+    args.extend(to.iter().map(String::as_str));
     args.extend_from_slice(extra);
-    h.source.keel(&args)
+    source.keel(&args)
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -222,7 +272,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     wait_for_output(&console_log(source, "m1"), "PROBE acked 20\n", 0, TIMEOUT);
 
     // Mid-records: it moves.
-    let out = migrate(&h, "m1", &[]);
+    let out = migrate(source, &h.to, "m1", &[]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(
@@ -292,9 +342,10 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         "only the pause counts ({downtime} ms measured): {report}"
     );
     eprintln!(
-        "migrated m1 in {} rounds, {:.1} MiB, stood still {downtime:.3} ms",
+        "migrated m1 in {} rounds, {:.1} MiB, stood still {downtime:.3} ms: {}",
         progress["rounds"],
-        progress["bytes_sent"].as_f64().unwrap() / 1048576.0
+        progress["bytes_sent"].as_f64().unwrap() / 1048576.0,
+        progress["switch_steps"]
     );
 
     // A guest churning its memory moves mid-churn: every page checks there, after each
@@ -312,7 +363,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         0,
         TIMEOUT,
     );
-    let out = migrate(&h, "c1", &[]);
+    let out = migrate(source, &h.to, "c1", &[]);
     assert!(out.status.success(), "{}", text(&out));
     let churned = source.json(&["vm", "migration", "c1"]);
     // Its console log there begins at the switch.
@@ -345,7 +396,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         Some(&local),
     );
     source.ok(&["vm", "start", "m2"]);
-    let out = migrate(&h, "m2", &[]);
+    let out = migrate(source, &h.to, "m2", &[]);
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("is not on storage this host sees"), "{said}");
@@ -368,7 +419,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     source.ok(&["vm", "start", "m3"]);
     let log3 = console_log(source, "m3");
     wait_for_output(&log3, "PROBE churn start", 0, TIMEOUT);
-    let out = migrate(&h, "m3", &["--bandwidth", "16"]);
+    let out = migrate(source, &h.to, "m3", &["--bandwidth", "16"]);
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("did not converge"), "{said}");
@@ -376,41 +427,74 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     assert!(target.fails(&["vm", "show", "m3"]).contains("no VM named"));
 
     // An operator cancels one under way.
-    let out = migrate(&h, "m3", &["--bandwidth", "4", "--no-wait"]);
+    let out = migrate(source, &h.to, "m3", &["--bandwidth", "4", "--no-wait"]);
     assert!(out.status.success(), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(300));
     source.ok(&["vm", "migrate", "m3", "--cancel"]);
-    let deadline = Instant::now() + TIMEOUT;
-    let outcome = loop {
-        let p = source.json(&["vm", "migration", "m3"]);
-        if p["phase"] != "copying" && p["phase"] != "connecting" {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "{p}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let outcome = wait_outcome(source, "m3");
     assert_eq!(outcome["phase"], "cancelled", "{outcome}");
     assert_eq!(source.state("m3"), "running");
 
-    // The target's daemon dies mid-copy: the VM runs on here, its guest unharmed.
-    let out = migrate(&h, "m3", &["--bandwidth", "4", "--no-wait"]);
+    // The target's VMM is killed mid-copy: the switch fails there and the guest, paused for
+    // it, runs on here. (A guest that filled 16 MiB and keeps still: a slow first round, then
+    // it converges.)
+    create(
+        source,
+        "m4",
+        "probe.churn=16M probe.churn_rate=0 probe.churn_report_ms=200 probe.churn_gap_us=50000",
+        None,
+    );
+    source.ok(&["vm", "start", "m4"]);
+    let log4 = console_log(source, "m4");
+    wait_for_output(&log4, "PROBE churn tick 1 ", 0, TIMEOUT);
+    let out = migrate(source, &h.to, "m4", &["--bandwidth", "8", "--no-wait"]);
     assert!(out.status.success(), "{}", text(&out));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_copying(source, "m4");
+    let incoming = wait_for_process(&format!("{}/vms/m4", target.state_dir.display()));
+    // SAFETY: kill(2) of a pid this test found; a stale pid at worst gets ESRCH.
+    unsafe { libc::kill(incoming as i32, libc::SIGKILL) };
+    let outcome = wait_outcome(source, "m4");
+    assert_eq!(outcome["phase"], "failed", "{outcome}");
+    assert!(
+        outcome["error"].as_str().unwrap().contains("target"),
+        "{outcome}"
+    );
+    assert_eq!(source.state("m4"), "running");
+    assert!(target.fails(&["vm", "show", "m4"]).contains("no VM named"));
+    let mark = std::fs::read_to_string(&log4).unwrap().len();
+    let after = wait_for_output(&log4, "PROBE churn tick", mark, TIMEOUT);
+    assert!(!after.contains("check bad"), "{after}");
+    let rows = details(source, "m4");
+    assert!(
+        rows.iter()
+            .any(|d| d.starts_with("running maintenance resumed here")),
+        "{rows:#?}"
+    );
+
+    // The target's daemon dies mid-copy: the VM runs on here; the target, back, has not
+    // kept a definition of it.
+    let out = migrate(source, &h.to, "m3", &["--bandwidth", "4", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_copying(source, "m3");
     let mut target = h.target;
     target.kill9();
-    let deadline = Instant::now() + TIMEOUT;
-    let outcome = loop {
-        let p = source.json(&["vm", "migration", "m3"]);
-        if p["phase"] == "failed" {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "{p}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let outcome = wait_outcome(source, "m3");
+    assert_eq!(outcome["phase"], "failed", "{outcome}");
     assert!(
         outcome["error"].as_str().unwrap().contains("link"),
         "{outcome}"
     );
+    assert_eq!(source.state("m3"), "running");
+    target.restart();
+    assert!(target.fails(&["vm", "show", "m3"]).contains("no VM named"));
+
+    // The link is cut mid-copy: the source gives up within its 10 s and the VM runs on.
+    let out = migrate(source, &h.to, "m3", &["--bandwidth", "4", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_copying(source, "m3");
+    ip(&["-n", &h._ns.0.name, "link", "set", &h.veth, "down"]);
+    let outcome = wait_outcome(source, "m3");
+    assert_eq!(outcome["phase"], "failed", "{outcome}");
     assert_eq!(source.state("m3"), "running");
     let mark = std::fs::read_to_string(&log3).unwrap().len();
     let after = wait_for_output(&log3, "PROBE churn tick", mark, TIMEOUT);
@@ -420,6 +504,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         .contains("check bad"));
     drop(target);
 
-    source.ok(&["vm", "stop", "m2"]);
-    source.ok(&["vm", "stop", "m3"]);
+    for vm in ["m2", "m3", "m4"] {
+        source.ok(&["vm", "stop", vm]);
+    }
 }

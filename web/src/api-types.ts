@@ -951,8 +951,19 @@ export interface components {
              * @description Copy rounds so far (the first copies every page the guest touched).
              */
             rounds: number;
+            /**
+             * @description The switch's steps so far, in order, with how long each took (where the guest's
+             *     pause went).
+             */
+            switch_steps?: components["schemas"]["MigrationStep"][];
             to: string;
             vm: string;
+        };
+        /** @description One step of a migration's switch. */
+        MigrationStep: {
+            /** Format: double */
+            ms: number;
+            step: string;
         };
         /** @description A virtio-net NIC on a tap device. */
         NetSpec: {

@@ -77,7 +77,18 @@ pub struct MigrationProgress {
     /// Done: how long the guest stood still, from its pause here to its run there, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
+    /// The switch's steps so far, in order, with how long each took (where the guest's
+    /// pause went).
+    #[serde(default)]
+    pub switch_steps: Vec<MigrationStep>,
     /// Failed: why, and that the VM runs on here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One step of a migration's switch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStep {
+    pub step: String,
+    pub ms: f64,
 }

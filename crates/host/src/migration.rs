@@ -217,13 +217,40 @@ impl Outgoing {
 }
 
 /// The host's outgoing migrations, by VM, kept after they end (their outcome) until the
-/// VM's next one.
+/// VM's next one; and the names of VMs arriving, not yet defined here.
 #[derive(Default)]
-pub struct Migrations(Mutex<HashMap<String, Arc<Outgoing>>>);
+pub struct Migrations {
+    outgoing: Mutex<HashMap<String, Arc<Outgoing>>>,
+    arriving: Mutex<std::collections::HashSet<String>>,
+}
 
 impl Migrations {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Outgoing>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.outgoing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `vm`'s name for a VM arriving; false if one of that name is arriving already.
+    pub fn arrive(&self, vm: &str) -> bool {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.to_string())
+    }
+
+    /// Whether a VM of that name is arriving.
+    pub fn is_arriving(&self, vm: &str) -> bool {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(vm)
+    }
+
+    /// The VM arrived or did not: its name is the store's business again.
+    pub fn arrived(&self, vm: &str) {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm);
     }
 
     /// Registers a new migration of `vm`; None if one is under way.
@@ -269,6 +296,7 @@ pub fn starting(vm: &str, to: &str, memory_bytes: u64, max_downtime_ms: u64) -> 
         max_downtime_ms,
         elapsed_ms: 0.0,
         downtime_ms: None,
+        switch_steps: Vec::new(),
         error: None,
     }
 }

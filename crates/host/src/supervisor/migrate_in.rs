@@ -25,6 +25,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A VM arriving: what was set up for it, undone unless it ends running here.
 struct Arriving {
     name: String,
+    spec: VmSpec,
+    /// Its definition is stored (the switch began).
+    defined: bool,
     from: String,
     memfd: File,
     pages: u64,
@@ -96,25 +99,45 @@ impl Supervisor {
         let name = spec.name.clone();
         self.check_disks(&spec, &disks)?;
         self.check_capacity(&spec).map_err(|e| e.to_string())?;
-        self.with_store(|s| -> super::Result<()> {
-            if s.vm(&name)?.is_some() {
-                return Err(Error::Exists(name.clone()));
-            }
-            spec.validate()?;
-            self.images.check_spec(&spec)?;
-            let others = s.vms()?;
-            crate::images::check_taps(&spec, others.iter().map(|r| &r.spec))?;
-            s.create_vm(&spec, actor)?;
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+        self.check_definition(&spec).map_err(|e| e.to_string())?;
+        // The VM is defined here only when the switch begins: a daemon that dies during the
+        // copy leaves no definition behind. Meanwhile its name is claimed.
+        if !self.migrations.arrive(&name) {
+            return Err(format!("a VM named '{name}' is arriving already"));
+        }
         match self.start_arrival(&spec, &from, memory_bytes).await {
             Ok(a) => Ok(a),
             Err(why) => {
-                self.forget_arrival(&name, actor, &from, &why);
+                self.forget_arrival(&name, false, actor, &from, &why);
                 Err(why)
             }
         }
+    }
+
+    /// What `create` checks of a definition, without storing it.
+    fn check_definition(&self, spec: &VmSpec) -> super::Result<()> {
+        self.with_store(|s| {
+            if s.vm(&spec.name)?.is_some() {
+                return Err(Error::Exists(spec.name.clone()));
+            }
+            spec.validate()?;
+            self.images.check_spec(spec)?;
+            let others = s.vms()?;
+            crate::images::check_taps(spec, others.iter().map(|r| &r.spec))?;
+            Ok(())
+        })
+    }
+
+    /// Defines the arriving VM, as the switch begins.
+    fn define_arrival(&self, a: &Arriving, actor: &str) -> Result<(), String> {
+        self.with_store(|s| -> super::Result<()> {
+            if s.vm(&a.spec.name)?.is_some() {
+                return Err(Error::Exists(a.spec.name.clone()));
+            }
+            s.create_vm(&a.spec, actor)?;
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// Refuses disks this host does not see as the source does: another file, or none.
@@ -201,6 +224,8 @@ impl Supervisor {
         };
         Ok(Arriving {
             name,
+            spec: spec.clone(),
+            defined: false,
             from: from.to_string(),
             memfd,
             pages: memory_bytes / PAGE as u64,
@@ -234,7 +259,11 @@ impl Supervisor {
                     })?;
                     received += pages.len() as u64;
                 }
-                Incoming::Text(Message::Stopping) => {}
+                // The source pauses the guest meanwhile.
+                Incoming::Text(Message::Stopping) => {
+                    self.define_arrival(a, actor)?;
+                    a.defined = true;
+                }
                 Incoming::Text(Message::State { state }) => {
                     let offered = a.offered.take().ok_or("a second state")?;
                     let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
@@ -258,12 +287,19 @@ impl Supervisor {
                     ready
                         .go()
                         .map_err(|e| format!("its VMM here did not take the go: {e}"))?;
+                    // The guest is this host's now (its disks' locks say so): the source
+                    // hears it first, the ledger after.
                     let pid = a.vmm.pid;
-                    self.wait_answering(&a.name, pid).await?;
+                    let _ = send(ws, &Message::Running { pid }).await;
                     self.watch(&a.name, a.vmm.clone());
-                    self.arrived(a, actor, received, began.elapsed())
-                        .map_err(|e| e.to_string())?;
-                    send(ws, &Message::Running { pid }).await?;
+                    if let Err(e) = self.wait_answering(&a.name, pid).await {
+                        tracing::warn!("VM {} migrated in: {e}", a.name);
+                    }
+                    self.migrations.arrived(&a.name);
+                    // Nothing after go may turn the VM away: it runs here.
+                    if let Err(e) = self.arrived(a, actor, received, began.elapsed()) {
+                        tracing::error!("recording VM {}'s arrival failed: {e}", a.name);
+                    }
                     return Ok(());
                 }
                 Incoming::Text(Message::Abort { why }) => {
@@ -340,13 +376,17 @@ impl Supervisor {
         let _ = a.vmm.kill(libc::SIGKILL);
         drop(a.ready);
         drop(a.offered);
-        self.forget_arrival(&a.name, actor, &a.from, why);
+        self.forget_arrival(&a.name, a.defined, actor, &a.from, why);
     }
 
-    fn forget_arrival(&self, name: &str, actor: &str, from: &str, why: &str) {
+    /// Forgets a VM that did not arrive (its definition too, when it was `defined`).
+    fn forget_arrival(&self, name: &str, defined: bool, actor: &str, from: &str, why: &str) {
+        self.migrations.arrived(name);
         self.forget_start(name);
         let _ = self.with_store(|s| -> super::Result<()> {
-            if s.vm(name)?.is_some_and(|r| r.state == VmState::Stopped) {
+            // Without its definition, its jail id is freed (no other VM of the name can
+            // have been made meanwhile: the name was claimed).
+            if defined || s.vm(name)?.is_none() {
                 s.delete_vm(name)?;
             }
             s.record(&NewEvent::host(

@@ -6,7 +6,6 @@
 //! its disks' locks.
 
 use std::fs::File;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,16 +13,15 @@ use std::time::{Duration, Instant};
 use api::control::{Request, Response};
 use api::migration::{MigrateRequest, MigrationPhase, MigrationProgress};
 use api::{Cause, VmState};
-use tokio_tungstenite::tungstenite;
-use tungstenite::protocol::WebSocketConfig;
 
+use super::migration_link::Link;
 use super::{Error, Result, Supervisor};
 use crate::ledger::NewEvent;
 use crate::migration::{self as wire, Message, Outgoing, BATCH_PAGES, PAGE};
 use crate::store::Transition;
 use crate::vmm_process::{self, RunDir};
 
-/// How long the source waits for the target at each step (its VMM's build included).
+/// How long the source waits for its VMM at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copy rounds after the first before a migration that does not converge gives up.
 const MAX_ROUNDS: u32 = 30;
@@ -31,8 +29,6 @@ const MAX_ROUNDS: u32 = 30;
 const STALLED_ROUNDS: u32 = 5;
 /// The budget's part kept for the state and the switch itself.
 const SWITCH_COST: Duration = Duration::from_millis(2);
-
-type Link = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
 fn migration_err(vm: &str, why: impl std::fmt::Display) -> Error {
     Error::Migration {
@@ -61,7 +57,36 @@ impl<E: std::fmt::Display> From<E> for Failed {
 struct Undo {
     tracking: bool,
     paused: bool,
+    /// When the guest paused (its ledger row is written once the switch is over).
+    paused_at_ms: Option<i64>,
     unlocked: bool,
+}
+
+/// The switch's steps and how long each took, for the progress (where the pause goes).
+struct Steps<'a> {
+    outgoing: &'a Outgoing,
+    last: Instant,
+}
+
+impl<'a> Steps<'a> {
+    fn new(outgoing: &'a Outgoing) -> Self {
+        outgoing.update(|p| p.switch_steps.clear());
+        Steps {
+            outgoing,
+            last: Instant::now(),
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        let ms = self.last.elapsed().as_secs_f64() * 1000.0;
+        self.last = Instant::now();
+        self.outgoing.update(|p| {
+            p.switch_steps.push(api::migration::MigrationStep {
+                step: step.to_string(),
+                ms,
+            })
+        });
+    }
 }
 
 impl Supervisor {
@@ -266,6 +291,19 @@ impl Supervisor {
         let mut undo = Undo::default();
         let pid = self.handle(name).map(|(h, _)| h.pid);
         let moved = self.move_out_steps(&vmm, name, outgoing, target, &mut undo);
+        if let Some(at) = undo.paused_at_ms {
+            let _ = self.transition(
+                name,
+                Transition {
+                    to: VmState::Paused,
+                    pid,
+                    cause: Cause::Maintenance,
+                    actor: "keel",
+                    detail: &format!("paused to migrate to {}", outgoing.progress().to),
+                    time_ms: Some(at),
+                },
+            );
+        }
         if let Err(failed) = &moved {
             // Back to running here, whatever step failed (each undo is for what was done).
             if undo.unlocked {
@@ -314,7 +352,7 @@ impl Supervisor {
             .ok_or("its VMM is not watched by this daemon")?;
         let disks = disk_proofs(&spec, &self.images)?;
         let _markers = Markers(disks.clone());
-        let mut link = connect(target)?;
+        let mut link = Link::connect(&target.addr, &target.fingerprint, &target.token)?;
         let memory = match vmm.ask(&Request::MigrationStart)? {
             Response::MigrationStarted(m) => m,
             other => return Err(unexpected(other).into()),
@@ -322,17 +360,14 @@ impl Supervisor {
         undo.tracking = true;
         let memfd = open_memfd(pid, memory.memfd, memory.memory_bytes)?;
         let pages = memory.memory_bytes / PAGE as u64;
-        send(
-            &mut link,
-            &Message::Hello {
-                version: wire::VERSION,
-                from: crate::health::hostname(),
-                spec: Box::new(spec),
-                memory_bytes: memory.memory_bytes,
-                disks,
-            },
-        )?;
-        let there = match receive(&mut link)? {
+        link.send(&Message::Hello {
+            version: wire::VERSION,
+            from: crate::health::hostname(),
+            spec: Box::new(spec),
+            memory_bytes: memory.memory_bytes,
+            disks,
+        })?;
+        let there = match link.receive()? {
             Message::Accepted { host } => host,
             Message::Refused { why } => return Err(format!("the target refused: {why}").into()),
             other => return Err(format!("the target answered {other:?}").into()),
@@ -404,23 +439,17 @@ impl Supervisor {
             return Err(cancelled());
         }
         outgoing.update(|p| p.phase = MigrationPhase::Switching);
-        send(sender.link, &Message::Stopping)?;
+        sender.link.send(&Message::Stopping)?;
         let stood_still = Instant::now();
+        let mut steps = Steps::new(outgoing);
         match vmm.ask(&Request::Pause)? {
             Response::Paused(_) => undo.paused = true,
             other => return Err(unexpected(other).into()),
         }
-        self.transition(
-            name,
-            Transition {
-                to: VmState::Paused,
-                pid: Some(pid),
-                cause: Cause::Maintenance,
-                actor: "keel",
-                detail: &format!("paused to migrate to {}", outgoing.progress().to),
-                time_ms: None,
-            },
-        )?;
+        // Recorded with the pause's time, once the switch is over: the store's commit waits
+        // for the disk, and the guest stands still meanwhile.
+        undo.paused_at_ms = Some(crate::time::now_ms());
+        steps.done("pause");
         let bitmap = match vmm.ask(&Request::DirtyPages)? {
             Response::DirtyPages { bitmap, .. } => bitmap,
             other => return Err(unexpected(other).into()),
@@ -428,19 +457,23 @@ impl Supervisor {
         for (word, last) in pending.iter_mut().zip(&bitmap) {
             *word |= last;
         }
+        steps.done("dirty log");
         sender.send_pages(wire::set_pages(&pending))?;
+        steps.done("last pages");
         let state = match vmm.ask(&Request::MachineState)? {
             Response::MachineState { state } => state,
             other => return Err(unexpected(other).into()),
         };
-        send(sender.link, &Message::State { state })?;
-        match receive(sender.link)? {
+        steps.done("state saved");
+        sender.link.send(&Message::State { state })?;
+        match sender.link.receive()? {
             Message::Ready => {}
             Message::Abort { why } | Message::Refused { why } => {
                 return Err(format!("the target gave up: {why}").into())
             }
             other => return Err(format!("the target answered {other:?}").into()),
         }
+        steps.done("target ready");
         if outgoing.is_cancelled() {
             return Err(cancelled());
         }
@@ -448,10 +481,14 @@ impl Supervisor {
             Response::Done => undo.unlocked = true,
             other => return Err(unexpected(other).into()),
         }
-        send(sender.link, &Message::Go)?;
+        steps.done("locks released");
+        sender.link.send(&Message::Go)?;
         // From here the target may run the guest: only the disks' locks tell.
-        match receive(sender.link) {
-            Ok(Message::Running { .. }) => Ok((stood_still.elapsed(), there)),
+        match sender.link.receive() {
+            Ok(Message::Running { .. }) => {
+                steps.done("target running");
+                Ok((stood_still.elapsed(), there))
+            }
             outcome => {
                 let why = match outcome {
                     Ok(other) => format!("the target answered {other:?} to go"),
@@ -571,105 +608,6 @@ fn open_memfd(pid: u32, fd: i32, memory_bytes: u64) -> std::result::Result<File,
     Ok(file)
 }
 
-/// A TLS WebSocket to the target's `GET /migrations/incoming`.
-fn connect(target: &Target) -> std::result::Result<Link, String> {
-    let seen = Arc::new(crate::tls::Seen::default());
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("setting up TLS: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(crate::tls::Pinned::new(
-            Some(target.fingerprint.clone()),
-            seen.clone(),
-        )))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let unreachable = |e: &dyn std::fmt::Display| {
-        format!("cannot reach the target at https://{} ({e})", target.addr)
-    };
-    let socket = target
-        .addr
-        .to_socket_addrs()
-        .map_err(|e| unreachable(&e))?
-        .next()
-        .ok_or_else(|| unreachable(&"no address"))?;
-    let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(10))
-        .map_err(|e| unreachable(&e))?;
-    tcp.set_nodelay(true).map_err(|e| unreachable(&e))?;
-    tcp.set_read_timeout(Some(STEP_TIMEOUT))
-        .map_err(|e| unreachable(&e))?;
-    let host = target
-        .addr
-        .rsplit_once(':')
-        .map_or(target.addr.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let server = rustls::pki_types::ServerName::try_from(host)
-        .map_err(|e| format!("'{}' does not name a host: {e}", target.addr))?;
-    let tls = rustls::ClientConnection::new(Arc::new(config), server)
-        .map_err(|e| format!("setting up TLS: {e}"))?;
-    let stream = rustls::StreamOwned::new(tls, tcp);
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "wss://{}/migrations/incoming",
-        target.addr
-    ))
-    .map_err(|e| e.to_string())?;
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", target.token)
-            .parse()
-            .map_err(|_| "the token is not a header value".to_string())?,
-    );
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(wire::MAX_MESSAGE))
-        .max_frame_size(Some(wire::MAX_MESSAGE));
-    match tungstenite::client::client_with_config(request, stream, Some(config)) {
-        Ok((link, _)) => Ok(link),
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            let message = serde_json::from_str::<api::ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or(body);
-            Err(format!(
-                "the target refused the migration (HTTP {}): {message}",
-                response.status().as_u16()
-            ))
-        }
-        Err(e) => match seen.fingerprint() {
-            Some(fp) if fp != target.fingerprint => Err(format!(
-                "the target's certificate is not the expected one: expected fingerprint {}, saw {fp}",
-                target.fingerprint
-            )),
-            _ => Err(unreachable(&e)),
-        },
-    }
-}
-
-fn send(link: &mut Link, message: &Message) -> std::result::Result<(), String> {
-    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-    link.send(tungstenite::Message::text(text))
-        .map_err(|e| format!("the link to the target broke ({e})"))
-}
-
-fn receive(link: &mut Link) -> std::result::Result<Message, String> {
-    loop {
-        match link.read() {
-            Ok(tungstenite::Message::Text(text)) => {
-                return serde_json::from_str(text.as_str())
-                    .map_err(|e| format!("the target sent {text:?} ({e})"))
-            }
-            Ok(tungstenite::Message::Close(_)) => return Err("the target closed the link".into()),
-            Ok(_) => continue,
-            Err(e) => return Err(format!("the link to the target broke ({e})")),
-        }
-    }
-}
-
 /// Sends guest pages from the memfd in batches, at most at the operator's rate.
 struct Sender<'a> {
     link: &'a mut Link,
@@ -753,9 +691,7 @@ impl Sender<'_> {
         let body = wire::encode_pages(&pages);
         let bytes = (self.batch.len() * PAGE) as u64;
         self.batch.clear();
-        self.link
-            .send(tungstenite::Message::binary(body))
-            .map_err(|e| format!("the link to the target broke ({e})"))?;
+        self.link.send_pages(body)?;
         self.sent += bytes;
         self.outgoing.update(|p| p.bytes_sent += bytes);
         if let Some(limit) = self.limit {

@@ -22,6 +22,7 @@ use crate::vmm_process::{self, ProcessEnd, ProcessHandle, RunDir};
 mod judge;
 mod migrate_in;
 mod migrate_out;
+mod migration_link;
 mod moves;
 mod recovery;
 mod snapshots;
@@ -250,7 +251,9 @@ impl Supervisor {
 
     pub fn create(&self, spec: &VmSpec, actor: &str) -> Result<VmRow> {
         spec.validate()?;
-        if self.with_store(|s| s.vm(&spec.name))?.is_some() {
+        if self.with_store(|s| s.vm(&spec.name))?.is_some()
+            || self.migrations.is_arriving(&spec.name)
+        {
             return Err(Error::Exists(spec.name.clone()));
         }
         // Disks cloned from library images are made first (milliseconds each), outside the

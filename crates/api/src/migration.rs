@@ -92,3 +92,5 @@ pub struct MigrationStep {
     pub step: String,
     pub ms: f64,
 }
+
+pub mod wire;

@@ -538,7 +538,7 @@ struct Markers(Vec<wire::DiskProof>);
 
 impl Drop for Markers {
     fn drop(&mut self) {
-        self.0.iter().for_each(wire::DiskProof::remove);
+        self.0.iter().for_each(wire::remove_proof);
     }
 }
 
@@ -580,7 +580,8 @@ fn disk_proofs(
             let file = images
                 .open("disk", &d.path, libc::O_RDONLY)
                 .map_err(|e| e.to_string())?;
-            wire::DiskProof::make(&file, &d.path).map_err(|e| e.to_string())
+            wire::make_proof(&file, &d.path)
+                .map_err(|e| format!("writing a marker beside {}: {e}", d.path))
         })
         .collect()
 }

@@ -5,10 +5,11 @@
 //!
 //! The modules hold the parts: [`stats`], [`serial`] and [`procfs`] are pure logic with unit
 //! tests; [`runner`] starts and times the VMMs; [`report`] prints the results. [`blk`] holds
-//! the parts of `devices`; [`tools`] finds or builds what every benchmark runs (probe, keel,
-//! QEMU).
+//! the parts of `devices`, [`moves`] and [`migrate`] those of the benchmarks of the same
+//! names; [`tools`] finds or builds what every benchmark runs (probe, keel, QEMU).
 
 pub mod blk;
+pub mod migrate;
 pub mod moves;
 pub mod procfs;
 pub mod report;

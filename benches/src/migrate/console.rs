@@ -1,0 +1,83 @@
+//! Reading the probe's console log: waiting for a line, and proving after a migration that
+//! the guest runs on the target with every page intact (see guest/probe/churn.c).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use super::lab::nap;
+
+/// The log from byte `from` on (lossy UTF-8; empty when it does not exist yet).
+pub fn read_from(path: &Path, from: usize) -> String {
+    let all = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(all.get(from..).unwrap_or_default()).into_owned()
+}
+
+/// The highest `PROBE churn tick N` in `text` (the last one: they count up), 0 when none.
+pub fn last_tick(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("PROBE churn tick "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Fails if the probe said a page was wrong.
+fn no_bad_check(text: &str, what: &str) -> Result<()> {
+    if let Some(line) = text.lines().find(|l| l.contains("PROBE churn check bad")) {
+        bail!("{what}: the guest found a wrong page: {line:?}");
+    }
+    Ok(())
+}
+
+/// Waits until the log holds `text` after byte `from`; the log from there.
+pub fn wait_for(
+    path: &Path,
+    text: &str,
+    from: usize,
+    limit: Duration,
+    what: &str,
+) -> Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let tail = read_from(path, from);
+        no_bad_check(&tail, what)?;
+        if tail.contains(text) {
+            return Ok(tail);
+        }
+        if Instant::now() > deadline {
+            let last: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!(
+                "{what}: no {text:?} in {} within {limit:?}; its last lines: {last:?}",
+                path.display()
+            );
+        }
+        nap(Duration::from_millis(5))?;
+    }
+}
+
+/// After a migration: the target's log (which begins at the switch) shows a churn tick
+/// numbered past `before` (the source's last one before the migration began), no page found
+/// wrong, and no new boot.
+pub fn runs_on(path: &Path, before: u64, limit: Duration, what: &str) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = read_from(path, 0);
+        no_bad_check(&text, what)?;
+        if text.contains("PROBE start") {
+            bail!("{what}: the guest booted again on the target");
+        }
+        if last_tick(&text) > before {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: no churn tick after {before} in {} within {limit:?}: {:?}",
+                path.display(),
+                text.lines().rev().take(5).collect::<Vec<_>>()
+            );
+        }
+        nap(Duration::from_millis(5))?;
+    }
+}

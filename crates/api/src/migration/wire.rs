@@ -101,8 +101,12 @@ pub enum Message {
     State {
         state: serde_json::Value,
     },
-    /// The target's VMM has built the guest, paused.
-    Ready,
+    /// The target's VMM has built the guest, paused; it took this long from the state's
+    /// arrival at the target's daemon.
+    Ready {
+        #[serde(default)]
+        build_ms: f64,
+    },
     Go,
     /// The guest runs on the target.
     Running {

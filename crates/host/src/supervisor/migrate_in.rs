@@ -265,6 +265,7 @@ impl Supervisor {
                     a.defined = true;
                 }
                 Incoming::Text(Message::State { state }) => {
+                    let came = Instant::now();
                     let offered = a.offered.take().ok_or("a second state")?;
                     let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
                     let ready = tokio::task::block_in_place(|| offered.send_state_and_wait(&body))
@@ -275,7 +276,8 @@ impl Supervisor {
                             )
                         })?;
                     a.ready = Some(ready);
-                    send(ws, &Message::Ready).await?;
+                    let build_ms = came.elapsed().as_secs_f64() * 1000.0;
+                    send(ws, &Message::Ready { build_ms }).await?;
                 }
                 Incoming::Text(Message::Go) => {
                     let ready = a.ready.take().ok_or("go before the state")?;

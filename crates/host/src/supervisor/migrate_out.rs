@@ -25,6 +25,8 @@ use crate::vmm_process::{self, RunDir};
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copy rounds after the first before a migration that does not converge gives up.
 const MAX_ROUNDS: u32 = 30;
+/// So few pages written in a round that the switch takes them without another round.
+const FEW_PAGES: u64 = 64;
 /// Rounds in a row that send no less than the best one before a migration gives up.
 const STALLED_ROUNDS: u32 = 5;
 /// The budget's part kept for the state and the switch itself.
@@ -75,6 +77,17 @@ impl<'a> Steps<'a> {
             outgoing,
             last: Instant::now(),
         }
+    }
+
+    /// A step of which `part_ms` was spent on `part` (as the other side measured it).
+    fn done_split(&mut self, step: &str, part: &str, part_ms: f64) {
+        self.done(step);
+        self.outgoing.update(|p| {
+            p.switch_steps.push(api::migration::MigrationStep {
+                step: format!("{step}: {part}"),
+                ms: part_ms,
+            })
+        });
     }
 
     fn done(&mut self, step: &str) {
@@ -386,7 +399,7 @@ impl Supervisor {
         let mut last_reading = Instant::now();
         sender.send_extents(pages)?;
         let mut bandwidth = sender.rate();
-        let (mut fewest, mut stalled) = (u64::MAX, 0);
+        let (mut fewest, mut stalled, mut previous) = (u64::MAX, 0, u64::MAX);
         // The last reading of the log, whose pages go with the switch's.
         let mut pending: Vec<u64>;
         loop {
@@ -410,11 +423,14 @@ impl Supervisor {
                 p.expected_downtime_ms = expected.as_secs_f64() * 1000.0;
                 p.elapsed_ms = begun.elapsed().as_secs_f64() * 1000.0;
             });
-            if expected <= target.max_downtime {
+            // Within the budget, one more round while the rest still halves: what is left
+            // crosses while the guest stands still.
+            if expected <= target.max_downtime && (dirty <= FEW_PAGES || dirty * 2 > previous) {
                 // The log was read (and cleared): its pages cross with the switch's.
                 pending = bitmap;
                 break;
             }
+            previous = dirty;
             // Rounds that leave no less to send than the best one so far do not converge.
             if dirty < fewest {
                 fewest = dirty;
@@ -458,22 +474,24 @@ impl Supervisor {
             *word |= last;
         }
         steps.done("dirty log");
+        // The VMM saves the state while the last pages go (they stand still: it is paused).
+        let state = vmm.ask_ahead(Request::MachineState);
         sender.send_pages(wire::set_pages(&pending))?;
         steps.done("last pages");
-        let state = match vmm.ask(&Request::MachineState)? {
+        let state = match vmm.wait(state)? {
             Response::MachineState { state } => state,
             other => return Err(unexpected(other).into()),
         };
         steps.done("state saved");
         sender.link.send(&Message::State { state })?;
-        match sender.link.receive()? {
-            Message::Ready => {}
+        let target_build = match sender.link.receive()? {
+            Message::Ready { build_ms } => build_ms,
             Message::Abort { why } | Message::Refused { why } => {
                 return Err(format!("the target gave up: {why}").into())
             }
             other => return Err(format!("the target answered {other:?}").into()),
-        }
-        steps.done("target ready");
+        };
+        steps.done_split("target ready", "of which its VMM's build", target_build);
         if outgoing.is_cancelled() {
             return Err(cancelled());
         }
@@ -552,12 +570,31 @@ struct Target {
 }
 
 /// The VMM's control socket, from the blocking thread.
+/// A request to the VMM under way.
+struct Asked(tokio::task::JoinHandle<std::result::Result<Response, String>>);
+
 struct Vmm<'a> {
     runtime: &'a tokio::runtime::Handle,
     run_dir: &'a RunDir,
 }
 
 impl Vmm<'_> {
+    /// Asks `request` on the runtime and returns at once; the answer is [`Asked::wait`]ed.
+    fn ask_ahead(&self, request: Request) -> Asked {
+        let run_dir = self.run_dir.clone();
+        Asked(self.runtime.spawn(async move {
+            vmm_process::control_large(&run_dir, &request, STEP_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    fn wait(&self, asked: Asked) -> std::result::Result<Response, String> {
+        self.runtime
+            .block_on(asked.0)
+            .map_err(|e| format!("asking the VMM failed: {e}"))?
+    }
+
     fn ask(&self, request: &Request) -> std::result::Result<Response, String> {
         self.runtime
             .block_on(vmm_process::control_large(

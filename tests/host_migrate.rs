@@ -3,7 +3,8 @@
 //! writing disk records and churning its memory moves from one to the other and loses
 //! nothing; a target that cannot see a disk refuses before anything is sent; a guest that
 //! writes faster than the link carries does not converge; an operator cancels; the target's
-//! VMM or daemon killed, or the link cut, mid-copy leave the VM running on the source. The ledgers and the SLA
+//! VMM or daemon killed, or the link cut, mid-copy leave the VM running on the source; a link
+//! lost at the switch leaves it running exactly once, where the disks' locks say. The ledgers and the SLA
 //! report show each move.
 
 mod common;
@@ -385,6 +386,46 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         churned["bytes_sent"].as_f64().unwrap() / 1048576.0,
         churned["downtime_ms"].as_f64().unwrap()
     );
+
+    // The link drops at go, before the target took the disks: the source takes its locks
+    // back, so the guest is still its own, and resumes it. Then at the target's answer that
+    // it runs the guest: the source cannot take the locks back, so the guest is the
+    // target's. Either way it runs exactly once, and its records verify.
+    let disk5 = source.images().join("records5.raw");
+    raw_disk(&disk5);
+    create(
+        source,
+        "m5",
+        "probe.blk_records=400 probe.blk_nodiscard",
+        Some(&disk5),
+    );
+    source.ok(&["vm", "start", "m5"]);
+    let log5 = console_log(source, "m5");
+    wait_for_output(&log5, "PROBE acked 20\n", 0, TIMEOUT);
+    let drop_at = target.state_dir.join("test-migration-drop");
+    std::fs::write(&drop_at, "go").unwrap();
+    let out = migrate(source, &h.to, "m5", &[]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("dropped at go"), "{said}");
+    assert_eq!(source.state("m5"), "running");
+    assert!(target.fails(&["vm", "show", "m5"]).contains("no VM named"));
+    let mark = std::fs::read_to_string(&log5).unwrap().len();
+    wait_for_output(&log5, "PROBE acked", mark, TIMEOUT);
+    std::fs::write(&drop_at, "running").unwrap();
+    let out = migrate(source, &h.to, "m5", &[]);
+    let said = text(&out);
+    std::fs::remove_file(&drop_at).unwrap();
+    assert!(out.status.success(), "{said}");
+    assert!(source.fails(&["vm", "show", "m5"]).contains("no VM named"));
+    assert_eq!(target.state("m5"), "running");
+    let there = wait_for_output(
+        &console_log(target, "m5"),
+        "PROBE blk_verify ok 400",
+        0,
+        TIMEOUT,
+    );
+    assert!(!there.contains("PROBE start"), "{there}");
 
     // A target that does not see a disk refuses before anything is sent; the VM runs on.
     let local = only_source.join("local.raw");

@@ -66,8 +66,10 @@ impl Supervisor {
         match self.arrive(&mut ws, &mut arriving, &actor).await {
             Ok(()) => {}
             Err(why) => {
-                let _ = send(&mut ws, &Message::Abort { why: why.clone() }).await;
-                self.turn_away(arriving, &actor, &why);
+                // Its VMM ends and the disks' locks go before the source hears: after go,
+                // the source takes the locks back to learn that the guest is still its own.
+                self.turn_away(arriving, &actor, &why).await;
+                let _ = send(&mut ws, &Message::Abort { why }).await;
             }
         }
     }
@@ -102,8 +104,13 @@ impl Supervisor {
         self.check_definition(&spec).map_err(|e| e.to_string())?;
         // The VM is defined here only when the switch begins: a daemon that dies during the
         // copy leaves no definition behind. Meanwhile its name is claimed.
-        if !self.migrations.arrive(&name) {
-            return Err(format!("a VM named '{name}' is arriving already"));
+        // A previous attempt of the same VM may still be ending (its VMM being killed).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.migrations.arrive(&name) {
+            if Instant::now() >= deadline {
+                return Err(format!("a VM named '{name}' is arriving already"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         match self.start_arrival(&spec, &from, memory_bytes).await {
             Ok(a) => Ok(a),
@@ -280,6 +287,9 @@ impl Supervisor {
                     send(ws, &Message::Ready { build_ms }).await?;
                 }
                 Incoming::Text(Message::Go) => {
+                    if self.test_drop_at("go") {
+                        return Err("the link dropped at go (a test's doing)".into());
+                    }
                     let ready = a.ready.take().ok_or("go before the state")?;
                     for (files, read_only) in &a.disks {
                         files.lock(*read_only).map_err(|e| {
@@ -292,7 +302,9 @@ impl Supervisor {
                     // The guest is this host's now (its disks' locks say so): the source
                     // hears it first, the ledger after.
                     let pid = a.vmm.pid;
-                    let _ = send(ws, &Message::Running { pid }).await;
+                    if !self.test_drop_at("running") {
+                        let _ = send(ws, &Message::Running { pid }).await;
+                    }
                     self.watch(&a.name, a.vmm.clone());
                     if let Err(e) = self.wait_answering(&a.name, pid).await {
                         tracing::warn!("VM {} migrated in: {e}", a.name);
@@ -310,6 +322,20 @@ impl Supervisor {
                 Incoming::Text(other) => return Err(format!("unexpected {other:?}")),
             }
         }
+    }
+
+    /// Debug builds: a whole-system test makes this daemon drop a migration's link at a
+    /// step (`go`: on the source's go, before anything; `running`: the guest runs here but
+    /// the source is not told) named in `STATE/test-migration-drop`.
+    #[cfg(debug_assertions)]
+    fn test_drop_at(&self, step: &str) -> bool {
+        std::fs::read_to_string(self.state_dir.join("test-migration-drop"))
+            .is_ok_and(|s| s.trim() == step)
+    }
+
+    #[cfg(not(debug_assertions))]
+    fn test_drop_at(&self, _step: &str) -> bool {
+        false
     }
 
     /// The last line the VMM logged, for an error (its run directory goes with the VM).
@@ -374,11 +400,17 @@ impl Supervisor {
     }
 
     /// The VM did not come: its VMM here is killed and its definition forgotten.
-    fn turn_away(&self, a: Arriving, actor: &str, why: &str) {
+    async fn turn_away(&self, a: Arriving, actor: &str, why: &str) {
         let _ = a.vmm.kill(libc::SIGKILL);
-        drop(a.ready);
-        drop(a.offered);
-        self.forget_arrival(&a.name, a.defined, actor, &a.from, why);
+        // Its descriptors (and with them the disks' locks) close when it has ended.
+        let _ = tokio::time::timeout(START_TIMEOUT, a.vmm.wait()).await;
+        let Arriving {
+            name,
+            from,
+            defined,
+            ..
+        } = a;
+        self.forget_arrival(&name, defined, actor, &from, why);
     }
 
     /// Forgets a VM that did not arrive (its definition too, when it was `defined`).

@@ -501,6 +501,8 @@ impl Supervisor {
         }
         steps.done("locks released");
         sender.link.send(&Message::Go)?;
+        // After go the target decides by the disks' locks; an abort would say nothing more.
+        sender.link.finish();
         // From here the target may run the guest: only the disks' locks tell.
         match sender.link.receive() {
             Ok(Message::Running { .. }) => {

@@ -42,10 +42,26 @@ impl Deadline {
 pub struct Link {
     socket: Socket,
     deadline: Arc<Deadline>,
+    /// The target heard how it ended (or has the guest): nothing to say on the way out.
+    finished: bool,
 }
 
 impl Drop for Link {
+    /// A migration that ends without moving the VM tells the target, which then lets its
+    /// VMM go at once instead of waiting for a silent link to time out.
     fn drop(&mut self) {
+        if !self.finished {
+            let abort = Message::Abort {
+                why: "the source ended the migration (its progress says why)".into(),
+            };
+            // At most a second for it: the link may be what failed.
+            self.deadline.arm(Duration::from_secs(1));
+            if let Ok(text) = serde_json::to_string(&abort) {
+                let _ = self.socket.send(tungstenite::Message::text(text));
+            }
+            let _ = self.socket.close(None);
+            let _ = self.socket.flush();
+        }
         self.deadline.done.store(true, Ordering::Release);
     }
 }
@@ -115,7 +131,11 @@ impl Link {
         let connected = tungstenite::client::client_with_config(request, stream, Some(ws_config));
         deadline.disarm();
         match connected {
-            Ok((socket, _)) => Ok(Link { socket, deadline }),
+            Ok((socket, _)) => Ok(Link {
+                socket,
+                deadline,
+                finished: false,
+            }),
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
                 let body = response
                     .body()
@@ -153,6 +173,11 @@ impl Link {
         let sent = self.socket.send(tungstenite::Message::binary(batch));
         self.deadline.disarm();
         sent.map_err(broke)
+    }
+
+    /// The target has the guest (or heard the end): nothing more to tell it.
+    pub fn finish(&mut self) {
+        self.finished = true;
     }
 
     /// The target's next message.

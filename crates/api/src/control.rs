@@ -85,6 +85,11 @@ pub enum Response {
         bitmap: Vec<u64>,
     },
     MigrationStarted(MigrationStart),
+    /// `disk-locks {held: true}` found the first writable disk locked by another VMM (a
+    /// migration's target that took the guest): nothing was taken.
+    LockedElsewhere {
+        message: String,
+    },
     /// The VM's state as the VMM saves it (opaque to the daemon, which forwards it).
     MachineState {
         state: serde_json::Value,

@@ -13,7 +13,8 @@
 //! 1. the new VMM builds the rest of the VM from the state, paused, and answers `ready` (or
 //!    nothing: then the old one resumes the guest and goes on);
 //! 2. the old one answers `go` and ends without touching anything the new one uses; the new
-//!    one starts the vCPUs only on `go` (on anything else it ends, having run nothing).
+//!    one starts the vCPUs only on `go` (on anything else it ends, having run nothing), then
+//!    says `running` (which a migration's target daemon waits for; an old VMM has gone).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -159,11 +160,20 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// Lets the new VMM run the guest.
+    /// Lets the new VMM run the guest, and waits for its word that its vCPUs run.
     pub fn go(self) -> Result<(), Error> {
         (&self.link)
             .write_all(b"go\n")
-            .map_err(io("telling the new VMM to go"))
+            .map_err(io("telling the new VMM to go"))?;
+        let mut line = String::new();
+        BufReader::new(&self.link)
+            .read_line(&mut line)
+            .map_err(io("waiting for the new VMM to run"))?;
+        match line.trim_end() {
+            "running" => Ok(()),
+            "" => Err(Error::Refused("it ended after go without running".into())),
+            other => Err(Error::Refused(other.to_string())),
+        }
     }
 }
 
@@ -291,6 +301,11 @@ impl Offered {
 }
 
 impl Incoming {
+    /// Says the guest runs here (after `go`): best effort, since an old VMM ends at once.
+    pub fn running(&self) {
+        let _ = (&self.link).write_all(b"running\n");
+    }
+
     /// The VM is built (paused): tells the old VMM and waits for its `go`. An error means the
     /// guest stays the old VMM's: this process must end without running it.
     pub fn ready(&self) -> Result<(), Error> {

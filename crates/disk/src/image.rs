@@ -351,6 +351,16 @@ impl Image {
         }
     }
 
+    /// Writes what the driver keeps in memory (qcow2's table caches) into the file, without
+    /// syncing it: another process opening the same file (a new VMM taking the disk over, a
+    /// snapshot's copy) then reads the image as this one sees it. Raw images keep nothing.
+    pub fn write_back(&self) -> io::Result<()> {
+        match self {
+            Image::Raw(_) => Ok(()),
+            Image::Qcow2(q) => q.write_back(),
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
         match self {

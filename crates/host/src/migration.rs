@@ -21,7 +21,17 @@ pub fn make_proof(file: &std::fs::File, path: &str) -> std::io::Result<DiskProof
         return Err(std::io::Error::last_os_error());
     }
     let marker = hex::encode(nonce);
-    std::fs::write(marker_path(path), &marker)?;
+    // Not through a link someone planted in the image directory (the daemon is root).
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(marker_path(path))?
+        .write_all(marker.as_bytes())?;
     Ok(DiskProof {
         path: path.to_string(),
         size,
@@ -70,12 +80,11 @@ impl Migrations {
         self.outgoing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Claims `vm`'s name for a VM arriving; false if one of that name is arriving already.
+    /// Claims `vm`'s name for a VM arriving; false while another VM arrives (one at a time:
+    /// an arrival's memory is not counted against the host's capacity until it is defined).
     pub fn arrive(&self, vm: &str) -> bool {
-        self.arriving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(vm.to_string())
+        let mut arriving = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
+        arriving.is_empty() && arriving.insert(vm.to_string())
     }
 
     /// Whether a VM of that name is arriving.

@@ -233,6 +233,8 @@ pub struct Controller {
     state: RunState,
     /// KVM logs the pages the guest writes.
     dirty_logging: bool,
+    /// The disks' locks were given up (a migration's switch) and not taken back.
+    disks_released: bool,
     /// When the last vCPU stopped, while paused.
     paused_at: Option<Instant>,
     machine: Option<Machine>,
@@ -248,6 +250,7 @@ impl Controller {
             power_button_presses: 0,
             state: RunState::Booting,
             dirty_logging: false,
+            disks_released: false,
             paused_at: None,
             machine: None,
             counters: Default::default(),
@@ -356,7 +359,15 @@ impl Controller {
                 return Response::Error { message };
             }
         }
-        let written = self.write_snapshot(name);
+        // The daemon copies the disks once this answers (qcow2's tables must be in the file).
+        let written = match self
+            .machine
+            .as_ref()
+            .map(|m| m.devices.write_back_disks(false))
+        {
+            Some(Err(e)) => Err(e),
+            _ => self.write_snapshot(name),
+        };
         // The files hold their contents in the page cache now: the guest runs on while they
         // are synced, and the answer waits for the sync.
         let paused_us = if was_running && !stay_paused {
@@ -485,6 +496,23 @@ impl Controller {
     }
 
     fn resume(&mut self) -> Response {
+        // Disks given up for a migration are taken back first: if another VMM holds them,
+        // the guest may be running there, and must not run here too.
+        if self.disks_released {
+            match self.disk_locks(true) {
+                Response::Done => {}
+                Response::LockedElsewhere { message } | Response::Error { message } => {
+                    return Response::Error {
+                        message: format!("not resumed: its disks' locks were given up for a migration and cannot be taken back ({message}); the guest may run on the migration's target"),
+                    }
+                }
+                other => {
+                    return Response::Error {
+                        message: format!("not resumed: taking the disks' locks back answered {other:?}"),
+                    }
+                }
+            }
+        }
         let Some(p) = &self.machine else {
             return Response::Error {
                 message: "this VMM cannot pause its VM".into(),

@@ -10,6 +10,8 @@ pub fn hand_over_machine(
     outgoing: Outgoing,
     machine: &crate::control::Machine,
 ) -> Result<(), String> {
+    // The new VMM reads the disks' qcow2 tables from their files.
+    machine.devices.write_back_disks(false)?;
     let state = crate::snapshot::machine_state(machine).map_err(|e| e.to_string())?;
     let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
     outgoing.hand_over(&body).map_err(|e| e.to_string())

@@ -64,6 +64,8 @@ pub struct VirtioDevices {
     counters: DeviceCounters,
     /// Each disk's files (shared descriptions, with their locks), kept to hand over.
     disk_files: Vec<disk::ImageFiles>,
+    /// Each disk's image as its device serves it.
+    disk_images: Vec<Arc<disk::Image>>,
 }
 
 /// The devices' counters, shared with the thread that answers `metrics` requests.
@@ -129,6 +131,7 @@ impl VirtioDevices {
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         let mut counters = DeviceCounters::default();
         let mut disk_files = Vec::new();
+        let mut disk_images = Vec::new();
         for (i, (d, files)) in config.disks.iter().zip(disks).enumerate() {
             disk_files.push(files.try_clone().map_err(|e| Error::Setup {
                 index: i,
@@ -153,6 +156,7 @@ impl VirtioDevices {
                 );
             }
             counters.disks.push(block.stats());
+            disk_images.push(block.image());
             devices.push(Box::new(block));
         }
         for (n, tap) in config.nets.iter().zip(taps) {
@@ -202,6 +206,7 @@ impl VirtioDevices {
             slots,
             counters,
             disk_files,
+            disk_images,
         })
     }
 
@@ -294,10 +299,31 @@ impl VirtioDevices {
         (taps, disks)
     }
 
+    /// Writes every disk's cached metadata into its file (`sync`: and syncs it), with the
+    /// devices quiet: before another process opens the disks (a new VMM, a migration's
+    /// target) or copies them (a snapshot).
+    pub fn write_back_disks(&self, sync: bool) -> Result<(), String> {
+        for (image, files) in self.disk_images.iter().zip(&self.disk_files) {
+            let done = if sync {
+                image.flush()
+            } else {
+                image.write_back()
+            };
+            done.map_err(|e| format!("writing disk {} back: {e}", files.path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Takes or releases the locks on every disk's files (`read_only` per disk, in order):
     /// a VM migrating away gives them to the VMM that takes it over.
+    ///
+    /// The first writable disk is taken first: it is the arbiter of which VMM runs a
+    /// migrating guest (its exclusive lock admits one), and the daemon of a migration's
+    /// target takes it first too. When another holds it nothing else is taken.
     pub fn disk_locks(&self, held: bool, read_only: &[bool]) -> Result<(), disk::image::Error> {
-        for (i, files) in self.disk_files.iter().enumerate() {
+        let order = arbiter_first(read_only, self.disk_files.len());
+        for i in order {
+            let files = &self.disk_files[i];
             if held {
                 files.lock(read_only.get(i).copied().unwrap_or(false))?;
             } else {
@@ -408,5 +434,28 @@ impl MutEventSubscriber for QueueHandler {
             let _ = evt.read();
         }
         lock(&self.transport).process_queue(index);
+    }
+}
+
+/// The order in which a VM's `count` disks are locked: the first writable one (the arbiter
+/// of a migration), then the others in order.
+pub fn arbiter_first(read_only: &[bool], count: usize) -> Vec<usize> {
+    let first = (0..count).find(|&i| !read_only.get(i).copied().unwrap_or(false));
+    first
+        .into_iter()
+        .chain((0..count).filter(move |&i| Some(i) != first))
+        .collect()
+}
+
+#[cfg(test)]
+mod lock_order_tests {
+    use super::arbiter_first;
+
+    #[test]
+    fn the_first_writable_disk_is_locked_first() {
+        assert_eq!(arbiter_first(&[true, false, false], 3), vec![1, 0, 2]);
+        assert_eq!(arbiter_first(&[false, true], 2), vec![0, 1]);
+        assert_eq!(arbiter_first(&[true, true], 2), vec![0, 1]);
+        assert!(arbiter_first(&[], 0).is_empty());
     }
 }

@@ -395,6 +395,10 @@ pub(crate) fn run_with(
         Some(_) if exit.is_reported() => {
             Err(Error::TakeoverAborted("a vCPU could not be set up".into()))
         }
+        // Never say ready for a guest this VMM would then not run.
+        Some(_) if filtered.is_err() => Err(Error::TakeoverAborted(
+            "the event loop's seccomp filter could not be installed".into(),
+        )),
         Some(takeover) => takeover.switch(),
         None => Ok(()),
     };
@@ -404,6 +408,11 @@ pub(crate) fn run_with(
     shared.go.wait();
     filtered?;
     started?;
+    // The vCPUs run: whoever offered the guest hears it (a migration's target daemon waits
+    // for this before it tells the source).
+    if let Some(takeover) = restore.as_ref().and_then(|r| r.takeover.as_ref()) {
+        takeover.incoming.running();
+    }
     // A restored VM's devices were left paused: they serve every queue once now, since the
     // guest's notifications before the snapshot may have been suppressed.
     if restore.is_some() {

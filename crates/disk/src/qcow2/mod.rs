@@ -322,6 +322,13 @@ impl Qcow2Disk {
         access.writev(IoVector::from(slices), offset)
     }
 
+    /// Writes the driver's caches into the file (each table after what it depends on)
+    /// without syncing it: another process opening the file then reads the image as this
+    /// one sees it.
+    pub fn write_back(&self) -> io::Result<()> {
+        self.shared().flush()
+    }
+
     /// Makes every write before it durable and reachable: the driver's caches are written
     /// (each table after what it depends on, see [`storage`]), then the file is synced.
     pub fn flush(&self) -> io::Result<()> {

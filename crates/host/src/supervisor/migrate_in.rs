@@ -99,16 +99,23 @@ impl Supervisor {
             ));
         }
         let name = spec.name.clone();
-        self.check_disks(&spec, &disks)?;
-        self.check_capacity(&spec).map_err(|e| e.to_string())?;
-        self.check_definition(&spec).map_err(|e| e.to_string())?;
+        let from = printable(&from, 100);
+        // Files on shared storage and the store: off the async workers.
+        tokio::task::block_in_place(|| -> Result<(), String> {
+            self.check_disks(&spec, &disks)?;
+            self.check_capacity(&spec).map_err(|e| e.to_string())?;
+            self.check_definition(&spec).map_err(|e| e.to_string())
+        })?;
         // The VM is defined here only when the switch begins: a daemon that dies during the
         // copy leaves no definition behind. Meanwhile its name is claimed.
         // A previous attempt of the same VM may still be ending (its VMM being killed).
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.migrations.arrive(&name) {
             if Instant::now() >= deadline {
-                return Err(format!("a VM named '{name}' is arriving already"));
+                return Err(
+                    "another VM is arriving on this host; one migration comes in at a time"
+                        .to_string(),
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -195,7 +202,8 @@ impl Supervisor {
         let name = spec.name.clone();
         let memfd = new_memfd(memory_bytes)?;
         let disks =
-            vmm_process::open_disks_unlocked(spec, &self.images).map_err(|e| e.to_string())?;
+            tokio::task::block_in_place(|| vmm_process::open_disks_unlocked(spec, &self.images))
+                .map_err(|e| e.to_string())?;
         let run_dir = self.run_dir(&name);
         let socket = run_dir.file(api::control::files::TAKEOVER_SOCKET);
         let jail = self.jail_for(&name, spec).map_err(|e| e.to_string())?;
@@ -268,10 +276,13 @@ impl Supervisor {
                 }
                 // The source pauses the guest meanwhile.
                 Incoming::Text(Message::Stopping) => {
-                    self.define_arrival(a, actor)?;
+                    tokio::task::block_in_place(|| self.define_arrival(a, actor))?;
                     a.defined = true;
                 }
                 Incoming::Text(Message::State { state }) => {
+                    if !a.defined {
+                        return Err("the state came before stopping".into());
+                    }
                     let came = Instant::now();
                     let offered = a.offered.take().ok_or("a second state")?;
                     let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
@@ -291,14 +302,20 @@ impl Supervisor {
                         return Err("the link dropped at go (a test's doing)".into());
                     }
                     let ready = a.ready.take().ok_or("go before the state")?;
-                    for (files, read_only) in &a.disks {
-                        files.lock(*read_only).map_err(|e| {
+                    // The first writable disk first: the arbiter, as the source's VMM
+                    // takes it first when it takes its locks back.
+                    let arbiter = a.disks.iter().position(|(_, read_only)| !read_only);
+                    let order = arbiter
+                        .into_iter()
+                        .chain((0..a.disks.len()).filter(|&i| Some(i) != arbiter));
+                    for i in order {
+                        let (files, read_only) = &a.disks[i];
+                        tokio::task::block_in_place(|| files.lock(*read_only)).map_err(|e| {
                             format!("its disk is still in use (the source's VMM holds it?): {e}")
                         })?;
                     }
-                    ready
-                        .go()
-                        .map_err(|e| format!("its VMM here did not take the go: {e}"))?;
+                    tokio::task::block_in_place(|| ready.go())
+                        .map_err(|e| format!("its VMM here did not run the guest: {e}"))?;
                     // The guest is this host's now (its disks' locks say so): the source
                     // hears it first, the ledger after.
                     let pid = a.vmm.pid;
@@ -317,9 +334,14 @@ impl Supervisor {
                     return Ok(());
                 }
                 Incoming::Text(Message::Abort { why }) => {
-                    return Err(format!("the source gave up: {why}"))
+                    return Err(format!("the source gave up: {}", printable(&why, 300)))
                 }
-                Incoming::Text(other) => return Err(format!("unexpected {other:?}")),
+                Incoming::Text(other) => {
+                    return Err(format!(
+                        "the source sent {}",
+                        printable(&format!("{other:?}"), 100)
+                    ))
+                }
             }
         }
     }
@@ -341,7 +363,6 @@ impl Supervisor {
     /// The last line the VMM logged, for an error (its run directory goes with the VM).
     fn vmm_said(&self, name: &str) -> String {
         let log = self.run_dir(name).file(api::control::files::VMM_LOG);
-        std::thread::sleep(Duration::from_millis(20));
         std::fs::read_to_string(log)
             .ok()
             .and_then(|t| {
@@ -472,7 +493,7 @@ async fn receive(ws: &mut WebSocket) -> Result<Incoming, String> {
             Some(Ok(WsMessage::Text(text))) => {
                 return serde_json::from_str(text.as_str())
                     .map(Incoming::Text)
-                    .map_err(|e| format!("the source sent {text:?} ({e})"))
+                    .map_err(|e| format!("the source sent {} ({e})", printable(&text, 100)))
             }
             Some(Ok(WsMessage::Binary(bytes))) => return Ok(Incoming::Pages(bytes.to_vec())),
             Some(Ok(WsMessage::Close(_))) | None => return Err("the source closed the link".into()),
@@ -487,4 +508,18 @@ async fn send(ws: &mut WebSocket, message: &Message) -> Result<(), String> {
     ws.send(WsMessage::Text(text.into()))
         .await
         .map_err(|e| format!("the link to the source broke ({e})"))
+}
+
+/// At most `max` characters of what the source sent, control characters replaced: it goes
+/// into this host's ledger, and the source is not trusted.
+fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().count() > max {
+        out.push_str("...");
+    }
+    out
 }

@@ -319,31 +319,52 @@ impl Supervisor {
         }
         if let Err(failed) = &moved {
             // Back to running here, whatever step failed (each undo is for what was done).
+            let mut left_paused = None;
             if undo.unlocked {
-                if let Err(e) = vmm.ask(&Request::DiskLocks { held: true }) {
-                    return Err(Failed {
-                        why: format!("{}; then taking the disks' locks back failed ({e}): the VM is left paused here, and may run on the target: check it there before resuming it here", failed.why),
-                        cancelled: failed.cancelled,
-                    });
+                match vmm.ask(&Request::DiskLocks { held: true }) {
+                    Ok(Response::Done) => {}
+                    other => {
+                        left_paused = Some(format!(
+                            "{}; then taking the disks' locks back failed ({}): the VM is left paused here, and may run on the target: check it there before resuming it here",
+                            failed.why,
+                            answer_text(other)
+                        ))
+                    }
                 }
             }
-            if undo.paused {
-                let _ = vmm.ask(&Request::Resume);
-                // The daemon's record of the pause ends with the resume.
-                let _ = self.transition(
-                    name,
-                    Transition {
-                        to: VmState::Running,
-                        pid,
-                        cause: Cause::Maintenance,
-                        actor: "keel",
-                        detail: "resumed here: the migration did not complete",
-                        time_ms: None,
-                    },
-                );
+            if undo.paused && left_paused.is_none() {
+                match vmm.ask(&Request::Resume) {
+                    Ok(Response::Resumed(_)) => {
+                        // The daemon's record of the pause ends with the resume.
+                        let _ = self.transition(
+                            name,
+                            Transition {
+                                to: VmState::Running,
+                                pid,
+                                cause: Cause::Maintenance,
+                                actor: "keel",
+                                detail: "resumed here: the migration did not complete",
+                                time_ms: None,
+                            },
+                        );
+                    }
+                    other => {
+                        left_paused = Some(format!(
+                            "{}; then resuming it here failed ({}): the VM is left paused (keel vm resume tries again)",
+                            failed.why,
+                            answer_text(other)
+                        ))
+                    }
+                }
             }
             if undo.tracking {
                 let _ = vmm.ask(&Request::DirtyLog { on: false });
+            }
+            if let Some(why) = left_paused {
+                return Err(Failed {
+                    why,
+                    cancelled: failed.cancelled,
+                });
             }
         }
         moved
@@ -500,11 +521,12 @@ impl Supervisor {
             other => return Err(unexpected(other).into()),
         }
         steps.done("locks released");
-        sender.link.send(&Message::Go)?;
+        // From here the target may run the guest (a go that failed to send may still have
+        // reached it): only the disks' locks tell.
+        let go = sender.link.send(&Message::Go);
         // After go the target decides by the disks' locks; an abort would say nothing more.
         sender.link.finish();
-        // From here the target may run the guest: only the disks' locks tell.
-        match sender.link.receive() {
+        match go.and_then(|()| sender.link.receive()) {
             Ok(Message::Running { .. }) => {
                 steps.done("target running");
                 Ok((stood_still.elapsed(), there))
@@ -514,23 +536,35 @@ impl Supervisor {
                     Ok(other) => format!("the target answered {other:?} to go"),
                     Err(e) => e,
                 };
-                if spec_has_writable_disk(self, name) {
-                    match vmm.ask(&Request::DiskLocks { held: true }) {
-                        // The target never took the disks: the guest is still ours.
-                        Ok(Response::Done) => {
-                            undo.unlocked = false;
-                            Err(why.into())
-                        }
-                        // It holds them: it runs the guest.
-                        _ => Ok((stood_still.elapsed(), there)),
-                    }
-                } else {
+                if !spec_has_writable_disk(self, name) {
                     undo.paused = false;
                     undo.unlocked = false;
-                    Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into())
+                    return Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into());
+                }
+                match vmm.ask(&Request::DiskLocks { held: true }) {
+                    // The target never took the disks: the guest is still ours.
+                    Ok(Response::Done) => {
+                        undo.unlocked = false;
+                        Err(why.into())
+                    }
+                    // It holds the arbiter: it runs the guest.
+                    Ok(Response::LockedElsewhere { .. }) => Ok((stood_still.elapsed(), there)),
+                    other => {
+                        undo.paused = false;
+                        undo.unlocked = false;
+                        Err(format!("{why}; whether the target runs the guest could not be told (taking the disks' locks back: {}), so it is left paused here: check the target, then resume it here only if it does not run there", answer_text(other)).into())
+                    }
                 }
             }
         }
+    }
+}
+
+fn answer_text(answer: std::result::Result<Response, String>) -> String {
+    match answer {
+        Ok(Response::Error { message }) | Ok(Response::LockedElsewhere { message }) => message,
+        Ok(other) => format!("{other:?}"),
+        Err(e) => e,
     }
 }
 

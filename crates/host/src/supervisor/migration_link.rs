@@ -103,6 +103,25 @@ impl Link {
             tcp.try_clone().map_err(|e| unreachable(&e))?,
             deadline.clone(),
         );
+        let linked = Self::handshake(addr, fingerprint, token, tcp, config, seen, &deadline);
+        if linked.is_err() {
+            // The watchdog ends, and with it its copy of the socket.
+            deadline.done.store(true, Ordering::Release);
+        }
+        linked
+    }
+
+    fn handshake(
+        addr: &str,
+        fingerprint: &str,
+        token: &str,
+        tcp: TcpStream,
+        config: rustls::ClientConfig,
+        seen: Arc<crate::tls::Seen>,
+        deadline: &Arc<Deadline>,
+    ) -> Result<Link, String> {
+        let unreachable =
+            |e: &dyn std::fmt::Display| format!("cannot reach the target at https://{addr} ({e})");
         deadline.arm(ANSWER_TIMEOUT);
         let host = addr
             .rsplit_once(':')
@@ -133,7 +152,7 @@ impl Link {
         match connected {
             Ok((socket, _)) => Ok(Link {
                 socket,
-                deadline,
+                deadline: deadline.clone(),
                 finished: false,
             }),
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {

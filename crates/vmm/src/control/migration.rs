@@ -44,7 +44,7 @@ impl Controller {
         }
     }
 
-    pub(super) fn disk_locks(&self, held: bool) -> Response {
+    pub(super) fn disk_locks(&mut self, held: bool) -> Response {
         let Some(m) = &self.machine else {
             return error("this VMM has no disks to lock".into());
         };
@@ -53,8 +53,23 @@ impl Controller {
             .as_ref()
             .map(|s| s.disks.iter().map(|d| d.readonly).collect())
             .unwrap_or_default();
+        // Before another host's VMM may open them: every write in the files and synced
+        // (on shared storage, the other host sees what reached the server).
+        if !held {
+            if let Err(e) = m.devices.write_back_disks(true) {
+                return error(e);
+            }
+        }
         match m.devices.disk_locks(held, &read_only) {
-            Ok(()) => Response::Done,
+            Ok(()) => {
+                self.disks_released = !held;
+                Response::Done
+            }
+            Err(disk::image::Error::Raw(e @ disk::Error::Locked { .. })) if held => {
+                Response::LockedElsewhere {
+                    message: e.to_string(),
+                }
+            }
             Err(e) => error(format!(
                 "{} the disks' locks failed: {e}",
                 if held { "taking" } else { "releasing" }

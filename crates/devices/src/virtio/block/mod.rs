@@ -237,6 +237,12 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
 }
 
 impl Block {
+    /// The image the device serves, for its VMM to write back or flush when it hands the
+    /// disk to another process (quiesced first: see `VirtioDevice::quiesce`).
+    pub fn image(&self) -> Arc<Image> {
+        self.disk.clone()
+    }
+
     /// A device on `disk` with the hybrid engine, or the synchronous one where no io_uring
     /// can be made ([`Block::engine`] says which).
     pub fn new(disk: impl Into<Image>, serial: &str, limiter: RateLimiter) -> Self {

@@ -143,6 +143,9 @@ impl Net {
             };
             match self.tap.read_frame(&iov) {
                 Ok(Some(len)) => {
+                    // Written by the kernel, out of vm-memory's sight: marked again now that
+                    // it is (a migration's dirty log; the iovecs were marked when made).
+                    chain::mark_written(mem, &iov);
                     self.limiter.charge(len as u64, 1);
                     queue.add_used(mem, head, len as u32).map_err(queue_err)?;
                     add(&self.counters.rx_frames, 1);

@@ -13,7 +13,7 @@ mod common;
 #[allow(dead_code)] // the namespaces only; no frames are echoed here
 mod netns;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -51,50 +51,6 @@ fn link(a: &netns::NetNs, b: &netns::NetNs) -> String {
 
 fn nsenter(ns: &netns::NetNs) -> String {
     format!("--net=/var/run/netns/{}", ns.name)
-}
-
-fn create(daemon: &Daemon, name: &str, cmdline: &str, disk: Option<&Path>) {
-    let kernel = probe_elf();
-    let mut args = vec![
-        "vm".to_string(),
-        "create".into(),
-        name.into(),
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--cmdline".into(),
-        cmdline.into(),
-        "--memory".into(),
-        "128".into(),
-    ];
-    if let Some(d) = disk {
-        args.extend(["--disk".into(), format!("path={}", d.display())]);
-    }
-    daemon.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-}
-
-fn console_log(daemon: &Daemon, vm: &str) -> PathBuf {
-    PathBuf::from(
-        daemon.json(&["vm", "show", vm])["console_log"]
-            .as_str()
-            .unwrap(),
-    )
-}
-
-fn details(daemon: &Daemon, vm: &str) -> Vec<String> {
-    daemon
-        .json(&["events", "--vm", vm, "--limit", "60"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {}",
-                r["to"].as_str().unwrap_or("-"),
-                r["cause"].as_str().unwrap(),
-                r["detail"].as_str().unwrap()
-            )
-        })
-        .collect()
 }
 
 /// The pid of the process whose command line names `dir` (a VMM's run directory).
@@ -258,9 +214,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     let (source, target) = (&h.source, &h.target);
     let disk = source.images().join("records.raw");
     raw_disk(&disk);
-    create(
-        source,
-        "m1",
+    source.create_probe_with("m1",
         "probe.blk_records=300 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         Some(&disk),
     );
@@ -270,7 +224,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         .to_string();
     source.ok(&["vm", "start", "m1"]);
     let pid_before = source.json(&["vm", "show", "m1"])["pid"].as_u64().unwrap();
-    wait_for_output(&console_log(source, "m1"), "PROBE acked 20\n", 0, TIMEOUT);
+    wait_for_output(&source.console_log("m1"), "PROBE acked 20\n", 0, TIMEOUT);
 
     // Mid-records: it moves.
     let out = migrate(source, &h.to, "m1", &[]);
@@ -294,7 +248,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     assert!(progress["rounds"].as_u64().unwrap() >= 1, "{progress}");
 
     // On the target it goes on from where it was: every record verifies, every page checks.
-    let log = console_log(target, "m1");
+    let log = target.console_log("m1");
     let out = wait_for_output(&log, "PROBE churn tick 2 ", 0, TIMEOUT);
     assert!(out.contains("PROBE blk_verify ok 300"), "{out}");
     assert!(!out.contains("check bad"), "{out}");
@@ -304,7 +258,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     );
 
     // The ledgers: migrated-out with the pause here, migrated-in there.
-    let here = details(source, "m1");
+    let here = source.ledger_rows("m1", 60);
     assert!(
         here.iter()
             .any(|d| d.starts_with("paused maintenance paused to migrate to")),
@@ -319,7 +273,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         here.iter().any(|d| d.contains("migrated-out to")),
         "{here:#?}"
     );
-    let there = details(target, "m1");
+    let there = target.ledger_rows("m1", 60);
     assert!(
         there
             .iter()
@@ -351,24 +305,18 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
 
     // A guest churning its memory moves mid-churn: every page checks there, after each
     // period (a stale or lost page would print `check bad` and end the churn).
-    create(
-        source,
+    source.create_probe_with(
         "c1",
         "probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         None,
     );
     source.ok(&["vm", "start", "c1"]);
-    wait_for_output(
-        &console_log(source, "c1"),
-        "PROBE churn tick 2 ",
-        0,
-        TIMEOUT,
-    );
+    wait_for_output(&source.console_log("c1"), "PROBE churn tick 2 ", 0, TIMEOUT);
     let out = migrate(source, &h.to, "c1", &[]);
     assert!(out.status.success(), "{}", text(&out));
     let churned = source.json(&["vm", "migration", "c1"]);
     // Its console log there begins at the switch.
-    let log = console_log(target, "c1");
+    let log = target.console_log("c1");
     let deadline = Instant::now() + TIMEOUT;
     let out = loop {
         let out = std::fs::read_to_string(&log).unwrap_or_default();
@@ -393,14 +341,13 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     // target's. Either way it runs exactly once, and its records verify.
     let disk5 = source.images().join("records5.raw");
     raw_disk(&disk5);
-    create(
-        source,
+    source.create_probe_with(
         "m5",
         "probe.blk_records=400 probe.blk_nodiscard",
         Some(&disk5),
     );
     source.ok(&["vm", "start", "m5"]);
-    let log5 = console_log(source, "m5");
+    let log5 = source.console_log("m5");
     wait_for_output(&log5, "PROBE acked 20\n", 0, TIMEOUT);
     let drop_at = target.state_dir.join("test-migration-drop");
     std::fs::write(&drop_at, "go").unwrap();
@@ -420,7 +367,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     assert!(source.fails(&["vm", "show", "m5"]).contains("no VM named"));
     assert_eq!(target.state("m5"), "running");
     let there = wait_for_output(
-        &console_log(target, "m5"),
+        &target.console_log("m5"),
         "PROBE blk_verify ok 400",
         0,
         TIMEOUT,
@@ -430,8 +377,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     // A target that does not see a disk refuses before anything is sent; the VM runs on.
     let local = only_source.join("local.raw");
     raw_disk(&local);
-    create(
-        source,
+    source.create_probe_with(
         "m2",
         "probe.churn=2M probe.churn_rate=2 probe.churn_report_ms=200",
         Some(&local),
@@ -444,21 +390,21 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     assert_eq!(source.state("m2"), "running");
     assert!(target.fails(&["vm", "show", "m2"]).contains("no VM named"));
     assert!(
-        !details(source, "m2")
+        !source
+            .ledger_rows("m2", 60)
             .iter()
             .any(|d| d.starts_with("paused")),
         "the guest was never paused"
     );
 
     // A guest that writes faster than the link carries does not converge; it runs on here.
-    create(
-        source,
+    source.create_probe_with(
         "m3",
         "probe.churn=4M probe.churn_rate=20 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         None,
     );
     source.ok(&["vm", "start", "m3"]);
-    let log3 = console_log(source, "m3");
+    let log3 = source.console_log("m3");
     wait_for_output(&log3, "PROBE churn start", 0, TIMEOUT);
     let out = migrate(source, &h.to, "m3", &["--bandwidth", "16"]);
     let said = text(&out);
@@ -479,14 +425,13 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     // The target's VMM is killed mid-copy: the switch fails there and the guest, paused for
     // it, runs on here. (A guest that filled 16 MiB and keeps still: a slow first round, then
     // it converges.)
-    create(
-        source,
+    source.create_probe_with(
         "m4",
         "probe.churn=16M probe.churn_rate=0 probe.churn_report_ms=200 probe.churn_gap_us=50000",
         None,
     );
     source.ok(&["vm", "start", "m4"]);
-    let log4 = console_log(source, "m4");
+    let log4 = source.console_log("m4");
     wait_for_output(&log4, "PROBE churn tick 1 ", 0, TIMEOUT);
     let out = migrate(source, &h.to, "m4", &["--bandwidth", "8", "--no-wait"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -505,7 +450,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     let mark = std::fs::read_to_string(&log4).unwrap().len();
     let after = wait_for_output(&log4, "PROBE churn tick", mark, TIMEOUT);
     assert!(!after.contains("check bad"), "{after}");
-    let rows = details(source, "m4");
+    let rows = source.ledger_rows("m4", 60);
     assert!(
         rows.iter()
             .any(|d| d.starts_with("running maintenance resumed here")),

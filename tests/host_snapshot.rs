@@ -101,20 +101,7 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     assert!(!churned.contains("check bad"), "{churned}");
 
     // The ledger: the snapshot's pause (maintenance) and the restore.
-    let rows = daemon.json(&["events", "--vm", "s1", "--limit", "30"]);
-    let details: Vec<String> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {} {}",
-                r["to"].as_str().unwrap_or("-"),
-                r["cause"].as_str().unwrap(),
-                r["detail"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let details = daemon.ledger_rows("s1", 30);
     let has = |text: &str| details.iter().any(|d| d.contains(text));
     assert!(
         has("paused maintenance paused for snapshot mid"),

@@ -13,25 +13,6 @@ use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn create(daemon: &Daemon, name: &str, cmdline: &str, disk: Option<&std::path::Path>) {
-    let kernel = probe_elf();
-    let mut args = vec![
-        "vm".to_string(),
-        "create".into(),
-        name.into(),
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--cmdline".into(),
-        cmdline.into(),
-        "--memory".into(),
-        "128".into(),
-    ];
-    if let Some(d) = disk {
-        args.extend(["--disk".into(), format!("path={}", d.display())]);
-    }
-    daemon.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-}
-
 fn pid(daemon: &Daemon, vm: &str) -> u64 {
     daemon.json(&["vm", "show", vm])["pid"].as_u64().unwrap()
 }
@@ -48,14 +29,11 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    create(
-        &daemon,
-        "u1",
+    daemon.create_probe_with("u1",
         "probe.blk_records=200 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         Some(&disk),
     );
-    create(
-        &daemon,
+    daemon.create_probe_with(
         "u2",
         "probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         None,

@@ -254,6 +254,53 @@ impl Daemon {
         self.ok(&args);
     }
 
+    /// Defines a 128 MiB VM running the probe with `cmdline`, and `disk` if given.
+    pub fn create_probe_with(&self, name: &str, cmdline: &str, disk: Option<&Path>) {
+        let kernel = super::probe_elf();
+        let mut args = vec![
+            "vm".to_string(),
+            "create".into(),
+            name.into(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--cmdline".into(),
+            cmdline.into(),
+            "--memory".into(),
+            "128".into(),
+        ];
+        if let Some(d) = disk {
+            args.extend(["--disk".into(), format!("path={}", d.display())]);
+        }
+        self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// The VM's console log, as the API names it.
+    pub fn console_log(&self, vm: &str) -> PathBuf {
+        PathBuf::from(
+            self.json(&["vm", "show", vm])["console_log"]
+                .as_str()
+                .unwrap(),
+        )
+    }
+
+    /// The VM's newest ledger rows (at most `limit`), each as "TO CAUSE DETAIL" (TO is `-`
+    /// for a row that is not a state change).
+    pub fn ledger_rows(&self, vm: &str, limit: usize) -> Vec<String> {
+        self.json(&["events", "--vm", vm, "--limit", &limit.to_string()])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    r["to"].as_str().unwrap_or("-"),
+                    r["cause"].as_str().unwrap(),
+                    r["detail"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
     /// The VM's state as the API shows it.
     pub fn state(&self, vm: &str) -> String {
         self.json(&["vm", "show", vm])["state"]

@@ -364,35 +364,45 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
         }
     }
     for d in &spec.disks {
-        let access = if d.readonly {
-            libc::O_RDONLY
-        } else {
-            libc::O_RDWR
-        };
-        let direct = if d.direct { libc::O_DIRECT } else { 0 };
-        // O_NOATIME where the daemon may (it owns the file or is root), as the VMM would.
-        let file = images
-            .open("disk", &d.path, access | direct | libc::O_NOATIME)
-            .or_else(|_| images.open("disk", &d.path, access | direct))
-            .map_err(|e| refused(&e))?;
-        disk::lock(&file, Path::new(&d.path), d.readonly).map_err(|e| refused(&e))?;
-        // A qcow2 disk's backing chain, by the names its headers give, each beneath the
-        // image directories, read-only; the VMM walks the same headers to take them.
-        let format = crate::library::image_format(d.format);
-        let files = disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
-            let path = p.to_str().ok_or("its name is not UTF-8")?;
-            images
-                .open("backing file", path, libc::O_RDONLY)
-                .map_err(|e| e.to_string())
-        })
-        .map_err(|e| refused(&e))?;
+        let files = open_disk(d, images)?;
+        files.lock(d.readonly).map_err(|e| refused(&e))?;
         fds.push(OwnedFd::from(files.top));
-        for layer in files.backing {
-            disk::lock(&layer.file, &layer.path, true).map_err(|e| refused(&e))?;
-            fds.push(OwnedFd::from(layer.file));
-        }
+        fds.extend(
+            files
+                .backing
+                .into_iter()
+                .map(|layer| OwnedFd::from(layer.file)),
+        );
     }
     Ok(fds)
+}
+
+/// One disk's image and (qcow2) its backing chain, by the names its headers give, each
+/// beneath the image directories, the chain read-only; the VMM walks the same headers to
+/// take them. No lock is taken.
+fn open_disk(d: &api::DiskSpec, images: &ImageDirs) -> Result<disk::ImageFiles> {
+    let refused = |e: &dyn std::fmt::Display| Error::Refused {
+        reason: e.to_string(),
+    };
+    let access = if d.readonly {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    let direct = if d.direct { libc::O_DIRECT } else { 0 };
+    // O_NOATIME where the daemon may (it owns the file or is root), as the VMM would.
+    let file = images
+        .open("disk", &d.path, access | direct | libc::O_NOATIME)
+        .or_else(|_| images.open("disk", &d.path, access | direct))
+        .map_err(|e| refused(&e))?;
+    let format = crate::library::image_format(d.format);
+    disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
+        let path = p.to_str().ok_or("its name is not UTF-8")?;
+        images
+            .open("backing file", path, libc::O_RDONLY)
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|e| refused(&e))
 }
 
 /// The VM's disks opened for a VMM taking the guest over from another host, without their
@@ -402,33 +412,9 @@ pub fn open_disks_unlocked(
     spec: &VmSpec,
     images: &ImageDirs,
 ) -> Result<Vec<(disk::ImageFiles, bool)>> {
-    let refused = |e: &dyn std::fmt::Display| Error::Refused {
-        reason: e.to_string(),
-    };
     spec.disks
         .iter()
-        .map(|d| {
-            let access = if d.readonly {
-                libc::O_RDONLY
-            } else {
-                libc::O_RDWR
-            };
-            let direct = if d.direct { libc::O_DIRECT } else { 0 };
-            let file = images
-                .open("disk", &d.path, access | direct | libc::O_NOATIME)
-                .or_else(|_| images.open("disk", &d.path, access | direct))
-                .map_err(|e| refused(&e))?;
-            let format = crate::library::image_format(d.format);
-            let files =
-                disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
-                    let path = p.to_str().ok_or("its name is not UTF-8")?;
-                    images
-                        .open("backing file", path, libc::O_RDONLY)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| refused(&e))?;
-            Ok((files, d.readonly))
-        })
+        .map(|d| Ok((open_disk(d, images)?, d.readonly)))
         .collect()
 }
 

@@ -377,8 +377,9 @@ fn taking_over(name: &str) -> String {
     format!("{name}.new")
 }
 
-/// Receives the guest from the old VMM: its memory's memfd, taps and disks (then builds
-/// the VM's slow parts while the old VMM still runs the guest), then its state.
+/// Receives the guest from the old VMM: its memory's memfd, taps and disks, then builds the
+/// VM's slow parts while the old VMM still runs the guest; its state comes later (see
+/// `vm::run_with`).
 fn take_over(
     dir: &Path,
     config: &VmConfig,
@@ -433,9 +434,6 @@ fn take_over(
     // still runs the guest (or, migrating, while its memory arrives).
     let prebuilt = vm::prebuild(&host_files.kvm, config.memory_bytes(), &offered.memfd)
         .map_err(|e| aborted(&e))?;
-    let (state, link) = offered.prepared(wait).map_err(|e| aborted(&e))?;
-    let state = serde_json::from_slice(&state)
-        .map_err(|e| aborted(&format!("a state that is not a VM's: {e}")))?;
     let mut renames: Vec<_> = [files::CONTROL_SOCKET, files::CONSOLE_SOCKET]
         .iter()
         .map(|name| (dir.join(taking_over(name)), dir.join(name)))
@@ -449,10 +447,12 @@ fn take_over(
     Ok((
         host_files,
         Some(Restore {
-            state,
+            // It comes once the vCPUs and devices exist (see `vm::run_with`).
+            state: None,
+            pending: Some((offered, wait)),
             snapshot_memory: None,
             takeover: Some(vm::Takeover {
-                incoming: link,
+                incoming: None,
                 renames,
             }),
             prebuilt: Some(prebuilt),
@@ -520,7 +520,8 @@ fn open_restore(dir: &Path, name: &str) -> Result<Restore, Error> {
         }
     })?;
     Ok(Restore {
-        state,
+        state: Some(state),
+        pending: None,
         snapshot_memory: Some(memory),
         takeover: None,
         prebuilt: None,

@@ -43,8 +43,11 @@ pub struct VcpuShared {
     pub pause: Arc<PauseGate>,
     /// The MSRs a vCPU's saved state holds (those KVM lists).
     pub msr_indices: Arc<Vec<u32>>,
-    /// The vCPUs' states when the VM is restored from a snapshot, in vCPU order.
-    pub restore: Option<Vec<VcpuState>>,
+    /// Whether the VM is restored (a snapshot, a guest taken over) rather than booted...
+    pub restoring: bool,
+    /// ... and then its vCPUs' states, in vCPU order: set before `all_filtered` (a guest
+    /// taken over sends them only once its vCPUs exist, see `vm::run_with`).
+    pub restore: std::sync::OnceLock<Vec<VcpuState>>,
     /// Every vCPU thread and the main thread meet here once each vCPU is configured (or
     /// failed to be)...
     pub configured: Barrier,
@@ -63,7 +66,8 @@ pub struct VcpuShared {
     pub all_filtered: Barrier,
 }
 
-fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
+/// Makes the vCPU and gives it its CPUID: what does not depend on the guest's state.
+fn create(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
     let vcpu = shared
         .vm
         .create_vcpu(u64::from(id))
@@ -72,8 +76,16 @@ fn configure(id: u32, shared: &VcpuShared) -> Result<VcpuFd, String> {
     arch::cpuid::filter_entries(cpuid.as_mut_slice(), id, shared.cpu_count);
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| format!("setting CPUID: {e}"))?;
-    if let Some(states) = &shared.restore {
-        let state = states
+    Ok(vcpu)
+}
+
+/// Sets the vCPU up to run: its restored state, or the boot state.
+fn configure(id: u32, shared: &VcpuShared, vcpu: VcpuFd) -> Result<VcpuFd, String> {
+    if shared.restoring {
+        let state = shared
+            .restore
+            .get()
+            .ok_or("the guest's state never came")?
             .get(id as usize)
             .ok_or_else(|| format!("the snapshot has no state for vCPU {id}"))?;
         state.restore(&vcpu, id).map_err(|e| e.to_string())?;
@@ -98,9 +110,11 @@ pub fn run_vcpu(id: u32, shared: Arc<VcpuShared>) {
     // Whatever became of the filter: the main thread waits for every vCPU thread here, then
     // installs its own.
     shared.pause.register(id);
+    // Made while the main thread may still wait for a guest's state.
+    let created = filtered.and_then(|()| create(id, &shared));
     shared.filtered.wait();
     shared.all_filtered.wait();
-    let configured = filtered.and_then(|()| configure(id, &shared));
+    let configured = created.and_then(|vcpu| configure(id, &shared, vcpu));
     shared.configured.wait();
     shared.go.wait();
     if shared.abort.load(std::sync::atomic::Ordering::Acquire) {

@@ -58,7 +58,11 @@ pub fn run(config: &VmConfig, files: HostFiles) -> Result<VmExit> {
 /// A guest to restore instead of booting: its checked state, and its memory: a snapshot's
 /// memory file, or (a guest taken over from another VMM) the VM built over its memfd.
 pub(crate) struct Restore {
-    pub state: MachineState,
+    /// The guest's state, when it is known before the VM is built (a snapshot's)...
+    pub state: Option<MachineState>,
+    /// ... or where it comes from once the vCPUs and devices exist (a guest taken over: the
+    /// VMM that offers it sends it after `prepared`), and how long to wait for it.
+    pub pending: Option<(crate::handover::Offered, std::time::Duration)>,
     /// A snapshot's memory file, mapped privately.
     pub snapshot_memory: Option<std::fs::File>,
     /// A guest handed over by another VMM (an upgrade): the link to it.
@@ -139,7 +143,8 @@ fn create_machine(
 
 /// The new VMM's end of a handover, and the sockets it renames into place on `go`.
 pub(crate) struct Takeover {
-    pub incoming: crate::handover::Incoming,
+    /// The link once the state came on it.
+    pub incoming: Option<crate::handover::Incoming>,
     pub renames: Vec<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
@@ -148,6 +153,8 @@ impl Takeover {
     /// sockets' names.
     fn switch(&self) -> Result<()> {
         self.incoming
+            .as_ref()
+            .ok_or_else(|| Error::TakeoverAborted("the guest's state never came".into()))?
             .ready()
             .map_err(|e| Error::TakeoverAborted(e.to_string()))?;
         for (from, to) in &self.renames {
@@ -196,8 +203,8 @@ pub(crate) fn run_with(
         .into());
     }
     let mem_size = config.memory_bytes();
-    if let Some(r) = &restore {
-        check_restorable(config, &r.state)?;
+    if let Some(state) = restore.as_ref().and_then(|r| r.state.as_ref()) {
+        check_restorable(config, state)?;
     }
     // Disk boot reads the guest's disk in a forked, sandboxed child: before any thread, VM
     // or guest memory exists.
@@ -245,8 +252,10 @@ pub(crate) fn run_with(
     let entry = match &restore {
         // The boot data and tables are in the restored memory already.
         Some(r) => {
-            r.state.vm.restore(&vm).map_err(restore_err)?;
-            virtio.restore(&r.state.virtio).map_err(restore_err)?;
+            if let Some(state) = &r.state {
+                state.vm.restore(&vm).map_err(restore_err)?;
+                virtio.restore(&state.virtio).map_err(restore_err)?;
+            }
             BootEntry::Pvh { entry: 0 }
         }
         None => {
@@ -276,21 +285,21 @@ pub(crate) fn run_with(
         mem_size.saturating_sub(MMIO_GAP_START),
     );
     let console_clients = Arc::new(ConsoleClients::default());
-    let serial_out: Box<dyn Write + Send> = match &frontend {
-        Frontend::Terminal => Box::new(StdoutWriter),
-        Frontend::Service(wiring) => Box::new(ConsoleOutput::new(
-            wiring
-                .console_log
+    let serial_out = serial_output(&frontend, &console_clients)?;
+    // A state that comes later restores the serial port in place, on these.
+    let mut spare_serial = match restore.as_ref().and_then(|r| r.pending.as_ref()) {
+        Some(_) => Some((
+            serial_irq
                 .try_clone()
-                .map_err(io_err("sharing the console log"))?,
-            wiring.console_log_max,
-            console_clients.clone(),
+                .map_err(io_err("sharing the serial interrupt"))?,
+            serial_output(&frontend, &console_clients)?,
         )),
+        None => None,
     };
     let mut rtc = CmosRtc::new(low_mem, high_mem);
-    let serial = match &restore {
-        Some(r) => {
-            let legacy = &r.state.legacy;
+    let serial = match restore.as_ref().and_then(|r| r.state.as_ref()) {
+        Some(state) => {
+            let legacy = &state.legacy;
             rtc.restore(legacy.cmos_index, &legacy.cmos)
                 .map_err(|e| Error::Restore(format!("the CMOS: {e}")))?;
             SerialDevice::restore(&legacy.serial, serial_irq, serial_out).map_err(restore_err)?
@@ -309,8 +318,8 @@ pub(crate) fn run_with(
     vm.register_irqfd(&ged_irq, GED_IRQ)
         .map_err(kvm_err("wiring the power button's interrupt"))?;
     let ged = Arc::new(Ged::new(ged_irq));
-    if let Some(r) = &restore {
-        ged.set_pending(r.state.legacy.ged_events);
+    if let Some(state) = restore.as_ref().and_then(|r| r.state.as_ref()) {
+        ged.set_pending(state.legacy.ged_events);
     }
     let vm = Arc::new(vm);
 
@@ -365,7 +374,12 @@ pub(crate) fn run_with(
         exit: exit.clone(),
         pause: pause_gate,
         msr_indices,
-        restore: restore.as_ref().map(|r| r.state.vcpus.clone()),
+        restoring: restore.is_some(),
+        restore: restore
+            .as_ref()
+            .and_then(|r| r.state.as_ref())
+            .map(|s| std::sync::OnceLock::from(s.vcpus.clone()))
+            .unwrap_or_default(),
         configured: Barrier::new(config.cpus as usize + 1),
         go: Barrier::new(config.cpus as usize + 1),
         abort: AtomicBool::new(false),
@@ -380,6 +394,29 @@ pub(crate) fn run_with(
             .map_err(io_err("starting a vCPU thread"))?;
     }
     shared.filtered.wait();
+    // A guest taken over: its vCPUs and devices exist, now its state comes (the guest
+    // stands still in its old VMM from here), before this thread's filter forbids the
+    // ioctls that set it.
+    let state_came = match restore.as_mut() {
+        Some(r) => match r.pending.take() {
+            Some((offered, wait)) => receive_state(
+                offered,
+                wait,
+                config,
+                r.takeover.as_mut(),
+                Arrived {
+                    vm: &vm,
+                    virtio: &virtio,
+                    bus: &bus,
+                    ged: &ged,
+                    shared: &shared,
+                    spare_serial: spare_serial.take(),
+                },
+            ),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    };
     // From here on this thread is the event loop, and serves the guest's devices.
     let filtered = if config.seccomp {
         jail::seccomp::install(ThreadKind::EventLoop)
@@ -395,6 +432,14 @@ pub(crate) fn run_with(
         Some(_) if exit.is_reported() => {
             Err(Error::TakeoverAborted("a vCPU could not be set up".into()))
         }
+        Some(_) if state_came.is_err() => Err(Error::TakeoverAborted(format!(
+            "the guest's state: {}",
+            state_came
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        ))),
         // Never say ready for a guest this VMM would then not run.
         Some(_) if filtered.is_err() => Err(Error::TakeoverAborted(
             "the event loop's seccomp filter could not be installed".into(),
@@ -410,8 +455,12 @@ pub(crate) fn run_with(
     started?;
     // The vCPUs run: whoever offered the guest hears it (a migration's target daemon waits
     // for this before it tells the source).
-    if let Some(takeover) = restore.as_ref().and_then(|r| r.takeover.as_ref()) {
-        takeover.incoming.running();
+    if let Some(incoming) = restore
+        .as_ref()
+        .and_then(|r| r.takeover.as_ref())
+        .and_then(|t| t.incoming.as_ref())
+    {
+        incoming.running();
     }
     // A restored VM's devices were left paused: they serve every queue once now, since the
     // guest's notifications before the snapshot may have been suppressed.
@@ -431,6 +480,73 @@ pub(crate) fn run_with(
     }
     looped?;
     Ok(ended)
+}
+
+/// What a guest's state is applied to once it comes.
+struct Arrived<'a> {
+    vm: &'a kvm_ioctls::VmFd,
+    virtio: &'a VirtioDevices,
+    bus: &'a LegacyBus,
+    ged: &'a Ged,
+    shared: &'a VcpuShared,
+    /// The serial port's interrupt and output, for the port restored in place.
+    spare_serial: Option<(EventFd, Box<dyn Write + Send>)>,
+}
+
+/// Says `prepared` to the VMM offering the guest, reads its state (waiting up to `wait`),
+/// checks it and sets it on the VM, its devices and (through `shared`) its vCPUs.
+fn receive_state(
+    offered: crate::handover::Offered,
+    wait: std::time::Duration,
+    config: &VmConfig,
+    takeover: Option<&mut Takeover>,
+    to: Arrived,
+) -> Result<()> {
+    let aborted = |e: &dyn std::fmt::Display| Error::TakeoverAborted(e.to_string());
+    let (body, incoming) = offered.prepared(wait).map_err(|e| aborted(&e))?;
+    if let Some(t) = takeover {
+        t.incoming = Some(incoming);
+    }
+    let state: MachineState = serde_json::from_slice(&body)
+        .map_err(|e| aborted(&format!("a state that is not a VM's: {e}")))?;
+    check_restorable(config, &state)?;
+    state.vm.restore(to.vm).map_err(restore_err)?;
+    to.virtio.restore(&state.virtio).map_err(restore_err)?;
+    let legacy = &state.legacy;
+    to.bus
+        .rtc
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(legacy.cmos_index, &legacy.cmos)
+        .map_err(|e| Error::Restore(format!("the CMOS: {e}")))?;
+    let (irq, out) = to
+        .spare_serial
+        .ok_or_else(|| Error::Restore("no serial port to restore".into()))?;
+    *to.bus.serial.lock().unwrap_or_else(|e| e.into_inner()) =
+        SerialDevice::restore(&legacy.serial, irq, out).map_err(restore_err)?;
+    to.ged.set_pending(legacy.ged_events);
+    to.shared
+        .restore
+        .set(state.vcpus)
+        .map_err(|_| Error::Restore("the vCPUs' state came twice".into()))
+}
+
+/// Where the serial port writes: the terminal, or the console log and its clients.
+fn serial_output(
+    frontend: &Frontend,
+    console_clients: &Arc<ConsoleClients>,
+) -> Result<Box<dyn Write + Send>> {
+    Ok(match frontend {
+        Frontend::Terminal => Box::new(StdoutWriter),
+        Frontend::Service(wiring) => Box::new(ConsoleOutput::new(
+            wiring
+                .console_log
+                .try_clone()
+                .map_err(io_err("sharing the console log"))?,
+            wiring.console_log_max,
+            console_clients.clone(),
+        )),
+    })
 }
 
 fn restore_err(e: impl std::fmt::Display) -> Error {

@@ -207,24 +207,13 @@ fn qemu(
     std::fs::create_dir_all(dir)?;
     std::fs::File::create(dir.join("console.log"))?;
     let mut cmd = Link::command(ns, qemu);
-    cmd.args(["-M", "microvm", "-accel", "kvm"])
-        .args(["-cpu", "host,-arch-capabilities"])
-        .args(["-m", &scenario.memory_mib.to_string(), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-chardev")
-        .arg(format!(
-            "file,id=console,append=on,path={}",
-            dir.join("console.log").display()
-        ))
-        .args(["-serial", "chardev:console"])
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            dir.join("qmp.sock").display()
-        ))
-        .arg("-kernel")
-        .arg(probe)
-        .args(["-append", &scenario.cmdline()]);
+    keel_benches::moves::qemu::probe_machine(
+        &mut cmd,
+        scenario.memory_mib,
+        dir,
+        probe,
+        &scenario.cmdline(),
+    );
     if let Some(uri) = incoming {
         cmd.args(["-incoming", uri]);
     }

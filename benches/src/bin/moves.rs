@@ -295,30 +295,7 @@ fn qemu_vm_incoming(qemu: &Path, probe: &Path, dir: &Path, uri: &str) -> Result<
 
 fn qemu_vm_with(qemu: &Path, probe: &Path, dir: &Path, incoming: Option<String>) -> Result<Child> {
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args(["-m", &memory_mib().to_string(), "-smp", "1"])
-    .args(["-nodefaults", "-no-user-config", "-display", "none"])
-    .arg("-chardev")
-    .arg(format!(
-        "file,id=console,append=on,path={}",
-        dir.join("console.log").display()
-    ))
-    .args(["-serial", "chardev:console"])
-    .arg("-qmp")
-    .arg(format!(
-        "unix:{},server=on,wait=off",
-        dir.join("qmp.sock").display()
-    ))
-    .arg("-kernel")
-    .arg(probe)
-    .args(["-append", CHURN]);
+    keel_benches::moves::qemu::probe_machine(&mut cmd, memory_mib(), dir, probe, CHURN);
     if let Some(uri) = incoming {
         cmd.arg("-incoming").arg(uri);
     }

@@ -1,5 +1,6 @@
 //! What the `moves` benchmark (pause, snapshot, restore against QEMU) needs beyond the
-//! shared runner: a QMP client and a watch for a console log's first write.
+//! shared runner: QEMU's machine, a QMP client and a watch for a console log's first write.
 
+pub mod qemu;
 pub mod qmp;
 pub mod watch;

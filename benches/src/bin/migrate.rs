@@ -91,6 +91,8 @@ impl Scenario {
 #[derive(Debug, Default, Clone)]
 struct Sample {
     downtime_ms: f64,
+    /// The longest stall the guest saw around the switch, by its own clock (its TSC).
+    guest_stall_ms: f64,
     total_ms: f64,
     sent_mib: f64,
     /// Keel only: the switch's steps, ms.
@@ -99,10 +101,15 @@ struct Sample {
 
 type MetricDef = (&'static str, &'static str, fn(&Sample) -> f64);
 
-const METRICS: [MetricDef; 3] = [
+const METRICS: [MetricDef; 4] = [
     ("downtime_ms", "downtime: guest stood still (ms)", |s| {
         s.downtime_ms
     }),
+    (
+        "guest_stall_ms",
+        "... the longest stall the guest saw, by its clock (ms)",
+        |s| s.guest_stall_ms,
+    ),
     ("total_ms", "total: migration start to done (ms)", |s| {
         s.total_ms
     }),
@@ -167,7 +174,7 @@ fn keel_move(hosts: &Hosts, name: &str) -> Result<Sample> {
     if p["phase"] != "done" {
         bail!("keel vm migrate returned but the migration is not done: {p}");
     }
-    console::runs_on(
+    let there = console::runs_on(
         &console_of(target, name)?,
         before,
         BOOT_LIMIT,
@@ -189,6 +196,7 @@ fn keel_move(hosts: &Hosts, name: &str) -> Result<Sample> {
         .unwrap_or_default();
     Ok(Sample {
         downtime_ms: number("downtime_ms")?,
+        guest_stall_ms: console::first_stall_ms(&there),
         total_ms: number("elapsed_ms")?,
         sent_mib: mib(number("bytes_sent")?),
         steps,
@@ -277,7 +285,7 @@ fn qemu_run(
             _ => nap(Duration::from_millis(5))?,
         }
     };
-    console::runs_on(
+    let there = console::runs_on(
         &target_dir.join("console.log"),
         before,
         BOOT_LIMIT,
@@ -290,6 +298,7 @@ fn qemu_run(
     };
     let sample = Sample {
         downtime_ms: number("/downtime")?,
+        guest_stall_ms: console::first_stall_ms(&there),
         total_ms: number("/total-time")?,
         sent_mib: mib(number("/ram/transferred")?),
         steps: Vec::new(),

@@ -57,10 +57,29 @@ pub fn wait_for(
     }
 }
 
+/// The longest stall the guest reported in `text` up to and including its first churn tick,
+/// in ms, by its own clock: `PROBE churn gap US` lines and that tick's `max_gap_us`.
+pub fn first_stall_ms(text: &str) -> f64 {
+    let mut longest = 0u64;
+    for line in text.lines() {
+        if let Some(us) = line.strip_prefix("PROBE churn gap ") {
+            longest = longest.max(us.trim().parse().unwrap_or(0));
+        } else if line.starts_with("PROBE churn tick ") {
+            let gap = line
+                .rsplit_once("max_gap_us ")
+                .and_then(|(_, us)| us.trim().parse().ok())
+                .unwrap_or(0);
+            longest = longest.max(gap);
+            break;
+        }
+    }
+    longest as f64 / 1000.0
+}
+
 /// After a migration: the target's log (which begins at the switch) shows a churn tick
 /// numbered past `before` (the source's last one before the migration began), no page found
-/// wrong, and no new boot.
-pub fn runs_on(path: &Path, before: u64, limit: Duration, what: &str) -> Result<()> {
+/// wrong, and no new boot. Returns the log.
+pub fn runs_on(path: &Path, before: u64, limit: Duration, what: &str) -> Result<String> {
     let deadline = Instant::now() + limit;
     loop {
         let text = read_from(path, 0);
@@ -69,7 +88,7 @@ pub fn runs_on(path: &Path, before: u64, limit: Duration, what: &str) -> Result<
             bail!("{what}: the guest booted again on the target");
         }
         if last_tick(&text) > before {
-            return Ok(());
+            return Ok(text);
         }
         if Instant::now() > deadline {
             bail!(
@@ -79,5 +98,18 @@ pub fn runs_on(path: &Path, before: u64, limit: Duration, what: &str) -> Result<
             );
         }
         nap(Duration::from_millis(5))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_stall_counts_gaps_and_the_first_tick_only() {
+        let text = "PROBE churn gap 2500\nPROBE churn check ok 1024\nPROBE churn tick 7 written 9 max_gap_us 3100\nPROBE churn tick 8 written 9 max_gap_us 9000\n";
+        assert_eq!(first_stall_ms(text), 3.1);
+        assert_eq!(first_stall_ms("PROBE churn gap 4000\n"), 4.0);
+        assert_eq!(first_stall_ms(""), 0.0);
     }
 }

@@ -141,6 +141,32 @@ pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), Error> {
     }
 }
 
+/// The order in which a VM's `count` disks (`read_only` each) are locked: the first
+/// writable one, then the others in order. That first exclusive lock admits one VMM: the
+/// arbiter of which runs a migrating guest, taken first by both the source's VMM and the
+/// target's daemon.
+pub fn arbiter_first(read_only: &[bool], count: usize) -> Vec<usize> {
+    let writable = |i: &usize| !read_only.get(*i).copied().unwrap_or(false);
+    let first = (0..count).find(writable);
+    first
+        .into_iter()
+        .chain((0..count).filter(move |&i| Some(i) != first))
+        .collect()
+}
+
+#[cfg(test)]
+mod lock_order_tests {
+    use super::arbiter_first;
+
+    #[test]
+    fn the_first_writable_disk_is_locked_first() {
+        assert_eq!(arbiter_first(&[true, false, false], 3), vec![1, 0, 2]);
+        assert_eq!(arbiter_first(&[false, true], 2), vec![0, 1]);
+        assert_eq!(arbiter_first(&[true, true], 2), vec![0, 1]);
+        assert!(arbiter_first(&[], 0).is_empty());
+    }
+}
+
 /// Releases the lock [`lock`] took on `file`'s open file description.
 pub fn unlock(file: &File, path: &Path) -> Result<(), Error> {
     // SAFETY: flock is plain data; zeroed is a valid value to fill in.

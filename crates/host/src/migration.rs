@@ -123,11 +123,6 @@ impl Migrations {
     pub fn get(&self, vm: &str) -> Option<Arc<Outgoing>> {
         self.map().get(vm).cloned()
     }
-
-    /// Whether `vm` is migrating now.
-    pub fn is_migrating(&self, vm: &str) -> bool {
-        self.get(vm).is_some_and(|m| !m.progress().phase.is_over())
-    }
 }
 
 /// A fresh progress record.

@@ -321,8 +321,7 @@ impl VirtioDevices {
     /// migrating guest (its exclusive lock admits one), and the daemon of a migration's
     /// target takes it first too. When another holds it nothing else is taken.
     pub fn disk_locks(&self, held: bool, read_only: &[bool]) -> Result<(), disk::image::Error> {
-        let order = arbiter_first(read_only, self.disk_files.len());
-        for i in order {
+        for i in disk::arbiter_first(read_only, self.disk_files.len()) {
             let files = &self.disk_files[i];
             if held {
                 files.lock(read_only.get(i).copied().unwrap_or(false))?;
@@ -434,28 +433,5 @@ impl MutEventSubscriber for QueueHandler {
             let _ = evt.read();
         }
         lock(&self.transport).process_queue(index);
-    }
-}
-
-/// The order in which a VM's `count` disks are locked: the first writable one (the arbiter
-/// of a migration), then the others in order.
-pub fn arbiter_first(read_only: &[bool], count: usize) -> Vec<usize> {
-    let first = (0..count).find(|&i| !read_only.get(i).copied().unwrap_or(false));
-    first
-        .into_iter()
-        .chain((0..count).filter(move |&i| Some(i) != first))
-        .collect()
-}
-
-#[cfg(test)]
-mod lock_order_tests {
-    use super::arbiter_first;
-
-    #[test]
-    fn the_first_writable_disk_is_locked_first() {
-        assert_eq!(arbiter_first(&[true, false, false], 3), vec![1, 0, 2]);
-        assert_eq!(arbiter_first(&[false, true], 2), vec![0, 1]);
-        assert_eq!(arbiter_first(&[true, true], 2), vec![0, 1]);
-        assert!(arbiter_first(&[], 0).is_empty());
     }
 }

@@ -304,11 +304,8 @@ impl Supervisor {
                     let ready = a.ready.take().ok_or("go before the state")?;
                     // The first writable disk first: the arbiter, as the source's VMM
                     // takes it first when it takes its locks back.
-                    let arbiter = a.disks.iter().position(|(_, read_only)| !read_only);
-                    let order = arbiter
-                        .into_iter()
-                        .chain((0..a.disks.len()).filter(|&i| Some(i) != arbiter));
-                    for i in order {
+                    let read_only: Vec<bool> = a.disks.iter().map(|(_, ro)| *ro).collect();
+                    for i in disk::arbiter_first(&read_only, a.disks.len()) {
                         let (files, read_only) = &a.disks[i];
                         tokio::task::block_in_place(|| files.lock(*read_only)).map_err(|e| {
                             format!("its disk is still in use (the source's VMM holds it?): {e}")
@@ -322,10 +319,8 @@ impl Supervisor {
                     if !self.test_drop_at("running") {
                         let _ = send(ws, &Message::Running { pid }).await;
                     }
+                    // Its `running` came after it renamed its control socket into place.
                     self.watch(&a.name, a.vmm.clone());
-                    if let Err(e) = self.wait_answering(&a.name, pid).await {
-                        tracing::warn!("VM {} migrated in: {e}", a.name);
-                    }
                     self.migrations.arrived(&a.name);
                     // Nothing after go may turn the VM away: it runs here.
                     if let Err(e) = self.arrived(a, actor, received, began.elapsed()) {
@@ -373,23 +368,6 @@ impl Supervisor {
             })
             .map(|l| format!(" (it said: {l})"))
             .unwrap_or_default()
-    }
-
-    /// The new VMM answers on its control socket once it renamed it into place on go.
-    async fn wait_answering(&self, name: &str, pid: u32) -> Result<(), String> {
-        let run_dir = self.run_dir(name);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(status) = vmm_process::status(&run_dir).await {
-                if status.pid == pid {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("its VMM here (pid {pid}) did not answer after go"));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
 
     fn arrived(&self, a: &Arriving, actor: &str, pages: u64, took: Duration) -> super::Result<()> {

@@ -111,14 +111,10 @@ impl Supervisor {
         request: MigrateRequest,
         actor: &str,
     ) -> Result<MigrationProgress> {
-        let row = self.get(name)?;
-        if row.state != VmState::Running {
-            return Err(Error::WrongState {
-                name: name.into(),
-                state: row.state,
-                hint: "only a running VM migrates (start it, or resume it, first)",
-            });
-        }
+        let row = self.running_row(
+            name,
+            "only a running VM migrates (start it, or resume it, first)",
+        )?;
         let addr = request
             .to
             .strip_prefix("https://")
@@ -380,6 +376,8 @@ impl Supervisor {
     ) -> std::result::Result<(Duration, String), Failed> {
         let begun = Instant::now();
         let spec = self.get(name)?.spec;
+        // The arbiter of a switch whose outcome is lost (see below).
+        let has_writable_disk = spec.disks.iter().any(|d| !d.readonly);
         let pid = self
             .handle(name)
             .map(|(h, _)| h.pid)
@@ -536,7 +534,7 @@ impl Supervisor {
                     Ok(other) => format!("the target answered {other:?} to go"),
                     Err(e) => e,
                 };
-                if !spec_has_writable_disk(self, name) {
+                if !has_writable_disk {
                     undo.paused = false;
                     undo.unlocked = false;
                     return Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into());
@@ -566,11 +564,6 @@ fn answer_text(answer: std::result::Result<Response, String>) -> String {
         Ok(other) => format!("{other:?}"),
         Err(e) => e,
     }
-}
-
-fn spec_has_writable_disk(sup: &Supervisor, name: &str) -> bool {
-    sup.get(name)
-        .is_ok_and(|r| r.spec.disks.iter().any(|d| !d.readonly))
 }
 
 fn cancelled() -> Failed {

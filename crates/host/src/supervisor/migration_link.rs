@@ -55,10 +55,10 @@ impl Drop for Link {
                 why: "the source ended the migration (its progress says why)".into(),
             };
             // At most a second for it: the link may be what failed.
-            self.deadline.arm(Duration::from_secs(1));
             if let Ok(text) = serde_json::to_string(&abort) {
-                let _ = self.socket.send(tungstenite::Message::text(text));
+                let _ = self.send_within(tungstenite::Message::text(text), Duration::from_secs(1));
             }
+            self.deadline.arm(Duration::from_secs(1));
             let _ = self.socket.close(None);
             let _ = self.socket.flush();
         }
@@ -180,16 +180,22 @@ impl Link {
 
     pub fn send(&mut self, message: &Message) -> Result<(), String> {
         let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-        self.deadline.arm(SEND_TIMEOUT);
-        let sent = self.socket.send(tungstenite::Message::text(text));
-        self.deadline.disarm();
-        sent.map_err(broke)
+        self.send_within(tungstenite::Message::text(text), SEND_TIMEOUT)
     }
 
     /// A batch of pages (see [`wire::encode_pages`]).
     pub fn send_pages(&mut self, batch: Vec<u8>) -> Result<(), String> {
-        self.deadline.arm(SEND_TIMEOUT);
-        let sent = self.socket.send(tungstenite::Message::binary(batch));
+        self.send_within(tungstenite::Message::binary(batch), SEND_TIMEOUT)
+    }
+
+    /// Sends `message`, the link cut by the watchdog if that takes longer than `within`.
+    fn send_within(
+        &mut self,
+        message: tungstenite::Message,
+        within: Duration,
+    ) -> Result<(), String> {
+        self.deadline.arm(within);
+        let sent = self.socket.send(message);
         self.deadline.disarm();
         sent.map_err(broke)
     }

@@ -244,6 +244,19 @@ impl Supervisor {
             .ok_or_else(|| Error::NotFound(name.to_string()))
     }
 
+    /// The VM's row when it runs; else why not, with `hint` on what to do.
+    fn running_row(&self, name: &str, hint: &'static str) -> Result<VmRow> {
+        let row = self.get(name)?;
+        if row.state != VmState::Running {
+            return Err(Error::WrongState {
+                name: name.into(),
+                state: row.state,
+                hint,
+            });
+        }
+        Ok(row)
+    }
+
     fn transition(&self, name: &str, change: Transition) -> Result<()> {
         self.with_store(|s| s.transition(name, &change))?;
         Ok(())
@@ -622,14 +635,7 @@ impl Supervisor {
     ) -> Result<()> {
         let guard = self.vm_lock(name);
         let held = guard.lock().await;
-        let row = self.get(name)?;
-        if row.state != VmState::Running {
-            return Err(Error::WrongState {
-                name: name.into(),
-                state: row.state,
-                hint: "only a running VM can be shut down",
-            });
-        }
+        let row = self.running_row(name, "only a running VM can be shut down")?;
         let Some((handle, mut ended)) = self.handle(name) else {
             return Err(Error::WrongState {
                 name: name.into(),

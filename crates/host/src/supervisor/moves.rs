@@ -16,14 +16,7 @@ impl Supervisor {
     pub async fn pause(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
-        let row = self.get(name)?;
-        if row.state != VmState::Running {
-            return Err(Error::WrongState {
-                name: name.into(),
-                state: row.state,
-                hint: "only a running VM can be paused",
-            });
-        }
+        let row = self.running_row(name, "only a running VM can be paused")?;
         // The VMM first, the record after: a daemon that dies between the two finds the VMM
         // paused at its restart and records it then (recovery believes the VMM).
         let report = match self.ask_vmm(name, &Request::Pause).await? {

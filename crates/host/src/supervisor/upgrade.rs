@@ -42,14 +42,10 @@ impl Supervisor {
     pub async fn upgrade(self: &Arc<Self>, name: &str, actor: &str) -> Result<Upgraded> {
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
-        let row = self.get(name)?;
-        if row.state != VmState::Running {
-            return Err(Error::WrongState {
-                name: name.into(),
-                state: row.state,
-                hint: "only a running VM is upgraded (a stopped one starts on the new binary)",
-            });
-        }
+        let row = self.running_row(
+            name,
+            "only a running VM is upgraded (a stopped one starts on the new binary)",
+        )?;
         let Some((old, _ended)) = self.handle(name) else {
             return Err(Error::WrongState {
                 name: name.into(),

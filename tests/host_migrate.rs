@@ -335,10 +335,12 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         churned["downtime_ms"].as_f64().unwrap()
     );
 
-    // The link drops at go, before the target took the disks: the source takes its locks
-    // back, so the guest is still its own, and resumes it. Then at the target's answer that
-    // it runs the guest: the source cannot take the locks back, so the guest is the
-    // target's. Either way it runs exactly once, and its records verify.
+    // The link drops at the state (the source's go), before the target took the disks: the
+    // source takes its locks back, so the guest is still its own, and resumes it. Then a
+    // third party holds the disk as the target's VMM would take it: that VMM refuses the
+    // guest, and the source resumes it. Then at the target's answer that it runs the
+    // guest: the source cannot take the locks back, so the guest is the target's. It runs
+    // exactly once every time, and its records verify.
     let disk5 = source.images().join("records5.raw");
     raw_disk(&disk5);
     source.create_probe_with(
@@ -350,15 +352,20 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     let log5 = source.console_log("m5");
     wait_for_output(&log5, "PROBE acked 20\n", 0, TIMEOUT);
     let drop_at = target.state_dir.join("test-migration-drop");
-    std::fs::write(&drop_at, "go").unwrap();
-    let out = migrate(source, &h.to, "m5", &[]);
-    let said = text(&out);
-    assert!(!out.status.success(), "{said}");
-    assert!(said.contains("dropped at go"), "{said}");
-    assert_eq!(source.state("m5"), "running");
-    assert!(target.fails(&["vm", "show", "m5"]).contains("no VM named"));
-    let mark = std::fs::read_to_string(&log5).unwrap().len();
-    wait_for_output(&log5, "PROBE acked", mark, TIMEOUT);
+    for (step, said_then) in [
+        ("state", "dropped at the state"),
+        ("locked", "its disks' locks could not be taken here"),
+    ] {
+        std::fs::write(&drop_at, step).unwrap();
+        let out = migrate(source, &h.to, "m5", &[]);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(said.contains(said_then), "{said}");
+        assert_eq!(source.state("m5"), "running");
+        assert!(target.fails(&["vm", "show", "m5"]).contains("no VM named"));
+        let mark = std::fs::read_to_string(&log5).unwrap().len();
+        wait_for_output(&log5, "PROBE acked", mark, TIMEOUT);
+    }
     std::fs::write(&drop_at, "running").unwrap();
     let out = migrate(source, &h.to, "m5", &[]);
     let said = text(&out);

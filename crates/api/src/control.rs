@@ -58,8 +58,11 @@ pub enum Request {
     /// is forgotten. The answer names the memfd holding guest memory (a descriptor of this
     /// process, which the daemon opens through /proc).
     MigrationStart,
-    /// The paused VM's state, for a live migration's last step.
-    MachineState,
+    /// A live migration's switch, in one request (the guest stands still from here): pause,
+    /// read what was written since the last `dirty-pages`, write the disks back and release
+    /// their locks for the VMM that takes the guest over, and save the VM's state. On an
+    /// error the VMM has undone what it did: the locks are taken back and the guest runs.
+    MigrationSwitch,
     /// Take (`held`) or release the locks on the VM's disks, paused only: a VM migrating away
     /// releases them for the VMM that takes it over, and takes them again if it stays.
     DiskLocks { held: bool },
@@ -90,10 +93,7 @@ pub enum Response {
     LockedElsewhere {
         message: String,
     },
-    /// The VM's state as the VMM saves it (opaque to the daemon, which forwards it).
-    MachineState {
-        state: serde_json::Value,
-    },
+    MigrationSwitched(Box<SwitchReport>),
     Done,
     Error {
         message: String,
@@ -106,6 +106,41 @@ pub struct MigrationStart {
     /// The VMM's descriptor of the memfd holding guest RAM.
     pub memfd: i32,
     pub memory_bytes: u64,
+}
+
+/// What a migration's switch left: a paused guest, its disks unlocked, its last written
+/// pages and its state (times from the VMM's monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchReport {
+    pub pause: PauseReport,
+    /// Reading the dirty logs, microseconds.
+    pub dirty_us: u64,
+    /// Writing the disks back, syncing them and releasing their locks, microseconds.
+    pub release_us: u64,
+    /// Then until the state was saved (the vCPUs save theirs meanwhile), microseconds.
+    pub state_us: u64,
+    /// The pages written since the last `dirty-pages` (its bitmap's layout).
+    pub bitmap: Vec<u64>,
+    pub state: GuestState,
+}
+
+/// A VM's state as its VMM saves it: JSON text, carried as a string that the daemons
+/// forward untouched (neither parses it; the VMM that takes the guest checks it as the
+/// hostile input it may be).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GuestState(pub String);
+
+impl GuestState {
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for GuestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuestState({} bytes)", self.0.len())
+    }
 }
 
 /// What a VMM says about itself. The daemon checks `name` and `pid` before it adopts one.

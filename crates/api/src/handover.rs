@@ -15,6 +15,10 @@
 //! 2. the old one answers `go` and ends without touching anything the new one uses; the new
 //!    one starts the vCPUs only on `go` (on anything else it ends, having run nothing), then
 //!    says `running` (which a migration's target daemon waits for; an old VMM has gone).
+//!
+//! A migration's target daemon sends `go` without waiting for `ready` (the source host has
+//! released the disks already): the new VMM then takes the disks' locks itself before it
+//! runs the guest, and says why instead of `running` when it cannot.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -138,12 +142,28 @@ impl Outgoing {
             .map_err(io("telling the new VMM to go"))
     }
 
-    /// Sends the paused guest's state (JSON) and waits for the new VMM to be ready; then
-    /// [`Ready::go`] lets it run. Dropping the [`Ready`] instead ends the new VMM unrun.
-    pub fn send_state_and_wait(self, state: &[u8]) -> Result<Ready, Error> {
+    /// Sends the paused guest's state (JSON) and `go` behind it, and waits for the new VMM
+    /// to build the guest and run it. On `Ok` its vCPUs run; on an error it did not say so
+    /// (the caller ends it).
+    pub fn send_state_and_go(self, state: &[u8]) -> Result<(), Error> {
         self.send_state(state)?;
-        self.expect("ready")?;
-        Ok(Ready { link: self.link })
+        (&self.link)
+            .write_all(b"go\n")
+            .map_err(io("telling the new VMM to go"))?;
+        // One reader for both words: they may come in one read.
+        let mut words = BufReader::new(&self.link);
+        for word in ["ready", "running"] {
+            let mut line = String::new();
+            words
+                .read_line(&mut line)
+                .map_err(io("waiting for the new VMM to run"))?;
+            match line.trim_end() {
+                w if w == word => {}
+                "" => return Err(Error::Refused("it ended without running the guest".into())),
+                other => return Err(Error::Refused(other.to_string())),
+            }
+        }
+        Ok(())
     }
 
     fn send_state(&self, body: &[u8]) -> Result<(), Error> {
@@ -151,29 +171,6 @@ impl Outgoing {
             .write_all(&(body.len() as u64).to_le_bytes())
             .and_then(|()| (&self.link).write_all(body))
             .map_err(io("sending the state"))
-    }
-}
-
-/// A new VMM that has built the guest, paused, and waits for `go`.
-pub struct Ready {
-    link: UnixStream,
-}
-
-impl Ready {
-    /// Lets the new VMM run the guest, and waits for its word that its vCPUs run.
-    pub fn go(self) -> Result<(), Error> {
-        (&self.link)
-            .write_all(b"go\n")
-            .map_err(io("telling the new VMM to go"))?;
-        let mut line = String::new();
-        BufReader::new(&self.link)
-            .read_line(&mut line)
-            .map_err(io("waiting for the new VMM to run"))?;
-        match line.trim_end() {
-            "running" => Ok(()),
-            "" => Err(Error::Refused("it ended after go without running".into())),
-            other => Err(Error::Refused(other.to_string())),
-        }
     }
 }
 
@@ -304,6 +301,15 @@ impl Incoming {
     /// Says the guest runs here (after `go`): best effort, since an old VMM ends at once.
     pub fn running(&self) {
         let _ = (&self.link).write_all(b"running\n");
+    }
+
+    /// Says why the guest will not run here after all (after `go`), on one line: best effort.
+    pub fn refuse(&self, why: &str) {
+        let line: String = why
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let _ = (&self.link).write_all(format!("{line}\n").as_bytes());
     }
 
     /// The VM is built (paused): tells the old VMM and waits for its `go`. An error means the

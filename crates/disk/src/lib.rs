@@ -143,8 +143,7 @@ pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), Error> {
 
 /// The order in which a VM's `count` disks (`read_only` each) are locked: the first
 /// writable one, then the others in order. That first exclusive lock admits one VMM: the
-/// arbiter of which runs a migrating guest, taken first by both the source's VMM and the
-/// target's daemon.
+/// arbiter of which runs a migrating guest, taken first by the VMMs on both hosts.
 pub fn arbiter_first(read_only: &[bool], count: usize) -> Vec<usize> {
     let writable = |i: &usize| !read_only.get(*i).copied().unwrap_or(false);
     let first = (0..count).find(writable);

@@ -380,7 +380,7 @@ pub fn open_vm_files(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<OwnedFd>> 
 /// One disk's image and (qcow2) its backing chain, by the names its headers give, each
 /// beneath the image directories, the chain read-only; the VMM walks the same headers to
 /// take them. No lock is taken.
-fn open_disk(d: &api::DiskSpec, images: &ImageDirs) -> Result<disk::ImageFiles> {
+pub(crate) fn open_disk(d: &api::DiskSpec, images: &ImageDirs) -> Result<disk::ImageFiles> {
     let refused = |e: &dyn std::fmt::Display| Error::Refused {
         reason: e.to_string(),
     };
@@ -406,16 +406,10 @@ fn open_disk(d: &api::DiskSpec, images: &ImageDirs) -> Result<disk::ImageFiles> 
 }
 
 /// The VM's disks opened for a VMM taking the guest over from another host, without their
-/// locks (the source's VMM holds them until it lets go; see `supervisor::migrate_in`),
-/// each with whether it is read-only.
-pub fn open_disks_unlocked(
-    spec: &VmSpec,
-    images: &ImageDirs,
-) -> Result<Vec<(disk::ImageFiles, bool)>> {
-    spec.disks
-        .iter()
-        .map(|d| Ok((open_disk(d, images)?, d.readonly)))
-        .collect()
+/// locks (the source's VMM holds them until it lets go; the new VMM takes them: see
+/// `supervisor::migrate_in`).
+pub fn open_disks_unlocked(spec: &VmSpec, images: &ImageDirs) -> Result<Vec<disk::ImageFiles>> {
+    spec.disks.iter().map(|d| open_disk(d, images)).collect()
 }
 
 /// Every live `keel-vmm vmm --dir DIR` process on the host, as (pid, DIR), from /proc. Zombies
@@ -461,18 +455,6 @@ pub async fn control(run_dir: &RunDir, request: &Request) -> Result<Response> {
 /// The longest answer a VMM may give, but for [`control_large`]'s.
 const ANSWER_LIMIT: u64 = 64 * 1024;
 
-/// [`control_waiting`] for a request whose answer is large (a migration's dirty-page bitmap
-/// or VM state): up to 64 MiB.
-pub async fn control_large(
-    run_dir: &RunDir,
-    request: &Request,
-    timeout: Duration,
-) -> Result<Response> {
-    control_with_peer(run_dir, request, timeout, 64 << 20)
-        .await
-        .map(|(r, _)| r)
-}
-
 /// [`control`] for a request that takes long (a snapshot writes all the guest's memory).
 pub async fn control_waiting(
     run_dir: &RunDir,
@@ -482,6 +464,79 @@ pub async fn control_waiting(
     control_with_peer(run_dir, request, timeout, ANSWER_LIMIT)
         .await
         .map(|(r, _)| r)
+}
+
+/// A blocking connection to a VMM's control socket, kept for many requests: a migration's
+/// rounds and its switch, asked from a thread of their own with no async runtime between
+/// them and the VMM (the guest stands still for the switch's request). Answers may be large
+/// (a dirty-page bitmap, a VM's state): up to 64 MiB.
+pub struct ControlLink {
+    path: PathBuf,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl ControlLink {
+    const ANSWER_LIMIT: u64 = 64 << 20;
+
+    /// Connects; each answer is waited for up to `timeout`.
+    pub fn connect(run_dir: &RunDir, timeout: Duration) -> Result<ControlLink> {
+        let path = run_dir.control_socket();
+        let stream = std::os::unix::net::UnixStream::connect(&path)
+            .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
+            .and_then(|s| s.set_write_timeout(Some(timeout)).map(|()| s))
+            .map_err(|e| Error::Control {
+                path: path.clone(),
+                reason: format!("cannot connect ({e})"),
+            })?;
+        Ok(ControlLink {
+            path,
+            reader: std::io::BufReader::new(stream),
+        })
+    }
+
+    /// One request and its answer. After an error the link is not to be used again.
+    pub fn ask(&mut self, request: &Request) -> Result<Response> {
+        use std::io::{BufRead, Read, Write};
+        let fail = |reason: String| Error::Control {
+            path: self.path.clone(),
+            reason,
+        };
+        let mut line = serde_json::to_string(request).map_err(|e| fail(e.to_string()))?;
+        line.push('\n');
+        self.reader
+            .get_ref()
+            .write_all(line.as_bytes())
+            .map_err(|e| fail(format!("sending failed ({e})")))?;
+        let mut answer = String::new();
+        // The VMM is hostile: an answer is one line of at most the limit.
+        (&mut self.reader)
+            .take(Self::ANSWER_LIMIT)
+            .read_line(&mut answer)
+            .map_err(|e| fail(format!("reading the answer failed ({e})")))?;
+        if !answer.ends_with('\n') {
+            return Err(fail(format!(
+                "the answer ended after {} bytes, unfinished",
+                answer.len()
+            )));
+        }
+        parse_answer(&answer).map_err(fail)
+    }
+}
+
+/// A VMM's answer, or why it is none (its start quoted: a state runs to kilobytes).
+fn parse_answer(answer: &str) -> std::result::Result<Response, String> {
+    serde_json::from_str::<Response>(answer).map_err(|e| {
+        let start: String = answer.chars().take(200).collect();
+        let cut = if start.len() < answer.len() {
+            "..."
+        } else {
+            ""
+        };
+        format!(
+            "unreadable answer {start:?}{cut} of {} bytes ({e})",
+            answer.len()
+        )
+    })
 }
 
 /// [`control`], with the pid of the socket's owner as the kernel reports it.
@@ -518,9 +573,7 @@ async fn control_with_peer(
             .read_line(&mut answer)
             .await
             .map_err(|e| fail(format!("reading the answer failed ({e})")))?;
-        serde_json::from_str::<Response>(&answer)
-            .map(|r| (r, peer))
-            .map_err(|e| fail(format!("unreadable answer {answer:?} ({e})")))
+        parse_answer(&answer).map(|r| (r, peer)).map_err(fail)
     };
     tokio::time::timeout(timeout, exchange)
         .await

@@ -54,8 +54,8 @@ pub enum VmCommand {
     DirtyPages,
     /// Start a live migration's tracking (see [`Request::MigrationStart`]).
     MigrationStart,
-    /// Report the paused VM's state.
-    MachineState,
+    /// A live migration's switch (see [`Request::MigrationSwitch`]).
+    MigrationSwitch,
     /// Take or release the disks' locks.
     DiskLocks { held: bool },
 }
@@ -77,7 +77,7 @@ impl VmCommand {
             Request::DirtyLog { on } => VmCommand::DirtyLog { on },
             Request::DirtyPages => VmCommand::DirtyPages,
             Request::MigrationStart => VmCommand::MigrationStart,
-            Request::MachineState => VmCommand::MachineState,
+            Request::MigrationSwitch => VmCommand::MigrationSwitch,
             Request::DiskLocks { held } => VmCommand::DiskLocks { held },
         }
     }
@@ -110,10 +110,13 @@ impl VmCommand {
                 Booting,
             ) => Err("the VM has not started yet"),
             (VmCommand::MigrationStart, Running | Paused) => Ok(()),
-            (VmCommand::MachineState | VmCommand::DiskLocks { .. }, Paused) => Ok(()),
-            (VmCommand::MachineState | VmCommand::DiskLocks { .. }, _) => {
-                Err("the VM is not paused: pause it first")
+            (VmCommand::MigrationSwitch, Running) => Ok(()),
+            (VmCommand::MigrationSwitch, Booting) => Err("the VM has not started yet"),
+            (VmCommand::MigrationSwitch, Paused) => {
+                Err("the VM is paused: a migration switches a running guest")
             }
+            (VmCommand::DiskLocks { .. }, Paused) => Ok(()),
+            (VmCommand::DiskLocks { .. }, _) => Err("the VM is not paused: pause it first"),
         }
     }
 }
@@ -316,7 +319,7 @@ impl Controller {
             VmCommand::DirtyLog { on } => self.dirty_log(on),
             VmCommand::DirtyPages => self.dirty_pages(),
             VmCommand::MigrationStart => self.migration_start(),
-            VmCommand::MachineState => self.machine_state(),
+            VmCommand::MigrationSwitch => self.migration_switch(),
             VmCommand::DiskLocks { held } => self.disk_locks(held),
         }
     }

@@ -171,6 +171,7 @@ impl PauseGate {
     pub fn resume(&self) {
         let mut state = self.lock();
         state.paused = false;
+        state.save_asked.iter_mut().for_each(|a| *a = false);
         self.requested.store(false, Ordering::Release);
         drop(state);
         self.changed.notify_all();
@@ -186,7 +187,11 @@ impl PauseGate {
         while state.paused {
             if state.save_asked.get(id).copied().unwrap_or(false) {
                 state.save_asked[id] = false;
-                state.saved[id] = Some(save());
+                // Saved without the lock: the control thread works on meanwhile.
+                drop(state);
+                let saved = save();
+                state = self.lock();
+                state.saved[id] = Some(saved);
                 self.changed.notify_all();
                 continue;
             }
@@ -195,8 +200,9 @@ impl PauseGate {
         state.parked -= 1;
     }
 
-    /// Every vCPU's state, saved by its own thread while parked. Only while paused.
-    pub fn save_vcpus(&self) -> Result<Vec<arch::cpu_state::VcpuState>, String> {
+    /// Asks every parked vCPU to save its state, and returns at once: see
+    /// [`Self::collect_saves`]. Only while paused.
+    pub fn ask_saves(&self) -> Result<(), String> {
         let mut state = self.lock();
         if !state.paused || state.gone > 0 || state.parked < self.total {
             return Err("the vCPUs are not all parked".into());
@@ -206,6 +212,12 @@ impl PauseGate {
             state.saved[i] = None;
         }
         self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits for the states [`Self::ask_saves`] asked for.
+    pub fn collect_saves(&self) -> Result<Vec<arch::cpu_state::VcpuState>, String> {
+        let mut state = self.lock();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         while state.saved.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -279,6 +291,48 @@ mod tests {
         }
         assert_eq!(spins.load(Ordering::Relaxed), 600_000);
         gate.pause().expect("ended threads count as stopped");
+    }
+
+    /// A vCPU saves its state without the gate's lock: the control thread works meanwhile
+    /// (a save that held it would wait for the control thread's signal in vain).
+    #[test]
+    fn vcpus_save_while_the_control_thread_works() {
+        let gate = Arc::new(PauseGate::new(2));
+        let (signal, signalled) = std::sync::mpsc::channel::<()>();
+        let signalled = Arc::new(Mutex::new(signalled));
+        let threads: Vec<_> = (0..2)
+            .map(|id| {
+                let (gate, signalled) = (gate.clone(), signalled.clone());
+                std::thread::spawn(move || {
+                    gate.register(id);
+                    while !gate.requested() {
+                        std::thread::yield_now();
+                    }
+                    gate.park(id, &mut || {
+                        let waited = signalled
+                            .lock()
+                            .unwrap()
+                            .recv_timeout(Duration::from_secs(5));
+                        Err(format!("vcpu {id}: {}", waited.is_ok()))
+                    });
+                    gate.gone(id);
+                })
+            })
+            .collect();
+        install_kick_handler().unwrap();
+        gate.pause().unwrap();
+        gate.ask_saves().unwrap();
+        // Work that needs the gate while the vCPUs save, then let each save end.
+        for _ in 0..2 {
+            drop(gate.lock());
+            signal.send(()).unwrap();
+        }
+        let saved = gate.collect_saves().unwrap_err();
+        assert!(saved.ends_with(": true"), "{saved}");
+        gate.resume();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

@@ -454,6 +454,7 @@ fn take_over(
             takeover: Some(vm::Takeover {
                 incoming: None,
                 renames,
+                lock_disks: incoming.then(|| config.disks.iter().map(|d| d.read_only).collect()),
             }),
             prebuilt: Some(prebuilt),
         }),

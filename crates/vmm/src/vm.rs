@@ -368,9 +368,16 @@ pub(crate) fn run_with(
             .map_err(io_err("starting a vCPU thread"))?;
     }
     shared.filtered.wait();
+    // From here on this thread is the event loop, and serves the guest's devices. Its
+    // filter goes in before a guest taken over comes: installing it takes a fraction of a
+    // millisecond, which that guest would stand still for.
+    let filtered = if config.seccomp {
+        jail::seccomp::install(ThreadKind::EventLoop)
+    } else {
+        Ok(())
+    };
     // A guest taken over: its vCPUs and devices exist, now its state comes (the guest
-    // stands still in its old VMM from here), before this thread's filter forbids the
-    // ioctls that set it.
+    // stands still in its old VMM from here).
     let state_came = match restore.as_mut() {
         Some(r) => match r.pending.take() {
             Some((offered, wait)) => receive_state(
@@ -390,12 +397,6 @@ pub(crate) fn run_with(
             None => Ok(()),
         },
         None => Ok(()),
-    };
-    // From here on this thread is the event loop, and serves the guest's devices.
-    let filtered = if config.seccomp {
-        jail::seccomp::install(ThreadKind::EventLoop)
-    } else {
-        Ok(())
     };
     // The vCPU threads go on only now (whatever became of the filter: they must not wait
     // for ever; a failed install ends the VM below).
@@ -418,7 +419,7 @@ pub(crate) fn run_with(
         Some(_) if filtered.is_err() => Err(Error::TakeoverAborted(
             "the event loop's seccomp filter could not be installed".into(),
         )),
-        Some(takeover) => takeover.switch(),
+        Some(takeover) => takeover.switch(&virtio),
         None => Ok(()),
     };
     if started.is_err() || filtered.is_err() {
@@ -427,14 +428,14 @@ pub(crate) fn run_with(
     shared.go.wait();
     filtered?;
     started?;
-    // The vCPUs run: whoever offered the guest hears it (a migration's target daemon waits
-    // for this before it tells the source).
-    if let Some(incoming) = restore
-        .as_ref()
-        .and_then(|r| r.takeover.as_ref())
-        .and_then(|t| t.incoming.as_ref())
-    {
-        incoming.running();
+    // The vCPUs run: this VMM takes the old one's sockets' names, then whoever offered the
+    // guest hears it (a migration's target daemon waits for this before it tells the
+    // source, and then uses the control socket).
+    if let Some(takeover) = restore.as_ref().and_then(|r| r.takeover.as_ref()) {
+        takeover.take_names();
+        if let Some(incoming) = &takeover.incoming {
+            incoming.running();
+        }
     }
     // A restored VM's devices were left paused: they serve every queue once now, since the
     // guest's notifications before the snapshot may have been suppressed.

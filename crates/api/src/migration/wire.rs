@@ -11,22 +11,23 @@
 //!    `accepted` or `refused`; the target starts its VMM, which builds the VM over the empty
 //!    memfd while pages arrive.
 //! 2. page batches, in rounds, while the guest runs; the target writes them.
-//! 3. `stopping` (the target defines the VM now); the source pauses the guest and sends the
-//!    last pages, then `state`.
-//! 4. `ready` once the target's VMM has built the guest from it (paused); the source
-//!    releases its disks' locks and says `go`; the target takes the locks (the arbiter:
-//!    only one VMM can hold them) and lets its VMM run, then says `running`.
+//! 3. `stopping` -> `defined` (the target caught up with the pages and defined the VM: the
+//!    guest does not stand still for either); the source pauses the guest, releases its
+//!    disks' locks, and sends the last pages, then `state`, which is also the go: the
+//!    target's VMM builds the guest from it, takes the disks' locks (the arbiter: only one
+//!    VMM can hold them) and runs it; then the target says `running`.
 //!
-//! Until `go` the source resumes its guest on any failure or `abort`, and the target kills
-//! its VMM and forgets the VM. After `go` without `running`, the source tries to take its
-//! disks' locks back: if it can, the target did not start the guest, and it resumes; if it
-//! cannot, the target has it. A VM without writable disks has no such arbiter and stays
-//! paused here until an operator decides (the migration's error says so).
+//! Until `state` is sent the source resumes its guest on any failure or `abort`, and the
+//! target kills its VMM and forgets the VM. After it, without `running`, the source tries to
+//! take its disks' locks back: if it can, the target did not start the guest (a target that
+//! gives up says `abort` only once its VMM, and the locks with it, are gone), and it
+//! resumes; if it cannot, the target has it. A VM without writable disks has no such arbiter
+//! and stays paused here until an operator decides (the migration's error says so).
 
 use serde::{Deserialize, Serialize};
 
 /// The version of this protocol; a target refuses another.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Guest page size.
 pub const PAGE: usize = 4096;
 /// Pages in one binary message (1 MiB of data).
@@ -95,24 +96,23 @@ pub enum Message {
     Refused {
         why: String,
     },
-    /// The last round follows: the guest is being paused.
+    /// The last round follows: the target answers `defined` once it wrote every page so far
+    /// and defined the VM, and the source then pauses the guest.
     Stopping,
-    /// The paused guest's state, as its VMM saved it.
+    Defined,
+    /// The paused guest's state, as its VMM saved it; the source's disks are unlocked: the
+    /// target may run the guest.
     State {
-        state: serde_json::Value,
+        state: crate::control::GuestState,
     },
-    /// The target's VMM has built the guest, paused; it took this long from the state's
-    /// arrival at the target's daemon.
-    Ready {
+    /// The guest runs on the target, whose VMM took this long from the state's arrival at
+    /// its daemon (to build the guest, take the disks' locks and start the vCPUs).
+    Running {
+        pid: u32,
         #[serde(default)]
         build_ms: f64,
     },
-    Go,
-    /// The guest runs on the target.
-    Running {
-        pid: u32,
-    },
-    /// Either side gives up (before `go`).
+    /// Either side gives up (the target, once its VMM has ended).
     Abort {
         why: String,
     },
@@ -186,8 +186,15 @@ mod tests {
 
     #[test]
     fn messages_are_tagged_json() {
-        let text = serde_json::to_string(&Message::Go).unwrap();
-        assert_eq!(text, r#"{"message":"go"}"#);
+        let text = serde_json::to_string(&Message::Stopping).unwrap();
+        assert_eq!(text, r#"{"message":"stopping"}"#);
+        let state = r#"{"message":"state","state":"{\"vcpus\":[1, 2.5]}"}"#;
+        let back: Message = serde_json::from_str(state).unwrap();
+        // The state crosses as it came: its text, untouched.
+        let Message::State { state } = &back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(state.json(), r#"{"vcpus":[1, 2.5]}"#);
         let back: Message = serde_json::from_str(r#"{"message":"abort","why":"x"}"#).unwrap();
         assert_eq!(back, Message::Abort { why: "x".into() });
     }

@@ -2,7 +2,7 @@
 //! The VM is defined here as the source defined it, once its disks are shown to be the same
 //! files; a jailed VMM is started to take the guest over (`keel vmm --takeover --incoming`)
 //! and offered a memfd this daemon fills with the pages that arrive, and the disks opened
-//! without their locks, which are taken only on the source's `go`.
+//! without their locks, which the VMM takes only once the source's state came.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -32,9 +32,7 @@ struct Arriving {
     memfd: File,
     pages: u64,
     vmm: Arc<ProcessHandle>,
-    disks: Vec<(disk::ImageFiles, bool)>,
     offered: Option<api::handover::Outgoing>,
-    ready: Option<api::handover::Ready>,
 }
 
 impl Supervisor {
@@ -143,12 +141,12 @@ impl Supervisor {
     }
 
     /// Defines the arriving VM, as the switch begins.
-    fn define_arrival(&self, a: &Arriving, actor: &str) -> Result<(), String> {
+    fn define_arrival(&self, spec: &VmSpec, actor: &str) -> Result<(), String> {
         self.with_store(|s| -> super::Result<()> {
-            if s.vm(&a.spec.name)?.is_some() {
-                return Err(Error::Exists(a.spec.name.clone()));
+            if s.vm(&spec.name)?.is_some() {
+                return Err(Error::Exists(spec.name.clone()));
             }
-            s.create_vm(&a.spec, actor)?;
+            s.create_vm(spec, actor)?;
             Ok(())
         })
         .map_err(|e| e.to_string())
@@ -225,7 +223,7 @@ impl Supervisor {
         }
         let fds: Vec<Vec<i32>> = disks
             .iter()
-            .map(|(files, _)| files.files().map(|f| f.as_raw_fd()).collect())
+            .map(|files| files.files().map(|f| f.as_raw_fd()).collect())
             .collect();
         let memfd_raw = memfd.as_raw_fd();
         let offered =
@@ -245,9 +243,7 @@ impl Supervisor {
             memfd,
             pages: memory_bytes / PAGE as u64,
             vmm,
-            disks,
             offered: Some(offered),
-            ready: None,
         })
     }
 
@@ -274,55 +270,51 @@ impl Supervisor {
                     })?;
                     received += pages.len() as u64;
                 }
-                // The source pauses the guest meanwhile.
+                // The source pauses the guest once every page so far is written here and
+                // the VM defined (its commit waits for the disk: not while it stands still).
                 Incoming::Text(Message::Stopping) => {
-                    tokio::task::block_in_place(|| self.define_arrival(a, actor))?;
+                    if a.defined {
+                        return Err("a second stopping".into());
+                    }
+                    tokio::task::block_in_place(|| self.define_arrival(&a.spec, actor))?;
                     a.defined = true;
+                    send(ws, &Message::Defined).await?;
                 }
+                // The state is also the go: the source's disks are unlocked.
                 Incoming::Text(Message::State { state }) => {
+                    let came = Instant::now();
                     if !a.defined {
                         return Err("the state came before stopping".into());
                     }
-                    let came = Instant::now();
+                    if self.test_drop_at("state") {
+                        return Err("the link dropped at the state (a test's doing)".into());
+                    }
+                    let _third_party = self.test_hold_arbiter(&a.spec)?;
                     let offered = a.offered.take().ok_or("a second state")?;
-                    let body = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
-                    let ready = tokio::task::block_in_place(|| offered.send_state_and_wait(&body))
-                        .map_err(|e| {
-                            format!(
-                                "its VMM here could not build the guest: {e}{}",
-                                self.vmm_said(&a.name)
-                            )
-                        })?;
-                    a.ready = Some(ready);
+                    let name = a.name.clone();
+                    let vmm_failed = |e: &dyn std::fmt::Display| {
+                        format!(
+                            "its VMM here did not run the guest: {e}{}",
+                            self.vmm_said(&name)
+                        )
+                    };
+                    // The VMM builds the guest from the state, takes the disks' locks (the
+                    // first writable disk first: the arbiter) and runs it.
+                    tokio::task::block_in_place(|| {
+                        offered.send_state_and_go(state.json().as_bytes())
+                    })
+                    .map_err(|e| vmm_failed(&e))?;
                     let build_ms = came.elapsed().as_secs_f64() * 1000.0;
-                    send(ws, &Message::Ready { build_ms }).await?;
-                }
-                Incoming::Text(Message::Go) => {
-                    if self.test_drop_at("go") {
-                        return Err("the link dropped at go (a test's doing)".into());
-                    }
-                    let ready = a.ready.take().ok_or("go before the state")?;
-                    // The first writable disk first: the arbiter, as the source's VMM
-                    // takes it first when it takes its locks back.
-                    let read_only: Vec<bool> = a.disks.iter().map(|(_, ro)| *ro).collect();
-                    for i in disk::arbiter_first(&read_only, a.disks.len()) {
-                        let (files, read_only) = &a.disks[i];
-                        tokio::task::block_in_place(|| files.lock(*read_only)).map_err(|e| {
-                            format!("its disk is still in use (the source's VMM holds it?): {e}")
-                        })?;
-                    }
-                    tokio::task::block_in_place(|| ready.go())
-                        .map_err(|e| format!("its VMM here did not run the guest: {e}"))?;
                     // The guest is this host's now (its disks' locks say so): the source
                     // hears it first, the ledger after.
                     let pid = a.vmm.pid;
                     if !self.test_drop_at("running") {
-                        let _ = send(ws, &Message::Running { pid }).await;
+                        let _ = send(ws, &Message::Running { pid, build_ms }).await;
                     }
                     // Its `running` came after it renamed its control socket into place.
                     self.watch(&a.name, a.vmm.clone());
                     self.migrations.arrived(&a.name);
-                    // Nothing after go may turn the VM away: it runs here.
+                    // Nothing after the run may turn the VM away: it runs here.
                     if let Err(e) = self.arrived(a, actor, received, began.elapsed()) {
                         tracing::error!("recording VM {}'s arrival failed: {e}", a.name);
                     }
@@ -342,8 +334,8 @@ impl Supervisor {
     }
 
     /// Debug builds: a whole-system test makes this daemon drop a migration's link at a
-    /// step (`go`: on the source's go, before anything; `running`: the guest runs here but
-    /// the source is not told) named in `STATE/test-migration-drop`.
+    /// step (`state`: on the source's state, which is its go, before anything; `running`:
+    /// the guest runs here but the source is not told) named in `STATE/test-migration-drop`.
     #[cfg(debug_assertions)]
     fn test_drop_at(&self, step: &str) -> bool {
         std::fs::read_to_string(self.state_dir.join("test-migration-drop"))
@@ -353,6 +345,21 @@ impl Supervisor {
     #[cfg(not(debug_assertions))]
     fn test_drop_at(&self, _step: &str) -> bool {
         false
+    }
+
+    /// Debug builds, `locked` in `STATE/test-migration-drop`: a third party (this daemon,
+    /// through a file of its own) holds the VM's first writable disk when its VMM here would
+    /// take it.
+    fn test_hold_arbiter(&self, spec: &VmSpec) -> Result<Option<disk::ImageFiles>, String> {
+        if !self.test_drop_at("locked") {
+            return Ok(None);
+        }
+        let Some(d) = spec.disks.iter().find(|d| !d.readonly) else {
+            return Ok(None);
+        };
+        let files = vmm_process::open_disk(d, &self.images).map_err(|e| e.to_string())?;
+        files.lock(false).map_err(|e| e.to_string())?;
+        Ok(Some(files))
     }
 
     /// The last line the VMM logged, for an error (its run directory goes with the VM).

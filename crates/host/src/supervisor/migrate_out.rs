@@ -2,8 +2,8 @@
 //! The link is driven from a blocking thread of its own: it reads guest memory from the
 //! VMM's memfd (opened through /proc: the jailed VMM names its descriptor) and writes a
 //! WebSocket over TLS, pinned to the target's certificate. The VMM is asked over its control
-//! socket for what was written since the last round, to pause, for its state and to give up
-//! its disks' locks.
+//! socket for what was written since the last round, and, in one request for the switch, to
+//! pause, give up its disks' locks and hand out its state.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -62,6 +62,8 @@ struct Undo {
     /// When the guest paused (its ledger row is written once the switch is over).
     paused_at_ms: Option<i64>,
     unlocked: bool,
+    /// The VMM resumed the guest itself (a switch it could not complete).
+    resumed: bool,
 }
 
 /// The switch's steps and how long each took, for the progress (where the pause goes).
@@ -79,14 +81,16 @@ impl<'a> Steps<'a> {
         }
     }
 
-    /// A step of which `part_ms` was spent on `part` (as the other side measured it).
-    fn done_split(&mut self, step: &str, part: &str, part_ms: f64) {
+    /// A step and its parts, as the other side measured them.
+    fn done_split(&mut self, step: &str, parts: &[(&str, f64)]) {
         self.done(step);
         self.outgoing.update(|p| {
-            p.switch_steps.push(api::migration::MigrationStep {
-                step: format!("{step}: {part}"),
-                ms: part_ms,
-            })
+            for (part, ms) in parts {
+                p.switch_steps.push(api::migration::MigrationStep {
+                    step: format!("{step}: {part}"),
+                    ms: *ms,
+                })
+            }
         });
     }
 
@@ -151,7 +155,6 @@ impl Supervisor {
             let guard = this.vm_lock(&name);
             let _held = guard.lock().await;
             let started = Instant::now();
-            let runtime = tokio::runtime::Handle::current();
             let target = Target {
                 addr,
                 fingerprint,
@@ -160,7 +163,7 @@ impl Supervisor {
                 max_bandwidth: request.max_bandwidth_mib_s.map(|m| m << 20),
             };
             let (t, n, o) = (this.clone(), name.clone(), outgoing.clone());
-            let moved = tokio::task::spawn_blocking(move || t.move_out(&runtime, &n, &o, &target))
+            let moved = tokio::task::spawn_blocking(move || t.move_out(&n, &o, &target))
                 .await
                 .unwrap_or_else(|e| {
                     Err(Failed {
@@ -287,15 +290,14 @@ impl Supervisor {
     /// the target's host name.
     fn move_out(
         self: &Arc<Self>,
-        runtime: &tokio::runtime::Handle,
         name: &str,
         outgoing: &Outgoing,
         target: &Target,
     ) -> std::result::Result<(Duration, String), Failed> {
         let run_dir = self.run_dir(name);
         let vmm = Vmm {
-            runtime,
             run_dir: &run_dir,
+            link: Default::default(),
         };
         let mut undo = Undo::default();
         let pid = self.handle(name).map(|(h, _)| h.pid);
@@ -329,8 +331,16 @@ impl Supervisor {
                 }
             }
             if undo.paused && left_paused.is_none() {
-                match vmm.ask(&Request::Resume) {
-                    Ok(Response::Resumed(_)) => {
+                let resumed = if undo.resumed {
+                    Ok(())
+                } else {
+                    match vmm.ask(&Request::Resume) {
+                        Ok(Response::Resumed(_)) => Ok(()),
+                        other => Err(answer_text(other)),
+                    }
+                };
+                match resumed {
+                    Ok(()) => {
                         // The daemon's record of the pause ends with the resume.
                         let _ = self.transition(
                             name,
@@ -344,11 +354,10 @@ impl Supervisor {
                             },
                         );
                     }
-                    other => {
+                    Err(answer) => {
                         left_paused = Some(format!(
-                            "{}; then resuming it here failed ({}): the VM is left paused (keel vm resume tries again)",
+                            "{}; then resuming it here failed ({answer}): the VM is left paused (keel vm resume tries again)",
                             failed.why,
-                            answer_text(other)
                         ))
                     }
                 }
@@ -419,8 +428,8 @@ impl Supervisor {
         sender.send_extents(pages)?;
         let mut bandwidth = sender.rate();
         let (mut fewest, mut stalled, mut previous) = (u64::MAX, 0, u64::MAX);
-        // The last reading of the log, whose pages go with the switch's.
-        let mut pending: Vec<u64>;
+        // The last reading of the log, whose pages go just before the switch.
+        let pending: Vec<u64>;
         loop {
             if outgoing.is_cancelled() {
                 return Err(cancelled());
@@ -445,7 +454,7 @@ impl Supervisor {
             // Within the budget, one more round while the rest still halves: what is left
             // crosses while the guest stands still.
             if expected <= target.max_downtime && (dirty <= FEW_PAGES || dirty * 2 > previous) {
-                // The log was read (and cleared): its pages cross with the switch's.
+                // The log was read (and cleared): its pages go before the switch.
                 pending = bitmap;
                 break;
             }
@@ -469,90 +478,104 @@ impl Supervisor {
             sender.send_pages(wire::set_pages(&bitmap))?;
             bandwidth = bandwidth.max(sender.rate());
         }
+        // The last round's pages go while the guest still runs: the switch carries only
+        // what it writes from here.
+        sender.send_pages(wire::set_pages(&pending))?;
         // The switch: the guest stands still from here.
         if outgoing.is_cancelled() {
             return Err(cancelled());
         }
         outgoing.update(|p| p.phase = MigrationPhase::Switching);
         sender.link.send(&Message::Stopping)?;
-        let stood_still = Instant::now();
-        let mut steps = Steps::new(outgoing);
-        match vmm.ask(&Request::Pause)? {
-            Response::Paused(_) => undo.paused = true,
-            other => return Err(unexpected(other).into()),
-        }
-        // Recorded with the pause's time, once the switch is over: the store's commit waits
-        // for the disk, and the guest stands still meanwhile.
-        undo.paused_at_ms = Some(crate::time::now_ms());
-        steps.done("pause");
-        let bitmap = match vmm.ask(&Request::DirtyPages)? {
-            Response::DirtyPages { bitmap, .. } => bitmap,
-            other => return Err(unexpected(other).into()),
-        };
-        for (word, last) in pending.iter_mut().zip(&bitmap) {
-            *word |= last;
-        }
-        steps.done("dirty log");
-        // The VMM saves the state while the last pages go (they stand still: it is paused).
-        let state = vmm.ask_ahead(Request::MachineState);
-        sender.send_pages(wire::set_pages(&pending))?;
-        steps.done("last pages");
-        let state = match vmm.wait(state)? {
-            Response::MachineState { state } => state,
-            other => return Err(unexpected(other).into()),
-        };
-        steps.done("state saved");
-        sender.link.send(&Message::State { state })?;
-        let target_build = match sender.link.receive()? {
-            Message::Ready { build_ms } => build_ms,
+        match sender.link.receive()? {
+            Message::Defined => {}
             Message::Abort { why } | Message::Refused { why } => {
                 return Err(format!("the target gave up: {why}").into())
             }
-            other => return Err(format!("the target answered {other:?}").into()),
+            other => return Err(format!("the target answered {other:?} to stopping").into()),
+        }
+        let stood_still = Instant::now();
+        let mut steps = Steps::new(outgoing);
+        // One request pauses the guest, reads the last log, releases the disks and saves
+        // the state; on an error the VMM has undone it all (the guest runs on).
+        undo.paused_at_ms = Some(crate::time::now_ms());
+        let switched = match vmm.ask(&Request::MigrationSwitch) {
+            Ok(Response::MigrationSwitched(s)) => s,
+            Ok(Response::Error { message }) => {
+                undo.paused = true;
+                undo.resumed = true;
+                return Err(message.into());
+            }
+            Ok(other) => return Err(unexpected(other).into()),
+            Err(e) => {
+                // No answer: what the VMM did is unknown; whether it is paused tells.
+                let paused = match vmm.ask(&Request::Status) {
+                    Ok(Response::Status(s)) => s.paused,
+                    _ => true,
+                };
+                undo.paused = true;
+                undo.unlocked = paused;
+                undo.resumed = !paused;
+                return Err(format!("the VMM did not answer the switch: {e}").into());
+            }
         };
-        steps.done_split("target ready", "of which its VMM's build", target_build);
+        undo.paused = true;
+        undo.unlocked = true;
+        let us = |us: u64| us as f64 / 1000.0;
+        steps.done_split(
+            "pause, log, locks, state",
+            &[
+                ("vCPUs stopped", us(switched.pause.vcpus_stopped_us)),
+                ("devices settled", us(switched.pause.devices_settled_us)),
+                ("dirty log", us(switched.dirty_us)),
+                ("locks released", us(switched.release_us)),
+                ("state saved", us(switched.state_us)),
+            ],
+        );
+        sender.send_pages(wire::set_pages(&switched.bitmap))?;
+        steps.done("last pages");
         if outgoing.is_cancelled() {
             return Err(cancelled());
         }
-        match vmm.ask(&Request::DiskLocks { held: false })? {
-            Response::Done => undo.unlocked = true,
-            other => return Err(unexpected(other).into()),
-        }
-        steps.done("locks released");
-        // From here the target may run the guest (a go that failed to send may still have
-        // reached it): only the disks' locks tell.
-        let go = sender.link.send(&Message::Go);
-        // After go the target decides by the disks' locks; an abort would say nothing more.
+        // From here the target may run the guest (a state that failed to send may still
+        // have reached it): only its word, or the disks' locks, tell.
+        let sent = sender.link.send(&Message::State {
+            state: switched.state,
+        });
+        // After the state the target decides by the disks' locks; an abort says nothing more.
         sender.link.finish();
-        match go.and_then(|()| sender.link.receive()) {
-            Ok(Message::Running { .. }) => {
-                steps.done("target running");
+        let outcome = sent.and_then(|()| sender.link.receive());
+        // The target gives up only once its VMM ended: it does not run the guest.
+        let (why, target_gave_up) = match outcome {
+            Ok(Message::Running { build_ms, .. }) => {
+                steps.done_split("target running", &[("its VMM", build_ms)]);
+                return Ok((stood_still.elapsed(), there));
+            }
+            Ok(Message::Abort { why }) | Ok(Message::Refused { why }) => {
+                (format!("the target gave up: {why}"), true)
+            }
+            Ok(other) => (format!("the target answered {other:?} to the state"), false),
+            Err(e) => (e, false),
+        };
+        if !has_writable_disk && !target_gave_up {
+            undo.paused = false;
+            undo.unlocked = false;
+            return Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into());
+        }
+        match vmm.ask(&Request::DiskLocks { held: true }) {
+            // The target never took the disks: the guest is still ours.
+            Ok(Response::Done) => {
+                undo.unlocked = false;
+                Err(why.into())
+            }
+            // It holds the arbiter: it runs the guest.
+            Ok(Response::LockedElsewhere { .. }) if !target_gave_up => {
                 Ok((stood_still.elapsed(), there))
             }
-            outcome => {
-                let why = match outcome {
-                    Ok(other) => format!("the target answered {other:?} to go"),
-                    Err(e) => e,
-                };
-                if !has_writable_disk {
-                    undo.paused = false;
-                    undo.unlocked = false;
-                    return Err(format!("{why}; the VM has no writable disk whose lock would tell whether the target runs it, so it is left paused here: check the target, then resume it here (keel vm resume) only if it does not run there").into());
-                }
-                match vmm.ask(&Request::DiskLocks { held: true }) {
-                    // The target never took the disks: the guest is still ours.
-                    Ok(Response::Done) => {
-                        undo.unlocked = false;
-                        Err(why.into())
-                    }
-                    // It holds the arbiter: it runs the guest.
-                    Ok(Response::LockedElsewhere { .. }) => Ok((stood_still.elapsed(), there)),
-                    other => {
-                        undo.paused = false;
-                        undo.unlocked = false;
-                        Err(format!("{why}; whether the target runs the guest could not be told (taking the disks' locks back: {}), so it is left paused here: check the target, then resume it here only if it does not run there", answer_text(other)).into())
-                    }
-                }
+            other => {
+                undo.paused = false;
+                undo.unlocked = false;
+                Err(format!("{why}; whether the target runs the guest could not be told (taking the disks' locks back: {}), so it is left paused here: check the target, then resume it here only if it does not run there", answer_text(other)).into())
             }
         }
     }
@@ -598,40 +621,26 @@ struct Target {
     max_bandwidth: Option<u64>,
 }
 
-/// The VMM's control socket, from the blocking thread.
-/// A request to the VMM under way.
-struct Asked(tokio::task::JoinHandle<std::result::Result<Response, String>>);
-
+/// The VMM's control socket, from the blocking thread: one connection, made again after
+/// an error.
 struct Vmm<'a> {
-    runtime: &'a tokio::runtime::Handle,
     run_dir: &'a RunDir,
+    link: std::cell::RefCell<Option<vmm_process::ControlLink>>,
 }
 
 impl Vmm<'_> {
-    /// Asks `request` on the runtime and returns at once; the answer is [`Asked::wait`]ed.
-    fn ask_ahead(&self, request: Request) -> Asked {
-        let run_dir = self.run_dir.clone();
-        Asked(self.runtime.spawn(async move {
-            vmm_process::control_large(&run_dir, &request, STEP_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())
-        }))
-    }
-
-    fn wait(&self, asked: Asked) -> std::result::Result<Response, String> {
-        self.runtime
-            .block_on(asked.0)
-            .map_err(|e| format!("asking the VMM failed: {e}"))?
-    }
-
     fn ask(&self, request: &Request) -> std::result::Result<Response, String> {
-        self.runtime
-            .block_on(vmm_process::control_large(
-                self.run_dir,
-                request,
-                STEP_TIMEOUT,
-            ))
-            .map_err(|e| e.to_string())
+        let mut link = self.link.borrow_mut();
+        let connected = match link.take() {
+            Some(l) => l,
+            None => vmm_process::ControlLink::connect(self.run_dir, STEP_TIMEOUT)
+                .map_err(|e| e.to_string())?,
+        };
+        let answer = link.insert(connected).ask(request);
+        if answer.is_err() {
+            *link = None;
+        }
+        answer.map_err(|e| e.to_string())
     }
 }
 

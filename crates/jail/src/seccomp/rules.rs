@@ -56,10 +56,15 @@ ioctl_iow_nr!(
     0x46,
     kvm_userspace_memory_region
 );
-// The VM's interrupt controllers, PIT and clock, saved by the event loop for a snapshot.
+// The VM's interrupt controllers, PIT and clock, saved by the event loop for a snapshot,
+// and set by it when a guest taken over comes (its filter is in place by then: installing
+// it takes a fraction of a millisecond the guest would stand still for).
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 
 /// O_TMPFILE's own bit (libc's O_TMPFILE includes O_DIRECTORY, which plain opens of a
 /// directory may carry).
@@ -222,8 +227,11 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             libc::TCSETSW,
             libc::FIONBIO,
             KVM_GET_IRQCHIP(),
+            KVM_SET_IRQCHIP(),
             KVM_GET_CLOCK(),
+            KVM_SET_CLOCK(),
             KVM_GET_PIT2(),
+            KVM_SET_PIT2(),
             KVM_GET_DIRTY_LOG(),
             KVM_SET_USER_MEMORY_REGION(),
         ]),

@@ -1,12 +1,14 @@
 //! The source VMM's part of a live migration. The daemon does the moving: it reads guest
 //! memory from the memfd and sends it to the target host; the VMM tracks what is written
-//! (KVM's log for the vCPUs, vm-memory's bitmap for its devices), hands out the paused VM's
-//! state and gives up its disks' locks for the VMM that takes the guest over.
+//! (KVM's log for the vCPUs, vm-memory's bitmap for its devices), and in the switch pauses
+//! the guest, gives up its disks' locks for the VMM that takes it over and hands out its
+//! state.
 
-use api::control::{MigrationStart, Response};
+use api::control::{GuestState, MigrationStart, PauseReport, Response, SwitchReport};
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
-use super::Controller;
+use super::{micros, Controller, RunState};
 
 fn error(message: String) -> Response {
     Response::Error { message }
@@ -31,16 +33,75 @@ impl Controller {
         })
     }
 
-    pub(super) fn machine_state(&self) -> Response {
+    /// The switch: pause, the last dirty pages, the disks given up, the state saved (the
+    /// vCPUs save theirs meanwhile). Any failure resumes the guest here.
+    pub(super) fn migration_switch(&mut self) -> Response {
+        if !self.dirty_logging {
+            return error("the migration's tracking is off: start the migration first".into());
+        }
         let Some(m) = &self.machine else {
-            return error("this VMM cannot save its VM".into());
+            return error("this VMM cannot migrate its VM".into());
         };
-        match crate::snapshot::machine_state(m)
-            .map_err(|e| e.to_string())
-            .and_then(|state| serde_json::to_value(state).map_err(|e| e.to_string()))
-        {
-            Ok(state) => Response::MachineState { state },
-            Err(e) => error(format!("saving the VM's state failed: {e}")),
+        let asked = Instant::now();
+        let stopped = match m.gate.pause() {
+            Ok(took) => took,
+            Err(e) => return error(format!("pausing failed: {e}")),
+        };
+        let stopped_at = asked + stopped;
+        // Parked, each vCPU saves its state while the devices settle and the disks go.
+        let saves = m.gate.ask_saves();
+        if let Err(e) = m.devices.pause() {
+            m.gate.resume();
+            return error(format!("pausing failed: {e}; the VM runs on"));
+        }
+        self.state = RunState::Paused;
+        self.paused_at = Some(stopped_at);
+        let pause = PauseReport {
+            vcpus_stopped_us: micros(stopped),
+            devices_settled_us: micros(stopped_at.elapsed()),
+        };
+        if let Err(e) = saves {
+            return self.undo_switch(format!("saving the vCPUs' state failed: {e}"));
+        }
+        let began = Instant::now();
+        let bitmap = match crate::memory::dirty_bitmap(&m.vm, &m.memory) {
+            Ok(b) => b,
+            Err(e) => return self.undo_switch(format!("reading the dirty-page log failed: {e}")),
+        };
+        let dirty_us = micros(began.elapsed());
+        let began = Instant::now();
+        match self.disk_locks(false) {
+            Response::Done => {}
+            Response::Error { message } => return self.undo_switch(message),
+            other => return self.undo_switch(format!("releasing the disks answered {other:?}")),
+        }
+        let release_us = micros(began.elapsed());
+        let began = Instant::now();
+        let saved = match &self.machine {
+            Some(m) => crate::snapshot::machine_state_asked(m).map_err(|e| e.to_string()),
+            None => Err("no VM".into()),
+        }
+        .and_then(|s| serde_json::to_string(&s).map_err(|e| e.to_string()));
+        let state = match saved {
+            Ok(json) => GuestState(json),
+            Err(e) => return self.undo_switch(format!("saving the VM's state failed: {e}")),
+        };
+        Response::MigrationSwitched(Box::new(SwitchReport {
+            pause,
+            dirty_us,
+            release_us,
+            state_us: micros(began.elapsed()),
+            bitmap,
+            state,
+        }))
+    }
+
+    /// A switch that failed: the disks' locks back and the guest running again.
+    fn undo_switch(&mut self, why: String) -> Response {
+        match self.resume() {
+            Response::Resumed(_) => error(format!("{why}; the guest runs on")),
+            Response::Error { message } => error(format!("{why}; then {message}")),
+            other => error(format!("{why}; then resuming answered {other:?}")),
         }
     }
 

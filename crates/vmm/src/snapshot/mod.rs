@@ -86,14 +86,25 @@ fn new_id() -> String {
 
 /// Everything of the paused VM but its memory.
 pub fn machine_state(machine: &Machine) -> Result<MachineState, Error> {
+    machine.gate.ask_saves().map_err(Error::Vcpus)?;
+    machine_state_asked(machine)
+}
+
+/// [`machine_state`] once the parked vCPUs were asked to save theirs (`PauseGate::ask_saves`):
+/// they do while this saves the rest.
+pub fn machine_state_asked(machine: &Machine) -> Result<MachineState, Error> {
+    let spec = machine.spec.clone().ok_or(Error::NoSpec)?;
+    let vm = arch::vm_state::VmState::save(&machine.vm)?;
+    let legacy = machine.legacy_state();
+    let virtio = machine.devices.save();
     Ok(MachineState {
         id: new_id(),
-        spec: machine.spec.clone().ok_or(Error::NoSpec)?,
+        spec,
         memory_bytes: machine.memory_bytes,
-        vcpus: machine.gate.save_vcpus().map_err(Error::Vcpus)?,
-        vm: arch::vm_state::VmState::save(&machine.vm)?,
-        legacy: machine.legacy_state(),
-        virtio: machine.devices.save(),
+        vcpus: machine.gate.collect_saves().map_err(Error::Vcpus)?,
+        vm,
+        legacy,
+        virtio,
         taken_ms: crate::service::now_ms(),
     })
 }

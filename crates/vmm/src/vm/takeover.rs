@@ -18,17 +18,36 @@ pub(crate) struct Takeover {
     /// The link once the state came on it.
     pub incoming: Option<crate::handover::Incoming>,
     pub renames: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A migrating guest's disks (read-only or not, in order), whose locks this VMM takes on
+    /// go: the source host released them. An upgrade's come locked.
+    pub lock_disks: Option<Vec<bool>>,
 }
 
 impl Takeover {
-    /// Tells the old VMM the guest is ready here, waits for its go, then takes over its
-    /// sockets' names.
-    pub(super) fn switch(&self) -> Result<()> {
-        self.incoming
+    /// Tells the old VMM the guest is ready here, waits for its go and takes a migrating
+    /// guest's disks: on `Ok` the guest runs here.
+    pub(super) fn switch(&self, virtio: &VirtioDevices) -> Result<()> {
+        let incoming = self
+            .incoming
             .as_ref()
-            .ok_or_else(|| Error::TakeoverAborted("the guest's state never came".into()))?
+            .ok_or_else(|| Error::TakeoverAborted("the guest's state never came".into()))?;
+        incoming
             .ready()
             .map_err(|e| Error::TakeoverAborted(e.to_string()))?;
+        // The first writable disk first: the arbiter. Held by another VMM (the source's took
+        // them back), the guest is not this VMM's.
+        if let Some(read_only) = &self.lock_disks {
+            if let Err(e) = virtio.disk_locks(true, read_only) {
+                let why = format!("its disks' locks could not be taken here: {e}");
+                incoming.refuse(&why);
+                return Err(Error::TakeoverAborted(why));
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest runs here: this VMM's sockets take the old one's names.
+    pub(super) fn take_names(&self) {
         for (from, to) in &self.renames {
             // Once the guest is ours, a socket that did not move only costs clients.
             if let Err(e) = std::fs::rename(from, to) {
@@ -39,7 +58,6 @@ impl Takeover {
         if let Some(dir) = self.renames.first().and_then(|(_, to)| to.parent()) {
             let _ = std::fs::remove_file(dir.join(crate::handover::TAKEOVER_SOCKET));
         }
-        Ok(())
     }
 }
 

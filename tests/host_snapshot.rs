@@ -2,7 +2,8 @@
 //! disk records is snapshotted mid-way and runs on; after a stop, the restore puts its disk
 //! back and the probe goes on from the snapshot's record and verifies every one, then its
 //! memory churn starts and checks. The ledger records the pause (`maintenance`, counted by
-//! the SLA report) and the restore.
+//! the SLA report) and the restore; each is an operation a client can follow. A snapshot
+//! written beneath the image directories (`--to`) restores and goes the same way.
 
 mod common;
 
@@ -13,6 +14,17 @@ use common::*;
 
 const RECORDS: u64 = 200;
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The newest operation of `kind` on `target`.
+fn operation(daemon: &Daemon, kind: &str, target: &str) -> serde_json::Value {
+    let ops = daemon.api_get("/operations");
+    ops.as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == kind && o["target"] == target)
+        .unwrap_or_else(|| panic!("no {kind} operation on {target}: {ops}"))
+        .clone()
+}
 
 fn wait_for(log: &std::path::Path, text: &str, from: usize) -> String {
     common::daemon::wait_for_output(log, text, from, TIMEOUT)
@@ -69,6 +81,18 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     assert_eq!(daemon.state("s1"), "running");
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);
     assert!(listed.contains("mid"), "{listed}");
+    // Its disk copy was an operation a client could follow (GET /operations).
+    let op = operation(&daemon, "vm-snapshot", "s1");
+    assert_eq!(op["state"], "done", "{op}");
+    assert_eq!(op["result"], "mid", "{op}");
+    assert!(
+        op["step"]
+            .as_str()
+            .unwrap()
+            .starts_with("copying disk 1 of 1 ("),
+        "{op}"
+    );
+    assert_eq!(op["total_bytes"], 16 << 20, "the disk's bytes: {op}");
     // The VM ran on: all records, then the churn.
     let first = wait_for(&log, "PROBE churn tick 1 ", 0);
     assert!(
@@ -81,6 +105,9 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     let mark = std::fs::read_to_string(&log).unwrap().len();
     let restored = daemon.json(&["vm", "restore", "s1", "mid"]);
     assert_eq!(restored["state"], "running", "{restored}");
+    let op = operation(&daemon, "vm-restore", "s1");
+    assert_eq!(op["state"], "done", "{op}");
+    assert_eq!(op["step"], "starting the VM on the snapshot", "{op}");
     let after = wait_for(&log, "PROBE churn tick 1 ", mark);
     assert!(!after.contains("PROBE start"), "it booted again: {after}");
     assert!(
@@ -142,7 +169,50 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         "{second}"
     );
     daemon.ok(&["vm", "stop", "s2"]);
+
+    // A snapshot written elsewhere (`--to`): beneath the image directories only, and into a
+    // new directory of its name; it restores and goes like the others.
+    let far = daemon.images().join("snaps");
+    std::fs::create_dir_all(far.join("taken")).unwrap();
+    let refused = daemon.fails(&["vm", "snapshot", "s1", "--to", "/tmp"]);
+    assert!(refused.contains("image directories"), "{refused}");
+    let refused = daemon.fails(&[
+        "vm",
+        "snapshot",
+        "s1",
+        "--name",
+        "taken",
+        "--to",
+        far.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("exists already"), "{refused}");
+    let away = daemon.json(&[
+        "vm",
+        "snapshot",
+        "s1",
+        "--name",
+        "away",
+        "--to",
+        far.to_str().unwrap(),
+    ]);
+    let files = far.join("away");
+    assert_eq!(away["dir"], files.to_str().unwrap(), "{away}");
+    for file in ["state", "memory", "disk0", "snapshot.json"] {
+        assert!(files.join(file).is_file(), "{file} in {}", files.display());
+    }
+    let listed = daemon.ok(&["vm", "snapshots", "s1"]);
+    assert!(listed.contains("away"), "{listed}");
     daemon.ok(&["vm", "stop", "s1"]);
+    let mark = std::fs::read_to_string(&log).unwrap().len();
+    let restored = daemon.json(&["vm", "restore", "s1", "away"]);
+    assert_eq!(restored["state"], "running", "{restored}");
+    let after = wait_for(&log, "PROBE churn tick", mark);
+    assert!(!after.contains("PROBE start"), "it booted again: {after}");
+    assert!(!after.contains("check bad"), "{after}");
+    daemon.ok(&["vm", "stop", "s1"]);
+    daemon.ok(&["vm", "snapshot-rm", "s1", "away"]);
+    assert!(!files.exists(), "its files went with it");
+
     daemon.ok(&["vm", "snapshot-rm", "s1", "mid"]);
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);
     assert!(listed.contains("no snapshots"), "{listed}");

@@ -274,6 +274,22 @@ impl Daemon {
         self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
+    /// `GET path` on the API socket (what no CLI command shows): the JSON body of a 200.
+    pub fn api_get(&self, path: &str) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(self.socket()).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {answer}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
     /// The VM's console log, as the API names it.
     pub fn console_log(&self, vm: &str) -> PathBuf {
         PathBuf::from(

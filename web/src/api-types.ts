@@ -996,7 +996,7 @@ export interface components {
             finished?: string | null;
             /** Format: int64 */
             id: number;
-            /** @description What it does: `image-import`, `vm-clone`. */
+            /** @description What it does: `image-import`, `vm-clone`, `vm-import`, `vm-snapshot`, `vm-restore`. */
             kind: string;
             /**
              * @description What the operator should know: for a VM import, each thing not carried over and what
@@ -1117,6 +1117,13 @@ export interface components {
         SnapshotRequest: {
             /** @description The snapshot's name (letters, digits, `-`, `_`, `.`); `snap-N` when absent. */
             name?: string | null;
+            /**
+             * @description An existing directory beneath one of the host's image directories to write the
+             *     snapshot's files in (as `DIR/NAME/`): another disk, say. By default they go in the
+             *     state directory (`STATE/snapshots/VM/NAME/`), which keeps every snapshot's manifest
+             *     either way.
+             */
+            to?: string | null;
         };
         /**
          * @description The format of a file to import. VMDK files (every subformat Keel reads: monolithicSparse,

@@ -79,7 +79,7 @@ pub enum OperationState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Operation {
     pub id: u64,
-    /// What it does: `image-import`, `vm-clone`.
+    /// What it does: `image-import`, `vm-clone`, `vm-import`, `vm-snapshot`, `vm-restore`.
     pub kind: String,
     /// What it works on (an image's or a VM's name).
     pub target: String,

@@ -12,6 +12,12 @@ pub struct SnapshotRequest {
     /// The snapshot's name (letters, digits, `-`, `_`, `.`); `snap-N` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An existing directory beneath one of the host's image directories to write the
+    /// snapshot's files in (as `DIR/NAME/`): another disk, say. By default they go in the
+    /// state directory (`STATE/snapshots/VM/NAME/`), which keeps every snapshot's manifest
+    /// either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 /// `POST /vms/{name}/restore`.

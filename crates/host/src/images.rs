@@ -111,19 +111,14 @@ impl ImageDirs {
 
     /// The image directory `path` lies under, and the rest of the path below it.
     fn locate<'a>(&self, what: &'static str, path: &'a str) -> Result<(&OwnedFd, &'a Path), Error> {
-        let outside = || Error::Outside {
-            what,
-            path: path.to_string(),
-            dirs: self.describe(),
-        };
-        let p = plain_absolute(path).ok_or_else(outside)?;
+        let p = plain_absolute(path).ok_or_else(|| self.outside(what, path))?;
         self.dirs
             .iter()
             .find_map(|(dir, fd)| {
                 let rest = p.strip_prefix(dir).ok()?;
                 (!rest.as_os_str().is_empty()).then_some((fd, rest))
             })
-            .ok_or_else(outside)
+            .ok_or_else(|| self.outside(what, path))
     }
 
     /// Checks every file of `spec` lexically (at definition time; the start opens them).
@@ -138,15 +133,59 @@ impl ImageDirs {
     /// extras); only a regular file is returned.
     pub fn open(&self, what: &'static str, path: &str, flags: i32) -> Result<File, Error> {
         let (dir, rest) = self.locate(what, path)?;
-        let name = CString::new(rest.as_os_str().as_bytes()).map_err(|_| Error::Outside {
+        // O_NONBLOCK: a FIFO planted in an image directory must not hang the daemon.
+        let file = self.open_beneath(what, path, dir, rest, flags | libc::O_NONBLOCK)?;
+        let regular = file.metadata().is_ok_and(|m| m.is_file());
+        if !regular {
+            return Err(Error::NotAFile {
+                what,
+                path: path.to_string(),
+            });
+        }
+        // Back to blocking I/O, as every other file.
+        // SAFETY: F_SETFL on a descriptor this function owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+        Ok(file)
+    }
+
+    /// Opens directory `path`, an image directory or one beneath it, for making files in.
+    pub fn open_dir(&self, what: &'static str, path: &str) -> Result<File, Error> {
+        let p = plain_absolute(path).ok_or_else(|| self.outside(what, path))?;
+        let (dir, rest) = self
+            .dirs
+            .iter()
+            .find_map(|(dir, fd)| p.strip_prefix(dir).ok().map(|rest| (fd, rest)))
+            .ok_or_else(|| self.outside(what, path))?;
+        let rest = if rest.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rest
+        };
+        self.open_beneath(what, path, dir, rest, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
+    fn outside(&self, what: &'static str, path: &str) -> Error {
+        Error::Outside {
             what,
             path: path.to_string(),
             dirs: self.describe(),
-        })?;
+        }
+    }
+
+    /// `openat2` of `rest` beneath `dir` with `flags`: no `..`, symbolic or magic link out.
+    fn open_beneath(
+        &self,
+        what: &'static str,
+        path: &str,
+        dir: &OwnedFd,
+        rest: &Path,
+        flags: i32,
+    ) -> Result<File, Error> {
+        let name =
+            CString::new(rest.as_os_str().as_bytes()).map_err(|_| self.outside(what, path))?;
         // SAFETY: open_how is plain data; all zero is "no flags".
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        // O_NONBLOCK: a FIFO planted in an image directory must not hang the daemon.
-        how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
+        how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
         how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: openat2 reads a NUL-terminated path and an open_how of the given size.
         let fd = unsafe {
@@ -173,18 +212,7 @@ impl ImageDirs {
             });
         }
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd as i32) };
-        let regular = file.metadata().is_ok_and(|m| m.is_file());
-        if !regular {
-            return Err(Error::NotAFile {
-                what,
-                path: path.to_string(),
-            });
-        }
-        // Back to blocking I/O, as every other file.
-        // SAFETY: F_SETFL on a descriptor this function owns.
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
-        Ok(file)
+        Ok(unsafe { File::from_raw_fd(fd as i32) })
     }
 }
 

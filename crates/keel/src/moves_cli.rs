@@ -1,7 +1,10 @@
 //! `keel vm snapshot|snapshots|restore|snapshot-rm|upgrade` and `keel host upgrade`: VMs that stand
 //! still, go back or change VMM, through the daemon.
 
+use std::time::Duration;
+
 use anyhow::Result;
+use api::image::{Operation, OperationState};
 use api::snapshot::SnapshotInfo;
 use hyper::Method;
 
@@ -20,12 +23,71 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
-/// Takes a snapshot of `vm`, named `name` (the daemon picks `snap-N` when None).
-pub async fn take(client: &Client, api: &ApiArgs, vm: &str, name: Option<String>) -> Result<()> {
-    let body = serde_json::json!({ "name": name });
-    let info: SnapshotInfo = client
-        .send(Method::POST, &snapshots_path(vm), Some(body))
-        .await?;
+/// Waits for `request` while drawing, on stderr, the progress of the daemon's operation
+/// `kind` on `target` (a snapshot's or a restore's disk copies, which take long for large
+/// disks without reflinks).
+async fn with_progress<T>(
+    client: &Client,
+    kind: &str,
+    target: &str,
+    quiet: bool,
+    request: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(1)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    tokio::pin!(request);
+    // Short requests (the usual snapshot takes milliseconds) draw nothing.
+    let mut next = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            answer = &mut request => {
+                bar.finish_and_clear();
+                return answer;
+            }
+            () = tokio::time::sleep_until(next) => {
+                next += Duration::from_millis(250);
+                let Ok(ops) = client.get::<Vec<Operation>>("/operations").await else {
+                    continue;
+                };
+                if let Some(op) = ops.into_iter().find(|o| {
+                    o.kind == kind && o.target == target && o.state == OperationState::Running
+                }) {
+                    bar.set_message(format!("{target}: {}", op.step.unwrap_or_default()));
+                    bar.set_length(op.total_bytes.max(1));
+                    bar.set_position(op.done_bytes);
+                }
+            }
+        }
+    }
+}
+
+/// Takes a snapshot of `vm`, named `name` (the daemon picks `snap-N` when None), its files
+/// in `to` when given.
+pub async fn take(
+    client: &Client,
+    api: &ApiArgs,
+    vm: &str,
+    name: Option<String>,
+    to: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let request = api::snapshot::SnapshotRequest {
+        name,
+        to: to.map(|d| d.display().to_string()),
+    };
+    let body = serde_json::to_value(&request)?;
+    let path = snapshots_path(vm);
+    let request = client.send(Method::POST, &path, Some(body));
+    let info: SnapshotInfo = with_progress(client, "vm-snapshot", vm, api.json, request).await?;
     if api.json {
         return print_json(&info);
     }
@@ -69,18 +131,16 @@ pub async fn list(client: &Client, api: &ApiArgs, vm: &str) -> Result<()> {
 
 pub async fn restore(
     client: &Client,
+    api: &ApiArgs,
     vm: &str,
     snapshot: &str,
     as_vm: Option<String>,
 ) -> Result<api::VmInfo> {
+    let target = as_vm.clone().unwrap_or_else(|| vm.to_string());
     let body = serde_json::json!({ "snapshot": snapshot, "as": as_vm });
-    client
-        .send(
-            Method::POST,
-            &format!("/vms/{}/restore", query_value(vm)),
-            Some(body),
-        )
-        .await
+    let path = format!("/vms/{}/restore", query_value(vm));
+    let request = client.send(Method::POST, &path, Some(body));
+    with_progress(client, "vm-restore", &target, api.json, request).await
 }
 
 pub async fn remove(client: &Client, api: &ApiArgs, vm: &str, snapshot: &str) -> Result<()> {

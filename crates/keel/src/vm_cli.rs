@@ -45,6 +45,10 @@ pub enum VmCommand {
         /// The snapshot's name (default: snap-N).
         #[arg(long = "name", value_name = "SNAPSHOT")]
         snapshot: Option<String>,
+        /// Write its files in DIR/SNAPSHOT/ (an existing directory beneath the host's image
+        /// directories) instead of the daemon's state directory.
+        #[arg(long = "to", value_name = "DIR")]
+        to: Option<std::path::PathBuf>,
     },
     /// The VM's snapshots.
     Snapshots { name: String },
@@ -175,15 +179,16 @@ pub async fn vm(command: VmCommand, api: ApiArgs) -> Result<()> {
                 .send(Method::POST, &vm_path(&name, "/resume"), None)
                 .await?,
         ),
-        VmCommand::Snapshot { name, snapshot } => {
-            crate::moves_cli::take(&client, &api, &name, snapshot).await
+        VmCommand::Snapshot { name, snapshot, to } => {
+            let to = to.map(std::path::absolute).transpose()?;
+            crate::moves_cli::take(&client, &api, &name, snapshot, to).await
         }
         VmCommand::Snapshots { name } => crate::moves_cli::list(&client, &api, &name).await,
         VmCommand::Restore {
             name,
             snapshot,
             as_vm,
-        } => show(crate::moves_cli::restore(&client, &name, &snapshot, as_vm).await?),
+        } => show(crate::moves_cli::restore(&client, &api, &name, &snapshot, as_vm).await?),
         VmCommand::SnapshotRm { name, snapshot } => {
             crate::moves_cli::remove(&client, &api, &name, &snapshot).await
         }

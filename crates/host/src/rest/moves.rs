@@ -42,9 +42,7 @@ pub(super) async fn take_snapshot(
     PathArg(name): PathArg<String>,
     Body(request): Body<SnapshotRequest>,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
-    Ok(Json(
-        app.snapshot(&name, request.name, &caller.actor).await?,
-    ))
+    Ok(Json(app.snapshot(&name, request, &caller.actor).await?))
 }
 
 #[utoipa::path(get, path = "/vms/{name}/snapshots", params(("name" = String, Path)),

@@ -1,13 +1,14 @@
 //! Snapshots of running VMs and restores from them. A snapshot lives in
-//! `STATE/snapshots/VM/NAME/`: the VMM's state and memory files, a copy of each writable
-//! disk as it was at that instant (a reflink where the file system shares blocks, else a
-//! sparse copy), and `snapshot.json`. The VM stands still from the VMM's pause until its
+//! `STATE/snapshots/VM/NAME/`, or with `--to DIR` in `DIR/NAME/` (beneath the image
+//! directories; its `snapshot.json` is kept in the state directory too, which lists it): the
+//! VMM's state and memory files, a copy of each writable disk as it was at that instant (a
+//! reflink where the file system shares blocks, else a sparse copy), and `snapshot.json`. The VM stands still from the VMM's pause until its
 //! disks are copied; the ledger records that pause with cause `maintenance`, which SLA
 //! reports count. A restore puts the disks back, then starts a VMM on the snapshot's state.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,15 +37,69 @@ fn snap_err(vm: &str, why: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Copies `from` into the new file `to`: a reflink if the file system can, else sparse.
-fn copy_disk(from: &File, to: &File) -> std::io::Result<&'static str> {
+/// Copies `from` into the new file `to`: a reflink if the file system can, else sparse;
+/// `progress` hears (bytes done, bytes in all).
+fn copy_disk(from: &File, to: &File, progress: &dyn Fn(u64, u64)) -> std::io::Result<&'static str> {
     // SAFETY: FICLONE takes the source descriptor as its argument; both are open files.
     if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) } == 0 {
+        let len = from.metadata()?.len();
+        progress(len, len);
         return Ok("reflink");
     }
-    crate::library::copy::copy_sparse(from, to, &|_, _| {})?;
+    crate::library::copy::copy_sparse(from, to, progress)?;
     to.sync_all()?;
     Ok("copy")
+}
+
+/// The operations a snapshot and a restore are, for clients to follow their disk copies
+/// (`GET /operations`): a large disk without reflinks takes long, and a snapshot's guest
+/// stands still meanwhile.
+pub const VM_SNAPSHOT: &str = "vm-snapshot";
+pub const VM_RESTORE: &str = "vm-restore";
+
+/// Runs `work` under `progress`, which ends with its outcome (`result` names what it made).
+async fn as_operation<T>(
+    progress: crate::operations::Progress,
+    work: impl std::future::Future<Output = Result<T>>,
+    result: impl FnOnce(&T) -> Option<String>,
+) -> Result<T> {
+    let done = work.await;
+    if let Ok(made) = &done {
+        progress.outcome(result(made), Vec::new());
+    }
+    progress.finish(done.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    done
+}
+
+/// The directories of a snapshot being taken, removed unless it completes.
+struct Unfinished(Vec<PathBuf>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Moves file `from` to the new `to`: renamed on one file system, else copied (sparse) and
+/// synced, then removed.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let source = File::open(from)?;
+            let copy = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(to)?;
+            crate::library::copy::copy_sparse(&source, &copy, &|_, _| {})?;
+            copy.sync_all()?;
+            std::fs::remove_file(from)
+        }
+        other => other,
+    }
 }
 
 /// Makes `path` (a file or directory in a VM's run directory) its jailed VMM's, like the
@@ -79,8 +134,21 @@ impl Supervisor {
     pub async fn snapshot(
         self: &Arc<Self>,
         vm: &str,
-        name: Option<String>,
+        request: api::snapshot::SnapshotRequest,
         actor: &str,
+    ) -> Result<SnapshotInfo> {
+        let progress = self.operations.start(VM_SNAPSHOT, vm);
+        let work = self.snapshot_steps(vm, request.name, request.to, actor, &progress);
+        as_operation(progress.clone(), work, |info| Some(info.name.clone())).await
+    }
+
+    async fn snapshot_steps(
+        self: &Arc<Self>,
+        vm: &str,
+        name: Option<String>,
+        to: Option<String>,
+        actor: &str,
+        progress: &crate::operations::Progress,
     ) -> Result<SnapshotInfo> {
         let guard = self.vm_lock(vm);
         let _held = guard.lock().await;
@@ -107,13 +175,20 @@ impl Supervisor {
                 ),
             )
         })?;
-        let dir = self.snapshots_of(vm).join(&name);
-        if dir.exists() {
+        let index = self.snapshots_of(vm).join(&name);
+        if index.exists() {
             return Err(snap_err(
                 vm,
                 format!("it has a snapshot named '{name}' already"),
             ));
         }
+        // Where its files go: beside its manifest, or in a directory of the operator's.
+        let dir = match &to {
+            Some(to) => self.make_snapshot_dir(vm, to, &name)?,
+            None => index.clone(),
+        };
+        // Until it is whole, a failure leaves nothing of it behind.
+        let mut unfinished = Unfinished(vec![dir.clone(), index.clone()]);
         let run_dir = self.run_dir(vm);
         let writing = run_dir.file(WRITING_DIR);
         let _ = std::fs::remove_dir_all(&writing);
@@ -130,6 +205,7 @@ impl Supervisor {
         made.map_err(|e| snap_err(vm, format!("making {}: {e}", writing.display())))?;
 
         let was_running = row.state == VmState::Running;
+        progress.step("saving the state and memory");
         let asked = Instant::now();
         let request = Request::Snapshot {
             name: WRITING_DIR.into(),
@@ -160,7 +236,7 @@ impl Supervisor {
             )?;
         }
         // The disks as they are now, while the guest stands still.
-        let copied = self.copy_disks(vm, &row.spec, &dir).await;
+        let copied = self.copy_disks(vm, &row.spec, &dir, progress).await;
         let paused = asked.elapsed();
         if was_running {
             self.resume_after(vm, row.pid, actor, &name, paused).await?;
@@ -168,14 +244,13 @@ impl Supervisor {
         let disks = match copied {
             Ok(disks) => disks,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
                 let _ = std::fs::remove_dir_all(&writing);
                 return Err(e);
             }
         };
         let moved = ["state", "memory"].iter().try_for_each(|file| {
             let to = dir.join(file);
-            std::fs::rename(writing.join(file), &to)?;
+            move_file(&writing.join(file), &to)?;
             // The snapshot is the host's now: the VM's jailed user may no longer change it.
             std::os::unix::fs::lchown(&to, Some(0), Some(0)).or_else(|e| {
                 // A daemon that is not root keeps its own files.
@@ -188,7 +263,6 @@ impl Supervisor {
         });
         let _ = std::fs::remove_dir_all(&writing);
         if let Err(e) = moved {
-            let _ = std::fs::remove_dir_all(&dir);
             return Err(snap_err(vm, format!("moving its files: {e}")));
         }
         let info = SnapshotInfo {
@@ -208,8 +282,17 @@ impl Supervisor {
             },
         };
         let json = serde_json::to_vec_pretty(&info).map_err(|e| snap_err(vm, e))?;
-        api::control::write_atomically(&dir.join(MANIFEST), &json, 0o600)
-            .map_err(|e| snap_err(vm, format!("writing its {MANIFEST}: {e}")))?;
+        // Beside the files (which it describes), and in the state directory, which lists
+        // the VM's snapshots wherever their files are.
+        let written = std::fs::create_dir_all(&index).and_then(|()| {
+            [&dir, &index]
+                .iter()
+                .try_for_each(|d| api::control::write_atomically(&d.join(MANIFEST), &json, 0o600))
+        });
+        if let Err(e) = written {
+            return Err(snap_err(vm, format!("writing its {MANIFEST}: {e}")));
+        }
+        unfinished.0.clear();
         self.with_store(|s| {
             s.record(&NewEvent::host(
                 Some(vm),
@@ -224,6 +307,30 @@ impl Supervisor {
             ))
         })?;
         Ok(info)
+    }
+
+    /// Makes `TO/NAME/` for a snapshot's files: `to` must be a directory beneath the host's
+    /// image directories (opened without leaving them), and `NAME` new in it.
+    fn make_snapshot_dir(&self, vm: &str, to: &str, name: &str) -> Result<PathBuf> {
+        let parent = self.images.open_dir("snapshot directory", to)?;
+        // Where it really is (no link in between), for the files made below.
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", parent.as_raw_fd()))
+            .map_err(|e| snap_err(vm, format!("resolving {to}: {e}")))?;
+        let c_name = std::ffi::CString::new(name).map_err(|e| snap_err(vm, e))?;
+        // SAFETY: mkdirat with a directory descriptor this function owns and a NUL-terminated
+        // name of plain characters (checked above).
+        if unsafe { libc::mkdirat(parent.as_raw_fd(), c_name.as_ptr(), 0o700) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(snap_err(
+                vm,
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    format!("{to}/{name} exists already: name the snapshot otherwise")
+                } else {
+                    format!("making {to}/{name}: {e}")
+                },
+            ));
+        }
+        Ok(real.join(name))
     }
 
     /// Lets the VM run on after a snapshot paused it; the ledger says how long it stood still.
@@ -267,13 +374,16 @@ impl Supervisor {
         vm: &str,
         spec: &api::VmSpec,
         dir: &Path,
+        progress: &crate::operations::Progress,
     ) -> Result<Vec<SnapshotDisk>> {
-        let (this, vm, spec, dir) = (
+        let (this, vm, spec, dir, progress) = (
             self.clone(),
             vm.to_string(),
             spec.clone(),
             dir.to_path_buf(),
+            progress.clone(),
         );
+        let count = spec.disks.iter().filter(|d| !d.readonly).count();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| snap_err(&vm, format!("making {}: {e}", dir.display())))?;
@@ -289,13 +399,22 @@ impl Supervisor {
                 }
                 let from = this.images.open("disk", &disk.path, libc::O_RDONLY)?;
                 let copy = dir.join(format!("disk{i}"));
+                let nth = disks
+                    .iter()
+                    .filter(|d: &&SnapshotDisk| d.copy.is_some())
+                    .count()
+                    + 1;
+                progress.step(format!(
+                    "copying disk {nth} of {count} ({}), the guest standing still",
+                    disk.path
+                ));
                 let to = File::options()
                     .read(true)
                     .write(true)
                     .create_new(true)
                     .open(&copy)
                     .map_err(|e| snap_err(&vm, format!("making {}: {e}", copy.display())))?;
-                let how = copy_disk(&from, &to)
+                let how = copy_disk(&from, &to, &|done, all| progress.update(done, all))
                     .map_err(|e| snap_err(&vm, format!("copying {}: {e}", disk.path)))?;
                 disks.push(SnapshotDisk {
                     path: disk.path.clone(),
@@ -312,6 +431,18 @@ impl Supervisor {
     /// Restores a stopped VM from one of its snapshots: its disks go back to that instant,
     /// then a VMM starts on the snapshot's state and the guest runs on from there.
     pub async fn restore(self: &Arc<Self>, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
+        let progress = self.operations.start(VM_RESTORE, vm);
+        let work = self.restore_steps(vm, snapshot, actor, &progress);
+        as_operation(progress.clone(), work, |()| Some(vm.to_string())).await
+    }
+
+    async fn restore_steps(
+        self: &Arc<Self>,
+        vm: &str,
+        snapshot: &str,
+        actor: &str,
+        progress: &crate::operations::Progress,
+    ) -> Result<()> {
         let guard = self.vm_lock(vm);
         let _held = guard.lock().await;
         let row = self.get(vm)?;
@@ -326,7 +457,8 @@ impl Supervisor {
         check_same_machine(&info.spec, &row.spec).map_err(|why| {
             snap_err(vm, format!("its definition changed since snapshot {snapshot}: {why}; a snapshot restores only into the VM it was taken of"))
         })?;
-        self.put_disks_back(vm, &info).await?;
+        self.put_disks_back(vm, &info, progress).await?;
+        progress.step("starting the VM on the snapshot");
         self.start_restored(vm, snapshot, &dir, actor).await
     }
 
@@ -344,7 +476,11 @@ impl Supervisor {
         let linked = std::fs::create_dir_all(&restore).and_then(|()| {
             ["state", "memory"].iter().try_for_each(|file| {
                 let (from, to) = (dir.join(file), restore.join(file));
-                std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+                std::fs::hard_link(&from, &to).or_else(|_| {
+                    // Another file system (a snapshot written elsewhere): a sparse copy.
+                    let copy = File::options().write(true).create_new(true).open(&to)?;
+                    crate::library::copy::copy_sparse(&File::open(&from)?, &copy, &|_, _| {})
+                })
             })
         });
         linked.map_err(|e| snap_err(vm, format!("putting the snapshot's files in place: {e}")))?;
@@ -366,6 +502,19 @@ impl Supervisor {
         new: &str,
         actor: &str,
     ) -> Result<()> {
+        let progress = self.operations.start(VM_RESTORE, new);
+        let work = self.restore_as_steps(vm, snapshot, new, actor, &progress);
+        as_operation(progress.clone(), work, |()| Some(new.to_string())).await
+    }
+
+    async fn restore_as_steps(
+        self: &Arc<Self>,
+        vm: &str,
+        snapshot: &str,
+        new: &str,
+        actor: &str,
+        progress: &crate::operations::Progress,
+    ) -> Result<()> {
         api::vm::check_name(new)
             .map_err(|_| snap_err(vm, format!("'{new}' is not a name for a VM")))?;
         let (dir, info) = self.find_snapshot(vm, snapshot)?;
@@ -385,10 +534,12 @@ impl Supervisor {
         spec.autostart = false;
         let target = self.library.vm_dir(new);
         let copied = {
-            let (target, info) = (target.clone(), info.clone());
+            let (target, info, progress) = (target.clone(), info.clone(), progress.clone());
             tokio::task::spawn_blocking(
                 move || -> std::result::Result<Vec<Option<String>>, String> {
                     std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+                    let count = info.disks.iter().filter(|d| d.copy.is_some()).count();
+                    let mut nth = 0;
                     info.disks
                         .iter()
                         .enumerate()
@@ -396,6 +547,8 @@ impl Supervisor {
                             let Some(copy) = &disk.copy else {
                                 return Ok(None);
                             };
+                            nth += 1;
+                            progress.step(format!("copying disk {nth} of {count}"));
                             let from = File::open(copy).map_err(|e| format!("{copy}: {e}"))?;
                             let path = target.join(format!("disk{i}"));
                             let to = File::options()
@@ -404,7 +557,8 @@ impl Supervisor {
                                 .create_new(true)
                                 .open(&path)
                                 .map_err(|e| format!("{}: {e}", path.display()))?;
-                            copy_disk(&from, &to).map_err(|e| format!("copying {copy}: {e}"))?;
+                            copy_disk(&from, &to, &|done, all| progress.update(done, all))
+                                .map_err(|e| format!("copying {copy}: {e}"))?;
                             Ok(Some(path.display().to_string()))
                         })
                         .collect()
@@ -429,19 +583,34 @@ impl Supervisor {
             let _ = std::fs::remove_dir_all(&target);
             return Err(e);
         }
+        progress.step("starting the VM on the snapshot");
         self.start_restored(new, snapshot, &dir, actor).await
     }
 
-    async fn put_disks_back(self: &Arc<Self>, vm: &str, info: &SnapshotInfo) -> Result<()> {
-        let (this, vm, info) = (self.clone(), vm.to_string(), info.clone());
+    async fn put_disks_back(
+        self: &Arc<Self>,
+        vm: &str,
+        info: &SnapshotInfo,
+        progress: &crate::operations::Progress,
+    ) -> Result<()> {
+        let (this, vm, info, progress) =
+            (self.clone(), vm.to_string(), info.clone(), progress.clone());
         tokio::task::spawn_blocking(move || {
-            for disk in &info.disks {
+            let count = info.disks.iter().filter(|d| d.copy.is_some()).count();
+            for (nth, disk) in info.disks.iter().filter(|d| d.copy.is_some()).enumerate() {
                 let Some(copy) = &disk.copy else { continue };
+                progress.step(format!(
+                    "putting disk {} of {count} back ({})",
+                    nth + 1,
+                    disk.path
+                ));
                 let from =
                     File::open(copy).map_err(|e| snap_err(&vm, format!("opening {copy}: {e}")))?;
                 let to = this.images.open("disk", &disk.path, libc::O_WRONLY)?;
                 to.set_len(0)
-                    .and_then(|()| copy_disk(&from, &to).map(|_| ()))
+                    .and_then(|()| {
+                        copy_disk(&from, &to, &|done, all| progress.update(done, all)).map(|_| ())
+                    })
                     .map_err(|e| snap_err(&vm, format!("putting {} back: {e}", disk.path)))?;
             }
             Ok(())
@@ -454,25 +623,33 @@ impl Supervisor {
     fn find_snapshot(&self, vm: &str, snapshot: &str) -> Result<(PathBuf, SnapshotInfo)> {
         api::vm::check_name(snapshot)
             .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
-        let dir = self.snapshots_of(vm).join(snapshot);
-        let info = read_manifest(&dir).map_err(|e| {
+        let index = self.snapshots_of(vm).join(snapshot);
+        let info = read_manifest(&index).map_err(|e| {
             snap_err(
                 vm,
                 format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
             )
         })?;
-        Ok((dir, info))
+        // Its files: beside the manifest, or where `--to` put them.
+        Ok((PathBuf::from(&info.dir), info))
     }
 
     /// Deletes a snapshot's directory.
     pub fn remove_snapshot(&self, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
         api::vm::check_name(snapshot)
             .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
-        let dir = self.snapshots_of(vm).join(snapshot);
-        read_manifest(&dir)
+        let index = self.snapshots_of(vm).join(snapshot);
+        let info = read_manifest(&index)
             .map_err(|_| snap_err(vm, format!("it has no snapshot '{snapshot}'")))?;
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| snap_err(vm, format!("removing {}: {e}", dir.display())))?;
+        let files = PathBuf::from(&info.dir);
+        for dir in [&files, &index] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(snap_err(vm, format!("removing {}: {e}", dir.display())))
+                }
+                _ => {}
+            }
+        }
         self.with_store(|s| {
             s.record(&NewEvent::host(
                 Some(vm),

@@ -424,16 +424,29 @@ pub fn all_processes() -> Vec<(u32, PathBuf)> {
         else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if let Some(w) = args.windows(3).find(|w| w[0] == b"vmm" && w[1] == b"--dir") {
-            let dir = std::ffi::OsStr::from_bytes(w[2]);
-            found.push((pid, PathBuf::from(dir)));
+        if let Some(dir) = run_dir_of(pid) {
+            found.push((pid, dir));
         }
     }
     found
+}
+
+/// The run directory of process `pid` if it is a `keel-vmm vmm --dir DIR`.
+fn run_dir_of(pid: u32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(3)
+        .find(|w| w[0] == b"vmm" && w[1] == b"--dir")
+        .map(|w| PathBuf::from(std::ffi::OsStr::from_bytes(w[2])))
+}
+
+/// Of `pids` (a VM's cgroup's), the VMMs of `run_dir`: a cgroup is named by a jail identity,
+/// which a VM of another daemon on this host may hold now (tests run two daemons), so what
+/// else is in it is not this VM's.
+pub fn of_run_dir(pids: Vec<u32>, run_dir: &RunDir) -> Vec<u32> {
+    pids.into_iter()
+        .filter(|&pid| run_dir_of(pid).is_some_and(|dir| dir == run_dir.0))
+        .collect()
 }
 
 /// Pids of the live `keel-vmm vmm` processes of this run directory.

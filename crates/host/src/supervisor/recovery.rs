@@ -89,7 +89,7 @@ impl Supervisor {
         let name = &row.spec.name;
         let run_dir = self.run_dir(name);
         let has_process = match self.cgroup(name) {
-            Some(cgroup) => !cgroup.processes().is_empty(),
+            Some(cgroup) => !vmm_process::of_run_dir(cgroup.processes(), &run_dir).is_empty(),
             None => processes.iter().any(|(_, dir)| dir == &run_dir.0),
         };
         let live = self.find_live_vmm(name, &run_dir, has_process).await;
@@ -226,7 +226,7 @@ impl Supervisor {
             }
             first = false;
             let processes = match self.cgroup(name) {
-                Some(cgroup) => cgroup.processes(),
+                Some(cgroup) => vmm_process::of_run_dir(cgroup.processes(), run_dir),
                 None => vmm_process::processes_of(run_dir),
             };
             if processes.is_empty() {

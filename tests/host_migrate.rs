@@ -15,6 +15,7 @@ mod netns;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::{free_port, wait_for_output, Daemon};
@@ -114,7 +115,8 @@ struct Hosts {
     _token_dir: tempdir::Dir,
     /// The source's end of the link.
     veth: String,
-    _ns: (netns::NetNs, netns::NetNs),
+    /// The source's namespace and the target's.
+    ns: (netns::NetNs, netns::NetNs),
 }
 
 mod tempdir {
@@ -182,8 +184,41 @@ fn hosts(only_source: &Path) -> Option<Hosts> {
         ],
         _token_dir: tempdir::Dir(dir),
         veth,
-        _ns: (a, b),
+        ns: (a, b),
     })
+}
+
+/// The source MACs of the broadcast RARP frames (ethertype 0x8035) seen on `tap` in `ns`,
+/// from when the tap appears there until `stop`.
+fn announcements(ns: &netns::NetNs, tap: &str, stop: &AtomicBool) -> Vec<[u8; 6]> {
+    ns.enter();
+    let socket = loop {
+        match netns::packet_socket(tap) {
+            Ok(s) => break s,
+            Err(_) if !stop.load(Ordering::Acquire) => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => return Vec::new(),
+        }
+    };
+    let mut seen = Vec::new();
+    let mut frame = [0u8; 2048];
+    while !stop.load(Ordering::Acquire) {
+        // SAFETY: recv into a buffer this frame owns, of its length; the socket has a 100 ms
+        // receive timeout.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                frame.as_mut_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        if n >= 14 && frame[..6] == [0xff; 6] && frame[12..14] == [0x80, 0x35] {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&frame[6..12]);
+            seen.push(mac);
+        }
+    }
+    seen
 }
 
 fn migrate(source: &Daemon, to: &[String], vm: &str, extra: &[&str]) -> std::process::Output {
@@ -335,6 +370,46 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         churned["downtime_ms"].as_f64().unwrap()
     );
 
+    // A guest with a NIC: once it runs there, its tap on the target carries broadcast RARPs
+    // from its MAC (switches learn where it is now without waiting for it to speak).
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01];
+    let kernel = probe_elf();
+    source.ok(&[
+        "vm",
+        "create",
+        "n1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "probe.churn=1M probe.churn_rate=0 probe.churn_report_ms=200 probe.churn_gap_us=20000",
+        "--memory",
+        "128",
+        "--net",
+        "tap=kmig0,mac=52:54:00:ab:cd:01",
+    ]);
+    source.ok(&["vm", "start", "n1"]);
+    wait_for_output(&source.console_log("n1"), "PROBE churn tick 1 ", 0, TIMEOUT);
+    let stop = AtomicBool::new(false);
+    let (out, seen) = std::thread::scope(|s| {
+        let capture = s.spawn(|| announcements(&h.ns.1, "kmig0", &stop));
+        let out = migrate(source, &h.to, "n1", &[]);
+        // The five rounds span 800 ms.
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Release);
+        (out, capture.join().expect("the capture thread"))
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(target.state("n1"), "running");
+    assert!(
+        (1..=5).contains(&seen.len()) && seen.iter().all(|m| *m == mac),
+        "RARPs seen on the target's tap: {seen:02x?}"
+    );
+    eprintln!(
+        "n1 announced itself {} times on the target's tap",
+        seen.len()
+    );
+    target.ok(&["vm", "stop", "n1"]);
+
     // The link drops at the state (the source's go), before the target took the disks: the
     // source takes its locks back, so the guest is still its own, and resumes it. Then a
     // third party holds the disk as the target's VMM would take it: that VMM refuses the
@@ -483,9 +558,15 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
 
     // The link is cut mid-copy: the source gives up within its 10 s and the VM runs on.
     let out = migrate(source, &h.to, "m3", &["--bandwidth", "4", "--no-wait"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.status.success(),
+        "{} DEBUG {:#?} {}",
+        text(&out),
+        source.ledger_rows("m3", 30),
+        std::fs::read_to_string(source.state_dir.join("vms/m3/vmm.log")).unwrap_or_default()
+    );
     wait_copying(source, "m3");
-    ip(&["-n", &h._ns.0.name, "link", "set", &h.veth, "down"]);
+    ip(&["-n", &h.ns.0.name, "link", "set", &h.veth, "down"]);
     let outcome = wait_outcome(source, "m3");
     assert_eq!(outcome["phase"], "failed", "{outcome}");
     assert_eq!(source.state("m3"), "running");

@@ -66,6 +66,9 @@ pub enum Request {
     /// Take (`held`) or release the locks on the VM's disks, paused only: a VM migrating away
     /// releases them for the VMM that takes it over, and takes them again if it stays.
     DiskLocks { held: bool },
+    /// Tell the network the guest is here (it arrived from another host): each NIC sends a
+    /// broadcast RARP from its MAC. Answered with how many did.
+    Announce,
     /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
     /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
     HandOver,
@@ -94,6 +97,9 @@ pub enum Response {
         message: String,
     },
     MigrationSwitched(Box<SwitchReport>),
+    Announced {
+        nics: u32,
+    },
     Done,
     Error {
         message: String,

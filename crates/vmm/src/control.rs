@@ -56,6 +56,8 @@ pub enum VmCommand {
     MigrationStart,
     /// A live migration's switch (see [`Request::MigrationSwitch`]).
     MigrationSwitch,
+    /// Announce the guest on its networks (see [`Request::Announce`]).
+    Announce,
     /// Take or release the disks' locks.
     DiskLocks { held: bool },
 }
@@ -78,6 +80,7 @@ impl VmCommand {
             Request::DirtyPages => VmCommand::DirtyPages,
             Request::MigrationStart => VmCommand::MigrationStart,
             Request::MigrationSwitch => VmCommand::MigrationSwitch,
+            Request::Announce => VmCommand::Announce,
             Request::DiskLocks { held } => VmCommand::DiskLocks { held },
         }
     }
@@ -115,6 +118,8 @@ impl VmCommand {
             (VmCommand::MigrationSwitch, Paused) => {
                 Err("the VM is paused: a migration switches a running guest")
             }
+            (VmCommand::Announce, Running) => Ok(()),
+            (VmCommand::Announce, _) => Err("the guest does not run"),
             (VmCommand::DiskLocks { .. }, Paused) => Ok(()),
             (VmCommand::DiskLocks { .. }, _) => Err("the VM is not paused: pause it first"),
         }
@@ -320,6 +325,7 @@ impl Controller {
             VmCommand::DirtyPages => self.dirty_pages(),
             VmCommand::MigrationStart => self.migration_start(),
             VmCommand::MigrationSwitch => self.migration_switch(),
+            VmCommand::Announce => self.announce(),
             VmCommand::DiskLocks { held } => self.disk_locks(held),
         }
     }

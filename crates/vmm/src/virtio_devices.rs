@@ -275,6 +275,18 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// Each network device tells the network the guest is here (see
+    /// `VirtioDevice::announce`); how many did.
+    pub fn announce(&self) -> std::io::Result<u32> {
+        let mut sent = 0;
+        for slot in &self.slots {
+            if lock(&slot.transport).announce()? {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    }
+
     /// Every device serves its queues again (each once now: see `MmioTransport::resume`).
     pub fn resume(&self) {
         for slot in &self.slots {

@@ -106,6 +106,13 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 
+    /// Tells the network the guest is here now (it moved to another host): a network
+    /// device sends a broadcast frame from the guest's MAC, so that switches learn its new
+    /// port. Whether it sent one.
+    fn announce(&self) -> std::io::Result<bool> {
+        Ok(false)
+    }
+
     /// The VMM is exiting: release what outlives the process (socket files). The process
     /// exits without dropping devices that vCPU threads still reference.
     fn shutdown(&mut self) {}

@@ -368,6 +368,11 @@ impl MmioTransport {
         self.device.shutdown();
     }
 
+    /// See [`VirtioDevice::announce`].
+    pub fn announce(&self) -> std::io::Result<bool> {
+        self.device.announce()
+    }
+
     /// See [`VirtioDevice::handover_fds`].
     pub fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.device.handover_fds()

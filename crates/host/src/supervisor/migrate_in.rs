@@ -313,6 +313,9 @@ impl Supervisor {
                     }
                     // Its `running` came after it renamed its control socket into place.
                     self.watch(&a.name, a.vmm.clone());
+                    if !a.spec.nets.is_empty() {
+                        self.announce(&a.name);
+                    }
                     self.migrations.arrived(&a.name);
                     // Nothing after the run may turn the VM away: it runs here.
                     if let Err(e) = self.arrived(a, actor, received, began.elapsed()) {
@@ -331,6 +334,29 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Has the VMM of VM `name`, arrived here, tell its networks: each NIC sends a broadcast
+    /// RARP from its MAC, five times (now, then 50, 150, 250 and 350 ms apart, as QEMU
+    /// does), so that switches send its traffic to this host's port at once instead of
+    /// when the guest next speaks.
+    fn announce(&self, name: &str) {
+        let (run_dir, name) = (self.run_dir(name), name.to_string());
+        tokio::spawn(async move {
+            let mut warned = false;
+            for gap_ms in [0, 50, 150, 250, 350] {
+                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+                match vmm_process::control(&run_dir, &api::control::Request::Announce).await {
+                    Ok(api::control::Response::Announced { .. }) => {}
+                    // A tap not up yet takes no frame: the next round may go.
+                    other if !warned => {
+                        warned = true;
+                        tracing::warn!("announcing VM {name} on its networks failed: {other:?}");
+                    }
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// Debug builds: a whole-system test makes this daemon drop a migration's link at a

@@ -96,6 +96,17 @@ impl Controller {
         }))
     }
 
+    /// The migration's target: each NIC announces the guest that arrived.
+    pub(super) fn announce(&self) -> Response {
+        let Some(m) = &self.machine else {
+            return error("this VMM has no NICs".into());
+        };
+        match m.devices.announce() {
+            Ok(nics) => Response::Announced { nics },
+            Err(e) => error(format!("announcing the guest on its tap failed: {e}")),
+        }
+    }
+
     /// A switch that failed: the disks' locks back and the guest running again.
     fn undo_switch(&mut self, why: String) -> Response {
         match self.resume() {

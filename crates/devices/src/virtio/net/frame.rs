@@ -22,6 +22,29 @@ pub enum FrameError {
     TooLong(u64),
 }
 
+/// What announces a guest that moved to another host, as the tap takes it (a zeroed
+/// virtio-net header first): a broadcast RARP request from its MAC (ethertype 0x8035,
+/// hardware and target address the MAC, no IP), padded to Ethernet's 60 bytes. Switches
+/// learn the MAC's new port from it; the guest's stack never sees it. QEMU's
+/// announcement is the same frame.
+pub fn announcement(mac: &[u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    // RARP: Ethernet hardware, IPv4 protocol, their lengths, op 3 (reverse request).
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes());
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(VNET_HDR_LEN + 60, 0);
+    f
+}
+
 fn segments(descs: &[Descriptor]) -> (Vec<Segment>, u64) {
     let segs: Vec<Segment> = descs
         .iter()
@@ -70,6 +93,24 @@ mod tests {
             len,
             device_writable,
         }
+    }
+
+    #[test]
+    fn an_announcement_is_a_broadcast_rarp_from_the_guest() {
+        let mac = [0x52, 0x54, 1, 2, 3, 4];
+        let f = announcement(&mac);
+        assert_eq!(f.len(), VNET_HDR_LEN + 60);
+        assert!(
+            f[..VNET_HDR_LEN].iter().all(|&b| b == 0),
+            "no offload asked"
+        );
+        let eth = &f[VNET_HDR_LEN..];
+        assert_eq!(&eth[..6], &[0xff; 6]);
+        assert_eq!(&eth[6..12], &mac);
+        assert_eq!(&eth[12..14], &[0x80, 0x35]);
+        assert_eq!(&eth[14..22], &[0, 1, 8, 0, 6, 4, 0, 3]);
+        assert_eq!(&eth[22..28], &mac);
+        assert_eq!(&eth[32..38], &mac);
     }
 
     #[test]

@@ -499,6 +499,18 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     let out = migrate(source, &h.to, "m3", &["--bandwidth", "4", "--no-wait"]);
     assert!(out.status.success(), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile what would wait for the migration is refused at once, saying how to end it.
+    for request in [
+        ["vm", "stop", "m3"],
+        ["vm", "pause", "m3"],
+        ["vm", "upgrade", "m3"],
+    ] {
+        let refused = source.fails(&request);
+        assert!(
+            refused.contains("it is migrating"),
+            "{request:?}: {refused}"
+        );
+    }
     source.ok(&["vm", "migrate", "m3", "--cancel"]);
     let outcome = wait_outcome(source, "m3");
     assert_eq!(outcome["phase"], "cancelled", "{outcome}");

@@ -226,6 +226,19 @@ impl Supervisor {
     }
 
     /// Cancels the VM's migration; it ends before the switch with the VM running here.
+    /// Refuses a request that would wait for `name`'s migration under way (which holds the
+    /// VM until it ends): the operator hears at once, and how to end it.
+    pub(super) fn refuse_while_migrating(&self, name: &str) -> Result<()> {
+        match self.migrations.get(name) {
+            Some(m) if !m.progress().phase.is_over() => Err(Error::WrongState {
+                name: name.into(),
+                state: self.get(name).map_or(VmState::Running, |r| r.state),
+                hint: "it is migrating: follow it (keel vm migration NAME), or cancel it (keel vm migrate NAME --cancel) before the switch",
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub fn cancel_migration(&self, name: &str) -> Result<MigrationProgress> {
         let m = self
             .migrations

@@ -288,6 +288,7 @@ impl Supervisor {
     }
 
     pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
         let row = self.get(name)?;
@@ -633,6 +634,7 @@ impl Supervisor {
         actor: &str,
         timeout: Duration,
     ) -> Result<()> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let held = guard.lock().await;
         let row = self.running_row(name, "only a running VM can be shut down")?;
@@ -715,6 +717,7 @@ impl Supervisor {
     }
 
     async fn power_off(self: &Arc<Self>, name: &str, actor: &str, restart: bool) -> Result<()> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let held = guard.lock().await;
         let row = self.get(name)?;

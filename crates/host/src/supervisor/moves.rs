@@ -14,6 +14,7 @@ use crate::vmm_process;
 impl Supervisor {
     /// Pauses a running VM; returns once the VMM holds it still.
     pub async fn pause(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
         let row = self.running_row(name, "only a running VM can be paused")?;
@@ -41,6 +42,7 @@ impl Supervisor {
 
     /// Lets a paused VM run on.
     pub async fn resume(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
         let row = self.get(name)?;

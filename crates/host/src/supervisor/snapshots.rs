@@ -150,6 +150,7 @@ impl Supervisor {
         actor: &str,
         progress: &crate::operations::Progress,
     ) -> Result<SnapshotInfo> {
+        self.refuse_while_migrating(vm)?;
         let guard = self.vm_lock(vm);
         let _held = guard.lock().await;
         let row = self.get(vm)?;

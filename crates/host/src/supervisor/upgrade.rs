@@ -40,6 +40,7 @@ pub struct Upgraded {
 impl Supervisor {
     /// Hands running VM `name` to a new VMM process of the installed binary.
     pub async fn upgrade(self: &Arc<Self>, name: &str, actor: &str) -> Result<Upgraded> {
+        self.refuse_while_migrating(name)?;
         let guard = self.vm_lock(name);
         let _held = guard.lock().await;
         let row = self.running_row(

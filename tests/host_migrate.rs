@@ -413,7 +413,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     // The link drops at the state (the source's go), before the target took the disks: the
     // source takes its locks back, so the guest is still its own, and resumes it. Then a
     // third party holds the disk as the target's VMM would take it: that VMM refuses the
-    // guest, and the source resumes it. Then at the target's answer that it runs the
+    // guest, and the source resumes it; so too when that VMM dies as the state comes. Then at the target's answer that it runs the
     // guest: the source cannot take the locks back, so the guest is the target's. It runs
     // exactly once every time, and its records verify.
     let disk5 = source.images().join("records5.raw");
@@ -430,6 +430,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     for (step, said_then) in [
         ("state", "dropped at the state"),
         ("locked", "its disks' locks could not be taken here"),
+        ("vmm-dies", "its VMM here did not run the guest"),
     ] {
         std::fs::write(&drop_at, step).unwrap();
         let out = migrate(source, &h.to, "m5", &[]);

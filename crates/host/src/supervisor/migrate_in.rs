@@ -290,6 +290,10 @@ impl Supervisor {
                         return Err("the link dropped at the state (a test's doing)".into());
                     }
                     let _third_party = self.test_hold_arbiter(&a.spec)?;
+                    if self.test_drop_at("vmm-dies") {
+                        let _ = a.vmm.kill(libc::SIGKILL);
+                        a.vmm.wait().await;
+                    }
                     let offered = a.offered.take().ok_or("a second state")?;
                     let name = a.name.clone();
                     let vmm_failed = |e: &dyn std::fmt::Display| {
@@ -361,7 +365,8 @@ impl Supervisor {
 
     /// Debug builds: a whole-system test makes this daemon drop a migration's link at a
     /// step (`state`: on the source's state, which is its go, before anything; `running`:
-    /// the guest runs here but the source is not told) named in `STATE/test-migration-drop`.
+    /// the guest runs here but the source is not told), or its VMM die as the state comes
+    /// (`vmm-dies`), named in `STATE/test-migration-drop`.
     #[cfg(debug_assertions)]
     fn test_drop_at(&self, step: &str) -> bool {
         std::fs::read_to_string(self.state_dir.join("test-migration-drop"))

@@ -315,7 +315,16 @@ impl AtomicFile {
             _ => std::path::Path::new("."),
         };
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // The pid alone is not unique: jailed VMMs each have their own pid namespace, and
+        // an upgrade's two VMMs share the run directory.
+        let mut salt = [0u8; 8];
+        // SAFETY: getrandom fills the buffer it is given, of its length.
+        unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+        let tmp = dir.join(format!(
+            ".{name}.{}.{:x}.tmp",
+            std::process::id(),
+            u64::from_le_bytes(salt)
+        ));
         let open = || {
             std::fs::OpenOptions::new()
                 .write(true)

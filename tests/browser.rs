@@ -364,6 +364,45 @@ async fn an_operator_runs_a_vm_end_to_end_in_the_browser() {
     click_button(&c, "Resume web").await;
     shown(&c, row).await;
 
+    // Its page offers the moves: a snapshot (then listed), an upgrade of its VMM (a new
+    // process, the guest running on), and a migration, here to a target that cannot be
+    // reached: it fails, saying so, and the VM runs on here.
+    c.goto(&format!("{base}#/vms/web")).await.unwrap();
+    wait_text(&c, "No snapshots.").await;
+    click_button(&c, "Snapshot web").await;
+    shown(&c, "tr[data-snapshot=snap-1]").await;
+    wait_text(&c, "Snapshot snap-1 taken").await;
+    let before = daemon.json(&["vm", "show", "web"])["pid"].as_u64().unwrap();
+    click_button(&c, "Upgrade the VMM of web").await;
+    wait_text(&c, "Its VMM was upgraded").await;
+    let after = daemon.json(&["vm", "show", "web"])["pid"].as_u64().unwrap();
+    assert_ne!(before, after, "the VMM was not replaced");
+    assert_eq!(daemon.state("web"), "running");
+    let form = c.find(Locator::Css("form.migrate")).await.unwrap();
+    for (field, value) in [
+        ("to", "https://127.0.0.1:1"),
+        ("fingerprint", &"ab".repeat(32)),
+        ("token", "not-a-token"),
+    ] {
+        form.find(Locator::Css(&format!("input[name={field}]")))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    click_button(&c, "Migrate web").await;
+    shown(&c, ".migration[data-phase=failed]").await;
+    assert_eq!(daemon.state("web"), "running");
+    let problems = accessibility_problems(&c).await;
+    assert!(
+        problems.is_empty(),
+        "axe-core on the VM page with its moves: {problems:#?}"
+    );
+    screenshot(&c, "vm-moves").await;
+    c.goto(&base).await.unwrap();
+    c.wait().for_element(Locator::Css(row)).await.unwrap();
+
     // Shut it down from the list (a confirmation first).
     click_button(&c, "Shut down web").await;
     c.accept_alert().await.unwrap();

@@ -53,6 +53,10 @@ export type ImportRequest = Schemas["ImportRequest"];
 export type Event = Schemas["Event"];
 export type SlaReport = Schemas["SlaReport"];
 export type LedgerVerification = Schemas["LedgerVerification"];
+export type SnapshotInfo = Schemas["SnapshotInfo"];
+export type UpgradeReport = Schemas["UpgradeReport"];
+export type MigrationProgress = Schemas["MigrationProgress"];
+export type MigrateRequest = Schemas["MigrateRequest"];
 
 const vm = (name: string, action = "") => `/vms/${encodeURIComponent(name)}${action}`;
 
@@ -80,6 +84,15 @@ export const api = {
   resume: (name: string) => call<VmInfo>("POST", vm(name, "/resume")),
   shutdown: (name: string) => call<VmInfo>("POST", vm(name, "/shutdown?wait=false")),
   remove: (name: string) => call<void>("DELETE", vm(name)),
+  snapshots: (name: string) => call<SnapshotInfo[]>("GET", vm(name, "/snapshots")),
+  snapshot: (name: string) => call<SnapshotInfo>("POST", vm(name, "/snapshots"), {}),
+  restore: (name: string, snapshot: string) => call<VmInfo>("POST", vm(name, "/restore"), { snapshot }),
+  removeSnapshot: (name: string, snapshot: string) =>
+    call<void>("DELETE", vm(name, `/snapshots/${encodeURIComponent(snapshot)}`)),
+  upgrade: (name: string) => call<UpgradeReport>("POST", vm(name, "/upgrade")),
+  migration: (name: string) => call<MigrationProgress>("GET", vm(name, "/migration")),
+  migrate: (name: string, request: MigrateRequest) => call<MigrationProgress>("POST", vm(name, "/migrate"), request),
+  cancelMigration: (name: string) => call<MigrationProgress>("DELETE", vm(name, "/migration")),
   events: (query: string) => call<Event[]>("GET", `/events?${query}`),
   images: () => call<ImageInfo[]>("GET", "/images"),
   importImage: (request: ImportRequest) => call<Operation>("POST", "/images", request),

@@ -7,6 +7,7 @@ import { EventsTable } from "./events-table";
 import { useLive, useTickets } from "./live";
 import { Actions } from "./vms";
 import { Alert } from "./alert";
+import { Migration, Snapshots } from "./moves";
 
 export function VmPage({ name, session }: { name: string; session: SessionInfo }) {
   const [vm, setVm] = useState<VmInfo | null>(null);
@@ -86,6 +87,12 @@ export function VmPage({ name, session }: { name: string; session: SessionInfo }
           <p>No ledger rows for this VM this month.</p>
         )}
       </section>
+      {may(session.role, "operator") && (
+        <>
+          <Snapshots vm={vm} onChange={load} />
+          <Migration vm={vm} onChange={load} />
+        </>
+      )}
       <section aria-labelledby="definition">
         <h2 id="definition">Definition</h2>
         <pre class="definition">{JSON.stringify(vm.spec, null, 2)}</pre>

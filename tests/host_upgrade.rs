@@ -94,12 +94,18 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         1
     );
 
-    // A restarted daemon re-adopts the new VMM; a stop ends it.
+    // A restarted daemon (a new keel installed, say) re-adopts the new VMM, and upgrades it
+    // again: the jail identity's lock, held by the VMM alone now, goes on to the next one.
     let current = pid(&daemon, "u1");
     daemon.kill9();
     daemon.restart();
     assert_eq!(daemon.state("u1"), "running");
     assert_eq!(pid(&daemon, "u1"), current);
+    daemon.ok(&["vm", "upgrade", "u1"]);
+    assert_ne!(pid(&daemon, "u1"), current);
+    assert_eq!(daemon.state("u1"), "running");
+    let mark = std::fs::read_to_string(&log1).unwrap().len();
+    wait_for_output(&log1, "PROBE churn tick", mark, TIMEOUT);
 
     // The ledger: each handover is a maintenance pause, counted by the SLA report.
     let rows = daemon.json(&["events", "--vm", "u1", "--limit", "40"]);
@@ -119,7 +125,7 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         .iter()
         .filter(|d| d.starts_with("maintenance resumed in its new VMM"))
         .count();
-    assert_eq!(upgrades, 4, "{details:#?}");
+    assert_eq!(upgrades, 5, "{details:#?}");
     assert!(
         details.iter().any(|d| d.contains("VMM upgraded: pid")),
         "{details:#?}"
@@ -130,7 +136,7 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         .to_string();
     let report = daemon.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "u1"]);
     let vm = &report["vms"][0];
-    assert_eq!(vm["outages"], 4, "{report}");
+    assert_eq!(vm["outages"], 5, "{report}");
     assert!(
         vm["availability_percent"].as_f64().unwrap() < 100.0,
         "{report}"

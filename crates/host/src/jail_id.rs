@@ -52,3 +52,15 @@ pub fn lock(id: u32) -> Result<Option<OwnedFd>, Error> {
     }
     Ok(Some(OwnedFd::from(file)))
 }
+
+/// The descriptor through which process `pid` holds id `id`'s lock, as its number there:
+/// a daemon restarted under a running VMM holds no lock of its own and takes a copy of the
+/// VMM's (see `ProcessHandle::copy_fd`), which shares the lock.
+pub fn fd_in(pid: u32, id: u32) -> Option<i32> {
+    let lock = Path::new(LOCK_DIR).join(id.to_string());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|target| target == lock))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}

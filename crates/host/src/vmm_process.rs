@@ -658,6 +658,20 @@ impl ProcessHandle {
     }
 
     /// Whether the process has ended (without waiting).
+    /// A copy of the process's descriptor `fd` (the same open file, sharing its locks), by
+    /// `pidfd_getfd`.
+    pub fn copy_fd(&self, fd: i32) -> std::io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd with this handle's pidfd, a descriptor number and no flags;
+        // the result is checked.
+        let copy =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.get_ref().as_raw_fd(), fd, 0) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
+    }
+
     pub fn has_ended(&self) -> bool {
         let mut poll = libc::pollfd {
             fd: self.fd.get_ref().as_raw_fd(),

@@ -169,10 +169,30 @@ impl Supervisor {
         let id = self
             .with_store(|s| s.known_jail_id(name))?
             .ok_or_else(|| upgrade_err(name, "it has no jail identity"))?;
-        let id_lock = lock(&self.id_locks)
+        let held = lock(&self.id_locks)
             .get(name)
-            .and_then(|l| l.try_clone().ok())
-            .ok_or_else(|| upgrade_err(name, "the daemon holds no lock of its jail identity"))?;
+            .and_then(|l| l.try_clone().ok());
+        let id_lock = match held {
+            Some(l) => l,
+            // Re-adopted after a restart: the VMM holds the lock; a copy of its descriptor
+            // shares it, for the new VMM and this daemon.
+            None => {
+                let copied = self.handle(name).and_then(|(h, _)| {
+                    let fd = crate::jail_id::fd_in(h.pid, id)?;
+                    h.copy_fd(fd).ok()
+                });
+                let copied = copied.ok_or_else(|| {
+                    upgrade_err(
+                        name,
+                        "neither this daemon nor its VMM holds the lock of its jail identity",
+                    )
+                })?;
+                if let Ok(mine) = copied.try_clone() {
+                    lock(&self.id_locks).insert(name.to_string(), mine);
+                }
+                copied
+            }
+        };
         Ok(Some(Jail::new(id, spec, id_lock)))
     }
 }

@@ -54,6 +54,8 @@ pub enum Error {
     Protocol(String),
     #[error("the new VMM refused the guest: {0}")]
     Refused(String),
+    #[error("the new VMM ended without a word")]
+    Ended,
     #[error("encoding the descriptors' layout failed: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -159,7 +161,7 @@ impl Outgoing {
                 .map_err(io("waiting for the new VMM to run"))?;
             match line.trim_end() {
                 w if w == word => {}
-                "" => return Err(Error::Refused("it ended without running the guest".into())),
+                "" => return Err(Error::Ended),
                 other => return Err(Error::Refused(other.to_string())),
             }
         }

@@ -278,13 +278,19 @@ impl VirtioDevices {
     /// Each network device tells the network the guest is here (see
     /// `VirtioDevice::announce`); how many did.
     pub fn announce(&self) -> std::io::Result<u32> {
-        let mut sent = 0;
+        let (mut sent, mut failed) = (0, None);
+        // Every NIC tries, whatever became of another's tap.
         for slot in &self.slots {
-            if lock(&slot.transport).announce()? {
-                sent += 1;
+            match lock(&slot.transport).announce() {
+                Ok(true) => sent += 1,
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(sent)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
     }
 
     /// Every device serves its queues again (each once now: see `MmioTransport::resume`).
@@ -332,13 +338,28 @@ impl VirtioDevices {
     /// The first writable disk is taken first: it is the arbiter of which VMM runs a
     /// migrating guest (its exclusive lock admits one), and the daemon of a migration's
     /// target takes it first too. When another holds it nothing else is taken.
-    pub fn disk_locks(&self, held: bool, read_only: &[bool]) -> Result<(), disk::image::Error> {
-        for i in disk::arbiter_first(read_only, self.disk_files.len()) {
+    /// On an error, whether it was the arbiter's: locks taken before a later disk failed are
+    /// given back (all or nothing).
+    pub fn disk_locks(
+        &self,
+        held: bool,
+        read_only: &[bool],
+    ) -> Result<(), (bool, disk::image::Error)> {
+        let order = disk::arbiter_first(read_only, self.disk_files.len());
+        for (n, &i) in order.iter().enumerate() {
             let files = &self.disk_files[i];
-            if held {
-                files.lock(read_only.get(i).copied().unwrap_or(false))?;
+            let done = if held {
+                files.lock(read_only.get(i).copied().unwrap_or(false))
             } else {
-                files.unlock()?;
+                files.unlock()
+            };
+            if let Err(e) = done {
+                if held {
+                    for &taken in &order[..n] {
+                        let _ = self.disk_files[taken].unlock();
+                    }
+                }
+                return Err((n == 0, e));
             }
         }
         Ok(())

@@ -399,6 +399,12 @@ impl MmioTransport {
     /// notifications were not acted on meanwhile.
     pub fn resume(&mut self) {
         self.paused = false;
+        // An interrupt raised as the VM was saved may have missed the vCPUs' state: its
+        // pending bits are signalled again (a guest's driver reads the status and acks).
+        let pending = self.interrupt.status();
+        if pending != 0 {
+            self.interrupt.raise(pending);
+        }
         for index in 0..self.queues.len() {
             self.process_queue(index);
         }

@@ -304,10 +304,26 @@ impl Supervisor {
                     };
                     // The VMM builds the guest from the state, takes the disks' locks (the
                     // first writable disk first: the arbiter) and runs it.
-                    tokio::task::block_in_place(|| {
+                    let ran = tokio::task::block_in_place(|| {
                         offered.send_state_and_go(state.json().as_bytes())
-                    })
-                    .map_err(|e| vmm_failed(&e))?;
+                    });
+                    drop(_third_party);
+                    match ran {
+                        Ok(()) => {}
+                        // It said why it will not run the guest: it took nothing, and ends.
+                        Err(e @ api::handover::Error::Refused(_)) => return Err(vmm_failed(&e)),
+                        // Anything else came after go: the disks' arbiter tells whether the
+                        // VMM took the guest before it failed to say so.
+                        Err(e) => {
+                            if !self.vmm_took_arbiter(&a.spec, &a.vmm).await {
+                                return Err(vmm_failed(&e));
+                            }
+                            tracing::warn!(
+                                "VM {}: its VMM here holds its disks but did not say it runs the guest ({e}); it is taken as running here",
+                                a.name
+                            );
+                        }
+                    }
                     let build_ms = came.elapsed().as_secs_f64() * 1000.0;
                     // The guest is this host's now (its disks' locks say so): the source
                     // hears it first, the ledger after.
@@ -337,6 +353,29 @@ impl Supervisor {
                     ))
                 }
             }
+        }
+    }
+
+    /// Whether this host's VMM took the arriving guest's arbiter (its first writable disk's
+    /// lock, which it takes before it runs the guest). If not, this daemon takes the lock
+    /// and holds it until the VMM has ended, so that it never runs the guest. A VM without
+    /// a writable disk has no arbiter: false.
+    async fn vmm_took_arbiter(&self, spec: &VmSpec, vmm: &ProcessHandle) -> bool {
+        let Some(d) = spec.disks.iter().find(|d| !d.readonly) else {
+            return false;
+        };
+        let files = match vmm_process::open_disk(d, &self.images) {
+            Ok(f) => f,
+            Err(_) => return false,
+        };
+        match tokio::task::block_in_place(|| files.lock(false)) {
+            Ok(()) => {
+                let _ = vmm.kill(libc::SIGKILL);
+                let _ = tokio::time::timeout(START_TIMEOUT, vmm.wait()).await;
+                false
+            }
+            Err(disk::image::Error::Raw(disk::Error::Locked { .. })) => true,
+            Err(_) => false,
         }
     }
 

@@ -514,22 +514,27 @@ impl Supervisor {
         undo.paused_at_ms = Some(crate::time::now_ms());
         let switched = match vmm.ask(&Request::MigrationSwitch) {
             Ok(Response::MigrationSwitched(s)) => s,
-            Ok(Response::Error { message }) => {
-                undo.paused = true;
-                undo.resumed = true;
-                return Err(message.into());
-            }
-            Ok(other) => return Err(unexpected(other).into()),
-            Err(e) => {
-                // No answer: what the VMM did is unknown; whether it is paused tells.
+            failed => {
+                let why = match failed {
+                    Ok(Response::Error { message }) => message,
+                    Ok(other) => unexpected(other),
+                    Err(e) => format!("the VMM did not answer the switch: {e}"),
+                };
+                // The VMM undoes a switch it could not complete, but may fail to resume:
+                // whether it is paused tells (and then the undo below tries again).
                 let paused = match vmm.ask(&Request::Status) {
                     Ok(Response::Status(s)) => s.paused,
                     _ => true,
                 };
-                undo.paused = true;
-                undo.unlocked = paused;
-                undo.resumed = !paused;
-                return Err(format!("the VMM did not answer the switch: {e}").into());
+                if why.starts_with("pausing failed") && !paused {
+                    // It never stood still.
+                    undo.paused_at_ms = None;
+                } else {
+                    undo.paused = true;
+                    undo.unlocked = paused;
+                    undo.resumed = !paused;
+                }
+                return Err(why.into());
             }
         };
         undo.paused = true;

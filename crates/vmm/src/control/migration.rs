@@ -48,12 +48,13 @@ impl Controller {
             Err(e) => return error(format!("pausing failed: {e}")),
         };
         let stopped_at = asked + stopped;
-        // Parked, each vCPU saves its state while the devices settle and the disks go.
-        let saves = m.gate.ask_saves();
         if let Err(e) = m.devices.pause() {
             m.gate.resume();
             return error(format!("pausing failed: {e}; the VM runs on"));
         }
+        // Once the devices settled (their last completions' interrupts are raised), each
+        // parked vCPU saves its state while the log is read and the disks go.
+        let saves = m.gate.ask_saves();
         self.state = RunState::Paused;
         self.paused_at = Some(stopped_at);
         let pause = PauseReport {
@@ -137,15 +138,22 @@ impl Controller {
                 self.disks_released = !held;
                 Response::Done
             }
-            Err(disk::image::Error::Raw(e @ disk::Error::Locked { .. })) if held => {
+            // Only the arbiter held elsewhere says another VMM has the guest.
+            Err((true, disk::image::Error::Raw(e @ disk::Error::Locked { .. }))) if held => {
                 Response::LockedElsewhere {
                     message: e.to_string(),
                 }
             }
-            Err(e) => error(format!(
-                "{} the disks' locks failed: {e}",
-                if held { "taking" } else { "releasing" }
-            )),
+            Err((_, e)) => {
+                // Some may be released: a resume takes them all back first.
+                if !held {
+                    self.disks_released = true;
+                }
+                error(format!(
+                    "{} the disks' locks failed: {e}",
+                    if held { "taking" } else { "releasing" }
+                ))
+            }
         }
     }
 }

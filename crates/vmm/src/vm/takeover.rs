@@ -37,7 +37,7 @@ impl Takeover {
         // The first writable disk first: the arbiter. Held by another VMM (the source's took
         // them back), the guest is not this VMM's.
         if let Some(read_only) = &self.lock_disks {
-            if let Err(e) = virtio.disk_locks(true, read_only) {
+            if let Err((_, e)) = virtio.disk_locks(true, read_only) {
                 let why = format!("its disks' locks could not be taken here: {e}");
                 incoming.refuse(&why);
                 return Err(Error::TakeoverAborted(why));

@@ -319,7 +319,14 @@ impl AtomicFile {
         // an upgrade's two VMMs share the run directory.
         let mut salt = [0u8; 8];
         // SAFETY: getrandom fills the buffer it is given, of its length.
-        unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+        let got = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+        if got != salt.len() as isize {
+            // No randomness: the clock's nanoseconds still tell two VMMs apart.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            salt = nanos.to_le_bytes();
+        }
         let tmp = dir.join(format!(
             ".{name}.{}.{:x}.tmp",
             std::process::id(),

@@ -440,12 +440,18 @@ fn run_dir_of(pid: u32) -> Option<PathBuf> {
         .map(|w| PathBuf::from(std::ffi::OsStr::from_bytes(w[2])))
 }
 
-/// Of `pids` (a VM's cgroup's), the VMMs of `run_dir`: a cgroup is named by a jail identity,
-/// which a VM of another daemon on this host may hold now (tests run two daemons), so what
-/// else is in it is not this VM's.
+/// Of `pids` (a VM's cgroup's), all but another daemon's VMMs: a cgroup is named by a jail
+/// identity, which a VM of another daemon on this host (another state directory: tests run
+/// two) may hold now. A process whose command line names no run directory stays counted (a
+/// VMM that rewrote its own to name another state directory's would not be: the cost of
+/// telling two daemons' VMMs apart by what they say).
 pub fn of_run_dir(pids: Vec<u32>, run_dir: &RunDir) -> Vec<u32> {
+    let ours = run_dir.0.parent();
     pids.into_iter()
-        .filter(|&pid| run_dir_of(pid).is_some_and(|dir| dir == run_dir.0))
+        .filter(|&pid| match run_dir_of(pid) {
+            Some(dir) => dir == run_dir.0 || dir.parent() == ours,
+            None => true,
+        })
         .collect()
 }
 

@@ -317,6 +317,16 @@ impl Supervisor {
         // Where it really is (no link in between), for the files made below.
         let real = std::fs::read_link(format!("/proc/self/fd/{}", parent.as_raw_fd()))
             .map_err(|e| snap_err(vm, format!("resolving {to}: {e}")))?;
+        // Not among the library's images or the VMs' own disks, which the daemon manages.
+        if [&self.library.dir, &self.library.vms]
+            .iter()
+            .any(|managed| real.starts_with(managed))
+        {
+            return Err(snap_err(
+                vm,
+                format!("{to} holds the image library or the VMs' own disks, which Keel manages: write snapshots elsewhere beneath the image directories"),
+            ));
+        }
         let c_name = std::ffi::CString::new(name).map_err(|e| snap_err(vm, e))?;
         // SAFETY: mkdirat with a directory descriptor this function owns and a NUL-terminated
         // name of plain characters (checked above).
@@ -631,8 +641,7 @@ impl Supervisor {
                 format!("no snapshot '{snapshot}' ({e}); `keel vm snapshots {vm}` lists them"),
             )
         })?;
-        // Its files: beside the manifest, or where `--to` put them.
-        Ok((PathBuf::from(&info.dir), info))
+        Ok((files_of(&index, &info), info))
     }
 
     /// Deletes a snapshot's directory.
@@ -642,7 +651,7 @@ impl Supervisor {
         let index = self.snapshots_of(vm).join(snapshot);
         let info = read_manifest(&index)
             .map_err(|_| snap_err(vm, format!("it has no snapshot '{snapshot}'")))?;
-        let files = PathBuf::from(&info.dir);
+        let files = files_of(&index, &info);
         for dir in [&files, &index] {
             match std::fs::remove_dir_all(dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -660,6 +669,16 @@ impl Supervisor {
             ))
         })?;
         Ok(())
+    }
+}
+
+/// Where a snapshot's files are: beside its manifest (wherever the state directory is now),
+/// or where `--to` put them.
+fn files_of(index: &Path, info: &SnapshotInfo) -> PathBuf {
+    if index.join("state").exists() {
+        index.to_path_buf()
+    } else {
+        PathBuf::from(&info.dir)
     }
 }
 

@@ -100,7 +100,7 @@ fn seeds() -> Vec<Seed<Outcome>> {
         },
         Seed {
             name: "running",
-            input: with_mode(1, br#"{"message":"running","pid":7,"build_ms":0.5}"#),
+            input: with_mode(1, br#"{"message":"running","pid":7,"build_us":500}"#),
             expect: Outcome::Message,
         },
     ]

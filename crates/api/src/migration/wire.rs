@@ -105,12 +105,13 @@ pub enum Message {
     State {
         state: crate::control::GuestState,
     },
-    /// The guest runs on the target, whose VMM took this long from the state's arrival at
-    /// its daemon (to build the guest, take the disks' locks and start the vCPUs).
+    /// The guest runs on the target, whose VMM took this long (microseconds: no float
+    /// crosses, as JSON does not carry every one exactly) from the state's arrival at its
+    /// daemon (to build the guest, take the disks' locks and start the vCPUs).
     Running {
         pid: u32,
         #[serde(default)]
-        build_ms: f64,
+        build_us: u64,
     },
     /// Either side gives up (the target, once its VMM has ended).
     Abort {

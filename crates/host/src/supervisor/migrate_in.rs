@@ -324,12 +324,12 @@ impl Supervisor {
                             );
                         }
                     }
-                    let build_ms = came.elapsed().as_secs_f64() * 1000.0;
+                    let build_us = u64::try_from(came.elapsed().as_micros()).unwrap_or(u64::MAX);
                     // The guest is this host's now (its disks' locks say so): the source
                     // hears it first, the ledger after.
                     let pid = a.vmm.pid;
                     if !self.test_drop_at("running") {
-                        let _ = send(ws, &Message::Running { pid, build_ms }).await;
+                        let _ = send(ws, &Message::Running { pid, build_us }).await;
                     }
                     // Its `running` came after it renamed its control socket into place.
                     self.watch(&a.name, a.vmm.clone());

@@ -565,8 +565,8 @@ impl Supervisor {
         let outcome = sent.and_then(|()| sender.link.receive());
         // The target gives up only once its VMM ended: it does not run the guest.
         let (why, target_gave_up) = match outcome {
-            Ok(Message::Running { build_ms, .. }) => {
-                steps.done_split("target running", &[("its VMM", build_ms)]);
+            Ok(Message::Running { build_us, .. }) => {
+                steps.done_split("target running", &[("its VMM", build_us as f64 / 1000.0)]);
                 return Ok((stood_still.elapsed(), there));
             }
             Ok(Message::Abort { why }) | Ok(Message::Refused { why }) => {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -247,15 +247,7 @@ fn illegal_transitions_and_unknown_names_say_what_to_do() {
 
 /// One raw HTTP/1.1 request on the daemon's socket; the status and body.
 fn raw_http(daemon: &Daemon, request: &str) -> (u16, String) {
-    let mut stream = UnixStream::connect(daemon.socket()).unwrap();
-    // The daemon may answer (413) and close before a huge body is all sent.
-    let _ = stream.write_all(request.as_bytes());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let answer = daemon.http(request);
     let status = answer
         .split_whitespace()
         .nth(1)

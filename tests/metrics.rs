@@ -4,23 +4,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-
 use common::daemon::Daemon;
 use common::kvm_available;
-
-fn get(daemon: &Daemon, path: &str) -> String {
-    let mut stream = UnixStream::connect(daemon.socket()).unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
 
 /// The value of the sample `name{labels}`, if the text has it.
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -69,7 +54,7 @@ fn metrics_describe_the_vms_the_host_and_the_api() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     daemon.ok(&["vm", "list"]);
-    let answer = get(&daemon, "/metrics");
+    let answer = daemon.http_get("/metrics");
     let (head, text) = answer.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
@@ -140,8 +125,8 @@ fn metrics_describe_the_vms_the_host_and_the_api() {
     assert!(sample(text, r#"keel_api_requests_total{status="200"}"#).is_some_and(|n| n >= 1.0));
     // A refused request is counted too.
     let before = sample(text, r#"keel_api_requests_total{status="404"}"#).unwrap_or(0.0);
-    get(&daemon, "/no/such/path");
-    let again = get(&daemon, "/metrics");
+    daemon.http_get("/no/such/path");
+    let again = daemon.http_get("/metrics");
     assert_eq!(
         sample(&again, r#"keel_api_requests_total{status="404"}"#),
         Some(before + 1.0)

@@ -274,17 +274,31 @@ impl Daemon {
         self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
-    /// `GET path` on the API socket (what no CLI command shows): the JSON body of a 200.
-    pub fn api_get(&self, path: &str) -> serde_json::Value {
+    /// One raw HTTP/1.1 request on the API socket (it should ask `connection: close`): the
+    /// whole answer, head and body.
+    pub fn http(&self, request: &str) -> String {
         use std::io::{Read, Write};
         let mut stream = std::os::unix::net::UnixStream::connect(self.socket()).unwrap();
-        write!(
-            stream,
+        // The daemon may answer (413) and close before a huge body is all sent.
+        let _ = stream.write_all(request.as_bytes());
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// `GET path` on the API socket, whole answer.
+    pub fn http_get(&self, path: &str) -> String {
+        self.http(&format!(
             "GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
+        ))
+    }
+
+    /// `GET path` on the API socket (what no CLI command shows): the JSON body of a 200.
+    pub fn api_get(&self, path: &str) -> serde_json::Value {
+        let answer = self.http_get(path);
         let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
         assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {answer}");
         serde_json::from_str(body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))

@@ -109,14 +109,21 @@ impl ImageDirs {
             .join(", ")
     }
 
-    /// The image directory `path` lies under, and the rest of the path below it.
-    fn locate<'a>(&self, what: &'static str, path: &'a str) -> Result<(&OwnedFd, &'a Path), Error> {
+    /// The image directory `path` lies under, and the rest of the path below it (`.` for
+    /// the image directory itself, when `dir_itself` allows it).
+    fn locate<'a>(
+        &self,
+        what: &'static str,
+        path: &'a str,
+        dir_itself: bool,
+    ) -> Result<(&OwnedFd, &'a Path), Error> {
         let p = plain_absolute(path).ok_or_else(|| self.outside(what, path))?;
         self.dirs
             .iter()
-            .find_map(|(dir, fd)| {
-                let rest = p.strip_prefix(dir).ok()?;
-                (!rest.as_os_str().is_empty()).then_some((fd, rest))
+            .find_map(|(dir, fd)| match p.strip_prefix(dir).ok()? {
+                rest if !rest.as_os_str().is_empty() => Some((fd, rest)),
+                _ if dir_itself => Some((fd, Path::new("."))),
+                _ => None,
             })
             .ok_or_else(|| self.outside(what, path))
     }
@@ -124,7 +131,7 @@ impl ImageDirs {
     /// Checks every file of `spec` lexically (at definition time; the start opens them).
     pub fn check_spec(&self, spec: &VmSpec) -> Result<(), Error> {
         for (what, path) in files_of(spec) {
-            self.locate(what, path)?;
+            self.locate(what, path, false)?;
         }
         Ok(())
     }
@@ -132,7 +139,7 @@ impl ImageDirs {
     /// Opens `path` beneath its image directory with `flags` (O_RDONLY or O_RDWR and
     /// extras); only a regular file is returned.
     pub fn open(&self, what: &'static str, path: &str, flags: i32) -> Result<File, Error> {
-        let (dir, rest) = self.locate(what, path)?;
+        let (dir, rest) = self.locate(what, path, false)?;
         // O_NONBLOCK: a FIFO planted in an image directory must not hang the daemon.
         let file = self.open_beneath(what, path, dir, rest, flags | libc::O_NONBLOCK)?;
         let regular = file.metadata().is_ok_and(|m| m.is_file());
@@ -150,17 +157,7 @@ impl ImageDirs {
 
     /// Opens directory `path`, an image directory or one beneath it, for making files in.
     pub fn open_dir(&self, what: &'static str, path: &str) -> Result<File, Error> {
-        let p = plain_absolute(path).ok_or_else(|| self.outside(what, path))?;
-        let (dir, rest) = self
-            .dirs
-            .iter()
-            .find_map(|(dir, fd)| p.strip_prefix(dir).ok().map(|rest| (fd, rest)))
-            .ok_or_else(|| self.outside(what, path))?;
-        let rest = if rest.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rest
-        };
+        let (dir, rest) = self.locate(what, path, true)?;
         self.open_beneath(what, path, dir, rest, libc::O_RDONLY | libc::O_DIRECTORY)
     }
 

@@ -24,7 +24,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A VM arriving: what was set up for it, undone unless it ends running here.
 struct Arriving {
-    name: String,
     spec: VmSpec,
     /// Its definition is stored (the switch began).
     defined: bool,
@@ -236,7 +235,6 @@ impl Supervisor {
             }
         };
         Ok(Arriving {
-            name,
             spec: spec.clone(),
             defined: false,
             from: from.to_string(),
@@ -295,7 +293,7 @@ impl Supervisor {
                         a.vmm.wait().await;
                     }
                     let offered = a.offered.take().ok_or("a second state")?;
-                    let name = a.name.clone();
+                    let name = a.spec.name.clone();
                     let vmm_failed = |e: &dyn std::fmt::Display| {
                         format!(
                             "its VMM here did not run the guest: {e}{}",
@@ -320,7 +318,7 @@ impl Supervisor {
                             }
                             tracing::warn!(
                                 "VM {}: its VMM here holds its disks but did not say it runs the guest ({e}); it is taken as running here",
-                                a.name
+                                a.spec.name
                             );
                         }
                     }
@@ -332,14 +330,14 @@ impl Supervisor {
                         let _ = send(ws, &Message::Running { pid, build_us }).await;
                     }
                     // Its `running` came after it renamed its control socket into place.
-                    self.watch(&a.name, a.vmm.clone());
+                    self.watch(&a.spec.name, a.vmm.clone());
                     if !a.spec.nets.is_empty() {
-                        self.announce(&a.name);
+                        self.announce(&a.spec.name);
                     }
-                    self.migrations.arrived(&a.name);
+                    self.migrations.arrived(&a.spec.name);
                     // Nothing after the run may turn the VM away: it runs here.
                     if let Err(e) = self.arrived(a, actor, received, began.elapsed()) {
-                        tracing::error!("recording VM {}'s arrival failed: {e}", a.name);
+                        tracing::error!("recording VM {}'s arrival failed: {e}", a.spec.name);
                     }
                     return Ok(());
                 }
@@ -361,21 +359,14 @@ impl Supervisor {
     /// and holds it until the VMM has ended, so that it never runs the guest. A VM without
     /// a writable disk has no arbiter: false.
     async fn vmm_took_arbiter(&self, spec: &VmSpec, vmm: &ProcessHandle) -> bool {
-        let Some(d) = spec.disks.iter().find(|d| !d.readonly) else {
-            return false;
-        };
-        let files = match vmm_process::open_disk(d, &self.images) {
-            Ok(f) => f,
-            Err(_) => return false,
-        };
-        match tokio::task::block_in_place(|| files.lock(false)) {
-            Ok(()) => {
+        match self.lock_arbiter(spec) {
+            Some(Ok(_held)) => {
                 let _ = vmm.kill(libc::SIGKILL);
                 let _ = tokio::time::timeout(START_TIMEOUT, vmm.wait()).await;
                 false
             }
-            Err(disk::image::Error::Raw(disk::Error::Locked { .. })) => true,
-            Err(_) => false,
+            Some(Err(ArbiterNot::Elsewhere)) => true,
+            _ => false,
         }
     }
 
@@ -424,12 +415,27 @@ impl Supervisor {
         if !self.test_drop_at("locked") {
             return Ok(None);
         }
-        let Some(d) = spec.disks.iter().find(|d| !d.readonly) else {
-            return Ok(None);
+        match self.lock_arbiter(spec) {
+            None => Ok(None),
+            Some(Ok(files)) => Ok(Some(files)),
+            Some(Err(ArbiterNot::Elsewhere)) => Err("its disk is locked elsewhere".into()),
+            Some(Err(ArbiterNot::Failed(why))) => Err(why),
+        }
+    }
+
+    /// The arriving VM's arbiter (its first writable disk), opened and locked by this
+    /// daemon; None for a VM without one.
+    fn lock_arbiter(&self, spec: &VmSpec) -> Option<Result<disk::ImageFiles, ArbiterNot>> {
+        let d = spec.disks.iter().find(|d| !d.readonly)?;
+        let files = match vmm_process::open_disk(d, &self.images) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(ArbiterNot::Failed(e.to_string()))),
         };
-        let files = vmm_process::open_disk(d, &self.images).map_err(|e| e.to_string())?;
-        files.lock(false).map_err(|e| e.to_string())?;
-        Ok(Some(files))
+        Some(match tokio::task::block_in_place(|| files.lock(false)) {
+            Ok(()) => Ok(files),
+            Err(disk::image::Error::Raw(disk::Error::Locked { .. })) => Err(ArbiterNot::Elsewhere),
+            Err(e) => Err(ArbiterNot::Failed(e.to_string())),
+        })
     }
 
     /// The last line the VMM logged, for an error (its run directory goes with the VM).
@@ -449,7 +455,7 @@ impl Supervisor {
 
     fn arrived(&self, a: &Arriving, actor: &str, pages: u64, took: Duration) -> super::Result<()> {
         self.transition(
-            &a.name,
+            &a.spec.name,
             Transition {
                 to: VmState::Running,
                 pid: Some(a.vmm.pid),
@@ -461,7 +467,7 @@ impl Supervisor {
         )?;
         self.with_store(|s| {
             s.record(&NewEvent::host(
-                Some(&a.name),
+                Some(&a.spec.name),
                 Cause::Operator,
                 actor,
                 format!(
@@ -480,13 +486,7 @@ impl Supervisor {
         let _ = a.vmm.kill(libc::SIGKILL);
         // Its descriptors (and with them the disks' locks) close when it has ended.
         let _ = tokio::time::timeout(START_TIMEOUT, a.vmm.wait()).await;
-        let Arriving {
-            name,
-            from,
-            defined,
-            ..
-        } = a;
-        self.forget_arrival(&name, defined, actor, &from, why);
+        self.forget_arrival(&a.spec.name, a.defined, actor, &a.from, why);
     }
 
     /// Forgets a VM that did not arrive (its definition too, when it was `defined`).
@@ -509,6 +509,13 @@ impl Supervisor {
         });
         let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
     }
+}
+
+/// Why this daemon could not lock an arriving VM's arbiter.
+enum ArbiterNot {
+    /// Another holds it (its VMM, or the source's).
+    Elsewhere,
+    Failed(String),
 }
 
 fn new_memfd(bytes: u64) -> Result<File, String> {

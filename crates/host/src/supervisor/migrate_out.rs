@@ -226,17 +226,22 @@ impl Supervisor {
     }
 
     /// Cancels the VM's migration; it ends before the switch with the VM running here.
-    /// Refuses a request that would wait for `name`'s migration under way (which holds the
-    /// VM until it ends): the operator hears at once, and how to end it.
-    pub(super) fn refuse_while_migrating(&self, name: &str) -> Result<()> {
-        match self.migrations.get(name) {
-            Some(m) if !m.progress().phase.is_over() => Err(Error::WrongState {
-                name: name.into(),
-                state: self.get(name).map_or(VmState::Running, |r| r.state),
-                hint: "it is migrating: follow it (keel vm migration NAME), or cancel it (keel vm migrate NAME --cancel) before the switch",
-            }),
-            _ => Ok(()),
+    /// The VM's lock for an operator's request on it; refused at once while the VM migrates
+    /// away (the migration holds the lock until it ends), saying how to end that.
+    pub(super) async fn lock_for_request(
+        &self,
+        name: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+        if let Some(m) = self.migrations.get(name) {
+            if !m.progress().phase.is_over() {
+                return Err(Error::WrongState {
+                    name: name.into(),
+                    state: self.get(name).map_or(VmState::Running, |r| r.state),
+                    hint: "it is migrating: follow it (keel vm migration NAME), or cancel it (keel vm migrate NAME --cancel) before the switch",
+                });
+            }
         }
+        Ok(self.vm_lock(name).lock_owned().await)
     }
 
     pub fn cancel_migration(&self, name: &str) -> Result<MigrationProgress> {

@@ -288,9 +288,7 @@ impl Supervisor {
     }
 
     pub async fn delete(&self, name: &str, actor: &str) -> Result<()> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let _held = guard.lock().await;
+        let _held = self.lock_for_request(name).await?;
         let row = self.get(name)?;
         if row.state.has_vmm() {
             return Err(Error::WrongState {
@@ -634,9 +632,7 @@ impl Supervisor {
         actor: &str,
         timeout: Duration,
     ) -> Result<()> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let held = guard.lock().await;
+        let held = self.lock_for_request(name).await?;
         let row = self.running_row(name, "only a running VM can be shut down")?;
         let Some((handle, mut ended)) = self.handle(name) else {
             return Err(Error::WrongState {
@@ -683,7 +679,7 @@ impl Supervisor {
         {
             // Under the lock again, and only for the same VMM still running: an intent left
             // behind would be taken for the meaning of some later end.
-            let _held = guard.lock().await;
+            let _held = self.vm_lock(name).lock_owned().await;
             let same = self.handle(name).is_some_and(|(h, _)| h.pid == handle.pid);
             if !same || *ended.borrow() {
                 return Ok(());
@@ -717,9 +713,7 @@ impl Supervisor {
     }
 
     async fn power_off(self: &Arc<Self>, name: &str, actor: &str, restart: bool) -> Result<()> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let held = guard.lock().await;
+        let held = self.lock_for_request(name).await?;
         let row = self.get(name)?;
         let Some((handle, mut ended)) = self.handle(name) else {
             return Err(Error::WrongState {

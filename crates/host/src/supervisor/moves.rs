@@ -14,9 +14,7 @@ use crate::vmm_process;
 impl Supervisor {
     /// Pauses a running VM; returns once the VMM holds it still.
     pub async fn pause(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let _held = guard.lock().await;
+        let _held = self.lock_for_request(name).await?;
         let row = self.running_row(name, "only a running VM can be paused")?;
         // The VMM first, the record after: a daemon that dies between the two finds the VMM
         // paused at its restart and records it then (recovery believes the VMM).
@@ -42,9 +40,7 @@ impl Supervisor {
 
     /// Lets a paused VM run on.
     pub async fn resume(self: &Arc<Self>, name: &str, actor: &str) -> Result<()> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let _held = guard.lock().await;
+        let _held = self.lock_for_request(name).await?;
         let row = self.get(name)?;
         if row.state != VmState::Paused {
             return Err(Error::WrongState {

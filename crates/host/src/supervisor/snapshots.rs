@@ -87,19 +87,23 @@ impl Drop for Unfinished {
 fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let source = File::open(from)?;
-            let copy = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(to)?;
-            crate::library::copy::copy_sparse(&source, &copy, &|_, _| {})?;
-            copy.sync_all()?;
+            copy_to_new(from, to)?.sync_all()?;
             std::fs::remove_file(from)
         }
         other => other,
     }
+}
+
+/// A sparse copy of file `from` as the new file `to` (owner only).
+fn copy_to_new(from: &Path, to: &Path) -> std::io::Result<File> {
+    let copy = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    crate::library::copy::copy_sparse(&File::open(from)?, &copy, &|_, _| {})?;
+    Ok(copy)
 }
 
 /// Makes `path` (a file or directory in a VM's run directory) its jailed VMM's, like the
@@ -150,9 +154,7 @@ impl Supervisor {
         actor: &str,
         progress: &crate::operations::Progress,
     ) -> Result<SnapshotInfo> {
-        self.refuse_while_migrating(vm)?;
-        let guard = self.vm_lock(vm);
-        let _held = guard.lock().await;
+        let _held = self.lock_for_request(vm).await?;
         let row = self.get(vm)?;
         if !matches!(row.state, VmState::Running | VmState::Paused) {
             return Err(Error::WrongState {
@@ -487,11 +489,8 @@ impl Supervisor {
         let linked = std::fs::create_dir_all(&restore).and_then(|()| {
             ["state", "memory"].iter().try_for_each(|file| {
                 let (from, to) = (dir.join(file), restore.join(file));
-                std::fs::hard_link(&from, &to).or_else(|_| {
-                    // Another file system (a snapshot written elsewhere): a sparse copy.
-                    let copy = File::options().write(true).create_new(true).open(&to)?;
-                    crate::library::copy::copy_sparse(&File::open(&from)?, &copy, &|_, _| {})
-                })
+                // Another file system (a snapshot written elsewhere): a sparse copy.
+                std::fs::hard_link(&from, &to).or_else(|_| copy_to_new(&from, &to).map(drop))
             })
         });
         linked.map_err(|e| snap_err(vm, format!("putting the snapshot's files in place: {e}")))?;

@@ -40,9 +40,7 @@ pub struct Upgraded {
 impl Supervisor {
     /// Hands running VM `name` to a new VMM process of the installed binary.
     pub async fn upgrade(self: &Arc<Self>, name: &str, actor: &str) -> Result<Upgraded> {
-        self.refuse_while_migrating(name)?;
-        let guard = self.vm_lock(name);
-        let _held = guard.lock().await;
+        let _held = self.lock_for_request(name).await?;
         let row = self.running_row(
             name,
             "only a running VM is upgraded (a stopped one starts on the new binary)",

@@ -1,9 +1,13 @@
 //! `keel vm snapshot|snapshots|restore` through the daemon, with jailed VMMs: a probe writing
-//! disk records is snapshotted mid-way and runs on; after a stop, the restore puts its disk
-//! back and the probe goes on from the snapshot's record and verifies every one, then its
-//! memory churn starts and checks. The ledger records the pause (`maintenance`, counted by
-//! the SLA report) and the restore; each is an operation a client can follow. A snapshot
-//! written beneath the image directories (`--to`) restores and goes the same way.
+//! disk records is snapshotted mid-way and runs on, its records' disk now written in a qcow2
+//! overlay (the raw file, the snapshot's disk, no longer changes; a second disk, `direct=on`,
+//! is copied); after a stop, the restore
+//! starts a new overlay on the snapshot's disk (the one the VM wrote in since is removed)
+//! and the probe goes on from the snapshot's record and verifies every one, then its memory
+//! churn starts and checks. The ledger records the pause (`maintenance`, counted by the SLA
+//! report) and the restore; each is an operation a client can follow. A snapshot written
+//! beneath the image directories (`--to`) restores and goes the same way. Removing
+//! snapshots and VMs removes the overlays nothing reaches any more, and no other.
 
 mod common;
 
@@ -42,6 +46,9 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
+    // A disk served with direct I/O, which qcow2 overlays are not: it is copied.
+    let odd = daemon.images().join("direct.raw");
+    std::fs::write(&odd, vec![7u8; 1 << 20]).unwrap();
     let kernel = probe_elf();
     let cmdline = format!(
         "probe.blk_records={RECORDS} probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000"
@@ -58,6 +65,8 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         "128",
         "--disk",
         &format!("path={}", disk.display()),
+        "--disk",
+        &format!("path={},direct=on", odd.display()),
     ]);
     let from = daemon.json(&["events", "--limit", "1"])[0]["time"]
         .as_str()
@@ -75,7 +84,35 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
 
     let snap = daemon.json(&["vm", "snapshot", "s1", "--name", "mid"]);
     assert_eq!(snap["name"], "mid", "{snap}");
-    assert_eq!(snap["disks"][0]["how"], "copy", "ext4 here: no reflink");
+    // The records' disk: kept as it is, the VM going on in an overlay of its own.
+    let delta1 = daemon.images().join("vms/s1/disk0.delta1.qcow2");
+    assert_eq!(snap["disks"][0]["how"], "overlay", "{snap}");
+    assert_eq!(snap["disks"][0]["path"], disk.to_str().unwrap(), "{snap}");
+    assert_eq!(
+        snap["disks"][0]["overlay"],
+        delta1.to_str().unwrap(),
+        "{snap}"
+    );
+    let shown = daemon.json(&["vm", "show", "s1"]);
+    assert_eq!(
+        shown["spec"]["disks"][0]["path"],
+        delta1.to_str().unwrap(),
+        "{shown}"
+    );
+    assert_eq!(shown["spec"]["disks"][0]["format"], "qcow2", "{shown}");
+    let frozen = std::fs::read(&disk).unwrap();
+    // The direct disk: copied, and why.
+    assert_eq!(
+        snap["disks"][1]["how"], "copy",
+        "ext4 here: no reflink: {snap}"
+    );
+    assert!(
+        snap["disks"][1]["copied_because"]
+            .as_str()
+            .unwrap()
+            .contains("direct=on"),
+        "{snap}"
+    );
     let stored = snap["memory_stored_bytes"].as_u64().unwrap();
     assert!(stored < 16 << 20, "only touched memory is stored: {snap}");
     assert_eq!(daemon.state("s1"), "running");
@@ -92,7 +129,7 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
             .starts_with("copying disk 1 of 1 ("),
         "{op}"
     );
-    assert_eq!(op["total_bytes"], 16 << 20, "the disk's bytes: {op}");
+    assert_eq!(op["total_bytes"], 1 << 20, "the direct disk's bytes: {op}");
     // The VM ran on: all records, then the churn.
     let first = wait_for(&log, "PROBE churn tick 1 ", 0);
     assert!(
@@ -100,6 +137,12 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         "{first}"
     );
     daemon.ok(&["vm", "stop", "s1"]);
+    // The records went into the overlay: the snapshot's disk is as it was.
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the raw disk changed"
+    );
+    qemu_img(&["check", delta1.to_str().unwrap()]);
 
     // The restore: the disk goes back to the snapshot's instant, the guest on from there.
     let mark = std::fs::read_to_string(&log).unwrap().len();
@@ -108,6 +151,17 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     let op = operation(&daemon, "vm-restore", "s1");
     assert_eq!(op["state"], "done", "{op}");
     assert_eq!(op["step"], "starting the VM on the snapshot", "{op}");
+    // A new overlay on the snapshot's disk; the one written since is reached by nothing.
+    let delta2 = daemon.images().join("vms/s1/disk0.delta2.qcow2");
+    assert_eq!(
+        restored["spec"]["disks"][0]["path"],
+        delta2.to_str().unwrap(),
+        "{restored}"
+    );
+    assert!(
+        !delta1.exists(),
+        "the overlay the VM wrote in since the snapshot is gone"
+    );
     let after = wait_for(&log, "PROBE churn tick 1 ", mark);
     assert!(!after.contains("PROBE start"), "it booted again: {after}");
     assert!(
@@ -157,9 +211,15 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     // the disk, the guest on from the same record.
     let s2 = daemon.json(&["vm", "restore", "s1", "mid", "--as", "s2"]);
     assert_eq!(s2["state"], "running", "{s2}");
-    assert_ne!(
-        s2["spec"]["disks"][0]["path"], snap["disks"][0]["path"],
+    let s2_delta = daemon.images().join("vms/s2/disk0.delta1.qcow2");
+    assert_eq!(
+        s2["spec"]["disks"][0]["path"],
+        s2_delta.to_str().unwrap(),
         "{s2}"
+    );
+    assert_ne!(
+        s2["spec"]["disks"][1]["path"], snap["disks"][1]["path"],
+        "its own copy of the copied disk: {s2}"
     );
     let log2 = std::path::PathBuf::from(s2["console_log"].as_str().unwrap());
     let second = wait_for(&log2, "PROBE churn tick 1 ", 0);
@@ -169,6 +229,15 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         "{second}"
     );
     daemon.ok(&["vm", "stop", "s2"]);
+    daemon.ok(&["vm", "rm", "s2"]);
+    assert!(
+        !daemon.images().join("vms/s2").exists(),
+        "nothing reaches the deleted VM's files"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the raw disk changed"
+    );
 
     // A snapshot written elsewhere (`--to`): beneath the image directories only, and into a
     // new directory of its name; it restores and goes like the others.
@@ -197,7 +266,7 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     ]);
     let files = far.join("away");
     assert_eq!(away["dir"], files.to_str().unwrap(), "{away}");
-    for file in ["state", "memory", "disk0", "snapshot.json"] {
+    for file in ["state", "memory", "disk1", "snapshot.json"] {
         assert!(files.join(file).is_file(), "{file} in {}", files.display());
     }
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);
@@ -212,10 +281,32 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     daemon.ok(&["vm", "stop", "s1"]);
     daemon.ok(&["vm", "snapshot-rm", "s1", "away"]);
     assert!(!files.exists(), "its files went with it");
+    // Its disk (delta2) lies below the VM's overlay since the restore: it stays.
+    let now = daemon.json(&["vm", "show", "s1"])["spec"]["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        now,
+        daemon
+            .images()
+            .join("vms/s1/disk0.delta4.qcow2")
+            .to_str()
+            .unwrap()
+    );
+    assert!(delta2.exists());
 
     daemon.ok(&["vm", "snapshot-rm", "s1", "mid"]);
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);
     assert!(listed.contains("no snapshots"), "{listed}");
     let refused = daemon.fails(&["vm", "restore", "s1", "mid"]);
     assert!(refused.contains("no snapshot 'mid'"), "{refused}");
+    // The VM's chain is whole (qemu-img reads it through), then goes with the VM.
+    qemu_img(&["check", &now]);
+    daemon.ok(&["vm", "rm", "s1"]);
+    assert!(!daemon.images().join("vms/s1").exists());
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the raw disk changed"
+    );
 }

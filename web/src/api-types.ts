@@ -1080,11 +1080,25 @@ export interface components {
         };
         /** @description One disk of a snapshot: the VM's disk as it was, or (read-only) where it still is. */
         SnapshotDisk: {
-            /** @description The copy in the snapshot's directory; none for a read-only disk, which is not copied. */
+            /** @description Why a writable disk was copied rather than kept under an overlay. */
+            copied_because?: string | null;
+            /**
+             * @description The copy in the snapshot's directory (`how` `reflink` or `copy`); none for a
+             *     read-only disk, which is not copied, and for an overlay.
+             */
             copy?: string | null;
-            /** @description How the copy was made: `reflink` (shared blocks, instant) or `copy` (sparse). */
+            /**
+             * @description How the disk was kept: `overlay` (the VM writes on in a new qcow2 image over `path`,
+             *     which no longer changes: instant), `reflink` (a copy sharing blocks, instant) or
+             *     `copy` (sparse, while the guest stood still).
+             */
             how?: string | null;
-            /** @description The VM's disk, as its definition names it. */
+            /** @description With `overlay`: the new image the VM wrote in from that instant. */
+            overlay?: string | null;
+            /**
+             * @description The VM's disk, as its definition named it then. With `how` `overlay` this file is the
+             *     snapshot's disk itself, kept as it was: the VM went on writing in `overlay`.
+             */
             path: string;
         };
         /** @description A snapshot, as `snapshot.json` in its directory records it. */

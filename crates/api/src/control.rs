@@ -72,6 +72,24 @@ pub enum Request {
     /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
     /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
     HandOver,
+    /// Paused only: each named disk goes on in a new qcow2 image (an overlay a snapshot
+    /// started on the disk's present file). The files come with the request line as
+    /// SCM_RIGHTS descriptors, for each disk in order its `files`: the new image (read and
+    /// write), then its backing chain as its headers name it. The present files are synced
+    /// first; all the disks switch or none does.
+    SwitchDisks { disks: Vec<DiskSwitch> },
+}
+
+/// One disk of a [`Request::SwitchDisks`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSwitch {
+    /// The disk's place in the VM's definition.
+    pub index: usize,
+    /// The new image's path, which its backing names are resolved against (the VMM opens
+    /// nothing by it).
+    pub path: String,
+    /// How many of the request's descriptors are this disk's: the image and its chain.
+    pub files: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +117,10 @@ pub enum Response {
     MigrationSwitched(Box<SwitchReport>),
     Announced {
         nics: u32,
+    },
+    /// `switch-disks` done: how long it took, microseconds (syncing the old files first).
+    DisksSwitched {
+        took_us: u64,
     },
     Done,
     Error {

@@ -35,14 +35,24 @@ pub struct RestoreRequest {
 /// One disk of a snapshot: the VM's disk as it was, or (read-only) where it still is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotDisk {
-    /// The VM's disk, as its definition names it.
+    /// The VM's disk, as its definition named it then. With `how` `overlay` this file is the
+    /// snapshot's disk itself, kept as it was: the VM went on writing in `overlay`.
     pub path: String,
-    /// The copy in the snapshot's directory; none for a read-only disk, which is not copied.
+    /// The copy in the snapshot's directory (`how` `reflink` or `copy`); none for a
+    /// read-only disk, which is not copied, and for an overlay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<String>,
-    /// How the copy was made: `reflink` (shared blocks, instant) or `copy` (sparse).
+    /// How the disk was kept: `overlay` (the VM writes on in a new qcow2 image over `path`,
+    /// which no longer changes: instant), `reflink` (a copy sharing blocks, instant) or
+    /// `copy` (sparse, while the guest stood still).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub how: Option<String>,
+    /// With `overlay`: the new image the VM wrote in from that instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
+    /// Why a writable disk was copied rather than kept under an overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_because: Option<String>,
 }
 
 /// A snapshot, as `snapshot.json` in its directory records it.

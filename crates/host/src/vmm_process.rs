@@ -2,7 +2,7 @@
 //! talking to its control socket, and learning (through a pidfd) the moment it ends, whether
 //! the daemon started it or re-adopted it.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
@@ -107,6 +107,11 @@ impl RunDir {
             owner(&self.0)?;
             owner(&self.console_log())?;
         }
+        self.write_spec(spec)
+    }
+
+    /// Writes the VM's definition for its VMM (one started next, or taking over).
+    pub fn write_spec(&self, spec: &VmSpec) -> Result<()> {
         let json = serde_json::to_vec_pretty(spec).unwrap_or_default();
         // Unchanged since the last start: no need to pay for the fsyncs again.
         if api::control::read_run_file(&self.file(files::SPEC)).is_ok_and(|old| old == json) {
@@ -515,16 +520,33 @@ impl ControlLink {
 
     /// One request and its answer. After an error the link is not to be used again.
     pub fn ask(&mut self, request: &Request) -> Result<Response> {
+        self.ask_with_fds(request, &[])
+    }
+
+    /// [`Self::ask`], the descriptors `fds` going with the request's line (SCM_RIGHTS): a
+    /// jailed VMM opens no file, and takes new ones this way (`switch-disks`).
+    pub fn ask_with_fds(&mut self, request: &Request, fds: &[RawFd]) -> Result<Response> {
         use std::io::{BufRead, Read, Write};
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let fail = |reason: String| Error::Control {
             path: self.path.clone(),
             reason,
         };
         let mut line = serde_json::to_string(request).map_err(|e| fail(e.to_string()))?;
         line.push('\n');
+        let mut bytes = line.as_bytes();
+        if !fds.is_empty() {
+            // The descriptors ride on the line's first bytes; the rest follows as usual.
+            let sent = self
+                .reader
+                .get_ref()
+                .send_with_fds(&[bytes], fds)
+                .map_err(|e| fail(format!("sending failed ({e})")))?;
+            bytes = &bytes[sent..];
+        }
         self.reader
             .get_ref()
-            .write_all(line.as_bytes())
+            .write_all(bytes)
             .map_err(|e| fail(format!("sending failed ({e})")))?;
         let mut answer = String::new();
         // The VMM is hostile: an answer is one line of at most the limit.

@@ -39,7 +39,8 @@ pub enum VmCommand {
     /// Let a paused VM run on.
     Resume { name: String },
     /// Snapshot a running or paused VM: its state, its touched memory and its disks as they
-    /// are now (the guest stands still while they are copied).
+    /// are now (each disk's file is kept as it is and the VM goes on in a new qcow2 overlay
+    /// on it; a direct=on disk is copied while the guest stands still).
     Snapshot {
         name: String,
         /// The snapshot's name (default: snap-N).
@@ -57,7 +58,8 @@ pub enum VmCommand {
     Restore {
         name: String,
         snapshot: String,
-        /// Restore it as a new VM of this name (its disks copied), beside this one.
+        /// Restore it as a new VM of this name (its own overlays on the snapshot's disks, or
+        /// copies of copied ones), beside this one.
         #[arg(long = "as", value_name = "NEW")]
         as_vm: Option<String>,
     },

@@ -23,7 +23,10 @@ use crate::pause::PauseGate;
 use crate::signals::Signals;
 use crate::virtio_devices::VirtioDevices;
 
+mod disks;
 mod migration;
+
+pub use disks::HandedFiles;
 
 /// Something to do to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +63,12 @@ pub enum VmCommand {
     Announce,
     /// Take or release the disks' locks.
     DiskLocks { held: bool },
+    /// Serve disks from new images (see [`Request::SwitchDisks`]), on the files that came
+    /// with the request.
+    SwitchDisks {
+        disks: Vec<api::control::DiskSwitch>,
+        files: HandedFiles,
+    },
 }
 
 impl VmCommand {
@@ -82,6 +91,11 @@ impl VmCommand {
             Request::MigrationSwitch => VmCommand::MigrationSwitch,
             Request::Announce => VmCommand::Announce,
             Request::DiskLocks { held } => VmCommand::DiskLocks { held },
+            // The control loop gives it the connection's descriptors.
+            Request::SwitchDisks { disks } => VmCommand::SwitchDisks {
+                disks,
+                files: HandedFiles::default(),
+            },
         }
     }
 
@@ -122,6 +136,8 @@ impl VmCommand {
             (VmCommand::Announce, _) => Err("the guest does not run"),
             (VmCommand::DiskLocks { .. }, Paused) => Ok(()),
             (VmCommand::DiskLocks { .. }, _) => Err("the VM is not paused: pause it first"),
+            (VmCommand::SwitchDisks { .. }, Paused) => Ok(()),
+            (VmCommand::SwitchDisks { .. }, _) => Err("the VM is not paused: pause it first"),
         }
     }
 }
@@ -327,6 +343,7 @@ impl Controller {
             VmCommand::MigrationSwitch => self.migration_switch(),
             VmCommand::Announce => self.announce(),
             VmCommand::DiskLocks { held } => self.disk_locks(held),
+            VmCommand::SwitchDisks { disks, files } => self.switch_disks(&disks, files.take()),
         }
     }
 
@@ -592,8 +609,14 @@ impl ControlLoop {
         for incoming in incoming {
             match incoming {
                 Incoming::Request(request) => {
+                    let mut command = VmCommand::from_request(request);
+                    if let VmCommand::SwitchDisks { files, .. } = &mut command {
+                        if let Some(socket) = &mut self.socket {
+                            *files = HandedFiles::new(socket.take_fds(id));
+                        }
+                    }
                     let sender = self.queue.sender();
-                    sender.send_for(VmCommand::from_request(request), ReplyTo::Connection(id));
+                    sender.send_for(command, ReplyTo::Connection(id));
                     // Drained at once so that answers leave in the order the lines came.
                     self.drain(ops);
                 }

@@ -5,7 +5,7 @@
 //! more than [`MAX_PENDING_OUTPUT`] bytes of answers pile up unread.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
@@ -19,6 +19,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// Most connections at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most descriptors a connection may hold for requests not yet served (`switch-disks`
+/// takes a disk's image and its chain); more close the connection.
+pub const MAX_HELD_FDS: usize = 64;
 
 /// What one line on a connection was.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +91,9 @@ struct Connection {
     stream: UnixStream,
     lines: LineBuffer,
     output: Vec<u8>,
+    /// Descriptors that came with the connection's bytes (SCM_RIGHTS), in order, for the
+    /// request that takes them; closed with the connection.
+    fds: Vec<std::fs::File>,
     /// The client sent its last byte (or broke the rules): answer what is pending, then close.
     read_done: bool,
     /// Close at the next settle, whatever is pending.
@@ -138,7 +144,7 @@ impl ControlSocket {
             && !conn.read_done
         {
             let mut buf = [0u8; 16 * 1024];
-            match conn.stream.read(&mut buf) {
+            match receive(&conn.stream, &mut buf, &mut conn.fds) {
                 Ok(0) => conn.read_done = true,
                 Ok(n) => match conn.lines.push(&buf[..n]) {
                     Ok(lines) => incoming.extend(lines.iter().filter_map(|l| parse_line(l))),
@@ -162,6 +168,15 @@ impl ControlSocket {
             fd,
             serial: c.serial,
         })
+    }
+
+    /// The descriptors that came on connection `id` and no request took yet, in order.
+    pub fn take_fds(&mut self, id: ConnectionId) -> Vec<std::fs::File> {
+        self.connections
+            .get_mut(&id.fd)
+            .filter(|c| c.serial == id.serial)
+            .map(|c| std::mem::take(&mut c.fds))
+            .unwrap_or_default()
     }
 
     /// Queues `response` for connection `id` (if it is still there) and writes what the
@@ -244,6 +259,7 @@ impl ControlSocket {
                     stream,
                     lines: LineBuffer::default(),
                     output: Vec::new(),
+                    fds: Vec::new(),
                     read_done: false,
                     dead: false,
                     watching,
@@ -251,6 +267,38 @@ impl ControlSocket {
             );
         }
     }
+}
+
+/// Reads what the stream has into `buf`, keeping descriptors that came with it in `held`
+/// (at most [`MAX_HELD_FDS`]: more is an error, and they are closed).
+fn receive(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    held: &mut Vec<std::fs::File>,
+) -> io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut fds = [-1 as RawFd; MAX_HELD_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points at `buf`, which may take any bytes, for the call.
+    let (n, count) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let room = MAX_HELD_FDS - held.len().min(MAX_HELD_FDS);
+    for (i, &fd) in fds[..count].iter().enumerate() {
+        // SAFETY: the first `count` entries are descriptors this process now owns; each is
+        // wrapped once, so it is closed on every path.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        if i < room {
+            held.push(file);
+        }
+    }
+    if count > room {
+        return Err(io::Error::other("too many descriptors on one connection"));
+    }
+    Ok(n)
 }
 
 fn is_transient(e: &io::Error) -> bool {

@@ -55,6 +55,11 @@ fn lock(t: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The disks' files or images, whoever panicked last holding them (they are still whole).
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn limiter(config: &RateLimitConfig) -> Result<RateLimiter, Error> {
     RateLimiter::new(config).map_err(|e| Error::RateLimiter(e.to_string()))
 }
@@ -63,9 +68,9 @@ pub struct VirtioDevices {
     slots: Vec<Slot>,
     counters: DeviceCounters,
     /// Each disk's files (shared descriptions, with their locks), kept to hand over.
-    disk_files: Vec<disk::ImageFiles>,
+    disk_files: Mutex<Vec<disk::ImageFiles>>,
     /// Each disk's image as its device serves it.
-    disk_images: Vec<Arc<disk::Image>>,
+    disk_images: Mutex<Vec<Arc<disk::Image>>>,
 }
 
 /// The devices' counters, shared with the thread that answers `metrics` requests.
@@ -205,8 +210,8 @@ impl VirtioDevices {
         Ok(Self {
             slots,
             counters,
-            disk_files,
-            disk_images,
+            disk_files: Mutex::new(disk_files),
+            disk_images: Mutex::new(disk_images),
         })
     }
 
@@ -309,8 +314,7 @@ impl VirtioDevices {
             .iter()
             .flat_map(|s| lock(&s.transport).handover_fds())
             .collect();
-        let disks = self
-            .disk_files
+        let disks = relock(&self.disk_files)
             .iter()
             .map(|d| d.files().map(|f| f.as_raw_fd()).collect())
             .collect();
@@ -321,7 +325,8 @@ impl VirtioDevices {
     /// devices quiet: before another process opens the disks (a new VMM, a migration's
     /// target) or copies them (a snapshot).
     pub fn write_back_disks(&self, sync: bool) -> Result<(), String> {
-        for (image, files) in self.disk_images.iter().zip(&self.disk_files) {
+        let files = relock(&self.disk_files);
+        for (image, files) in relock(&self.disk_images).iter().zip(files.iter()) {
             let done = if sync {
                 image.flush()
             } else {
@@ -345,9 +350,10 @@ impl VirtioDevices {
         held: bool,
         read_only: &[bool],
     ) -> Result<(), (bool, disk::image::Error)> {
-        let order = disk::arbiter_first(read_only, self.disk_files.len());
+        let disk_files = relock(&self.disk_files);
+        let order = disk::arbiter_first(read_only, disk_files.len());
         for (n, &i) in order.iter().enumerate() {
-            let files = &self.disk_files[i];
+            let files = &disk_files[i];
             let done = if held {
                 files.lock(read_only.get(i).copied().unwrap_or(false))
             } else {
@@ -356,13 +362,102 @@ impl VirtioDevices {
             if let Err(e) = done {
                 if held {
                     for &taken in &order[..n] {
-                        let _ = self.disk_files[taken].unlock();
+                        let _ = disk_files[taken].unlock();
                     }
                 }
                 return Err((n == 0, e));
             }
         }
         Ok(())
+    }
+
+    /// Paused only: each `(disk, files)` of `switched` is served from `files` from now on (a
+    /// new qcow2 image over the disk's present one, which a snapshot keeps). The present
+    /// images are synced first: a guest's flush after the switch reaches only the new file.
+    /// All of them switch or none does.
+    pub fn switch_disks(&self, switched: Vec<(usize, disk::ImageFiles)>) -> Result<(), String> {
+        let mut files = relock(&self.disk_files);
+        let mut images = relock(&self.disk_images);
+        for (i, new) in &switched {
+            match images.get(*i) {
+                None => return Err(format!("the VM has no disk {i}")),
+                Some(image) if image.read_only() => {
+                    return Err(format!("disk {i} is read-only: it has nothing to switch"))
+                }
+                Some(image) => image.flush().map_err(|e| {
+                    format!(
+                        "syncing disk {i} before switching it to {}: {e}",
+                        new.path.display()
+                    )
+                })?,
+            }
+        }
+        let mut done: Vec<(usize, disk::ImageFiles, Arc<disk::Image>)> = Vec::new();
+        for (i, new) in switched {
+            match self.switch_one(i, new, &files[i]) {
+                Ok((image, kept)) => {
+                    let old_image = std::mem::replace(&mut images[i], image);
+                    let old_files = std::mem::replace(&mut files[i], kept);
+                    done.push((i, old_files, old_image));
+                }
+                Err(e) => {
+                    for (i, old_files, old_image) in done.into_iter().rev() {
+                        let _ = lock(&self.slots[i].transport).switch_disk(old_image.clone());
+                        let _ = files[i].unlock();
+                        let _ = old_files.lock(false);
+                        files[i] = old_files;
+                        images[i] = old_image;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Switches disk `i` from `old` (its files now) to `new`: the locks move, the device takes
+    /// the new image. On an error nothing has changed. Returns the image and the files kept.
+    fn switch_one(
+        &self,
+        i: usize,
+        new: disk::ImageFiles,
+        old: &disk::ImageFiles,
+    ) -> Result<(Arc<disk::Image>, disk::ImageFiles), String> {
+        let path = new.path.clone();
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            format!("disk {i}: {what} {}: {e}", path.display())
+        };
+        // The new image's backing chain holds the old top file shared; its old exclusive
+        // lock (another open file) would refuse that.
+        old.unlock()
+            .map_err(|e| failed("releasing its present file for", &e))?;
+        let undo = |why: String| {
+            let _ = old.lock(false);
+            why
+        };
+        new.lock(false).map_err(|e| undo(failed("locking", &e)))?;
+        let kept = new.try_clone().map_err(|e| {
+            let _ = new.unlock();
+            undo(failed("keeping the files of", &e))
+        })?;
+        let mut building = new;
+        building.lock_deferred = true;
+        let built = disk::Image::from_image_files(building, false, false)
+            .map_err(|e| failed("opening", &e))
+            .and_then(|image| {
+                let image = Arc::new(image);
+                lock(&self.slots[i].transport)
+                    .switch_disk(image.clone())
+                    .map(|_| image)
+                    .map_err(|e| failed("serving", &e))
+            });
+        match built {
+            Ok(image) => Ok((image, kept)),
+            Err(why) => {
+                let _ = kept.unlock();
+                Err(undo(why))
+            }
+        }
     }
 
     /// Every device's transport state, in the VM's device order (while paused).

@@ -2,6 +2,7 @@
 //! state machine, the device owns what it does with requests.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use arch::GuestMemoryMmap;
 use virtio_queue::Queue;
@@ -28,6 +29,8 @@ pub enum DeviceError {
     Settle(String),
     #[error("restoring the device failed: {0}")]
     Restore(String),
+    #[error("switching the disk failed: {0}")]
+    Switch(String),
 }
 
 impl DeviceError {
@@ -111,6 +114,14 @@ pub trait VirtioDevice: Send {
     /// port. Whether it sent one.
     fn announce(&self) -> std::io::Result<bool> {
         Ok(false)
+    }
+
+    /// Serves `image` from now on in place of the disk's present one (a snapshot started an
+    /// overlay on it), the VM paused and the device quiet; returns the image it served. Only
+    /// a block device has one; the new image must be as large and as writable.
+    fn switch_disk(&mut self, image: Arc<disk::Image>) -> Result<Arc<disk::Image>, DeviceError> {
+        drop(image);
+        Err(DeviceError::Switch("this device has no disk".into()))
     }
 
     /// The VMM is exiting: release what outlives the process (socket files). The process

@@ -373,6 +373,19 @@ impl MmioTransport {
         self.device.announce()
     }
 
+    /// See [`VirtioDevice::switch_disk`]; refused unless the transport is paused.
+    pub fn switch_disk(
+        &mut self,
+        image: std::sync::Arc<disk::Image>,
+    ) -> Result<std::sync::Arc<disk::Image>, DeviceError> {
+        if !self.paused {
+            return Err(DeviceError::Switch(
+                "the device is not paused: the VM must be".into(),
+            ));
+        }
+        self.device.switch_disk(image)
+    }
+
     /// See [`VirtioDevice::handover_fds`].
     pub fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.device.handover_fds()

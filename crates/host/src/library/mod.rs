@@ -269,8 +269,9 @@ impl Supervisor {
             return Ok((spec, Vec::new()));
         }
         let dir = self.library.vm_dir(&spec.name);
-        // No VM of this name exists (the caller checked): anything here is left over.
-        let _ = std::fs::remove_dir_all(&dir);
+        // No VM of this name exists (the caller checked): anything here is left over, but
+        // what another VM or a snapshot reaches.
+        self.remove_vm_disks(&spec.name);
         let mut made = Vec::new();
         let result = (|| -> Result<()> {
             for (index, disk) in spec.disks.iter_mut().enumerate() {
@@ -318,22 +319,26 @@ impl Supervisor {
         match result {
             Ok(()) => Ok((spec, made)),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                for path in &made {
+                    let _ = std::fs::remove_file(path);
+                }
+                let _ = std::fs::remove_dir(&dir);
                 Err(e)
             }
         }
     }
 
-    /// Removes the disks the daemon made for VM `name`.
+    /// Removes the disks the daemon made for VM `name` (no longer defined, or never), but
+    /// those another VM or a snapshot still reaches through a backing chain.
     pub fn remove_vm_disks(&self, name: &str) {
+        let kept = self.collect_disks(name, true);
         let dir = self.library.vm_dir(name);
         if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(
-                    "VM '{name}': removing its disks in {} failed: {e}",
-                    dir.display()
-                );
-            }
+            tracing::info!(
+                "VM '{name}': {} kept: files in it are still reached by another VM or a snapshot ({} removed)",
+                dir.display(),
+                kept.len()
+            );
         }
     }
 }

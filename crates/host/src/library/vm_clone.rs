@@ -68,7 +68,7 @@ impl Supervisor {
                 let mut spec = row.spec.clone();
                 spec.name = request.name.clone();
                 spec.autostart = false;
-                let _ = std::fs::remove_dir_all(&dir);
+                app.remove_vm_disks(&request.name);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| clone_err(&source, format!("making {}: {e}", dir.display())))?;
                 let count = spec.disks.len();
@@ -139,7 +139,7 @@ impl Supervisor {
                     progress.finish(Ok(()));
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    app.remove_vm_disks(&request.name);
                     progress.finish(Err(e.to_string()));
                 }
             }

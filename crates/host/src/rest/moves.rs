@@ -62,7 +62,7 @@ pub(super) async fn remove_snapshot(
     Extension(caller): Extension<Caller>,
     PathArg((name, snapshot)): PathArg<(String, String)>,
 ) -> Result<axum::http::StatusCode, ApiError> {
-    app.remove_snapshot(&name, &snapshot, &caller.actor)?;
+    app.remove_snapshot(&name, &snapshot, &caller.actor).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 

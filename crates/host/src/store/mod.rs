@@ -392,6 +392,39 @@ impl Store {
         })
     }
 
+    /// Replaces a VM's definition (a snapshot moved its disks onto new overlays) and records
+    /// why, in one transaction.
+    pub fn set_spec(&mut self, spec: &VmSpec, event: &NewEvent) -> Result<()> {
+        let now = now_ms();
+        let json = serde_json::to_string(spec).map_err(|e| Error::BadRow {
+            name: spec.name.clone(),
+            why: e.to_string(),
+        })?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let changed = tx
+            .execute(
+                "UPDATE vms SET spec = ?2 WHERE name = ?1",
+                params![spec.name, json],
+            )
+            .map_err(sql(format!("changing the definition of VM {}", spec.name)))?;
+        if changed != 1 {
+            return Err(Error::BadRow {
+                name: spec.name.clone(),
+                why: "no such VM".into(),
+            });
+        }
+        let appended = self.chain.append(&tx, event, now)?;
+        tx.commit().map_err(sql(format!(
+            "committing the definition of VM {}",
+            spec.name
+        )))?;
+        self.chain.committed(&appended);
+        Ok(())
+    }
+
     pub fn delete_vm(&mut self, name: &str) -> Result<()> {
         self.conn
             .execute("DELETE FROM vms WHERE name = ?1", [name])

@@ -25,6 +25,7 @@ mod migrate_out;
 mod migration_link;
 mod moves;
 mod recovery;
+mod snapshot_disks;
 mod snapshots;
 mod upgrade;
 use judge::{judge_end, Judged};
@@ -308,6 +309,11 @@ impl Supervisor {
             Ok(())
         })?;
         let _ = std::fs::remove_dir_all(&self.run_dir(name).0);
+        // Its snapshots go with it; then its own disks, but what another VM still reaches.
+        let snapshots = self.remove_all_snapshots(name);
+        if snapshots > 0 {
+            tracing::info!("VM '{name}': its {snapshots} snapshot(s) removed with it");
+        }
         self.remove_vm_disks(name);
         Ok(())
     }

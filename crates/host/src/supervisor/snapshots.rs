@@ -17,6 +17,7 @@ use api::control::{Request, Response};
 use api::snapshot::{SnapshotDisk, SnapshotInfo};
 use api::{Cause, VmState};
 
+use super::snapshot_disks::{remove_overlays, Kept};
 use super::{Error, Result, Supervisor, RESTORE_DIR};
 use crate::ledger::NewEvent;
 use crate::store::Transition;
@@ -118,6 +119,27 @@ impl Supervisor {
         self.state_dir.join("snapshots").join(vm)
     }
 
+    /// Every snapshot this host keeps, of any VM (one defined here or not). A manifest that
+    /// cannot be read is an error (what it names would be unknown); a directory without one
+    /// (a snapshot cut short) is skipped.
+    pub(super) fn all_snapshots(&self) -> std::result::Result<Vec<SnapshotInfo>, String> {
+        let mut found = Vec::new();
+        let Ok(vms) = std::fs::read_dir(self.state_dir.join("snapshots")) else {
+            return Ok(found);
+        };
+        for vm in vms.flatten() {
+            for entry in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+                if !entry.path().join(MANIFEST).exists() {
+                    continue;
+                }
+                let info = read_manifest(&entry.path())
+                    .map_err(|e| format!("{}: {e}", entry.path().join(MANIFEST).display()))?;
+                found.push(info);
+            }
+        }
+        Ok(found)
+    }
+
     /// The VM's snapshots, oldest first.
     pub fn list_snapshots(&self, vm: &str) -> Result<Vec<SnapshotInfo>> {
         self.get(vm)?;
@@ -207,6 +229,9 @@ impl Supervisor {
         })();
         made.map_err(|e| snap_err(vm, format!("making {}: {e}", writing.display())))?;
 
+        // The overlays the VM goes on in are made before the guest stands still.
+        progress.step("making the disks' overlays");
+        let kept = self.prepare_overlays(vm, &row.spec)?;
         let was_running = row.state == VmState::Running;
         progress.step("saving the state and memory");
         let asked = Instant::now();
@@ -214,16 +239,19 @@ impl Supervisor {
             name: WRITING_DIR.into(),
             stay_paused: true,
         };
-        let report = match vmm_process::control_waiting(&run_dir, &request, WRITE_TIMEOUT).await? {
-            Response::Snapshot(report) => report,
-            Response::Error { message } => {
+        let answer = vmm_process::control_waiting(&run_dir, &request, WRITE_TIMEOUT).await;
+        let report = match answer {
+            Ok(Response::Snapshot(report)) => report,
+            Ok(Response::Error { message }) => {
                 let _ = std::fs::remove_dir_all(&writing);
+                remove_overlays(&kept);
                 return Err(Error::VmmRefused {
                     name: vm.into(),
                     message,
                 });
             }
-            other => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
+            Ok(other) => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
+            Err(e) => return Err(e.into()),
         };
         if was_running {
             self.transition(
@@ -238,8 +266,16 @@ impl Supervisor {
                 },
             )?;
         }
-        // The disks as they are now, while the guest stands still.
-        let copied = self.copy_disks(vm, &row.spec, &dir, progress).await;
+        // The disks as they are now, while the guest stands still: the VM goes on in the
+        // overlays, and the disks that cannot have one are copied.
+        progress.step("switching the disks to their overlays");
+        let copied = match self
+            .switch_to_overlays(vm, &row.spec, &kept, &name, actor)
+            .await
+        {
+            Ok(_) => self.copy_disks(vm, &row.spec, &kept, &dir, progress).await,
+            Err(e) => Err(e),
+        };
         let paused = asked.elapsed();
         if was_running {
             self.resume_after(vm, row.pid, actor, &name, paused).await?;
@@ -381,44 +417,54 @@ impl Supervisor {
         )
     }
 
-    /// Copies each writable disk of `spec` into `dir` (made here); read-only ones are named.
+    /// What the snapshot keeps of each disk of `spec`: overlays and read-only disks are
+    /// named; the others are copied into `dir` (made here).
     async fn copy_disks(
         self: &Arc<Self>,
         vm: &str,
         spec: &api::VmSpec,
+        kept: &[Kept],
         dir: &Path,
         progress: &crate::operations::Progress,
     ) -> Result<Vec<SnapshotDisk>> {
-        let (this, vm, spec, dir, progress) = (
+        let (this, vm, spec, kept, dir, progress) = (
             self.clone(),
             vm.to_string(),
             spec.clone(),
+            kept.to_vec(),
             dir.to_path_buf(),
             progress.clone(),
         );
-        let count = spec.disks.iter().filter(|d| !d.readonly).count();
+        let count = kept.iter().filter(|k| matches!(k, Kept::Copy(_))).count();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| snap_err(&vm, format!("making {}: {e}", dir.display())))?;
             let mut disks = Vec::new();
-            for (i, disk) in spec.disks.iter().enumerate() {
-                if disk.readonly {
-                    disks.push(SnapshotDisk {
-                        path: disk.path.clone(),
-                        copy: None,
-                        how: None,
-                    });
-                    continue;
-                }
+            let mut nth = 0;
+            for (i, (disk, kept)) in spec.disks.iter().zip(&kept).enumerate() {
+                let named = |how: Option<&str>, overlay: Option<&Path>| SnapshotDisk {
+                    path: disk.path.clone(),
+                    copy: None,
+                    how: how.map(str::to_string),
+                    overlay: overlay.map(|p| p.display().to_string()),
+                    copied_because: None,
+                };
+                let why = match kept {
+                    Kept::ReadOnly => {
+                        disks.push(named(None, None));
+                        continue;
+                    }
+                    Kept::Overlay(path) => {
+                        disks.push(named(Some("overlay"), Some(path)));
+                        continue;
+                    }
+                    Kept::Copy(why) => why,
+                };
                 let from = this.images.open("disk", &disk.path, libc::O_RDONLY)?;
                 let copy = dir.join(format!("disk{i}"));
-                let nth = disks
-                    .iter()
-                    .filter(|d: &&SnapshotDisk| d.copy.is_some())
-                    .count()
-                    + 1;
+                nth += 1;
                 progress.step(format!(
-                    "copying disk {nth} of {count} ({}), the guest standing still",
+                    "copying disk {nth} of {count} ({}: {why}), the guest standing still",
                     disk.path
                 ));
                 let to = File::options()
@@ -433,6 +479,8 @@ impl Supervisor {
                     path: disk.path.clone(),
                     copy: Some(copy.display().to_string()),
                     how: Some(how.into()),
+                    overlay: None,
+                    copied_because: Some(why.clone()),
                 });
             }
             Ok(disks)
@@ -467,10 +515,17 @@ impl Supervisor {
             });
         }
         let (dir, info) = self.find_snapshot(vm, snapshot)?;
-        check_same_machine(&info.spec, &row.spec).map_err(|why| {
+        check_same_machine(&info, &row.spec).map_err(|why| {
             snap_err(vm, format!("its definition changed since snapshot {snapshot}: {why}; a snapshot restores only into the VM it was taken of"))
         })?;
         self.put_disks_back(vm, &info, progress).await?;
+        progress.step("starting the disks' overlays on the snapshot's");
+        self.restore_overlays(vm, &info, &row.spec, actor)?;
+        // The overlays the VM wrote in since are unreached now, unless a snapshot keeps them.
+        let removed = self.collect_disks(vm, false);
+        if !removed.is_empty() {
+            tracing::info!("VM '{vm}': removed {} unused overlay(s)", removed.len());
+        }
         progress.step("starting the VM on the snapshot");
         self.start_restored(vm, snapshot, &dir, actor).await
     }
@@ -537,6 +592,9 @@ impl Supervisor {
         if self.with_store(|s| s.vm(new))?.is_some() {
             return Err(Error::Exists(new.to_string()));
         }
+        // The first VM's too: its snapshot's files must stay while the new VM is made on them.
+        let first = self.vm_lock(vm);
+        let _first_held = first.lock().await;
         let guard = self.vm_lock(new);
         let _held = guard.lock().await;
         let mut spec = info.spec.clone();
@@ -580,7 +638,7 @@ impl Supervisor {
         let copies = match copied {
             Ok(copies) => copies,
             Err(why) => {
-                let _ = std::fs::remove_dir_all(&target);
+                self.remove_vm_disks(new);
                 return Err(snap_err(vm, why));
             }
         };
@@ -589,12 +647,93 @@ impl Supervisor {
                 disk.path = path;
             }
         }
+        // Disks the snapshot kept under an overlay: the new VM goes on in one of its own.
+        for (i, (disk, then)) in info.disks.iter().zip(&info.spec.disks).enumerate() {
+            if disk.how.as_deref() != Some("overlay") {
+                continue;
+            }
+            let frozen = api::DiskSpec {
+                path: disk.path.clone(),
+                ..then.clone()
+            };
+            match self.overlay_over(new, i, &frozen) {
+                Ok(path) => {
+                    spec.disks[i].path = path.display().to_string();
+                    spec.disks[i].format = api::vm::DiskFormat::Qcow2;
+                }
+                Err(e) => {
+                    self.remove_vm_disks(new);
+                    return Err(e);
+                }
+            }
+        }
         if let Err(e) = self.create(&spec, actor) {
-            let _ = std::fs::remove_dir_all(&target);
+            self.remove_vm_disks(new);
             return Err(e);
         }
         progress.step("starting the VM on the snapshot");
         self.start_restored(new, snapshot, &dir, actor).await
+    }
+
+    /// The disks snapshot `info` kept under an overlay go on in a new overlay over each, for
+    /// VM `vm` (whose definition is `spec`); the definition is stored. Returns it.
+    fn restore_overlays(
+        &self,
+        vm: &str,
+        info: &SnapshotInfo,
+        spec: &api::VmSpec,
+        actor: &str,
+    ) -> Result<api::VmSpec> {
+        let mut next = spec.clone();
+        let mut made: Vec<PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            for (i, (disk, then)) in info.disks.iter().zip(&info.spec.disks).enumerate() {
+                if disk.how.as_deref() != Some("overlay") {
+                    continue;
+                }
+                let frozen = api::DiskSpec {
+                    path: disk.path.clone(),
+                    ..then.clone()
+                };
+                let path = self.overlay_over(vm, i, &frozen)?;
+                made.push(path.clone());
+                let d = next
+                    .disks
+                    .get_mut(i)
+                    .ok_or_else(|| snap_err(vm, "it has fewer disks than the snapshot"))?;
+                d.path = path.display().to_string();
+                d.format = api::vm::DiskFormat::Qcow2;
+            }
+            if made.is_empty() {
+                return Ok(());
+            }
+            self.with_store(|s| {
+                s.set_spec(
+                    &next,
+                    &NewEvent::host(
+                        Some(vm),
+                        Cause::Operator,
+                        actor,
+                        format!(
+                            "restoring snapshot {}: its disks go on in new overlays ({})",
+                            info.name,
+                            made.iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
+                )
+            })?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for path in made {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        Ok(next)
     }
 
     async fn put_disks_back(
@@ -629,6 +768,23 @@ impl Supervisor {
         .unwrap_or_else(|e| Err(snap_err("?", e)))
     }
 
+    /// Removes every snapshot of VM `vm` (being deleted): their files and manifests. How
+    /// many were removed.
+    pub(super) fn remove_all_snapshots(&self, vm: &str) -> usize {
+        let all = self.snapshots_of(vm);
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&all).into_iter().flatten().flatten() {
+            let index = entry.path();
+            if let Ok(info) = read_manifest(&index) {
+                let _ = std::fs::remove_dir_all(files_of(&index, &info));
+                removed += 1;
+            }
+            let _ = std::fs::remove_dir_all(&index);
+        }
+        let _ = std::fs::remove_dir(&all);
+        removed
+    }
+
     /// Snapshot `snapshot` of VM `vm`: its directory and what its manifest says.
     fn find_snapshot(&self, vm: &str, snapshot: &str) -> Result<(PathBuf, SnapshotInfo)> {
         api::vm::check_name(snapshot)
@@ -644,9 +800,12 @@ impl Supervisor {
     }
 
     /// Deletes a snapshot's directory.
-    pub fn remove_snapshot(&self, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
+    pub async fn remove_snapshot(&self, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
         api::vm::check_name(snapshot)
             .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
+        // Held so that no snapshot of the VM makes overlays meanwhile (which the collection
+        // below would find unreached).
+        let _held = self.lock_for_request(vm).await?;
         let index = self.snapshots_of(vm).join(snapshot);
         let info = read_manifest(&index)
             .map_err(|_| snap_err(vm, format!("it has no snapshot '{snapshot}'")))?;
@@ -667,6 +826,17 @@ impl Supervisor {
                 format!("snapshot {snapshot} removed"),
             ))
         })?;
+        // The files it kept that nothing else reaches go too, but only of a VM defined here
+        // (one that left for another host runs on its files there).
+        if self.get(vm).is_ok() {
+            let removed = self.collect_disks(vm, false);
+            if !removed.is_empty() {
+                tracing::info!(
+                    "VM '{vm}': snapshot {snapshot} removed with {} overlay(s) nothing reaches",
+                    removed.len()
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -686,8 +856,10 @@ fn read_manifest(dir: &Path) -> std::result::Result<SnapshotInfo, String> {
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
-/// A snapshot restores into the machine it was taken of: the same memory, vCPUs and devices.
-fn check_same_machine(then: &api::VmSpec, now: &api::VmSpec) -> std::result::Result<(), String> {
+/// A snapshot restores into the machine it was taken of: the same memory, vCPUs and devices,
+/// and the disks it copied where they were (those under an overlay get a new one).
+fn check_same_machine(info: &SnapshotInfo, now: &api::VmSpec) -> std::result::Result<(), String> {
+    let then = &info.spec;
     let differs = |what: &str, a: String, b: String| Err(format!("{what} was {a}, is {b}"));
     if then.memory_mib != now.memory_mib {
         return differs(
@@ -699,7 +871,24 @@ fn check_same_machine(then: &api::VmSpec, now: &api::VmSpec) -> std::result::Res
     if then.cpus != now.cpus {
         return differs("vCPUs", then.cpus.to_string(), now.cpus.to_string());
     }
-    let paths = |s: &api::VmSpec| s.disks.iter().map(|d| d.path.clone()).collect::<Vec<_>>();
+    // A disk kept under an overlay may be named otherwise now (the VM went on in it).
+    let paths = |s: &api::VmSpec| {
+        s.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let overlaid = info.disks.get(i).and_then(|k| k.how.as_deref()) == Some("overlay");
+                (
+                    if overlaid {
+                        "(overlay)".to_string()
+                    } else {
+                        d.path.clone()
+                    },
+                    d.readonly,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
     if paths(then) != paths(now) {
         return differs(
             "disks",

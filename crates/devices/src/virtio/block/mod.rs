@@ -198,6 +198,8 @@ pub struct Block {
     disk: Arc<Image>,
     /// None: the synchronous engine.
     ring: Option<Uring>,
+    /// The ring of an image the device no longer serves (see [`VirtioDevice::switch_disk`]).
+    retired_ring: Option<Uring>,
     /// Why the hybrid engine was asked for and not given.
     fallback: Option<String>,
     /// Reads try the page cache first; off with direct I/O, cleared if the file system
@@ -286,6 +288,7 @@ impl Block {
         Self {
             disk,
             ring,
+            retired_ring: None,
             fallback,
             nowait,
             inflight: Inflight::new(QUEUE_SIZE),
@@ -397,12 +400,41 @@ impl VirtioDevice for Block {
         self.restore(state)
     }
 
+    fn switch_disk(&mut self, image: Arc<Image>) -> Result<Arc<Image>, DeviceError> {
+        if image.size() != self.disk.size() || image.read_only() != self.disk.read_only() {
+            return Err(DeviceError::Switch(format!(
+                "the new image is {} bytes{}, the disk {} bytes{}",
+                image.size(),
+                if image.read_only() { ", read-only" } else { "" },
+                self.disk.size(),
+                if self.disk.read_only() {
+                    ", read-only"
+                } else {
+                    ""
+                },
+            )));
+        }
+        if !self.inflight.is_idle() {
+            return Err(DeviceError::Switch(
+                "requests are still in flight on the disk".into(),
+            ));
+        }
+        // From here the image is served synchronously: the ring was made for the old file.
+        // It is kept, idle, rather than dropped: its eventfd stays registered with the event
+        // loop, whose table would refuse a later descriptor given the same number.
+        self.nowait = image.raw().is_some() && image.direct().is_none();
+        if let Some(ring) = self.ring.take() {
+            self.retired_ring = Some(ring);
+        }
+        Ok(std::mem::replace(&mut self.disk, image))
+    }
+
     fn event_sources(&self) -> Vec<(RawFd, u32)> {
         let mut sources = Vec::new();
         if !self.limiter.is_unlimited() {
             sources.push((self.limiter.as_raw_fd(), RATE_LIMIT_TIMER));
         }
-        if let Some(ring) = &self.ring {
+        if let Some(ring) = self.ring.as_ref().or(self.retired_ring.as_ref()) {
             sources.push((ring.eventfd(), COMPLETIONS));
         }
         if let Some(resume) = &self.resume {

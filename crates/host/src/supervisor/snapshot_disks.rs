@@ -1,0 +1,458 @@
+//! A snapshot's writable disks kept without copying them. Before the pause the daemon makes
+//! a qcow2 overlay over each disk's present file (`vms/VM/diskI.deltaN.qcow2` of the first
+//! image directory); while the guest stands still, the VM's definition names the overlays
+//! and its VMM switches to them (`switch-disks`, the files handed over): from then on the
+//! present file no longer changes, and it is the snapshot's disk. A restore starts a new
+//! overlay over it. Overlays nothing reaches any more (not a disk of a VM here, not a
+//! snapshot's, not below either in a backing chain) are removed.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use api::control::{DiskSwitch, Request, Response};
+use api::vm::DiskFormat;
+use api::{Cause, VmSpec};
+
+use super::{Error, Result, Supervisor};
+use crate::ledger::NewEvent;
+use crate::vmm_process;
+
+/// How long the VMM may take to sync the disks' present files and switch.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a snapshot does with one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Kept {
+    /// Read-only: named, as it does not change.
+    ReadOnly,
+    /// The VM goes on in this new overlay; the disk's file is kept as it is.
+    Overlay(PathBuf),
+    /// Copied while the guest stands still, for this reason.
+    Copy(String),
+}
+
+fn snap_err(vm: &str, why: impl std::fmt::Display) -> Error {
+    Error::Snapshot {
+        vm: vm.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Whether `name` is one the daemon gives the overlays it makes for snapshots.
+fn is_delta(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("disk")
+        .and_then(|r| r.strip_suffix(".qcow2"))
+    else {
+        return false;
+    };
+    let Some((index, n)) = rest.split_once(".delta") else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(index) && digits(n)
+}
+
+/// A new file `dir/diskI.deltaN.qcow2` (owner only), N above any such file's there: a name
+/// is not given to two files in turn, which the ledger's history names.
+fn new_delta(dir: &Path, index: usize) -> std::io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let prefix = format!("disk{index}.delta");
+    let highest = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if !is_delta(&name) {
+                return None;
+            }
+            name.strip_prefix(&prefix)?
+                .strip_suffix(".qcow2")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    for n in highest + 1..highest + 1000 {
+        let path = dir.join(format!("{prefix}{n}.qcow2"));
+        match File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free overlay name"))
+}
+
+/// The disk's size as a guest sees it: a raw file's length, a qcow2 image's virtual size.
+fn virtual_size(files: &disk::ImageFiles) -> std::result::Result<u64, String> {
+    match files.format {
+        disk::Format::Raw => files
+            .top
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| e.to_string()),
+        disk::Format::Qcow2 => disk::qcow2::chain::read_header(&files.top, &files.path)
+            .map(|h| h.size)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+impl Supervisor {
+    /// Before the pause: for each disk of `spec`, what the snapshot will do; an overlay over
+    /// each writable disk that can have one is made (and synced) now, so that the guest
+    /// stands still only for the switch. A disk is copied instead when it is `direct=on`
+    /// (qcow2 is not served with direct I/O) or its backing chain is as deep as a chain may
+    /// be.
+    pub(super) fn prepare_overlays(&self, vm: &str, spec: &VmSpec) -> Result<Vec<Kept>> {
+        let dir = self.library.vm_dir(vm);
+        let mut kept = Vec::new();
+        let made = (|| -> Result<()> {
+            for (i, d) in spec.disks.iter().enumerate() {
+                if d.readonly {
+                    kept.push(Kept::ReadOnly);
+                    continue;
+                }
+                if d.direct {
+                    kept.push(Kept::Copy(
+                        "it is direct=on, and qcow2 overlays are not served with direct I/O".into(),
+                    ));
+                    continue;
+                }
+                let files = vmm_process::open_disk(d, &self.images)?;
+                if files.backing.len() + 1 > disk::qcow2::MAX_CHAIN {
+                    kept.push(Kept::Copy(format!(
+                        "its backing chain is {} images deep, and an overlay would make it deeper than {}",
+                        files.backing.len(),
+                        disk::qcow2::MAX_CHAIN
+                    )));
+                    continue;
+                }
+                // Whole sectors: a raw disk of another size is refused at start.
+                let size = virtual_size(&files).map_err(|e| snap_err(vm, e))?;
+                let (path, file) = new_delta(&dir, i).map_err(|e| {
+                    snap_err(vm, format!("making an overlay in {}: {e}", dir.display()))
+                })?;
+                // Pushed first: a failure below removes it with the others.
+                kept.push(Kept::Overlay(path.clone()));
+                disk::qcow2::create::create_overlay(
+                    file,
+                    &path,
+                    size,
+                    Some((&d.path, crate::library::image_format(d.format))),
+                )
+                .map_err(|e| snap_err(vm, e))?;
+            }
+            // The new names are durable before any definition names them.
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| snap_err(vm, format!("syncing {}: {e}", dir.display())))
+        })();
+        match made {
+            Ok(()) => Ok(kept),
+            Err(e) => {
+                remove_overlays(&kept);
+                Err(e)
+            }
+        }
+    }
+
+    /// The guest paused: the VM's definition names the overlays of `kept`, then its VMM
+    /// switches to them. Returns the definition now stored.
+    ///
+    /// The definition goes first, and is kept unless the VMM says it switched nothing: an
+    /// overlay the VMM did not switch to is empty, and reads as the file below it, so a
+    /// daemon that dies here, or a lost answer, leaves a definition that is right either way.
+    pub(super) async fn switch_to_overlays(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        kept: &[Kept],
+        snapshot: &str,
+        actor: &str,
+    ) -> Result<VmSpec> {
+        let mut next = spec.clone();
+        let mut disks = Vec::new();
+        let mut files = Vec::new();
+        for (i, k) in kept.iter().enumerate() {
+            let Kept::Overlay(path) = k else { continue };
+            let disk = &mut next.disks[i];
+            disk.path = path.display().to_string();
+            disk.format = DiskFormat::Qcow2;
+            let opened = vmm_process::open_disk(disk, &self.images)?;
+            disks.push(DiskSwitch {
+                index: i,
+                path: disk.path.clone(),
+                files: 1 + opened.backing.len(),
+            });
+            files.push(opened);
+        }
+        if disks.is_empty() {
+            return Ok(next);
+        }
+        let named = disks
+            .iter()
+            .map(|d| format!("disk {} in {}", d.index, d.path))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.with_store(|s| {
+            s.set_spec(
+                &next,
+                &NewEvent::host(
+                    Some(vm),
+                    Cause::Operator,
+                    actor,
+                    format!("snapshot {snapshot}: the VM writes on in new overlays ({named})"),
+                ),
+            )
+        })?;
+        let run_dir = self.run_dir(vm);
+        if let Err(e) = run_dir.write_spec(&next) {
+            tracing::warn!("VM '{vm}': writing its definition for the VMM failed: {e}");
+        }
+        let request = Request::SwitchDisks { disks };
+        let asked = {
+            let run_dir = run_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let fds: Vec<RawFd> = files
+                    .iter()
+                    .flat_map(|f| f.files().map(|file| file.as_raw_fd()))
+                    .collect();
+                vmm_process::ControlLink::connect(&run_dir, SWITCH_TIMEOUT)?
+                    .ask_with_fds(&request, &fds)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(vmm_process::Error::Refused {
+                    reason: e.to_string(),
+                })
+            })
+        };
+        match asked {
+            Ok(Response::DisksSwitched { took_us }) => {
+                tracing::info!("VM '{vm}': switched to its overlays in {took_us} us");
+                Ok(next)
+            }
+            Ok(Response::Error { message }) => {
+                // Nothing switched: the definition goes back, the overlays go.
+                let back = self.with_store(|s| {
+                    s.set_spec(
+                        spec,
+                        &NewEvent::host(
+                            Some(vm),
+                            Cause::Operator,
+                            actor,
+                            format!("snapshot {snapshot}: the VMM kept its disks ({message})"),
+                        ),
+                    )
+                });
+                if back.is_ok() {
+                    let _ = run_dir.write_spec(spec);
+                    remove_overlays(kept);
+                }
+                Err(Error::VmmRefused {
+                    name: vm.into(),
+                    message,
+                })
+            }
+            Ok(other) => Err(snap_err(vm, format!("the VMM answered {other:?}"))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A new overlay over snapshot disk `frozen` (in `format`) for disk `index` of VM `vm`:
+    /// a restore goes on from the snapshot's disk without copying it.
+    pub(super) fn overlay_over(
+        &self,
+        vm: &str,
+        index: usize,
+        frozen: &api::DiskSpec,
+    ) -> Result<PathBuf> {
+        let files = vmm_process::open_disk(
+            &api::DiskSpec {
+                readonly: true,
+                direct: false,
+                ..frozen.clone()
+            },
+            &self.images,
+        )?;
+        let size = virtual_size(&files).map_err(|e| snap_err(vm, e))?;
+        let dir = self.library.vm_dir(vm);
+        let (path, file) = new_delta(&dir, index)
+            .map_err(|e| snap_err(vm, format!("making an overlay in {}: {e}", dir.display())))?;
+        let made = disk::qcow2::create::create_overlay(
+            file,
+            &path,
+            size,
+            Some((&frozen.path, crate::library::image_format(frozen.format))),
+        )
+        .map_err(|e| snap_err(vm, e))
+        .and_then(|()| {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| snap_err(vm, e))
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    /// Removes the files in VM `vm`'s own directory that nothing reaches: with `all`, any
+    /// file there (the VM is being deleted); else only the overlays snapshots made. A file
+    /// is reached when a VM of this host names it as a disk, a snapshot of this host names
+    /// it, or it lies below either in a backing chain. When a chain cannot be read whole,
+    /// nothing is removed. Returns what was removed.
+    pub(crate) fn collect_disks(&self, vm: &str, all: bool) -> Vec<PathBuf> {
+        let dir = self.library.vm_dir(vm);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let candidates: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter(|e| all || e.file_name().to_str().is_some_and(is_delta))
+            .map(|e| e.path())
+            .collect();
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let reached = match self.reached_files() {
+            Ok(reached) => reached,
+            Err(why) => {
+                tracing::warn!("VM '{vm}': its unused disk files are kept: {why}");
+                return Vec::new();
+            }
+        };
+        let mut removed = Vec::new();
+        for path in candidates {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if reached.contains(&(meta.dev(), meta.ino())) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => tracing::warn!("removing {}: {e}", path.display()),
+            }
+        }
+        if all {
+            // Gone if nothing is left in it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        removed
+    }
+
+    /// Every file a VM or a snapshot of this host reaches, by device and inode.
+    fn reached_files(&self) -> std::result::Result<HashSet<(u64, u64)>, String> {
+        let mut reached = HashSet::new();
+        let mut reach = |files: disk::ImageFiles| -> std::result::Result<(), String> {
+            for file in files.files() {
+                let meta = file.metadata().map_err(|e| e.to_string())?;
+                reached.insert((meta.dev(), meta.ino()));
+            }
+            Ok(())
+        };
+        let mut roots: Vec<api::DiskSpec> = Vec::new();
+        let mut copies: Vec<(String, DiskFormat)> = Vec::new();
+        for row in self.with_store(|s| s.vms()).map_err(|e| e.to_string())? {
+            roots.extend(row.spec.disks);
+        }
+        for info in self.all_snapshots()? {
+            for (disk, then) in info.disks.iter().zip(&info.spec.disks) {
+                roots.push(api::DiskSpec {
+                    path: disk.path.clone(),
+                    ..then.clone()
+                });
+                if let Some(copy) = &disk.copy {
+                    copies.push((copy.clone(), then.format));
+                }
+            }
+        }
+        for root in roots {
+            let spec = api::DiskSpec {
+                readonly: true,
+                direct: false,
+                ..root
+            };
+            match vmm_process::open_disk(&spec, &self.images) {
+                Ok(files) => reach(files)?,
+                // A file that is gone reaches nothing.
+                Err(_) if !Path::new(&spec.path).exists() => {}
+                Err(e) => return Err(format!("reading the chain of {}: {e}", spec.path)),
+            }
+        }
+        // A snapshot's copy of a qcow2 disk lies in the state directory, its backing files
+        // beneath the image directories.
+        for (copy, format) in copies {
+            let top = match File::open(&copy) {
+                Ok(top) => top,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{copy}: {e}")),
+            };
+            let format = crate::library::image_format(format);
+            let files = disk::ImageFiles::with_backing(top, Path::new(&copy), format, &mut |p| {
+                let path = p.to_str().ok_or("its name is not UTF-8")?;
+                self.images
+                    .open("backing file", path, libc::O_RDONLY)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("reading the chain of {copy}: {e}"))?;
+            reach(files)?;
+        }
+        Ok(reached)
+    }
+}
+
+/// Removes the overlays `kept` names (made for a snapshot that did not happen).
+pub(super) fn remove_overlays(kept: &[Kept]) {
+    for k in kept {
+        if let Kept::Overlay(path) = k {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_delta;
+
+    #[test]
+    fn only_the_names_snapshots_give_are_deltas() {
+        for name in ["disk0.delta1.qcow2", "disk12.delta345.qcow2"] {
+            assert!(is_delta(name), "{name}");
+        }
+        for name in [
+            "disk0.qcow2",
+            "disk0.delta.qcow2",
+            "disk.delta1.qcow2",
+            "disk0.delta1.qcow2.tmp",
+            "seed.img",
+            "disk0.deltax.qcow2",
+        ] {
+            assert!(!is_delta(name), "{name}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Switching a paused VM's disks to new images: a snapshot keeps a disk's present file as
+//! it is and the VM goes on writing in a qcow2 overlay on it. The daemon makes the overlay
+//! and hands its files over with the request (a jailed VMM opens no file); the VMM checks
+//! that they are the chain the overlay's headers name, as for any handed-over disk.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api::control::{DiskSwitch, Response};
+
+use super::{micros, Controller};
+
+/// Descriptors that came with a request, taken once by the command that uses them.
+#[derive(Clone, Default)]
+pub struct HandedFiles(Arc<Mutex<Vec<File>>>);
+
+impl HandedFiles {
+    pub fn new(files: Vec<File>) -> Self {
+        Self(Arc::new(Mutex::new(files)))
+    }
+
+    /// The files, leaving none behind.
+    pub fn take(&self) -> Vec<File> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl std::fmt::Debug for HandedFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "HandedFiles({count})")
+    }
+}
+
+/// Commands are compared by what they ask; the files are the same request's either way.
+impl PartialEq for HandedFiles {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for HandedFiles {}
+
+fn error(message: String) -> Response {
+    Response::Error {
+        message: format!("switching disks failed: {message}; the disks are as they were"),
+    }
+}
+
+/// Splits `files` among `disks` (each its `files` of them, in order) and walks each new
+/// image's headers to check that its chain is the files handed over, no more, no fewer.
+fn image_files(
+    disks: &[DiskSwitch],
+    files: Vec<File>,
+) -> Result<Vec<(usize, disk::ImageFiles)>, String> {
+    let wanted: usize = disks.iter().map(|d| d.files).sum();
+    if wanted != files.len() {
+        return Err(format!(
+            "{} descriptors came with the request, which names {wanted}",
+            files.len()
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut files = files.into_iter();
+    let mut out = Vec::new();
+    for d in disks {
+        if d.files == 0 || seen.contains(&d.index) {
+            return Err(format!("disk {} is named twice or without files", d.index));
+        }
+        seen.push(d.index);
+        let mut own: Vec<File> = files.by_ref().take(d.files).collect();
+        let top = own.remove(0);
+        let mut rest = own.into_iter();
+        let path = Path::new(&d.path);
+        let image = disk::ImageFiles::with_backing(top, path, disk::Format::Qcow2, &mut |p| {
+            rest.next()
+                .ok_or_else(|| format!("no file handed over for {}", p.display()))
+        })
+        .map_err(|e| e.to_string())?;
+        if rest.next().is_some() {
+            return Err(format!(
+                "more files handed over for disk {} than its chain has",
+                d.index
+            ));
+        }
+        out.push((d.index, image));
+    }
+    Ok(out)
+}
+
+impl Controller {
+    pub(super) fn switch_disks(&mut self, disks: &[DiskSwitch], files: Vec<File>) -> Response {
+        let started = Instant::now();
+        let Some(m) = &mut self.machine else {
+            return error("this VMM cannot switch its disks".into());
+        };
+        let switched = match image_files(disks, files) {
+            Ok(s) => s,
+            Err(why) => return error(why),
+        };
+        if let Err(why) = m.devices.switch_disks(switched) {
+            return error(why);
+        }
+        // The definition a later snapshot saves names the disks as they are now.
+        if let Some(spec) = &mut m.spec {
+            for d in disks {
+                if let Some(disk) = spec.disks.get_mut(d.index) {
+                    disk.path = d.path.clone();
+                    disk.format = api::vm::DiskFormat::Qcow2;
+                }
+            }
+        }
+        eprintln!(
+            "keel: {} disk(s) switched to new images ({})",
+            disks.len(),
+            disks
+                .iter()
+                .map(|d| d.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Response::DisksSwitched {
+            took_us: micros(started.elapsed()),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! `keel vm upgrade` and `keel host upgrade` through the daemon, with jailed VMMs: a probe
-//! writing disk records and then churning its memory is handed to new VMM processes again
-//! and again and loses nothing; the daemon watches the new process (a stop ends it, a daemon
+//! writing disk records (in the qcow2 overlay a snapshot started) and then churning its
+//! memory is handed to new VMM processes again and again and loses nothing; the daemon watches the new process (a stop ends it, a daemon
 //! restart re-adopts it), the ledger records each handover as `maintenance`, which the SLA
 //! report counts.
 
@@ -53,6 +53,10 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
     };
     let (log1, log2) = (log("u1"), log("u2"));
     wait_for_output(&log1, "PROBE acked 5\n", 0, TIMEOUT);
+    // A snapshot first: u1 writes on in a qcow2 overlay, which each new VMM takes over.
+    let snap = daemon.json(&["vm", "snapshot", "u1", "--name", "before"]);
+    assert_eq!(snap["disks"][0]["how"], "overlay", "{snap}");
+    let frozen = std::fs::read(&disk).unwrap();
 
     // Three upgrades of u1 during its disk records.
     for _ in 0..3 {
@@ -81,6 +85,10 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
     let u1 = wait_for_output(&log1, "PROBE churn tick 2 ", 0, TIMEOUT);
     assert!(u1.contains("PROBE blk_verify ok 200"), "{u1}");
     assert!(!u1.contains("check bad"), "{u1}");
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the snapshot's disk changed: the records went elsewhere than its overlay"
+    );
     let mark = std::fs::read_to_string(&log2).unwrap().len();
     wait_for_output(&log2, "PROBE churn tick", mark, TIMEOUT);
     assert!(!std::fs::read_to_string(&log2)
@@ -136,7 +144,8 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         .to_string();
     let report = daemon.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "u1"]);
     let vm = &report["vms"][0];
-    assert_eq!(vm["outages"], 5, "{report}");
+    // The five handovers and the snapshot's pause.
+    assert_eq!(vm["outages"], 6, "{report}");
     assert!(
         vm["availability_percent"].as_f64().unwrap() < 100.0,
         "{report}"

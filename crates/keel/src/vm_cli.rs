@@ -74,8 +74,9 @@ pub enum VmCommand {
     Migrate(crate::migrate_cli::MigrateArgs),
     /// The VM's migration under way, or the last one's outcome.
     Migration { name: String },
-    /// Delete a stopped VM's definition (its disk files are kept, except the clones and the
-    /// cloud-init seed the daemon made for it).
+    /// Delete a stopped VM's definition and its snapshots (its disk files are kept, except
+    /// the files the daemon made for it, clones, overlays and the cloud-init seed, that no
+    /// other VM reaches).
     Rm { name: String },
     /// Copy a stopped VM under a new name: its definition and its disks (holes kept; a clone
     /// of a library image stays one), with progress.

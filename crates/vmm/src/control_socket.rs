@@ -348,6 +348,27 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_that_come_with_a_line_are_held_up_to_the_limit() {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let (client, server) = UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        client
+            .send_with_fds(&[&b"{\"request\":\"status\"}\n"[..]], &[file.as_raw_fd()])
+            .unwrap();
+        let mut held = Vec::new();
+        let mut buf = [0u8; 256];
+        let n = receive(&server, &mut buf, &mut held).unwrap();
+        assert_eq!(&buf[..n], b"{\"request\":\"status\"}\n");
+        assert_eq!(held.len(), 1);
+        // More than the limit: an error, and what came is closed.
+        let many = vec![file.as_raw_fd(); MAX_HELD_FDS];
+        client.send_with_fds(&[&b"x"[..]], &many).unwrap();
+        assert!(receive(&server, &mut buf, &mut held).is_err());
+        assert_eq!(held.len(), MAX_HELD_FDS);
+    }
+
+    #[test]
     fn over_long_lines_are_refused_with_or_without_a_newline() {
         let mut b = LineBuffer::default();
         assert_eq!(b.push(&vec![b'x'; MAX_LINE]).unwrap().len(), 0);

@@ -34,7 +34,7 @@ pub(super) async fn resume_vm(
 
 #[utoipa::path(post, path = "/vms/{name}/snapshots", params(("name" = String, Path)),
     request_body = SnapshotRequest,
-    description = "Snapshots a running or paused VM: its state, the memory its guest touched, and a copy of each writable disk at that instant (a reflink where the file system shares blocks, else a sparse copy, while the guest stands still). The pause is recorded with cause `maintenance` and counts as down time in SLA reports.",
+    description = "Snapshots a running or paused VM: its state, the memory its guest touched, and each writable disk at that instant: the disk's file is kept as it is and the VM goes on in a new qcow2 overlay on it, switched while the guest stands still (a `direct=on` disk, or one whose backing chain is 16 images deep, is copied instead: a reflink where the file system shares blocks, else a sparse copy, while the guest stands still). The pause is recorded with cause `maintenance` and counts as down time in SLA reports.",
     responses((status = 200, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn take_snapshot(
     State(app): State<App>,
@@ -68,7 +68,7 @@ pub(super) async fn remove_snapshot(
 
 #[utoipa::path(post, path = "/vms/{name}/restore", params(("name" = String, Path)),
     request_body = RestoreRequest,
-    description = "Restores a stopped VM from one of its snapshots: its writable disks are put back as they were at that instant, then its VMM starts on the snapshot's state and the guest runs on from where it was. With `as`, the snapshot is restored as a new VM of that name instead (its disks copied into the new VM's directory; not for a snapshot with NICs), and the answer is the new VM.",
+    description = "Restores a stopped VM from one of its snapshots: its writable disks go back to that instant (a new qcow2 overlay over each disk the snapshot kept; a copied one is copied back), then its VMM starts on the snapshot's state and the guest runs on from where it was. With `as`, the snapshot is restored as a new VM of that name instead (its own overlays, or copies, in the new VM's directory; not for a snapshot with NICs), and the answer is the new VM.",
     responses((status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn restore_vm(
     State(app): State<App>,

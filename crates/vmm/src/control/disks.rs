@@ -126,3 +126,70 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raw base and a qcow2 overlay on it, in a fresh directory.
+    fn chain(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("keel-switch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.raw");
+        File::create(&base).unwrap().set_len(1 << 20).unwrap();
+        let top = dir.join("top.qcow2");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&top)
+            .unwrap();
+        disk::qcow2::create::create_overlay(
+            file,
+            &top,
+            1 << 20,
+            Some((base.to_str().unwrap(), disk::Format::Raw)),
+        )
+        .unwrap();
+        (top, base)
+    }
+
+    fn switch(top: &Path, files: usize) -> DiskSwitch {
+        DiskSwitch {
+            index: 0,
+            path: top.display().to_string(),
+            files,
+        }
+    }
+
+    #[test]
+    fn handed_files_must_be_the_chain_the_headers_name() {
+        let (top, base) = chain("chain");
+        let open = |p: &Path| File::open(p).unwrap();
+        let whole = image_files(&[switch(&top, 2)], vec![open(&top), open(&base)]).unwrap();
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].1.backing.len(), 1);
+
+        let short = image_files(&[switch(&top, 1)], vec![open(&top)]).unwrap_err();
+        assert!(short.contains("no file handed over"), "{short}");
+        let long = image_files(
+            &[switch(&top, 3)],
+            vec![open(&top), open(&base), open(&base)],
+        )
+        .unwrap_err();
+        assert!(long.contains("more files handed over"), "{long}");
+        let miscounted = image_files(&[switch(&top, 2)], vec![open(&top)]).unwrap_err();
+        assert!(miscounted.contains("1 descriptors came"), "{miscounted}");
+        let twice = image_files(
+            &[switch(&top, 2), switch(&top, 2)],
+            vec![open(&top), open(&base), open(&top), open(&base)],
+        )
+        .unwrap_err();
+        assert!(twice.contains("named twice"), "{twice}");
+        // A raw file handed over as the new image is no qcow2 image.
+        let raw = image_files(&[switch(&base, 1)], vec![open(&base)]).unwrap_err();
+        assert!(raw.contains("qcow2") || raw.contains("header"), "{raw}");
+        let _ = std::fs::remove_dir_all(top.parent().unwrap());
+    }
+}

@@ -1,6 +1,7 @@
 //! `keel vm migrate` between two daemons on this machine: each in a network namespace of its
 //! own, a veth pair the only link between them, the target serving TLS on it. A probe
-//! writing disk records and churning its memory moves from one to the other and loses
+//! writing disk records (in the qcow2 overlay a snapshot started) and churning its memory
+//! moves from one to the other and loses
 //! nothing; a target that cannot see a disk refuses before anything is sent; a guest that
 //! writes faster than the link carries does not converge; an operator cancels; the target's
 //! VMM or daemon killed, or the link cut, mid-copy leave the VM running on the source; a link
@@ -260,6 +261,11 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     source.ok(&["vm", "start", "m1"]);
     let pid_before = source.json(&["vm", "show", "m1"])["pid"].as_u64().unwrap();
     wait_for_output(&source.console_log("m1"), "PROBE acked 20\n", 0, TIMEOUT);
+    // A snapshot first: m1 writes on in a qcow2 overlay, on the shared storage too.
+    let snap = source.json(&["vm", "snapshot", "m1", "--name", "before"]);
+    assert_eq!(snap["disks"][0]["how"], "overlay", "{snap}");
+    let overlay = snap["disks"][0]["overlay"].as_str().unwrap().to_string();
+    let frozen = std::fs::read(&disk).unwrap();
 
     // Mid-records: it moves.
     let out = migrate(source, &h.to, "m1", &[]);
@@ -290,6 +296,23 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     assert!(
         !out.contains("PROBE start"),
         "it did not boot again:\n{out}"
+    );
+    // It went on in the snapshot's overlay there; the snapshot's disk did not change.
+    let there = target.json(&["vm", "show", "m1"]);
+    assert_eq!(
+        there["spec"]["disks"][0]["path"],
+        overlay.as_str(),
+        "{there}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the snapshot's disk changed"
+    );
+    // The snapshot left behind is removed here; the overlay the VM runs on there stays.
+    source.ok(&["vm", "snapshot-rm", "m1", "before"]);
+    assert!(
+        Path::new(&overlay).exists(),
+        "the running VM's overlay was removed"
     );
 
     // The ledgers: migrated-out with the pause here, migrated-in there.
@@ -325,7 +348,8 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
         .to_string();
     let report = source.json(&["sla", "report", "--from", &from, "--to", &to, "--vm", "m1"]);
     let vm = &report["vms"][0];
-    assert_eq!(vm["outages"], 1, "{report}");
+    // The snapshot's pause and the migration's.
+    assert_eq!(vm["outages"], 2, "{report}");
     let maintenance = vm["downtime_by_cause"]["maintenance"].as_f64().unwrap();
     assert!(
         maintenance > 0.0 && maintenance < 5.0,

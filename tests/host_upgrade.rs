@@ -1,6 +1,6 @@
 //! `keel vm upgrade` and `keel host upgrade` through the daemon, with jailed VMMs: a probe
-//! writing disk records (in the qcow2 overlay a snapshot started) and then churning its
-//! memory is handed to new VMM processes again and again and loses nothing; the daemon watches the new process (a stop ends it, a daemon
+//! writing disk records (in the qcow2 overlay a snapshot started; its cloud-init seed is a
+//! disk after it) and then churning its memory is handed to new VMM processes again and again and loses nothing; the daemon watches the new process (a stop ends it, a daemon
 //! restart re-adopts it), the ledger records each handover as `maintenance`, which the SLA
 //! report counts.
 
@@ -29,10 +29,24 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    daemon.create_probe_with("u1",
+    // u1 has cloud-init data: its VMMs have a seed disk after the records' disk.
+    let user_data = daemon.images().join("user-data");
+    std::fs::write(&user_data, "#cloud-config\nhostname: u1\n").unwrap();
+    daemon.ok(&[
+        "vm",
+        "create",
+        "u1",
+        "--kernel",
+        probe_elf().to_str().unwrap(),
+        "--cmdline",
         "probe.blk_records=200 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
-        Some(&disk),
-    );
+        "--memory",
+        "128",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--cloud-init",
+        &format!("user-data={}", user_data.display()),
+    ]);
     daemon.create_probe_with(
         "u2",
         "probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",

@@ -227,9 +227,8 @@ impl Supervisor {
             )
         })?;
         let run_dir = self.run_dir(vm);
-        if let Err(e) = run_dir.write_spec(&next) {
-            tracing::warn!("VM '{vm}': writing its definition for the VMM failed: {e}");
-        }
+        let switched: Vec<usize> = disks.iter().map(|d| d.index).collect();
+        vmm_spec_names(&run_dir, vm, &next, &switched);
         let request = Request::SwitchDisks { disks };
         let asked = {
             let run_dir = run_dir.clone();
@@ -267,7 +266,7 @@ impl Supervisor {
                     )
                 });
                 if back.is_ok() {
-                    let _ = run_dir.write_spec(spec);
+                    vmm_spec_names(&run_dir, vm, spec, &switched);
                     remove_overlays(kept);
                 }
                 Err(Error::VmmRefused {
@@ -423,6 +422,27 @@ impl Supervisor {
             reach(files)?;
         }
         Ok(reached)
+    }
+}
+
+/// Makes the definition in the VM's run directory (which a VMM taking the guest over
+/// reads; it has the cloud-init seed the store's has not) name disks `indexes` as `spec`
+/// does.
+fn vmm_spec_names(run_dir: &vmm_process::RunDir, vm: &str, spec: &VmSpec, indexes: &[usize]) {
+    let written = api::control::read_run_file(&run_dir.file(api::control::files::SPEC))
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice::<VmSpec>(&bytes).map_err(|e| e.to_string()))
+        .and_then(|mut running| {
+            for &i in indexes {
+                if let (Some(to), Some(from)) = (running.disks.get_mut(i), spec.disks.get(i)) {
+                    to.path = from.path.clone();
+                    to.format = from.format;
+                }
+            }
+            run_dir.write_spec(&running).map_err(|e| e.to_string())
+        });
+    if let Err(e) = written {
+        tracing::warn!("VM '{vm}': updating the definition in its run directory failed: {e}");
     }
 }
 

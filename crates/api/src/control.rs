@@ -44,10 +44,19 @@ pub enum Request {
     /// Save the VM's state into `NAME/state` and `NAME/memory` of the run directory (both
     /// made, empty, by the caller: a jailed VMM makes no file). A running VM is paused for
     /// it and runs on after, unless `stay_paused`; a paused one stays paused.
+    ///
+    /// With `switch_disks`, the named disks go on in new qcow2 images once the state is saved
+    /// and before the guest runs again (overlays a snapshot starts on the disks' present
+    /// files, which it keeps): the files come with the request line as SCM_RIGHTS
+    /// descriptors, for each disk in order its `files`: the new image (read and write), then
+    /// its backing chain as its headers name it. The present files are synced first; all the
+    /// disks switch or none does, and if none does the snapshot fails.
     Snapshot {
         name: String,
         #[serde(default)]
         stay_paused: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        switch_disks: Vec<DiskSwitch>,
     },
     /// Turn KVM's log of the pages the guest writes on or off.
     DirtyLog { on: bool },
@@ -72,15 +81,9 @@ pub enum Request {
     /// Hand the guest to the new VMM listening on the run directory's `takeover.sock`
     /// (`keel vmm --takeover`): on success this VMM ends and the new one runs the guest.
     HandOver,
-    /// Paused only: each named disk goes on in a new qcow2 image (an overlay a snapshot
-    /// started on the disk's present file). The files come with the request line as
-    /// SCM_RIGHTS descriptors, for each disk in order its `files`: the new image (read and
-    /// write), then its backing chain as its headers name it. The present files are synced
-    /// first; all the disks switch or none does.
-    SwitchDisks { disks: Vec<DiskSwitch> },
 }
 
-/// One disk of a [`Request::SwitchDisks`].
+/// One disk a snapshot switches (see [`Request::Snapshot`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSwitch {
     /// The disk's place in the VM's definition.
@@ -117,10 +120,6 @@ pub enum Response {
     MigrationSwitched(Box<SwitchReport>),
     Announced {
         nics: u32,
-    },
-    /// `switch-disks` done: how long it took, microseconds (syncing the old files first).
-    DisksSwitched {
-        took_us: u64,
     },
     Done,
     Error {
@@ -204,6 +203,10 @@ pub struct SnapshotReport {
     /// Bytes of guest memory written (pages the guest touched, not all zero).
     pub memory_bytes_written: u64,
     pub state_bytes: u64,
+    /// Switching the disks to their new images (syncing their present files first),
+    /// microseconds; 0 when none was asked.
+    #[serde(default)]
+    pub disks_switched_us: u64,
 }
 
 /// A handover, as the old VMM measured it (monotonic clock).

@@ -47,8 +47,14 @@ pub enum VmCommand {
     Pause,
     /// Let a paused VM run on.
     Resume,
-    /// Save the VM into the run directory's `name` (see [`Request::Snapshot`]).
-    Snapshot { name: String, stay_paused: bool },
+    /// Save the VM into the run directory's `name`, switching `switch` disks to the files
+    /// that came with the request (see [`Request::Snapshot`]).
+    Snapshot {
+        name: String,
+        stay_paused: bool,
+        switch: Vec<api::control::DiskSwitch>,
+        files: HandedFiles,
+    },
     /// Hand the guest to a new VMM (see [`crate::handover`]).
     HandOver,
     /// Turn the dirty-page log on or off.
@@ -63,12 +69,6 @@ pub enum VmCommand {
     Announce,
     /// Take or release the disks' locks.
     DiskLocks { held: bool },
-    /// Serve disks from new images (see [`Request::SwitchDisks`]), on the files that came
-    /// with the request.
-    SwitchDisks {
-        disks: Vec<api::control::DiskSwitch>,
-        files: HandedFiles,
-    },
 }
 
 impl VmCommand {
@@ -83,7 +83,17 @@ impl VmCommand {
             Request::Metrics => VmCommand::Metrics,
             Request::Pause => VmCommand::Pause,
             Request::Resume => VmCommand::Resume,
-            Request::Snapshot { name, stay_paused } => VmCommand::Snapshot { name, stay_paused },
+            // The control loop gives it the connection's descriptors.
+            Request::Snapshot {
+                name,
+                stay_paused,
+                switch_disks,
+            } => VmCommand::Snapshot {
+                name,
+                stay_paused,
+                switch: switch_disks,
+                files: HandedFiles::default(),
+            },
             Request::HandOver => VmCommand::HandOver,
             Request::DirtyLog { on } => VmCommand::DirtyLog { on },
             Request::DirtyPages => VmCommand::DirtyPages,
@@ -91,11 +101,6 @@ impl VmCommand {
             Request::MigrationSwitch => VmCommand::MigrationSwitch,
             Request::Announce => VmCommand::Announce,
             Request::DiskLocks { held } => VmCommand::DiskLocks { held },
-            // The control loop gives it the connection's descriptors.
-            Request::SwitchDisks { disks } => VmCommand::SwitchDisks {
-                disks,
-                files: HandedFiles::default(),
-            },
         }
     }
 
@@ -136,8 +141,6 @@ impl VmCommand {
             (VmCommand::Announce, _) => Err("the guest does not run"),
             (VmCommand::DiskLocks { .. }, Paused) => Ok(()),
             (VmCommand::DiskLocks { .. }, _) => Err("the VM is not paused: pause it first"),
-            (VmCommand::SwitchDisks { .. }, Paused) => Ok(()),
-            (VmCommand::SwitchDisks { .. }, _) => Err("the VM is not paused: pause it first"),
         }
     }
 }
@@ -335,7 +338,12 @@ impl Controller {
             }
             VmCommand::Pause => self.pause(),
             VmCommand::Resume => self.resume(),
-            VmCommand::Snapshot { name, stay_paused } => self.snapshot(&name, stay_paused),
+            VmCommand::Snapshot {
+                name,
+                stay_paused,
+                switch,
+                files,
+            } => self.snapshot(&name, stay_paused, &switch, files.take()),
             VmCommand::HandOver => self.hand_over(),
             VmCommand::DirtyLog { on } => self.dirty_log(on),
             VmCommand::DirtyPages => self.dirty_pages(),
@@ -343,7 +351,6 @@ impl Controller {
             VmCommand::MigrationSwitch => self.migration_switch(),
             VmCommand::Announce => self.announce(),
             VmCommand::DiskLocks { held } => self.disk_locks(held),
-            VmCommand::SwitchDisks { disks, files } => self.switch_disks(&disks, files.take()),
         }
     }
 
@@ -377,7 +384,13 @@ impl Controller {
         })
     }
 
-    fn snapshot(&mut self, name: &str, stay_paused: bool) -> Response {
+    fn snapshot(
+        &mut self,
+        name: &str,
+        stay_paused: bool,
+        switch: &[api::control::DiskSwitch],
+        files: Vec<std::fs::File>,
+    ) -> Response {
         let asked = Instant::now();
         let was_running = self.state == RunState::Running;
         if was_running {
@@ -394,6 +407,16 @@ impl Controller {
             Some(Err(e)) => Err(e),
             _ => self.write_snapshot(name),
         };
+        // The disks go on in their new images before the guest runs again: the snapshot's
+        // disks are their present files as the saved state left them.
+        let mut switched_us = 0;
+        let written = match written {
+            Ok(c) if !switch.is_empty() => self.switch_disks(switch, files).map(|us| {
+                switched_us = us;
+                c
+            }),
+            other => other,
+        };
         // The files hold their contents in the page cache now: the guest runs on while they
         // are synced, and the answer waits for the sync.
         let paused_us = if was_running && !stay_paused {
@@ -409,6 +432,7 @@ impl Controller {
                 write_us: c.took_us,
                 memory_bytes_written: c.memory_bytes_written,
                 state_bytes: c.state_bytes,
+                disks_switched_us: switched_us,
             }),
             Err(message) => Response::Error {
                 message: format!("snapshot failed: {message}"),
@@ -610,7 +634,7 @@ impl ControlLoop {
             match incoming {
                 Incoming::Request(request) => {
                     let mut command = VmCommand::from_request(request);
-                    if let VmCommand::SwitchDisks { files, .. } = &mut command {
+                    if let VmCommand::Snapshot { files, .. } = &mut command {
                         if let Some(socket) = &mut self.socket {
                             *files = HandedFiles::new(socket.take_fds(id));
                         }

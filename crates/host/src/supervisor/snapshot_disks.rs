@@ -1,7 +1,8 @@
 //! A snapshot's writable disks kept without copying them. Before the pause the daemon makes
 //! a qcow2 overlay over each disk's present file (`vms/VM/diskI.deltaN.qcow2` of the first
-//! image directory); while the guest stands still, the VM's definition names the overlays
-//! and its VMM switches to them (`switch-disks`, the files handed over): from then on the
+//! image directory) and the VM's definition names them; the VMM switches to them in the
+//! snapshot's request, after it saved the state and before the guest runs again (the files
+//! handed over with the request): from then on the
 //! present file no longer changes, and it is the snapshot's disk. A restore starts a new
 //! overlay over it. Overlays nothing reaches any more (not a disk of a VM here, not a
 //! snapshot's, not below either in a backing chain) are removed.
@@ -11,9 +12,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use api::control::{DiskSwitch, Request, Response};
+use api::control::DiskSwitch;
 use api::vm::DiskFormat;
 use api::{Cause, VmSpec};
 
@@ -21,8 +21,22 @@ use super::{Error, Result, Supervisor};
 use crate::ledger::NewEvent;
 use crate::vmm_process;
 
-/// How long the VMM may take to sync the disks' present files and switch.
-const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The disks a snapshot's request switches, with the files that go with it.
+#[derive(Debug, Default)]
+pub(super) struct Switch {
+    pub disks: Vec<DiskSwitch>,
+    files: Vec<disk::ImageFiles>,
+}
+
+impl Switch {
+    /// The descriptors, in the order the request's `switch_disks` counts them.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.files
+            .iter()
+            .flat_map(|f| f.files().map(|file| file.as_raw_fd()))
+            .collect()
+    }
+}
 
 /// What a snapshot does with one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,40 +191,42 @@ impl Supervisor {
         }
     }
 
-    /// The guest paused: the VM's definition names the overlays of `kept`, then its VMM
-    /// switches to them. Returns the definition now stored.
+    /// Before the snapshot's request: the VM's definitions (the store's, and the run
+    /// directory's that a VMM taking the guest over reads) name the overlays of `kept`, and
+    /// their files are opened to go with the request, which switches the VMM to them.
     ///
-    /// The definition goes first, and is kept unless the VMM says it switched nothing: an
-    /// overlay the VMM did not switch to is empty, and reads as the file below it, so a
-    /// daemon that dies here, or a lost answer, leaves a definition that is right either way.
-    pub(super) async fn switch_to_overlays(
+    /// The definitions name them from now on whatever the VMM does: an overlay the VMM did
+    /// not switch to is empty and reads as the file below it, so the definition is right
+    /// either way (after a failed snapshot, or a daemon that dies here); a snapshot that
+    /// failed leaves at most a layer more in the chain.
+    pub(super) fn name_overlays(
         &self,
         vm: &str,
         spec: &VmSpec,
         kept: &[Kept],
         snapshot: &str,
         actor: &str,
-    ) -> Result<VmSpec> {
+    ) -> Result<Switch> {
         let mut next = spec.clone();
-        let mut disks = Vec::new();
-        let mut files = Vec::new();
+        let mut switch = Switch::default();
         for (i, k) in kept.iter().enumerate() {
             let Kept::Overlay(path) = k else { continue };
             let disk = &mut next.disks[i];
             disk.path = path.display().to_string();
             disk.format = DiskFormat::Qcow2;
             let opened = vmm_process::open_disk(disk, &self.images)?;
-            disks.push(DiskSwitch {
+            switch.disks.push(DiskSwitch {
                 index: i,
                 path: disk.path.clone(),
                 files: 1 + opened.backing.len(),
             });
-            files.push(opened);
+            switch.files.push(opened);
         }
-        if disks.is_empty() {
-            return Ok(next);
+        if switch.disks.is_empty() {
+            return Ok(switch);
         }
-        let named = disks
+        let named = switch
+            .disks
             .iter()
             .map(|d| format!("disk {} in {}", d.index, d.path))
             .collect::<Vec<_>>()
@@ -226,57 +242,9 @@ impl Supervisor {
                 ),
             )
         })?;
-        let run_dir = self.run_dir(vm);
-        let switched: Vec<usize> = disks.iter().map(|d| d.index).collect();
-        vmm_spec_names(&run_dir, vm, &next, &switched);
-        let request = Request::SwitchDisks { disks };
-        let asked = {
-            let run_dir = run_dir.clone();
-            tokio::task::spawn_blocking(move || {
-                let fds: Vec<RawFd> = files
-                    .iter()
-                    .flat_map(|f| f.files().map(|file| file.as_raw_fd()))
-                    .collect();
-                vmm_process::ControlLink::connect(&run_dir, SWITCH_TIMEOUT)?
-                    .ask_with_fds(&request, &fds)
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(vmm_process::Error::Refused {
-                    reason: e.to_string(),
-                })
-            })
-        };
-        match asked {
-            Ok(Response::DisksSwitched { took_us }) => {
-                tracing::info!("VM '{vm}': switched to its overlays in {took_us} us");
-                Ok(next)
-            }
-            Ok(Response::Error { message }) => {
-                // Nothing switched: the definition goes back, the overlays go.
-                let back = self.with_store(|s| {
-                    s.set_spec(
-                        spec,
-                        &NewEvent::host(
-                            Some(vm),
-                            Cause::Operator,
-                            actor,
-                            format!("snapshot {snapshot}: the VMM kept its disks ({message})"),
-                        ),
-                    )
-                });
-                if back.is_ok() {
-                    vmm_spec_names(&run_dir, vm, spec, &switched);
-                    remove_overlays(kept);
-                }
-                Err(Error::VmmRefused {
-                    name: vm.into(),
-                    message,
-                })
-            }
-            Ok(other) => Err(snap_err(vm, format!("the VMM answered {other:?}"))),
-            Err(e) => Err(e.into()),
-        }
+        let indexes: Vec<usize> = switch.disks.iter().map(|d| d.index).collect();
+        vmm_spec_names(&self.run_dir(vm), vm, &next, &indexes);
+        Ok(switch)
     }
 
     /// A new overlay over snapshot disk `frozen` (in `format`) for disk `index` of VM `vm`:

@@ -1,10 +1,13 @@
 //! Snapshots of running VMs and restores from them. A snapshot lives in
 //! `STATE/snapshots/VM/NAME/`, or with `--to DIR` in `DIR/NAME/` (beneath the image
 //! directories; its `snapshot.json` is kept in the state directory too, which lists it): the
-//! VMM's state and memory files, a copy of each writable disk as it was at that instant (a
-//! reflink where the file system shares blocks, else a sparse copy), and `snapshot.json`. The VM stands still from the VMM's pause until its
-//! disks are copied; the ledger records that pause with cause `maintenance`, which SLA
-//! reports count. A restore puts the disks back, then starts a VMM on the snapshot's state.
+//! VMM's state and memory files, each writable disk as it was at that instant (kept under a
+//! qcow2 overlay the VM goes on in, see [`super::snapshot_disks`]; a `direct=on` disk
+//! copied: a reflink where the file system shares blocks, else a sparse copy), and
+//! `snapshot.json`. The VM stands still from the VMM's pause until its disks are switched
+//! (and copied, if any is); the ledger records that pause with cause `maintenance`, which
+//! SLA reports count. A restore starts new overlays on the snapshot's disks (and puts
+//! copies back), then starts a VMM on the snapshot's state.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -233,18 +236,41 @@ impl Supervisor {
         progress.step("making the disks' overlays");
         let kept = self.prepare_overlays(vm, &row.spec)?;
         let was_running = row.state == VmState::Running;
-        progress.step("saving the state and memory");
+        let switch = match self.name_overlays(vm, &row.spec, &kept, &name, actor) {
+            Ok(switch) => switch,
+            Err(e) => {
+                remove_overlays(&kept);
+                return Err(e);
+            }
+        };
+        // The guest stands still for the copies, if any; else it runs on as soon as its
+        // disks are switched, while the files are synced.
+        let copying = kept.iter().any(|k| matches!(k, Kept::Copy(_)));
+        progress.step("saving the state and memory, switching the disks to their overlays");
         let asked = Instant::now();
         let request = Request::Snapshot {
             name: WRITING_DIR.into(),
-            stay_paused: true,
+            stay_paused: copying,
+            switch_disks: switch.disks.clone(),
         };
-        let answer = vmm_process::control_waiting(&run_dir, &request, WRITE_TIMEOUT).await;
+        let answer = {
+            let run_dir = run_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                vmm_process::ControlLink::connect(&run_dir, WRITE_TIMEOUT)?
+                    .ask_with_fds(&request, &switch.fds())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(vmm_process::Error::Refused {
+                    reason: e.to_string(),
+                })
+            })
+        };
         let report = match answer {
             Ok(Response::Snapshot(report)) => report,
             Ok(Response::Error { message }) => {
+                // The overlays stay: the definitions name them (see `name_overlays`).
                 let _ = std::fs::remove_dir_all(&writing);
-                remove_overlays(&kept);
                 return Err(Error::VmmRefused {
                     name: vm.into(),
                     message,
@@ -266,19 +292,17 @@ impl Supervisor {
                 },
             )?;
         }
-        // The disks as they are now, while the guest stands still: the VM goes on in the
-        // overlays, and the disks that cannot have one are copied.
-        progress.step("switching the disks to their overlays");
-        let copied = match self
-            .switch_to_overlays(vm, &row.spec, &kept, &name, actor)
-            .await
-        {
-            Ok(_) => self.copy_disks(vm, &row.spec, &kept, &dir, progress).await,
-            Err(e) => Err(e),
+        // The disks that cannot have an overlay are copied as they are now, while the guest
+        // stands still; without any, it runs already (the VMM measured how long it stood).
+        let copied = self.copy_disks(vm, &row.spec, &kept, &dir, progress).await;
+        let paused = if copying {
+            asked.elapsed()
+        } else {
+            Duration::from_micros(report.paused_us)
         };
-        let paused = asked.elapsed();
         if was_running {
-            self.resume_after(vm, row.pid, actor, &name, paused).await?;
+            self.resume_after(vm, row.pid, actor, &name, paused, copying)
+                .await?;
         }
         let disks = match copied {
             Ok(disks) => disks,
@@ -382,7 +406,8 @@ impl Supervisor {
         Ok(real.join(name))
     }
 
-    /// Lets the VM run on after a snapshot paused it; the ledger says how long it stood still.
+    /// Lets the VM run on after a snapshot paused it (`ask`: the VMM is asked to; else it
+    /// did so itself); the ledger says how long it stood still.
     async fn resume_after(
         &self,
         vm: &str,
@@ -390,16 +415,19 @@ impl Supervisor {
         actor: &str,
         name: &str,
         paused: Duration,
+        ask: bool,
     ) -> Result<()> {
-        match vmm_process::control(&self.run_dir(vm), &Request::Resume).await? {
-            Response::Resumed(_) => {}
-            Response::Error { message } => {
-                return Err(Error::VmmRefused {
-                    name: vm.into(),
-                    message,
-                })
+        if ask {
+            match vmm_process::control(&self.run_dir(vm), &Request::Resume).await? {
+                Response::Resumed(_) => {}
+                Response::Error { message } => {
+                    return Err(Error::VmmRefused {
+                        name: vm.into(),
+                        message,
+                    })
+                }
+                other => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
             }
-            other => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
         }
         self.transition(
             vm,

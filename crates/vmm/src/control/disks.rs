@@ -1,14 +1,14 @@
-//! Switching a paused VM's disks to new images: a snapshot keeps a disk's present file as
-//! it is and the VM goes on writing in a qcow2 overlay on it. The daemon makes the overlay
-//! and hands its files over with the request (a jailed VMM opens no file); the VMM checks
-//! that they are the chain the overlay's headers name, as for any handed-over disk.
+//! Switching a paused VM's disks to new images, in a snapshot: it keeps a disk's present
+//! file as it is and the VM goes on writing in a qcow2 overlay on it. The daemon makes the
+//! overlay and hands its files over with the request (a jailed VMM opens no file); the VMM
+//! checks that they are the chain the overlay's headers name, as for any handed-over disk.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use api::control::{DiskSwitch, Response};
+use api::control::DiskSwitch;
 
 use super::{micros, Controller};
 
@@ -42,12 +42,6 @@ impl PartialEq for HandedFiles {
 }
 
 impl Eq for HandedFiles {}
-
-fn error(message: String) -> Response {
-    Response::Error {
-        message: format!("switching disks failed: {message}; the disks are as they were"),
-    }
-}
 
 /// Splits `files` among `disks` (each its `files` of them, in order) and walks each new
 /// image's headers to check that its chain is the files handed over, no more, no fewer.
@@ -91,18 +85,21 @@ fn image_files(
 }
 
 impl Controller {
-    pub(super) fn switch_disks(&mut self, disks: &[DiskSwitch], files: Vec<File>) -> Response {
+    /// Paused: the disks `disks` name go on in the files handed over (their new images and
+    /// chains); how long it took, microseconds. On an error no disk switched.
+    pub(super) fn switch_disks(
+        &mut self,
+        disks: &[DiskSwitch],
+        files: Vec<File>,
+    ) -> Result<u64, String> {
         let started = Instant::now();
+        let failed =
+            |why: String| format!("switching the disks failed: {why}; they are as they were");
         let Some(m) = &mut self.machine else {
-            return error("this VMM cannot switch its disks".into());
+            return Err(failed("this VMM cannot switch its disks".into()));
         };
-        let switched = match image_files(disks, files) {
-            Ok(s) => s,
-            Err(why) => return error(why),
-        };
-        if let Err(why) = m.devices.switch_disks(switched) {
-            return error(why);
-        }
+        let switched = image_files(disks, files).map_err(failed)?;
+        m.devices.switch_disks(switched).map_err(failed)?;
         // The definition a later snapshot saves names the disks as they are now.
         if let Some(spec) = &mut m.spec {
             for d in disks {
@@ -121,9 +118,7 @@ impl Controller {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Response::DisksSwitched {
-            took_us: micros(started.elapsed()),
-        }
+        Ok(micros(started.elapsed()))
     }
 }
 

@@ -281,7 +281,8 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
     daemon.ok(&["vm", "stop", "s1"]);
     daemon.ok(&["vm", "snapshot-rm", "s1", "away"]);
     assert!(!files.exists(), "its files went with it");
-    // Its disk (delta2) lies below the VM's overlay since the restore: it stays.
+    // Its disk (delta2) lies below the VM's overlay since the restore (delta4), which is
+    // the only image over it, and the VM is stopped: delta2 is merged into delta4 and goes.
     let now = daemon.json(&["vm", "show", "s1"])["spec"]["disks"][0]["path"]
         .as_str()
         .unwrap()
@@ -294,7 +295,10 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
             .to_str()
             .unwrap()
     );
-    assert!(delta2.exists());
+    assert!(!delta2.exists());
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", &now])).unwrap();
+    assert_eq!(info["backing-filename"], disk.to_str().unwrap(), "{info}");
 
     daemon.ok(&["vm", "snapshot-rm", "s1", "mid"]);
     let listed = daemon.ok(&["vm", "snapshots", "s1"]);
@@ -309,4 +313,100 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         std::fs::read(&disk).unwrap() == frozen,
         "the raw disk changed"
     );
+}
+
+/// The disk's contents as `qemu-img` reads them through its chain (no VMM may hold it).
+fn contents(image: &std::path::Path) -> Vec<u8> {
+    let out = image.with_extension("read.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+#[test]
+fn removing_a_snapshot_merges_its_overlay_into_the_next() {
+    if !kvm_available("removing_a_snapshot_merges_its_overlay_into_the_next") {
+        return;
+    }
+    let daemon = Daemon::start("snapmerge");
+    std::fs::create_dir_all(daemon.images()).unwrap();
+    let disk = daemon.images().join("records.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    daemon.create_probe_with(
+        "m",
+        // A record a cluster (64 KiB): each overlay holds its own records' clusters.
+        &format!("probe.blk_records={RECORDS} probe.blk_nodiscard probe.blk_spread=128"),
+        Some(&disk),
+    );
+    daemon.ok(&["vm", "start", "m"]);
+    let log = daemon.console_log("m");
+    let delta = |n: u32| daemon.images().join(format!("vms/m/disk0.delta{n}.qcow2"));
+    // Three snapshots while the records go: a keeps the raw file, b delta1, c delta2.
+    for (name, acked) in [("a", 20), ("b", 60), ("c", 100)] {
+        wait_for(&log, &format!("PROBE acked {acked}\n"), 0);
+        daemon.ok(&["vm", "snapshot", "m", "--name", name]);
+    }
+    wait_for(&log, &format!("PROBE blk_verify ok {RECORDS}"), 0);
+    daemon.ok(&["vm", "stop", "m"]);
+    // c's disk as QEMU reads it (no VMM holds it now); some of it from b's overlay.
+    let c_disk = contents(&delta(2));
+    let map: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "map",
+        "--output=json",
+        delta(2).to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert!(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["depth"] == 1 && m["data"] == true),
+        "b's overlay holds none of c's data: {map}"
+    );
+    // The VM runs from c (on delta4 over delta2; delta3 is gone).
+    let mark = std::fs::read_to_string(&log).unwrap().len();
+    daemon.ok(&["vm", "restore", "m", "c"]);
+    assert!(!delta(3).exists());
+
+    // b's overlay (delta1) lies between a's disk and c's (delta2), which no VM writes in:
+    // it is merged into delta2, over the raw file, while the VM reads the old files.
+    daemon.ok(&["vm", "snapshot-rm", "m", "b"]);
+    assert!(!delta(1).exists(), "b's overlay is still there");
+    let out = wait_for(&log, &format!("PROBE blk_verify ok {RECORDS}"), mark);
+    assert!(!out.contains("PROBE start"), "it booted again: {out}");
+    daemon.ok(&["vm", "stop", "m"]);
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        delta(2).to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(info["backing-filename"], disk.to_str().unwrap(), "{info}");
+    assert!(
+        contents(&delta(2)) == c_disk,
+        "c's disk reads otherwise after the merge"
+    );
+    qemu_img(&["check", delta(2).to_str().unwrap()]);
+
+    // c restores from the merged image: the probe goes on from its record and verifies all.
+    let mark = std::fs::read_to_string(&log).unwrap().len();
+    daemon.ok(&["vm", "restore", "m", "c"]);
+    let after = wait_for(&log, &format!("PROBE blk_verify ok {RECORDS}"), mark);
+    assert!(!after.contains("PROBE start"), "it booted again: {after}");
+    // a's disk is the operator's raw file: it stays, and so does c's, below the VM's.
+    daemon.ok(&["vm", "snapshot-rm", "m", "a"]);
+    assert!(disk.exists() && delta(2).exists());
+    daemon.ok(&["vm", "stop", "m"]);
+    daemon.ok(&["vm", "rm", "m"]);
+    assert!(!daemon.images().join("vms/m").exists());
 }

@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod create;
 pub mod header;
+pub mod merge;
 pub mod storage;
 
 use std::fs::File;

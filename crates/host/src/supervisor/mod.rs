@@ -26,6 +26,7 @@ mod migration_link;
 mod moves;
 mod recovery;
 mod snapshot_disks;
+mod snapshot_merge;
 mod snapshots;
 mod upgrade;
 use judge::{judge_end, Judged};

@@ -38,6 +38,12 @@ impl Switch {
     }
 }
 
+/// A file by device and inode.
+pub(super) type FileId = (u64, u64);
+
+/// A disk's backing chain from the file named down: each file, and the path it was reached by.
+pub(super) type Chain = Vec<(FileId, PathBuf)>;
+
 /// What a snapshot does with one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Kept {
@@ -57,7 +63,7 @@ fn snap_err(vm: &str, why: impl std::fmt::Display) -> Error {
 }
 
 /// Whether `name` is one the daemon gives the overlays it makes for snapshots.
-fn is_delta(name: &str) -> bool {
+pub(super) fn is_delta(name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix("disk")
         .and_then(|r| r.strip_suffix(".qcow2"))
@@ -296,12 +302,20 @@ impl Supervisor {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
-        let candidates: Vec<PathBuf> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter(|e| all || e.file_name().to_str().is_some_and(is_delta))
-            .map(|e| e.path())
-            .collect();
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_str().unwrap_or_default();
+            // A merge cut short (the VM's lock is held: none runs now) is never reached.
+            if name.ends_with(super::snapshot_merge::MERGING) {
+                let _ = std::fs::remove_file(entry.path());
+            } else if all || is_delta(name) {
+                candidates.push(entry.path());
+            }
+        }
         if candidates.is_empty() {
             return Vec::new();
         }
@@ -333,13 +347,28 @@ impl Supervisor {
     }
 
     /// Every file a VM or a snapshot of this host reaches, by device and inode.
-    fn reached_files(&self) -> std::result::Result<HashSet<(u64, u64)>, String> {
-        let mut reached = HashSet::new();
+    fn reached_files(&self) -> std::result::Result<HashSet<FileId>, String> {
+        Ok(self
+            .chains()?
+            .into_iter()
+            .flatten()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// The backing chain of every disk a VM or a snapshot of this host names, each from the
+    /// named file down: each file by device and inode, and the path it was reached by.
+    pub(super) fn chains(&self) -> std::result::Result<Vec<Chain>, String> {
+        let mut chains = Vec::new();
         let mut reach = |files: disk::ImageFiles| -> std::result::Result<(), String> {
-            for file in files.files() {
+            let mut chain = Vec::new();
+            let paths = std::iter::once(files.path.clone())
+                .chain(files.backing.iter().map(|l| l.path.clone()));
+            for (file, path) in files.files().zip(paths) {
                 let meta = file.metadata().map_err(|e| e.to_string())?;
-                reached.insert((meta.dev(), meta.ino()));
+                chain.push(((meta.dev(), meta.ino()), path));
             }
+            chains.push(chain);
             Ok(())
         };
         let mut roots: Vec<api::DiskSpec> = Vec::new();
@@ -389,7 +418,7 @@ impl Supervisor {
             .map_err(|e| format!("reading the chain of {copy}: {e}"))?;
             reach(files)?;
         }
-        Ok(reached)
+        Ok(chains)
     }
 }
 

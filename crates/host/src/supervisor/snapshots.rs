@@ -828,7 +828,12 @@ impl Supervisor {
     }
 
     /// Deletes a snapshot's directory.
-    pub async fn remove_snapshot(&self, vm: &str, snapshot: &str, actor: &str) -> Result<()> {
+    pub async fn remove_snapshot(
+        self: &Arc<Self>,
+        vm: &str,
+        snapshot: &str,
+        actor: &str,
+    ) -> Result<()> {
         api::vm::check_name(snapshot)
             .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
         // Held so that no snapshot of the VM makes overlays meanwhile (which the collection
@@ -854,18 +859,46 @@ impl Supervisor {
                 format!("snapshot {snapshot} removed"),
             ))
         })?;
-        // The files it kept that nothing else reaches go too, but only of a VM defined here
-        // (one that left for another host runs on its files there).
+        // The overlays it kept leave their chains where they can (see `snapshot_merge`),
+        // and the files nothing reaches go, but only of a VM defined here (one that left for
+        // another host runs on its files there).
         if self.get(vm).is_ok() {
-            let removed = self.collect_disks(vm, false);
-            if !removed.is_empty() {
-                tracing::info!(
-                    "VM '{vm}': snapshot {snapshot} removed with {} overlay(s) nothing reaches",
-                    removed.len()
-                );
-            }
+            // Merging copies data: off the async workers.
+            let (this, vm, snapshot) = (self.clone(), vm.to_string(), snapshot.to_string());
+            let _ =
+                tokio::task::spawn_blocking(move || this.tidy_after_removal(&vm, &snapshot, &info))
+                    .await;
         }
         Ok(())
+    }
+
+    /// After snapshot `snapshot` (`info`) of VM `vm` was removed: its overlays leave their
+    /// chains where they can, and the VM's files nothing reaches go.
+    fn tidy_after_removal(&self, vm: &str, snapshot: &str, info: &SnapshotInfo) {
+        for disk in info
+            .disks
+            .iter()
+            .filter(|d| d.how.as_deref() == Some("overlay"))
+        {
+            match self.merge_out(vm, Path::new(&disk.path)) {
+                Ok(child) => tracing::info!(
+                    "VM '{vm}': snapshot {snapshot}'s overlay {} merged into {}",
+                    disk.path,
+                    child.display()
+                ),
+                Err(why) => tracing::info!(
+                    "VM '{vm}': snapshot {snapshot}'s overlay {} stays in its chain: {why}",
+                    disk.path
+                ),
+            }
+        }
+        let removed = self.collect_disks(vm, false);
+        if !removed.is_empty() {
+            tracing::info!(
+                "VM '{vm}': snapshot {snapshot} removed with {} overlay(s) nothing reaches",
+                removed.len()
+            );
+        }
     }
 }
 

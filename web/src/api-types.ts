@@ -551,6 +551,7 @@ export interface paths {
         get?: never;
         put?: never;
         post?: never;
+        /** @description Removes a snapshot and its files. The qcow2 overlay it kept as its disk is merged into the one image over it where nothing else names it and no running VM writes in that image (it is rewritten to read as before, without the overlay below it), then removed when nothing reaches it. */
         delete: operations["remove_snapshot"];
         options?: never;
         head?: never;

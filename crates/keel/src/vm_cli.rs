@@ -63,7 +63,8 @@ pub enum VmCommand {
         #[arg(long = "as", value_name = "NEW")]
         as_vm: Option<String>,
     },
-    /// Delete one of the VM's snapshots.
+    /// Delete one of the VM's snapshots (the overlay it kept is merged into the image over
+    /// it where that can be done, and removed when nothing reaches it).
     SnapshotRm { name: String, snapshot: String },
     /// Hand the running guest to a new VMM process of the installed keel binary: it stands
     /// still for the handover only; on any failure it runs on in its old VMM.

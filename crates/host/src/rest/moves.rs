@@ -56,6 +56,7 @@ pub(super) async fn list_snapshots(
 
 #[utoipa::path(delete, path = "/vms/{name}/snapshots/{snapshot}",
     params(("name" = String, Path), ("snapshot" = String, Path)),
+    description = "Removes a snapshot and its files. The qcow2 overlay it kept as its disk is merged into the one image over it where nothing else names it and no running VM writes in that image (it is rewritten to read as before, without the overlay below it), then removed when nothing reaches it.",
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn remove_snapshot(
     State(app): State<App>,

@@ -237,20 +237,29 @@ impl Supervisor {
             .map(|d| format!("disk {} in {}", d.index, d.path))
             .collect::<Vec<_>>()
             .join(", ");
-        self.with_store(|s| {
-            s.set_spec(
-                &next,
-                &NewEvent::host(
-                    Some(vm),
-                    Cause::Operator,
-                    actor,
-                    format!("snapshot {snapshot}: the VM writes on in new overlays ({named})"),
-                ),
-            )
-        })?;
+        self.store_spec(
+            vm,
+            &next,
+            actor,
+            format!("snapshot {snapshot}: the VM writes on in new overlays ({named})"),
+        )?;
         let indexes: Vec<usize> = switch.disks.iter().map(|d| d.index).collect();
         vmm_spec_names(&self.run_dir(vm), vm, &next, &indexes);
         Ok(switch)
+    }
+
+    /// Stores VM `vm`'s definition `spec` (its disks moved to overlays), recording `why`.
+    pub(super) fn store_spec(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        actor: &str,
+        why: String,
+    ) -> Result<()> {
+        self.with_store(|s| {
+            s.set_spec(spec, &NewEvent::host(Some(vm), Cause::Operator, actor, why))
+        })?;
+        Ok(())
     }
 
     /// A new overlay over snapshot disk `frozen` (in `format`) for disk `index` of VM `vm`:

@@ -676,24 +676,9 @@ impl Supervisor {
             }
         }
         // Disks the snapshot kept under an overlay: the new VM goes on in one of its own.
-        for (i, (disk, then)) in info.disks.iter().zip(&info.spec.disks).enumerate() {
-            if disk.how.as_deref() != Some("overlay") {
-                continue;
-            }
-            let frozen = api::DiskSpec {
-                path: disk.path.clone(),
-                ..then.clone()
-            };
-            match self.overlay_over(new, i, &frozen) {
-                Ok(path) => {
-                    spec.disks[i].path = path.display().to_string();
-                    spec.disks[i].format = api::vm::DiskFormat::Qcow2;
-                }
-                Err(e) => {
-                    self.remove_vm_disks(new);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = self.overlays_for(new, &info, &mut spec) {
+            self.remove_vm_disks(new);
+            return Err(e);
         }
         if let Err(e) = self.create(&spec, actor) {
             self.remove_vm_disks(new);
@@ -703,16 +688,15 @@ impl Supervisor {
         self.start_restored(new, snapshot, &dir, actor).await
     }
 
-    /// The disks snapshot `info` kept under an overlay go on in a new overlay over each, for
-    /// VM `vm` (whose definition is `spec`); the definition is stored. Returns it.
-    fn restore_overlays(
+    /// The disks snapshot `info` kept under an overlay go on in a new overlay over each, in
+    /// VM `vm`'s directory: `spec` names them. Returns the files made; on an error none is
+    /// left.
+    fn overlays_for(
         &self,
         vm: &str,
         info: &SnapshotInfo,
-        spec: &api::VmSpec,
-        actor: &str,
-    ) -> Result<api::VmSpec> {
-        let mut next = spec.clone();
+        spec: &mut api::VmSpec,
+    ) -> Result<Vec<PathBuf>> {
         let mut made: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             for (i, (disk, then)) in info.disks.iter().zip(&info.spec.disks).enumerate() {
@@ -723,45 +707,62 @@ impl Supervisor {
                     path: disk.path.clone(),
                     ..then.clone()
                 };
-                let path = self.overlay_over(vm, i, &frozen)?;
-                made.push(path.clone());
-                let d = next
+                let d = spec
                     .disks
                     .get_mut(i)
                     .ok_or_else(|| snap_err(vm, "it has fewer disks than the snapshot"))?;
+                let path = self.overlay_over(vm, i, &frozen)?;
+                made.push(path.clone());
                 d.path = path.display().to_string();
                 d.format = api::vm::DiskFormat::Qcow2;
             }
-            if made.is_empty() {
-                return Ok(());
-            }
-            self.with_store(|s| {
-                s.set_spec(
-                    &next,
-                    &NewEvent::host(
-                        Some(vm),
-                        Cause::Operator,
-                        actor,
-                        format!(
-                            "restoring snapshot {}: its disks go on in new overlays ({})",
-                            info.name,
-                            made.iter()
-                                .map(|p| p.display().to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ),
-                )
-            })?;
             Ok(())
         })();
-        if let Err(e) = result {
+        match result {
+            Ok(()) => Ok(made),
+            Err(e) => {
+                for path in made {
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// VM `vm` restored from snapshot `info`: its disks kept under overlays go on in new
+    /// ones (see [`Self::overlays_for`]), and the definition `spec` naming them is stored.
+    fn restore_overlays(
+        &self,
+        vm: &str,
+        info: &SnapshotInfo,
+        spec: &api::VmSpec,
+        actor: &str,
+    ) -> Result<()> {
+        let mut next = spec.clone();
+        let made = self.overlays_for(vm, info, &mut next)?;
+        if made.is_empty() {
+            return Ok(());
+        }
+        let named = made
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stored = self.store_spec(
+            vm,
+            &next,
+            actor,
+            format!(
+                "restoring snapshot {}: its disks go on in new overlays ({named})",
+                info.name
+            ),
+        );
+        if stored.is_err() {
             for path in made {
                 let _ = std::fs::remove_file(path);
             }
-            return Err(e);
         }
-        Ok(next)
+        stored
     }
 
     async fn put_disks_back(

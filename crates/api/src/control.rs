@@ -83,6 +83,10 @@ pub enum Request {
     HandOver,
 }
 
+/// Most descriptors a snapshot's request may carry: 18 disks (the most a VM has), each an
+/// overlay over a chain of 16.
+pub const MAX_SNAPSHOT_FDS: usize = 18 * 17;
+
 /// One disk a snapshot switches (see [`Request::Snapshot`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSwitch {
@@ -207,6 +211,10 @@ pub struct SnapshotReport {
     /// microseconds; 0 when none was asked.
     #[serde(default)]
     pub disks_switched_us: u64,
+    /// Syncing the snapshot's files failed (the snapshot is not whole), and why; the disks
+    /// switched all the same. An error answer instead means no disk switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsynced: Option<String>,
 }
 
 /// A handover, as the old VMM measured it (monotonic clock).

@@ -141,6 +141,22 @@ pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), Error> {
     }
 }
 
+/// Whether a writer holds `file` (an exclusive lock like [`lock`]'s, on another open file):
+/// a VM serving it as its disk, on this host or, where the file system carries OFD locks,
+/// another.
+pub fn write_locked(file: &File) -> io::Result<bool> {
+    // SAFETY: flock is plain data; zeroed is a valid value to fill in.
+    let mut region: libc::flock = unsafe { std::mem::zeroed() };
+    region.l_type = libc::F_RDLCK as libc::c_short;
+    region.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK reads and fills one flock, which lives across the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut region) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A shared lock would not stop a shared one: only a writer's comes back.
+    Ok(region.l_type != libc::F_UNLCK as libc::c_short)
+}
+
 /// The order in which a VM's `count` disks (`read_only` each) are locked: the first
 /// writable one, then the others in order. That first exclusive lock admits one VMM: the
 /// arbiter of which runs a migrating guest, taken first by the VMMs on both hosts.
@@ -151,6 +167,28 @@ pub fn arbiter_first(read_only: &[bool], count: usize) -> Vec<usize> {
         .into_iter()
         .chain((0..count).filter(move |&i| Some(i) != first))
         .collect()
+}
+
+#[cfg(test)]
+mod write_lock_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_writers_lock_counts_as_written() {
+        let path = std::env::temp_dir().join(format!("keel-wlock-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let open = || File::options().read(true).write(true).open(&path).unwrap();
+        let (holder, probe) = (open(), open());
+        assert!(!write_locked(&probe).unwrap());
+        lock(&holder, &path, true).unwrap();
+        assert!(!write_locked(&probe).unwrap(), "a reader's lock");
+        unlock(&holder, &path).unwrap();
+        lock(&holder, &path, false).unwrap();
+        assert!(write_locked(&probe).unwrap(), "a writer's lock");
+        drop(holder);
+        assert!(!write_locked(&probe).unwrap(), "gone with its file");
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 #[cfg(test)]

@@ -535,12 +535,16 @@ impl ControlLink {
         let mut line = serde_json::to_string(request).map_err(|e| fail(e.to_string()))?;
         line.push('\n');
         let mut bytes = line.as_bytes();
-        if !fds.is_empty() {
-            // The descriptors ride on the line's first bytes; the rest follows as usual.
+        // The descriptors ride on the line's first bytes, at most the kernel's 253 a
+        // message, each message one byte of the line; the rest follows as usual.
+        for chunk in fds.chunks(253) {
+            if bytes.len() < 2 {
+                return Err(fail("too many descriptors for the request's line".into()));
+            }
             let sent = self
                 .reader
                 .get_ref()
-                .send_with_fds(&[bytes], fds)
+                .send_with_fds(&[&bytes[..1]], chunk)
                 .map_err(|e| fail(format!("sending failed ({e})")))?;
             bytes = &bytes[sent..];
         }

@@ -425,15 +425,20 @@ impl Controller {
         } else {
             0
         };
-        let synced = written.and_then(|c| c.sync().map(|()| c).map_err(|e| e.to_string()));
-        match synced {
-            Ok(c) => Response::Snapshot(api::control::SnapshotReport {
-                paused_us,
-                write_us: c.took_us,
-                memory_bytes_written: c.memory_bytes_written,
-                state_bytes: c.state_bytes,
-                disks_switched_us: switched_us,
-            }),
+        // Once the disks switched the answer is a report either way, so that the daemon knows
+        // they did: an error answer means they did not.
+        match written {
+            Ok(c) => {
+                let unsynced = c.sync().err().map(|e| e.to_string());
+                Response::Snapshot(api::control::SnapshotReport {
+                    paused_us,
+                    write_us: c.took_us,
+                    memory_bytes_written: c.memory_bytes_written,
+                    state_bytes: c.state_bytes,
+                    disks_switched_us: switched_us,
+                    unsynced,
+                })
+            }
             Err(message) => Response::Error {
                 message: format!("snapshot failed: {message}"),
             },

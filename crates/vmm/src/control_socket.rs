@@ -19,9 +19,11 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// Most connections at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Most descriptors a connection may hold for requests not yet served (`switch-disks`
-/// takes a disk's image and its chain); more close the connection.
-pub const MAX_HELD_FDS: usize = 64;
+/// Most descriptors a connection may hold for requests not yet served (a snapshot's takes
+/// each disk's new image and its chain); more close the connection.
+pub const MAX_HELD_FDS: usize = api::control::MAX_SNAPSHOT_FDS;
+/// Most descriptors one message carries (the kernel's SCM_MAX_FD).
+const FDS_PER_MESSAGE: usize = 253;
 
 /// What one line on a connection was.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,7 +280,7 @@ fn receive(
 ) -> io::Result<usize> {
     use std::os::fd::FromRawFd;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let mut fds = [-1 as RawFd; MAX_HELD_FDS];
+    let mut fds = [-1 as RawFd; FDS_PER_MESSAGE];
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -291,6 +293,9 @@ fn receive(
         // SAFETY: the first `count` entries are descriptors this process now owns; each is
         // wrapped once, so it is closed on every path.
         let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Not for any program this process might start.
+        // SAFETY: F_SETFD on a descriptor this process owns; no pointer is passed.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         if i < room {
             held.push(file);
         }
@@ -361,9 +366,18 @@ mod tests {
         let n = receive(&server, &mut buf, &mut held).unwrap();
         assert_eq!(&buf[..n], b"{\"request\":\"status\"}\n");
         assert_eq!(held.len(), 1);
-        // More than the limit: an error, and what came is closed.
-        let many = vec![file.as_raw_fd(); MAX_HELD_FDS];
+        // Up to the limit, over several messages; past it, an error, and what came is closed.
+        let many = vec![file.as_raw_fd(); FDS_PER_MESSAGE];
         client.send_with_fds(&[&b"x"[..]], &many).unwrap();
+        receive(&server, &mut buf, &mut held).unwrap();
+        assert_eq!(held.len(), 1 + FDS_PER_MESSAGE);
+        let rest = vec![file.as_raw_fd(); MAX_HELD_FDS - held.len()];
+        client.send_with_fds(&[&b"y"[..]], &rest).unwrap();
+        receive(&server, &mut buf, &mut held).unwrap();
+        assert_eq!(held.len(), MAX_HELD_FDS);
+        client
+            .send_with_fds(&[&b"z"[..]], &[file.as_raw_fd()])
+            .unwrap();
         assert!(receive(&server, &mut buf, &mut held).is_err());
         assert_eq!(held.len(), MAX_HELD_FDS);
     }

@@ -404,7 +404,9 @@ impl VirtioDevices {
                     for (i, old_files, old_image) in done.into_iter().rev() {
                         let _ = lock(&self.slots[i].transport).switch_disk(old_image.clone());
                         let _ = files[i].unlock();
-                        let _ = old_files.lock(false);
+                        if let Err(e) = old_files.lock(false) {
+                            eprintln!("keel: disk {i}: taking its lock back failed: {e}");
+                        }
                         files[i] = old_files;
                         images[i] = old_image;
                     }
@@ -432,7 +434,9 @@ impl VirtioDevices {
         old.unlock()
             .map_err(|e| failed("releasing its present file for", &e))?;
         let undo = |why: String| {
-            let _ = old.lock(false);
+            if let Err(e) = old.lock(false) {
+                eprintln!("keel: disk {i}: taking its lock back failed: {e}");
+            }
             why
         };
         new.lock(false).map_err(|e| undo(failed("locking", &e)))?;

@@ -29,6 +29,14 @@ pub(super) struct Switch {
 }
 
 impl Switch {
+    /// The disks it names, without the files (which go with the request).
+    pub fn named(&self) -> Switch {
+        Switch {
+            disks: self.disks.clone(),
+            files: Vec::new(),
+        }
+    }
+
     /// The descriptors, in the order the request's `switch_disks` counts them.
     pub fn fds(&self) -> Vec<RawFd> {
         self.files
@@ -77,9 +85,9 @@ pub(super) fn is_delta(name: &str) -> bool {
     digits(index) && digits(n)
 }
 
-/// A new file `dir/diskI.deltaN.qcow2` (owner only), N above any such file's there: a name
-/// is not given to two files in turn, which the ledger's history names.
-fn new_delta(dir: &Path, index: usize) -> std::io::Result<(PathBuf, File)> {
+/// A new file `dir/diskI.deltaN.qcow2` (owner only), N at least `from` and above any such
+/// file's there. Returns it and N.
+fn new_delta(dir: &Path, index: usize, from: u64) -> std::io::Result<(PathBuf, File, u64)> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -100,7 +108,8 @@ fn new_delta(dir: &Path, index: usize) -> std::io::Result<(PathBuf, File)> {
         })
         .max()
         .unwrap_or(0);
-    for n in highest + 1..highest + 1000 {
+    let first = from.max(highest + 1);
+    for n in first..first + 1000 {
         let path = dir.join(format!("{prefix}{n}.qcow2"));
         match File::options()
             .read(true)
@@ -109,12 +118,23 @@ fn new_delta(dir: &Path, index: usize) -> std::io::Result<(PathBuf, File)> {
             .mode(0o600)
             .open(&path)
         {
-            Ok(file) => return Ok((path, file)),
+            Ok(file) => return Ok((path, file, n)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
     Err(std::io::Error::other("no free overlay name"))
+}
+
+/// The store's mark of an overlay this host made (only those are merged or removed here:
+/// another host sharing the storage may need its own, for snapshots this one never saw).
+fn made_key(path: &Path) -> String {
+    format!("overlay-made:{}", path.display())
+}
+
+/// The store's next number for VM `vm`'s disk `index`'s overlays (never given twice here).
+fn next_key(vm: &str, index: usize) -> String {
+    format!("overlay-next:{vm}:{index}")
 }
 
 /// The disk's size as a guest sees it: a raw file's length, a qcow2 image's virtual size.
@@ -163,9 +183,7 @@ impl Supervisor {
                 }
                 // Whole sectors: a raw disk of another size is refused at start.
                 let size = virtual_size(&files).map_err(|e| snap_err(vm, e))?;
-                let (path, file) = new_delta(&dir, i).map_err(|e| {
-                    snap_err(vm, format!("making an overlay in {}: {e}", dir.display()))
-                })?;
+                let (path, file) = self.make_delta(vm, i)?;
                 // Pushed first: a failure below removes it with the others.
                 kept.push(Kept::Overlay(path.clone()));
                 disk::qcow2::create::create_overlay(
@@ -191,7 +209,7 @@ impl Supervisor {
         match made {
             Ok(()) => Ok(kept),
             Err(e) => {
-                remove_overlays(&kept);
+                self.remove_overlays(&kept);
                 Err(e)
             }
         }
@@ -199,7 +217,8 @@ impl Supervisor {
 
     /// Before the snapshot's request: the VM's definitions (the store's, and the run
     /// directory's that a VMM taking the guest over reads) name the overlays of `kept`, and
-    /// their files are opened to go with the request, which switches the VMM to them.
+    /// their files are opened to go with the request, which switches the VMM to them. On an
+    /// error the overlays are gone, unless a definition names them still.
     ///
     /// The definitions name them from now on whatever the VMM does: an overlay the VMM did
     /// not switch to is empty and reads as the file below it, so the definition is right
@@ -215,18 +234,32 @@ impl Supervisor {
     ) -> Result<Switch> {
         let mut next = spec.clone();
         let mut switch = Switch::default();
-        for (i, k) in kept.iter().enumerate() {
-            let Kept::Overlay(path) = k else { continue };
-            let disk = &mut next.disks[i];
-            disk.path = path.display().to_string();
-            disk.format = DiskFormat::Qcow2;
-            let opened = vmm_process::open_disk(disk, &self.images)?;
-            switch.disks.push(DiskSwitch {
-                index: i,
-                path: disk.path.clone(),
-                files: 1 + opened.backing.len(),
-            });
-            switch.files.push(opened);
+        let opened = (|| -> Result<()> {
+            for (i, k) in kept.iter().enumerate() {
+                let Kept::Overlay(path) = k else { continue };
+                let disk = &mut next.disks[i];
+                disk.path = path.display().to_string();
+                disk.format = DiskFormat::Qcow2;
+                let opened = vmm_process::open_disk(disk, &self.images)?;
+                switch.disks.push(DiskSwitch {
+                    index: i,
+                    path: disk.path.clone(),
+                    files: 1 + opened.backing.len(),
+                });
+                switch.files.push(opened);
+            }
+            let fds: usize = switch.disks.iter().map(|d| d.files).sum();
+            if fds > api::control::MAX_SNAPSHOT_FDS {
+                return Err(snap_err(
+                    vm,
+                    format!("its overlays and their chains are {fds} files, more than the {} one request may hand over", api::control::MAX_SNAPSHOT_FDS),
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = opened {
+            self.remove_overlays(kept);
+            return Err(e);
         }
         if switch.disks.is_empty() {
             return Ok(switch);
@@ -237,15 +270,106 @@ impl Supervisor {
             .map(|d| format!("disk {} in {}", d.index, d.path))
             .collect::<Vec<_>>()
             .join(", ");
-        self.store_spec(
+        if let Err(e) = self.store_spec(
             vm,
             &next,
             actor,
             format!("snapshot {snapshot}: the VM writes on in new overlays ({named})"),
-        )?;
+        ) {
+            self.remove_overlays(kept);
+            return Err(e);
+        }
         let indexes: Vec<usize> = switch.disks.iter().map(|d| d.index).collect();
-        vmm_spec_names(&self.run_dir(vm), vm, &next, &indexes);
+        // A VMM taking the guest over reads the run directory's: it must name the overlays
+        // before the VMM serves them, or the new one would take a qcow2 file for raw.
+        if let Err(why) = vmm_spec_names(&self.run_dir(vm), &next, &indexes) {
+            self.unname_overlays(vm, spec, kept, &switch, snapshot, actor, &why);
+            return Err(snap_err(
+                vm,
+                format!("updating the definition in its run directory: {why}"),
+            ));
+        }
         Ok(switch)
+    }
+
+    /// The VMM answered that it switched no disk: the definitions name the disks' files again
+    /// (`spec`), and the overlays go. If the store cannot be written they stay named (which
+    /// is right either way, see [`Self::name_overlays`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn unname_overlays(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        kept: &[Kept],
+        switch: &Switch,
+        snapshot: &str,
+        actor: &str,
+        why: &str,
+    ) {
+        if switch.disks.is_empty() {
+            self.remove_overlays(kept);
+            return;
+        }
+        let back = self.store_spec(
+            vm,
+            spec,
+            actor,
+            format!("snapshot {snapshot} failed, the VM's disks are as they were: {why}"),
+        );
+        if let Err(e) = back {
+            tracing::warn!("VM '{vm}': its definition keeps naming the overlays: {e}");
+            return;
+        }
+        let indexes: Vec<usize> = switch.disks.iter().map(|d| d.index).collect();
+        if let Err(e) = vmm_spec_names(&self.run_dir(vm), spec, &indexes) {
+            tracing::warn!("VM '{vm}': updating the definition in its run directory: {e}");
+        }
+        self.remove_overlays(kept);
+    }
+
+    /// A new overlay file for VM `vm`'s disk `index`, in its directory, marked in the store
+    /// as made here, under a name not given before.
+    fn make_delta(&self, vm: &str, index: usize) -> Result<(PathBuf, File)> {
+        let dir = self.library.vm_dir(vm);
+        let from = self
+            .with_store(|s| s.meta(&next_key(vm, index)))?
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1);
+        let (path, file, n) = new_delta(&dir, index, from)
+            .map_err(|e| snap_err(vm, format!("making an overlay in {}: {e}", dir.display())))?;
+        let marked = self.with_store(|s| {
+            s.set_meta(&next_key(vm, index), &(n + 1).to_string())?;
+            s.set_meta(&made_key(&path), "1")
+        });
+        if let Err(e) = marked {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        Ok((path, file))
+    }
+
+    /// Removes the overlays `kept` names (made for a snapshot that did not happen).
+    fn remove_overlays(&self, kept: &[Kept]) {
+        for k in kept {
+            if let Kept::Overlay(path) = k {
+                let _ = self.remove_delta(path);
+            }
+        }
+    }
+
+    /// Whether this host made the overlay at `path` (see [`made_key`]).
+    pub(super) fn made_here(&self, path: &Path) -> bool {
+        self.with_store(|s| s.meta(&made_key(path)))
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// Removes the overlay at `path` this host made, and its mark.
+    pub(super) fn remove_delta(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)?;
+        let _ = self.with_store(|s| s.delete_meta(&made_key(path)));
+        Ok(())
     }
 
     /// Stores VM `vm`'s definition `spec` (its disks moved to overlays), recording `why`.
@@ -280,8 +404,7 @@ impl Supervisor {
         )?;
         let size = virtual_size(&files).map_err(|e| snap_err(vm, e))?;
         let dir = self.library.vm_dir(vm);
-        let (path, file) = new_delta(&dir, index)
-            .map_err(|e| snap_err(vm, format!("making an overlay in {}: {e}", dir.display())))?;
+        let (path, file) = self.make_delta(vm, index)?;
         let made = disk::qcow2::create::create_overlay(
             file,
             &path,
@@ -295,7 +418,7 @@ impl Supervisor {
                 .map_err(|e| snap_err(vm, e))
         });
         if let Err(e) = made {
-            let _ = std::fs::remove_file(&path);
+            let _ = self.remove_delta(&path);
             return Err(e);
         }
         Ok(path)
@@ -321,7 +444,12 @@ impl Supervisor {
             // A merge cut short (the VM's lock is held: none runs now) is never reached.
             if name.ends_with(super::snapshot_merge::MERGING) {
                 let _ = std::fs::remove_file(entry.path());
-            } else if all || is_delta(name) {
+            } else if is_delta(name) {
+                // Another host's may be a disk of a snapshot kept there.
+                if self.made_here(&entry.path()) {
+                    candidates.push(entry.path());
+                }
+            } else if all {
                 candidates.push(entry.path());
             }
         }
@@ -343,7 +471,12 @@ impl Supervisor {
             if reached.contains(&(meta.dev(), meta.ino())) {
                 continue;
             }
-            match std::fs::remove_file(&path) {
+            let gone = if self.made_here(&path) {
+                self.remove_delta(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match gone {
                 Ok(()) => removed.push(path),
                 Err(e) => tracing::warn!("removing {}: {e}", path.display()),
             }
@@ -434,31 +567,21 @@ impl Supervisor {
 /// Makes the definition in the VM's run directory (which a VMM taking the guest over
 /// reads; it has the cloud-init seed the store's has not) name disks `indexes` as `spec`
 /// does.
-fn vmm_spec_names(run_dir: &vmm_process::RunDir, vm: &str, spec: &VmSpec, indexes: &[usize]) {
-    let written = api::control::read_run_file(&run_dir.file(api::control::files::SPEC))
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice::<VmSpec>(&bytes).map_err(|e| e.to_string()))
-        .and_then(|mut running| {
-            for &i in indexes {
-                if let (Some(to), Some(from)) = (running.disks.get_mut(i), spec.disks.get(i)) {
-                    to.path = from.path.clone();
-                    to.format = from.format;
-                }
-            }
-            run_dir.write_spec(&running).map_err(|e| e.to_string())
-        });
-    if let Err(e) = written {
-        tracing::warn!("VM '{vm}': updating the definition in its run directory failed: {e}");
-    }
-}
-
-/// Removes the overlays `kept` names (made for a snapshot that did not happen).
-pub(super) fn remove_overlays(kept: &[Kept]) {
-    for k in kept {
-        if let Kept::Overlay(path) = k {
-            let _ = std::fs::remove_file(path);
+fn vmm_spec_names(
+    run_dir: &vmm_process::RunDir,
+    spec: &VmSpec,
+    indexes: &[usize],
+) -> std::result::Result<(), String> {
+    let bytes = api::control::read_run_file(&run_dir.file(api::control::files::SPEC))
+        .map_err(|e| e.to_string())?;
+    let mut running = serde_json::from_slice::<VmSpec>(&bytes).map_err(|e| e.to_string())?;
+    for &i in indexes {
+        if let (Some(to), Some(from)) = (running.disks.get_mut(i), spec.disks.get(i)) {
+            to.path = from.path.clone();
+            to.format = from.format;
         }
     }
+    run_dir.write_spec(&running).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -29,6 +29,30 @@ pub(super) const MERGING: &str = ".merging";
 type Outcome = std::result::Result<PathBuf, String>;
 
 impl Supervisor {
+    /// Takes every overlay this host made for VM `vm` that nothing names out of its chain
+    /// where it can (see [`Self::merge_out`]), then removes the VM's files nothing reaches.
+    /// Returns the overlays merged (with the image each went into) and the files removed.
+    pub(super) fn tidy_disks(&self, vm: &str) -> (Vec<(PathBuf, PathBuf)>, Vec<PathBuf>) {
+        let dir = self.library.vm_dir(vm);
+        let mut deltas: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(is_delta))
+            .map(|e| e.path())
+            .filter(|p| self.made_here(p))
+            .collect();
+        deltas.sort();
+        let mut merged = Vec::new();
+        for middle in deltas {
+            match self.merge_out(vm, &middle) {
+                Ok(child) => merged.push((middle, child)),
+                Err(why) => tracing::debug!("{} stays in its chain: {why}", middle.display()),
+            }
+        }
+        (merged, self.collect_disks(vm, false))
+    }
+
     /// Takes the overlay at `middle` out of VM `vm`'s chains if it can be (see the module);
     /// returns the child rewritten over its backing, or why it stays.
     pub(super) fn merge_out(&self, vm: &str, middle: &Path) -> Outcome {
@@ -37,8 +61,8 @@ impl Supervisor {
             p.parent() == Some(dir.as_path())
                 && p.file_name().and_then(|n| n.to_str()).is_some_and(is_delta)
         };
-        if !ours(middle) {
-            return Err("it is not an overlay a snapshot made".into());
+        if !ours(middle) || !self.made_here(middle) {
+            return Err("it is not an overlay a snapshot on this host made".into());
         }
         let id = |p: &Path| {
             std::fs::metadata(p)
@@ -66,9 +90,20 @@ impl Supervisor {
             [one] => one.clone(),
             _ => return Err(format!("{} images lie over it", children.len())),
         };
-        if !ours(&child) {
+        if !ours(&child) || !self.made_here(&child) {
             return Err(format!(
-                "{} over it is not an overlay a snapshot made",
+                "{} over it is not an overlay a snapshot on this host made",
+                child.display()
+            ));
+        }
+        // Whoever writes in it holds its exclusive lock (a VMM whose definition may name
+        // another file after a snapshot whose outcome is unknown, or one on another host).
+        let locked = File::open(&child)
+            .and_then(|f| disk::write_locked(&f))
+            .map_err(|e| format!("{}: {e}", child.display()))?;
+        if locked {
+            return Err(format!(
+                "{} over it is the disk a VMM writes in",
                 child.display()
             ));
         }

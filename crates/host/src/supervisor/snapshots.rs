@@ -20,7 +20,7 @@ use api::control::{Request, Response};
 use api::snapshot::{SnapshotDisk, SnapshotInfo};
 use api::{Cause, VmState};
 
-use super::snapshot_disks::{remove_overlays, Kept};
+use super::snapshot_disks::Kept;
 use super::{Error, Result, Supervisor, RESTORE_DIR};
 use crate::ledger::NewEvent;
 use crate::store::Transition;
@@ -159,7 +159,8 @@ impl Supervisor {
         Ok(found)
     }
 
-    /// Snapshots a running or paused VM; a running one runs on after its disks are copied.
+    /// Snapshots a running or paused VM; a running one runs on once its disks are switched to
+    /// their overlays (or copied, for those that cannot have one).
     pub async fn snapshot(
         self: &Arc<Self>,
         vm: &str,
@@ -236,13 +237,7 @@ impl Supervisor {
         progress.step("making the disks' overlays");
         let kept = self.prepare_overlays(vm, &row.spec)?;
         let was_running = row.state == VmState::Running;
-        let switch = match self.name_overlays(vm, &row.spec, &kept, &name, actor) {
-            Ok(switch) => switch,
-            Err(e) => {
-                remove_overlays(&kept);
-                return Err(e);
-            }
-        };
+        let switch = self.name_overlays(vm, &row.spec, &kept, &name, actor)?;
         // The guest stands still for the copies, if any; else it runs on as soon as its
         // disks are switched, while the files are synced.
         let copying = kept.iter().any(|k| matches!(k, Kept::Copy(_)));
@@ -253,6 +248,7 @@ impl Supervisor {
             stay_paused: copying,
             switch_disks: switch.disks.clone(),
         };
+        let switch_named = switch.named();
         let answer = {
             let run_dir = run_dir.clone();
             tokio::task::spawn_blocking(move || {
@@ -266,11 +262,13 @@ impl Supervisor {
                 })
             })
         };
+        // An answer that is no report, or none, leaves the overlays named: the VMM may have
+        // switched to them (see `name_overlays`). An error answer says it did not.
         let report = match answer {
             Ok(Response::Snapshot(report)) => report,
             Ok(Response::Error { message }) => {
-                // The overlays stay: the definitions name them (see `name_overlays`).
                 let _ = std::fs::remove_dir_all(&writing);
+                self.unname_overlays(vm, &row.spec, &kept, &switch_named, &name, actor, &message);
                 return Err(Error::VmmRefused {
                     name: vm.into(),
                     message,
@@ -279,6 +277,13 @@ impl Supervisor {
             Ok(other) => return Err(snap_err(vm, format!("the VMM answered {other:?}"))),
             Err(e) => return Err(e.into()),
         };
+        if let Some(why) = &report.unsynced {
+            let _ = std::fs::remove_dir_all(&writing);
+            return Err(snap_err(
+                vm,
+                format!("syncing its state and memory files failed ({why}); its disks went on in their overlays all the same"),
+            ));
+        }
         if was_running {
             self.transition(
                 vm,
@@ -610,6 +615,12 @@ impl Supervisor {
     ) -> Result<()> {
         api::vm::check_name(new)
             .map_err(|_| snap_err(vm, format!("'{new}' is not a name for a VM")))?;
+        if new == vm {
+            return Err(snap_err(
+                vm,
+                "--as names the VM itself: restore into it without --as, or name a new VM",
+            ));
+        }
         let (dir, info) = self.find_snapshot(vm, snapshot)?;
         if !info.spec.nets.is_empty() {
             return Err(snap_err(
@@ -722,7 +733,7 @@ impl Supervisor {
             Ok(()) => Ok(made),
             Err(e) => {
                 for path in made {
-                    let _ = std::fs::remove_file(path);
+                    let _ = self.remove_delta(&path);
                 }
                 Err(e)
             }
@@ -759,7 +770,7 @@ impl Supervisor {
         );
         if stored.is_err() {
             for path in made {
-                let _ = std::fs::remove_file(path);
+                let _ = self.remove_delta(&path);
             }
         }
         stored
@@ -839,7 +850,7 @@ impl Supervisor {
             .map_err(|_| snap_err(vm, format!("'{snapshot}' is not a snapshot's name")))?;
         // Held so that no snapshot of the VM makes overlays meanwhile (which the collection
         // below would find unreached).
-        let _held = self.lock_for_request(vm).await?;
+        let held = self.lock_for_request(vm).await?;
         let index = self.snapshots_of(vm).join(snapshot);
         let info = read_manifest(&index)
             .map_err(|_| snap_err(vm, format!("it has no snapshot '{snapshot}'")))?;
@@ -866,34 +877,29 @@ impl Supervisor {
         if self.get(vm).is_ok() {
             // Merging copies data: off the async workers.
             let (this, vm, snapshot) = (self.clone(), vm.to_string(), snapshot.to_string());
-            let _ =
-                tokio::task::spawn_blocking(move || this.tidy_after_removal(&vm, &snapshot, &info))
-                    .await;
+            // The VM's lock goes with the work: a request dropped meanwhile must not let the
+            // VM start while its files are rewritten.
+            let _ = tokio::task::spawn_blocking(move || {
+                let _held = held;
+                this.tidy_after_removal(&vm, &snapshot)
+            })
+            .await;
         }
         Ok(())
     }
 
-    /// After snapshot `snapshot` (`info`) of VM `vm` was removed: its overlays leave their
-    /// chains where they can, and the VM's files nothing reaches go.
-    fn tidy_after_removal(&self, vm: &str, snapshot: &str, info: &SnapshotInfo) {
-        for disk in info
-            .disks
-            .iter()
-            .filter(|d| d.how.as_deref() == Some("overlay"))
-        {
-            match self.merge_out(vm, Path::new(&disk.path)) {
-                Ok(child) => tracing::info!(
-                    "VM '{vm}': snapshot {snapshot}'s overlay {} merged into {}",
-                    disk.path,
-                    child.display()
-                ),
-                Err(why) => tracing::info!(
-                    "VM '{vm}': snapshot {snapshot}'s overlay {} stays in its chain: {why}",
-                    disk.path
-                ),
-            }
+    /// After snapshot `snapshot` of VM `vm` was removed: the VM's overlays that nothing names
+    /// leave their chains where they can (its own, and any an earlier removal had to leave),
+    /// and the VM's files nothing reaches go.
+    fn tidy_after_removal(&self, vm: &str, snapshot: &str) {
+        let (merged, removed) = self.tidy_disks(vm);
+        for (middle, child) in merged {
+            tracing::info!(
+                "VM '{vm}': after snapshot {snapshot} was removed, overlay {} merged into {}",
+                middle.display(),
+                child.display()
+            );
         }
-        let removed = self.collect_disks(vm, false);
         if !removed.is_empty() {
             tracing::info!(
                 "VM '{vm}': snapshot {snapshot} removed with {} overlay(s) nothing reaches",

@@ -228,6 +228,14 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// A definition as the `vms` table stores it.
+fn spec_json(spec: &VmSpec) -> Result<String> {
+    serde_json::to_string(spec).map_err(|e| Error::BadRow {
+        name: spec.name.clone(),
+        why: e.to_string(),
+    })
+}
+
 impl Store {
     /// Opens (creating if needed) the store and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store> {
@@ -360,10 +368,7 @@ impl Store {
     /// Defines a VM (stopped) and records it. The caller has checked the name is free.
     pub fn create_vm(&mut self, spec: &VmSpec, actor: &str) -> Result<VmRow> {
         let now = now_ms();
-        let json = serde_json::to_string(spec).map_err(|e| Error::BadRow {
-            name: spec.name.clone(),
-            why: e.to_string(),
-        })?;
+        let json = spec_json(spec)?;
         let tx = self
             .conn
             .transaction()
@@ -403,10 +408,7 @@ impl Store {
     /// why, in one transaction.
     pub fn set_spec(&mut self, spec: &VmSpec, event: &NewEvent) -> Result<()> {
         let now = now_ms();
-        let json = serde_json::to_string(spec).map_err(|e| Error::BadRow {
-            name: spec.name.clone(),
-            why: e.to_string(),
-        })?;
+        let json = spec_json(spec)?;
         let tx = self
             .conn
             .transaction()

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use keel_benches::migrate::console::longest_stall;
 use keel_benches::moves::qmp::Qmp;
 use keel_benches::moves::watch::Written;
 use keel_benches::report::{cell, Host};
@@ -395,19 +396,6 @@ fn qemu_run(qemu: &Path, probe: &Path, dir: &Path) -> Result<Sample> {
         upgrade_pause_ms,
         upgrade_seen_ms,
     })
-}
-
-/// The longest `PROBE churn gap` (us) the guest printed in `console` after byte `from`,
-/// within 300 ms, in ms; 0 when it saw no stall of 1 ms or more.
-fn longest_stall(console: &Path, from: usize) -> f64 {
-    std::thread::sleep(Duration::from_millis(300));
-    let text = std::fs::read(console).unwrap_or_default();
-    String::from_utf8_lossy(text.get(from..).unwrap_or_default())
-        .lines()
-        .filter_map(|l| l.strip_prefix("PROBE churn gap "))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .fold(0.0, f64::max)
-        / 1000.0
 }
 
 fn render(host: &Host, keel: &[Sample], qemu: &[Sample], failures: &[String], json: bool) {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use keel_benches::migrate::console;
-use keel_benches::migrate::lab::{self, nap, Daemon, Link, Proc};
+use keel_benches::migrate::lab::{self, Daemon, Link, Proc};
 use keel_benches::moves::qmp::Qmp;
 use keel_benches::report::{cell, Host};
 use keel_benches::stats::{median, ratio, summarize};
@@ -76,17 +76,6 @@ fn full_disk(path: &Path, mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// The longest `PROBE churn gap` (us) after byte `from` of `console`, within 300 ms, in ms.
-fn longest_stall(console: &Path, from: usize) -> Result<f64> {
-    nap(Duration::from_millis(300))?;
-    Ok(console::read_from(console, from)
-        .lines()
-        .filter_map(|l| l.strip_prefix("PROBE churn gap "))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .fold(0.0, f64::max)
-        / 1000.0)
-}
-
 fn keel_run(daemon: &Daemon, probe: &Path, disk: &Path, copy: bool, n: u32) -> Result<Sample> {
     let name = format!("sd{n}{}", if copy { "c" } else { "o" });
     let disk_arg = format!(
@@ -125,7 +114,7 @@ fn keel_run(daemon: &Daemon, probe: &Path, disk: &Path, copy: bool, n: u32) -> R
         }
         Ok(Sample {
             paused_ms: snap["paused_seconds"].as_f64().unwrap_or(0.0) * 1000.0,
-            guest_ms: longest_stall(&log, mark)?,
+            guest_ms: console::longest_stall(&log, mark),
             total_ms,
         })
     })();
@@ -165,7 +154,7 @@ fn qemu_run(qemu: &Path, probe: &Path, disk: &Path, dir: &Path) -> Result<Sample
                "snapshot-node-name": "ov0", "format": "qcow2"}),
     )?;
     let total_ms = asked.elapsed().as_secs_f64() * 1000.0;
-    let guest_ms = longest_stall(&log, mark)?;
+    let guest_ms = console::longest_stall(&log, mark);
     let _ = qmp.execute("quit", Value::Null);
     Ok(Sample {
         // QEMU does not pause the vCPUs for it; the command's own time is its measure.

@@ -14,6 +14,18 @@ pub fn read_from(path: &Path, from: usize) -> String {
     String::from_utf8_lossy(all.get(from..).unwrap_or_default()).into_owned()
 }
 
+/// The longest `PROBE churn gap` (us) the guest printed in `path` after byte `from`, within
+/// 300 ms, in ms; 0 when it saw no stall of 1 ms or more.
+pub fn longest_stall(path: &Path, from: usize) -> f64 {
+    std::thread::sleep(Duration::from_millis(300));
+    read_from(path, from)
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE churn gap "))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .fold(0.0, f64::max)
+        / 1000.0
+}
+
 /// The highest `PROBE churn tick N` in `text` (the last one: they count up), 0 when none.
 pub fn last_tick(text: &str) -> u64 {
     text.lines()

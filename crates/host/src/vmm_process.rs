@@ -401,13 +401,23 @@ pub(crate) fn open_disk(d: &api::DiskSpec, images: &ImageDirs) -> Result<disk::I
         .or_else(|_| images.open("disk", &d.path, access | direct))
         .map_err(|e| refused(&e))?;
     let format = crate::library::image_format(d.format);
-    disk::ImageFiles::with_backing(file, Path::new(&d.path), format, &mut |p| {
+    open_chain(file, Path::new(&d.path), format, images).map_err(|e| refused(&e))
+}
+
+/// `top` (at `path`, in `format`) with the backing chain its headers name, each file
+/// opened read-only beneath the image directories.
+pub(crate) fn open_chain(
+    top: std::fs::File,
+    path: &Path,
+    format: disk::Format,
+    images: &ImageDirs,
+) -> std::result::Result<disk::ImageFiles, disk::image::Error> {
+    disk::ImageFiles::with_backing(top, path, format, &mut |p| {
         let path = p.to_str().ok_or("its name is not UTF-8")?;
         images
             .open("backing file", path, libc::O_RDONLY)
             .map_err(|e| e.to_string())
     })
-    .map_err(|e| refused(&e))
 }
 
 /// The VM's disks opened for a VMM taking the guest over from another host, without their

@@ -50,13 +50,9 @@ struct Slot {
     transport: Arc<Mutex<MmioTransport>>,
 }
 
-fn lock(t: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
-    // A transport left by a panicking thread is still a valid state machine.
-    t.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The disks' files or images, whoever panicked last holding them (they are still whole).
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A transport, or the disks' files or images, whoever panicked last holding them: a
+/// transport is still a valid state machine, the lists still whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -314,7 +310,7 @@ impl VirtioDevices {
             .iter()
             .flat_map(|s| lock(&s.transport).handover_fds())
             .collect();
-        let disks = relock(&self.disk_files)
+        let disks = lock(&self.disk_files)
             .iter()
             .map(|d| d.files().map(|f| f.as_raw_fd()).collect())
             .collect();
@@ -325,8 +321,8 @@ impl VirtioDevices {
     /// devices quiet: before another process opens the disks (a new VMM, a migration's
     /// target) or copies them (a snapshot).
     pub fn write_back_disks(&self, sync: bool) -> Result<(), String> {
-        let files = relock(&self.disk_files);
-        for (image, files) in relock(&self.disk_images).iter().zip(files.iter()) {
+        let files = lock(&self.disk_files);
+        for (image, files) in lock(&self.disk_images).iter().zip(files.iter()) {
             let done = if sync {
                 image.flush()
             } else {
@@ -350,7 +346,7 @@ impl VirtioDevices {
         held: bool,
         read_only: &[bool],
     ) -> Result<(), (bool, disk::image::Error)> {
-        let disk_files = relock(&self.disk_files);
+        let disk_files = lock(&self.disk_files);
         let order = disk::arbiter_first(read_only, disk_files.len());
         for (n, &i) in order.iter().enumerate() {
             let files = &disk_files[i];
@@ -376,8 +372,8 @@ impl VirtioDevices {
     /// images are synced first: a guest's flush after the switch reaches only the new file.
     /// All of them switch or none does.
     pub fn switch_disks(&self, switched: Vec<(usize, disk::ImageFiles)>) -> Result<(), String> {
-        let mut files = relock(&self.disk_files);
-        let mut images = relock(&self.disk_images);
+        let mut files = lock(&self.disk_files);
+        let mut images = lock(&self.disk_images);
         for (i, new) in &switched {
             match images.get(*i) {
                 None => return Err(format!("the VM has no disk {i}")),

@@ -29,14 +29,6 @@ pub(super) struct Switch {
 }
 
 impl Switch {
-    /// The disks it names, without the files (which go with the request).
-    pub fn named(&self) -> Switch {
-        Switch {
-            disks: self.disks.clone(),
-            files: Vec::new(),
-        }
-    }
-
     /// The descriptors, in the order the request's `switch_disks` counts them.
     pub fn fds(&self) -> Vec<RawFd> {
         self.files
@@ -51,6 +43,21 @@ pub(super) type FileId = (u64, u64);
 
 /// A disk's backing chain from the file named down: each file, and the path it was reached by.
 pub(super) type Chain = Vec<(FileId, PathBuf)>;
+
+/// What the VMs and snapshots of a host reach (see [`Supervisor::reach`]).
+pub(super) struct Reach {
+    /// Each disk's backing chain, from the file named down.
+    pub chains: Vec<Chain>,
+    /// The files running VMs' definitions name as their disks.
+    pub written: HashSet<FileId>,
+}
+
+impl Reach {
+    /// Every file reached.
+    pub fn reached(&self) -> HashSet<FileId> {
+        self.chains.iter().flatten().map(|(id, _)| *id).collect()
+    }
+}
 
 /// What a snapshot does with one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +145,7 @@ fn next_key(vm: &str, index: usize) -> String {
 }
 
 /// The disk's size as a guest sees it: a raw file's length, a qcow2 image's virtual size.
-fn virtual_size(files: &disk::ImageFiles) -> std::result::Result<u64, String> {
+pub(super) fn virtual_size(files: &disk::ImageFiles) -> std::result::Result<u64, String> {
     match files.format {
         disk::Format::Raw => files
             .top
@@ -283,7 +290,7 @@ impl Supervisor {
         // A VMM taking the guest over reads the run directory's: it must name the overlays
         // before the VMM serves them, or the new one would take a qcow2 file for raw.
         if let Err(why) = vmm_spec_names(&self.run_dir(vm), &next, &indexes) {
-            self.unname_overlays(vm, spec, kept, &switch, snapshot, actor, &why);
+            self.unname_overlays(vm, spec, kept, &switch.disks, snapshot, actor, &why);
             return Err(snap_err(
                 vm,
                 format!("updating the definition in its run directory: {why}"),
@@ -301,12 +308,12 @@ impl Supervisor {
         vm: &str,
         spec: &VmSpec,
         kept: &[Kept],
-        switch: &Switch,
+        switched: &[DiskSwitch],
         snapshot: &str,
         actor: &str,
         why: &str,
     ) {
-        if switch.disks.is_empty() {
+        if switched.is_empty() {
             self.remove_overlays(kept);
             return;
         }
@@ -320,7 +327,7 @@ impl Supervisor {
             tracing::warn!("VM '{vm}': its definition keeps naming the overlays: {e}");
             return;
         }
-        let indexes: Vec<usize> = switch.disks.iter().map(|d| d.index).collect();
+        let indexes: Vec<usize> = switched.iter().map(|d| d.index).collect();
         if let Err(e) = vmm_spec_names(&self.run_dir(vm), spec, &indexes) {
             tracing::warn!("VM '{vm}': updating the definition in its run directory: {e}");
         }
@@ -430,11 +437,22 @@ impl Supervisor {
     /// it, or it lies below either in a backing chain. When a chain cannot be read whole,
     /// nothing is removed. Returns what was removed.
     pub(crate) fn collect_disks(&self, vm: &str, all: bool) -> Vec<PathBuf> {
+        self.collect_disks_with(vm, all, None)
+    }
+
+    /// [`Self::collect_disks`], with what the host reaches when the caller has it already.
+    pub(super) fn collect_disks_with(
+        &self,
+        vm: &str,
+        all: bool,
+        reach: Option<&Reach>,
+    ) -> Vec<PathBuf> {
         let dir = self.library.vm_dir(vm);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
-        let mut candidates: Vec<PathBuf> = Vec::new();
+        // Each file, and whether it is an overlay this host made.
+        let mut candidates: Vec<(PathBuf, bool)> = Vec::new();
         for entry in entries.flatten() {
             if !entry.file_type().is_ok_and(|t| t.is_file()) {
                 continue;
@@ -447,31 +465,39 @@ impl Supervisor {
             } else if is_delta(name) {
                 // Another host's may be a disk of a snapshot kept there.
                 if self.made_here(&entry.path()) {
-                    candidates.push(entry.path());
+                    candidates.push((entry.path(), true));
                 }
             } else if all {
-                candidates.push(entry.path());
+                candidates.push((entry.path(), false));
             }
         }
         if candidates.is_empty() {
             return Vec::new();
         }
-        let reached = match self.reached_files() {
-            Ok(reached) => reached,
-            Err(why) => {
-                tracing::warn!("VM '{vm}': its unused disk files are kept: {why}");
-                return Vec::new();
-            }
+        let computed;
+        let reach = match reach {
+            Some(reach) => reach,
+            None => match self.reach() {
+                Ok(r) => {
+                    computed = r;
+                    &computed
+                }
+                Err(why) => {
+                    tracing::warn!("VM '{vm}': its unused disk files are kept: {why}");
+                    return Vec::new();
+                }
+            },
         };
+        let reached = reach.reached();
         let mut removed = Vec::new();
-        for path in candidates {
+        for (path, made_here) in candidates {
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
             if reached.contains(&(meta.dev(), meta.ino())) {
                 continue;
             }
-            let gone = if self.made_here(&path) {
+            let gone = if made_here {
                 self.remove_delta(&path)
             } else {
                 std::fs::remove_file(&path)
@@ -488,19 +514,8 @@ impl Supervisor {
         removed
     }
 
-    /// Every file a VM or a snapshot of this host reaches, by device and inode.
-    fn reached_files(&self) -> std::result::Result<HashSet<FileId>, String> {
-        Ok(self
-            .chains()?
-            .into_iter()
-            .flatten()
-            .map(|(id, _)| id)
-            .collect())
-    }
-
-    /// The backing chain of every disk a VM or a snapshot of this host names, each from the
-    /// named file down: each file by device and inode, and the path it was reached by.
-    pub(super) fn chains(&self) -> std::result::Result<Vec<Chain>, String> {
+    /// What the VMs and snapshots of this host reach, and which files running VMs write in.
+    pub(super) fn reach(&self) -> std::result::Result<Reach, String> {
         let mut chains = Vec::new();
         let mut reach = |files: disk::ImageFiles| -> std::result::Result<(), String> {
             let mut chain = Vec::new();
@@ -515,7 +530,15 @@ impl Supervisor {
         };
         let mut roots: Vec<api::DiskSpec> = Vec::new();
         let mut copies: Vec<(String, DiskFormat)> = Vec::new();
+        let mut written = HashSet::new();
         for row in self.with_store(|s| s.vms()).map_err(|e| e.to_string())? {
+            if row.state.has_vmm() {
+                for d in &row.spec.disks {
+                    if let Ok(m) = std::fs::metadata(&d.path) {
+                        written.insert((m.dev(), m.ino()));
+                    }
+                }
+            }
             roots.extend(row.spec.disks);
         }
         for info in self.all_snapshots()? {
@@ -551,16 +574,11 @@ impl Supervisor {
                 Err(e) => return Err(format!("{copy}: {e}")),
             };
             let format = crate::library::image_format(format);
-            let files = disk::ImageFiles::with_backing(top, Path::new(&copy), format, &mut |p| {
-                let path = p.to_str().ok_or("its name is not UTF-8")?;
-                self.images
-                    .open("backing file", path, libc::O_RDONLY)
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(|e| format!("reading the chain of {copy}: {e}"))?;
+            let files = vmm_process::open_chain(top, Path::new(&copy), format, &self.images)
+                .map_err(|e| format!("reading the chain of {copy}: {e}"))?;
             reach(files)?;
         }
-        Ok(chains)
+        Ok(Reach { chains, written })
     }
 }
 

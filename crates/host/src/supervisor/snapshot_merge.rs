@@ -16,9 +16,7 @@ use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use api::vm::DiskFormat;
-
-use super::snapshot_disks::{is_delta, FileId};
+use super::snapshot_disks::{is_delta, virtual_size, FileId, Reach};
 use super::Supervisor;
 use crate::vmm_process;
 
@@ -43,42 +41,55 @@ impl Supervisor {
             .filter(|p| self.made_here(p))
             .collect();
         deltas.sort();
+        let mut reach = match self.reach() {
+            Ok(reach) => reach,
+            Err(why) => {
+                tracing::warn!("VM '{vm}': its overlays stay as they are: {why}");
+                return (Vec::new(), Vec::new());
+            }
+        };
         let mut merged = Vec::new();
         for middle in deltas {
-            match self.merge_out(vm, &middle) {
-                Ok(child) => merged.push((middle, child)),
+            match self.merge_out(vm, &middle, &reach) {
+                Ok(child) => {
+                    merged.push((middle, child));
+                    // A chain changed: what reaches what is read again.
+                    reach = match self.reach() {
+                        Ok(reach) => reach,
+                        Err(why) => {
+                            tracing::warn!("VM '{vm}': its unused disk files are kept: {why}");
+                            return (merged, Vec::new());
+                        }
+                    };
+                }
                 Err(why) => tracing::debug!("{} stays in its chain: {why}", middle.display()),
             }
         }
-        (merged, self.collect_disks(vm, false))
+        let removed = self.collect_disks_with(vm, false, Some(&reach));
+        (merged, removed)
     }
 
-    /// Takes the overlay at `middle` out of VM `vm`'s chains if it can be (see the module);
-    /// returns the child rewritten over its backing, or why it stays.
-    pub(super) fn merge_out(&self, vm: &str, middle: &Path) -> Outcome {
+    /// Takes the overlay at `middle` (one this host made for VM `vm`) out of its chains if
+    /// it can be (see the module), `reach` saying what the host reaches; returns the child
+    /// rewritten over its backing, or why it stays.
+    fn merge_out(&self, vm: &str, middle: &Path, reach: &Reach) -> Outcome {
         let dir = self.library.vm_dir(vm);
         let ours = |p: &Path| {
             p.parent() == Some(dir.as_path())
                 && p.file_name().and_then(|n| n.to_str()).is_some_and(is_delta)
         };
-        if !ours(middle) || !self.made_here(middle) {
-            return Err("it is not an overlay a snapshot on this host made".into());
-        }
-        let id = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|m| (m.dev(), m.ino()))
-                .map_err(|e| format!("{}: {e}", p.display()))
-        };
-        let middle_id = id(middle)?;
-        let chains = self.chains()?;
-        if chains
+        let middle_id = std::fs::metadata(middle)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| format!("{}: {e}", middle.display()))?;
+        if reach
+            .chains
             .iter()
             .any(|c| c.first().map(|f| f.0) == Some(middle_id))
         {
             return Err("a VM or another snapshot names it".into());
         }
         let mut children: Vec<(FileId, PathBuf)> = Vec::new();
-        for chain in &chains {
+        for chain in &reach.chains {
             for pair in chain.windows(2) {
                 if pair[1].0 == middle_id && !children.iter().any(|c| c.0 == pair[0].0) {
                     children.push(pair[0].clone());
@@ -96,6 +107,12 @@ impl Supervisor {
                 child.display()
             ));
         }
+        if reach.written.contains(&child_id) {
+            return Err(format!(
+                "{} over it is the disk a running VM writes in",
+                child.display()
+            ));
+        }
         // Whoever writes in it holds its exclusive lock (a VMM whose definition may name
         // another file after a snapshot whose outcome is unknown, or one on another host).
         let locked = File::open(&child)
@@ -107,20 +124,6 @@ impl Supervisor {
                 child.display()
             ));
         }
-        for row in self.with_store(|s| s.vms()).map_err(|e| e.to_string())? {
-            if !row.state.has_vmm() {
-                continue;
-            }
-            for d in &row.spec.disks {
-                if id(Path::new(&d.path)).ok() == Some(child_id) {
-                    return Err(format!(
-                        "{} over it is the disk VM '{}' writes in while it runs",
-                        child.display(),
-                        row.spec.name
-                    ));
-                }
-            }
-        }
         self.rewrite_over_backing(&child, middle_id)?;
         Ok(child)
     }
@@ -130,41 +133,28 @@ impl Supervisor {
     fn rewrite_over_backing(
         &self,
         child: &Path,
-        middle_id: (u64, u64),
+        middle_id: FileId,
     ) -> std::result::Result<(), String> {
-        let spec = |path: &Path| api::DiskSpec {
-            path: path.display().to_string(),
-            format: DiskFormat::Qcow2,
-            image: None,
-            size: None,
-            readonly: true,
-            direct: false,
-            serial: None,
-            limits: Default::default(),
+        let top = self
+            .images
+            .open("disk", &child.display().to_string(), libc::O_RDONLY)
+            .map_err(|e| e.to_string())?;
+        let files = vmm_process::open_chain(top, child, disk::Format::Qcow2, &self.images)
+            .map_err(|e| e.to_string())?;
+        let (middle, below_format) = match files.backing.as_slice() {
+            [middle, below, ..] => (middle, below.format),
+            _ => return Err("the overlay to merge has no backing file".into()),
         };
-        let files =
-            vmm_process::open_disk(&spec(child), &self.images).map_err(|e| e.to_string())?;
-        let middle = files.backing.first().ok_or("it has no backing image")?;
         let meta = middle.file.metadata().map_err(|e| e.to_string())?;
         if (meta.dev(), meta.ino()) != middle_id {
             return Err("its backing image changed meanwhile".into());
         }
+        // The name as the middle's header gives it: the new image names its backing the same.
         let below = disk::qcow2::chain::read_header(&middle.file, &middle.path)
             .map_err(|e| e.to_string())?
             .backing
             .ok_or("the overlay to merge has no backing file")?;
-        let below_format = match below.format.as_deref() {
-            Some("raw") => disk::Format::Raw,
-            Some("qcow2") => disk::Format::Qcow2,
-            other => {
-                return Err(format!(
-                    "its backing format {other:?} is not one Keel reads"
-                ))
-            }
-        };
-        let size = disk::qcow2::chain::read_header(&files.top, &files.path)
-            .map_err(|e| e.to_string())?
-            .size;
+        let size = virtual_size(&files)?;
         let mut name = child.as_os_str().to_owned();
         name.push(MERGING);
         let out_path = PathBuf::from(name);

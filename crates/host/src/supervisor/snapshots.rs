@@ -251,7 +251,7 @@ impl Supervisor {
             stay_paused: copying,
             switch_disks: switch.disks.clone(),
         };
-        let switch_named = switch.named();
+        let switched = switch.disks.clone();
         let answer = {
             let run_dir = run_dir.clone();
             tokio::task::spawn_blocking(move || {
@@ -271,7 +271,7 @@ impl Supervisor {
             Ok(Response::Snapshot(report)) => report,
             Ok(Response::Error { message }) => {
                 let _ = std::fs::remove_dir_all(&writing);
-                self.unname_overlays(vm, &row.spec, &kept, &switch_named, &name, actor, &message);
+                self.unname_overlays(vm, &row.spec, &kept, &switched, &name, actor, &message);
                 return Err(Error::VmmRefused {
                     name: vm.into(),
                     message,

@@ -4,11 +4,11 @@
 //! the guest, gives up its disks' locks for the VMM that takes it over and hands out its
 //! state.
 
-use api::control::{GuestState, MigrationStart, PauseReport, Response, SwitchReport};
+use api::control::{GuestState, MigrationStart, Response, SwitchReport};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use super::{micros, Controller, RunState};
+use super::{micros, Controller};
 
 fn error(message: String) -> Response {
     Response::Error { message }
@@ -39,29 +39,19 @@ impl Controller {
         if !self.dirty_logging {
             return error("the migration's tracking is off: start the migration first".into());
         }
+        if self.machine.is_none() {
+            return error("this VMM cannot migrate its VM".into());
+        }
+        let pause = match self.pause() {
+            Response::Paused(report) => report,
+            other => return other,
+        };
         let Some(m) = &self.machine else {
             return error("this VMM cannot migrate its VM".into());
         };
-        let asked = Instant::now();
-        let stopped = match m.gate.pause() {
-            Ok(took) => took,
-            Err(e) => return error(format!("pausing failed: {e}")),
-        };
-        let stopped_at = asked + stopped;
-        if let Err(e) = m.devices.pause() {
-            m.gate.resume();
-            return error(format!("pausing failed: {e}; the VM runs on"));
-        }
         // Once the devices settled (their last completions' interrupts are raised), each
         // parked vCPU saves its state while the log is read and the disks go.
-        let saves = m.gate.ask_saves();
-        self.state = RunState::Paused;
-        self.paused_at = Some(stopped_at);
-        let pause = PauseReport {
-            vcpus_stopped_us: micros(stopped),
-            devices_settled_us: micros(stopped_at.elapsed()),
-        };
-        if let Err(e) = saves {
+        if let Err(e) = m.gate.ask_saves() {
             return self.undo_switch(format!("saving the vCPUs' state failed: {e}"));
         }
         let began = Instant::now();

@@ -238,6 +238,13 @@ fn build_config(capacity_sectors: u64) -> Vec<u8> {
     c
 }
 
+/// Whether reads of `disk` try the page cache first (`RWF_NOWAIT`): with direct I/O there
+/// is no page cache to read from; other formats than raw map guest offsets to file offsets
+/// first.
+fn reads_page_cache_first(disk: &Image) -> bool {
+    disk.raw().is_some() && disk.direct().is_none()
+}
+
 impl Block {
     /// The image the device serves, for its VMM to write back or flush when it hands the
     /// disk to another process (quiesced first: see `VirtioDevice::quiesce`).
@@ -271,9 +278,7 @@ impl Block {
             features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let config = build_config(disk.size() >> SECTOR_SHIFT);
-        // With direct I/O there is no page cache to read from; other formats than raw map
-        // guest offsets to file offsets first.
-        let nowait = disk.raw().is_some() && disk.direct().is_none();
+        let nowait = reads_page_cache_first(&disk);
         let disk = Arc::new(disk);
         let (ring, fallback) = match choice {
             EngineChoice::Synchronous => (None, None),
@@ -422,7 +427,7 @@ impl VirtioDevice for Block {
         // From here the image is served synchronously: the ring was made for the old file.
         // It is kept, idle, rather than dropped: its eventfd stays registered with the event
         // loop, whose table would refuse a later descriptor given the same number.
-        self.nowait = image.raw().is_some() && image.direct().is_none();
+        self.nowait = reads_page_cache_first(&image);
         if let Some(ring) = self.ring.take() {
             self.retired_ring = Some(ring);
         }

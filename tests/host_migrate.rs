@@ -100,14 +100,6 @@ fn wait_outcome(source: &Daemon, vm: &str) -> serde_json::Value {
     }
 }
 
-fn raw_disk(path: &Path) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::File::create(path)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-}
-
 struct Hosts {
     source: Daemon,
     target: Daemon,
@@ -249,7 +241,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     };
     let (source, target) = (&h.source, &h.target);
     let disk = source.images().join("records.raw");
-    raw_disk(&disk);
+    sparse_disk(&disk);
     source.create_probe_with("m1",
         "probe.blk_records=300 probe.blk_nodiscard probe.churn=4M probe.churn_rate=10 probe.churn_report_ms=200 probe.churn_gap_us=20000",
         Some(&disk),
@@ -441,7 +433,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
     // guest: the source cannot take the locks back, so the guest is the target's. It runs
     // exactly once every time, and its records verify.
     let disk5 = source.images().join("records5.raw");
-    raw_disk(&disk5);
+    sparse_disk(&disk5);
     source.create_probe_with(
         "m5",
         "probe.blk_records=400 probe.blk_nodiscard",
@@ -483,7 +475,7 @@ fn a_running_vm_moves_to_another_daemon_and_loses_nothing() {
 
     // A target that does not see a disk refuses before anything is sent; the VM runs on.
     let local = only_source.join("local.raw");
-    raw_disk(&local);
+    sparse_disk(&local);
     source.create_probe_with(
         "m2",
         "probe.churn=2M probe.churn_rate=2 probe.churn_report_ms=200",

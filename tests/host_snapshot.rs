@@ -40,12 +40,8 @@ fn a_snapshot_restores_the_guest_and_its_disk_to_that_instant() {
         return;
     }
     let daemon = Daemon::start("snap");
-    std::fs::create_dir_all(daemon.images()).unwrap();
     let disk = daemon.images().join("records.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_disk(&disk);
     // A disk served with direct I/O, which qcow2 overlays are not: it is copied.
     let odd = daemon.images().join("direct.raw");
     std::fs::write(&odd, vec![7u8; 1 << 20]).unwrap();
@@ -336,12 +332,8 @@ fn removing_a_snapshot_merges_its_overlay_into_the_next() {
         return;
     }
     let daemon = Daemon::start("snapmerge");
-    std::fs::create_dir_all(daemon.images()).unwrap();
     let disk = daemon.images().join("records.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_disk(&disk);
     daemon.create_probe_with(
         "m",
         // A record a cluster (64 KiB): each overlay holds its own records' clusters.

@@ -23,12 +23,8 @@ fn upgrades_hand_running_guests_to_new_vmms_and_lose_nothing() {
         return;
     }
     let mut daemon = Daemon::start("upgrade");
-    std::fs::create_dir_all(daemon.images()).unwrap();
     let disk = daemon.images().join("records.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_disk(&disk);
     // u1 has cloud-init data: its VMMs have a seed disk after the records' disk.
     let user_data = daemon.images().join("user-data");
     std::fs::write(&user_data, "#cloud-config\nhostname: u1\n").unwrap();

@@ -291,6 +291,15 @@ pub fn tool_output(program: &str, args: &[&str]) -> std::process::Output {
         })
 }
 
+/// A sparse 16 MiB raw disk at `path` (its directory made): room for the probe's records.
+pub fn sparse_disk(path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+}
+
 /// `qemu-img ARGS`, which must succeed; its stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     tool("qemu-img", args)

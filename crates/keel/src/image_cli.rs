@@ -60,20 +60,28 @@ fn image_path(name: &str) -> String {
     format!("/images/{}", crate::client::query_value(name))
 }
 
-/// Follows operation `op` until it ends, drawing a progress bar (bytes, rate, time left) on
-/// stderr; the operation as it ended.
-pub async fn follow(client: &Client, mut op: Operation, quiet: bool) -> Result<Operation> {
+/// A bytes progress bar on stderr (hidden when `quiet`) of `len` bytes, drawn by `template`.
+pub fn progress_bar(quiet: bool, len: u64, template: &str) -> indicatif::ProgressBar {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(op.total_bytes.max(1))
+        indicatif::ProgressBar::new(len)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Follows operation `op` until it ends, drawing a progress bar (bytes, rate, time left) on
+/// stderr; the operation as it ended.
+pub async fn follow(client: &Client, mut op: Operation, quiet: bool) -> Result<Operation> {
+    let bar = progress_bar(
+        quiet,
+        op.total_bytes.max(1),
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left",
     );
     bar.set_message(format!("{} {}", op.kind, op.target));
     while op.state == OperationState::Running {

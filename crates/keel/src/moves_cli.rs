@@ -33,17 +33,10 @@ async fn with_progress<T>(
     quiet: bool,
     request: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(1)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = crate::image_cli::progress_bar(
+        quiet,
+        1,
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
     );
     tokio::pin!(request);
     // Short requests (the usual snapshot takes milliseconds) draw nothing.
